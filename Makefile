@@ -1,0 +1,29 @@
+# Encore: `make run` sets everything up and runs the platform end to end; `make test` runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ENCORE := $(VENV)/bin/encore
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast ui clean bench-ingest help
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install:  ## create/reuse .venv with pinned dependencies
+	@bash infra/install.sh
+
+run: install  ## run the whole road end to end on embedded services (fresh data dir)
+	@$(ENCORE) run --fresh
+
+test: install  ## the full test suite (unit + integration against real services)
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install  ## unit tests only
+	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+ui: install  ## Dagster + MLflow UIs on the local data dir
+	@$(ENCORE) ui
+
+clean:  ## stop leftover services and delete the local data dir
+	-@$(ENCORE) services stop 2>/dev/null
+	rm -rf .encore

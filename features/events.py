@@ -1,0 +1,121 @@
+"""The versioned interaction event: what every source produces and what ingest accepts.
+
+An event is one user's reaction to one item. Feedback is carried by ``event_type`` and ``played_ratio``
+(the ARGUS recipe learns both the next item and the user's reaction to it). Events that follow a served
+recommendation carry the ``request_id`` and the experiment ``variant`` so A/B analysis can attribute them.
+
+Wire format: one UTF-8 JSON object per Kafka message, key = user_id (keeps a user's events ordered within a
+partition). ``parse_event`` turns raw bytes into an event or a precise reason for the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SCHEMA_VERSION = 1
+
+# 2001-09-09 in ms: anything earlier is certainly a unit mistake (seconds instead of ms) or garbage.
+MIN_TIMESTAMP_MS = 1_000_000_000_000
+
+
+class EventType(str, Enum):
+    LISTEN = "listen"  # played (played_ratio says how much)
+    SKIP = "skip"  # started and skipped early
+    LIKE = "like"
+    DISLIKE = "dislike"
+    ADD_TO_PLAYLIST = "add_to_playlist"
+    UNLIKE = "unlike"
+
+
+# Integer codes used by models and feature views (0 is padding).
+EVENT_TYPE_CODES: dict[str, int] = {t.value: i + 1 for i, t in enumerate(EventType)}
+POSITIVE_TYPES = frozenset({"listen", "like", "add_to_playlist"})
+
+
+class InteractionEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=True, strict=False)
+
+    schema_version: Literal[1] = 1
+    event_id: str = Field(min_length=1, max_length=128)
+    user_id: int = Field(ge=0)
+    item_id: int = Field(ge=0)
+    event_type: EventType
+    timestamp_ms: int = Field(ge=MIN_TIMESTAMP_MS, description="event time, Unix epoch milliseconds")
+    played_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+    source: Literal["organic", "recommended"] = "organic"
+    request_id: str | None = Field(default=None, max_length=128)
+    variant: str | None = Field(default=None, max_length=128)
+
+    @field_validator("user_id", "item_id", "timestamp_ms", mode="before")
+    @classmethod
+    def _no_bool_or_float(cls, value: object) -> object:
+        # JSON true/1.5 must not silently become ids: ids are integers, full stop.
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError("must be an integer")
+        return value
+
+    def to_json_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+    @property
+    def is_positive(self) -> bool:
+        return self.event_type in POSITIVE_TYPES
+
+
+class InvalidEvent(BaseModel):
+    """Why a payload was rejected; sent to the DLQ together with the original bytes."""
+
+    reason: str
+    error_type: Literal["oversized", "not_json", "not_object", "schema", "future_timestamp"]
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+def parse_event(
+    payload: bytes | None,
+    *,
+    max_payload_bytes: int = 64 * 1024,
+    max_future_skew_s: int = 3600,
+    now_ms: int | None = None,
+) -> InteractionEvent | InvalidEvent:
+    """Validate one raw message. Never raises: a bad payload becomes an ``InvalidEvent`` with a reason."""
+    if payload is None:
+        return InvalidEvent(reason="empty message (tombstone)", error_type="not_json")
+    if len(payload) > max_payload_bytes:
+        return InvalidEvent(
+            reason=f"payload of {len(payload)} bytes exceeds the {max_payload_bytes}-byte limit",
+            error_type="oversized",
+        )
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return InvalidEvent(reason=f"not valid JSON: {exc}", error_type="not_json")
+    if not isinstance(obj, dict):
+        return InvalidEvent(reason=f"expected a JSON object, got {type(obj).__name__}", error_type="not_object")
+    try:
+        event = InteractionEvent.model_validate(obj)
+    except ValidationError as exc:
+        return InvalidEvent(reason=_describe(exc), error_type="schema")
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    if event.timestamp_ms > now_ms + max_future_skew_s * 1000:
+        return InvalidEvent(
+            reason=f"timestamp_ms {event.timestamp_ms} is more than {max_future_skew_s}s in the future",
+            error_type="future_timestamp",
+        )
+    return event
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<event>"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,120 @@
+"""The Feast feature repository: entities, sources and feature views, applied programmatically.
+
+Why programmatic rather than a ``feast apply`` folder: every path depends on the settings (``data_dir``),
+so the repo config is built from the one settings object; the objects below are plain Feast definitions.
+
+- ``interactions`` is the offline system of record: validated events as Parquet partitioned by event date
+  (``date=YYYY-MM-DD/*.parquet``), written by ingest; Feast reads it with its file (dask) offline store, Encore with DuckDB.
+- ``user_history`` holds the last N events per user as arrays (what sequence models and the online service
+  read); it is fed through a push source, because Feast does not consume Kafka itself.
+- ``item_stats`` holds per-item popularity and feedback rates (cold-start fallback, analysis).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from feast import Entity, FeatureStore, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.infra.offline_stores.dask import DaskOfflineStoreConfig
+from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig
+from feast.repo_config import RegistryConfig, RepoConfig
+from feast.types import Array, Float32, Int64, String
+
+from infra.settings import EncoreSettings
+
+PROJECT = "encore"
+
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="a listener")
+item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="a track")
+
+
+def interactions_source(settings: EncoreSettings) -> FileSource:
+    return FileSource(
+        name="interactions",
+        path=str(settings.offline_dir),
+        timestamp_field="event_timestamp",
+        description="validated interaction events, partitioned by event date (system of record)",
+    )
+
+
+def user_history_push(settings: EncoreSettings) -> PushSource:
+    return PushSource(
+        name="user_history_push",
+        batch_source=FileSource(
+            name="user_history_snapshots",
+            path=str(settings.feast_dir / "user_history_snapshots.parquet"),
+            timestamp_field="event_timestamp",
+        ),
+    )
+
+
+def item_stats_push(settings: EncoreSettings) -> PushSource:
+    return PushSource(
+        name="item_stats_push",
+        batch_source=FileSource(
+            name="item_stats_snapshots",
+            path=str(settings.feast_dir / "item_stats_snapshots.parquet"),
+            timestamp_field="event_timestamp",
+        ),
+    )
+
+
+def user_history_view(settings: EncoreSettings) -> FeatureView:
+    return FeatureView(
+        name="user_history",
+        entities=[user],
+        ttl=timedelta(days=3650),
+        schema=[
+            Field(name="item_ids", dtype=Array(Int64)),
+            Field(name="event_types", dtype=Array(String)),
+            Field(name="timestamps_ms", dtype=Array(Int64)),
+            Field(name="played_ratios", dtype=Array(Float32)),
+            Field(name="length", dtype=Int64),
+        ],
+        source=user_history_push(settings),
+        online=True,
+        description=f"the last {settings.ingest.history_length} events per user, oldest first",
+    )
+
+
+def item_stats_view(settings: EncoreSettings) -> FeatureView:
+    return FeatureView(
+        name="item_stats",
+        entities=[item],
+        ttl=timedelta(days=3650),
+        schema=[
+            Field(name="events", dtype=Int64),
+            Field(name="positives", dtype=Int64),
+            Field(name="likes", dtype=Int64),
+            Field(name="skips", dtype=Int64),
+            Field(name="like_rate", dtype=Float32),
+            Field(name="skip_rate", dtype=Float32),
+        ],
+        source=item_stats_push(settings),
+        online=True,
+        description="all-time counts and rates per item",
+    )
+
+
+def repo_config(settings: EncoreSettings) -> RepoConfig:
+    settings.feast_dir.mkdir(parents=True, exist_ok=True)
+    return RepoConfig(
+        project=PROJECT,
+        provider="local",
+        registry=RegistryConfig(path=str(settings.feast_dir / "registry.db"), cache_ttl_seconds=60),
+        online_store=SqliteOnlineStoreConfig(path=str(settings.feast_dir / "online.db")),
+        offline_store=DaskOfflineStoreConfig(),
+        repo_path=settings.feast_dir,
+        entity_key_serialization_version=3,
+    )
+
+
+def feature_store(settings: EncoreSettings, *, apply: bool = True) -> FeatureStore:
+    """A FeatureStore for these settings; ``apply`` registers the definitions (idempotent)."""
+    store = FeatureStore(config=repo_config(settings))
+    if apply:
+        store.apply(
+            [user, item, user_history_push(settings), item_stats_push(settings),
+             user_history_view(settings), item_stats_view(settings)]
+        )
+    return store

@@ -1,0 +1,262 @@
+"""The offline store: the system of record of validated interactions.
+
+Layout under ``settings.offline_dir``::
+
+    date=2026-11-01/p0-o1200-6199.parquet   # events of that event date from Kafka partition 0, offsets 1200..6199
+    _index.sqlite                            # event_id -> file, per-item counters, DLQ ledger
+
+Why this shape:
+- Parquet partitioned by *event* date, so out-of-order events land where their time says and readers
+  (DuckDB, Feast's file offline store, pandas) prune by date.
+- Files are written to a temporary name and renamed: a file either exists whole or not at all.
+- Exactly-once effect without transactions across systems: the index maps every stored ``event_id`` to the
+  file that holds it, and an event counts as stored only when that file exists. A retry after a crash
+  (same Kafka messages, possibly different batch boundaries) rewrites exactly the events whose file never
+  landed, and skips the rest. Per-item counters move only when an ``event_id`` is new to the index, inside
+  the same SQLite transaction, so they never count a replay twice.
+- Readers still deduplicate by ``event_id`` (cheap, and a safety net for files copied in by hand).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.events import InteractionEvent
+
+SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("event_type", pa.string()),
+        ("timestamp_ms", pa.int64()),
+        ("event_timestamp", pa.timestamp("ms", tz="UTC")),
+        ("played_ratio", pa.float32()),
+        ("source", pa.string()),
+        ("request_id", pa.string()),
+        ("variant", pa.string()),
+        ("kafka_partition", pa.int32()),
+        ("kafka_offset", pa.int64()),
+        ("ingested_at_ms", pa.int64()),
+    ]
+)
+
+_INDEX_DDL = """
+CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, file TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS item_counts (
+    item_id INTEGER PRIMARY KEY, events INTEGER NOT NULL DEFAULT 0, positives INTEGER NOT NULL DEFAULT 0,
+    likes INTEGER NOT NULL DEFAULT 0, skips INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS dlq (
+    kafka_partition INTEGER NOT NULL, kafka_offset INTEGER NOT NULL, error_type TEXT NOT NULL,
+    reason TEXT NOT NULL, original BLOB, recorded_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (kafka_partition, kafka_offset));
+"""
+
+
+@dataclass(frozen=True)
+class StagedEvent:
+    event: InteractionEvent
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    written: int  # events now stored that were not before (new, or recovered after a crash)
+    duplicates: int  # events already stored (a replay or a duplicate delivery)
+    new_event_ids: frozenset[str]  # ids first seen by this write (counters moved for these)
+    files: tuple[str, ...]
+
+
+class OfflineStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.root / "_index.sqlite", timeout=30, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_INDEX_DDL)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ------------------------------------------------------------------ writes
+
+    def write(self, staged: Sequence[StagedEvent]) -> WriteResult:
+        """Store a batch idempotently (see the module docstring for why this is exact)."""
+        # 1. keep the first delivery of each event_id inside the batch
+        unique: dict[str, StagedEvent] = {}
+        for s in staged:
+            unique.setdefault(s.event.event_id, s)
+        in_batch_dupes = len(staged) - len(unique)
+        if not unique:
+            return WriteResult(0, in_batch_dupes, frozenset(), ())
+
+        # 2. plan one file per (event date) for this batch, named by its Kafka offsets
+        by_date: dict[str, list[StagedEvent]] = defaultdict(list)
+        for s in unique.values():
+            by_date[_date_of(s.event.timestamp_ms)].append(s)
+        first = min(s.offset for s in staged)
+        last = max(s.offset for s in staged)
+        part = staged[0].partition
+        planned = {d: f"date={d}/p{part}-o{first}-{last}.parquet" for d in by_date}
+
+        # 3. decide, in one transaction, which events must be written and move the counters for new ones
+        ids = list(unique)
+        known = self._known_files(ids)
+        to_write: dict[str, list[StagedEvent]] = defaultdict(list)
+        new_ids: set[str] = set()
+        duplicates = in_batch_dupes
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            for event_id, s in unique.items():
+                date = _date_of(s.event.timestamp_ms)
+                existing = known.get(event_id)
+                if existing is not None and (self.root / existing).exists():
+                    duplicates += 1
+                    continue
+                to_write[date].append(s)
+                if existing is None:
+                    new_ids.add(event_id)
+                    _bump(cur, s.event)
+                cur.execute(
+                    "INSERT INTO events(event_id, file) VALUES (?, ?) "
+                    "ON CONFLICT(event_id) DO UPDATE SET file = excluded.file",
+                    (event_id, planned[date]),
+                )
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+        # 4. write the files (atomic rename); a crash here leaves index rows whose file is missing,
+        #    which the retry of the same messages rewrites without moving counters again
+        now_ms = int(time.time() * 1000)
+        files = []
+        for date, rows in to_write.items():
+            _write_parquet(self.root / planned[date], rows, now_ms)
+            files.append(planned[date])
+        written = sum(len(r) for r in to_write.values())
+        return WriteResult(written, duplicates, frozenset(new_ids), tuple(files))
+
+    def _known_files(self, ids: list[str]) -> dict[str, str]:
+        known: dict[str, str] = {}
+        for i in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+            chunk = ids[i : i + 900]
+            q = f"SELECT event_id, file FROM events WHERE event_id IN ({','.join('?' * len(chunk))})"
+            known.update(dict(self._db.execute(q, chunk).fetchall()))
+        return known
+
+    def record_dlq(self, partition: int, offset: int, error_type: str, reason: str, original: bytes | None) -> bool:
+        """Remember a rejected message; returns False when this (partition, offset) was recorded before."""
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO dlq VALUES (?, ?, ?, ?, ?, ?)",
+            (partition, offset, error_type, reason, original, int(time.time() * 1000)),
+        )
+        return cur.rowcount == 1
+
+    # ------------------------------------------------------------------ reads
+
+    def item_stats(self, item_ids: Iterable[int] | None = None) -> pd.DataFrame:
+        q = "SELECT item_id, events, positives, likes, skips FROM item_counts"
+        params: list = []
+        if item_ids is not None:
+            ids = list(item_ids)
+            if not ids:
+                return pd.DataFrame(columns=["item_id", "events", "positives", "likes", "skips"])
+            q += f" WHERE item_id IN ({','.join('?' * len(ids))})"
+            params = ids
+        return pd.read_sql_query(q, self._db, params=params)
+
+    def counts(self) -> dict[str, int]:
+        events = self._db.execute("SELECT count(*) FROM events").fetchone()[0]
+        dlq = self._db.execute("SELECT count(*) FROM dlq").fetchone()[0]
+        return {"events": int(events), "dlq": int(dlq)}
+
+    def dlq_records(self) -> pd.DataFrame:
+        return pd.read_sql_query("SELECT * FROM dlq ORDER BY kafka_partition, kafka_offset", self._db)
+
+    def files(self) -> list[Path]:
+        return sorted(self.root.glob("date=*/*.parquet"))
+
+    def read(self, columns: Sequence[str] | None = None, where: str | None = None) -> pd.DataFrame:
+        """All stored events (deduplicated by event_id), ordered by user and time."""
+        return read_interactions(self.root, columns=columns, where=where)
+
+
+def read_interactions(root: Path, columns: Sequence[str] | None = None, where: str | None = None) -> pd.DataFrame:
+    files = sorted(Path(root).glob("date=*/*.parquet"))
+    cols = list(columns) if columns else [f.name for f in SCHEMA]
+    if not files:
+        return pd.DataFrame({c: pd.Series(dtype=_pandas_dtype(c)) for c in cols})
+    glob = str(Path(root) / "date=*" / "*.parquet")
+    select = ", ".join(cols)
+    sql = (
+        f"SELECT {select} FROM read_parquet('{glob}', hive_partitioning=false, union_by_name=true) "
+        f"{'WHERE ' + where if where else ''} "
+        "QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY kafka_offset) = 1 "
+        "ORDER BY user_id, timestamp_ms, event_id"
+    )
+    with duckdb.connect() as con:
+        return con.execute(sql).df()
+
+
+def _pandas_dtype(col: str) -> str:
+    field = SCHEMA.field(col)
+    if pa.types.is_integer(field.type):
+        return "int64"
+    if pa.types.is_floating(field.type):
+        return "float32"
+    if pa.types.is_timestamp(field.type):
+        return "datetime64[ms, UTC]"
+    return "object"
+
+
+def _bump(cur: sqlite3.Cursor, e: InteractionEvent) -> None:
+    cur.execute(
+        "INSERT INTO item_counts(item_id, events, positives, likes, skips) VALUES (?, 1, ?, ?, ?) "
+        "ON CONFLICT(item_id) DO UPDATE SET events = events + 1, positives = positives + excluded.positives, "
+        "likes = likes + excluded.likes, skips = skips + excluded.skips",
+        (e.item_id, int(e.is_positive), int(e.event_type == "like"), int(e.event_type == "skip")),
+    )
+
+
+def _date_of(timestamp_ms: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(timestamp_ms / 1000))
+
+
+def _write_parquet(path: Path, rows: list[StagedEvent], now_ms: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols: dict[str, list] = {f.name: [] for f in SCHEMA}
+    for s in rows:
+        e = s.event
+        cols["event_id"].append(e.event_id)
+        cols["user_id"].append(e.user_id)
+        cols["item_id"].append(e.item_id)
+        cols["event_type"].append(e.event_type)
+        cols["timestamp_ms"].append(e.timestamp_ms)
+        cols["event_timestamp"].append(e.timestamp_ms)
+        cols["played_ratio"].append(e.played_ratio)
+        cols["source"].append(e.source)
+        cols["request_id"].append(e.request_id)
+        cols["variant"].append(e.variant)
+        cols["kafka_partition"].append(s.partition)
+        cols["kafka_offset"].append(s.offset)
+        cols["ingested_at_ms"].append(now_ms)
+    table = pa.table(cols, schema=SCHEMA)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,179 @@
+"""The one typed settings object of Encore.
+
+Precedence (highest first): keyword arguments, ``ENCORE_*`` environment variables, the YAML file named by
+``ENCORE_CONFIG`` (or ``./encore.yaml`` when it exists), then the defaults below. Nested groups use a
+double underscore in environment variables, e.g. ``ENCORE_SIMULATOR__USERS=2000``.
+
+Every path lives under ``data_dir`` unless set explicitly, so one folder holds a whole local platform
+(broker state is in memory; the Feast offline store is the system of record).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class TopicSettings(BaseModel):
+    interactions: str = "interactions"
+    dlq: str = "interactions.dlq"
+    exposures: str = "exposures"
+    partitions: int = Field(default=1, ge=1, description="partitions per topic when Encore creates them")
+
+
+class SimulatorSettings(BaseModel):
+    """Size and seed of the synthetic music-streaming world (the default data)."""
+
+    users: int = Field(default=600, ge=1)
+    items: int = Field(default=800, ge=2)
+    genres: int = Field(default=12, ge=1)
+    sessions_per_user: int = Field(default=6, ge=1)
+    events_per_session: int = Field(default=12, ge=1)
+    days: int = Field(default=30, ge=1, description="span of simulated history, ending 'now'")
+    seed: int = 7
+
+
+class IngestSettings(BaseModel):
+    batch_size: int = Field(default=5000, ge=1, description="max events consumed per bounded batch")
+    poll_timeout_ms: int = Field(default=2000, ge=1)
+    history_length: int = Field(default=200, ge=1, description="N events kept per user in user_history")
+    max_payload_bytes: int = Field(default=64 * 1024, ge=256)
+    max_future_skew_s: int = Field(default=3600, ge=0, description="events further in the future go to DLQ")
+    group_id: str = "encore-ingest"
+
+
+class TrainSettings(BaseModel):
+    model: Literal["hstu", "sasrec"] = "hstu"
+    max_len: int = Field(default=50, ge=2)
+    dim: int = Field(default=32, ge=4)
+    blocks: int = Field(default=2, ge=1)
+    heads: int = Field(default=1, ge=1)
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+    negatives: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.05, gt=0.0)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=1e-3, gt=0.0)
+    epochs: int = Field(default=8, ge=1)
+    seed: int = 42
+
+
+class ServeSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
+    model_name: str = "encore-recommender"
+    model_alias: str = "champion"
+    default_k: int = Field(default=10, ge=1, le=1000)
+
+
+class ExperimentSettings(BaseModel):
+    """The default two-arm A/B test run by `make run`."""
+
+    name: str = "hstu-vs-popularity"
+    salt: str = "encore-ab-1"
+    treatment_share: float = Field(default=0.5, gt=0.0, lt=1.0)
+    users: int = Field(default=300, ge=2, description="simulated users taking part")
+    requests_per_user: int = Field(default=4, ge=1)
+    attribution_window_s: int = Field(default=3600, ge=1)
+
+
+class EncoreSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ENCORE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    profile: Literal["local", "production"] = "local"
+    data_dir: Path = Path(".encore")
+    kafka_bootstrap: str | None = Field(
+        default=None, description="host:port of a real Kafka cluster; unset starts the embedded broker"
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="unset: sqlite under data_dir, served by an embedded MLflow server"
+    )
+    mlflow_experiment: str = "encore"
+    log_level: str = "INFO"
+
+    topics: TopicSettings = TopicSettings()
+    simulator: SimulatorSettings = SimulatorSettings()
+    ingest: IngestSettings = IngestSettings()
+    train: TrainSettings = TrainSettings()
+    serve: ServeSettings = ServeSettings()
+    experiment: ExperimentSettings = ExperimentSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = _yaml_file()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    # ---- derived locations (one place, so every component agrees) ----
+    @property
+    def root(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def offline_dir(self) -> Path:
+        """Parquet files of validated interactions, partitioned by event date: the system of record."""
+        return self.root / "offline" / "interactions"
+
+    @property
+    def feast_dir(self) -> Path:
+        return self.root / "feast"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.root / "mlflow"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.root / "dagster"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid and endpoint files of the embedded services."""
+        return self.root / "run"
+
+
+def _yaml_file() -> Path | None:
+    explicit = os.environ.get("ENCORE_CONFIG")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise FileNotFoundError(f"ENCORE_CONFIG points at {path}, which is not a file")
+        return path
+    default = Path("encore.yaml")
+    return default if default.is_file() else None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> EncoreSettings:
+    """Process-wide settings; call ``get_settings.cache_clear()`` after changing the environment."""
+    return EncoreSettings()
+
+
+def settings_with(**overrides: Any) -> EncoreSettings:
+    return EncoreSettings(**overrides)

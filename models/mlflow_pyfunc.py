@@ -1,0 +1,51 @@
+"""The MLflow model of an Encore recommender, logged as *Models From Code* (no pickled Python objects).
+
+MLflow stores this file itself; loading it imports ``models.recommender`` and restores the weights from the
+``recommender`` artifact (config.json, vocab.json, state_dict.pt loaded with ``weights_only=True``), so
+``mlflow models predict`` and the online service read the same bytes.
+
+Input: one row per user with ``item_ids`` (list of raw item ids, oldest first), optional ``event_types``
+and ``timestamps_ms`` (lists of the same length) and optional ``k``. Output: ``items`` and ``scores`` lists.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class EncoreRecommenderModel(PythonModel):
+    def load_context(self, context) -> None:  # noqa: ANN001 - MLflow's signature
+        from models.recommender import Recommender
+
+        self.recommender = Recommender.load(context.artifacts["recommender"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:  # noqa: ANN001
+        k_default = int((params or {}).get("k", 10))
+        histories = []
+        for row in model_input.to_dict(orient="records"):
+            items = [int(i) for i in _as_list(row.get("item_ids"))]
+            histories.append(
+                {
+                    "item_ids": items,
+                    "event_types": [str(t) for t in _as_list(row.get("event_types"))] or ["listen"] * len(items),
+                    "timestamps_ms": [int(t) for t in _as_list(row.get("timestamps_ms"))] or list(range(len(items))),
+                }
+            )
+        k = int(model_input["k"].iloc[0]) if "k" in model_input.columns else k_default
+        results = self.recommender.recommend(histories, k=k, exclude_seen=True)
+        return pd.DataFrame(
+            {"items": [[i for i, _ in r] for r in results], "scores": [[float(s) for _, s in r] for r in results]}
+        )
+
+
+def _as_list(value: object) -> list:
+    if value is None:
+        return []
+    if isinstance(value, float) and value != value:  # NaN from a missing column
+        return []
+    return list(value)  # type: ignore[arg-type]
+
+
+mlflow.models.set_model(EncoreRecommenderModel())

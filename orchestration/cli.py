@@ -1,0 +1,295 @@
+"""``encore``: the command-line tool of the platform.
+
+Every command reads the one settings object (``ENCORE_*`` variables, ``encore.yaml`` or ``ENCORE_CONFIG``);
+``--data-dir`` is a shortcut for ``ENCORE_DATA_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from infra.settings import EncoreSettings, get_settings
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    # Client libraries narrate every connection at INFO; their warnings still show.
+    for noisy in ("kafka", "feast", "urllib3", "httpx", "alembic", "mlflow", "dagster", "torchrec"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if noisy == "kafka" else logging.WARNING)
+
+
+def _settings(data_dir: str | None) -> EncoreSettings:
+    if data_dir:
+        os.environ["ENCORE_DATA_DIR"] = data_dir
+    get_settings.cache_clear()
+    try:
+        return get_settings()
+    except Exception as exc:  # pydantic explains exactly which setting is wrong
+        raise click.ClickException(f"invalid settings: {exc}") from exc
+
+
+data_dir_option = click.option("--data-dir", envvar="ENCORE_DATA_DIR", default=None,
+                               help="where Encore keeps its state (default ./.encore)")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING (default from settings)")
+def main(log_level: str | None) -> None:
+    """Encore: streaming interactions → Feast → TorchRec generative recommenders → MLflow → serving + A/B."""
+    _setup_logging(log_level or os.environ.get("ENCORE_LOG_LEVEL", "INFO"))
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@main.command()
+@data_dir_option
+@click.option("--fresh", is_flag=True, help="delete the data dir first")
+@click.option("--no-progress", is_flag=True, help="no progress bars")
+def run(data_dir: str | None, fresh: bool, no_progress: bool) -> None:
+    """Run the whole road end to end on embedded services and print a summary."""
+    from orchestration.pipeline import format_summary, run_end_to_end
+
+    settings = _settings(data_dir)
+    if fresh and settings.root.exists():
+        import shutil
+
+        from infra.services import reap_stale
+
+        reap_stale(settings)
+        shutil.rmtree(settings.root)
+    try:
+        summary = run_end_to_end(settings, progress=not no_progress)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: embedded services stopped", err=True)
+        sys.exit(130)
+    click.echo(format_summary(summary, settings))
+
+
+# ---------------------------------------------------------------- streaming
+
+
+@main.command()
+@click.argument("source")
+@data_dir_option
+@click.option("--dataset-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="folder with the dataset's files (for ml-100k, ml-1m, ml-20m, ml-25m, amazon, yambda)")
+@click.option("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
+@click.option("--limit", type=int, default=None, help="stop after this many events")
+@click.option("--send-invalid", is_flag=True, help="publish invalid lines anyway (they go to the DLQ on ingest)")
+@click.option("--bootstrap", default=None, help="Kafka bootstrap (default: settings or the running embedded broker)")
+def replay(source: str, data_dir: str | None, dataset_dir: Path | None, rate: float | None, limit: int | None,
+           send_invalid: bool, bootstrap: str | None) -> None:
+    """Publish SOURCE (synthetic, a dataset name, or a JSON-lines file) to Kafka in timestamp order."""
+    from features.replay import open_source, replay as do_replay
+
+    settings = _settings(data_dir)
+    bootstrap = bootstrap or settings.kafka_bootstrap or _running_kafka(settings)
+    try:
+        items = open_source(source, settings, dataset_dir, limit)
+        report = do_replay(items, bootstrap, settings.topics.interactions, rate=rate, send_invalid=send_invalid)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for problem in report.problems:
+        click.echo(f"invalid: {problem}", err=True)
+    click.echo(f"sent {report.sent} events in {report.seconds:.1f}s ({report.events_per_s:.0f}/s); "
+               f"{report.invalid} invalid ({report.invalid_sent} sent anyway)")
+    if report.invalid and not send_invalid:
+        click.echo("invalid events were reported above and not sent; --send-invalid routes them to the DLQ",
+                   err=True)
+
+
+def _running_kafka(settings: EncoreSettings) -> str:
+    from infra.services import resolve_endpoints
+
+    try:
+        return resolve_endpoints(settings).kafka_bootstrap
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@data_dir_option
+def ingest(data_dir: str | None) -> None:
+    """Consume the interactions topic into Feast (the Dagster ingest_job, recorded in the instance)."""
+    from orchestration.pipeline import run_job
+
+    settings = _settings(data_dir)
+    _running_kafka(settings)
+    result = run_job(settings, "ingest_job")
+    click.echo("ingest_job " + ("succeeded" if result.success else "failed"))
+
+
+# ---------------------------------------------------------------- models
+
+
+@main.command()
+@click.option("--dataset", type=click.Choice(["synthetic", "ml-100k", "ml-1m", "ml-20m", "ml-25m", "amazon", "yambda"]),
+              default="synthetic", show_default=True)
+@click.option("--dataset-dir", "--data-dir", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="folder with the dataset's files")
+@click.option("--config", "config_name", default="default", show_default=True,
+              help="a name under models/configs/ or a YAML path")
+@click.option("--epochs", type=int, default=None, help="override the config's epoch count")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="save the trained recommender here")
+def train(dataset: str, dataset_dir: Path | None, config_name: str, epochs: int | None, out: Path | None) -> None:
+    """Train a model offline on a dataset (no Kafka needed) and print its test metrics as JSON."""
+    from features.replay import events_frame
+    from models.train import TrainConfig, train as do_train
+
+    settings = _settings(None)
+    cfg = TrainConfig.from_yaml(config_name)
+    if epochs is not None:
+        cfg.epochs = epochs
+    try:
+        df = events_frame(dataset, settings, dataset_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    result = do_train(df, cfg, progress=True)
+    if out:
+        result.recommender().save(out)
+    click.echo(json.dumps({**result.test_metrics, "config": config_name, "epochs": len(result.history),
+                           "wall_s": round(result.wall_s, 1)}))
+
+
+@main.command()
+@data_dir_option
+@click.option("--host", default=None, help="default from settings (127.0.0.1)")
+@click.option("--port", type=int, default=None, help="default from settings")
+@click.option("--experiment", default="default",
+              help="'default' (the settings' two-arm test), 'none', or a YAML/JSON experiment file")
+def serve(data_dir: str | None, host: str | None, port: int | None, experiment: str) -> None:
+    """Serve recommendations over HTTP (FastAPI): POST /v1/recommendations, /healthz, /readyz, /metrics."""
+    import uvicorn
+
+    from infra.services import resolve_endpoints
+    from serving.app import create_app, default_experiment
+
+    settings = _settings(data_dir)
+    try:
+        endpoints = resolve_endpoints(settings)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if experiment == "default":
+        exp = default_experiment(settings)
+    elif experiment == "none":
+        exp = None
+    else:
+        from serving.assignment import load_experiment
+
+        exp = load_experiment(Path(experiment))
+    app = create_app(settings, endpoints.kafka_bootstrap, endpoints.mlflow_uri, exp)
+    uvicorn.run(app, host=host or settings.serve.host, port=port or settings.serve.port or 8000,
+                log_level="warning", access_log=False)
+
+
+# ---------------------------------------------------------------- experiments
+
+
+@main.group()
+def ab() -> None:
+    """A/B experiments."""
+
+
+@ab.command("report")
+@data_dir_option
+def ab_report(data_dir: str | None) -> None:
+    """Analyse the A/B test: exposures joined with interactions; writes an HTML report."""
+    from orchestration.pipeline import run_job
+
+    settings = _settings(data_dir)
+    _running_kafka(settings)
+    result = run_job(settings, "ab_report_job").output_for_node("ab_report")
+    click.echo(result["markdown"])
+    click.echo(f"report: {result['html']}")
+
+
+# ---------------------------------------------------------------- services and UIs
+
+
+@main.group()
+def services() -> None:
+    """The embedded services (Kafka-protocol broker, MLflow server)."""
+
+
+@services.command("up")
+@data_dir_option
+def services_up(data_dir: str | None) -> None:
+    """Start the embedded services and keep them up until Ctrl-C."""
+    from infra.services import EmbeddedServices
+
+    settings = _settings(data_dir)
+    with EmbeddedServices(settings) as svc:
+        click.echo(f"Kafka bootstrap: {svc.kafka_bootstrap}\nMLflow:          {svc.mlflow_uri}\nCtrl-C stops them.")
+        _wait_forever()
+
+
+@services.command("stop")
+@data_dir_option
+def services_stop(data_dir: str | None) -> None:
+    """Stop embedded services left running by a crashed process."""
+    from infra.services import reap_stale
+
+    settings = _settings(data_dir)
+    reaped = reap_stale(settings)
+    (settings.run_dir / "endpoints.json").unlink(missing_ok=True)
+    click.echo("stopped: " + (", ".join(reaped) if reaped else "nothing was running"))
+
+
+@services.command("status")
+@data_dir_option
+def services_status(data_dir: str | None) -> None:
+    """Show the endpoints of the running services."""
+    from infra.services import resolve_endpoints
+
+    settings = _settings(data_dir)
+    try:
+        e = resolve_endpoints(settings)
+        click.echo(f"Kafka bootstrap: {e.kafka_bootstrap}\nMLflow:          {e.mlflow_uri}")
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@data_dir_option
+@click.option("--dagster-port", type=int, default=3000, show_default=True)
+def ui(data_dir: str | None, dagster_port: int) -> None:
+    """Start the services plus the Dagster web UI on this data dir; Ctrl-C stops everything."""
+    import subprocess
+
+    from infra.services import EmbeddedServices, stop_pid
+    from orchestration.pipeline import dagster_instance
+
+    settings = _settings(data_dir)
+    with EmbeddedServices(settings) as svc:
+        dagster_instance(settings)
+        env = {**os.environ, "ENCORE_DATA_DIR": str(settings.root), "DAGSTER_HOME": str(settings.dagster_home)}
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("dagster-webserver")), "-m", "orchestration.definitions",
+             "-h", "127.0.0.1", "-p", str(dagster_port)], env=env, start_new_session=True)
+        click.echo(f"Dagster UI: http://127.0.0.1:{dagster_port}\nMLflow UI:  {svc.mlflow_uri}\n"
+                   f"Kafka:      {svc.kafka_bootstrap}\nCtrl-C stops everything.")
+        try:
+            _wait_forever()
+        finally:
+            stop_pid(proc.pid)
+
+
+def _wait_forever() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

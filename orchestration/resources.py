@@ -1,0 +1,45 @@
+"""Dagster resources: how assets reach Kafka, Feast and MLflow.
+
+Each resource carries only the data directory (or an explicit endpoint) so the same definitions work in the
+UI, in ``encore`` commands and in tests; endpoints of embedded services are looked up when a run starts.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+from feast import FeatureStore
+
+from features.feature_repo import feature_store
+from infra.services import resolve_endpoints
+from infra.settings import EncoreSettings, get_settings
+
+
+class EncoreResource(dg.ConfigurableResource):
+    """Settings shared by all assets; ``data_dir`` empty means the process's settings."""
+
+    data_dir: str = ""
+
+    def settings(self) -> EncoreSettings:
+        base = get_settings()
+        if self.data_dir:
+            return base.model_copy(update={"data_dir": self.data_dir})
+        return base
+
+
+class KafkaResource(dg.ConfigurableResource):
+    bootstrap: str = ""  # empty: ENCORE_KAFKA_BOOTSTRAP or the embedded broker now running
+
+    def resolve(self, settings: EncoreSettings) -> str:
+        return self.bootstrap or resolve_endpoints(settings).kafka_bootstrap
+
+
+class FeastResource(dg.ConfigurableResource):
+    def store(self, settings: EncoreSettings) -> FeatureStore:
+        return feature_store(settings)
+
+
+class MLflowResource(dg.ConfigurableResource):
+    tracking_uri: str = ""  # empty: ENCORE_MLFLOW_TRACKING_URI or the embedded server now running
+
+    def resolve(self, settings: EncoreSettings) -> str:
+        return self.tracking_uri or resolve_endpoints(settings).mlflow_uri

@@ -1,0 +1,89 @@
+"""Build the A/B report of the running experiment from its real sources.
+
+Exposures come from the Kafka ``exposures`` topic (the service writes one per response); interactions come
+from the offline store (the system of record, where the users' reactions arrived through Kafka and ingest).
+Pre-experiment behaviour (organic events before the first exposure) feeds CUPED.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pandas as pd
+
+from features.kafka_io import read_topic
+from features.offline_store import read_interactions
+from infra.settings import EncoreSettings
+from serving.analysis import ab_report, render_html
+from serving.app import default_experiment
+
+log = logging.getLogger("encore.report")
+
+
+def read_exposures(bootstrap: str, topic: str) -> pd.DataFrame:
+    rows = []
+    for m in read_topic(bootstrap, topic):
+        try:
+            rows.append(json.loads(m.value))
+        except (TypeError, ValueError):
+            log.warning("skipping unreadable exposure at offset %d", m.offset)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    # one exposure per request even if a producer retry duplicated it
+    return df.drop_duplicates("request_id").reset_index(drop=True)
+
+
+def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str | None = None) -> dict:
+    exposures = read_exposures(bootstrap, settings.topics.exposures)
+    exposures = exposures[exposures["variant"].notna()] if not exposures.empty else exposures
+    if exposures.empty:
+        raise RuntimeError("no exposures with an experiment variant yet: serve recommendations first")
+    interactions = read_interactions(settings.offline_dir)
+    start_ms = int(exposures["timestamp_ms"].min())
+    pre = interactions[(interactions["timestamp_ms"] < start_ms) & (interactions["source"] == "organic")]
+    exp = default_experiment(settings)
+    report = ab_report(
+        exposures, interactions, control="control", window_s=settings.experiment.attribution_window_s,
+        weights=exp.weights, pre_period=pre if not pre.empty else None, name=exp.name,
+    )
+    settings.reports_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    html_path = render_html(report, settings.reports_dir / f"ab-{exp.name}-{stamp}.html")
+    markdown = report.to_markdown()
+    headline = _headline(report)
+    if tracking_uri:
+        _log_to_mlflow(tracking_uri, settings, html_path, report)
+    return {"html": str(html_path), "markdown": markdown, "headline": headline,
+            "exposures": int(len(exposures)), "srm_flagged": bool(report.srm.flagged)}
+
+
+def _headline(report) -> str:  # noqa: ANN001 - serving.analysis.ABReport
+    parts = []
+    for metric in ("hit_rate", "listening_time", "like_rate"):
+        try:
+            t = report.test(metric)
+        except KeyError:
+            continue
+        lift = "n/a" if t.result.rel_lift is None else f"{t.result.rel_lift:+.1%}"
+        sig = "significant" if t.significant else "not significant"
+        parts.append(f"{metric} {lift} ({sig}, adjusted p={t.p_adjusted:.3g})")
+    srm = "SRM FLAGGED" if report.srm.flagged else "no SRM"
+    return "; ".join(parts) + f"; {srm}"
+
+
+def _log_to_mlflow(tracking_uri: str, settings: EncoreSettings, html_path, report) -> None:  # noqa: ANN001
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(f"{settings.mlflow_experiment}-ab")
+    with mlflow.start_run(run_name=report.name):
+        mlflow.log_artifact(str(html_path), "report")
+        mlflow.log_dict(json.loads(report.model_dump_json()), "report/report.json")
+        for t in report.tests:
+            key = f"{t.metric}.{t.treatment}"
+            if t.result.rel_lift is not None:
+                mlflow.log_metric(f"lift.{key}", float(t.result.rel_lift))
+            mlflow.log_metric(f"p_adj.{key}", float(t.p_adjusted))
