@@ -129,7 +129,7 @@ class EncoreSettings(BaseSettings):
     # ---- derived locations (one place, so every component agrees) ----
     @property
     def root(self) -> Path:
-        return self.data_dir.expanduser().resolve()
+        return Path(self.data_dir).expanduser().resolve()
 
     @property
     def offline_dir(self) -> Path:

@@ -64,8 +64,8 @@ def log_and_register(
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name=run_name) as run:
         mlflow.log_params(params)
         for epoch, row in enumerate(history, start=1):
-            mlflow.log_metrics({k: float(v) for k, v in row.items() if _is_number(v)}, step=epoch)
-        mlflow.log_metrics({f"test_{k}": float(v) for k, v in metrics.items() if _is_number(v)})
+            mlflow.log_metrics({mlflow_name(k): float(v) for k, v in row.items() if _is_number(v)}, step=epoch)
+        mlflow.log_metrics({f"test_{mlflow_name(k)}": float(v) for k, v in metrics.items() if _is_number(v)})
         mlflow.set_tags({**tags, "git_revision": git_revision()})
         model_dir = Path(tmp) / "recommender"
         recommender.save(model_dir)
@@ -80,7 +80,7 @@ def log_and_register(
         )
         version = int(info.registered_model_version)
         client = MlflowClient(tracking_uri)
-        for key, value in {**tags, **{f"metric.{k}": f"{v:.6f}" for k, v in metrics.items() if _is_number(v)}}.items():
+        for key, value in {**tags, **{f"metric.{mlflow_name(k)}": f"{v:.6f}" for k, v in metrics.items() if _is_number(v)}}.items():
             client.set_model_version_tag(name, str(version), key, str(value))
         set_alias(client, name, "challenger", version, reason=f"registered from run {run.info.run_id}")
         log.info("registered %s version %d (run %s)", name, version, run.info.run_id)
@@ -104,7 +104,7 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> int | None:
 
 def version_metric(client: MlflowClient, name: str, version: int, metric: str) -> float | None:
     tags = client.get_model_version(name, str(version)).tags
-    value = tags.get(f"metric.{metric}")
+    value = tags.get(f"metric.{mlflow_name(metric)}")
     return None if value is None else float(value)
 
 
@@ -145,6 +145,11 @@ def download_recommender_dir(tracking_uri: str, *, alias: str | None = "champion
     if not candidates:
         raise FileNotFoundError(f"model version {mv.version} has no recommender artifact under {local}")
     return candidates[0].parent, int(mv.version)
+
+
+def mlflow_name(metric: str) -> str:
+    """MLflow names allow no '@': ``hr@10`` is logged as ``hr_at_10``."""
+    return metric.replace("@", "_at_")
 
 
 def _is_number(v: object) -> bool:

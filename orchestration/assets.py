@@ -13,8 +13,8 @@ Values passed between assets are small dicts of paths and numbers; models travel
 artifacts, never as pickles.
 """
 
-from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -135,7 +135,7 @@ def trained_model(context: dg.AssetExecutionContext, encore: EncoreResource, tra
         "epochs": dg.MetadataValue.md(_history_table(history)),
         "dir": dg.MetadataValue.path(str(out)),
     })
-    return {"dir": str(out), "config": cfg.to_dict(), "history": history, "test_metrics": test,
+    return {"dir": str(out), "config": dataclasses.asdict(cfg), "history": history, "test_metrics": test,
             "dataset": training_dataset}
 
 
@@ -149,7 +149,9 @@ def registered_model(context: dg.AssetExecutionContext, encore: EncoreResource, 
     settings = encore.settings()
     uri = mlflow_server.resolve(settings)
     rec = Recommender.load(Path(trained_model["dir"]))
-    example = pd.DataFrame({"item_ids": [rec.example_history()], "k": [10]})
+    sample = [int(i) for i in rec.vocab.decode(list(range(1, min(len(rec.vocab), 5) + 1)))]
+    example = pd.DataFrame({"item_ids": [sample], "event_types": [["listen"] * len(sample)],
+                            "timestamps_ms": [[1_700_000_000_000 + 60_000 * i for i in range(len(sample))]]})
     ds = trained_model["dataset"]
     reg = log_and_register(
         rec, tracking_uri=uri, experiment=settings.mlflow_experiment,

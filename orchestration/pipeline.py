@@ -48,7 +48,9 @@ def run_job(settings: EncoreSettings, job_name: str, instance: dg.DagsterInstanc
     log.info("Dagster: running %s", job_name)
     result = job.execute_in_process(
         instance=instance,
-        resources={"encore": EncoreResource(data_dir=str(settings.root))},
+        resources={"encore": EncoreResource(settings_json=settings.model_dump_json())},
+        # Dagster's console logger narrates every engine event at DEBUG; assets' own logs are INFO.
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         raise_on_error=True,
     )
     return result

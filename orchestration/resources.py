@@ -6,6 +6,8 @@ UI, in ``encore`` commands and in tests; endpoints of embedded services are look
 
 from __future__ import annotations
 
+import json
+
 import dagster as dg
 from feast import FeatureStore
 
@@ -15,15 +17,21 @@ from infra.settings import EncoreSettings, get_settings
 
 
 class EncoreResource(dg.ConfigurableResource):
-    """Settings shared by all assets; ``data_dir`` empty means the process's settings."""
+    """Settings shared by all assets.
+
+    ``settings_json`` (a whole settings object, as ``encore`` commands and tests pass it) wins; else
+    ``data_dir`` overrides the process's settings; else the process's settings (``ENCORE_*``, YAML) as is.
+    """
 
     data_dir: str = ""
+    settings_json: str = ""
 
     def settings(self) -> EncoreSettings:
-        base = get_settings()
+        if self.settings_json:
+            return EncoreSettings(**json.loads(self.settings_json))
         if self.data_dir:
-            return base.model_copy(update={"data_dir": self.data_dir})
-        return base
+            return EncoreSettings(data_dir=self.data_dir)
+        return get_settings()
 
 
 class KafkaResource(dg.ConfigurableResource):

@@ -161,7 +161,8 @@ class Recommendations:
         source = POPULARITY
         loaded = self.model.current
         if target != POPULARITY and history["item_ids"] and loaded is not None:
-            items = loaded.recommender.recommend([history], k=req.k, exclude_seen=req.exclude_seen)[0]
+            items = loaded.recommender.recommend([history], k=req.k, exclude_seen=req.exclude_seen,
+                                                 now_ms=int(time.time() * 1000))[0]
             source = "model"
         if not items:
             seen = set(history["item_ids"]) if req.exclude_seen else set()

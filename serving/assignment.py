@@ -1,0 +1,205 @@
+"""Deterministic experiment assignment: which variant (if any) a unit sees.
+
+Assignment is a pure function of ``(experiment config, unit_id)``: no state, no lookup table, no RNG.
+Any process — the serving API, a batch job, an analysis notebook, a service in another language —
+recomputes the same answer, so exposures can be audited after the fact.
+
+Three independent hashes decide a unit's fate, each with its own salt:
+
+1. **holdout** — a *global* salt shared by every experiment, so the same units form the long-term
+   holdout everywhere (a holdout that differs per experiment would not hold anything out);
+2. **traffic** — ``"{salt}/traffic"``: is the unit in this experiment at all?
+3. **variant** — ``"{salt}/variant"``: which arm?
+
+Keeping (2) and (3) apart is what makes ramps safe: raising ``traffic`` only moves the inclusion threshold
+on hash (2); a unit's position on hash (3) never changes, so every unit already included keeps its variant.
+(With a single hash whose range is carved into "in traffic" and arms, ramping would move the arm
+boundaries and reshuffle units that were already exposed, contaminating both arms.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+DEFAULT_BUCKETS = 10_000
+
+# One salt for the long-term holdout across all experiments and layers (see module docstring). Changing it
+# re-draws the holdout population, so it is a constant, not a setting.
+HOLDOUT_SALT = "encore-global-holdout"
+
+# A weight sum this close to 1 is accepted; configs are hand-written decimals (0.1 + 0.2 != 0.3).
+WEIGHT_TOLERANCE = 1e-9
+
+# "alias:<registered-model alias>", "version:<registered-model version>", or a bare built-in baseline
+# such as "popularity". Kept loose on purpose: the router, not this module, decides which targets exist.
+_TARGET_RE = re.compile(r"^(alias:[A-Za-z0-9_.-]+|version:[1-9][0-9]*|[a-z][a-z0-9_-]*)$")
+
+
+class Variant(BaseModel):
+    """One arm of an experiment: what share of included units see it, and which model serves them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    weight: float
+    target: str
+
+    @field_validator("weight")
+    @classmethod
+    def _positive_weight(cls, value: float) -> float:
+        # A zero-weight arm is almost always a typo; it would also be silently unreachable.
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"variant weight must be a positive finite number, got {value}")
+        return value
+
+    @field_validator("target")
+    @classmethod
+    def _known_target_form(cls, value: str) -> str:
+        if not _TARGET_RE.match(value):
+            raise ValueError(
+                f"target {value!r} is not 'alias:<name>', 'version:<positive int>' or a baseline name "
+                "such as 'popularity'"
+            )
+        return value
+
+
+class Experiment(BaseModel):
+    """An experiment's full, versionable definition. Changing ``salt`` re-randomises everything."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    salt: str = Field(min_length=1, max_length=256)
+    variants: list[Variant] = Field(min_length=1)
+    # Experiments in one layer are meant to be mutually exclusive; the layer is carried here so a router can
+    # group them. assign() looks at one experiment and does not enforce exclusivity itself.
+    layer: str = Field(default="default", min_length=1)
+    status: Literal["draft", "running", "paused", "stopped"] = "running"
+    # Share of eligible (non-held-out) units that enter the experiment at all.
+    traffic: float = 1.0
+    # Share of *all* units in the long-term holdout, excluded from every experiment (same units everywhere).
+    holdout: float = 0.0
+
+    @field_validator("traffic", "holdout")
+    @classmethod
+    def _share(cls, value: float, info: ValidationInfo) -> float:
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{info.field_name} must be within [0, 1], got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent_variants(self) -> Experiment:
+        names = [v.name for v in self.variants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"variant names must be unique, duplicated: {duplicates}")
+        total = math.fsum(v.weight for v in self.variants)
+        if abs(total - 1.0) > WEIGHT_TOLERANCE:
+            raise ValueError(f"variant weights must sum to 1 (±{WEIGHT_TOLERANCE:g}), they sum to {total!r}")
+        return self
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Variant name -> weight, the form ``analysis.srm_check`` expects."""
+        return {v.name: v.weight for v in self.variants}
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(f"experiment {self.name!r} has no variant {name!r}")
+
+
+def bucket(salt: str, unit_id: str | int, buckets: int = DEFAULT_BUCKETS) -> int:
+    """Map ``unit_id`` to one of ``buckets`` buckets, deterministically.
+
+    Recipe (stable, reproducible in any language): SHA-256 of the UTF-8 bytes of ``f"{salt}:{unit_id}"``,
+    the first 8 bytes read as a big-endian unsigned integer, modulo ``buckets``.
+
+    Why not Python's ``hash()``: it is randomised per process (PYTHONHASHSEED), so two API replicas would
+    disagree. SHA-256 is identical everywhere and mixes well enough that buckets are uniform and independent
+    across salts. The modulo bias of 2**64 mod 10_000 is ~1e-15, i.e. nil.
+
+    Note ``unit_id`` is formatted with ``str()``: the int 42 and the string "42" are the same unit.
+    """
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
+        raise ValueError(f"buckets must be a positive int, got {buckets!r}")
+    digest = hashlib.sha256(f"{salt}:{unit_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=False) % buckets
+
+
+def _unit_interval(salt: str, unit_id: str | int) -> float:
+    """A uniform draw in [0, 1) with 1e-4 resolution (DEFAULT_BUCKETS): the unit's fixed position on a hash."""
+    return bucket(salt, unit_id, DEFAULT_BUCKETS) / DEFAULT_BUCKETS
+
+
+def in_holdout(unit_id: str | int, holdout: float) -> bool:
+    """Whether the unit belongs to the global long-term holdout of size ``holdout``.
+
+    Nested by construction: a unit held out at 2% is also held out at 5%.
+    """
+    return _unit_interval(HOLDOUT_SALT, unit_id) < holdout
+
+
+def in_traffic(experiment: Experiment, unit_id: str | int) -> bool:
+    """Whether the unit passes the experiment's traffic gate (ignoring holdout and status).
+
+    Nested by construction: raising ``traffic`` only adds units, it never drops one.
+    """
+    return _unit_interval(f"{experiment.salt}/traffic", unit_id) < experiment.traffic
+
+
+def choose_variant(experiment: Experiment, unit_id: str | int) -> str:
+    """The arm the unit would see if included, from its position on the variant hash.
+
+    The weights carve [0, 1) into consecutive intervals in the config's order; the last arm takes any
+    floating-point remainder so that every position maps to some arm.
+    """
+    u = _unit_interval(f"{experiment.salt}/variant", unit_id)
+    cumulative = 0.0
+    for v in experiment.variants[:-1]:
+        cumulative += v.weight
+        if u < cumulative:
+            return v.name
+    return experiment.variants[-1].name
+
+
+def assign(experiment: Experiment, unit_id: str | int) -> str | None:
+    """The variant name the unit sees, or ``None`` when it gets the default experience.
+
+    ``None`` means: the experiment is not running, the unit is in the long-term holdout, or it falls
+    outside the traffic share. Callers serve the default model then and must not log an exposure
+    for this experiment.
+    """
+    if experiment.status != "running":
+        return None
+    if in_holdout(unit_id, experiment.holdout):
+        return None
+    if not in_traffic(experiment, unit_id):
+        return None
+    return choose_variant(experiment, unit_id)
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read an experiment from a ``.json``, ``.yaml`` or ``.yml`` file (validation errors propagate)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        data = json.loads(text)
+    elif suffix in {".yaml", ".yml"}:
+        # safe_load: a config file must never be able to construct arbitrary Python objects.
+        data = yaml.safe_load(text)
+    else:
+        raise ValueError(f"{path}: expected a .json, .yaml or .yml experiment file")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return Experiment.model_validate(data)
