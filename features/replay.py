@@ -8,6 +8,7 @@ and counted, never silently dropped (``send_invalid=True`` publishes it anyway, 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -53,11 +54,14 @@ def jsonl_source(path: Path, settings: EncoreSettings) -> Iterator[Item]:
 
 def open_source(source: str, settings: EncoreSettings, data_dir: Path | None = None,
                 limit: int | None = None) -> Iterator[Item]:
+    """Check ``source`` now (so a typo fails before anything connects), then iterate it lazily."""
     if source == "synthetic":
         from features.simulator import MusicWorld
 
         events: Iterable[Item] = MusicWorld(settings.simulator).history()
     elif Path(source).suffix in {".jsonl", ".json", ".ndjson"} or Path(source).is_file():
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"no such events file: {source}")
         events = jsonl_source(Path(source), settings)
     else:
         from features.datasets import DATASETS, load_dataset
@@ -65,12 +69,9 @@ def open_source(source: str, settings: EncoreSettings, data_dir: Path | None = N
         if source not in DATASETS:
             raise ValueError(f"unknown source {source!r}: use synthetic, a JSON-lines file, or one of {sorted(DATASETS)}")
         if data_dir is None:
-            raise ValueError(f"source {source!r} needs --data-dir pointing at the dataset's files")
+            raise ValueError(f"source {source!r} needs --dataset-dir pointing at the dataset's files")
         events = load_dataset(source, data_dir)
-    for n, item in enumerate(events):
-        if limit is not None and n >= limit:
-            return
-        yield item
+    return itertools.islice(events, limit)
 
 
 def replay(
@@ -127,10 +128,13 @@ def write_jsonl(events: Iterable[InteractionEvent], path: Path) -> int:
 
 
 def events_frame(source: str, settings: EncoreSettings, data_dir: Path | None = None) -> "pd.DataFrame":
-    """A source's valid events as a DataFrame (offline training without Kafka)."""
-    import pandas as pd
+    """A source's events as a DataFrame, for offline training without Kafka."""
+    if source == "synthetic":
+        from features.simulator import MusicWorld
 
-    rows = [e.model_dump() for e in open_source(source, settings, data_dir) if isinstance(e, InteractionEvent)]
-    if not rows:
-        raise ValueError(f"source {source!r} produced no valid events")
-    return pd.DataFrame(rows)
+        return MusicWorld(settings.simulator).history_frame()
+    from features.datasets import load_frame
+
+    if data_dir is None:
+        raise ValueError(f"dataset {source!r} needs --dataset-dir pointing at its files")
+    return load_frame(source, data_dir)

@@ -108,7 +108,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _spawn(name: str, cmd: list[str], settings: EncoreSettings, endpoint: str, env: dict | None = None) -> ManagedProcess:
+def spawn_service(name: str, cmd: list[str], settings: EncoreSettings, endpoint: str, env: dict | None = None) -> ManagedProcess:
+    """Start ``cmd`` in its own process group, logging to ``run/<name>.log``, remembered in ``run/<name>.pid``."""
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     log_file = settings.run_dir / f"{name}.log"
     pid_file = settings.run_dir / f"{name}.pid"
@@ -152,7 +153,9 @@ def _cmdline_matches(pid: int, cmd: list[str]) -> bool:
             running = fh.read().split(b"\0")
     except OSError:
         return False
-    return bool(cmd) and running[: len(cmd)] == [c.encode() for c in cmd]
+    # A script (mlflow) runs as "python /path/mlflow ...": match the program's name and the arguments.
+    joined = b" ".join(running)
+    return bool(cmd) and os.path.basename(cmd[0]).encode() in joined and " ".join(cmd[1:]).encode() in joined
 
 
 # ---------------------------------------------------------------- Kafka-protocol broker
@@ -178,7 +181,7 @@ def start_broker(settings: EncoreSettings, port: int | None = None, timeout_s: f
         "--storage-engine",
         "memory://tansu/",
     ]
-    managed = _spawn("broker", cmd, settings, endpoint=f"127.0.0.1:{port}")
+    managed = spawn_service("broker", cmd, settings, endpoint=f"127.0.0.1:{port}")
     try:
         wait_until(lambda: _kafka_answers(managed.endpoint), timeout_s=timeout_s, what="broker", proc=managed.proc)
     except Exception:
@@ -227,7 +230,7 @@ def start_mlflow(settings: EncoreSettings, port: int | None = None, timeout_s: f
         "1",
     ]
     endpoint = f"http://127.0.0.1:{port}"
-    managed = _spawn("mlflow", cmd, settings, endpoint=endpoint, env={"MLFLOW_LOGGING_LEVEL": "WARNING"})
+    managed = spawn_service("mlflow", cmd, settings, endpoint=endpoint, env={"MLFLOW_LOGGING_LEVEL": "WARNING"})
     try:
         wait_until(lambda: httpx.get(f"{endpoint}/health", timeout=1).status_code == 200,
                    timeout_s=timeout_s, what="MLflow server", proc=managed.proc)

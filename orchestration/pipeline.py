@@ -11,18 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import httpx
+import yaml
 from tqdm import tqdm
 
-from infra.services import EmbeddedServices, free_port, stop_pid, wait_until
+from infra.services import EmbeddedServices, ManagedProcess, free_port, spawn_service, wait_until
 from infra.settings import EncoreSettings
 
 log = logging.getLogger("encore.run")
@@ -60,32 +59,23 @@ def asset_value(result: dg.ExecuteInProcessResult, asset: str) -> object:
     return result.asset_value(asset)
 
 
-@dataclass
-class ServerHandle:
-    proc: subprocess.Popen
-    url: str
-
-    def stop(self) -> None:
-        stop_pid(self.proc.pid)
-
-
-def start_server(settings: EncoreSettings, kafka: str, mlflow_uri: str) -> ServerHandle:
+def start_server(settings: EncoreSettings, kafka: str, mlflow_uri: str) -> ManagedProcess:
+    """``encore serve`` as a real HTTP server in its own process, tracked like the other services."""
     port = settings.serve.port or free_port()
-    env = {**os.environ, "ENCORE_DATA_DIR": str(settings.root), "ENCORE_KAFKA_BOOTSTRAP": kafka,
-           "ENCORE_MLFLOW_TRACKING_URI": mlflow_uri}
-    log_file = open(settings.run_dir / "serve.log", "ab")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestration.cli", "serve", "--port", str(port), "--experiment", "default"],
-        env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    # The server reads exactly this run's settings (tests and callers may have built them in code).
+    settings_file = settings.run_dir / "serve-settings.yaml"
+    settings_file.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    env = {"ENCORE_CONFIG": str(settings_file), "ENCORE_KAFKA_BOOTSTRAP": kafka, "ENCORE_MLFLOW_TRACKING_URI": mlflow_uri}
+    cmd = [sys.executable, "-m", "orchestration.cli", "serve", "--port", str(port), "--experiment", "default"]
+    server = spawn_service("serve", cmd, settings, endpoint=f"http://127.0.0.1:{port}", env=env)
     try:
-        wait_until(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200, timeout_s=120,
-                   what="recommendation service", proc=proc)
+        wait_until(lambda: httpx.get(f"{server.endpoint}/readyz", timeout=1).status_code == 200, timeout_s=120,
+                   what="recommendation service", proc=server.proc)
     except Exception:
-        stop_pid(proc.pid)
+        server.stop()
         raise
-    return ServerHandle(proc, url)
+    log.info("recommendation service on %s", server.endpoint)
+    return server
 
 
 def closed_loop(settings: EncoreSettings, url: str, kafka: str, *, progress: bool = True) -> dict:
@@ -159,7 +149,7 @@ def run_end_to_end(settings: EncoreSettings, *, progress: bool = True) -> dict:
         # 3. serve it and run the A/B test with simulated users
         server = start_server(settings, kafka, mlflow_uri)
         try:
-            summary["ab_traffic"] = closed_loop(settings, server.url, kafka, progress=progress)
+            summary["ab_traffic"] = closed_loop(settings, server.endpoint, kafka, progress=progress)
         finally:
             server.stop()
 

@@ -1,0 +1,552 @@
+"""Loaders for public interaction datasets, all producing ``InteractionEvent``s sorted by time.
+
+Every loader reads its raw files into one pandas frame with the ``InteractionEvent`` columns
+(``load_frame``), validated column-wise, then sorted by ``timestamp_ms`` (ties: by user, then file order,
+so the order is reproducible). ``load_dataset`` turns that frame into validated events. Big files are read
+by pandas' C parser or pyarrow; a slow line-by-line scan runs only to explain a failure precisely.
+
+Datasets (``DATASETS``; each looks in ``data_dir`` and then ``data_dir/<name>``):
+
+========== ========================================= ===========================================
+name       files                                     notes
+========== ========================================= ===========================================
+ml-100k    ``u.data`` or ``u.data.gz``               ``user<TAB>item<TAB>rating<TAB>unix_s``
+ml-1m      ``ratings.dat`` (or .gz)                  ``user::item::rating::unix_s``
+ml-20m     ``ratings.csv`` (or .gz)                  header ``userId,movieId,rating,timestamp``
+ml-25m     ``ratings.csv`` (or .gz)                  same as ml-20m
+amazon     ``Beauty.txt`` and/or ``Beauty_time.txt`` 5-core sequences, no ratings, no dates
+yambda     ``listens/likes/dislikes.parquet``        also ``flat/50m/`` under ``data_dir``
+========== ========================================= ===========================================
+
+Feedback rules
+--------------
+* **MovieLens ratings** (0.5-5 stars): ``>= 4.5`` -> ``like`` (played_ratio 1.0: you rate what you
+  watched); ``3 .. 4`` -> ``listen`` with played_ratio ``(rating - 2) / 2`` (3 -> 0.5, 3.5 -> 0.75,
+  4 -> 1.0); ``< 3`` -> ``dislike`` (played_ratio unknown, None). So 4-5 stars are full positives, 3 stars
+  a weak positive and 0.5-2.5 stars negatives.
+* **Amazon** (no ratings): every interaction is a ``listen`` with played_ratio None.
+* **Yambda**: a listen with ``played_ratio_pct >= 50`` is a ``listen``, below 50 a ``skip`` (Yambda's own
+  definition of a "listened" track is more than 50% played); played_ratio = pct / 100 clipped to 1 (pct
+  above 100 means the user rewound). ``likes`` -> ``like``, ``dislikes`` -> ``dislike``, ``unlikes``
+  (when present) -> ``unlike``; ``undislikes`` has no event type and is ignored. ``is_organic`` = 1 ->
+  source ``organic``, 0 -> ``recommended`` (no request id: the recommendation was Yandex's, not ours).
+
+Timestamps (the schema needs epoch ms >= 2001-09-09)
+-----------------------------------------------------
+* **MovieLens** stores Unix seconds, but ratings go back to 1995, before the schema's floor. Every
+  MovieLens timestamp is therefore ``unix_s * 1000 + MOVIELENS_SHIFT_MS``, a fixed 349 weeks (~6.7 years)
+  for all versions: everything lands between 2001-09 and 2026-07, gaps, order, weekday and time of day are
+  kept, and one rating has the same time in every MovieLens version. Subtract the shift for real dates.
+* **Amazon** files have no dates, only per-step gaps (seconds since the user's previous interaction, day
+  resolution) in ``*_time.txt``. Each user's timeline is synthesised: the last interaction is at
+  ``AMAZON_END_MS`` (2014-07-23, the end of the Amazon 2014 crawl) and earlier ones go back by the recorded
+  gaps, plus 1 s per step so that same-day interactions stay strictly ordered. Without a time file each
+  step is one day. A common end also makes a global time split behave like the usual leave-last-out split.
+  (A timeline that would start before 2001-09-09 is moved forward as a whole.)
+* **Yambda** timestamps are relative (the real epoch is not published). The values are multiples of 5
+  and reach ~26 million over the dataset's ~10 months (26e6 s = 301 days), so we read them as *seconds at
+  5-second granularity* (not as counts of 5-second units, which would span four years) since an assumed
+  epoch ``YAMBDA_EPOCH_MS`` = 2024-01-01 UTC: ``timestamp_ms = YAMBDA_EPOCH_MS + timestamp * 1000``.
+  Events of one user in one 5 s bucket keep file order, listens before likes.
+
+Event ids are derived from content, not from file positions, so that replaying a dataset (or a bigger
+version of it) deduplicates downstream: MovieLens ``{name}-{user}-{item}-{unix_s}``, Amazon
+``amazon-{category}-{user}-{position}``, Yambda ``yambda-{kind}-{uid}-{item}-{timestamp}``; exact
+duplicates within a file get ``-1``, ``-2``... suffixes.
+
+Errors: a missing file raises ``FileNotFoundError`` naming the files looked for, where, and where to get
+them; a malformed line raises ``ValueError`` naming the file and the line number (for parquet, the row).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import TypeAdapter
+
+from features.events import MIN_TIMESTAMP_MS, InteractionEvent
+
+# Column order of every frame produced here (and by the simulator): the schema's own field order.
+EVENT_COLUMNS: list[str] = list(InteractionEvent.model_fields)
+_EVENT_LIST = TypeAdapter(list[InteractionEvent])
+_DEFAULTS = {name: field.default for name, field in InteractionEvent.model_fields.items() if not field.is_required()}
+
+WEEK_MS = 7 * 86_400_000
+MOVIELENS_SHIFT_MS = 349 * WEEK_MS  # 1995-01-09 (first MovieLens rating) -> after 2001-09-09
+AMAZON_END_MS = 1_406_073_600_000  # 2014-07-23T00:00:00Z
+YAMBDA_EPOCH_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z (assumed; Yambda publishes relative time)
+YAMBDA_SKIP_BELOW_PCT = 50
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    description: str
+    files: str  # what the loader needs, for error messages
+    url: str  # where to get it
+    read: Callable[[str, Path], pd.DataFrame]  # (name, data_dir) -> _event_frame(...), any order
+
+
+# ---- public API --------------------------------------------------------------------------------------------
+
+
+def load_frame(name: str, data_dir: Path | str, *, limit: int | None = None) -> pd.DataFrame:
+    """A dataset as a frame with ``EVENT_COLUMNS``, sorted by time; ``limit`` keeps the earliest events."""
+    spec = _spec(name)
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    frame = spec.read(name, Path(data_dir).expanduser()).reset_index(drop=True)  # labels == positions
+    key_columns = [c for c in frame.columns if c.startswith(_ID_KEY)]
+    # Repeats are numbered over the whole file (in file order), before the limit cuts anything.
+    occurrence = _occurrences(frame[key_columns])
+    # Stable sort: ties keep (user, then file) order, which the readers arranged to be meaningful.
+    order = frame.sort_values(["timestamp_ms", "user_id"], kind="stable").index.to_numpy()
+    if limit is not None:
+        order = order[:limit]
+    frame = frame.loc[order].reset_index(drop=True)
+    # Ids are formatted only for the rows kept: strings are the costliest column by far on big datasets.
+    frame["event_id"] = _format_ids(frame[key_columns], occurrence[order])
+    return frame[EVENT_COLUMNS]
+
+
+def load_dataset(name: str, data_dir: Path | str, *, limit: int | None = None) -> Iterator[InteractionEvent]:
+    """Events of a public dataset, sorted by ``timestamp_ms``. See the module docstring for the rules.
+
+    Files are read (and errors raised) when this is called; events are built lazily while iterating.
+    """
+    return events_from_frame(load_frame(name, data_dir, limit=limit))
+
+
+def events_from_frame(frame: pd.DataFrame, *, chunk_size: int = 10_000) -> Iterator[InteractionEvent]:
+    """Validated events from a frame with ``EVENT_COLUMNS`` (NaN/None become None), lazily.
+
+    Rows are validated a chunk at a time by one pydantic call (its Rust core), which is faster than
+    building events one by one yet keeps memory bounded for tens of millions of rows. A column that
+    holds only its field's default in a chunk (source "organic", no request id...) is left out of the
+    row dicts: the model fills it in, and validation is the dominant cost of loading a dataset.
+    """
+    for start in range(0, len(frame), chunk_size):
+        chunk = frame.iloc[start : start + chunk_size]
+        names, columns = [], []
+        for name in EVENT_COLUMNS:
+            values = chunk[name]
+            if name in _DEFAULTS and _only(values, _DEFAULTS[name]):
+                continue
+            if values.dtype.kind == "f":
+                values = values.astype(object).where(values.notna(), None)
+            names.append(name)
+            columns.append(values.tolist())
+        yield from _EVENT_LIST.validate_python([dict(zip(names, row)) for row in zip(*columns)])
+
+
+def _only(values: pd.Series, default: object) -> bool:
+    return bool(values.isna().all()) if default is None else bool((values == default).all())
+
+
+# ---- shared helpers ----------------------------------------------------------------------------------------
+
+
+def _spec(name: str) -> DatasetSpec:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}") from None
+
+
+def _find(name: str, data_dir: Path, candidates: list[str], extra_dirs: tuple[str, ...] = ()) -> Path:
+    """The first of ``candidates`` found in ``data_dir``, ``data_dir/<name>`` or ``extra_dirs``."""
+    dirs = _search_dirs(name, data_dir, extra_dirs)
+    for folder in dirs:
+        for candidate in candidates:
+            if (folder / candidate).is_file():
+                return folder / candidate
+    raise _missing(name, candidates, dirs)
+
+
+def _search_dirs(name: str, data_dir: Path, extra_dirs: tuple[str, ...] = ()) -> list[Path]:
+    return [data_dir, data_dir / name, *(data_dir / d for d in extra_dirs)]
+
+
+def _missing(name: str, candidates: list[str], dirs: list[Path]) -> FileNotFoundError:
+    spec = DATASETS[name]
+    return FileNotFoundError(
+        f"{name}: none of {', '.join(candidates)} found in {', '.join(str(d) for d in dirs)}. "
+        f"This loader needs {spec.files}; get it from {spec.url}"
+    )
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def _read_bytes(path: Path) -> bytes:
+    return gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+
+
+def _first_bad_line(path: Path, check: Callable[[str], str | None], *, header: bool) -> tuple[int, str, str] | None:
+    """(line number, reason, line) of the first line ``check`` rejects; blank lines are allowed."""
+    with _open_text(path) as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if header and line_no == 1:
+                continue
+            text = line.rstrip("\r\n")
+            if not text.strip():
+                continue
+            reason = check(text)
+            if reason:
+                return line_no, reason, text
+    return None
+
+
+def _malformed(path: Path, check: Callable[[str], str | None], *, header: bool, cause: Exception | None = None) -> ValueError:
+    found = _first_bad_line(path, check, header=header)
+    if found is None:
+        return ValueError(f"{path}: could not be parsed ({cause})")
+    line_no, reason, text = found
+    return ValueError(f"{path.name}, line {line_no}: {reason}: {text[:200]!r}")
+
+
+_ID_KEY = "_id_"  # columns of a reader's frame that make up the event id: _id_0 (prefix), _id_1, ...
+
+
+def _occurrences(keys: pd.DataFrame) -> np.ndarray:
+    """0 for the first row with a given id key, 1, 2... for exact repeats, in file order."""
+    occurrence = np.zeros(len(keys), dtype=np.int64)
+    repeated = keys.duplicated(keep=False).to_numpy()
+    if repeated.any():
+        occurrence[repeated] = keys[repeated].groupby(list(keys.columns), sort=False, observed=True).cumcount().to_numpy()
+    return occurrence
+
+
+def _format_ids(keys: pd.DataFrame, occurrence: np.ndarray) -> np.ndarray:
+    """``prefix-k1-k2...`` per row, plus ``-n`` for the n-th repeat of an id key."""
+    ids = keys.iloc[:, 0].astype(str).to_numpy(dtype=object)
+    for column in keys.columns[1:]:
+        ids = ids + "-" + keys[column].to_numpy().astype(str).astype(object)
+    repeat = occurrence > 0
+    if repeat.any():
+        ids[repeat] = ids[repeat] + "-" + occurrence[repeat].astype(str).astype(object)
+    return ids
+
+
+def _event_frame(
+    *,
+    id_keys: tuple[str | pd.Categorical | np.ndarray, ...],
+    user_id: np.ndarray,
+    item_id: np.ndarray,
+    event_type: np.ndarray,
+    timestamp_ms: np.ndarray,
+    played_ratio: np.ndarray,
+    source: np.ndarray | str = "organic",
+) -> pd.DataFrame:
+    """A reader's result: the event columns except ``event_id``, plus the id key columns.
+
+    ``id_keys`` is the id prefix (one string, or a categorical per row) followed by integer keys;
+    ``load_frame`` turns them into ``event_id`` once it knows which rows it keeps.
+    """
+    frame = pd.DataFrame(
+        {
+            "schema_version": 1,
+            "user_id": np.asarray(user_id, dtype=np.int64),
+            "item_id": np.asarray(item_id, dtype=np.int64),
+            "event_type": event_type,
+            "timestamp_ms": np.asarray(timestamp_ms, dtype=np.int64),
+            "played_ratio": np.asarray(played_ratio, dtype=np.float64),
+            "source": source,
+            "request_id": None,
+            "variant": None,
+        }
+    )
+    for position, key in enumerate(id_keys):
+        if isinstance(key, str):  # a categorical costs one byte a row, an object column eight plus
+            key = pd.Categorical.from_codes(np.zeros(len(frame), dtype=np.int8), categories=[key])
+        frame[f"{_ID_KEY}{position}"] = key
+    return frame
+
+
+# ---- MovieLens ---------------------------------------------------------------------------------------------
+
+
+def rating_feedback(rating: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(event types, played ratios) for star ratings; see "Feedback rules" in the module docstring."""
+    rating = np.asarray(rating, dtype=np.float64)
+    kind = np.where(rating >= 4.5, "like", np.where(rating >= 3.0, "listen", "dislike")).astype(object)
+    played = np.where(rating >= 4.5, 1.0, np.where(rating >= 3.0, (rating - 2.0) / 2.0, np.nan))
+    return kind, played
+
+
+def _rating_line_checker(sep: str) -> Callable[[str], str | None]:
+    def check(text: str) -> str | None:
+        fields = text.split(sep)
+        if len(fields) != 4:
+            return f"expected 4 fields separated by {sep!r}, got {len(fields)}"
+        try:
+            user, item, rating, ts = int(fields[0]), int(fields[1]), float(fields[2]), int(fields[3])
+        except ValueError:
+            return "user, item and timestamp must be integers and rating a number"
+        return _rating_problem(user, item, rating, ts)
+
+    return check
+
+
+def _rating_problem(user: int, item: int, rating: float, ts: int) -> str | None:
+    if user < 0 or item < 0:
+        return "ids must be >= 0"
+    if not 0.5 <= rating <= 5.0:
+        return f"rating {rating} is outside 0.5..5"
+    if ts * 1000 + MOVIELENS_SHIFT_MS < MIN_TIMESTAMP_MS:
+        return f"timestamp {ts} is not a plausible Unix time in seconds"
+    return None
+
+
+def _read_movielens(name: str, data_dir: Path) -> pd.DataFrame:
+    layouts = {
+        "ml-100k": (["u.data", "u.data.gz"], "\t", False),
+        "ml-1m": (["ratings.dat", "ratings.dat.gz"], "::", False),
+        "ml-20m": (["ratings.csv", "ratings.csv.gz"], ",", True),
+        "ml-25m": (["ratings.csv", "ratings.csv.gz"], ",", True),
+    }
+    candidates, sep, header = layouts[name]
+    path = _find(name, data_dir, candidates)
+    check = _rating_line_checker(sep)
+    columns = ["user", "item", "rating", "ts"]
+    dtypes = {"user": np.int64, "item": np.int64, "rating": np.float64, "ts": np.int64}
+    if header:
+        with _open_text(path) as handle:
+            first = handle.readline().strip()
+        if first.split(",") != ["userId", "movieId", "rating", "timestamp"]:
+            raise ValueError(f"{path.name}, line 1: expected header 'userId,movieId,rating,timestamp': {first[:200]!r}")
+    try:
+        if sep == "::":
+            # pandas only parses multi-character separators with its slow Python engine; swap to a tab.
+            source: Path | io.BytesIO = io.BytesIO(_read_bytes(path).replace(b"::", b"\t"))
+            parse_sep = "\t"
+        else:
+            source, parse_sep = path, sep
+        raw = pd.read_csv(
+            source, sep=parse_sep, header=None, names=columns, dtype=dtypes, skiprows=1 if header else 0, engine="c"
+        )
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise _malformed(path, check, header=header, cause=exc) from exc
+    user, item, rating, ts = (raw[c].to_numpy() for c in columns)
+    bad = (user < 0) | (item < 0) | ~((rating >= 0.5) & (rating <= 5.0))
+    bad |= ts * 1000 + MOVIELENS_SHIFT_MS < MIN_TIMESTAMP_MS
+    if bad.any() or raw.isna().any().any():
+        raise _malformed(path, check, header=header)
+    kind, played = rating_feedback(rating)
+    return _event_frame(
+        id_keys=(name, user, item, ts),
+        user_id=user,
+        item_id=item,
+        event_type=kind,
+        timestamp_ms=ts * 1000 + MOVIELENS_SHIFT_MS,
+        played_ratio=played,
+    )
+
+
+# ---- Amazon 5-core sequences -------------------------------------------------------------------------------
+
+_TIME_SUFFIX = "_time"
+
+
+def _amazon_files(name: str, data_dir: Path) -> tuple[str, Path | None, Path | None]:
+    """(category, sequence file, time file) found for the Amazon loader; Beauty wins if several."""
+    dirs = _search_dirs(name, data_dir)
+    for folder in dirs:
+        if not folder.is_dir():
+            continue
+        found: dict[str, dict[str, Path]] = {}
+        for path in sorted(folder.iterdir()):
+            match = re.fullmatch(r"([A-Za-z0-9_]+?)(_time)?\.txt(\.gz)?", path.name)
+            if match and path.is_file():
+                found.setdefault(match.group(1), {})["time" if match.group(2) else "seq"] = path
+        if not found:
+            continue
+        if "Beauty" in found:
+            category = "Beauty"
+        elif len(found) == 1:
+            category = next(iter(found))
+        else:
+            raise ValueError(f"{name}: several categories in {folder} ({', '.join(sorted(found))}); keep one per folder")
+        return category, found[category].get("seq"), found[category].get("time")
+    raise _missing(name, ["Beauty.txt", "Beauty_time.txt", "<Category>.txt(.gz)"], dirs)
+
+
+def _read_amazon(name: str, data_dir: Path) -> pd.DataFrame:
+    category, seq_path, time_path = _amazon_files(name, data_dir)
+    # The time file repeats the sequences, so when it is there it is the only file we need.
+    path = time_path or seq_path
+    assert path is not None
+    users: list[int] = []
+    lengths: list[int] = []
+    items: list[str] = []
+    gaps: list[str] = []
+    with _open_text(path) as handle:
+        for line_no, line in enumerate(handle, start=1):
+            text = line.rstrip("\r\n")
+            if not text.strip():
+                continue
+            seq_part, _, gap_part = text.partition("\t")
+            tokens = seq_part.split()
+            gap_tokens = gap_part.split() if time_path is not None else []
+            problem = _amazon_problem(tokens, gap_tokens, time_path is not None)
+            if problem:
+                raise ValueError(f"{path.name}, line {line_no}: {problem}: {text[:200]!r}")
+            users.append(int(tokens[0]))
+            lengths.append(len(tokens) - 1)
+            items.extend(tokens[1:])
+            gaps.extend(gap_tokens)
+    n = np.asarray(lengths, dtype=np.int64)
+    user = np.repeat(np.asarray(users, dtype=np.int64), n)
+    item = np.asarray(items, dtype=np.int64)
+    first = np.r_[0, np.cumsum(n)[:-1]]  # index of each user's first interaction
+    position = np.arange(len(item)) - np.repeat(first, n)
+    if time_path is not None:
+        gap_s = np.asarray(gaps, dtype=np.int64)
+    else:
+        gap_s = np.where(position == 0, 0, 86_400)  # no dates at all: one day per step
+    # Seconds since the user's first interaction, then anchored so the last one is at AMAZON_END_MS.
+    total = np.cumsum(gap_s)
+    elapsed = total - np.repeat(total[first] - gap_s[first], n)
+    last = np.repeat(first + n - 1, n)
+    ts = AMAZON_END_MS - (elapsed[last] - elapsed) * 1000 - (last - np.arange(len(item))) * 1000
+    start = np.repeat(ts[first], n)
+    ts = ts + np.maximum(0, MIN_TIMESTAMP_MS - start)  # very long timelines move forward as a whole
+    slug = category.lower().replace("_", "-")
+    return _event_frame(
+        id_keys=(f"amazon-{slug}", user, position),
+        user_id=user,
+        item_id=item,
+        event_type=np.full(len(item), "listen", dtype=object),
+        timestamp_ms=ts,
+        played_ratio=np.full(len(item), np.nan),
+    )
+
+
+def _amazon_problem(tokens: list[str], gap_tokens: list[str], timed: bool) -> str | None:
+    if len(tokens) < 2:
+        return "expected 'user_id item_id ...' with at least one item"
+    if not all(t.isdigit() for t in tokens):
+        return "user and item ids must be non-negative integers"
+    if timed:
+        if len(gap_tokens) != len(tokens) - 1:
+            return f"{len(tokens) - 1} items but {len(gap_tokens)} time gaps after the TAB"
+        if not all(g.isdigit() for g in gap_tokens):
+            return "time gaps must be non-negative integers (seconds)"
+    return None
+
+
+# ---- Yambda ------------------------------------------------------------------------------------------------
+
+_YAMBDA_KINDS = {  # file stem -> (event type, required beyond uid,item_id,timestamp,is_organic)
+    "listens": ("listen", ["played_ratio_pct", "track_length_seconds"]),
+    "likes": ("like", []),
+    "dislikes": ("dislike", []),
+    "unlikes": ("unlike", []),
+}
+_YAMBDA_PREFIXES = [f"yambda-{stem.removesuffix('s')}" for stem in _YAMBDA_KINDS]  # yambda-listen, ...
+_YAMBDA_REQUIRED = ("listens", "likes", "dislikes")
+_YAMBDA_DIRS = ("flat/50m", "50m", "yambda/flat/50m")
+
+
+def _yambda_dir(name: str, data_dir: Path) -> Path:
+    dirs = _search_dirs(name, data_dir, _YAMBDA_DIRS)
+    for folder in dirs:
+        if all((folder / f"{stem}.parquet").is_file() for stem in _YAMBDA_REQUIRED):
+            return folder
+    raise _missing(name, [f"{stem}.parquet" for stem in _YAMBDA_REQUIRED], dirs)
+
+
+def _read_yambda(name: str, data_dir: Path) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    folder = _yambda_dir(name, data_dir)
+    frames = []
+    for stem, (kind, extra) in _YAMBDA_KINDS.items():
+        path = folder / f"{stem}.parquet"
+        if not path.is_file():
+            continue  # only unlikes is optional
+        columns = ["uid", "item_id", "timestamp", "is_organic", *extra[:1]]
+        available = set(pq.read_schema(path).names)
+        missing = [c for c in columns if c not in available]
+        if missing:
+            raise ValueError(f"{path.name}: missing columns {missing}; has {sorted(available)}")
+        raw = pq.read_table(path, columns=columns).to_pandas()
+        frames.append(_yambda_frame(path, stem, kind, raw))
+    # Concatenation order (listens, likes, dislikes, unlikes) is the tie order within one 5 s bucket.
+    return pd.concat(frames, ignore_index=True)
+
+
+def _yambda_frame(path: Path, stem: str, kind: str, raw: pd.DataFrame) -> pd.DataFrame:
+    required = ["uid", "item_id", "timestamp", "is_organic"]
+    nulls = raw[required].isna().any(axis=1).to_numpy()
+    if nulls.any():
+        row = int(np.flatnonzero(nulls)[0])
+        raise ValueError(f"{path.name}, row {row}: null in {required}: {raw.iloc[row].to_dict()}")
+    uid, item, ts = (raw[c].to_numpy().astype(np.int64) for c in ("uid", "item_id", "timestamp"))
+    negative = (uid < 0) | (item < 0) | (ts < 0)
+    if negative.any():
+        row = int(np.flatnonzero(negative)[0])
+        raise ValueError(f"{path.name}, row {row}: negative id or timestamp: {raw.iloc[row].to_dict()}")
+    if kind == "listen":
+        pct = raw["played_ratio_pct"].to_numpy(dtype=np.float64, na_value=np.nan)
+        if (pct < 0).any():
+            row = int(np.flatnonzero(pct < 0)[0])
+            raise ValueError(f"{path.name}, row {row}: negative played_ratio_pct: {raw.iloc[row].to_dict()}")
+        # Unknown ratio (null) stays a listen with played_ratio None.
+        event_type = np.where(pct < YAMBDA_SKIP_BELOW_PCT, "skip", "listen").astype(object)
+        played = np.minimum(pct / 100.0, 1.0)
+    else:
+        event_type = np.full(len(raw), kind, dtype=object)
+        played = np.full(len(raw), np.nan)
+    organic = raw["is_organic"].to_numpy().astype(bool)
+    return _event_frame(
+        id_keys=(_yambda_prefix(stem, len(raw)), uid, item, ts),
+        user_id=uid,
+        item_id=item,
+        event_type=event_type,
+        timestamp_ms=YAMBDA_EPOCH_MS + ts * 1000,
+        played_ratio=played,
+        source=np.where(organic, "organic", "recommended").astype(object),
+    )
+
+
+def _yambda_prefix(stem: str, rows: int) -> pd.Categorical:
+    """The id prefix of a Yambda file as a categorical over *all* Yambda prefixes, so that concatenating
+    the files keeps the column categorical (one byte a row) instead of turning it into objects."""
+    code = list(_YAMBDA_KINDS).index(stem)
+    return pd.Categorical.from_codes(np.full(rows, code, dtype=np.int8), categories=_YAMBDA_PREFIXES)
+
+
+# ---- registry ----------------------------------------------------------------------------------------------
+
+_GROUPLENS = "https://grouplens.org/datasets/movielens/"
+DATASETS: dict[str, DatasetSpec] = {
+    "ml-100k": DatasetSpec("ml-100k", "MovieLens 100K ratings", "u.data (or u.data.gz)", _GROUPLENS + "100k/", _read_movielens),
+    "ml-1m": DatasetSpec("ml-1m", "MovieLens 1M ratings", "ratings.dat", _GROUPLENS + "1m/", _read_movielens),
+    "ml-20m": DatasetSpec("ml-20m", "MovieLens 20M ratings", "ratings.csv", _GROUPLENS + "20m/", _read_movielens),
+    "ml-25m": DatasetSpec("ml-25m", "MovieLens 25M ratings", "ratings.csv", _GROUPLENS + "25m/", _read_movielens),
+    "amazon": DatasetSpec(
+        "amazon",
+        "Amazon 2014 5-core sequences (Beauty by default)",
+        "Beauty.txt and/or Beauty_time.txt (or another <Category>.txt), optionally gzipped",
+        "the SASRec/BERT4Rec-style preprocessing of https://cseweb.ucsd.edu/~jmcauley/datasets/amazon/links.html",
+        _read_amazon,
+    ),
+    "yambda": DatasetSpec(
+        "yambda",
+        "Yandex Yambda music interactions (flat layout)",
+        "listens.parquet, likes.parquet, dislikes.parquet (e.g. the flat/50m folder)",
+        "https://huggingface.co/datasets/yandex/yambda",
+        _read_yambda,
+    ),
+}

@@ -1,0 +1,395 @@
+"""Fast tests of the model code (models/*): data, HSTU/SASRec, loss, evaluation, training, inference."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from models.data import (
+    ItemVocab,
+    Examples,
+    build_sequences,
+    iterate_batches,
+    leave_one_out,
+    make_batch,
+    temporal_split,
+)
+from models.evaluate import auc, evaluate, ranking_metrics
+from models.recommender import ModelConfig, Recommender, SequentialRecommender, build_model
+from models.train import RecommenderTrain, TrainConfig, make_optimizer, sampled_softmax_loss, train
+
+MODELS = ["hstu", "sasrec"]
+T0_MS = 1_700_000_000_000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fixtures
+# ----------------------------------------------------------------------------------------------------------
+
+
+def synthetic_events(users: int = 40, items: int = 30, length: int = 25, seed: int = 0) -> pd.DataFrame:
+    """Learnable toy world: each user walks the catalogue in steps of +1 (mod items) from a random start;
+    every 4th event is a skip of a random item (negative feedback in the history, never a target)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(users):
+        cur = int(rng.integers(items))
+        t = T0_MS + int(rng.integers(0, 10**8))
+        for i in range(length):
+            t += int(rng.integers(1_000, 3_600_000))
+            if i % 4 == 3:
+                rows.append((u, 100 + int(rng.integers(items)), "skip", t, 0.05))
+            else:
+                cur = (cur + 1) % items
+                rows.append((u, 100 + cur, "listen", t, float("nan") if i % 2 else 0.9))
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "timestamp_ms", "played_ratio"])
+
+
+def tiny_model(kind: str, num_items: int = 30, feedback: bool = False, max_len: int = 20) -> SequentialRecommender:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(model=kind, num_items=num_items, max_len=max_len, dim=16, blocks=2, heads=2, dropout=0.0, feedback_head=feedback))
+
+
+@pytest.fixture(scope="module")
+def events() -> pd.DataFrame:
+    return synthetic_events()
+
+
+@pytest.fixture(scope="module")
+def seqs(events):
+    return build_sequences(events)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_vocab_roundtrip_and_unknowns():
+    vocab = ItemVocab.build([50, 7, 7, 1000])
+    assert len(vocab) == 3 and vocab.num_embeddings == 4
+    enc = vocab.encode([7, 50, 1000, 999])
+    assert enc.tolist() == [1, 2, 3, 0]  # sorted raw ids -> 1..V, unknown -> 0
+    assert vocab.decode(enc[:3]).tolist() == [7, 50, 1000]
+    assert ItemVocab.from_json(vocab.to_json()) == vocab
+
+
+def test_build_sequences_sorts_stably_and_marks_targets():
+    df = pd.DataFrame(
+        {
+            "user_id": [2, 1, 1, 1, 1, 2],
+            "item_id": [10, 11, 12, 13, 14, 15],
+            "event_type": ["listen", "like", "listen", "skip", "listen", "dislike"],
+            "timestamp_ms": [T0_MS + 5, T0_MS + 3000, T0_MS + 1000, T0_MS + 1000, T0_MS + 9000, T0_MS + 1],
+            "played_ratio": [np.nan, np.nan, 0.9, 0.0, 0.3, np.nan],
+        }
+    )
+    s = build_sequences(df)
+    assert s.user_ids.tolist() == [1, 2]
+    u1 = slice(s.offsets[0], s.offsets[1])
+    # ties at the same ms keep the frame's order (12 before 13)
+    assert s.vocab.decode(s.items[u1]).tolist() == [12, 13, 11, 14]
+    # listen 0.9 -> positive, skip -> negative, like -> positive, listen 0.3 -> negative
+    assert s.positive[u1].tolist() == [True, False, True, False]
+    assert s.timestamps[u1][0] == (T0_MS + 1000) // 1000
+    u2 = slice(s.offsets[1], s.offsets[2])
+    assert s.vocab.decode(s.items[u2]).tolist() == [15, 10]  # dislike at +1ms, listen at +5ms
+    assert s.positive[u2].tolist() == [False, True]  # listen with unknown ratio is a completed play
+
+
+def test_build_sequences_rejects_unknown_event_type():
+    df = pd.DataFrame({"user_id": [1], "item_id": [1], "event_type": ["purchase"], "timestamp_ms": [T0_MS]})
+    with pytest.raises(ValueError, match="unknown event types"):
+        build_sequences(df)
+
+
+def test_leave_one_out_targets_are_last_positives(seqs):
+    split = leave_one_out(seqs, max_len=10)
+    for u in range(seqs.num_users):
+        lo, hi = seqs.offsets[u], seqs.offsets[u + 1]
+        pos = [i for i in range(lo + 1, hi) if seqs.positive[i]]
+        t = split.test.rank_at[split.test.history_from == lo]
+        v = split.valid.rank_at[split.valid.history_from == lo]
+        assert t.tolist() == [pos[-1]] and v.tolist() == [pos[-2]]
+        tr = split.train.end[split.train.history_from == lo]
+        assert tr.tolist() == [pos[-2]]  # training stops before the validation target
+    # windows never exceed max_len inputs
+    for ex in (split.train, split.valid, split.test):
+        assert ((ex.end - 1 - ex.start) <= 10).all()
+    # the test window ranks exactly its target; negatives are never ranked in training
+    b = make_batch(seqs, split.train)
+    assert bool(b.target_positive[b.rank_mask].all())
+    assert int(b.rank_mask.sum()) < int(b.lengths.sum())  # skips are in the history but not targets
+
+
+def test_temporal_split_respects_time(seqs):
+    t_test = int(np.quantile(seqs.timestamps, 0.8))
+    t_valid = int(np.quantile(seqs.timestamps, 0.6))
+    split = temporal_split(seqs, 50, test_time_s=t_test, valid_time_s=t_valid)
+    assert len(split.test) > 0 and len(split.valid) > 0
+    assert (seqs.timestamps[split.train.end - 1] < t_valid).all()  # every training target precedes the cut
+    assert (seqs.timestamps[split.test.rank_at] >= t_test).all()
+    assert seqs.positive[split.test.rank_at].all()
+    for lo, t in zip(split.test.history_from, split.test.rank_at):  # ... and it is the *first* positive after it
+        between = np.arange(lo + 1, t)
+        assert not (seqs.positive[between] & (seqs.timestamps[between] >= t_test)).any()
+
+
+def test_batches_are_jagged_and_padded_only_to_batch_max(seqs):
+    ex = Examples(
+        start=seqs.offsets[:2].copy(),
+        end=seqs.offsets[:2] + np.array([4, 6]),  # 3 and 5 inputs
+        rank_at=np.array([-1, -1]),
+        feedback_from=seqs.offsets[:2] + 1,
+        history_from=seqs.offsets[:2].copy(),
+    )
+    batch = make_batch(seqs, ex)
+    assert batch.lengths.tolist() == [3, 5]
+    assert batch.features.keys() == ["item_id", "event_type"]
+    assert batch.features["item_id"].values().numel() == 8  # no padding in the input
+    assert batch.offsets.tolist() == [0, 3, 8]
+
+    # Each block sees the padded length: HSTUBlock gets n as an argument, SASRecBlock a [B, n, D] tensor.
+    padded_to = []
+    for kind in MODELS:
+        model = tiny_model(kind, num_items=len(seqs.vocab), max_len=50)
+        for block in model.encoder.blocks:
+            block.register_forward_pre_hook(
+                lambda mod, args: padded_to.append(args[2] if kind == "hstu" else args[0].shape[1])
+            )
+        model(batch.features, batch.timestamps, batch.query_timestamps)
+    assert len(padded_to) == 4 and all(p == 5 for p in padded_to), padded_to  # batch max (5), never max_len (50)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _history_batch(seqs, rows=(0, 1, 2), length=12):
+    start = seqs.offsets[list(rows)]
+    ex = Examples(start, start + length + 1, np.full(len(rows), -1), start + 1, start.copy())
+    return make_batch(seqs, ex)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_forward_shapes_and_normalisation(seqs, kind):
+    model = tiny_model(kind, num_items=len(seqs.vocab))
+    batch = _history_batch(seqs)
+    out = model(batch.features, batch.timestamps, batch.query_timestamps)
+    assert out.shape == (int(batch.lengths.sum()), 16)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(len(out)), atol=1e-5)
+    items = model.all_item_embeddings()
+    assert items.shape == (len(seqs.vocab) + 1, 16)
+    assert torch.allclose(items[1:].norm(dim=-1), torch.ones(len(seqs.vocab)), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_causality_future_items_do_not_change_the_past(seqs, kind):
+    model = tiny_model(kind, num_items=len(seqs.vocab)).eval()
+    batch = _history_batch(seqs, rows=(0, 1))
+    base = model(batch.features, batch.timestamps, batch.query_timestamps)
+    j = 7  # change the item and event type of position 7 of the first sequence
+    values = batch.features.values().clone()
+    n_total = int(batch.lengths.sum())
+    values[j] = (values[j] % len(seqs.vocab)) + 1
+    values[n_total + j] = 3 if values[n_total + j] != 3 else 4
+    changed = type(batch.features).from_lengths_sync(batch.features.keys(), values, batch.features.lengths())
+    out = model(changed, batch.timestamps, batch.query_timestamps)
+    assert torch.allclose(out[:j], base[:j], atol=1e-6)  # the past is untouched
+    assert not torch.allclose(out[j:12], base[j:12], atol=1e-4)  # the present and future do see it
+    assert torch.allclose(out[12:], base[12:], atol=1e-6)  # other users are untouched
+
+
+def test_hstu_uses_time_gaps(seqs):
+    model = tiny_model("hstu", num_items=len(seqs.vocab)).eval()
+    batch = _history_batch(seqs, rows=(0,))
+    a = model(batch.features, batch.timestamps, batch.query_timestamps)
+    later = batch.query_timestamps.clone()
+    later[-1] += 86_400 * 30  # the request comes a month later
+    b = model(batch.features, batch.timestamps, later)
+    assert torch.allclose(a[:-1], b[:-1]) and not torch.allclose(a[-1], b[-1])
+
+
+def test_sampled_softmax_masks_negatives_equal_to_the_positive():
+    torch.manual_seed(0)
+    norm = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    user, pos = norm(torch.randn(4, 8)), norm(torch.randn(4, 8))
+    pos_ids = torch.tensor([1, 2, 3, 4])
+    neg_ids = torch.tensor([2, 9, 10])  # 2 is row 1's positive
+    neg = norm(torch.randn(3, 8))
+    neg[0] = pos[1]  # a hit carries the positive's own embedding
+    masked = sampled_softmax_loss(user, pos, neg, pos_ids, neg_ids, 0.05)
+    # reference: compute row by row, dropping the hit from row 1's negatives
+    losses = []
+    for m in range(4):
+        keep = neg_ids != pos_ids[m]
+        logits = torch.cat([(user[m] * pos[m]).sum()[None], user[m] @ neg[keep].T]) / 0.05
+        losses.append(-torch.log_softmax(logits, 0)[0])
+    assert torch.allclose(masked, torch.stack(losses).mean(), atol=1e-5)
+    unmasked = sampled_softmax_loss(user, pos, neg, pos_ids, torch.tensor([99, 9, 10]), 0.05)
+    assert not torch.allclose(masked, unmasked)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_loss_decreases_on_a_learnable_task(seqs, kind):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model=kind, num_items=len(seqs.vocab), max_len=20, dim=16, blocks=1, dropout=0.0, feedback_head=True))
+    cfg = TrainConfig(lr=5e-3)
+    task = RecommenderTrain(model, negatives=16, temperature=0.1, feedback_weight=0.5)
+    opt = make_optimizer(model, cfg)
+    split = leave_one_out(seqs, 20)
+    batch = make_batch(seqs, split.train)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(40):
+        loss, out = task(batch, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(out["next_item_loss"]))
+        assert "feedback_loss" in out
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_ranking_metrics_by_hand():
+    m = ranking_metrics(np.array([0, 1, 9, 10, 60]), num_items=100, ks=(1, 10, 50, 200))
+    assert m["hr@1"] == pytest.approx(1 / 5)
+    assert m["hr@10"] == pytest.approx(3 / 5)
+    assert m["hr@50"] == pytest.approx(4 / 5)
+    assert m["hr@200"] == pytest.approx(1.0)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(11)) / 5)
+    assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 10 + 1 / 11 + 1 / 61) / 5)
+    # K is capped at the catalogue: with 50 items, hr@200 counts ranks < 50
+    assert ranking_metrics(np.array([49, 60]), num_items=50)["hr@200"] == pytest.approx(0.5)
+
+
+def test_auc_by_hand():
+    assert auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert auc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)  # ties count half
+    assert math.isnan(auc([0.1, 0.2], [1, 1]))
+
+
+class _FixedScorer(torch.nn.Module):
+    """Stub model: one user vector, item i scores -i (so item 1 ranks first)."""
+
+    def __init__(self, num_items: int):
+        super().__init__()
+        self.cfg = ModelConfig(num_items=num_items)
+        self.feedback_head = None
+
+    def forward(self, features, timestamps, query_timestamps):
+        n = features["item_id"].values().numel()
+        return torch.ones(n, 1)
+
+    def all_item_embeddings(self):
+        return -torch.arange(self.cfg.num_items + 1, dtype=torch.float32)[:, None]
+
+
+def test_evaluate_filters_history_but_not_the_target():
+    # one user: items 1, 3, 5 (seen), then target 5 again (re-listen) -- dense ids == raw ids here
+    df = pd.DataFrame(
+        {
+            "user_id": [1] * 4,
+            "item_id": [1, 3, 5, 5],
+            "event_type": ["listen"] * 4,
+            "timestamp_ms": [T0_MS + i * 1000 for i in range(4)],
+            "played_ratio": [np.nan] * 4,
+        }
+    )
+    vocab = ItemVocab(np.arange(1, 11))  # catalogue 1..10
+    s = build_sequences(df, vocab=vocab)
+    ex = Examples(np.array([0]), np.array([4]), np.array([3]), np.array([3]), np.array([0]))
+    m = evaluate(_FixedScorer(10), s, ex, ks=(1, 10))
+    # scores: item k -> -k. Unfiltered, 4 items (1..4) beat item 5. Items 1 and 3 are seen: rank 2 (items 2, 4).
+    assert m["mrr"] == pytest.approx(1 / 3)
+    assert m["hr@1"] == 0.0 and m["hr@10"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training + inference
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_train_end_to_end_and_checkpoint_resume(events, tmp_path):
+    cfg = TrainConfig(model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=2, patience=0,
+                      feedback_weight=0.5, checkpoint_dir=str(tmp_path / "ck"))
+    seen = []
+    first = train(events, cfg, progress=False, on_epoch=lambda e, m: seen.append(e))
+    assert seen == [1, 2] and len(first.history) == 2
+    assert {"hr@10", "ndcg@10", "mrr", "feedback_auc"} <= set(first.test_metrics)
+    assert first.num_params == sum(p.numel() for p in first.model.parameters())
+    resumed = train(events, cfg.replace(epochs=3), progress=False, on_epoch=lambda e, m: seen.append(e))
+    assert seen == [1, 2, 3]  # only the new epoch ran
+    assert [h["epoch"] for h in resumed.history] == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="another config"):
+        train(events, cfg.replace(dim=8, epochs=3), progress=False)
+
+
+def test_training_beats_untrained_model(events):
+    cfg = TrainConfig(model="sasrec", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=6, lr=3e-3, patience=0, dropout=0.0)
+    result = train(events, cfg, progress=False)
+    # the +1 walk is learnable: a random ranking of 30 items would give hr@10 ~ 0.33
+    assert result.test_metrics["hr@10"] > 0.6, result.test_metrics
+
+
+def test_configs_load():
+    names = [p.stem for p in (Path(__file__).parents[1] / "models" / "configs").glob("*.yaml")]
+    assert {"default", "hstu-ml1m", "hstu-large-ml1m", "sasrec-ml1m", "hstu-ml100k", "sasrec-ml100k"} <= set(names)
+    for name in names:
+        cfg = TrainConfig.from_yaml(name)
+        build_model(cfg.model_config(num_items=10))  # every config builds
+    large = TrainConfig.from_yaml("hstu-large-ml1m")
+    assert (large.blocks, large.heads, large.attn_dim, large.linear_dim, large.dim) == (8, 2, 25, 25, 50)
+    assert TrainConfig.from_yaml("default", epochs=1).epochs == 1
+    with pytest.raises(ValueError, match="unknown TrainConfig keys"):
+        TrainConfig.from_dict({"nope": 1})
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_save_load_roundtrip_gives_identical_scores(seqs, kind, tmp_path):
+    model = tiny_model(kind, num_items=len(seqs.vocab), feedback=True)
+    rec = Recommender(model, seqs.vocab)
+    histories = [
+        {"item_ids": [100, 101, 102], "event_types": ["listen", "skip", "like"], "timestamps_ms": [T0_MS, T0_MS + 5000, T0_MS + 9000]},
+        {"item_ids": [105, 106], "event_types": [1, 1], "timestamps_ms": [T0_MS, T0_MS + 1000]},
+    ]
+    before = rec.recommend(histories, k=5)
+    rec.save(tmp_path / "m")
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "vocab.json", "state_dict.pt"}
+    torch.load(tmp_path / "m" / "state_dict.pt", weights_only=True)  # pickle-free
+    after = Recommender.load(tmp_path / "m").recommend(histories, k=5)
+    assert [[i for i, _ in r] for r in before] == [[i for i, _ in r] for r in after]
+    assert np.allclose([[s for _, s in r] for r in before], [[s for _, s in r] for r in after], atol=1e-6)
+
+
+def test_recommend_semantics(seqs):
+    rec = Recommender(tiny_model("hstu", num_items=len(seqs.vocab)), seqs.vocab)
+    histories = [
+        {"item_ids": [100, 101, 424242], "event_types": ["listen", "listen", "like"], "timestamps_ms": [T0_MS, T0_MS + 1, T0_MS + 2]},
+        {"item_ids": [], "event_types": [], "timestamps_ms": []},
+        {"item_ids": [999999], "event_types": ["listen"], "timestamps_ms": [T0_MS]},  # only unknown items
+        {"item_ids": [100, 101]},  # types and times optional
+    ]
+    out = rec.recommend(histories, k=len(seqs.vocab))
+    assert out[1] == [] and out[2] == []  # empty -> caller falls back to popularity
+    ids = [i for i, _ in out[0]]
+    assert 100 not in ids and 101 not in ids and len(ids) == len(seqs.vocab) - 2  # seen items excluded
+    scores = [s for _, s in out[0]]
+    assert scores == sorted(scores, reverse=True)
+    # the unknown item is ignored: same result as without it (timestamps of the known items unchanged)
+    alone = rec.recommend([{"item_ids": [100, 101], "event_types": ["listen", "listen"], "timestamps_ms": [T0_MS, T0_MS + 1]}], k=len(seqs.vocab))[0]
+    assert np.allclose([s for _, s in alone], scores, atol=1e-6)  # batch-size independent up to float noise
+    assert [i for i, _ in alone][:5] == ids[:5]
+    with_seen = rec.recommend(histories[:1], k=len(seqs.vocab), exclude_seen=False)[0]
+    assert {100, 101} <= {i for i, _ in with_seen}

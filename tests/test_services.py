@@ -1,0 +1,65 @@
+"""Embedded services start, answer, and leave nothing behind — also when interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from infra.services import EmbeddedServices, _alive, reap_stale, tcp_open
+from tests.conftest import small_settings
+
+pytestmark = pytest.mark.integration
+
+
+def test_stack_starts_and_stops_cleanly(tmp_path):
+    settings = small_settings(tmp_path / "encore")
+    with EmbeddedServices(settings) as svc:
+        pids = [p.proc.pid for p in svc.started]
+        host, port = svc.kafka_bootstrap.split(":")
+        assert tcp_open(host, int(port))
+        assert (settings.run_dir / "endpoints.json").is_file()
+    assert not any(_alive(p) for p in pids)
+    assert not list(settings.run_dir.glob("*.pid"))
+    assert not (settings.run_dir / "endpoints.json").exists()
+
+
+def test_ctrl_c_leaves_no_process_behind_and_a_rerun_works(tmp_path):
+    data = tmp_path / "encore"
+    env = {**os.environ, "ENCORE_DATA_DIR": str(data), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "services", "up"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    endpoints = data / "run" / "endpoints.json"
+    deadline = time.monotonic() + 120
+    while not endpoints.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert endpoints.exists(), proc.stdout.read().decode() if proc.poll() is not None else "no endpoints"
+    pids = [json.loads(p.read_text())["pid"] for p in (data / "run").glob("*.pid")]
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    assert not any(_alive(p) for p in pids)
+    assert not list((data / "run").glob("*.pid"))
+
+
+def test_services_left_by_a_killed_process_are_reaped(tmp_path):
+    data = tmp_path / "encore"
+    env = {**os.environ, "ENCORE_DATA_DIR": str(data)}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "services", "up"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoints = data / "run" / "endpoints.json"
+    deadline = time.monotonic() + 120
+    while not endpoints.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pids = [json.loads(p.read_text())["pid"] for p in (data / "run").glob("*.pid")]
+    proc.kill()  # SIGKILL: no cleanup runs
+    proc.wait()
+    assert all(_alive(p) for p in pids)
+    reaped = reap_stale(small_settings(data))
+    assert len(reaped) == 2
+    assert not any(_alive(p) for p in pids)
