@@ -7,7 +7,12 @@ so the repo config is built from the one settings object; the objects below are 
   (``date=YYYY-MM-DD/*.parquet``), written by ingest; Feast reads it with its file (dask) offline store, Encore with DuckDB.
 - ``user_history`` holds the last N events per user as arrays (what sequence models and the online service
   read); it is fed through a push source, because Feast does not consume Kafka itself.
-- ``item_stats`` holds per-item popularity and feedback rates (cold-start fallback, analysis).
+- ``item_stats`` holds per-item popularity and feedback rates, all-time and over the last 7 days
+  (cold-start fallback, analysis).
+- ``user_stats`` holds per-user counts and rates. Ingest pushes them online and also appends each snapshot
+  to a Parquet folder (``feast/user_stats/``), the view's batch source, so ``get_historical_features``
+  returns point-in-time-correct values for training. A snapshot's timestamp is the latest event time it
+  counts, so a training row never sees an event from its future.
 """
 
 from __future__ import annotations
@@ -59,6 +64,41 @@ def item_stats_push(settings: EncoreSettings) -> PushSource:
     )
 
 
+def user_stats_push(settings: EncoreSettings) -> PushSource:
+    return PushSource(
+        name="user_stats_push",
+        batch_source=FileSource(
+            name="user_stats_snapshots",
+            path=str(user_stats_dir(settings)),
+            timestamp_field="event_timestamp",
+            description="one Parquet file of user_stats snapshots per ingest batch",
+        ),
+    )
+
+
+def user_stats_dir(settings: EncoreSettings):  # noqa: ANN201 - a Path
+    return settings.feast_dir / "user_stats"
+
+
+def user_stats_view(settings: EncoreSettings) -> FeatureView:
+    return FeatureView(
+        name="user_stats",
+        entities=[user],
+        ttl=timedelta(days=3650),
+        schema=[
+            Field(name="events", dtype=Int64),
+            Field(name="positives", dtype=Int64),
+            Field(name="likes", dtype=Int64),
+            Field(name="skips", dtype=Int64),
+            Field(name="like_rate", dtype=Float32),
+            Field(name="skip_rate", dtype=Float32),
+        ],
+        source=user_stats_push(settings),
+        online=True,
+        description="all-time counts and rates per user (point-in-time correct offline)",
+    )
+
+
 def user_history_view(settings: EncoreSettings) -> FeatureView:
     return FeatureView(
         name="user_history",
@@ -89,6 +129,8 @@ def item_stats_view(settings: EncoreSettings) -> FeatureView:
             Field(name="skips", dtype=Int64),
             Field(name="like_rate", dtype=Float32),
             Field(name="skip_rate", dtype=Float32),
+            Field(name="events_7d", dtype=Int64),
+            Field(name="positives_7d", dtype=Int64),
         ],
         source=item_stats_push(settings),
         online=True,
@@ -114,7 +156,7 @@ def feature_store(settings: EncoreSettings, *, apply: bool = True) -> FeatureSto
     store = FeatureStore(config=repo_config(settings))
     if apply:
         store.apply(
-            [user, item, user_history_push(settings), item_stats_push(settings),
-             user_history_view(settings), item_stats_view(settings)]
+            [user, item, user_history_push(settings), item_stats_push(settings), user_stats_push(settings),
+             user_history_view(settings), item_stats_view(settings), user_stats_view(settings)]
         )
     return store

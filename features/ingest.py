@@ -15,18 +15,24 @@ natural key, so nothing is lost and nothing counts twice.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 from feast import FeatureStore
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError
 
 from features.events import InteractionEvent, InvalidEvent, parse_event
-from features.feature_repo import feature_store
+from features.feature_repo import feature_store, user_stats_dir
 from features.kafka_io import RawMessage, commit_batch, dlq_payload, make_consumer, make_producer, poll_batch
 from features.offline_store import OfflineStore, StagedEvent
 from infra.settings import EncoreSettings
@@ -53,6 +59,7 @@ class BatchReport:
     last_offset: int | None = None
     seconds: float = 0.0
     freshness_s: list[float] = field(default_factory=list, repr=False)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,6 +75,7 @@ class IngestReport:
     seconds: float = 0.0
     freshness_p50_s: float | None = None
     freshness_p99_s: float | None = None
+    broker_resets: int = 0
 
     def as_metadata(self) -> dict:
         return asdict(self)
@@ -76,19 +84,32 @@ class IngestReport:
 class Ingestor:
     """Owns one consumer, producer, offline store and Feast store for the life of an ingest run."""
 
-    def __init__(self, settings: EncoreSettings, bootstrap: str, *, store: FeatureStore | None = None) -> None:
+    def __init__(self, settings: EncoreSettings, bootstrap: str, *, store: FeatureStore | None = None,
+                 partitions: list[int] | None = None) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
         self.topic = settings.topics.interactions
         self.offline = OfflineStore(settings.offline_dir)
         self.store = store or feature_store(settings)
-        self.consumer: KafkaConsumer = make_consumer(
-            bootstrap, settings.ingest.group_id, self.topic, max_poll_records=settings.ingest.batch_size
-        )
+        # One ingest worker per data dir at a time: its history cache below must be the only writer.
+        self._lock = worker_lock(settings.offline_dir / "_ingest.lock")
+        # Histories of this worker's users, as last pushed. Kafka keys events by user and the worker owns
+        # its partitions statically, so no other process writes these users while it runs.
+        self.history_cache: dict[int, dict[str, list]] = {}
+        self._partitions = list(partitions or [])
+        self.consumer: KafkaConsumer = self._new_consumer()
         self.producer: KafkaProducer = make_producer(bootstrap)
+        self._committed: dict[int, int] = {}  # what this worker committed, to notice a broker that forgot
+        self._dirty_items: set[int] = set()
+        self._dirty_users: set[int] = set()
+        self._stats_pushed_at = 0.0
+
+    def _new_consumer(self) -> KafkaConsumer:
+        return make_consumer(self.bootstrap, self.settings.ingest.group_id, self.topic, partitions=self._partitions,
+                             max_poll_records=self.settings.ingest.batch_size)
 
     def close(self) -> None:
-        for closer in (self.consumer.close, self.producer.close, self.offline.close):
+        for closer in (self.consumer.close, self.producer.close, self.offline.close, self._lock.close):
             try:
                 closer()
             except Exception:  # noqa: BLE001 - closing is best effort
@@ -108,16 +129,25 @@ class Ingestor:
         max_batches: int | None = None,
         idle_ms: int | None = None,
         on_batch: Callable[[BatchReport], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> IngestReport:
-        """Consume bounded batches until the topic is idle (or ``max_batches``)."""
+        """Consume bounded batches until the topic is idle (or ``max_batches``, or until ``stop`` is set:
+        with ``stop`` given, an idle topic does not end the run — the continuous mode of a worker)."""
         report = IngestReport()
         freshness: list[float] = []
         start = time.monotonic()
         idle_ms = idle_ms if idle_ms is not None else self.settings.ingest.poll_timeout_ms
-        while max_batches is None or report.batches < max_batches:
-            messages = poll_batch(self.consumer, self.settings.ingest.batch_size, idle_ms)
+        while (max_batches is None or report.batches < max_batches) and not (stop and stop.is_set()):
+            messages = poll_batch(self.consumer, self.settings.ingest.batch_size, idle_ms,
+                                  max_wait_ms=self.settings.ingest.max_batch_wait_ms)
+            if self._broker_lost_state():
+                report.broker_resets += 1
+                continue  # re-read from the beginning; what is already stored is skipped as duplicates
             if not messages:
-                break
+                self._flush_stats(force=True)
+                if stop is None:
+                    break
+                continue
             batch = self.process(messages, report.dlq_reasons)
             report.batches += 1
             for name in ("consumed", "valid", "written", "duplicates", "dlq"):
@@ -128,6 +158,7 @@ class Ingestor:
             freshness.extend(batch.freshness_s)
             if on_batch:
                 on_batch(batch)
+        self._flush_stats(force=True)
         report.seconds = time.monotonic() - start
         if freshness:
             report.freshness_p50_s = float(np.percentile(freshness, 50))
@@ -156,24 +187,60 @@ class Ingestor:
             else:
                 staged.append(StagedEvent(parsed, m.partition, m.offset))
         rep.valid = len(staged)
+        t1 = time.monotonic()
         # Offline first: the system of record.
         if staged:
             result = self.offline.write(staged)
             rep.written, rep.duplicates = result.written, result.duplicates
+            t2 = time.monotonic()
             # Online next: always merge the whole batch (idempotent), so a crash between the offline
             # write and this push is repaired by the redelivery.
             rep.users_updated = self._push_online([s.event for s in staged])
+        else:
+            t2 = time.monotonic()
+        t3 = time.monotonic()
         self.producer.flush()  # DLQ records are durable before offsets move
-        commit_batch(self.consumer, self.topic, messages)
+        try:
+            self._committed.update(commit_batch(self.consumer, self.topic, messages))
+        except CommitFailedError:
+            # The group rebalanced while we worked: the batch is redelivered to the partition's new owner
+            # (maybe us), and the stores above take it again without double counting.
+            log.warning("offset commit failed; the batch will be redelivered and deduplicated")
+            self.history_cache.clear()
+        rep.stage_seconds = {"parse": round(t1 - t0, 3), "offline": round(t2 - t1, 3),
+                             "online": round(t3 - t2, 3), "commit": round(time.monotonic() - t3, 3)}
         done_ms = time.time() * 1000
         rep.freshness_s = [(done_ms - m.timestamp_ms) / 1000 for m in messages if m.timestamp_ms and m.timestamp_ms > 0]
         rep.seconds = time.monotonic() - t0
         log.info(
-            "batch offsets %s..%s: %d consumed, %d written, %d duplicate, %d to DLQ, %d users updated (%.2fs)",
+            "batch offsets %s..%s: %d consumed, %d written, %d duplicate, %d to DLQ, %d users updated (%.2fs: %s)",
             rep.first_offset, rep.last_offset, rep.consumed, rep.written, rep.duplicates, rep.dlq,
-            rep.users_updated, rep.seconds,
+            rep.users_updated, rep.seconds, rep.stage_seconds,
         )
         return rep
+
+    def _broker_lost_state(self) -> bool:
+        """Detect a broker that restarted without its log (tansu's memory storage) and start over.
+
+        Offsets restart at 0 on such a broker, so our fetch position would silently skip new events. The
+        sign: the group's committed offsets are gone (or went backwards). Then seek to the beginning; the
+        offline store's event-id index makes the re-read free of duplicates.
+        """
+        if not self._committed:
+            return False
+        try:
+            lost = any((self.consumer.committed(TopicPartition(self.topic, p)) or 0) < o
+                       for p, o in self._committed.items())
+        except Exception:  # noqa: BLE001 - broker unreachable: nothing to fetch either; check again later
+            return False
+        if lost:
+            log.warning("the broker lost its committed offsets (restarted without storage?): "
+                        "re-reading %s from the beginning; stored events are skipped", self.topic)
+            # A fresh client: the old one's fetch positions and metadata describe a log that is gone.
+            self.consumer.close()
+            self.consumer = self._new_consumer()
+            self._committed.clear()
+        return lost
 
     def _dead_letter(self, m: RawMessage, error: InvalidEvent) -> None:
         log.warning("DLQ partition %d offset %d: %s", m.partition, m.offset, error.reason)
@@ -184,53 +251,119 @@ class Ingestor:
 
     def _push_online(self, events: list[InteractionEvent]) -> int:
         users = sorted({e.user_id for e in events})
-        current = self.store.get_online_features(HISTORY_FEATURES, [{"user_id": u} for u in users]).to_dict()
+        missing = [u for u in users if u not in self.history_cache]
+        if missing:  # first touch since start or rebalance: read what the online store holds
+            current = self.store.get_online_features(HISTORY_FEATURES, [{"user_id": u} for u in missing]).to_dict()
+            for i, u in enumerate(missing):
+                self.history_cache[u] = {k: current[k][i] or [] for k in HISTORY_COLUMNS}
         new_by_user: dict[int, list[InteractionEvent]] = {}
         for e in events:
             new_by_user.setdefault(e.user_id, []).append(e)
         n = self.settings.ingest.history_length
         rows = []
-        for i, u in enumerate(users):
-            merged = _merge_history(
-                current["item_ids"][i] or [],
-                current["event_types"][i] or [],
-                current["timestamps_ms"][i] or [],
-                current["played_ratios"][i] or [],
-                new_by_user[u],
-                n,
-            )
+        for u in users:
+            merged = _merge_history(self.history_cache[u], new_by_user[u], n)
             rows.append({"user_id": u, **merged, "length": len(merged["item_ids"]),
-                         "event_timestamp": pd.Timestamp(max(merged["timestamps_ms"]), unit="ms", tz="UTC")})
-        self.store.push("user_history_push", pd.DataFrame(rows))
-        self._push_item_stats(sorted({e.item_id for e in events}))
+                         "event_timestamp": pd.Timestamp(merged["timestamps_ms"][-1], unit="ms", tz="UTC")})
+        history = pd.DataFrame(rows)
+        try:
+            self.store.push("user_history_push", history)
+        except BaseException:
+            self.history_cache.clear()  # the store may hold either state now: re-read on next touch
+            raise
+        for row in rows:
+            self.history_cache[row["user_id"]] = {k: row[k] for k in HISTORY_COLUMNS}
+        self._dirty_users.update(users)
+        self._dirty_items.update(e.item_id for e in events)
+        self._flush_stats()
         return len(users)
 
-    def _push_item_stats(self, items: list[int]) -> None:
-        stats = self.offline.item_stats(items)
+    def _push_user_stats(self, users: list[int]) -> None:
+        stats = self.offline.user_stats(users)
         if stats.empty:
             return
-        push_item_stats(self.store, stats)
+        df = with_rates(stats)
+        # snapshot time = the latest event it counts: point-in-time joins never see the future
+        df["event_timestamp"] = pd.to_datetime(df.pop("last_event_ms"), unit="ms", utc=True)
+        write_snapshot(user_stats_dir(self.settings), df)
+        self.store.push("user_stats_push", df)
+
+    def _flush_stats(self, force: bool = False) -> None:
+        """Aggregates change with every batch but nobody needs them per batch: push every few seconds.
+
+        Histories are pushed per batch (serving reads them); user and item stats at most every
+        ``item_stats_interval_s`` and at the end of a run, which halves the online writes per batch.
+        """
+        due = time.monotonic() - self._stats_pushed_at >= self.settings.ingest.item_stats_interval_s
+        if not (self._dirty_items or self._dirty_users) or not (force or due):
+            return
+        # Under steady traffic push a bounded slice per batch, so no single batch pays for all of it
+        # (that spike would show in freshness p99); at the end of a run push everything.
+        limit = None if force else STATS_SLICE
+        users = _take(self._dirty_users, limit)
+        items = _take(self._dirty_items, limit)
+        if users:
+            self._push_user_stats(users)
+        if items:
+            stats = self.offline.item_stats(items)
+            if not stats.empty:
+                push_item_stats(self.store, stats)
+        if not (self._dirty_items or self._dirty_users):
+            self._stats_pushed_at = time.monotonic()
 
 
-def push_item_stats(store: FeatureStore, stats: pd.DataFrame) -> None:
+HISTORY_COLUMNS = ("item_ids", "event_types", "timestamps_ms", "played_ratios")
+STATS_SLICE = 1000  # users and items whose stats one batch pushes at most while traffic flows
+
+
+def _take(dirty: set[int], limit: int | None) -> list[int]:
+    taken = sorted(dirty) if limit is None else sorted(dirty)[:limit]
+    dirty.difference_update(taken)
+    return taken
+
+
+def worker_lock(path: Path):  # noqa: ANN201 - an open file holding an exclusive flock
+    """Refuse a second concurrent ingest on the same data dir instead of racing it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 - held for the worker's lifetime
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise RuntimeError(f"another ingest worker is running on this data dir (lock {path})") from None
+    return fh
+
+
+def with_rates(stats: pd.DataFrame) -> pd.DataFrame:
     df = stats.copy()
     events = df["events"].clip(lower=1)
     df["like_rate"] = (df["likes"] / events).astype("float32")
     df["skip_rate"] = (df["skips"] / events).astype("float32")
+    return df
+
+
+def write_snapshot(folder: Path, df: pd.DataFrame) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{uuid.uuid4().hex}.tmp"
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, folder / f"{time.time_ns()}.parquet")
+
+
+def push_item_stats(store: FeatureStore, stats: pd.DataFrame) -> None:
+    df = with_rates(stats)
     df["event_timestamp"] = pd.Timestamp.now(tz="UTC")
     store.push("item_stats_push", df)
 
 
-def _merge_history(
-    items: list[int], types: list[str], ts: list[int], ratios: list[float], new: list[InteractionEvent], n: int
-) -> dict[str, list]:
+def _merge_history(current: dict[str, list], new: list[InteractionEvent], n: int) -> dict[str, list]:
     """Merge new events into a stored history by event time, idempotently, keeping the last ``n``.
 
     Histories hold no event ids (they would triple the online row size), so an event is identified by
     (timestamp_ms, item_id, event_type): redelivering it replaces rather than appends.
     """
     by_key: dict[tuple[int, int, str], float] = {}
-    for it, ty, t, r in zip(items, types, ts, ratios):
+    for it, ty, t, r in zip(current["item_ids"], current["event_types"], current["timestamps_ms"],
+                            current["played_ratios"]):
         by_key[(int(t), int(it), str(ty))] = float(r)
     for e in new:
         by_key[(e.timestamp_ms, e.item_id, e.event_type)] = -1.0 if e.played_ratio is None else float(e.played_ratio)

@@ -67,7 +67,16 @@ def publish_events(producer: KafkaProducer, topic: str, events: Iterable[Interac
     return n
 
 
-def make_consumer(bootstrap: str, group_id: str, topic: str, **overrides: object) -> KafkaConsumer:
+def make_consumer(bootstrap: str, group_id: str, topic: str, *, partitions: list[int] | None = None,
+                  listener: object | None = None, **overrides: object) -> KafkaConsumer:
+    """A consumer that commits to ``group_id`` only when told to.
+
+    ``partitions`` given: static assignment (``assign``), with offsets still committed to the group. Ingest
+    uses this: no group join (which on tansu waits a whole rebalance timeout), and no eviction from the
+    group when a large first batch outlasts ``max_poll_interval_ms``. Scaling out means giving each worker
+    its own partitions (Kafka keys events by user, so each user's events stay on one worker).
+    Otherwise: group subscription with ``listener`` for rebalances.
+    """
     config: dict = dict(
         bootstrap_servers=bootstrap,
         group_id=group_id,
@@ -82,7 +91,15 @@ def make_consumer(bootstrap: str, group_id: str, topic: str, **overrides: object
     )
     config.update(overrides)
     consumer = KafkaConsumer(**config)
-    consumer.subscribe([topic])
+    if partitions is None:
+        consumer.subscribe([topic], listener=listener)
+        return consumer
+    if not partitions:
+        partitions = sorted(consumer.partitions_for_topic(topic) or [])
+        if not partitions:
+            consumer.close()
+            raise RuntimeError(f"topic {topic!r} does not exist (or has no partitions) at {bootstrap}")
+    consumer.assign([TopicPartition(topic, p) for p in partitions])
     return consumer
 
 
@@ -95,8 +112,10 @@ class RawMessage:
     timestamp_ms: int
 
 
-def poll_batch(consumer: KafkaConsumer, max_records: int, idle_ms: int, join_timeout_ms: int = 30000) -> list[RawMessage]:
-    """Poll until ``max_records`` are in hand or the topic has been idle for ``idle_ms``.
+def poll_batch(consumer: KafkaConsumer, max_records: int, idle_ms: int, join_timeout_ms: int = 30000,
+               max_wait_ms: int | None = None) -> list[RawMessage]:
+    """A bounded batch: up to ``max_records``, closed when the topic has been idle for ``idle_ms`` or,
+    under steady traffic, ``max_wait_ms`` after the first record (which bounds freshness).
 
     A fresh consumer first waits (up to ``join_timeout_ms``) for the group to assign it partitions:
     an empty first poll during a rebalance must not be mistaken for an empty topic.
@@ -107,13 +126,20 @@ def poll_batch(consumer: KafkaConsumer, max_records: int, idle_ms: int, join_tim
         for tp, records in consumer.poll(timeout_ms=200, max_records=max_records).items():
             batch.extend(RawMessage(tp.partition, r.offset, r.key, r.value, r.timestamp) for r in records)
     idle_deadline = time.monotonic() + idle_ms / 1000
-    while len(batch) < max_records and time.monotonic() < idle_deadline:
-        remaining_ms = max(1, int((idle_deadline - time.monotonic()) * 1000))
-        polled = consumer.poll(timeout_ms=min(remaining_ms, 500), max_records=max_records - len(batch))
+    close_at: float | None = None
+    while len(batch) < max_records:
+        now = time.monotonic()
+        if now >= idle_deadline or (close_at is not None and now >= close_at):
+            break
+        until = min(idle_deadline, close_at) if close_at is not None else idle_deadline
+        polled = consumer.poll(timeout_ms=max(1, min(int((until - now) * 1000), 500)),
+                               max_records=max_records - len(batch))
         for tp, records in polled.items():
             batch.extend(RawMessage(tp.partition, r.offset, r.key, r.value, r.timestamp) for r in records)
             if records:
                 idle_deadline = time.monotonic() + idle_ms / 1000
+        if batch and close_at is None and max_wait_ms is not None:
+            close_at = time.monotonic() + max_wait_ms / 1000
     return batch
 
 

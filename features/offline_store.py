@@ -2,7 +2,7 @@
 
 Layout under ``settings.offline_dir``::
 
-    date=2026-11-01/p0-o1200-6199.parquet   # events of that event date from Kafka partition 0, offsets 1200..6199
+    date=2026-11-01/p0-o1200-6199-1a2b3c4d.parquet   # that event date, from partition 0, offsets 1200..6199
     _index.sqlite                            # event_id -> file, per-item counters, DLQ ledger
 
 Why this shape:
@@ -35,6 +35,8 @@ import pyarrow.parquet as pq
 
 from features.events import InteractionEvent
 
+DAY_MS = 86_400_000
+
 SCHEMA = pa.schema(
     [
         ("event_id", pa.string()),
@@ -58,6 +60,12 @@ CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, file TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS item_counts (
     item_id INTEGER PRIMARY KEY, events INTEGER NOT NULL DEFAULT 0, positives INTEGER NOT NULL DEFAULT 0,
     likes INTEGER NOT NULL DEFAULT 0, skips INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS item_daily (
+    item_id INTEGER NOT NULL, day INTEGER NOT NULL, events INTEGER NOT NULL DEFAULT 0,
+    positives INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (item_id, day));
+CREATE TABLE IF NOT EXISTS user_counts (
+    user_id INTEGER PRIMARY KEY, events INTEGER NOT NULL DEFAULT 0, positives INTEGER NOT NULL DEFAULT 0,
+    likes INTEGER NOT NULL DEFAULT 0, skips INTEGER NOT NULL DEFAULT 0, last_event_ms INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS dlq (
     kafka_partition INTEGER NOT NULL, kafka_offset INTEGER NOT NULL, error_type TEXT NOT NULL,
     reason TEXT NOT NULL, original BLOB, recorded_at_ms INTEGER NOT NULL,
@@ -84,7 +92,8 @@ class OfflineStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.root / "_index.sqlite", timeout=30, isolation_level=None)
+        # one Ingestor uses its store from one thread at a time, not always the thread that opened it
+        self._db = sqlite3.connect(self.root / "_index.sqlite", timeout=30, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_INDEX_DDL)
@@ -111,7 +120,10 @@ class OfflineStore:
         first = min(s.offset for s in staged)
         last = max(s.offset for s in staged)
         part = staged[0].partition
-        planned = {d: f"date={d}/p{part}-o{first}-{last}.parquet" for d in by_date}
+        # Offsets make names readable; the random suffix keeps them unique, because offsets repeat when a
+        # memory-only broker restarts (a name reused for other events would overwrite stored data).
+        tag = uuid.uuid4().hex[:8]
+        planned = {d: f"date={d}/p{part}-o{first}-{last}-{tag}.parquet" for d in by_date}
 
         # 3. decide, in one transaction, which events must be written and move the counters for new ones
         ids = list(unique)
@@ -170,16 +182,33 @@ class OfflineStore:
 
     # ------------------------------------------------------------------ reads
 
-    def item_stats(self, item_ids: Iterable[int] | None = None) -> pd.DataFrame:
-        q = "SELECT item_id, events, positives, likes, skips FROM item_counts"
-        params: list = []
-        if item_ids is not None:
-            ids = list(item_ids)
-            if not ids:
-                return pd.DataFrame(columns=["item_id", "events", "positives", "likes", "skips"])
-            q += f" WHERE item_id IN ({','.join('?' * len(ids))})"
-            params = ids
-        return pd.read_sql_query(q, self._db, params=params)
+    def item_stats(self, item_ids: Iterable[int] | None = None, *, window_days: int = 7,
+                   now_ms: int | None = None) -> pd.DataFrame:
+        """All-time counts per item plus events/positives over the last ``window_days`` (by event time)."""
+        since_day = ((now_ms or int(time.time() * 1000)) // DAY_MS) - window_days + 1
+        q = (
+            "SELECT c.item_id, c.events, c.positives, c.likes, c.skips, "
+            "COALESCE(w.events, 0) AS events_7d, COALESCE(w.positives, 0) AS positives_7d "
+            "FROM item_counts c LEFT JOIN (SELECT item_id, sum(events) AS events, sum(positives) AS positives "
+            "FROM item_daily WHERE day >= ? GROUP BY item_id) w ON w.item_id = c.item_id WHERE 1=1"
+        )
+        return self._select(q, [since_day], "c.item_id", item_ids)
+
+    def user_stats(self, user_ids: Iterable[int] | None = None) -> pd.DataFrame:
+        q = "SELECT user_id, events, positives, likes, skips, last_event_ms FROM user_counts WHERE 1=1"
+        return self._select(q, [], "user_id", user_ids)
+
+    def _select(self, q: str, params: list, key: str, ids: Iterable[int] | None) -> pd.DataFrame:
+        """``q`` ends in a WHERE clause; restrict it to ``ids`` in chunks (SQLite's parameter limit)."""
+        if ids is None:
+            return pd.read_sql_query(q, self._db, params=params)
+        ids = list(ids)
+        frames = []
+        for i in range(0, max(len(ids), 1), 900):
+            chunk = ids[i : i + 900]
+            sql = q + (f" AND {key} IN ({','.join('?' * len(chunk))})" if chunk else " AND 0")
+            frames.append(pd.read_sql_query(sql, self._db, params=params + chunk))
+        return pd.concat(frames, ignore_index=True)
 
     def counts(self) -> dict[str, int]:
         events = self._db.execute("SELECT count(*) FROM events").fetchone()[0]
@@ -226,11 +255,24 @@ def _pandas_dtype(col: str) -> str:
 
 
 def _bump(cur: sqlite3.Cursor, e: InteractionEvent) -> None:
+    pos, like, skip = int(e.is_positive), int(e.event_type == "like"), int(e.event_type == "skip")
     cur.execute(
         "INSERT INTO item_counts(item_id, events, positives, likes, skips) VALUES (?, 1, ?, ?, ?) "
         "ON CONFLICT(item_id) DO UPDATE SET events = events + 1, positives = positives + excluded.positives, "
         "likes = likes + excluded.likes, skips = skips + excluded.skips",
-        (e.item_id, int(e.is_positive), int(e.event_type == "like"), int(e.event_type == "skip")),
+        (e.item_id, pos, like, skip),
+    )
+    cur.execute(
+        "INSERT INTO item_daily(item_id, day, events, positives) VALUES (?, ?, 1, ?) "
+        "ON CONFLICT(item_id, day) DO UPDATE SET events = events + 1, positives = positives + excluded.positives",
+        (e.item_id, e.timestamp_ms // DAY_MS, pos),
+    )
+    cur.execute(
+        "INSERT INTO user_counts(user_id, events, positives, likes, skips, last_event_ms) VALUES (?, 1, ?, ?, ?, ?) "
+        "ON CONFLICT(user_id) DO UPDATE SET events = events + 1, positives = positives + excluded.positives, "
+        "likes = likes + excluded.likes, skips = skips + excluded.skips, "
+        "last_event_ms = max(last_event_ms, excluded.last_event_ms)",
+        (e.user_id, pos, like, skip, e.timestamp_ms),
     )
 
 

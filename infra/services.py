@@ -322,17 +322,33 @@ class Endpoints:
     mlflow_uri: str
 
 
+def _running(settings: EncoreSettings) -> dict:
+    path = settings.run_dir / "endpoints.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _missing(what: str, variable: str, settings: EncoreSettings) -> RuntimeError:
+    return RuntimeError(
+        f"no {what} endpoint: set {variable}, or start the embedded services first "
+        f"(`encore services up` or `encore ui`) with data dir {settings.root}"
+    )
+
+
+def resolve_kafka(settings: EncoreSettings) -> str:
+    """The configured Kafka bootstrap, else the embedded broker now running for this data dir."""
+    kafka = settings.kafka_bootstrap or _running(settings).get("kafka_bootstrap")
+    if not kafka:
+        raise _missing("Kafka", "ENCORE_KAFKA_BOOTSTRAP", settings)
+    return kafka
+
+
+def resolve_mlflow(settings: EncoreSettings) -> str:
+    uri = settings.mlflow_tracking_uri or _running(settings).get("mlflow_uri")
+    if not uri:
+        raise _missing("MLflow", "ENCORE_MLFLOW_TRACKING_URI", settings)
+    return uri
+
+
 def resolve_endpoints(settings: EncoreSettings) -> Endpoints:
     """Configured endpoints win; otherwise those of the embedded services now running (``endpoints.json``)."""
-    running: dict = {}
-    path = settings.run_dir / "endpoints.json"
-    if path.is_file():
-        running = json.loads(path.read_text())
-    kafka = settings.kafka_bootstrap or running.get("kafka_bootstrap")
-    mlflow_uri = settings.mlflow_tracking_uri or running.get("mlflow_uri")
-    if not kafka or not mlflow_uri:
-        raise RuntimeError(
-            "no Kafka/MLflow endpoints: set ENCORE_KAFKA_BOOTSTRAP and ENCORE_MLFLOW_TRACKING_URI, or start the "
-            f"embedded services first (`encore services up` or `encore ui`) with data dir {settings.root}"
-        )
-    return Endpoints(kafka_bootstrap=kafka, mlflow_uri=mlflow_uri)
+    return Endpoints(kafka_bootstrap=resolve_kafka(settings), mlflow_uri=resolve_mlflow(settings))

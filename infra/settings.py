@@ -44,8 +44,12 @@ class SimulatorSettings(BaseModel):
 
 
 class IngestSettings(BaseModel):
-    batch_size: int = Field(default=5000, ge=1, description="max events consumed per bounded batch")
-    poll_timeout_ms: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=20000, ge=1, description="max events consumed per bounded batch")
+    poll_timeout_ms: int = Field(default=2000, ge=1, description="a batch closes after this long without data")
+    max_batch_wait_ms: int = Field(default=1000, ge=1, description="a batch closes this long after its first "
+                                   "record even under steady traffic (bounds freshness)")
+    item_stats_interval_s: float = Field(default=5.0, ge=0, description="push user_stats and item_stats at most "
+                                        "this often (histories go out with every batch)")
     history_length: int = Field(default=200, ge=1, description="N events kept per user in user_history")
     max_payload_bytes: int = Field(default=64 * 1024, ge=256)
     max_future_skew_s: int = Field(default=3600, ge=0, description="events further in the future go to DLQ")
@@ -65,6 +69,35 @@ class TrainSettings(BaseModel):
     lr: float = Field(default=1e-3, gt=0.0)
     epochs: int = Field(default=8, ge=1)
     seed: int = 42
+    feedback_weight: float = Field(default=0.0, ge=0.0, description="ARGUS feedback task weight; 0 = off")
+
+
+class PromotionSettings(BaseModel):
+    """The gate between a registered ``challenger`` and the ``champion`` that serving loads."""
+
+    mode: Literal["auto", "manual"] = Field(
+        default="auto", description="auto moves champion when the gate passes; manual waits for a person")
+    metric: str = Field(default="ndcg@10", description="held-out ranking metric the challenger must improve")
+    split: Literal["valid", "test"] = Field(default="test", description="leave-one-out split the gate compares on")
+    margin: float = Field(default=0.0, ge=0.0, description="absolute improvement over the champion required")
+    beat_popularity: bool = Field(default=False, description="the challenger must also beat most-popular "
+                                  "(off by default: tiny CPU-sized test models may not)")
+    min_coverage: float = Field(default=0.05, ge=0.0, le=1.0,
+                                description="share of the catalogue in the top-k of the sample users")
+    min_score_std: float = Field(default=1e-4, ge=0.0, description="top-k scores must not collapse to a constant")
+    latency_budget_ms: float = Field(default=100.0, gt=0.0, description="p95 of a one-user request on CPU")
+    sample_users: int = Field(default=64, ge=1, description="users in the sanity and latency sample")
+    retrain_after_events: int = Field(default=5000, ge=1, description="the retrain sensor fires after N new events")
+
+
+class ScalingSettings(BaseModel):
+    """The scaling study sweep (its own Dagster job; keep it small on CPU)."""
+
+    dims: list[int] = Field(default=[8, 16, 32], min_length=2)
+    blocks: int = Field(default=1, ge=1)
+    data_fractions: list[float] = Field(default=[1.0], min_length=1)
+    epochs: int = Field(default=2, ge=1)
+    model: Literal["hstu", "sasrec"] = "hstu"
 
 
 class ServeSettings(BaseModel):
@@ -73,6 +106,12 @@ class ServeSettings(BaseModel):
     model_name: str = "encore-recommender"
     model_alias: str = "champion"
     default_k: int = Field(default=10, ge=1, le=1000)
+    admin_token: str | None = Field(default=None, min_length=16,
+                                    description="bearer token of the /admin API; unset disables it")
+    model_poll_s: float = Field(default=2.0, gt=0, description="how often aliases are checked for moves")
+    experiments_poll_s: float = Field(default=1.0, gt=0, description="how often the experiment store is re-read")
+    max_batch: int = Field(default=64, ge=1, le=4096, description="most requests scored in one micro-batch")
+    torch_threads: int = Field(default=1, ge=1, description="intra-op threads of the serving process")
 
 
 class ExperimentSettings(BaseModel):
@@ -108,6 +147,8 @@ class EncoreSettings(BaseSettings):
     simulator: SimulatorSettings = SimulatorSettings()
     ingest: IngestSettings = IngestSettings()
     train: TrainSettings = TrainSettings()
+    promotion: PromotionSettings = PromotionSettings()
+    scaling: ScalingSettings = ScalingSettings()
     serve: ServeSettings = ServeSettings()
     experiment: ExperimentSettings = ExperimentSettings()
 
@@ -151,6 +192,11 @@ class EncoreSettings(BaseSettings):
     @property
     def reports_dir(self) -> Path:
         return self.root / "reports"
+
+    @property
+    def experiments_dir(self) -> Path:
+        """The experiment store: current configs, every version, the audit log (``serving.experiments``)."""
+        return self.root / "experiments"
 
     @property
     def run_dir(self) -> Path:

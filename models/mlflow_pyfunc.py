@@ -22,22 +22,27 @@ class EncoreRecommenderModel(PythonModel):
         self.recommender = Recommender.load(context.artifacts["recommender"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:  # noqa: ANN001
-        k_default = int((params or {}).get("k", 10))
-        histories = []
-        for row in model_input.to_dict(orient="records"):
-            items = [int(i) for i in _as_list(row.get("item_ids"))]
-            histories.append(
-                {
-                    "item_ids": items,
-                    "event_types": [str(t) for t in _as_list(row.get("event_types"))] or ["listen"] * len(items),
-                    "timestamps_ms": [int(t) for t in _as_list(row.get("timestamps_ms"))] or list(range(len(items))),
-                }
-            )
-        k = int(model_input["k"].iloc[0]) if "k" in model_input.columns else k_default
-        results = self.recommender.recommend(histories, k=k, exclude_seen=True)
-        return pd.DataFrame(
-            {"items": [[i for i, _ in r] for r in results], "scores": [[float(s) for _, s in r] for r in results]}
+        return predict_frame(self.recommender, model_input, k=int((params or {}).get("k", 10)))
+
+
+def predict_frame(recommender, model_input: pd.DataFrame, k: int = 10) -> pd.DataFrame:  # noqa: ANN001
+    """The pyfunc's contract on a loaded ``Recommender`` (also used to build the logged signature)."""
+    histories = []
+    for row in model_input.to_dict(orient="records"):
+        items = [int(i) for i in _as_list(row.get("item_ids"))]
+        histories.append(
+            {
+                "item_ids": items,
+                "event_types": [str(t) for t in _as_list(row.get("event_types"))] or ["listen"] * len(items),
+                "timestamps_ms": [int(t) for t in _as_list(row.get("timestamps_ms"))] or list(range(len(items))),
+            }
         )
+    if "k" in model_input.columns and len(model_input):
+        k = int(model_input["k"].iloc[0])
+    results = recommender.recommend(histories, k=k, exclude_seen=True)
+    return pd.DataFrame(
+        {"items": [[int(i) for i, _ in r] for r in results], "scores": [[float(s) for _, s in r] for r in results]}
+    )
 
 
 def _as_list(value: object) -> list:

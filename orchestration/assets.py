@@ -2,10 +2,12 @@
 
     interactions_topic (Kafka, external)
         └─ ingested_interactions  (offline store + Feast online store)   [checks: reconciliation, DLQ rate]
-             └─ training_dataset  (snapshot of the offline store)
-                  └─ trained_model  (TorchRec model + evaluation)
-                       └─ registered_model  (MLflow run + registry version, alias challenger)
-                            └─ champion_model  (gate: promote to champion when better)
+             └─ training_dataset  (Feast offline-store snapshot: digest, Kafka offsets, feature view versions)
+                  ├─ trained_model  (HSTU / SASRec / ARGUS on TorchRec, inside an MLflow run)
+                  │    └─ evaluation  (held-out HR@K/NDCG@K vs most-popular, sanity signals, plots)
+                  │         └─ registered_model  (pyfunc version, alias challenger)  [blocking check: promotion_gate]
+                  │              └─ champion_model  (auto: alias champion; manual: awaits a person)
+                  └─ scaling_study  (sweep of sizes / data fractions, power-law fits; its own job)
     exposures_topic (Kafka, external) + ingested_interactions
         └─ ab_report  (per-arm metrics with confidence intervals)
 
@@ -25,10 +27,11 @@ import pandas as pd
 
 from features.ingest import ingest
 from features.offline_store import read_interactions
-from orchestration.resources import EncoreResource, KafkaResource, MLflowResource
+from orchestration.resources import EncoreResource, FeastResource, KafkaResource, MLflowResource
 
 STREAMING = "streaming"
 TRAINING = "training"
+STUDIES = "studies"
 EXPERIMENTS = "experiments"
 
 interactions_topic = dg.AssetSpec(
@@ -89,13 +92,63 @@ def ingested_interactions(context: dg.AssetExecutionContext, encore: EncoreResou
     )
 
 
-@dg.asset(deps=[ingested_interactions], kinds={"duckdb", "parquet"}, group_name=TRAINING)
-def training_dataset(context: dg.AssetExecutionContext, encore: EncoreResource) -> dict:
-    """A content-addressed snapshot of the offline store, so every model names the exact data it saw."""
+# ------------------------------------------------------------------------------------------------ training
+
+
+class TrainingConfig(dg.Config):
+    """Which model a training run fits; the settings' ``train`` group is the default.
+
+    ``preset``: empty (the settings as they are), ``hstu``, ``sasrec`` (baseline), ``argus`` (HSTU with the
+    ARGUS feedback task), or a config under models/configs/ (e.g. ``default``) or a YAML path.
+    The other fields override single knobs (0 / -1 = keep).
+    """
+
+    preset: str = ""
+    epochs: int = 0
+    dim: int = 0
+    blocks: int = 0
+    seed: int = -1
+
+
+PRESETS: dict[str, dict] = {
+    "hstu": {"model": "hstu", "feedback_weight": 0.0},
+    "sasrec": {"model": "sasrec", "feedback_weight": 0.0},
+    "argus": {"model": "hstu", "feedback_weight": 0.5},
+}
+
+
+def train_config(settings, config: TrainingConfig):  # noqa: ANN001, ANN201
+    from models.train import TrainConfig
+
+    if config.preset and config.preset not in PRESETS:
+        cfg = TrainConfig.from_yaml(config.preset)
+    else:
+        cfg = TrainConfig.from_settings(settings.train, **PRESETS.get(config.preset, {}))
+    overrides = {k: v for k, v in (("epochs", config.epochs), ("dim", config.dim), ("blocks", config.blocks))
+                 if v > 0}
+    if config.seed >= 0:
+        overrides["seed"] = config.seed
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def _feature_view_versions(store) -> dict[str, str]:  # noqa: ANN001
+    """Content hash of each Feast feature view's spec: changes whenever its schema, source or TTL does."""
+    return {fv.name: hashlib.sha256(fv.to_proto().spec.SerializeToString()).hexdigest()[:12]
+            for fv in sorted(store.list_feature_views(), key=lambda f: f.name)}
+
+
+@dg.asset(deps=[ingested_interactions], kinds={"feast", "duckdb", "parquet"}, group_name=TRAINING)
+def training_dataset(context: dg.AssetExecutionContext, encore: EncoreResource, feast: FeastResource) -> dict:
+    """A content-addressed snapshot of Feast's offline store (the ``interactions`` source), so every model
+    names the exact data it saw: snapshot digest, Kafka offset range per partition, the offline-store files
+    it read and the versions of the Feast feature views."""
     settings = encore.settings()
-    df = read_interactions(settings.offline_dir,
-                           columns=["event_id", "user_id", "item_id", "event_type", "timestamp_ms", "played_ratio",
-                                    "kafka_partition", "kafka_offset"])
+    from features.feature_repo import interactions_source
+
+    store = feast.store(settings)
+    root = Path(interactions_source(settings).path)  # the FileSource behind Feast's offline store
+    df = read_interactions(root, columns=["event_id", "user_id", "item_id", "event_type", "timestamp_ms",
+                                          "played_ratio", "kafka_partition", "kafka_offset"])
     if df.empty:
         raise dg.Failure("the offline store holds no interactions yet: replay data and ingest first")
     digest = hashlib.sha256(pd.util.hash_pandas_object(df[["event_id"]], index=False).values.tobytes()).hexdigest()[:16]
@@ -104,78 +157,261 @@ def training_dataset(context: dg.AssetExecutionContext, encore: EncoreResource) 
     if not out.exists():
         df.to_parquet(out, index=False)
     offsets = {str(p): [int(g.kafka_offset.min()), int(g.kafka_offset.max())] for p, g in df.groupby("kafka_partition")}
+    files = sorted(str(f.relative_to(root)) for f in root.glob("date=*/*.parquet"))
+    views = _feature_view_versions(store)
+    manifest = {"snapshot": digest, "source": str(root), "files": files, "offset_ranges": offsets,
+                "feature_views": views, "events": len(df)}
+    out.with_suffix(".manifest.json").write_text(json.dumps(manifest, indent=2))
     info = {"path": str(out), "snapshot": digest, "events": len(df), "users": int(df.user_id.nunique()),
-            "items": int(df.item_id.nunique()), "offset_ranges": offsets}
-    context.add_output_metadata({**{k: v for k, v in info.items() if k != "offset_ranges"},
-                                 "offset_ranges": dg.MetadataValue.json(offsets),
-                                 "path": dg.MetadataValue.path(str(out))})
+            "items": int(df.item_id.nunique()), "offset_ranges": offsets, "feature_views": views,
+            "files": len(files)}
+    context.add_output_metadata({
+        **{k: v for k, v in info.items() if k not in ("offset_ranges", "feature_views", "path")},
+        "offset_ranges": dg.MetadataValue.json(offsets),
+        "feature_views": dg.MetadataValue.json(views),
+        "path": dg.MetadataValue.path(str(out)),
+        "manifest": dg.MetadataValue.path(str(out.with_suffix(".manifest.json"))),
+        "dagster/row_count": len(df),
+    })
     return info
 
 
-@dg.asset(kinds={"torchrec", "pytorch"}, group_name=TRAINING)
-def trained_model(context: dg.AssetExecutionContext, encore: EncoreResource, training_dataset: dict) -> dict:
-    """Train the configured sequence model (TorchRec EmbeddingCollection) and evaluate it leave-one-out."""
-    from models.train import train, TrainConfig
+@dg.asset(kinds={"torchrec", "pytorch", "mlflow"}, group_name=TRAINING)
+def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, encore: EncoreResource,
+                  mlflow_server: MLflowResource, training_dataset: dict) -> dict:
+    """Train a sequence model (HSTU by default, SASRec, or ARGUS two-task) inside an MLflow run that records
+    its parameters, per-epoch metrics and system metrics while it trains."""
+    from models.plots import loss_curves, md_image
+    from models.registry import experiment_name, log_epoch, training_run
+    from models.train import train
 
     settings = encore.settings()
-    cfg = TrainConfig.from_settings(settings.train)
+    cfg = train_config(settings, config)
+    family = "argus" if cfg.feedback_weight > 0 else cfg.model
     df = pd.read_parquet(training_dataset["path"])
-    context.log.info(f"training {cfg.model} on {len(df)} events, {training_dataset['users']} users")
-    result = train(df, cfg, progress=False,
-                   on_epoch=lambda epoch, row: context.log.info(f"epoch {epoch}: " + json.dumps(_round(row))))
-    out = settings.root / "models" / f"{cfg.model}-{training_dataset['snapshot']}-{int(time.time())}"
-    result.recommender().save(out)
+    uri = mlflow_server.resolve(settings)
+    name = f"{family}-{training_dataset['snapshot']}-{int(time.time())}"
+    context.log.info(f"training {family} on {len(df)} events, {training_dataset['users']} users")
+
+    def on_epoch(epoch: int, row: dict) -> None:
+        context.log.info(f"epoch {epoch}: " + json.dumps(_round(row)))
+        log_epoch(row, epoch)
+
+    params = {**dataclasses.asdict(cfg), "family": family, "preset": config.preset or "settings",
+              "dataset_snapshot": training_dataset["snapshot"], "dataset_events": training_dataset["events"]}
+    with training_run(uri, experiment_name(settings.mlflow_experiment, "training"), run_name=name, params=params,
+                      tags={"dataset_snapshot": training_dataset["snapshot"], "model": family,
+                            "dagster_run_id": context.run_id},
+                      artifact_root=settings.mlflow_dir / "artifacts") as run:
+        result = train(df, cfg, progress=False, on_epoch=on_epoch)
+    run_dir = settings.root / "models" / name
+    out = result.recommender().save(run_dir / "recommender")
     history = [_round(h) for h in result.history]
+    curve = loss_curves(history, run_dir / "report" / "loss_curves.png")
     test = _round(result.test_metrics)
     context.add_output_metadata({
-        "model": cfg.model,
+        "model": family,
         "params": result.num_params,
+        "best_epoch": result.best_epoch,
         "wall_s": round(result.wall_s, 2),
+        "mlflow_run_id": run.info.run_id,
         "test_metrics": dg.MetadataValue.json(test),
         "epochs": dg.MetadataValue.md(_history_table(history)),
+        "loss_curves": dg.MetadataValue.md(md_image(curve, "loss curves")),
         "dir": dg.MetadataValue.path(str(out)),
     })
-    return {"dir": str(out), "config": dataclasses.asdict(cfg), "history": history, "test_metrics": test,
+    return {"dir": str(out), "report_dir": str(run_dir / "report"), "run_id": run.info.run_id, "family": family,
+            "config": {**dataclasses.asdict(cfg), "model": cfg.model}, "params": result.num_params,
+            "history": history, "test_metrics": test, "valid_metrics": _round(result.valid_metrics),
             "dataset": training_dataset}
+
+
+@dg.asset(kinds={"pytorch"}, group_name=TRAINING)
+def evaluation(context: dg.AssetExecutionContext, encore: EncoreResource, trained_model: dict) -> dict:
+    """Held-out HR@K / NDCG@K / MRR on the snapshot's leave-one-out split next to the most-popular baseline,
+    plus the sanity signals the promotion gate reads (finite scores, score spread, coverage, latency)."""
+    from models.gate import evaluate_recommender
+    from models.plots import md_image, metric_bars
+    from models.recommender import Recommender
+
+    settings = encore.settings()
+    rec = Recommender.load(Path(trained_model["dir"]))
+    df = pd.read_parquet(trained_model["dataset"]["path"])
+    report = evaluate_recommender(rec, df, sample_users=settings.promotion.sample_users)
+    split = settings.promotion.split
+    bars = metric_bars({trained_model["family"]: report[split], "most popular": report[f"popularity_{split}"]},
+                       Path(trained_model["report_dir"]) / "metrics.png")
+    path = Path(trained_model["report_dir"]) / "evaluation.json"
+    path.write_text(json.dumps(report, indent=2))
+    context.add_output_metadata({
+        "split": split,
+        **{f"{split}/{k}": round(v, 5) for k, v in report[split].items() if k in ("hr@10", "ndcg@10", "mrr")},
+        "metrics": dg.MetadataValue.md(_metrics_table(report)),
+        "metrics_plot": dg.MetadataValue.md(md_image(bars, "HR@K and NDCG@K")),
+        "sanity": dg.MetadataValue.json(_round(report["sanity"])),
+        "report": dg.MetadataValue.path(str(path)),
+    })
+    return {**trained_model, "evaluation": report, "evaluation_path": str(path)}
 
 
 @dg.asset(kinds={"mlflow"}, group_name=TRAINING)
 def registered_model(context: dg.AssetExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
-                     trained_model: dict) -> dict:
-    """Log the run to MLflow and register a new version of ``encore-recommender`` (alias ``challenger``)."""
+                     evaluation: dict) -> dict:
+    """Finish the MLflow run (evaluation report, plots, config, vocabulary, pyfunc model with signature and
+    input example) and register a new version of ``encore-recommender`` with the alias ``challenger``."""
     from models.recommender import Recommender
-    from models.registry import log_and_register
+    from models.registry import register_run_model
 
     settings = encore.settings()
     uri = mlflow_server.resolve(settings)
-    rec = Recommender.load(Path(trained_model["dir"]))
-    sample = [int(i) for i in rec.vocab.decode(list(range(1, min(len(rec.vocab), 5) + 1)))]
-    example = pd.DataFrame({"item_ids": [sample], "event_types": [["listen"] * len(sample)],
-                            "timestamps_ms": [[1_700_000_000_000 + 60_000 * i for i in range(len(sample))]]})
-    ds = trained_model["dataset"]
-    reg = log_and_register(
-        rec, tracking_uri=uri, experiment=settings.mlflow_experiment,
-        params=trained_model["config"], history=trained_model["history"], metrics=trained_model["test_metrics"],
-        tags={"dataset_snapshot": ds["snapshot"], "offset_ranges": json.dumps(ds["offset_ranges"]),
-              "events": str(ds["events"]), "feature_views": "user_history,item_stats"},
-        input_example=example, run_name=f"{trained_model['config']['model']}-{ds['snapshot']}",
+    rec = Recommender.load(Path(evaluation["dir"]))
+    ds = evaluation["dataset"]
+    report = evaluation["evaluation"]
+    metrics = {f"{split}_{k}": v for split in ("valid", "test", "popularity_valid", "popularity_test")
+               for k, v in report[split].items()}
+    metrics.update({f"sanity_{k}": v for k, v in report["sanity"].items()})
+    reg = register_run_model(
+        rec, tracking_uri=uri, run_id=evaluation["run_id"], metrics=metrics,
+        tags={"model": evaluation["family"], "dataset_snapshot": ds["snapshot"],
+              "offset_ranges": json.dumps(ds["offset_ranges"]), "events": str(ds["events"]),
+              "feature_views": json.dumps(ds.get("feature_views", {})), "params": str(evaluation["params"]),
+              "dagster_run_id": context.run_id},
+        input_example=_input_example(rec), artifacts={"evaluation": Path(evaluation["report_dir"])},
     )
-    context.add_output_metadata({"version": reg.version, "run_id": reg.run_id,
-                                 "mlflow": dg.MetadataValue.url(f"{uri}/#/models/{reg.name}/versions/{reg.version}")})
-    return {"version": reg.version, "run_id": reg.run_id, "metrics": trained_model["test_metrics"]}
+    context.add_output_metadata({"version": reg.version, "run_id": reg.run_id, "alias": "challenger",
+                                 "mlflow": dg.MetadataValue.url(f"{uri}/#/models/{reg.name}/versions/{reg.version}")
+                                 if uri.startswith("http") else dg.MetadataValue.text(uri)})
+    return {"version": reg.version, "run_id": reg.run_id, "metrics": evaluation["test_metrics"],
+            "evaluation": report, "dataset": ds, "family": evaluation["family"]}
+
+
+@dg.asset_check(asset=registered_model, blocking=True,
+                description="challenger beats the champion (re-scored on the same data) by the margin, beats "
+                            "most-popular, and passes sanity checks: finite scores, score spread, catalogue "
+                            "coverage, latency budget")
+def promotion_gate(context: dg.AssetCheckExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
+                   registered_model: dict) -> dg.AssetCheckResult:
+    from mlflow import MlflowClient
+
+    from models.gate import decide, evaluate_recommender
+    from models.recommender import Recommender
+    from models.registry import CHAMPION, MODEL_NAME, alias_version, download_recommender_dir, version_metric
+
+    settings = encore.settings()
+    promo = settings.promotion
+    uri = mlflow_server.resolve(settings)
+    client = MlflowClient(uri)
+    version = registered_model["version"]
+    champion = alias_version(client, MODEL_NAME, CHAMPION)
+    champion_value = None
+    if champion is not None and champion != version:
+        try:  # re-score the champion on the challenger's data: same users, same held-out events
+            path, _ = download_recommender_dir(uri, version=champion)
+            df = pd.read_parquet(registered_model["dataset"]["path"])
+            champ_report = evaluate_recommender(Recommender.load(path), df, sample_users=8)
+            champion_value = champ_report[promo.split].get(promo.metric)
+            context.log.info(f"champion v{champion} re-scored on snapshot {registered_model['dataset']['snapshot']}")
+        except Exception as exc:  # noqa: BLE001 - fall back to the champion's registered metric
+            context.log.warning(f"could not re-score champion v{champion} ({exc}); using its registered metric")
+            champion_value = version_metric(client, MODEL_NAME, champion, f"{promo.split}_{promo.metric}")
+        if champion_value is None:
+            champion_value = 0.0
+    decision = decide(registered_model["evaluation"], promo, champion_version=None if champion == version else champion,
+                      champion_value=champion_value)
+    for key, value in {"gate.passed": str(decision.passed).lower(), "gate.reason": decision.summary[:4900],
+                       "gate.checks": json.dumps(decision.checks)}.items():
+        client.set_model_version_tag(MODEL_NAME, str(version), key, value)
+    context.log.info(f"promotion gate for v{version}: {decision.summary}")
+    rows = ["| check | passed |", "|---|---|"] + [f"| {k} | {'yes' if v else '**no**'} |"
+                                                  for k, v in decision.checks.items()]
+    return dg.AssetCheckResult(
+        passed=decision.passed,
+        description=decision.summary,
+        metadata={
+            "reason": dg.MetadataValue.text(decision.summary),
+            "checks": dg.MetadataValue.md("\n".join(rows)),
+            "version": version,
+            "champion_version": champion if champion is not None else -1,
+            "challenger_value": decision.challenger_value,
+            "champion_value": decision.champion_value if decision.champion_value is not None else -1.0,
+            "mode": promo.mode,
+        },
+    )
 
 
 @dg.asset(kinds={"mlflow"}, group_name=TRAINING)
 def champion_model(context: dg.AssetExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
                    registered_model: dict) -> dict:
-    """The promotion gate: the challenger becomes ``champion`` when it beats the current one on NDCG@10."""
-    from models.registry import promote_if_better
+    """Runs only when the blocking ``promotion_gate`` passed. ``auto``: the challenger becomes ``champion``;
+    ``manual``: it waits for a person (``encore models promote VERSION`` or the alias in the MLflow UI)."""
+    from mlflow import MlflowClient
+
+    from models.registry import MODEL_NAME, promote
 
     settings = encore.settings()
-    promoted, reason = promote_if_better(mlflow_server.resolve(settings), registered_model["version"])
+    uri = mlflow_server.resolve(settings)
+    client = MlflowClient(uri)
+    version = registered_model["version"]
+    tags = client.get_model_version(MODEL_NAME, str(version)).tags
+    if tags.get("gate.passed") != "true":  # materialised on its own, without the gate: refuse
+        raise dg.Failure(f"version {version} has not passed the promotion gate: {tags.get('gate.reason', 'not run')}")
+    reason = tags["gate.reason"]
+    if settings.promotion.mode == "auto":
+        entry = promote(uri, version, reason=reason, actor="pipeline")
+        promoted = True
+        reason = reason if entry["action"] != "noop" else entry["reason"]
+    else:
+        client.set_model_version_tag(MODEL_NAME, str(version), "awaiting_approval", "true")
+        promoted = False
+        reason = f"{reason}; mode manual: awaiting `encore models promote {version}`"
     context.log.info(reason)
-    context.add_output_metadata({"promoted": promoted, "reason": reason, "version": registered_model["version"]})
-    return {"version": registered_model["version"], "promoted": promoted, "reason": reason}
+    context.add_output_metadata({"promoted": promoted, "reason": reason, "version": version,
+                                 "mode": settings.promotion.mode})
+    return {"version": version, "promoted": promoted, "reason": reason}
+
+
+# ------------------------------------------------------------------------------------------------ scaling
+
+
+@dg.asset(kinds={"pytorch", "mlflow", "scipy"}, group_name=STUDIES)
+def scaling_study(context: dg.AssetExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
+                  training_dataset: dict) -> dict:
+    """Train a sweep of model sizes (and data fractions) and fit power laws of evaluation loss and NDCG@10
+    against parameters and training compute; the fit and plot go to MLflow and to this asset's metadata."""
+    from models.plots import md_image
+    from models.scaling import run_study
+
+    settings = encore.settings()
+    df = pd.read_parquet(training_dataset["path"])
+    out_dir = settings.root / "studies" / f"scaling-{training_dataset['snapshot']}-{int(time.time())}"
+    study = run_study(df, settings.train, settings.scaling, out_dir=out_dir,
+                      tracking_uri=mlflow_server.resolve(settings), experiment=f"{settings.mlflow_experiment}-scaling",
+                      artifact_root=settings.mlflow_dir / "artifacts", log=context.log.info)
+    context.add_output_metadata({
+        "points": len(study["points"]),
+        "fits": dg.MetadataValue.md(study["fits_markdown"]),
+        "sweep": dg.MetadataValue.md(study["points_markdown"]),
+        "plot": dg.MetadataValue.md(md_image(Path(study["plot"]), "scaling")),
+        "mlflow_run_id": study["run_id"],
+        "dir": dg.MetadataValue.path(str(out_dir)),
+    })
+    return study
+
+
+def _input_example(rec) -> pd.DataFrame:  # noqa: ANN001
+    sample = [int(i) for i in rec.vocab.decode(list(range(1, min(len(rec.vocab), 5) + 1)))]
+    return pd.DataFrame({"item_ids": [sample], "event_types": [["listen"] * len(sample)],
+                         "timestamps_ms": [[1_700_000_000_000 + 60_000 * i for i in range(len(sample))]]})
+
+
+def _metrics_table(report: dict) -> str:
+    keys = [k for k in ("hr@1", "hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr") if k in report.get("test", {})]
+    lines = ["| split | model | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for split in ("valid", "test"):
+        for who, key in (("model", split), ("most popular", f"popularity_{split}")):
+            m = report.get(key, {})
+            lines.append(f"| {split} | {who} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in keys) + " |")
+    return "\n".join(lines)
 
 
 @dg.asset(deps=[exposures_topic, ingested_interactions], kinds={"scipy"}, group_name=EXPERIMENTS)

@@ -108,22 +108,44 @@ def replay(source: str, data_dir: str | None, dataset_dir: Path | None, rate: fl
 
 
 def _running_kafka(settings: EncoreSettings) -> str:
-    from infra.services import resolve_endpoints
+    from infra.services import resolve_kafka
 
     try:
-        return resolve_endpoints(settings).kafka_bootstrap
+        return resolve_kafka(settings)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
 @main.command()
 @data_dir_option
-def ingest(data_dir: str | None) -> None:
-    """Consume the interactions topic into Feast (the Dagster ingest_job, recorded in the instance)."""
+@click.option("--follow", is_flag=True,
+              help="run as a long-lived worker (no Dagster run): consume until Ctrl-C or SIGTERM")
+def ingest(data_dir: str | None, follow: bool) -> None:
+    """Consume the interactions topic into the offline store and Feast.
+
+    By default this is the Dagster ingest_job (one bounded run, recorded in the instance and visible in
+    the UI); --follow runs a continuous worker instead.
+    """
+    settings = _settings(data_dir)
+    bootstrap = _running_kafka(settings)
+    if follow:
+        import signal
+        import threading
+
+        from features.ingest import Ingestor
+
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        with Ingestor(settings, bootstrap) as worker:
+            click.echo(f"ingest worker on {bootstrap} → {settings.offline_dir}; Ctrl-C stops it")
+            report = worker.run(stop=stop, on_batch=lambda b: click.echo(
+                f"offsets {b.first_offset}..{b.last_offset}: {b.written} stored, {b.duplicates} duplicate, "
+                f"{b.dlq} DLQ"))
+        click.echo(f"stopped: {report.written} stored, {report.duplicates} duplicates, {report.dlq} to DLQ")
+        return
     from orchestration.pipeline import run_job
 
-    settings = _settings(data_dir)
-    _running_kafka(settings)
     result = run_job(settings, "ingest_job")
     click.echo("ingest_job " + ("succeeded" if result.success else "failed"))
 
@@ -165,51 +187,40 @@ def train(dataset: str, dataset_dir: Path | None, config_name: str, epochs: int 
 @click.option("--host", default=None, help="default from settings (127.0.0.1)")
 @click.option("--port", type=int, default=None, help="default from settings")
 @click.option("--experiment", default="default",
-              help="'default' (the settings' two-arm test), 'none', or a YAML/JSON experiment file")
+              help="'default' (the experiment store, seeded with the settings' two-arm test when it lacks it), "
+                   "'store' (the store as it is), 'none', or a YAML/JSON experiment file (saved into the store)")
 def serve(data_dir: str | None, host: str | None, port: int | None, experiment: str) -> None:
-    """Serve recommendations over HTTP (FastAPI): POST /v1/recommendations, /healthz, /readyz, /metrics."""
+    """Serve recommendations over HTTP (FastAPI): POST /v1/recommendations, /healthz, /readyz, /metrics, /admin."""
     import uvicorn
 
     from infra.services import resolve_endpoints
     from serving.app import create_app, default_experiment
+    from serving.experiments import ExperimentError, ExperimentStore, registry_target_checker
 
     settings = _settings(data_dir)
     try:
         endpoints = resolve_endpoints(settings)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
-    if experiment == "default":
-        exp = default_experiment(settings)
-    elif experiment == "none":
-        exp = None
-    else:
-        from serving.assignment import load_experiment
+    store = ExperimentStore(settings.experiments_dir)
+    mode: object = "store"
+    try:
+        if experiment == "default":
+            exp = default_experiment(settings)
+            if exp.name not in store.snapshot().versions:
+                store.create(exp, actor="serve --experiment default")
+        elif experiment == "none":
+            mode = None
+        elif experiment != "store":
+            from serving.assignment import load_experiment
 
-        exp = load_experiment(Path(experiment))
-    app = create_app(settings, endpoints.kafka_bootstrap, endpoints.mlflow_uri, exp)
+            store.create(load_experiment(Path(experiment)), actor=f"serve --experiment {experiment}", replace=True,
+                         check_target=registry_target_checker(endpoints.mlflow_uri, settings.serve.model_name))
+    except (ExperimentError, ValueError, OSError) as exc:
+        raise click.ClickException(f"experiment: {exc}") from exc
+    app = create_app(settings, endpoints.kafka_bootstrap, endpoints.mlflow_uri, mode)  # type: ignore[arg-type]
     uvicorn.run(app, host=host or settings.serve.host, port=port or settings.serve.port or 8000,
-                log_level="warning", access_log=False)
-
-
-# ---------------------------------------------------------------- experiments
-
-
-@main.group()
-def ab() -> None:
-    """A/B experiments."""
-
-
-@ab.command("report")
-@data_dir_option
-def ab_report(data_dir: str | None) -> None:
-    """Analyse the A/B test: exposures joined with interactions; writes an HTML report."""
-    from orchestration.pipeline import run_job
-
-    settings = _settings(data_dir)
-    _running_kafka(settings)
-    result = run_job(settings, "ab_report_job").output_for_node("ab_report")
-    click.echo(result["markdown"])
-    click.echo(f"report: {result['html']}")
+                log_level="warning", access_log=False, timeout_keep_alive=30)
 
 
 # ---------------------------------------------------------------- services and UIs
@@ -290,6 +301,13 @@ def _wait_forever() -> None:
     except KeyboardInterrupt:
         pass
 
+
+from orchestration.cli_bench import bench as _bench_group  # noqa: E402 - `encore bench ...`
+main.add_command(_bench_group)
+from orchestration.cli_ab import ab as _ab_group  # noqa: E402 - `encore ab ...`
+main.add_command(_ab_group)
+from orchestration.cli_models import models_group, study_group  # noqa: E402 - `encore models|study ...`
+main.add_command(models_group); main.add_command(study_group)  # noqa: E702
 
 if __name__ == "__main__":
     main()

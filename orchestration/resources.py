@@ -12,7 +12,7 @@ import dagster as dg
 from feast import FeatureStore
 
 from features.feature_repo import feature_store
-from infra.services import resolve_endpoints
+from infra.services import resolve_kafka, resolve_mlflow
 from infra.settings import EncoreSettings, get_settings
 
 
@@ -38,7 +38,7 @@ class KafkaResource(dg.ConfigurableResource):
     bootstrap: str = ""  # empty: ENCORE_KAFKA_BOOTSTRAP or the embedded broker now running
 
     def resolve(self, settings: EncoreSettings) -> str:
-        return self.bootstrap or resolve_endpoints(settings).kafka_bootstrap
+        return self.bootstrap or resolve_kafka(settings)
 
 
 class FeastResource(dg.ConfigurableResource):
@@ -50,4 +50,4 @@ class MLflowResource(dg.ConfigurableResource):
     tracking_uri: str = ""  # empty: ENCORE_MLFLOW_TRACKING_URI or the embedded server now running
 
     def resolve(self, settings: EncoreSettings) -> str:
-        return self.tracking_uri or resolve_endpoints(settings).mlflow_uri
+        return self.tracking_uri or resolve_mlflow(settings)

@@ -11,6 +11,12 @@ Three independent hashes decide a unit's fate, each with its own salt:
 2. **traffic** — ``"{salt}/traffic"``: is the unit in this experiment at all?
 3. **variant** — ``"{salt}/variant"``: which arm?
 
+Mutually exclusive experiments share a **layer**: a fourth hash, ``"layer/{layer}"``, places every unit at
+a fixed position in [0, 1) of its layer, and each experiment of the layer owns a disjoint slice
+(``layer_range``) of that line. A unit falls in at most one slice, hence in at most one experiment of the
+layer; experiments in different layers are independent (different salts). The store
+(``serving.experiments``) refuses overlapping slices of running or paused experiments.
+
 Keeping (2) and (3) apart is what makes ramps safe: raising ``traffic`` only moves the inclusion threshold
 on hash (2); a unit's position on hash (3) never changes, so every unit already included keeps its variant.
 (With a single hash whose range is carved into "in traffic" and arms, ramping would move the arm
@@ -23,6 +29,7 @@ import hashlib
 import json
 import math
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -71,6 +78,27 @@ class Variant(BaseModel):
         return value
 
 
+class RampStep(BaseModel):
+    """From ``at`` on, the experiment's traffic share is ``traffic`` (a ramp schedule is a list of steps)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    at: datetime
+    traffic: float
+
+    @field_validator("at")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+    @field_validator("traffic")
+    @classmethod
+    def _share(cls, value: float) -> float:
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"ramp traffic must be within [0, 1], got {value}")
+        return value
+
+
 class Experiment(BaseModel):
     """An experiment's full, versionable definition. Changing ``salt`` re-randomises everything."""
 
@@ -87,6 +115,13 @@ class Experiment(BaseModel):
     traffic: float = 1.0
     # Share of *all* units in the long-term holdout, excluded from every experiment (same units everywhere).
     holdout: float = 0.0
+    # The slice [lo, hi) of the layer's hash line this experiment owns (mutual exclusion inside a layer).
+    layer_range: tuple[float, float] = (0.0, 1.0)
+    # Simple targeting: request context key -> allowed values; every key must match (missing key = no match).
+    targeting: dict[str, list[str]] = Field(default_factory=dict)
+    # Ramp schedule: the last step whose time has passed overrides ``traffic``; steps must not decrease.
+    ramp: list[RampStep] = Field(default_factory=list)
+    description: str = Field(default="", max_length=2000)
 
     @field_validator("traffic", "holdout")
     @classmethod
@@ -104,7 +139,38 @@ class Experiment(BaseModel):
         total = math.fsum(v.weight for v in self.variants)
         if abs(total - 1.0) > WEIGHT_TOLERANCE:
             raise ValueError(f"variant weights must sum to 1 (±{WEIGHT_TOLERANCE:g}), they sum to {total!r}")
+        lo, hi = self.layer_range
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi <= 1.0):
+            raise ValueError(f"layer_range must satisfy 0 <= lo < hi <= 1, got {list(self.layer_range)}")
+        times = [step.at for step in self.ramp]
+        if times != sorted(times):
+            raise ValueError("ramp steps must be in time order")
+        shares = [step.traffic for step in self.ramp]
+        if shares != sorted(shares):
+            # ramping down would drop already exposed units out of the experiment: pause or stop instead
+            raise ValueError("ramp steps must not decrease traffic (pause or stop the experiment instead)")
+        for key, values in self.targeting.items():
+            if not values:
+                raise ValueError(f"targeting on {key!r} lists no values (it would match nobody)")
         return self
+
+    def traffic_at(self, now: datetime | None = None) -> float:
+        """The traffic share in force at ``now`` (the ramp schedule's last passed step, else ``traffic``)."""
+        if not self.ramp:
+            return self.traffic
+        now = now or datetime.now(timezone.utc)
+        share = self.traffic
+        for step in self.ramp:
+            if step.at <= now:
+                share = step.traffic
+        return share
+
+    def targets(self, context: dict[str, str] | None) -> bool:
+        """Whether a request with this context is eligible (targeting rules all match)."""
+        if not self.targeting:
+            return True
+        context = context or {}
+        return all(context.get(key) in values for key, values in self.targeting.items())
 
     @property
     def weights(self) -> dict[str, float]:
@@ -149,12 +215,20 @@ def in_holdout(unit_id: str | int, holdout: float) -> bool:
     return _unit_interval(HOLDOUT_SALT, unit_id) < holdout
 
 
-def in_traffic(experiment: Experiment, unit_id: str | int) -> bool:
+def in_traffic(experiment: Experiment, unit_id: str | int, now: datetime | None = None) -> bool:
     """Whether the unit passes the experiment's traffic gate (ignoring holdout and status).
 
     Nested by construction: raising ``traffic`` only adds units, it never drops one.
     """
-    return _unit_interval(f"{experiment.salt}/traffic", unit_id) < experiment.traffic
+    return _unit_interval(f"{experiment.salt}/traffic", unit_id) < experiment.traffic_at(now)
+
+
+def in_layer_slice(experiment: Experiment, unit_id: str | int) -> bool:
+    """Whether the unit's position on its layer's hash line falls in the experiment's slice."""
+    lo, hi = experiment.layer_range
+    if lo <= 0.0 and hi >= 1.0:
+        return True
+    return lo <= _unit_interval(f"layer/{experiment.layer}", unit_id) < hi
 
 
 def choose_variant(experiment: Experiment, unit_id: str | int) -> str:
@@ -172,18 +246,23 @@ def choose_variant(experiment: Experiment, unit_id: str | int) -> str:
     return experiment.variants[-1].name
 
 
-def assign(experiment: Experiment, unit_id: str | int) -> str | None:
+def assign(experiment: Experiment, unit_id: str | int, context: dict[str, str] | None = None,
+           now: datetime | None = None) -> str | None:
     """The variant name the unit sees, or ``None`` when it gets the default experience.
 
-    ``None`` means: the experiment is not running, the unit is in the long-term holdout, or it falls
-    outside the traffic share. Callers serve the default model then and must not log an exposure
+    ``None`` means: the experiment is not running, the unit is in the long-term holdout, outside the
+    experiment's slice of its layer, not targeted by the request context, or outside the traffic share. Callers serve the default model then and must not log an exposure
     for this experiment.
     """
     if experiment.status != "running":
         return None
     if in_holdout(unit_id, experiment.holdout):
         return None
-    if not in_traffic(experiment, unit_id):
+    if not in_layer_slice(experiment, unit_id):
+        return None
+    if not experiment.targets(context):
+        return None
+    if not in_traffic(experiment, unit_id, now):
         return None
     return choose_variant(experiment, unit_id)
 

@@ -37,14 +37,17 @@ def read_exposures(bootstrap: str, topic: str) -> pd.DataFrame:
 
 
 def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str | None = None) -> dict:
+    exp = _experiment(settings)
     exposures = read_exposures(bootstrap, settings.topics.exposures)
-    exposures = exposures[exposures["variant"].notna()] if not exposures.empty else exposures
+    if not exposures.empty:
+        exposures = exposures[exposures["variant"].notna()]
+        if "experiment" in exposures.columns:  # other experiments (other layers) share the topic
+            exposures = exposures[exposures["experiment"] == exp.name]
     if exposures.empty:
         raise RuntimeError("no exposures with an experiment variant yet: serve recommendations first")
     interactions = read_interactions(settings.offline_dir)
     start_ms = int(exposures["timestamp_ms"].min())
     pre = interactions[(interactions["timestamp_ms"] < start_ms) & (interactions["source"] == "organic")]
-    exp = default_experiment(settings)
     report = ab_report(
         exposures, interactions, control="control", window_s=settings.experiment.attribution_window_s,
         weights=exp.weights, pre_period=pre if not pre.empty else None, name=exp.name,
@@ -58,6 +61,16 @@ def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str 
         _log_to_mlflow(tracking_uri, settings, html_path, report)
     return {"html": str(html_path), "markdown": markdown, "headline": headline,
             "exposures": int(len(exposures)), "srm_flagged": bool(report.srm.flagged)}
+
+
+def _experiment(settings: EncoreSettings):  # noqa: ANN202 - serving.assignment.Experiment
+    """The analysed experiment as the store holds it (weights may have been changed), else the default."""
+    from serving.experiments import ExperimentStore, NotFound
+
+    try:
+        return ExperimentStore(settings.experiments_dir).snapshot().get(settings.experiment.name)
+    except NotFound:
+        return default_experiment(settings)
 
 
 def _headline(report) -> str:  # noqa: ANN001 - serving.analysis.ABReport

@@ -1,0 +1,123 @@
+"""Offline evaluation: full-catalogue ranking of the held-out next item, plus feedback AUC.
+
+For every evaluation window we score *all* V items against the user state just before the target, drop the
+items the user already interacted with (everything in the history before the target, except the target
+itself: re-consumption must not be rewarded by filtering the answer away), and take the target's 0-based
+rank = number of remaining items scored strictly higher. Then
+
+    hr@k   = mean(rank < k)                     ndcg@k = mean(1 / log2(rank + 2) if rank < k else 0)
+    mrr    = mean(1 / (rank + 1))
+
+with k capped at the catalogue size V. No sampled-candidate metrics: they are biased (Krichene & Rendle 2020).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from models.data import Examples, UserSequences, iterate_batches
+from models.recommender import SequentialRecommender
+
+DEFAULT_KS = (1, 10, 50, 200)
+
+
+def ranking_metrics(ranks: np.ndarray | torch.Tensor, num_items: int, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """0-based target ranks -> hr@k for every k, ndcg@k for k > 1, mrr (means over examples)."""
+    r = np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64)
+    out: dict[str, float] = {}
+    if len(r) == 0:
+        return {**{f"hr@{k}": math.nan for k in ks}, **{f"ndcg@{k}": math.nan for k in ks if k > 1}, "mrr": math.nan}
+    gain = 1.0 / np.log2(r + 2.0)
+    for k in ks:
+        kk = min(k, num_items)
+        out[f"hr@{k}"] = float(np.mean(r < kk))
+    for k in ks:
+        if k > 1:  # ndcg@1 == hr@1
+            kk = min(k, num_items)
+            out[f"ndcg@{k}"] = float(np.mean(np.where(r < kk, gain, 0.0)))
+    out["mrr"] = float(np.mean(1.0 / (r + 1.0)))
+    return out
+
+
+def auc(scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
+    """ROC AUC via the Mann-Whitney U statistic with average ranks for ties; NaN if one class is missing."""
+    s = np.asarray(scores.cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+    y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = np.argsort(s, kind="mergesort")
+    sorted_s = s[order]
+    ranks = np.empty(len(s), dtype=np.float64)
+    # average 1-based rank within each run of equal scores
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
+    ends = np.r_[starts[1:], len(s)]
+    avg = (starts + ends + 1) / 2.0
+    ranks[order] = np.repeat(avg, ends - starts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+@torch.inference_mode()
+def evaluate(
+    model: SequentialRecommender,
+    seqs: UserSequences,
+    examples: Examples,
+    *,
+    batch_size: int = 256,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> dict[str, float]:
+    """Metrics over ``examples`` (one ranked target each, e.g. ``Split.valid`` / ``Split.test``)."""
+    was_training = model.training
+    model.eval()
+    num_items = model.cfg.num_items
+    items = model.all_item_embeddings()  # [V + 1, D], computed once
+    ranks, fb_logits, fb_labels = [], [], []
+    for batch in iterate_batches(seqs, examples, batch_size, with_seen=True, bucket_by_length=True):
+        h = model(batch.features, batch.timestamps, batch.query_timestamps)  # [N, D]
+        user = h[batch.rank_mask]  # [B, D]: exactly one ranked position per window, in row order
+        target = batch.target_ids[batch.rank_mask]  # [B]
+        scores = user @ items.T  # [B, V + 1]
+        # Read the target's score before masking the history: a re-consumed target keeps its score while
+        # every other already-seen item drops out of the ranking.
+        target_score = scores.gather(1, target[:, None])  # [B, 1]
+        scores[:, 0] = -math.inf  # padding is not an item
+        scores[batch.seen_rows, batch.seen_items] = -math.inf
+        ranks.append((scores > target_score).sum(dim=1))  # [B] 0-based rank among unseen items + target
+        if model.feedback_head is not None and bool(batch.feedback_mask.any()):
+            fb = batch.feedback_mask
+            fb_logits.append(model.feedback_logits(h[fb], items[batch.target_ids[fb]]))
+            fb_labels.append(batch.target_positive[fb])
+    model.train(was_training)
+
+    all_ranks = torch.cat(ranks) if ranks else torch.zeros(0)
+    metrics = ranking_metrics(all_ranks, num_items, ks)
+    metrics["count"] = float(len(all_ranks))
+    if model.feedback_head is not None:
+        metrics["feedback_auc"] = auc(torch.cat(fb_logits), torch.cat(fb_labels)) if fb_logits else math.nan
+    return metrics
+
+
+def popularity_ranks(seqs: UserSequences, examples: Examples) -> np.ndarray:
+    """0-based ranks of the targets under a most-popular baseline (history filtered like ``evaluate``).
+
+    Popularity counts every positive event of the data set, held-out ones included, so it is a slightly
+    optimistic floor: a trained model must beat it."""
+    counts = np.bincount(seqs.items[seqs.positive], minlength=seqs.vocab.num_embeddings).astype(np.float64)
+    counts[0] = -np.inf
+    ranked = np.flatnonzero(examples.rank_at >= 0)  # feedback-only windows have nothing to rank
+    ranks = np.empty(len(ranked), np.int64)
+    for out, i in enumerate(ranked):
+        t, lo = examples.rank_at[i], examples.history_from[i]
+        s = counts.copy()
+        target = seqs.items[t]
+        s[seqs.items[lo:t]] = -np.inf
+        s[target] = counts[target]
+        ranks[out] = int((s > counts[target]).sum())
+    return ranks
+
+
+__all__ = ["DEFAULT_KS", "auc", "evaluate", "popularity_ranks", "ranking_metrics"]

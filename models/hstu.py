@@ -1,0 +1,152 @@
+"""HSTU: Hierarchical Sequential Transduction Unit (Zhai et al., 2024, "Actions Speak Louder than Words").
+
+Follows the reference implementation (facebookresearch/generative-recommenders, research/modeling/sequential/
+hstu.py). One HSTU block, on a jagged batch x [N, D] (N = total events of the batch):
+
+    U, V, Q, K = split(SiLU(LayerNorm(x) @ W_uvqk))            # one fused projection, SiLU on all four
+    A          = SiLU(Q K^T + rab(pos, time)) / max_len * causal # pointwise attention: no softmax
+    y          = x + W_o(dropout(U * LayerNorm(A V)))           # U gates the normalised attention output
+
+Why no softmax: softmax normalises the attention weights to sum to 1, which throws away *how much* relevant
+history there is (the paper's "intensity" argument); pointwise SiLU keeps it. Dividing by the constant
+``max_len`` (the reference pads to it and divides by the padded length) keeps magnitudes bounded while
+leaving each position's output independent of batch padding and of future events.
+
+The relative attention bias ``rab`` adds, for query position i and key j <= i, a learned bias per position
+offset ``i - j`` plus a learned bias per log-bucket of the time gap between the query's prediction time
+(the time of event i + 1, or the request time when serving) and event j.
+
+Input embedding, output L2 normalisation, item embeddings and losses live in ``models.recommender`` /
+``models.train`` and are shared with SASRec, as they are in the reference code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm.* jagged ops)
+
+
+@dataclass
+class HSTUConfig:
+    dim: int = 50  # D, the embedding / residual width
+    blocks: int = 2
+    heads: int = 1
+    attn_dim: int = 50  # d_qk per head
+    linear_dim: int = 50  # d_v per head (U and V width)
+    max_len: int = 200  # longest history; also the attention normaliser
+    dropout: float = 0.2
+    num_time_buckets: int = 128
+
+
+def bucketize_time_gap(gap_s: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Reference bucketing: floor(ln(max(|gap|, 1)) / 0.301), clamped to [0, num_buckets].
+
+    ln-buckets of width 0.301 (~1.35x per bucket) resolve seconds-vs-minutes finely and months coarsely.
+    """
+    gap = gap_s.abs().clamp(min=1).float()
+    return (torch.log(gap) / 0.301).long().clamp(0, num_buckets)
+
+
+class RelativeAttentionBias(nn.Module):
+    """rab[b, i, j] = w_pos[i - j] + w_time[bucket(t_query[b, i] - t[b, j])]."""
+
+    def __init__(self, max_len: int, num_time_buckets: int):
+        super().__init__()
+        self.pos_w = nn.Parameter(torch.empty(max_len).normal_(0, 0.02))  # causal: offsets 0..max_len-1
+        self.time_w = nn.Parameter(torch.empty(num_time_buckets + 1).normal_(0, 0.02))
+
+    def forward(self, offset_idx: torch.Tensor, time_bucket: torch.Tensor) -> torch.Tensor:
+        # offset_idx: [n, n] long, time_bucket: [B, n, n] long  ->  [B, n, n]
+        return self.pos_w[offset_idx].unsqueeze(0) + self.time_w[time_bucket]
+
+
+class HSTUBlock(nn.Module):
+    def __init__(self, cfg: HSTUConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, dqk, dv = cfg.heads, cfg.attn_dim, cfg.linear_dim
+        self.uvqk = nn.Linear(cfg.dim, h * (2 * dv + 2 * dqk), bias=False)  # fused U, V, Q, K projection
+        self.out = nn.Linear(h * dv, cfg.dim)
+        self.rab = RelativeAttentionBias(cfg.max_len, cfg.num_time_buckets)
+        nn.init.normal_(self.uvqk.weight, mean=0.0, std=0.02)  # reference init
+        nn.init.xavier_uniform_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [N, D] jagged values
+        offsets: torch.Tensor,  # [B + 1]
+        n: int,  # padded length = longest sequence in this batch
+        offset_idx: torch.Tensor,  # [n, n] clamp(i - j)
+        time_bucket: torch.Tensor,  # [B, n, n]
+        causal_over_n: torch.Tensor,  # [n, n] lower-triangular ones / max_len
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        B, h, dqk, dv = offsets.numel() - 1, cfg.heads, cfg.attn_dim, cfg.linear_dim
+
+        # LayerNorm without affine parameters, as in the reference: the projection that follows is affine.
+        uvqk = F.silu(self.uvqk(F.layer_norm(x, (cfg.dim,))))  # [N, h*(2dv+2dqk)]
+        u, v, q, k = uvqk.split([h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+
+        # Attention needs a dense [B, n, ...] layout; pad only up to this batch's longest sequence.
+        def pad(t: torch.Tensor, d: int) -> torch.Tensor:
+            return torch.ops.fbgemm.jagged_to_padded_dense(t, [offsets], [n], 0.0).view(B, n, h, d)
+
+        qp, kp, vp = pad(q, dqk), pad(k, dqk), pad(v, dv)
+        scores = torch.einsum("bnhd,bmhd->bhnm", qp, kp)  # [B, h, n, n]
+        scores = scores + self.rab(offset_idx, time_bucket).unsqueeze(1)  # one bias shared by heads
+        # Right padding + causal mask: a real query i < len never sees a padded key j > i. Padded queries
+        # compute garbage that dense_to_jagged drops.
+        attn = F.silu(scores) * causal_over_n  # = SiLU(scores) / max_len * causal, one pass: [B, h, n, n]
+        attn_out = torch.einsum("bhnm,bmhd->bnhd", attn, vp).reshape(B, n, h * dv)
+        attn_out = torch.ops.fbgemm.dense_to_jagged(attn_out, [offsets])[0]  # [N, h*dv]
+
+        gated = u * F.layer_norm(attn_out, (h * dv,))  # [N, h*dv]
+        return x + self.out(F.dropout(gated, p=cfg.dropout, training=self.training))
+
+
+class HSTU(nn.Module):
+    """Stack of HSTU blocks over a jagged batch. Input and output: [N, D] jagged values."""
+
+    def __init__(self, cfg: HSTUConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.blocks = nn.ModuleList([HSTUBlock(cfg) for _ in range(cfg.blocks)])
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [N, D] embedded inputs
+        offsets: torch.Tensor,  # [B + 1]
+        timestamps: torch.Tensor,  # [N] seconds of each event
+        query_timestamps: torch.Tensor,  # [N] seconds at which each position predicts
+    ) -> torch.Tensor:
+        B = offsets.numel() - 1
+        lengths = offsets[1:] - offsets[:-1]
+        n = int(lengths.max()) if B > 0 else 0
+        if n > self.cfg.max_len:
+            raise ValueError(f"sequence of length {n} exceeds max_len {self.cfg.max_len}")
+
+        # Shared by all blocks (each block has its own bias weights): index tensors, not values.
+        pos = torch.arange(n, device=x.device)
+        offset_idx = (pos[:, None] - pos[None, :]).clamp(0, self.cfg.max_len - 1)  # [n, n]
+        t = torch.ops.fbgemm.jagged_to_padded_dense(timestamps.unsqueeze(-1), [offsets], [n], 0)[..., 0]  # [B, n]
+        tq = torch.ops.fbgemm.jagged_to_padded_dense(query_timestamps.unsqueeze(-1), [offsets], [n], 0)[..., 0]
+        # gap[b, i, j] = (prediction time of query i) - (time of key j), in integer seconds
+        time_bucket = bucketize_time_gap(tq.unsqueeze(2) - t.unsqueeze(1), self.cfg.num_time_buckets)  # [B, n, n]
+        # key j <= query i, with the 1/max_len normaliser folded in (saves a pass over [B, h, n, n])
+        causal_over_n = torch.tril(torch.ones(n, n, device=x.device, dtype=x.dtype)) / self.cfg.max_len
+
+        for block in self.blocks:
+            x = block(x, offsets, n, offset_idx, time_bucket, causal_over_n)
+        return x
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["HSTU", "HSTUBlock", "HSTUConfig", "RelativeAttentionBias", "bucketize_time_gap", "num_params"]

@@ -1,0 +1,61 @@
+"""PNG plots for MLflow artifacts and Dagster metadata (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def loss_curves(history: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Training losses and validation NDCG@10 / HR@10 per epoch."""
+    epochs = list(range(1, len(history) + 1))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for key in ("loss", "next_item_loss", "feedback_loss"):
+        if any(key in h for h in history):
+            ax1.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
+    ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
+    ax1.legend(fontsize=8)
+    for key in ("valid_ndcg@10", "valid_hr@10"):
+        if any(key in h for h in history):
+            ax2.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
+    ax2.set(xlabel="epoch", title="validation")
+    ax2.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def metric_bars(series: dict[str, dict[str, float]], path: Path,
+                keys: Sequence[str] = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")) -> Path:
+    """Grouped bars of HR@K / NDCG@K for each named model (challenger, champion, popularity)."""
+    import numpy as np
+
+    keys = [k for k in keys if any(k in m for m in series.values())]
+    x = np.arange(len(keys))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for i, (name, metrics) in enumerate(series.items()):
+        ax.bar(x + i * width, [metrics.get(k, 0.0) for k in keys], width, label=name)
+    ax.set_xticks(x + width * (len(series) - 1) / 2, keys)
+    ax.set(title="held-out ranking metrics")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def md_image(path: Path, alt: str = "") -> str:
+    """Markdown with the PNG embedded (Dagster renders it in the asset's metadata)."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f"![{alt}](data:image/png;base64,{data})"
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,114 @@
+"""SASRec (Kang & McAuley, 2018), as the baseline of the HSTU paper (generative-recommenders' sasrec.py).
+
+One block on a padded batch x [B, n, D]:
+
+    q = LayerNorm(x)
+    x = q + MultiHeadAttention(q, x, x, causal)     # softmax(Q K^T / sqrt(d)) V; queries normalised only
+    x = LayerNorm(x)
+    x = x + FFN(x)                                   # point-wise: Linear -> ReLU -> dropout -> Linear -> dropout
+    x = x * valid                                    # keep padding at zero
+
+and a final LayerNorm. Inputs (sqrt(d)-scaled item embeddings + learned positions, dropout) and the L2
+normalised output come from the shared ``models.recommender.SequentialRecommender``, exactly as the HSTU
+paper's SASRec baseline shares them. Time stamps are ignored: SASRec has no temporal signal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+import fbgemm_gpu  # noqa: F401
+
+
+@dataclass
+class SASRecConfig:
+    dim: int = 50
+    blocks: int = 2
+    heads: int = 1
+    ffn_dim: int = 50
+    max_len: int = 200
+    dropout: float = 0.2
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        assert cfg.dim % cfg.heads == 0, "dim must be divisible by heads"
+        self.cfg = cfg
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.kv = nn.Linear(cfg.dim, 2 * cfg.dim)
+        self.out = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor) -> torch.Tensor:
+        B, n, D = q_in.shape
+        h = self.cfg.heads
+        q = self.q(q_in).view(B, n, h, D // h).transpose(1, 2)  # [B, h, n, d]
+        k, v = (t.view(B, n, h, D // h).transpose(1, 2) for t in self.kv(kv_in).split(D, dim=-1))
+        # softmax(q k^T / sqrt(d) + causal) v. With right padding, the causal mask alone keeps every real
+        # query away from padded keys, so no key-padding mask is needed.
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.cfg.dropout if self.training else 0.0
+        )  # [B, h, n, d]
+        return self.out(y.transpose(1, 2).reshape(B, n, D))
+
+
+class PointWiseFeedForward(nn.Module):
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(F.relu(self.fc1(x)))))
+
+
+class SASRecBlock(nn.Module):
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(cfg.dim, eps=1e-8)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_ffn = nn.LayerNorm(cfg.dim, eps=1e-8)
+        self.ffn = PointWiseFeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        # x: [B, n, D], valid: [B, n, 1]
+        q = self.ln_attn(x)
+        x = q + self.attn(q, x)  # original SASRec: residual from the *normalised* queries
+        x = self.ln_ffn(x)
+        x = x + self.ffn(x)
+        return x * valid
+
+
+class SASRec(nn.Module):
+    """Stack of SASRec blocks. Input and output: [N, D] jagged values (padded internally to the batch max)."""
+
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.blocks = nn.ModuleList([SASRecBlock(cfg) for _ in range(cfg.blocks)])
+        self.ln_final = nn.LayerNorm(cfg.dim, eps=1e-8)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [N, D]
+        offsets: torch.Tensor,  # [B + 1]
+        timestamps: torch.Tensor | None = None,  # unused: kept for a common encoder signature
+        query_timestamps: torch.Tensor | None = None,  # unused
+    ) -> torch.Tensor:
+        lengths = offsets[1:] - offsets[:-1]
+        n = int(lengths.max()) if lengths.numel() else 0
+        if n > self.cfg.max_len:
+            raise ValueError(f"sequence of length {n} exceeds max_len {self.cfg.max_len}")
+        xd = torch.ops.fbgemm.jagged_to_padded_dense(x, [offsets], [n], 0.0)  # [B, n, D]
+        valid = (torch.arange(n, device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1).to(x.dtype)
+        for block in self.blocks:
+            xd = block(xd, valid)
+        xd = self.ln_final(xd)
+        return torch.ops.fbgemm.dense_to_jagged(xd, [offsets])[0]  # [N, D]
+
+
+__all__ = ["SASRec", "SASRecBlock", "SASRecConfig", "CausalSelfAttention", "PointWiseFeedForward"]

@@ -1,0 +1,354 @@
+"""Training: sampled-softmax next-item loss (+ optional ARGUS feedback loss), early stopping, checkpoints.
+
+Objective for every position i of every history whose next event i + 1 is positive (autoregressive: one
+forward pass trains all positions at once, causality makes them independent predictions):
+
+    l_i = -log( exp(u_i.e_{i+1} / T) / (exp(u_i.e_{i+1} / T) + sum_r exp(u_i.e_r / T)) )
+
+u and e are L2-normalised (cosine logits), T = temperature (0.05: cosines live in [-1, 1], so 1/T sets the
+logit scale), e_r are R negatives drawn uniformly from the catalogue and shared by the batch (one [M, R]
+matmul instead of M x R gathers); a negative that happens to be the positive is masked out, otherwise the
+loss would push the target away from itself.
+
+With ``feedback_weight > 0`` the ARGUS feedback task adds ``w * BCE(f(u_i, e_{i+1}), y_{i+1})`` for every
+next event (positive *and* negative): y = 1 when the reaction was positive.
+
+Optimiser (single process): AdamW over all parameters, with weight decay only on dense weights (decaying
+embedding rows that a batch did not touch would shrink rare items for no reason). The EmbeddingCollection
+gets the same Adam update as dense parameters here; the fused, row-wise sparse optimiser is what
+DistributedModelParallel provides (``models/distributed.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from models.data import Split, UserSequences, build_sequences, iterate_batches, leave_one_out, temporal_split
+from models.data import Batch, ItemVocab
+from models.evaluate import evaluate
+from models.recommender import ModelConfig, Recommender, SequentialRecommender, build_model
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    # model (mirrors infra.settings.TrainSettings, plus the per-family widths)
+    model: str = "hstu"  # hstu | sasrec
+    max_len: int = 50
+    dim: int = 32
+    blocks: int = 2
+    heads: int = 1
+    attn_dim: int = 0  # HSTU d_qk per head (0 = dim // heads)
+    linear_dim: int = 0  # HSTU d_v per head (0 = dim // heads)
+    ffn_dim: int = 0  # SASRec feed-forward width (0 = dim)
+    dropout: float = 0.2
+    num_time_buckets: int = 128
+    # objective
+    negatives: int = 64
+    temperature: float = 0.05
+    feedback_weight: float = 0.0  # ARGUS feedback task weight; 0 disables the head
+    # optimisation
+    batch_size: int = 128
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    epochs: int = 8  # maximum number of epochs; early stopping may end sooner
+    patience: int = 3  # evaluations without a better valid ndcg@10 before stopping; 0 = never stop early
+    eval_every: int = 1  # epochs between validations (the last epoch is always validated)
+    eval_batch_size: int = 256
+    length_bucketing: bool = True  # batch similar-length histories together (less padding, same data)
+    seed: int = 42
+    # data
+    split: str = "loo"  # loo (leave-one-out) | temporal (global time cut)
+    test_fraction: float = 0.1  # temporal split only
+    valid_fraction: float = 0.1  # temporal split only
+    # runtime
+    checkpoint_dir: str | None = None  # resume from / save to <dir>/checkpoint.pt every epoch
+    device: str = "cpu"
+
+    @classmethod
+    def from_yaml(cls, name_or_path: str | Path, **overrides: Any) -> "TrainConfig":
+        """``from_yaml("default")`` reads models/configs/default.yaml; a path is read as is."""
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = CONFIG_DIR / f"{name_or_path}.yaml"
+        data = yaml.safe_load(path.read_text()) or {}
+        return cls.from_dict({**data, **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {sorted(unknown)}")
+        if "betas" in data:
+            data = {**data, "betas": tuple(float(b) for b in data["betas"])}
+        return cls(**data)
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> "TrainConfig":
+        """From ``infra.settings.TrainSettings`` (any object with the same field names)."""
+        known = {f.name for f in fields(cls)}
+        shared = {k: v for k, v in settings.model_dump().items() if k in known}
+        return cls.from_dict({**shared, **overrides})
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return replace(self, **changes)
+
+    def model_config(self, num_items: int) -> ModelConfig:
+        return ModelConfig(
+            model=self.model,
+            num_items=num_items,
+            max_len=self.max_len,
+            dim=self.dim,
+            blocks=self.blocks,
+            heads=self.heads,
+            attn_dim=self.attn_dim,
+            linear_dim=self.linear_dim,
+            ffn_dim=self.ffn_dim,
+            dropout=self.dropout,
+            num_time_buckets=self.num_time_buckets,
+            feedback_head=self.feedback_weight > 0,
+        )
+
+
+@dataclass
+class TrainResult:
+    model: SequentialRecommender  # best-validation weights, in eval mode
+    vocab: ItemVocab
+    config: TrainConfig
+    history: list[dict[str, float]]  # one record per epoch: losses, epoch_s, valid_* metrics when validated
+    valid_metrics: dict[str, float]  # of the best epoch
+    test_metrics: dict[str, float]
+    best_epoch: int
+    wall_s: float
+    num_params: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def recommender(self) -> Recommender:
+        return Recommender(self.model, self.vocab, metadata={"train_config": asdict(self.config), "best_epoch": self.best_epoch, "test_metrics": self.test_metrics})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------------------
+
+
+def sampled_softmax_loss(
+    user: torch.Tensor,  # [M, D] L2-normalised user states
+    positive: torch.Tensor,  # [M, D] L2-normalised target embeddings
+    negatives: torch.Tensor,  # [R, D] L2-normalised sampled embeddings (shared by all M rows)
+    positive_ids: torch.Tensor,  # [M]
+    negative_ids: torch.Tensor,  # [R]
+    temperature: float,
+) -> torch.Tensor:
+    pos_logit = (user * positive).sum(-1, keepdim=True) / temperature  # [M, 1]
+    neg_logit = user @ negatives.T / temperature  # [M, R]
+    # An "accidental hit" (negative == positive) is not a negative: drop it from the softmax denominator.
+    neg_logit = neg_logit.masked_fill(positive_ids[:, None] == negative_ids[None, :], -math.inf)
+    logits = torch.cat([pos_logit, neg_logit], dim=1)  # [M, 1 + R]; the positive is class 0
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+class RecommenderTrain(nn.Module):
+    """TorchRec train-module convention (cf. DLRMTrain): ``forward(batch) -> (loss, detached outputs)``."""
+
+    def __init__(self, model: SequentialRecommender, negatives: int, temperature: float, feedback_weight: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.negatives = negatives
+        self.temperature = temperature
+        self.feedback_weight = feedback_weight
+
+    def forward(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        user = self.model(batch.features, batch.timestamps, batch.query_timestamps)  # [N, D]
+        rank = batch.rank_mask  # [N] positions whose next event is a positive target
+        pos_ids = batch.target_ids[rank]  # [M]
+        neg_ids = torch.randint(1, self.model.cfg.num_items + 1, (self.negatives,), generator=generator)  # [R]
+        use_fb = self.feedback_weight > 0 and self.model.feedback_head is not None
+        fb = batch.feedback_mask
+        fb_ids = batch.target_ids[fb] if use_fb else pos_ids[:0]  # [F]
+        # One EmbeddingCollection lookup for targets, negatives and feedback items.
+        emb = self.model.item_embeddings(torch.cat([pos_ids, neg_ids.to(pos_ids.device), fb_ids]))
+        pos_e, neg_e, fb_e = emb.split([len(pos_ids), len(neg_ids), len(fb_ids)])
+
+        next_loss = sampled_softmax_loss(user[rank], pos_e, neg_e, pos_ids, neg_ids.to(pos_ids.device), self.temperature)
+        loss = next_loss
+        out = {"next_item_loss": next_loss.detach()}
+        if use_fb and len(fb_ids) > 0:
+            logits = self.model.feedback_logits(user[fb], fb_e)  # [F]
+            fb_loss = F.binary_cross_entropy_with_logits(logits, batch.target_positive[fb].float())
+            loss = loss + self.feedback_weight * fb_loss
+            out["feedback_loss"] = fb_loss.detach()
+        out["loss"] = loss.detach()
+        return loss, out
+
+
+def make_optimizer(model: SequentialRecommender, cfg: TrainConfig) -> torch.optim.Optimizer:
+    sparse = [p for p in model.embeddings.parameters()]
+    sparse_ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    return torch.optim.AdamW(
+        [{"params": sparse, "weight_decay": 0.0}, {"params": dense, "weight_decay": cfg.weight_decay}],
+        lr=cfg.lr,
+        betas=cfg.betas,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_split(seqs: UserSequences, cfg: TrainConfig) -> Split:
+    if cfg.split == "loo":
+        return leave_one_out(seqs, cfg.max_len)
+    if cfg.split == "temporal":
+        return temporal_split(seqs, cfg.max_len, test_fraction=cfg.test_fraction, valid_fraction=cfg.valid_fraction)
+    raise ValueError(f"unknown split {cfg.split!r} (expected loo or temporal)")
+
+
+def _config_fingerprint(cfg: TrainConfig) -> str:
+    # Everything but the knobs that may legitimately change on resume.
+    d = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_dir", "epochs", "patience", "eval_every", "device", "eval_batch_size")}
+    return json.dumps(d, sort_keys=True, default=list)
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-save never leaves a truncated checkpoint
+
+
+def train(
+    data: pd.DataFrame | UserSequences,
+    cfg: TrainConfig | None = None,
+    *,
+    progress: bool = True,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train ``cfg.model`` on an events DataFrame (or prebuilt sequences); returns the best-validation model."""
+    cfg = cfg or TrainConfig()
+    t0 = time.perf_counter()
+    seed_everything(cfg.seed)
+    seqs = data if isinstance(data, UserSequences) else build_sequences(data)
+    split = make_split(seqs, cfg)
+    if len(split.train) == 0:
+        raise ValueError("no training windows: every user needs at least two events")
+
+    device = torch.device(cfg.device)
+    model = build_model(cfg.model_config(len(seqs.vocab))).to(device)
+    task = RecommenderTrain(model, cfg.negatives, cfg.temperature, cfg.feedback_weight)
+    optimizer = make_optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)  # shuffling + negatives: reproducible, checkpointable
+
+    history: list[dict[str, float]] = []
+    best = {"score": -math.inf, "epoch": 0, "bad": 0, "state": None, "valid": {}}
+    start_epoch = 1
+    ckpt_path = Path(cfg.checkpoint_dir) / CHECKPOINT_FILE if cfg.checkpoint_dir else None
+    if ckpt_path is not None and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ck["fingerprint"] != _config_fingerprint(cfg) or ck["vocab"] != seqs.vocab.to_json():
+            raise ValueError(f"checkpoint {ckpt_path} was written for another config or data set")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        generator.set_state(ck["generator"])
+        torch.set_rng_state(ck["torch_rng"])
+        history = list(ck["history"])
+        best = {"score": ck["best_score"], "epoch": ck["best_epoch"], "bad": ck["bad_evals"], "state": ck["best_model"], "valid": ck["best_valid"]}
+        start_epoch = ck["epoch"] + 1
+
+    num_params = sum(p.numel() for p in model.parameters())
+    n_batches = math.ceil(len(split.train) / cfg.batch_size)
+    stopped = cfg.patience > 0 and best["bad"] >= cfg.patience  # a resumed run may have stopped already
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if stopped:
+            break
+        t_epoch = time.perf_counter()
+        model.train()
+        sums: dict[str, float] = {}
+        bar = tqdm(
+            iterate_batches(seqs, split.train, cfg.batch_size, shuffle=True, generator=generator, bucket_by_length=cfg.length_bucketing),
+            total=n_batches, desc=f"{cfg.model} epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False,
+        )
+        for batch in bar:
+            loss, out = task(batch.to(device), generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            bar.set_postfix(loss=f"{float(out['loss']):.4f}")
+        record: dict[str, float] = {"epoch": float(epoch), **{k: v / n_batches for k, v in sums.items()}}
+        record["train_s"] = time.perf_counter() - t_epoch
+
+        if len(split.valid) and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            valid = evaluate(model, seqs, split.valid, batch_size=cfg.eval_batch_size)
+            record.update({f"valid_{k}": v for k, v in valid.items()})
+            if valid["ndcg@10"] > best["score"]:
+                best.update(score=valid["ndcg@10"], epoch=epoch, bad=0, valid=valid, state=copy.deepcopy(model.state_dict()))
+            else:
+                best["bad"] += 1
+            stopped = cfg.patience > 0 and best["bad"] >= cfg.patience
+        elif not len(split.valid):  # nothing to validate on: keep the latest weights
+            best.update(epoch=epoch, state=copy.deepcopy(model.state_dict()))
+        record["epoch_s"] = time.perf_counter() - t_epoch
+        history.append(record)
+        if progress:
+            shown = {k: round(v, 4) for k, v in record.items() if k in ("loss", "valid_hr@10", "valid_ndcg@10", "valid_feedback_auc")}
+            tqdm.write(f"{cfg.model} epoch {epoch}: {shown}")
+        if on_epoch is not None:
+            on_epoch(epoch, record)
+        if ckpt_path is not None:
+            _save_checkpoint(ckpt_path, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                "best_score": best["score"], "best_epoch": best["epoch"], "bad_evals": best["bad"],
+                "best_model": best["state"], "best_valid": best["valid"],
+                "fingerprint": _config_fingerprint(cfg), "vocab": seqs.vocab.to_json(),
+            })
+
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    model.eval()
+    test = evaluate(model, seqs, split.test, batch_size=cfg.eval_batch_size) if len(split.test) else {}
+    return TrainResult(
+        model=model,
+        vocab=seqs.vocab,
+        config=cfg,
+        history=history,
+        valid_metrics=best["valid"],
+        test_metrics=test,
+        best_epoch=best["epoch"],
+        wall_s=time.perf_counter() - t0,
+        num_params=num_params,
+        extra={"train_windows": len(split.train), "valid_targets": split.valid.num_ranked, "test_targets": split.test.num_ranked},
+    )
+
+
+__all__ = ["RecommenderTrain", "TrainConfig", "TrainResult", "make_optimizer", "make_split", "sampled_softmax_loss", "seed_everything", "train"]

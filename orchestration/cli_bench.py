@@ -1,0 +1,43 @@
+"""``encore bench ...``: benchmarks of the platform's parts (each prints one JSON object as its last line)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+# bench/ sits next to the installed packages in the repository but is not one of them: make it importable
+# when `encore` runs from another directory.
+_REPO = str(Path(__file__).resolve().parents[1])
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks; each prints its figures as one JSON object on its last line."""
+
+
+@bench.command("serve")
+@click.option("--data-dir", envvar="ENCORE_DATA_DIR", default=None,
+              help="platform state to serve (built with `encore run` first when it holds no champion model)")
+@click.option("--url", default=None, help="drive an already running service instead of starting one")
+@click.option("--rate", type=float, default=200.0, show_default=True, help="requests per second (open loop)")
+@click.option("--duration", "duration_s", type=float, default=20.0, show_default=True, help="measured seconds")
+@click.option("--warmup", "warmup_s", type=float, default=3.0, show_default=True, help="unmeasured seconds first")
+@click.option("--cold-share", type=float, default=0.05, show_default=True, help="share of unknown (cold) users")
+@click.option("-k", "k", type=int, default=10, show_default=True)
+def bench_serve(data_dir: str | None, url: str | None, rate: float, duration_s: float, warmup_s: float,
+                cold_share: float, k: int) -> None:
+    """Load-test POST /v1/recommendations from a separate process: qps, p50/p99 latency, errors."""
+    from bench.serve import run_bench
+    from orchestration.cli import _settings
+
+    if rate <= 0 or duration_s <= 0 or warmup_s < 0:
+        raise click.BadParameter("--rate and --duration must be positive, --warmup non-negative")
+    settings = _settings(data_dir)
+    result = run_bench(settings, url=url, rate=rate, duration_s=duration_s, warmup_s=warmup_s,
+                       cold_share=cold_share, k=k, log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(result))

@@ -1,0 +1,231 @@
+"""``encore models ...`` and ``encore study ...``: the model lifecycle from the command line.
+
+``encore models train`` launches the same Dagster ``training_job`` as the UI (same definitions, same
+instance under the data dir, so the run and the gate's verdict show up in the UI); ``list``, ``promote``,
+``rollback`` and ``audit`` work on the MLflow registry directly (aliases, never stages), and every alias
+move is recorded as an audit entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from infra.settings import EncoreSettings, get_settings
+
+_data_dir = click.option("--data-dir", envvar="ENCORE_DATA_DIR", default=None,
+                         help="where Encore keeps its state (default ./.encore)")
+_uri = click.option("--tracking-uri", "uri", envvar="ENCORE_MLFLOW_TRACKING_URI", default=None,
+                    help="MLflow tracking URI (default: settings, the running embedded server, or the sqlite file)")
+
+
+def _settings(data_dir: str | None) -> EncoreSettings:
+    if data_dir:
+        os.environ["ENCORE_DATA_DIR"] = data_dir
+    get_settings.cache_clear()
+    try:
+        return get_settings()
+    except Exception as exc:  # pydantic names the wrong setting
+        raise click.ClickException(f"invalid settings: {exc}") from exc
+
+
+def resolve_tracking_uri(settings: EncoreSettings, explicit: str | None = None) -> str:
+    """Explicit, configured, the running embedded server, else the embedded server's sqlite database."""
+    if explicit or settings.mlflow_tracking_uri:
+        return explicit or settings.mlflow_tracking_uri  # type: ignore[return-value]
+    endpoints = settings.run_dir / "endpoints.json"
+    if endpoints.is_file():
+        uri = json.loads(endpoints.read_text()).get("mlflow_uri")
+        if uri:
+            return uri
+    db = settings.mlflow_dir / "mlflow.db"
+    if db.is_file():
+        return f"sqlite:///{db}"
+    raise click.ClickException(f"no MLflow registry under {settings.root}: train a model first (encore run)")
+
+
+def run_config(preset: str = "", epochs: int = 0, dim: int = 0, blocks: int = 0, seed: int = -1) -> dict:
+    return {"ops": {"trained_model": {"config": {"preset": preset, "epochs": epochs, "dim": dim, "blocks": blocks,
+                                                  "seed": seed}}}}
+
+
+def run_training(settings: EncoreSettings, *, instance=None, tracking: str | None = None,  # noqa: ANN001
+                 **config: object) -> dict:
+    """Run ``training_job`` in process (as ``encore models train`` does) and summarise the gate's verdict."""
+    import dagster as dg
+
+    from orchestration.definitions import defs
+    from orchestration.pipeline import dagster_instance
+    from orchestration.resources import EncoreResource, MLflowResource
+
+    resources: dict = {"encore": EncoreResource(settings_json=settings.model_dump_json())}
+    if tracking:
+        resources["mlflow_server"] = MLflowResource(tracking_uri=tracking)
+    result = defs.resolve_job_def("training_job").execute_in_process(
+        instance=instance or dagster_instance(settings), resources=resources,
+        run_config={**run_config(**config), "loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        raise_on_error=False,
+    )
+    summary: dict = {"success": result.success, "run_id": result.run_id}
+    for ev in result.get_asset_check_evaluations():
+        if ev.check_name == "promotion_gate":
+            summary["gate_passed"] = ev.passed
+            summary["gate_reason"] = ev.metadata["reason"].value if "reason" in ev.metadata else ""
+    try:
+        summary["version"] = result.output_for_node("registered_model")["version"]
+    except Exception:  # noqa: BLE001 - failed before registering
+        summary["version"] = None
+    try:
+        champ = result.output_for_node("champion_model")
+        summary.update(promoted=champ["promoted"], reason=champ["reason"])
+    except Exception:  # noqa: BLE001 - the gate blocked it, or an earlier step failed
+        summary.update(promoted=False, reason=summary.get("gate_reason") or "training_job failed before the gate")
+    if not summary.get("gate_reason") and not result.success:
+        failures = [e.message for e in result.all_events if e.is_step_failure]
+        summary["reason"] = failures[0] if failures else "training_job failed"
+    return summary
+
+
+@click.group("models")
+def models_group() -> None:
+    """Registered model versions: train, list, promote, roll back, audit (MLflow aliases)."""
+
+
+@models_group.command("train")
+@_data_dir
+@click.option("--preset", default="", help="hstu, sasrec, argus, a models/configs name, or a YAML path "
+                                           "(default: the settings' train group)")
+@click.option("--epochs", type=int, default=0, help="override the epoch count")
+@click.option("--dim", type=int, default=0, help="override the model width")
+@click.option("--seed", type=int, default=-1, help="override the seed")
+def models_train(data_dir: str | None, preset: str, epochs: int, dim: int, seed: int) -> None:
+    """Run the Dagster training_job: snapshot → train → evaluate → register → gate → champion."""
+    settings = _settings(data_dir)
+    s = run_training(settings, preset=preset, epochs=epochs, dim=dim, seed=seed)
+    if s["version"] is None:
+        raise click.ClickException(f"training failed: {s['reason']}")
+    verdict = "passed" if s.get("gate_passed") else "BLOCKED"
+    click.echo(f"version {s['version']}: promotion gate {verdict}\n  {s.get('gate_reason', '')}")
+    if s["promoted"]:
+        click.echo(f"  version {s['version']} is now @champion")
+    elif s.get("gate_passed"):
+        click.echo(f"  {s['reason']}")
+    else:
+        click.echo(f"  version {s['version']} stays @challenger (details: the promotion_gate check in the Dagster UI)")
+
+
+@models_group.command("list")
+@_data_dir
+@_uri
+@click.option("--metric", default=None, help="metric column (default: the gate's, e.g. test_ndcg@10)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def models_list(data_dir: str | None, uri: str | None, metric: str | None, as_json: bool) -> None:
+    """Every version of encore-recommender with its aliases, metric, data snapshot and gate verdict."""
+    from models.registry import list_versions
+
+    settings = _settings(data_dir)
+    metric = metric or f"{settings.promotion.split}_{settings.promotion.metric}"
+    rows = list_versions(resolve_tracking_uri(settings, uri), metric=metric)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no registered versions of encore-recommender yet")
+        return
+    click.echo(f"{'version':>7}  {'aliases':<22} {'model':<7} {metric:>14}  {'gate':<7} {'created':<16}  snapshot")
+    for r in rows:
+        aliases = ",".join("@" + a for a in r["aliases"]) + (" (awaiting approval)" if r["awaiting_approval"] else "")
+        value = "-" if r["metric"] is None else f"{r['metric']:.4f}"
+        gate = {"true": "passed", "false": "blocked"}.get(r["gate"], "-")
+        click.echo(f"{r['version']:>7}  {aliases:<22} {r['model']:<7} {value:>14}  {gate:<7} {r['created']:<16}  "
+                   f"{r['dataset_snapshot']}")
+        if r["gate"] == "false":
+            click.echo(f"{'':>9}gate: {r['gate_reason']}")
+
+
+@models_group.command("promote")
+@click.argument("version", type=int)
+@_data_dir
+@_uri
+@click.option("--reason", default="promoted by hand", show_default=True, help="recorded in the audit trail")
+def models_promote(version: int, data_dir: str | None, uri: str | None, reason: str) -> None:
+    """Move @champion to VERSION (manual mode, or overriding the gate); recorded in the audit trail."""
+    from mlflow.exceptions import MlflowException
+
+    from models.registry import promote
+
+    settings = _settings(data_dir)
+    try:
+        entry = promote(resolve_tracking_uri(settings, uri), version, reason=reason)
+    except MlflowException as exc:
+        raise click.ClickException(f"cannot promote version {version}: {exc.message}") from exc
+    if entry["action"] == "noop":
+        click.echo(entry["reason"])
+    else:
+        click.echo(f"@champion: v{entry['from']} -> v{entry['to']} ({reason}, by {entry['actor']})")
+
+
+@models_group.command("rollback")
+@_data_dir
+@_uri
+@click.option("--reason", default="rolled back by hand", show_default=True, help="recorded in the audit trail")
+def models_rollback(data_dir: str | None, uri: str | None, reason: str) -> None:
+    """Give @champion back to the version that held it before the current one."""
+    from models.registry import rollback
+
+    settings = _settings(data_dir)
+    try:
+        entry = rollback(resolve_tracking_uri(settings, uri), reason=reason)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"@champion: v{entry['from']} -> v{entry['to']} (rollback, by {entry['actor']})")
+
+
+@models_group.command("audit")
+@_data_dir
+@_uri
+def models_audit(data_dir: str | None, uri: str | None) -> None:
+    """Every alias move, oldest first: when, which alias, from and to which version, who and why."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from models.registry import audit_log
+
+    settings = _settings(data_dir)
+    for e in audit_log(MlflowClient(resolve_tracking_uri(settings, uri))):
+        when = pd.Timestamp(e["at_ms"], unit="ms").strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(f"{when}  @{e['alias']:<10} v{e['from']} -> v{e['to']}  {e.get('action', 'set'):<8} "
+                   f"{e.get('actor', '?')}: {e['reason']}")
+
+
+@click.group("study")
+def study_group() -> None:
+    """Studies run as their own Dagster jobs."""
+
+
+@study_group.command("scaling")
+@_data_dir
+@click.option("--dims", default=None, help="comma-separated widths (default: settings scaling.dims)")
+@click.option("--fractions", default=None, help="comma-separated data fractions (default: settings)")
+@click.option("--epochs", type=int, default=None)
+def study_scaling(data_dir: str | None, dims: str | None, fractions: str | None, epochs: int | None) -> None:
+    """Train a sweep of model sizes / data fractions and fit power laws (the Dagster scaling_job)."""
+    from orchestration.pipeline import dagster_instance
+    from orchestration.definitions import defs
+    from orchestration.resources import EncoreResource
+
+    settings = _settings(data_dir)
+    scaling = settings.scaling.model_copy(update={k: v for k, v in {
+        "dims": [int(d) for d in dims.split(",")] if dims else None,
+        "data_fractions": [float(f) for f in fractions.split(",")] if fractions else None,
+        "epochs": epochs}.items() if v is not None})
+    settings = settings.model_copy(update={"scaling": scaling})
+    result = defs.resolve_job_def("scaling_job").execute_in_process(
+        instance=dagster_instance(settings), resources={"encore": EncoreResource(settings_json=settings.model_dump_json())},
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}}, raise_on_error=False)
+    if not result.success:
+        raise click.ClickException("scaling_job failed (see the run in the Dagster UI)")
+    study = result.output_for_node("scaling_study")
+    click.echo(study["points_markdown"] + "\n\n" + study["fits_markdown"] + f"\n\nplot: {study['plot']}")

@@ -1,0 +1,133 @@
+"""Faults lose nothing and duplicate nothing: SIGKILL of the ingest worker mid-batch, a broker restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import duckdb
+import pytest
+import yaml
+
+from features.events import InteractionEvent
+from features.feature_repo import feature_store
+from features.ingest import HISTORY_FEATURES, Ingestor
+from features.kafka_io import ensure_topics, make_producer, publish_events
+from features.offline_store import OfflineStore
+from infra.services import start_broker
+from tests.conftest import small_settings
+
+pytestmark = pytest.mark.integration
+
+
+def make_events(n: int, prefix: str, users: int = 50) -> list[InteractionEvent]:
+    start = int(time.time() * 1000) - 7_200_000
+    return [InteractionEvent(event_id=f"{prefix}{i}", user_id=i % users, item_id=i % 97, event_type="listen",
+                             timestamp_ms=start + i, played_ratio=0.75) for i in range(n)]
+
+
+def send(bootstrap: str, topic: str, events: list[InteractionEvent]) -> None:
+    p = make_producer(bootstrap)
+    publish_events(p, topic, events)
+    p.flush()
+    p.close()
+
+
+def raw_counts(settings) -> tuple[int, int]:
+    """(rows in the Parquet files, distinct event ids) — before any read-side deduplication."""
+    files = list(settings.offline_dir.glob("date=*/*.parquet"))
+    if not files:
+        return 0, 0
+    glob = str(settings.offline_dir / "date=*" / "*.parquet")
+    with duckdb.connect() as con:
+        return con.execute(f"SELECT count(*), count(DISTINCT event_id) FROM read_parquet('{glob}')").fetchone()
+
+
+def wait_for(cond, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_exact(settings, events: list[InteractionEvent]) -> None:
+    rows, unique = raw_counts(settings)
+    assert unique == len(events), f"lost {len(events) - unique}"
+    assert rows == unique, f"{rows - unique} duplicate rows"
+    off = OfflineStore(settings.offline_dir)
+    try:
+        assert int(off.item_stats()["events"].sum()) == len(events)
+        assert int(off.user_stats()["events"].sum()) == len(events)
+    finally:
+        off.close()
+    # the online history of a user equals their last N events in the system of record
+    store = feature_store(settings, apply=False)
+    online = store.get_online_features(HISTORY_FEATURES, [{"user_id": 7}]).to_dict()
+    mine = sorted((e for e in events if e.user_id == 7), key=lambda e: e.timestamp_ms)
+    n = settings.ingest.history_length
+    assert online["item_ids"][0] == [e.item_id for e in mine][-n:]
+
+
+def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(broker, tmp_path):
+    settings, bootstrap = broker
+    settings = settings.model_copy(update={"ingest": settings.ingest.model_copy(
+        update={"batch_size": 1500, "max_batch_wait_ms": 200, "poll_timeout_ms": 1000})})
+    events = make_events(12_000, "k")
+    send(bootstrap, settings.topics.interactions, events)
+    cfg = tmp_path / "settings.yaml"
+    cfg.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    env = {**os.environ, "ENCORE_CONFIG": str(cfg), "ENCORE_KAFKA_BOOTSTRAP": bootstrap}
+    cmd = [sys.executable, "-m", "orchestration.cli", "ingest", "--follow"]
+
+    for kills in (1, 2):  # kill twice, at different points of the work
+        worker = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before = raw_counts(settings)[1]
+        wait_for(lambda: raw_counts(settings)[1] > before + kills * 700, 120, "progress before the kill")
+        time.sleep(0.05 * kills)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    assert raw_counts(settings)[1] < len(events), "the kills came too late to interrupt anything"
+
+    worker = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: raw_counts(settings)[1] >= len(events), 180, "the restarted worker to catch up")
+        time.sleep(2.5)  # let it flush the throttled stats and go idle
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
+    assert_exact(settings, events)
+
+
+def test_broker_restart_is_survived_without_manual_steps(tmp_path):
+    settings = small_settings(tmp_path / "encore", ingest={"poll_timeout_ms": 500, "max_batch_wait_ms": 200,
+                                                            "item_stats_interval_s": 0})
+    broker = start_broker(settings)
+    port = int(broker.endpoint.split(":")[1])
+    ensure_topics(broker.endpoint, settings.topics)
+    first, second = make_events(1000, "a"), make_events(1500, "b")
+    stop = threading.Event()
+    try:
+        send(broker.endpoint, settings.topics.interactions, first)
+        with Ingestor(settings, broker.endpoint) as worker:
+            result: dict = {}
+            thread = threading.Thread(target=lambda: result.update(r=worker.run(stop=stop)))
+            thread.start()
+            wait_for(lambda: raw_counts(settings)[1] == 1000, 60, "the first events")
+            broker.stop()  # memory storage: the log and the committed offsets are gone
+            broker = start_broker(settings, port=port)
+            ensure_topics(broker.endpoint, settings.topics)
+            send(broker.endpoint, settings.topics.interactions, second)  # offsets 0..1499 again
+            wait_for(lambda: raw_counts(settings)[1] == 2500, 90, "the events sent after the restart")
+            stop.set()
+            thread.join(timeout=30)
+        assert result["r"].broker_resets >= 1
+    finally:
+        stop.set()
+        broker.stop()
+    assert_exact(settings, first + second)
