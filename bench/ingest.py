@@ -1,6 +1,6 @@
 """Ingest benchmark: Kafka → validation → offline store → Feast online store, measured end to end.
 
-Three phases, each on a fresh embedded broker (or ``--bootstrap``) and data dir:
+Three phases; the second and third each run on a fresh embedded broker and data dir:
 
 1. **ceiling**: the raw consume rate of the same broker and client (kafka-python, no processing);
 2. **throughput**: N events (a share malformed) produced up front, then ingested as fast as possible;

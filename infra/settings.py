@@ -54,6 +54,8 @@ class IngestSettings(BaseModel):
     max_payload_bytes: int = Field(default=64 * 1024, ge=256)
     max_future_skew_s: int = Field(default=3600, ge=0, description="events further in the future go to DLQ")
     group_id: str = "encore-ingest"
+    freshness_max_age_s: int = Field(default=900, ge=1, description="freshness check: newest ingest at most "
+                                     "this old while events wait in Kafka")
 
 
 class TrainSettings(BaseModel):

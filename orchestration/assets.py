@@ -27,6 +27,7 @@ import pandas as pd
 
 from features.ingest import ingest
 from features.offline_store import read_interactions
+from orchestration.streaming import interactions_topic
 from orchestration.resources import EncoreResource, FeastResource, KafkaResource, MLflowResource
 
 STREAMING = "streaming"
@@ -34,12 +35,6 @@ TRAINING = "training"
 STUDIES = "studies"
 EXPERIMENTS = "experiments"
 
-interactions_topic = dg.AssetSpec(
-    "interactions_topic",
-    description="Kafka topic of interaction events (JSON, schema v1, key = user_id)",
-    kinds={"kafka"},
-    group_name=STREAMING,
-)
 exposures_topic = dg.AssetSpec(
     "exposures_topic",
     description="Kafka topic of served recommendations (one record per response)",

@@ -41,3 +41,12 @@ def bench_serve(data_dir: str | None, url: str | None, rate: float, duration_s: 
     result = run_bench(settings, url=url, rate=rate, duration_s=duration_s, warmup_s=warmup_s,
                        cold_share=cold_share, k=k, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(result))
+
+
+@bench.command("ingest", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_ingest(args: tuple[str, ...]) -> None:
+    """Kafka → offline + online stores: events/s, freshness, lost/duplicated (see `python -m bench.ingest -h`)."""
+    from bench.ingest import main as run
+
+    run(list(args))

@@ -10,7 +10,6 @@ from orchestration.assets import (
     evaluation,
     exposures_topic,
     ingested_interactions,
-    interactions_topic,
     promotion_gate,
     registered_model,
     scaling_study,
@@ -18,6 +17,7 @@ from orchestration.assets import (
     training_dataset,
 )
 from orchestration.resources import EncoreResource, FeastResource, KafkaResource, MLflowResource
+from orchestration.streaming import freshness, ingest_on_lag, interactions_topic, offline_schema
 
 ingest_job = dg.define_asset_job("ingest_job", selection=[ingested_interactions],
                                  description="consume the interactions topic into Feast")
@@ -58,10 +58,10 @@ def retrain_on_new_events(context: dg.SensorEvaluationContext, encore: EncoreRes
 defs = dg.Definitions(
     assets=[interactions_topic, exposures_topic, ingested_interactions, training_dataset, trained_model,
             evaluation, registered_model, champion_model, scaling_study, ab_report],
-    asset_checks=[promotion_gate],
+    asset_checks=[promotion_gate, offline_schema, freshness],
     jobs=[ingest_job, training_job, scaling_job, ab_report_job],
     schedules=[nightly_retrain],
-    sensors=[retrain_on_new_events],
+    sensors=[retrain_on_new_events, ingest_on_lag],
     resources={
         "encore": EncoreResource(),
         "kafka": KafkaResource(),
