@@ -50,3 +50,12 @@ def bench_ingest(args: tuple[str, ...]) -> None:
     from bench.ingest import main as run
 
     run(list(args))
+
+
+@bench.command("quality", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_quality(args: tuple[str, ...]) -> None:
+    """Train one config on one dataset: HR@K, NDCG@K, MRR, tokens/s (see `python -m bench.quality -h`)."""
+    from bench.quality import main as run
+
+    run(list(args))

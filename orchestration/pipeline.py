@@ -158,7 +158,7 @@ def run_end_to_end(settings: EncoreSettings, *, progress: bool = True) -> dict:
         summary["feedback_ingest"] = {k: _materialization(ing2, "ingested_interactions")[k]
                                       for k in ("consumed", "written", "dlq")}
         ab = run_job(settings, "ab_report_job", instance).output_for_node("ab_report")
-        summary["ab_report"] = {"html": ab["html"], "headline": ab["headline"]}
+        summary["ab_report"] = {k: ab[k] for k in ("html", "headline", "tests", "srm_flagged", "guardrail_breaches")}
         summary["mlflow_uri"] = mlflow_uri
     summary["wall_s"] = round(time.monotonic() - t0, 1)
     (settings.reports_dir).mkdir(parents=True, exist_ok=True)

@@ -164,6 +164,9 @@ class MetricTest(BaseModel):
     p_adjusted: float
     significant: bool
     lower_is_better: bool
+    always_valid_p: float | None = Field(
+        default=None, description="mSPRT always-valid p-value: safe to read at any time, however often peeked")
+    guardrail_breached: bool = False
 
 
 class ABReport(BaseModel):
@@ -179,6 +182,11 @@ class ABReport(BaseModel):
     srm: SRMResult
     attribution: AttributionStats
     notes: list[str]
+    guardrails: list[str] = Field(default_factory=list, description="metrics that must not get worse")
+
+    @property
+    def guardrail_breaches(self) -> list[MetricTest]:
+        return [t for t in self.tests if t.guardrail_breached]
 
     def test(self, metric: str, treatment: str | None = None) -> MetricTest:
         """The test of ``metric`` for ``treatment`` (may be omitted when there is one treatment)."""
@@ -386,13 +394,15 @@ def _finite(values: Sequence[float] | np.ndarray | pd.Series) -> np.ndarray:
 
 
 def welch_test(
-    a: Sequence[float] | np.ndarray | pd.Series, b: Sequence[float] | np.ndarray | pd.Series, alpha: float = 0.05
+    a: Sequence[float] | np.ndarray | pd.Series, b: Sequence[float] | np.ndarray | pd.Series, alpha: float = 0.05,
+    *, baseline_mean: float | None = None,
 ) -> TestResult:
     """Welch's unequal-variance t-test of B against A, with CIs for the difference and the relative lift.
 
     NaNs are dropped (and reflected in ``n_a``/``n_b``). The difference CI is scipy's Welch interval on the
     Welch–Satterthwaite df. The relative-lift CI uses the delta method on ``mean_b / mean_a`` with the two
     arms independent: Var ≈ var_b/(n_b·m_a²) + m_b²·var_a/(n_a·m_a⁴), with a t quantile on the same df.
+    ``baseline_mean`` (for CUPED-adjusted inputs) makes the lift ``diff / baseline_mean`` instead.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -411,7 +421,14 @@ def welch_test(
         ci_low = ci_high = diff
 
     rel = rel_low = rel_high = None
-    if mean_a != 0:
+    if baseline_mean is not None:
+        # CUPED-adjusted arms: the adjusted control mean can sit near 0 (or below) while the raw metric does
+        # not, so the lift is relative to the raw control mean; the diff's CI carries the uncertainty.
+        if baseline_mean != 0:
+            rel, rel_low, rel_high = diff / baseline_mean, ci_low / baseline_mean, ci_high / baseline_mean
+            if baseline_mean < 0:
+                rel_low, rel_high = rel_high, rel_low
+    elif mean_a != 0:
         rel = diff / mean_a
         se_ratio = math.sqrt(var_b / (len(xb) * mean_a**2) + mean_b**2 * var_a / (len(xa) * mean_a**4))
         # df is NaN only when both arms are constant; se_ratio is then 0 and any quantile will do.
@@ -505,6 +522,33 @@ def cuped(
     )
 
 
+def msprt_p_value(result: TestResult, tau: float | None = None) -> float | None:
+    """Always-valid p-value of the mixture SPRT for a difference of means (Johari et al., 2017).
+
+    With the difference estimate D, its variance V = s_a²/n_a + s_b²/n_b and a normal mixing prior of
+    variance tau² on the true difference, the likelihood ratio is
+    ``sqrt(V / (V + tau²)) * exp(D² tau² / (2 V (V + tau²)))`` and ``p = min(1, 1 / ratio)``. Unlike the
+    fixed-horizon Welch p-value it stays valid when experimenters look every day and stop at the first
+    significant look. ``tau`` defaults to the control's standard deviation (effects of about one sd are
+    the plausible scale); it only trades power between small and large effects, never validity.
+    """
+    v = result.std_a**2 / result.n_a + result.std_b**2 / result.n_b
+    if not (math.isfinite(v) and v > 0):
+        return None
+    tau2 = (tau if tau is not None else (result.std_a or result.std_b)) ** 2
+    if tau2 <= 0:
+        return None
+    log_ratio = 0.5 * math.log(v / (v + tau2)) + result.diff**2 * tau2 / (2 * v * (v + tau2))
+    return float(min(1.0, math.exp(-log_ratio)))
+
+
+def _harmful(result: TestResult, metric: str, alpha: float) -> bool:
+    """A guardrail is breached when its CI excludes zero on the harmful side."""
+    if not math.isfinite(result.p_value) or result.p_value >= alpha:
+        return False
+    return result.ci_low > 0 if metric in LOWER_IS_BETTER else result.ci_high < 0
+
+
 def adjust_pvalues(p_values: Sequence[float], method: Literal["bh", "by"] = "bh") -> list[float]:
     """Benjamini–Hochberg (or -Yekutieli) adjusted p-values via ``scipy.stats.false_discovery_control``.
 
@@ -565,6 +609,7 @@ def ab_report(
     pre_period: pd.DataFrame | None = None,
     alpha: float = 0.05,
     name: str = "experiment",
+    guardrails: Sequence[str] = ("skip_rate",),
 ) -> ABReport:
     """Full analysis of one experiment: SRM, per-arm summaries and per-metric tests against ``control``.
 
@@ -648,8 +693,10 @@ def ab_report(
                 continue
             a = values[(users["variant"] == control).to_numpy()]
             b = values[(users["variant"] == treatment).to_numpy()]
+            raw_control = y[(users["variant"] == control).to_numpy()]
+            baseline = float(np.nanmean(raw_control)) if used_cuped and np.isfinite(raw_control).any() else None
             try:
-                result = welch_test(a, b, alpha=alpha)
+                result = welch_test(a, b, alpha=alpha, baseline_mean=baseline)
             except ValueError as exc:
                 notes.append(f"{metric} ({treatment} vs {control}) not tested: {exc}.")
                 continue
@@ -669,9 +716,15 @@ def ab_report(
             p_adjusted=p_adj,
             significant=bool(math.isfinite(p_adj) and p_adj < alpha),
             lower_is_better=metric in LOWER_IS_BETTER,
+            always_valid_p=msprt_p_value(result),
+            guardrail_breached=metric in guardrails and _harmful(result, metric, alpha),
         )
         for (metric, treatment, result, used_cuped, reduction), p_adj in zip(raw_tests, adjusted, strict=True)
     ]
+    for t in tests:
+        if t.guardrail_breached:
+            notes.append(f"GUARDRAIL BREACHED: {t.metric} got worse in {t.treatment} "
+                         f"(diff {t.result.diff:+.4g}, CI [{t.result.ci_low:+.4g}, {t.result.ci_high:+.4g}]).")
     if len(weights) > 2:
         notes.append("Only treatment-vs-control comparisons are tested; all of them form one BH family.")
 
@@ -685,6 +738,7 @@ def ab_report(
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
         variants=summaries,
         tests=tests,
+        guardrails=list(guardrails),
         srm=srm,
         attribution=attribution,
         notes=notes,
@@ -726,7 +780,7 @@ def _summary_rows(report: ABReport) -> tuple[list[str], list[list[str]]]:
 
 def _test_rows(report: ABReport) -> tuple[list[str], list[list[str]]]:
     header = ["metric", "treatment", "control mean", "treatment mean", "diff [CI]", "lift [CI]", "p", "p (BH)",
-              "significant", "CUPED var. red."]
+              "always-valid p", "significant", "CUPED var. red.", "guardrail"]
     rows = []
     for t in report.tests:
         r = t.result
@@ -741,8 +795,10 @@ def _test_rows(report: ABReport) -> tuple[list[str], list[list[str]]]:
                 f"{_pct(r.rel_lift)} [{_pct(r.rel_lift_ci_low)}, {_pct(r.rel_lift_ci_high)}]",
                 _fmt(r.p_value, 3),
                 _fmt(t.p_adjusted, 3),
+                _fmt(t.always_valid_p, 3),
                 "yes" if t.significant else "no",
                 _pct(t.variance_reduction).lstrip("+") if t.cuped else "–",
+                ("BREACHED" if t.guardrail_breached else "ok") if t.metric in report.guardrails else "–",
             ]
         )
     return header, rows

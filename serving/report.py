@@ -59,8 +59,12 @@ def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str 
     headline = _headline(report)
     if tracking_uri:
         _log_to_mlflow(tracking_uri, settings, html_path, report)
-    return {"html": str(html_path), "markdown": markdown, "headline": headline,
-            "exposures": int(len(exposures)), "srm_flagged": bool(report.srm.flagged)}
+    lifts = {t.metric: {"diff": t.result.diff, "lift": t.result.rel_lift, "p_adjusted": t.p_adjusted,
+                        "significant": t.significant, "variance_reduction": t.variance_reduction}
+             for t in report.tests}
+    return {"html": str(html_path), "markdown": markdown, "headline": headline, "tests": lifts,
+            "exposures": int(len(exposures)), "srm_flagged": bool(report.srm.flagged),
+            "guardrail_breaches": [t.metric for t in report.guardrail_breaches]}
 
 
 def _experiment(settings: EncoreSettings):  # noqa: ANN202 - serving.assignment.Experiment

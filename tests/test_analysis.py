@@ -464,3 +464,46 @@ def test_report_json_is_plain_json() -> None:
     report = ab_report(exposures, interactions, control="control", window_s=3600, weights=TWO_ARMS)
     data = json.loads(report.model_dump_json())
     assert data["srm"]["flagged"] is False and len(data["tests"]) == len(METRICS)
+
+
+# ------------------------------------------------------------------ sequential testing and guardrails
+
+
+def test_always_valid_p_survives_peeking_where_welch_does_not():
+    """Peek after every 50 users per arm, stop at the first p < 0.05: under A/A the fixed-horizon Welch
+    p-value is fooled far more than 5% of the time; the mSPRT p-value stays under alpha."""
+    from serving.analysis import msprt_p_value, welch_test
+
+    rng = np.random.default_rng(11)
+    runs, looks, step = 200, 20, 50
+    fooled_welch = fooled_msprt = 0
+    for _ in range(runs):
+        a = rng.exponential(1.0, looks * step)
+        b = rng.exponential(1.0, looks * step)
+        welch_hit = msprt_hit = False
+        for k in range(1, looks + 1):
+            r = welch_test(a[: k * step], b[: k * step])
+            welch_hit |= r.p_value < 0.05
+            msprt_hit |= (msprt_p_value(r) or 1.0) < 0.05
+        fooled_welch += welch_hit
+        fooled_msprt += msprt_hit
+    assert fooled_welch / runs > 0.12  # peeking breaks the fixed-horizon test
+    assert fooled_msprt / runs <= 0.05
+
+
+def test_always_valid_p_detects_a_real_effect():
+    from serving.analysis import msprt_p_value, welch_test
+
+    rng = np.random.default_rng(3)
+    r = welch_test(rng.normal(1.0, 1.0, 2000), rng.normal(1.2, 1.0, 2000))
+    assert msprt_p_value(r) < 0.01
+
+
+def test_guardrail_breach_is_flagged_only_on_the_harmful_side():
+    from serving.analysis import _harmful, welch_test
+
+    rng = np.random.default_rng(5)
+    worse = welch_test(rng.normal(0.2, 0.1, 500), rng.normal(0.3, 0.1, 500))  # skip rate went up
+    better = welch_test(rng.normal(0.3, 0.1, 500), rng.normal(0.2, 0.1, 500))
+    assert _harmful(worse, "skip_rate", 0.05) and not _harmful(better, "skip_rate", 0.05)
+    assert _harmful(better, "listens", 0.05) and not _harmful(worse, "listens", 0.05)

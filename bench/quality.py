@@ -1,0 +1,53 @@
+"""Quality and training-speed benchmark: train one config on one dataset, rank the full catalogue.
+
+Protocol: leave-one-out (last positive event = test, second-last = validation), full-catalogue ranking
+with the user's history filtered out, early stopping on validation NDCG@10 (see ``models/train.py``).
+The LAST line printed is one JSON object with ``hr@1 hr@10 hr@50 hr@200 ndcg@10 ndcg@50 ndcg@200 mrr``,
+``config``, ``epochs``, ``wall_s`` and ``tokens_per_s`` (history events processed per second of training,
+validation excluded).
+
+    python -m bench.quality --dataset ml-100k --dataset-dir ../shared/data/ml-100k --config hstu-ml100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+KEYS = ("hr@1", "hr@10", "hr@50", "hr@200", "ndcg@10", "ndcg@50", "ndcg@200", "mrr")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="synthetic",
+                    choices=["synthetic", "ml-100k", "ml-1m", "ml-20m", "ml-25m", "amazon", "yambda"])
+    ap.add_argument("--dataset-dir", type=Path, default=None)
+    ap.add_argument("--config", default="default", help="a name under models/configs/ or a YAML path")
+    ap.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    from features.replay import events_frame
+    from infra.settings import EncoreSettings
+    from models.train import TrainConfig, train
+
+    cfg = TrainConfig.from_yaml(args.config)
+    if args.epochs is not None:
+        cfg = cfg.replace(epochs=args.epochs)
+    df = events_frame(args.dataset, EncoreSettings(), args.dataset_dir)
+    result = train(df, cfg, progress=args.progress)
+    train_s = sum(h.get("train_s", 0.0) for h in result.history)
+    out = {k: round(float(result.test_metrics[k]), 4) for k in KEYS if k in result.test_metrics}
+    if "feedback_auc" in result.test_metrics:
+        out["feedback_auc"] = round(float(result.test_metrics["feedback_auc"]), 4)
+    out.update({"config": args.config, "dataset": args.dataset, "epochs": len(result.history),
+                "best_epoch": result.best_epoch, "wall_s": round(result.wall_s, 1),
+                "tokens_per_s": round(len(df) * len(result.history) / train_s) if train_s else None,
+                "params": result.num_params})
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
