@@ -109,7 +109,10 @@ class Ingestor:
                              max_poll_records=self.settings.ingest.batch_size)
 
     def close(self) -> None:
-        for closer in (self.consumer.close, self.producer.close, self.offline.close, self._lock.close):
+        closers = [self.producer.close, self.offline.close, self._lock.close]
+        if self.consumer is not None:
+            closers.insert(0, self.consumer.close)
+        for closer in closers:
             try:
                 closer()
             except Exception:  # noqa: BLE001 - closing is best effort
@@ -138,6 +141,8 @@ class Ingestor:
         start = time.monotonic()
         idle_ms = idle_ms if idle_ms is not None else self.settings.ingest.poll_timeout_ms
         while (max_batches is None or report.batches < max_batches) and not (stop and stop.is_set()):
+            if not self._ensure_consumer():
+                continue
             messages = poll_batch(self.consumer, self.settings.ingest.batch_size, idle_ms,
                                   max_wait_ms=self.settings.ingest.max_batch_wait_ms)
             if self._broker_lost_state():
@@ -238,9 +243,21 @@ class Ingestor:
                         "re-reading %s from the beginning; stored events are skipped", self.topic)
             # A fresh client: the old one's fetch positions and metadata describe a log that is gone.
             self.consumer.close()
-            self.consumer = self._new_consumer()
+            self.consumer = None  # type: ignore[assignment] - recreated by _ensure_consumer
             self._committed.clear()
         return lost
+
+    def _ensure_consumer(self) -> bool:
+        """(Re)create the consumer; False while the topic does not exist yet (a broker coming back up)."""
+        if self.consumer is not None:
+            return True
+        try:
+            self.consumer = self._new_consumer()
+            return True
+        except Exception as exc:  # noqa: BLE001 - broker or topic not back yet: wait and try again
+            log.warning("waiting for %s to come back: %s", self.topic, exc)
+            time.sleep(1.0)
+            return False
 
     def _dead_letter(self, m: RawMessage, error: InvalidEvent) -> None:
         log.warning("DLQ partition %d offset %d: %s", m.partition, m.offset, error.reason)

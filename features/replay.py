@@ -14,13 +14,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from tqdm import tqdm
 
 from features.events import InteractionEvent, InvalidEvent, parse_event
 from features.kafka_io import make_producer
 from infra.settings import EncoreSettings
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("encore.replay")
 

@@ -109,7 +109,10 @@ def _alive(pid: int) -> bool:
 
 
 def spawn_service(name: str, cmd: list[str], settings: EncoreSettings, endpoint: str, env: dict | None = None) -> ManagedProcess:
-    """Start ``cmd`` in its own process group, logging to ``run/<name>.log``, remembered in ``run/<name>.pid``."""
+    """Start ``cmd`` in its own process group, logging to ``run/<name>.log``, remembered in ``run/<name>.pid``.
+
+    ``env`` is the child's whole environment (default: this process's).
+    """
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     log_file = settings.run_dir / f"{name}.log"
     pid_file = settings.run_dir / f"{name}.pid"
@@ -121,7 +124,7 @@ def spawn_service(name: str, cmd: list[str], settings: EncoreSettings, endpoint:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # own process group: Ctrl-C in the terminal reaches us, we stop it
-            env={**os.environ, **(env or {})},
+            env=env if env is not None else dict(os.environ),
         )
     pid_file.write_text(json.dumps({"pid": proc.pid, "endpoint": endpoint, "cmd": cmd}))
     return ManagedProcess(name=name, proc=proc, pid_file=pid_file, endpoint=endpoint, log_file=log_file)
@@ -230,7 +233,8 @@ def start_mlflow(settings: EncoreSettings, port: int | None = None, timeout_s: f
         "1",
     ]
     endpoint = f"http://127.0.0.1:{port}"
-    managed = spawn_service("mlflow", cmd, settings, endpoint=endpoint, env={"MLFLOW_LOGGING_LEVEL": "WARNING"})
+    managed = spawn_service("mlflow", cmd, settings, endpoint=endpoint,
+                            env={**os.environ, "MLFLOW_LOGGING_LEVEL": "WARNING"})
     try:
         wait_until(lambda: httpx.get(f"{endpoint}/health", timeout=1).status_code == 200,
                    timeout_s=timeout_s, what="MLflow server", proc=managed.proc)

@@ -225,3 +225,30 @@ def get_settings() -> EncoreSettings:
 
 def settings_with(**overrides: Any) -> EncoreSettings:
     return EncoreSettings(**overrides)
+
+
+def load_settings(data_dir: str | Path | None = None) -> EncoreSettings:
+    """The settings of a command: ``data_dir`` (a ``--data-dir`` option) beats every other source.
+
+    Never written into ``os.environ``: a process that runs several commands (tests, notebooks) must not
+    leak one command's data dir into the next.
+    """
+    if data_dir:
+        return EncoreSettings(data_dir=Path(data_dir))
+    get_settings.cache_clear()
+    return get_settings()
+
+
+def child_env(settings: EncoreSettings, path: Path) -> dict[str, str]:
+    """Environment for a child process that must run with exactly ``settings``.
+
+    The settings go to a YAML file named by ``ENCORE_CONFIG``; inherited ``ENCORE_*`` variables are dropped,
+    since they would override the file.
+    """
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENCORE_")}
+    env["ENCORE_CONFIG"] = str(path)
+    return env

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from infra.settings import EncoreSettings, get_settings
+from infra.settings import EncoreSettings, load_settings
 
 
 def _setup_logging(level: str) -> None:
@@ -27,11 +27,8 @@ def _setup_logging(level: str) -> None:
 
 
 def _settings(data_dir: str | None) -> EncoreSettings:
-    if data_dir:
-        os.environ["ENCORE_DATA_DIR"] = data_dir
-    get_settings.cache_clear()
     try:
-        return get_settings()
+        return load_settings(data_dir)
     except Exception as exc:  # pydantic explains exactly which setting is wrong
         raise click.ClickException(f"invalid settings: {exc}") from exc
 

@@ -9,11 +9,10 @@ move is recorded as an audit entry.
 from __future__ import annotations
 
 import json
-import os
 
 import click
 
-from infra.settings import EncoreSettings, get_settings
+from infra.settings import EncoreSettings, load_settings
 
 _data_dir = click.option("--data-dir", envvar="ENCORE_DATA_DIR", default=None,
                          help="where Encore keeps its state (default ./.encore)")
@@ -22,11 +21,8 @@ _uri = click.option("--tracking-uri", "uri", envvar="ENCORE_MLFLOW_TRACKING_URI"
 
 
 def _settings(data_dir: str | None) -> EncoreSettings:
-    if data_dir:
-        os.environ["ENCORE_DATA_DIR"] = data_dir
-    get_settings.cache_clear()
     try:
-        return get_settings()
+        return load_settings(data_dir)
     except Exception as exc:  # pydantic names the wrong setting
         raise click.ClickException(f"invalid settings: {exc}") from exc
 
@@ -54,7 +50,6 @@ def run_config(preset: str = "", epochs: int = 0, dim: int = 0, blocks: int = 0,
 def run_training(settings: EncoreSettings, *, instance=None, tracking: str | None = None,  # noqa: ANN001
                  **config: object) -> dict:
     """Run ``training_job`` in process (as ``encore models train`` does) and summarise the gate's verdict."""
-    import dagster as dg
 
     from orchestration.definitions import defs
     from orchestration.pipeline import dagster_instance

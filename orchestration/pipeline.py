@@ -14,15 +14,13 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import dagster as dg
 import httpx
-import yaml
 from tqdm import tqdm
 
 from infra.services import EmbeddedServices, ManagedProcess, free_port, spawn_service, wait_until
-from infra.settings import EncoreSettings
+from infra.settings import EncoreSettings, child_env
 
 log = logging.getLogger("encore.run")
 
@@ -62,10 +60,9 @@ def asset_value(result: dg.ExecuteInProcessResult, asset: str) -> object:
 def start_server(settings: EncoreSettings, kafka: str, mlflow_uri: str) -> ManagedProcess:
     """``encore serve`` as a real HTTP server in its own process, tracked like the other services."""
     port = settings.serve.port or free_port()
-    # The server reads exactly this run's settings (tests and callers may have built them in code).
-    settings_file = settings.run_dir / "serve-settings.yaml"
-    settings_file.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
-    env = {"ENCORE_CONFIG": str(settings_file), "ENCORE_KAFKA_BOOTSTRAP": kafka, "ENCORE_MLFLOW_TRACKING_URI": mlflow_uri}
+    # The server runs with exactly this run's settings (tests and callers may have built them in code).
+    env = child_env(settings.model_copy(update={"kafka_bootstrap": kafka, "mlflow_tracking_uri": mlflow_uri}),
+                    settings.run_dir / "serve-settings.yaml")
     cmd = [sys.executable, "-m", "orchestration.cli", "serve", "--port", str(port), "--experiment", "default"]
     server = spawn_service("serve", cmd, settings, endpoint=f"http://127.0.0.1:{port}", env=env)
     try:

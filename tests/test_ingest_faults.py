@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import time
 
 import duckdb
 import pytest
-import yaml
 
 from features.events import InteractionEvent
 from features.feature_repo import feature_store
@@ -19,6 +17,7 @@ from features.ingest import HISTORY_FEATURES, Ingestor
 from features.kafka_io import ensure_topics, make_producer, publish_events
 from features.offline_store import OfflineStore
 from infra.services import start_broker
+from infra.settings import child_env
 from tests.conftest import small_settings
 
 pytestmark = pytest.mark.integration
@@ -80,9 +79,7 @@ def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(broker, tmp
         update={"batch_size": 1500, "max_batch_wait_ms": 200, "poll_timeout_ms": 1000})})
     events = make_events(12_000, "k")
     send(bootstrap, settings.topics.interactions, events)
-    cfg = tmp_path / "settings.yaml"
-    cfg.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
-    env = {**os.environ, "ENCORE_CONFIG": str(cfg), "ENCORE_KAFKA_BOOTSTRAP": bootstrap}
+    env = child_env(settings.model_copy(update={"kafka_bootstrap": bootstrap}), tmp_path / "settings.yaml")
     cmd = [sys.executable, "-m", "orchestration.cli", "ingest", "--follow"]
 
     for kills in (1, 2):  # kill twice, at different points of the work
