@@ -118,6 +118,50 @@ def phase_throughput(root: Path, args: argparse.Namespace) -> dict:
             "seconds": round(seconds, 2), "batches": report.batches, "raw_consume_per_s": round(ceiling), **check}
 
 
+def phase_throughput_workers(root: Path, args: argparse.Namespace) -> dict:
+    """The same backlog on a topic of ``--workers`` partitions, one worker process per partition.
+
+    Timed from the first stored batch to the last stored event (process start-up excluded, as for one
+    worker). Workers share the offline store's SQLite index and Feast's online store.
+    """
+    import subprocess
+    import sys
+
+    from features.offline_store import OfflineStore
+    from infra.settings import child_env
+
+    n = args.workers
+    settings = EncoreSettings(data_dir=root / f"throughput-{n}", ingest={"batch_size": args.batch_size},
+                              topics={"partitions": n})
+    with EmbeddedServices(settings, with_mlflow=False) as svc:
+        payloads, valid = make_payloads(args.events, users=args.users, items=args.items,
+                                        malformed_share=args.malformed, seed=1,
+                                        start_ms=int(time.time() * 1000) - 86_400_000)
+        produce(svc.kafka_bootstrap, settings.topics.interactions, payloads)
+        env = child_env(settings.model_copy(update={"kafka_bootstrap": svc.kafka_bootstrap}),
+                        root / f"workers-{n}.yaml")
+        procs = [subprocess.Popen([sys.executable, "-m", "orchestration.cli", "ingest", "--follow", "--partitions",
+                                   str(p)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for p in range(n)]
+        try:
+            while not list(settings.offline_dir.glob("date=*/*.parquet")):
+                time.sleep(0.02)
+            first = time.monotonic()
+            store = OfflineStore(settings.offline_dir)
+            deadline = first + 600
+            while store.counts()["events"] < len(valid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seconds = time.monotonic() - first
+            store.close()
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=60)
+        check = exactness(settings, valid)
+    return {"workers": n, "events_per_s": round(len(valid) / seconds), "seconds": round(seconds, 2), **check}
+
+
 def phase_freshness(root: Path, args: argparse.Namespace) -> dict:
     settings = EncoreSettings(data_dir=root / "freshness", ingest={"batch_size": args.batch_size})
     n = int(args.rate * args.seconds)
@@ -153,11 +197,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=20_000)
     ap.add_argument("--rate", type=float, default=5000, help="events/s for the freshness phase")
     ap.add_argument("--seconds", type=float, default=20, help="length of the freshness phase")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="also measure throughput with this many worker processes on as many partitions")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="encore-bench-") as tmp:
         thr = phase_throughput(Path(tmp), args)
+        multi = phase_throughput_workers(Path(tmp), args) if args.workers > 1 else None
         fresh = phase_freshness(Path(tmp), args)
     out = {
         "events": thr["events"], "valid": thr["valid"], "dlq": thr["dlq"],
@@ -166,6 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
         "freshness_rate": fresh["rate"], "freshness_p50_s": fresh["freshness_p50_s"],
         "freshness_p99_s": fresh["freshness_p99_s"], "batches": thr["batches"], "throughput_seconds": thr["seconds"],
     }
+    if multi:
+        out["lost"] += multi["lost"]
+        out["duplicated"] += multi["duplicated"]
+        out[f"events_per_s_{multi['workers']}_workers"] = multi["events_per_s"]
     print(json.dumps(out))
     return out
 

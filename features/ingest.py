@@ -91,13 +91,22 @@ class Ingestor:
         self.topic = settings.topics.interactions
         self.offline = OfflineStore(settings.offline_dir)
         self.store = store or feature_store(settings)
-        # One ingest worker per data dir at a time: its history cache below must be the only writer.
-        self._lock = worker_lock(settings.offline_dir / "_ingest.lock")
         # Histories of this worker's users, as last pushed. Kafka keys events by user and the worker owns
         # its partitions statically, so no other process writes these users while it runs.
         self.history_cache: dict[int, dict[str, list]] = {}
         self._partitions = list(partitions or [])
         self.consumer: KafkaConsumer = self._new_consumer()
+        # One worker per partition at a time: its history cache below must be the only writer of its users.
+        # Workers on disjoint partitions may run side by side (Kafka keys events by user).
+        self._locks = []
+        try:
+            for tp in sorted(self.consumer.assignment(), key=lambda t: t.partition):
+                self._locks.append(worker_lock(settings.offline_dir / f"_ingest-p{tp.partition}.lock"))
+        except BaseException:
+            self.consumer.close()
+            for lock in self._locks:
+                lock.close()
+            raise
         self.producer: KafkaProducer = make_producer(bootstrap)
         self._committed: dict[int, int] = {}  # what this worker committed, to notice a broker that forgot
         self._dirty_items: set[int] = set()
@@ -109,7 +118,7 @@ class Ingestor:
                              max_poll_records=self.settings.ingest.batch_size)
 
     def close(self) -> None:
-        closers = [self.producer.close, self.offline.close, self._lock.close]
+        closers = [self.producer.close, self.offline.close, *(lock.close for lock in self._locks)]
         if self.consumer is not None:
             closers.insert(0, self.consumer.close)
         for closer in closers:
@@ -347,7 +356,7 @@ def worker_lock(path: Path):  # noqa: ANN201 - an open file holding an exclusive
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.close()
-        raise RuntimeError(f"another ingest worker is running on this data dir (lock {path})") from None
+        raise RuntimeError(f"another ingest worker owns this partition on this data dir (lock {path})") from None
     return fh
 
 

@@ -117,7 +117,9 @@ def _running_kafka(settings: EncoreSettings) -> str:
 @data_dir_option
 @click.option("--follow", is_flag=True,
               help="run as a long-lived worker (no Dagster run): consume until Ctrl-C or SIGTERM")
-def ingest(data_dir: str | None, follow: bool) -> None:
+@click.option("--partitions", default="", help="with --follow: this worker's partitions, e.g. 0,2 "
+              "(default all); run one worker per disjoint set to scale out")
+def ingest(data_dir: str | None, follow: bool, partitions: str) -> None:
     """Consume the interactions topic into the offline store and Feast.
 
     By default this is the Dagster ingest_job (one bounded run, recorded in the instance and visible in
@@ -134,7 +136,8 @@ def ingest(data_dir: str | None, follow: bool) -> None:
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        with Ingestor(settings, bootstrap) as worker:
+        parts = [int(p) for p in partitions.split(",") if p.strip()]
+        with Ingestor(settings, bootstrap, partitions=parts) as worker:
             click.echo(f"ingest worker on {bootstrap} → {settings.offline_dir}; Ctrl-C stops it")
             report = worker.run(stop=stop, on_batch=lambda b: click.echo(
                 f"offsets {b.first_offset}..{b.last_offset}: {b.written} stored, {b.duplicates} duplicate, "

@@ -287,6 +287,7 @@ class Recommendations:
         self.popular: list[tuple[int, float]] = []
         self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._reload_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.registry = CollectorRegistry()
         self.requests = Counter("encore_requests_total", "recommendation requests", ["variant", "source"],
@@ -328,8 +329,12 @@ class Recommendations:
     def reload_experiments(self) -> None:
         if self.store is None:
             return
-        snap = self.store.snapshot()
-        if snap.version != self.router.snapshot.version or not self.router.snapshot.experiments:
+        # The admin API and the watcher thread both reload: serialise them, and only ever move forward, or
+        # a watcher holding an older snapshot could undo a change the admin API has just put in force.
+        with self._reload_lock:
+            snap = self.store.snapshot()
+            if snap.version <= self.router.snapshot.version and self.router.snapshot.experiments:
+                return
             self.models.ensure(Router(snap).targets())  # load new variants' models before routing to them
             self.router = Router(snap)
             self.store_version.set(snap.version)
