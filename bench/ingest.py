@@ -21,6 +21,8 @@ import argparse
 import json
 import logging
 import random
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -124,9 +126,6 @@ def phase_throughput_workers(root: Path, args: argparse.Namespace) -> dict:
     Timed from the first stored batch to the last stored event (process start-up excluded, as for one
     worker). Workers share the offline store's SQLite index and Feast's online store.
     """
-    import subprocess
-    import sys
-
     from features.offline_store import OfflineStore
     from infra.settings import child_env
 
@@ -166,15 +165,20 @@ def phase_freshness(root: Path, args: argparse.Namespace) -> dict:
     settings = EncoreSettings(data_dir=root / "freshness", ingest={"batch_size": args.batch_size})
     n = int(args.rate * args.seconds)
     with EmbeddedServices(settings, with_mlflow=False) as svc:
-        payloads, valid = make_payloads(n, users=args.users, items=args.items, malformed_share=args.malformed,
-                                        seed=2, start_ms=int(time.time() * 1000) - 3_600_000)
+        start_ms = int(time.time() * 1000) - 3_600_000
+        _, valid = make_payloads(n, users=args.users, items=args.items, malformed_share=args.malformed,
+                                 seed=2, start_ms=start_ms)
         stop = threading.Event()
         with Ingestor(settings, svc.kafka_bootstrap) as ingestor:
             result: dict = {}
             worker = threading.Thread(target=lambda: result.update(r=ingestor.run(stop=stop, idle_ms=500)))
             worker.start()
-            time.sleep(3)  # let the consumer join its group before the clock starts
-            produce(svc.kafka_bootstrap, settings.topics.interactions, payloads, rate=args.rate)
+            time.sleep(2)
+            # the producer is a separate process, as in production: it must not share this one's GIL
+            subprocess.run([sys.executable, "-m", "bench.ingest", "--produce-to", svc.kafka_bootstrap,
+                            "--rate", str(args.rate), "--events", str(n), "--users", str(args.users),
+                            "--items", str(args.items), "--malformed", str(args.malformed), "--seed", "2",
+                            "--start-ms", str(start_ms)], check=True, cwd=Path(__file__).resolve().parents[1])
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 if exactness(settings, valid)["lost"] == 0:
@@ -199,7 +203,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seconds", type=float, default=20, help="length of the freshness phase")
     ap.add_argument("--workers", type=int, default=1,
                     help="also measure throughput with this many worker processes on as many partitions")
+    ap.add_argument("--produce-to", default=None, help=argparse.SUPPRESS)  # internal: the producer process
+    ap.add_argument("--seed", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--start-ms", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.produce_to:
+        payloads, _ = make_payloads(args.events, users=args.users, items=args.items,
+                                    malformed_share=args.malformed, seed=args.seed, start_ms=args.start_ms)
+        produce(args.produce_to, EncoreSettings().topics.interactions, payloads, rate=args.rate)
+        return {}
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="encore-bench-") as tmp:
