@@ -97,8 +97,18 @@ def models_group() -> None:
 @click.option("--seed", type=int, default=-1, help="override the seed")
 def models_train(data_dir: str | None, preset: str, epochs: int, dim: int, seed: int) -> None:
     """Run the Dagster training_job: snapshot → train → evaluate → register → gate → champion."""
+    from infra.services import EmbeddedServices, resolve_mlflow
+
     settings = _settings(data_dir)
-    s = run_training(settings, preset=preset, epochs=epochs, dim=dim, seed=seed)
+    try:
+        tracking = resolve_mlflow(settings)
+    except RuntimeError:
+        tracking = None
+    if tracking:
+        s = run_training(settings, tracking=tracking, preset=preset, epochs=epochs, dim=dim, seed=seed)
+    else:  # nothing running: bring the embedded MLflow server up for this command
+        with EmbeddedServices(settings) as svc:
+            s = run_training(settings, tracking=svc.mlflow_uri, preset=preset, epochs=epochs, dim=dim, seed=seed)
     if s["version"] is None:
         raise click.ClickException(f"training failed: {s['reason']}")
     verdict = "passed" if s.get("gate_passed") else "BLOCKED"
