@@ -18,6 +18,7 @@ so the repo config is built from the one settings object; the objects below are 
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 from feast import Entity, FeatureStore, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.infra.offline_stores.dask import DaskOfflineStoreConfig
@@ -42,41 +43,29 @@ def interactions_source(settings: EncoreSettings) -> FileSource:
     )
 
 
-def user_history_push(settings: EncoreSettings) -> PushSource:
+def _push_source(name: str, path: Path, description: str = "") -> PushSource:
+    """A push source named ``<name>_push`` whose batch source is ``path`` (what offline reads see)."""
     return PushSource(
-        name="user_history_push",
-        batch_source=FileSource(
-            name="user_history_snapshots",
-            path=str(settings.feast_dir / "user_history_snapshots.parquet"),
-            timestamp_field="event_timestamp",
-        ),
+        name=f"{name}_push",
+        batch_source=FileSource(name=f"{name}_snapshots", path=str(path), timestamp_field="event_timestamp",
+                                description=description),
     )
+
+
+def user_history_push(settings: EncoreSettings) -> PushSource:
+    return _push_source("user_history", settings.feast_dir / "user_history_snapshots.parquet")
 
 
 def item_stats_push(settings: EncoreSettings) -> PushSource:
-    return PushSource(
-        name="item_stats_push",
-        batch_source=FileSource(
-            name="item_stats_snapshots",
-            path=str(settings.feast_dir / "item_stats_snapshots.parquet"),
-            timestamp_field="event_timestamp",
-        ),
-    )
+    return _push_source("item_stats", settings.feast_dir / "item_stats_snapshots.parquet")
 
 
 def user_stats_push(settings: EncoreSettings) -> PushSource:
-    return PushSource(
-        name="user_stats_push",
-        batch_source=FileSource(
-            name="user_stats_snapshots",
-            path=str(user_stats_dir(settings)),
-            timestamp_field="event_timestamp",
-            description="one Parquet file of user_stats snapshots per ingest batch",
-        ),
-    )
+    return _push_source("user_stats", user_stats_dir(settings),
+                        "one Parquet file of user_stats snapshots per stats push of an ingest worker")
 
 
-def user_stats_dir(settings: EncoreSettings):  # noqa: ANN201 - a Path
+def user_stats_dir(settings: EncoreSettings) -> Path:
     return settings.feast_dir / "user_stats"
 
 
@@ -156,7 +145,8 @@ def feature_store(settings: EncoreSettings, *, apply: bool = True) -> FeatureSto
     store = FeatureStore(config=repo_config(settings))
     if apply:
         store.apply(
-            [user, item, user_history_push(settings), item_stats_push(settings), user_stats_push(settings),
+            [user, item, interactions_source(settings), user_history_push(settings), item_stats_push(settings),
+             user_stats_push(settings),
              user_history_view(settings), item_stats_view(settings), user_stats_view(settings)]
         )
     return store
