@@ -9,7 +9,6 @@ and counted, never silently dropped (``send_invalid=True`` publishes it anyway, 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -119,15 +118,6 @@ def replay(
         producer.close()
     report.seconds = time.monotonic() - start
     return report
-
-
-def write_jsonl(events: Iterable[InteractionEvent], path: Path) -> int:
-    n = 0
-    with open(path, "w") as fh:
-        for e in events:
-            fh.write(json.dumps(e.model_dump(exclude_none=True)) + "\n")
-            n += 1
-    return n
 
 
 def events_frame(source: str, settings: EncoreSettings, data_dir: Path | None = None) -> "pd.DataFrame":

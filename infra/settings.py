@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import (
@@ -221,10 +221,6 @@ def _yaml_file() -> Path | None:
 def get_settings() -> EncoreSettings:
     """Process-wide settings; call ``get_settings.cache_clear()`` after changing the environment."""
     return EncoreSettings()
-
-
-def settings_with(**overrides: Any) -> EncoreSettings:
-    return EncoreSettings(**overrides)
 
 
 def load_settings(data_dir: str | Path | None = None) -> EncoreSettings:

@@ -53,10 +53,6 @@ def run_job(settings: EncoreSettings, job_name: str, instance: dg.DagsterInstanc
     return result
 
 
-def asset_value(result: dg.ExecuteInProcessResult, asset: str) -> object:
-    return result.asset_value(asset)
-
-
 def start_server(settings: EncoreSettings, kafka: str, mlflow_uri: str) -> ManagedProcess:
     """``encore serve`` as a real HTTP server in its own process, tracked like the other services."""
     port = settings.serve.port or free_port()
