@@ -34,6 +34,17 @@ user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, de
 item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="a track")
 
 
+# Counts and rates kept for users and for items alike (written by ingest from the offline store's counters).
+COUNT_FIELDS = (
+    Field(name="events", dtype=Int64),
+    Field(name="positives", dtype=Int64),
+    Field(name="likes", dtype=Int64),
+    Field(name="skips", dtype=Int64),
+    Field(name="like_rate", dtype=Float32),
+    Field(name="skip_rate", dtype=Float32),
+)
+
+
 def interactions_source(settings: EncoreSettings) -> FileSource:
     return FileSource(
         name="interactions",
@@ -74,14 +85,7 @@ def user_stats_view(settings: EncoreSettings) -> FeatureView:
         name="user_stats",
         entities=[user],
         ttl=timedelta(days=3650),
-        schema=[
-            Field(name="events", dtype=Int64),
-            Field(name="positives", dtype=Int64),
-            Field(name="likes", dtype=Int64),
-            Field(name="skips", dtype=Int64),
-            Field(name="like_rate", dtype=Float32),
-            Field(name="skip_rate", dtype=Float32),
-        ],
+        schema=list(COUNT_FIELDS),
         source=user_stats_push(settings),
         online=True,
         description="all-time counts and rates per user (point-in-time correct offline)",
@@ -112,12 +116,7 @@ def item_stats_view(settings: EncoreSettings) -> FeatureView:
         entities=[item],
         ttl=timedelta(days=3650),
         schema=[
-            Field(name="events", dtype=Int64),
-            Field(name="positives", dtype=Int64),
-            Field(name="likes", dtype=Int64),
-            Field(name="skips", dtype=Int64),
-            Field(name="like_rate", dtype=Float32),
-            Field(name="skip_rate", dtype=Float32),
+            *COUNT_FIELDS,
             Field(name="events_7d", dtype=Int64),
             Field(name="positives_7d", dtype=Int64),
         ],
