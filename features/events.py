@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from enum import Enum
 from typing import Literal
 
@@ -73,10 +72,6 @@ class InvalidEvent(BaseModel):
 
     reason: str
     error_type: Literal["oversized", "not_json", "not_object", "schema", "future_timestamp"]
-
-
-def new_event_id() -> str:
-    return uuid.uuid4().hex
 
 
 def parse_event(

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -76,10 +76,6 @@ class IngestReport:
     freshness_p50_s: float | None = None
     freshness_p99_s: float | None = None
     broker_resets: int = 0
-
-    def as_metadata(self) -> dict:
-        return asdict(self)
-
 
 class Ingestor:
     """Owns one consumer, producer, offline store and Feast store for the life of an ingest run."""

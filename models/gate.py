@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -122,10 +122,6 @@ class GateDecision:
             return f"passed: first model ({self.metric}={self.challenger_value:.4f}, no champion yet)"
         return (f"passed: {self.metric} {self.challenger_value:.4f} beats champion v{self.champion_version} "
                 f"{self.champion_value:.4f}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "summary": self.summary}
-
 
 def decide(report: dict[str, Any], promotion: Any, *, champion_version: int | None = None,
            champion_value: float | None = None) -> GateDecision:

@@ -154,31 +154,6 @@ def register_run_model(
     return RegisteredVersion(name, version, run_id, metrics)
 
 
-def log_and_register(
-    recommender: Any,
-    *,
-    tracking_uri: str,
-    experiment: str,
-    params: dict[str, Any],
-    history: list[dict[str, float]],
-    metrics: dict[str, float],
-    tags: dict[str, str],
-    input_example: pd.DataFrame,
-    name: str = MODEL_NAME,
-    run_name: str | None = None,
-    artifact_root: Path | None = None,
-) -> RegisteredVersion:
-    """One-shot form for models trained outside a run (notebooks, the ``encore train`` command, tests)."""
-    with training_run(tracking_uri, experiment, run_name=run_name or "model", params=params, tags=tags,
-                      system_metrics=False, artifact_root=artifact_root) as run:
-        for epoch, row in enumerate(history, start=1):
-            log_epoch(row, epoch)
-        run_id = run.info.run_id
-    return register_run_model(recommender, tracking_uri=tracking_uri, run_id=run_id,
-                              metrics=metrics, tags=tags,
-                              input_example=input_example, name=name)
-
-
 # ---------------------------------------------------------------------------------------------- aliases
 
 

@@ -28,7 +28,6 @@ import contextlib
 import fcntl
 import json
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -295,12 +294,3 @@ class Router:
 
     def targets(self) -> set[str]:
         return {v.target for e in self.running for v in e.variants}
-
-
-def wait_for_version(store: ExperimentStore, version: int, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if store.version() >= version:
-            return True
-        time.sleep(0.05)
-    return False
