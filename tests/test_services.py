@@ -29,34 +29,34 @@ def test_stack_starts_and_stops_cleanly(tmp_path):
     assert not (settings.run_dir / "endpoints.json").exists()
 
 
-def test_ctrl_c_leaves_no_process_behind_and_a_rerun_works(tmp_path):
-    data = tmp_path / "encore"
+def services_up(data) -> tuple[subprocess.Popen, list[int]]:  # noqa: ANN001 - a Path
+    """`encore services up` on ``data`` in a child process, once its endpoints are published."""
     env = {**os.environ, "ENCORE_DATA_DIR": str(data), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "services", "up"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     endpoints = data / "run" / "endpoints.json"
     deadline = time.monotonic() + 120
-    while not endpoints.exists() and time.monotonic() < deadline:
+    while not endpoints.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert endpoints.exists(), proc.stdout.read().decode() if proc.poll() is not None else "no endpoints"
     pids = [json.loads(p.read_text())["pid"] for p in (data / "run").glob("*.pid")]
     assert len(pids) == 2
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 0
-    assert not any(_alive(p) for p in pids)
-    assert not list((data / "run").glob("*.pid"))
+    return proc, pids
+
+
+def test_ctrl_c_leaves_no_process_behind_and_a_rerun_works(tmp_path):
+    data = tmp_path / "encore"
+    for _ in range(2):  # the second start proves the first one left nothing in its way
+        proc, pids = services_up(data)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert not any(_alive(p) for p in pids)
+        assert not list((data / "run").glob("*.pid"))
 
 
 def test_services_left_by_a_killed_process_are_reaped(tmp_path):
     data = tmp_path / "encore"
-    env = {**os.environ, "ENCORE_DATA_DIR": str(data)}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "services", "up"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoints = data / "run" / "endpoints.json"
-    deadline = time.monotonic() + 120
-    while not endpoints.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    pids = [json.loads(p.read_text())["pid"] for p in (data / "run").glob("*.pid")]
+    proc, pids = services_up(data)
     proc.kill()  # SIGKILL: no cleanup runs
     proc.wait()
     assert all(_alive(p) for p in pids)
