@@ -22,7 +22,9 @@ from pathlib import Path
 
 from feast import Entity, FeatureStore, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.infra.offline_stores.dask import DaskOfflineStoreConfig
+from feast.infra.online_stores.redis import RedisOnlineStoreConfig
 from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig
+from feast.infra.registry.sql import SqlRegistryConfig
 from feast.repo_config import RegistryConfig, RepoConfig
 from feast.types import Array, Float32, Int64, String
 
@@ -127,12 +129,30 @@ def item_stats_view(settings: EncoreSettings) -> FeatureView:
 
 
 def repo_config(settings: EncoreSettings) -> RepoConfig:
+    """Local: a file registry and a SQLite online store under ``data_dir/feast``. With ``feast.registry`` /
+    ``feast.redis`` set (production): Feast's SQL registry (PostgreSQL) shared by every process, and its Redis
+    online store, which serving replicas and ingest workers on other machines reach over the network.
+
+    The offline store stays Feast's file store over Parquet in both profiles: the Parquet files are the
+    system of record that ingest writes (``features.offline_store``), on a volume shared by the workers.
+    """
     settings.feast_dir.mkdir(parents=True, exist_ok=True)
+    cfg = settings.feast
+    if cfg.registry is not None:
+        registry: RegistryConfig = SqlRegistryConfig(
+            registry_type="sql", path=cfg.registry.get_secret_value(), cache_ttl_seconds=cfg.registry_cache_ttl_s,
+            sqlalchemy_config_kwargs={"echo": False, "pool_pre_ping": True})
+    else:
+        registry = RegistryConfig(path=str(settings.feast_dir / "registry.db"), cache_ttl_seconds=cfg.registry_cache_ttl_s)
+    if cfg.redis is not None:
+        online = RedisOnlineStoreConfig(connection_string=cfg.redis.get_secret_value())
+    else:
+        online = SqliteOnlineStoreConfig(path=str(settings.feast_dir / "online.db"))
     return RepoConfig(
         project=PROJECT,
         provider="local",
-        registry=RegistryConfig(path=str(settings.feast_dir / "registry.db"), cache_ttl_seconds=60),
-        online_store=SqliteOnlineStoreConfig(path=str(settings.feast_dir / "online.db")),
+        registry=registry,
+        online_store=online,
         offline_store=DaskOfflineStoreConfig(),
         repo_path=settings.feast_dir,
         entity_key_serialization_version=3,

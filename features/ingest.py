@@ -103,7 +103,7 @@ class Ingestor:
             for lock in self._locks:
                 lock.close()
             raise
-        self.producer: KafkaProducer = make_producer(bootstrap)
+        self.producer: KafkaProducer = make_producer(bootstrap, **settings.kafka.client_options())
         self._committed: dict[int, int] = {}  # what this worker committed, to notice a broker that forgot
         self._dirty_items: set[int] = set()
         self._dirty_users: set[int] = set()
@@ -111,7 +111,7 @@ class Ingestor:
 
     def _new_consumer(self) -> KafkaConsumer:
         return make_consumer(self.bootstrap, self.settings.ingest.group_id, self.topic, partitions=self._partitions,
-                             max_poll_records=self.settings.ingest.batch_size)
+                             max_poll_records=self.settings.ingest.batch_size, **self.settings.kafka.client_options())
 
     def close(self) -> None:
         closers = [self.producer.close, self.offline.close, *(lock.close for lock in self._locks)]

@@ -26,13 +26,15 @@ log = logging.getLogger("encore.kafka")
 MAX_POLL_INTERVAL_MS = 5000
 
 
-def ensure_topics(bootstrap: str, topics: TopicSettings) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="encore-admin", request_timeout_ms=10000)
+def ensure_topics(bootstrap: str, topics: TopicSettings, **options: object) -> None:
+    """Create the topics Encore uses where missing. ``options``: security settings (``KafkaSettings``)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="encore-admin", request_timeout_ms=10000,
+                             **options)
     try:
         existing = set(admin.list_topics())
         wanted = [topics.interactions, topics.dlq, topics.exposures]
         new = [
-            NewTopic(name=t, num_partitions=topics.partitions, replication_factor=1)
+            NewTopic(name=t, num_partitions=topics.partitions, replication_factor=topics.replication_factor)
             for t in wanted
             if t not in existing
         ]
@@ -170,7 +172,7 @@ def dlq_payload(message: RawMessage, source_topic: str, error: InvalidEvent) -> 
     ).encode()
 
 
-def read_topic(bootstrap: str, topic: str, idle_ms: int = 2000) -> Iterator[RawMessage]:
+def read_topic(bootstrap: str, topic: str, idle_ms: int = 2000, **options: object) -> Iterator[RawMessage]:
     """Read a whole topic from the beginning, without a consumer group, until it is idle for ``idle_ms``.
 
     We stop on idleness rather than at the reported end offsets: tansu 0.6 reports the base offset of the
@@ -182,6 +184,7 @@ def read_topic(bootstrap: str, topic: str, idle_ms: int = 2000) -> Iterator[RawM
         auto_offset_reset="earliest",
         consumer_timeout_ms=idle_ms,
         client_id="encore-reader",
+        **options,
     )
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
@@ -196,9 +199,10 @@ def read_topic(bootstrap: str, topic: str, idle_ms: int = 2000) -> Iterator[RawM
         consumer.close()
 
 
-def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+def end_offsets(bootstrap: str, topic: str, **options: object) -> dict[int, int]:
     """Log-end offsets per partition (on tansu 0.6 an underestimate: see ``read_topic``)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, client_id="encore-lag")
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, client_id="encore-lag",
+                             **options)
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in partitions]
@@ -207,8 +211,8 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         consumer.close()
 
 
-def committed_offsets(bootstrap: str, group_id: str, topic: str) -> dict[int, int]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="encore-lag-admin")
+def committed_offsets(bootstrap: str, group_id: str, topic: str, **options: object) -> dict[int, int]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="encore-lag-admin", **options)
     try:
         offsets = admin.list_consumer_group_offsets(group_id)
     except Exception:  # noqa: BLE001 - an unknown group simply has no committed offsets

@@ -85,10 +85,13 @@ def replay(
     total: int | None = None,
     send_invalid: bool = False,
     progress: bool = True,
+    kafka_options: dict[str, object] | None = None,
 ) -> ReplayReport:
-    """Publish events (already in timestamp order) at ``rate`` events/s (None: as fast as possible)."""
+    """Publish events (already in timestamp order) at ``rate`` events/s (None: as fast as possible).
+
+    ``kafka_options``: the client's security settings (``settings.kafka.client_options()``)."""
     report = ReplayReport()
-    producer = make_producer(bootstrap)
+    producer = make_producer(bootstrap, **(kafka_options or {}))
     start = time.monotonic()
     bar = tqdm(total=total, unit="ev", desc=f"replay → {topic}", disable=not progress, mininterval=0.5)
     try:

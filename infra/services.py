@@ -212,11 +212,13 @@ def _kafka_answers(bootstrap: str) -> bool:
 
 
 def start_mlflow(settings: EncoreSettings, port: int | None = None, timeout_s: float = 90.0) -> ManagedProcess:
-    """A real MLflow tracking + registry server on sqlite with local artifacts."""
+    """A real MLflow tracking + registry server: by default sqlite with artifacts under the data dir; with
+    ``mlflow_backend_store_uri`` / ``mlflow_artifacts_destination`` set, e.g. PostgreSQL and S3."""
     port = port or free_port()
     settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
-    backend = f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}"
-    artifacts = settings.mlflow_dir / "artifacts"
+    configured = settings.mlflow_backend_store_uri
+    backend = configured.get_secret_value() if configured else f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}"
+    artifacts = settings.mlflow_artifacts_destination or str(settings.mlflow_dir / "artifacts")
     cmd = [
         str(Path(sys.executable).with_name("mlflow")),
         "server",
@@ -224,24 +226,24 @@ def start_mlflow(settings: EncoreSettings, port: int | None = None, timeout_s: f
         "127.0.0.1",
         "--port",
         str(port),
-        "--backend-store-uri",
-        backend,
         "--artifacts-destination",
-        str(artifacts),
+        artifacts,
         "--serve-artifacts",
         "--workers",
         "1",
     ]
     endpoint = f"http://127.0.0.1:{port}"
     managed = spawn_service("mlflow", cmd, settings, endpoint=endpoint,
-                            env={**os.environ, "MLFLOW_LOGGING_LEVEL": "WARNING"})
+                            # the backend URI may hold a password: the environment, not the command line
+                            env={**os.environ, "MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_BACKEND_STORE_URI": backend})
     try:
         wait_until(lambda: httpx.get(f"{endpoint}/health", timeout=1).status_code == 200,
                    timeout_s=timeout_s, what="MLflow server", proc=managed.proc)
     except Exception:
         managed.stop()
         raise
-    log.info("MLflow server on %s (backend %s)", endpoint, backend)
+    where = "configured backend store" if configured else backend
+    log.info("MLflow server on %s (%s, artifacts %s)", endpoint, where, artifacts)
     return managed
 
 
@@ -281,7 +283,7 @@ class EmbeddedServices(AbstractContextManager):
             self.kafka_bootstrap = broker.endpoint
         from features.kafka_io import ensure_topics
 
-        ensure_topics(self.kafka_bootstrap, s.topics)
+        ensure_topics(self.kafka_bootstrap, s.topics, **s.kafka.client_options())
         if s.mlflow_tracking_uri:
             self.mlflow_uri = s.mlflow_tracking_uri
         elif self.with_mlflow:

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr, field_serializer, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,6 +29,73 @@ class TopicSettings(BaseModel):
     dlq: str = "interactions.dlq"
     exposures: str = "exposures"
     partitions: int = Field(default=1, ge=1, description="partitions per topic when Encore creates them")
+    replication_factor: int = Field(default=1, ge=1, description="replicas per partition when Encore creates "
+                                    "topics (3 on a production cluster)")
+
+
+def _reveal(secret: SecretStr | None) -> str | None:
+    """Secrets print as ``**********`` but are written out in JSON/YAML dumps, since child processes
+    (``child_env``) and in-process Dagster runs receive the settings that way. Those files are 0600."""
+    return None if secret is None else secret.get_secret_value()
+
+
+class KafkaSettings(BaseModel):
+    """How every Kafka client authenticates (kafka-python option names). The address is ``kafka_bootstrap``."""
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = Field(default=None, description="CA bundle that signed the brokers' certificates")
+    ssl_certfile: Path | None = Field(default=None, description="client certificate (mutual TLS)")
+    ssl_keyfile: Path | None = None
+
+    _reveal_password = field_serializer("sasl_password", when_used="json")(staticmethod(_reveal))
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "KafkaSettings":
+        sasl = self.security_protocol.startswith("SASL")
+        if sasl and not (self.sasl_mechanism and self.sasl_username and self.sasl_password):
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism, sasl_username "
+                             "and sasl_password (ENCORE_KAFKA__SASL_*)")
+        if not sasl and self.sasl_mechanism:
+            raise ValueError(f"sasl_mechanism is set but security_protocol is {self.security_protocol}")
+        return self
+
+    def client_options(self) -> dict[str, object]:
+        """Keyword arguments for KafkaProducer/KafkaConsumer/KafkaAdminClient (empty on plaintext)."""
+        options: dict[str, object] = {}
+        if self.security_protocol != "PLAINTEXT":
+            options["security_protocol"] = self.security_protocol
+        if self.sasl_mechanism:
+            options.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                           sasl_plain_password=_reveal(self.sasl_password))
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, name)
+            if value is not None:
+                options[name] = str(value)
+        return options
+
+
+class FeastSettings(BaseModel):
+    """Where Feast keeps its registry and online store. Unset: SQLite files under ``data_dir`` (local)."""
+
+    redis: SecretStr | None = Field(default=None, description="Redis online store, as Feast's connection "
+                                    "string: 'host:port[,password=...][,ssl=true][,db=0]'")
+    registry: SecretStr | None = Field(default=None, description="SQL registry, a SQLAlchemy URL such as "
+                                       "'postgresql+psycopg://user:password@host:5432/feast'")
+    registry_cache_ttl_s: int = Field(default=60, ge=0, description="how long clients trust their cached registry")
+
+    _reveal_urls = field_serializer("redis", "registry", when_used="json")(staticmethod(_reveal))
+
+
+class DagsterSettings(BaseModel):
+    """Dagster instance storage (runs, event logs, schedules, sensor cursors). Unset: SQLite under data_dir."""
+
+    postgres_url: SecretStr | None = Field(default=None, description="e.g. 'postgresql://user:password@host:"
+                                           "5432/dagster' (dagster-postgres)")
+
+    _reveal_url = field_serializer("postgres_url", when_used="json")(staticmethod(_reveal))
 
 
 class SimulatorSettings(BaseModel):
@@ -134,7 +201,9 @@ class EncoreSettings(BaseSettings):
         extra="forbid",
     )
 
-    profile: Literal["local", "production"] = "local"
+    profile: Literal["local", "production"] = Field(
+        default="local", description="local: start what is not configured (broker, MLflow) and keep every store "
+        "under data_dir; production: start nothing, every endpoint must be configured")
     data_dir: Path = Path(".encore")
     kafka_bootstrap: str | None = Field(
         default=None, description="host:port of a real Kafka cluster; unset starts the embedded broker"
@@ -143,8 +212,17 @@ class EncoreSettings(BaseSettings):
         default=None, description="unset: sqlite under data_dir, served by an embedded MLflow server"
     )
     mlflow_experiment: str = "encore"
+    mlflow_backend_store_uri: SecretStr | None = Field(
+        default=None, description="backend of an MLflow server that Encore starts (`encore services up`), e.g. "
+        "'postgresql://user:password@host/mlflow'; unset: sqlite under data_dir")
+    mlflow_artifacts_destination: str | None = Field(
+        default=None, description="artifact root of an MLflow server that Encore starts, e.g. 's3://bucket/mlflow' "
+        "(with MLFLOW_S3_ENDPOINT_URL and AWS_* credentials in the environment); unset: under data_dir")
     log_level: str = "INFO"
 
+    kafka: KafkaSettings = KafkaSettings()
+    feast: FeastSettings = FeastSettings()
+    dagster: DagsterSettings = DagsterSettings()
     topics: TopicSettings = TopicSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     ingest: IngestSettings = IngestSettings()
@@ -153,6 +231,27 @@ class EncoreSettings(BaseSettings):
     scaling: ScalingSettings = ScalingSettings()
     serve: ServeSettings = ServeSettings()
     experiment: ExperimentSettings = ExperimentSettings()
+
+    _reveal_backend = field_serializer("mlflow_backend_store_uri", when_used="json")(staticmethod(_reveal))
+
+    @model_validator(mode="after")
+    def _production_is_fully_configured(self) -> "EncoreSettings":
+        # Production starts no embedded service and keeps no store in local SQLite files, so every endpoint
+        # must be named. One error lists them all: a half-configured deployment fails at start-up, not later.
+        if self.profile != "production":
+            return self
+        required = {
+            "ENCORE_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
+            "ENCORE_MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+            "ENCORE_FEAST__REDIS": self.feast.redis,
+            "ENCORE_FEAST__REGISTRY": self.feast.registry,
+            "ENCORE_DAGSTER__POSTGRES_URL": self.dagster.postgres_url,
+        }
+        missing = [name for name, value in required.items() if not value]
+        if missing:
+            raise ValueError("profile 'production' starts no embedded services; set " + ", ".join(missing)
+                             + " (environment or YAML; see docs/operations.md)")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -244,7 +343,11 @@ def child_env(settings: EncoreSettings, path: Path) -> dict[str, str]:
     import yaml
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    # The file holds secrets (passwords in URLs): readable by this user only, from its first byte.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(yaml.safe_dump(settings.model_dump(mode="json")))
+    os.chmod(path, 0o600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCORE_")}
     env["ENCORE_CONFIG"] = str(path)
     return env

@@ -92,7 +92,8 @@ def replay(source: str, data_dir: str | None, dataset_dir: Path | None, rate: fl
     bootstrap = bootstrap or settings.kafka_bootstrap or _running_kafka(settings)
     try:
         items = open_source(source, settings, dataset_dir, limit)
-        report = do_replay(items, bootstrap, settings.topics.interactions, rate=rate, send_invalid=send_invalid)
+        report = do_replay(items, bootstrap, settings.topics.interactions, rate=rate, send_invalid=send_invalid,
+                            kafka_options=settings.kafka.client_options())
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     for problem in report.problems:

@@ -26,14 +26,39 @@ log = logging.getLogger("encore.run")
 
 
 def dagster_instance(settings: EncoreSettings) -> dg.DagsterInstance:
-    """The persistent Dagster instance under the data dir, so runs launched here show up in the UI."""
+    """The persistent Dagster instance of these settings, so runs launched here show up in the UI.
+
+    Its ``dagster.yaml`` lives under the data dir and is written from the settings: SQLite storage there
+    (local), or with ``dagster.postgres_url`` set, dagster-postgres storage shared with the deployed webserver
+    and daemon (production).
+    """
     home = settings.dagster_home
     home.mkdir(parents=True, exist_ok=True)
-    yaml = home / "dagster.yaml"
-    if not yaml.exists():
-        yaml.write_text("telemetry:\n  enabled: false\n")
+    path = home / "dagster.yaml"
+    text = instance_yaml(settings)
+    if not path.exists() or path.read_text() != text:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold a database password
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
     os.environ["DAGSTER_HOME"] = str(home)
     return dg.DagsterInstance.get()
+
+
+def psycopg2_url(url: str) -> str:
+    """dagster-postgres sends statements (``NOTIFY run_events, %(id)s``) that only psycopg2's client-side
+    parameter binding accepts, while SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3: pin the driver."""
+    scheme, sep, rest = url.partition("://")
+    return f"postgresql+psycopg2://{rest}" if sep and scheme in ("postgresql", "postgres") else url
+
+
+def instance_yaml(settings: EncoreSettings) -> str:
+    import yaml
+
+    config: dict = {"telemetry": {"enabled": False}}
+    if settings.dagster.postgres_url is not None:
+        config["storage"] = {"postgres": {"postgres_url": psycopg2_url(settings.dagster.postgres_url.get_secret_value())}}
+    header = "# Written by Encore from its settings (ENCORE_DAGSTER__*); edits here are overwritten.\n"
+    return header + yaml.safe_dump(config, sort_keys=False)
 
 
 def run_job(settings: EncoreSettings, job_name: str, instance: dg.DagsterInstance | None = None) -> dg.ExecuteInProcessResult:
@@ -79,7 +104,7 @@ def closed_loop(settings: EncoreSettings, url: str, kafka: str, *, progress: boo
     world = MusicWorld(settings.simulator)
     exp = settings.experiment
     users = list(world.users)[: exp.users]
-    producer = make_producer(kafka)
+    producer = make_producer(kafka, **settings.kafka.client_options())
     counts = {"requests": 0, "errors": 0, "events": 0}
 
     def one_user(user_id: int) -> tuple[int, int, int]:
@@ -120,8 +145,9 @@ def run_end_to_end(settings: EncoreSettings, *, progress: bool = True) -> dict:
         instance = dagster_instance(settings)
 
         # 1. replay the synthetic history, plus a few malformed messages that must land in the DLQ
-        rep = replay(open_source("synthetic", settings), kafka, settings.topics.interactions, progress=progress)
-        producer = make_producer(kafka)
+        rep = replay(open_source("synthetic", settings), kafka, settings.topics.interactions, progress=progress,
+                     kafka_options=settings.kafka.client_options())
+        producer = make_producer(kafka, **settings.kafka.client_options())
         for bad in (b"{not json", b'{"event_id": "x", "user_id": -1}', b"[]"):
             producer.send(settings.topics.interactions, value=bad)
         producer.flush()

@@ -21,9 +21,9 @@ from orchestration.resources import EncoreResource, KafkaResource
 STREAMING = "streaming"
 
 
-def topic_lag(bootstrap: str, topic: str, group_id: str) -> dict:
-    end = end_offsets(bootstrap, topic)
-    committed = committed_offsets(bootstrap, group_id, topic)
+def topic_lag(bootstrap: str, topic: str, group_id: str, **options: object) -> dict:
+    end = end_offsets(bootstrap, topic, **options)
+    committed = committed_offsets(bootstrap, group_id, topic, **options)
     # tansu 0.6 under-reports end offsets by up to one producer batch; never report negative lag
     lag = {p: max(0, end[p] - committed.get(p, 0)) for p in end}
     return {"end_offsets": end, "committed": committed, "lag": lag, "total_lag": sum(lag.values())}
@@ -33,11 +33,12 @@ def topic_lag(bootstrap: str, topic: str, group_id: str) -> dict:
                             description="Kafka topic of interaction events (JSON schema v1, key = user_id)")
 def interactions_topic(encore: EncoreResource, kafka: KafkaResource) -> dg.ObserveResult:
     settings = encore.settings()
-    return observe_topic(kafka.resolve(settings), settings.topics.interactions, settings.ingest.group_id)
+    return observe_topic(kafka.resolve(settings), settings.topics.interactions, settings.ingest.group_id,
+                         **settings.kafka.client_options())
 
 
-def observe_topic(bootstrap: str, topic: str, group_id: str) -> dg.ObserveResult:
-    state = topic_lag(bootstrap, topic, group_id)
+def observe_topic(bootstrap: str, topic: str, group_id: str, **options: object) -> dg.ObserveResult:
+    state = topic_lag(bootstrap, topic, group_id, **options)
     return dg.ObserveResult(
         data_version=dg.DataVersion(json.dumps(state["end_offsets"], sort_keys=True)),
         metadata={
@@ -54,7 +55,8 @@ def ingest_on_lag(context: dg.SensorEvaluationContext, encore: EncoreResource, k
     settings = encore.settings()
     try:
         bootstrap = kafka.resolve(settings)
-        state = topic_lag(bootstrap, settings.topics.interactions, settings.ingest.group_id)
+        state = topic_lag(bootstrap, settings.topics.interactions, settings.ingest.group_id,
+                          **settings.kafka.client_options())
     except Exception as exc:  # noqa: BLE001 - a broker that is down is a reason to skip, not to crash
         return dg.SkipReason(f"Kafka not reachable: {exc}")
     if state["total_lag"] == 0:
@@ -93,7 +95,8 @@ def freshness(encore: EncoreResource, kafka: KafkaResource) -> dg.AssetCheckResu
         last_ms = con.execute(f"SELECT max(ingested_at_ms) FROM read_parquet('{files[-1]}')").fetchone()[0]
     age_s = time.time() - last_ms / 1000
     try:
-        lag = topic_lag(kafka.resolve(settings), settings.topics.interactions, settings.ingest.group_id)["total_lag"]
+        lag = topic_lag(kafka.resolve(settings), settings.topics.interactions, settings.ingest.group_id,
+                        **settings.kafka.client_options())["total_lag"]
     except Exception:  # noqa: BLE001
         lag = -1
     max_age = settings.ingest.freshness_max_age_s

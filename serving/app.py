@@ -283,7 +283,7 @@ class Recommendations:
         self.models = ModelPool(tracking_uri, settings.serve.model_name, f"alias:{settings.serve.model_alias}")
         self.store = store
         self.router = Router(static if static is not None else Snapshot())
-        self.producer = make_producer(kafka_bootstrap, linger_ms=20)
+        self.producer = make_producer(kafka_bootstrap, linger_ms=20, **settings.kafka.client_options())
         self.popular: list[tuple[int, float]] = []
         self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._stop = threading.Event()

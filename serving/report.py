@@ -22,9 +22,9 @@ from serving.app import default_experiment
 log = logging.getLogger("encore.report")
 
 
-def read_exposures(bootstrap: str, topic: str) -> pd.DataFrame:
+def read_exposures(bootstrap: str, topic: str, **options: object) -> pd.DataFrame:
     rows = []
-    for m in read_topic(bootstrap, topic):
+    for m in read_topic(bootstrap, topic, **options):
         try:
             rows.append(json.loads(m.value))
         except (TypeError, ValueError):
@@ -38,7 +38,7 @@ def read_exposures(bootstrap: str, topic: str) -> pd.DataFrame:
 
 def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str | None = None) -> dict:
     exp = _experiment(settings)
-    exposures = read_exposures(bootstrap, settings.topics.exposures)
+    exposures = read_exposures(bootstrap, settings.topics.exposures, **settings.kafka.client_options())
     if not exposures.empty:
         exposures = exposures[exposures["variant"].notna()]
         if "experiment" in exposures.columns:  # other experiments (other layers) share the topic

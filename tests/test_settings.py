@@ -47,3 +47,42 @@ def test_missing_config_file_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setenv("ENCORE_CONFIG", str(tmp_path / "nope.yaml"))
     with pytest.raises(FileNotFoundError, match="ENCORE_CONFIG"):
         EncoreSettings()
+
+
+def test_kafka_security_options_reach_every_client(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("ENCORE_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("ENCORE_KAFKA__SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("ENCORE_KAFKA__SASL_USERNAME", "ingest")
+    monkeypatch.setenv("ENCORE_KAFKA__SASL_PASSWORD", "s3cret-s3cret")
+    monkeypatch.setenv("ENCORE_KAFKA__SSL_CAFILE", "/etc/ssl/kafka-ca.pem")
+    s = EncoreSettings()
+    assert s.kafka.client_options() == {
+        "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "ingest",
+        "sasl_plain_password": "s3cret-s3cret", "ssl_cafile": "/etc/ssl/kafka-ca.pem"}
+    assert "s3cret" not in repr(s)
+    assert EncoreSettings(_env_prefix="NOT_ENCORE_").kafka.client_options() == {}  # plaintext: kafka-python defaults
+
+
+def test_sasl_without_credentials_is_rejected(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("ENCORE_KAFKA__SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    with pytest.raises(ValidationError, match="sasl_mechanism, sasl_username and sasl_password"):
+        EncoreSettings()
+
+
+def test_child_env_writes_secrets_for_the_child_only(tmp_path: Path):
+    from infra.settings import child_env
+
+    s = EncoreSettings(data_dir=tmp_path, feast={"redis": "redis:6379,password=pw-in-url"})
+    env = child_env(s, tmp_path / "child.yaml")
+    path = Path(env["ENCORE_CONFIG"])
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert "pw-in-url" in path.read_text()
+
+
+def test_dagster_instance_storage_follows_the_settings(tmp_path: Path):
+    from orchestration.pipeline import instance_yaml, psycopg2_url
+
+    assert "storage" not in instance_yaml(EncoreSettings(data_dir=tmp_path))
+    text = instance_yaml(EncoreSettings(data_dir=tmp_path, dagster={"postgres_url": "postgresql://u:p@db:5432/dagster"}))
+    assert "postgresql+psycopg2://u:p@db:5432/dagster" in text
+    assert psycopg2_url("postgresql+psycopg2://h/d") == "postgresql+psycopg2://h/d"

@@ -1,0 +1,186 @@
+"""The production profile against real servers: Redis (Feast online store), PostgreSQL (Feast registry,
+MLflow backend store, Dagster instance storage) and a Kafka-protocol broker, all on 127.0.0.1.
+
+The same ``encore`` commands run as in the local profile; only configuration changes (environment here).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis as redis_client
+
+from features.feature_repo import feature_store
+from features.ingest import HISTORY_FEATURES, ingest
+from features.kafka_io import make_producer, publish_events
+from features.simulator import MusicWorld
+from infra.services import EmbeddedServices, start_mlflow
+from infra.settings import EncoreSettings
+from tests.conftest import small_settings
+from tests.servers import PASSWORD, Postgres, Redis, start_postgres, start_redis
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+_db_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres_server():
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+def fresh_database(pg: Postgres, prefix: str) -> str:
+    name = f"{prefix}_{next(_db_numbers)}"
+    pg.psql("postgres", f"CREATE DATABASE {name}")
+    return name
+
+
+def production_overrides(redis: Redis, pg: Postgres, redis_db: int) -> dict:
+    """Everything the production profile needs besides Kafka and MLflow, each test on fresh databases."""
+    return {
+        "feast": {"redis": f"{redis.connection_string},db={redis_db}",
+                  "registry": pg.url(fresh_database(pg, "feast"), "postgresql+psycopg")},
+        "dagster": {"postgres_url": pg.url(fresh_database(pg, "dagster"))},
+    }
+
+
+def redis_keys(redis: Redis, db: int) -> int:
+    return redis_client.Redis(host="127.0.0.1", port=redis.port, password=PASSWORD, db=db).dbsize()
+
+
+def test_production_profile_names_every_missing_endpoint():
+    with pytest.raises(ValueError) as err:
+        EncoreSettings(profile="production", kafka_bootstrap="kafka:9092")
+    message = str(err.value)
+    for name in ("ENCORE_MLFLOW_TRACKING_URI", "ENCORE_FEAST__REDIS", "ENCORE_FEAST__REGISTRY",
+                 "ENCORE_DAGSTER__POSTGRES_URL"):
+        assert name in message
+    assert "ENCORE_KAFKA_BOOTSTRAP" not in message
+
+
+def test_secrets_are_masked_in_repr_but_reach_child_processes(redis_server, postgres_server, tmp_path):
+    settings = small_settings(tmp_path / "encore", **production_overrides(redis_server, postgres_server, 1))
+    assert PASSWORD not in repr(settings)
+    assert EncoreSettings(**json.loads(settings.model_dump_json())).feast.redis == settings.feast.redis
+
+
+def test_feast_pushes_to_redis_and_keeps_its_registry_in_postgres(broker, redis_server, postgres_server):
+    settings, bootstrap = broker
+    db = 2
+    settings = small_settings(settings.root, **production_overrides(redis_server, postgres_server, db))
+    world = MusicWorld(settings.simulator)
+    events = list(world.history())[:1500]
+    producer = make_producer(bootstrap)
+    publish_events(producer, settings.topics.interactions, events)
+    producer.flush()
+    producer.close()
+
+    report = ingest(settings, bootstrap)
+
+    assert report.written == len(events) and report.dlq == 0
+    assert redis_keys(redis_server, db) > 0
+    # nothing fell back to the local SQLite files
+    assert not (settings.feast_dir / "online.db").exists() and not (settings.feast_dir / "registry.db").exists()
+    # a new client (as a serving replica would be) finds the views in the PostgreSQL registry ...
+    store = feature_store(settings, apply=False)
+    assert {v.name for v in store.list_feature_views()} >= {"user_history", "user_stats", "item_stats"}
+    # ... and reads each user's history from Redis, oldest first, as long as the offline store says
+    user = events[0].user_id
+    mine = sorted((e for e in events if e.user_id == user), key=lambda e: e.timestamp_ms)
+    online = store.get_online_features(HISTORY_FEATURES, [{"user_id": user}]).to_dict()
+    assert online["item_ids"][0] == [e.item_id for e in mine][-settings.ingest.history_length:]
+    assert online["timestamps_ms"][0] == sorted(online["timestamps_ms"][0])
+
+
+@pytest.fixture(scope="module")
+def production_platform(redis_server, postgres_server, tmp_path_factory):
+    """`encore run` (the main job) in the production profile: nothing embedded, every endpoint external.
+
+    The test plays the operator: it runs the Kafka-protocol broker and an MLflow server on PostgreSQL, as a
+    deployment would run them as their own services, then hands their addresses to Encore by environment.
+    """
+    root = tmp_path_factory.mktemp("prod")
+    ops = small_settings(root / "ops", mlflow_backend_store_uri=postgres_server.url(fresh_database(postgres_server,
+                                                                                                   "mlflow")))
+    with EmbeddedServices(ops, with_mlflow=False) as kafka:
+        mlflow = start_mlflow(ops)
+        try:
+            overrides = production_overrides(redis_server, postgres_server, 3)
+            env = {k: v for k, v in os.environ.items() if not k.startswith("ENCORE_")}
+            env.update({
+                "ENCORE_PROFILE": "production",
+                "ENCORE_KAFKA_BOOTSTRAP": kafka.kafka_bootstrap,
+                "ENCORE_MLFLOW_TRACKING_URI": mlflow.endpoint,
+                "ENCORE_FEAST__REDIS": overrides["feast"]["redis"],
+                "ENCORE_FEAST__REGISTRY": overrides["feast"]["registry"],
+                "ENCORE_DAGSTER__POSTGRES_URL": overrides["dagster"]["postgres_url"],
+            })
+            # the sizes of the test platform, as a YAML file (the third settings source)
+            sizes = small_settings(root / "encore").model_dump(mode="json", include={
+                "data_dir", "simulator", "train", "experiment", "ingest"})
+            (root / "encore.yaml").write_text(json.dumps(sizes))
+            env["ENCORE_CONFIG"] = str(root / "encore.yaml")
+
+            def encore(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+                return subprocess.run([str(Path(sys.executable).with_name("encore")), *args], env=env, cwd=REPO,
+                                      capture_output=True, text=True, timeout=900, check=check)
+
+            run = encore("run", "--fresh", "--no-progress", check=False)
+            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+            yield {"encore": encore, "run": run, "settings": small_settings(root / "encore"),
+                   "overrides": overrides, "redis_db": 3, "mlflow": mlflow.endpoint}
+        finally:
+            mlflow.stop()
+
+
+def test_the_main_job_runs_end_to_end_in_the_production_profile(production_platform, postgres_server,
+                                                                 redis_server):
+    summary = json.loads((production_platform["settings"].reports_dir / "last_run.json").read_text())
+    assert summary["ingest"]["written"] == summary["replayed"] > 1000 and summary["ingest"]["dlq"] == 3
+    assert summary["ab_traffic"]["errors"] == 0 and summary["feedback_ingest"]["written"] > 0
+    # the stores are the external servers, not files under the data dir
+    root = production_platform["settings"].root
+    assert not list(root.rglob("*.db")) and not list(root.rglob("online.db"))
+    assert redis_keys(redis_server, production_platform["redis_db"]) > 0
+    dagster_db = production_platform["overrides"]["dagster"]["postgres_url"].rsplit("/", 1)[1]
+    statuses = postgres_server.psql(dagster_db, "SELECT status FROM runs").split()
+    assert statuses and set(statuses) == {"SUCCESS"} and len(statuses) >= 4  # ingest, train, ingest, report
+    feast_db = production_platform["overrides"]["feast"]["registry"].rsplit("/", 1)[1]
+    assert int(postgres_server.psql(feast_db, "SELECT count(*) FROM feature_views")) >= 3
+
+
+def test_the_registry_lives_in_postgres_and_the_same_commands_read_it(production_platform, postgres_server):
+    mlflow_dbs = [d for d in postgres_server.psql("postgres", "SELECT datname FROM pg_database").split()
+                  if d.startswith("mlflow_")]
+    aliases = [postgres_server.psql(d, "SELECT alias || ':' || version FROM registered_model_aliases") for d in mlflow_dbs]
+    assert "champion:1" in "\n".join(aliases)
+    listing = production_platform["encore"]("models", "list")
+    assert "champion" in listing.stdout and listing.returncode == 0
+    status = production_platform["encore"]("services", "status")
+    assert production_platform["mlflow"] in status.stdout
+
+
+def test_a_half_configured_production_profile_fails_with_the_missing_names(production_platform):
+    env_run = production_platform["encore"]
+    result = subprocess.run([str(Path(sys.executable).with_name("encore")), "models", "list"],
+                            env={**{k: v for k, v in os.environ.items() if not k.startswith("ENCORE_")},
+                                 "ENCORE_PROFILE": "production"}, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "ENCORE_FEAST__REDIS" in result.stderr and "Traceback" not in result.stderr
+    assert env_run  # the configured commands above keep working
