@@ -274,21 +274,28 @@ def services_status(data_dir: str | None) -> None:
 @data_dir_option
 @click.option("--dagster-port", type=int, default=3000, show_default=True)
 def ui(data_dir: str | None, dagster_port: int) -> None:
-    """Start the services plus the Dagster web UI on this data dir; Ctrl-C stops everything."""
+    """Start the services plus Dagster (`dagster dev`: web UI and the daemon that runs sensors and schedules)
+    on this data dir; Ctrl-C stops everything."""
     import subprocess
 
     from infra.services import EmbeddedServices, stop_pid
+    from infra.settings import child_env
     from orchestration.pipeline import dagster_instance
 
     settings = _settings(data_dir)
     with EmbeddedServices(settings) as svc:
         dagster_instance(settings)
-        env = {**os.environ, "ENCORE_DATA_DIR": str(settings.root), "DAGSTER_HOME": str(settings.dagster_home)}
+        # Runs launched from the UI or by sensors execute in fresh processes: they get these exact settings
+        # (plus the endpoints of the services just started) through a settings file.
+        resolved = settings.model_copy(update={"kafka_bootstrap": svc.kafka_bootstrap,
+                                               "mlflow_tracking_uri": svc.mlflow_uri or None})
+        env = {**child_env(resolved, settings.run_dir / "dagster-settings.yaml"),
+               "DAGSTER_HOME": str(settings.dagster_home)}
         proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("dagster-webserver")), "-m", "orchestration.definitions",
+            [str(Path(sys.executable).with_name("dagster")), "dev", "-m", "orchestration.definitions",
              "-h", "127.0.0.1", "-p", str(dagster_port)], env=env, start_new_session=True)
-        click.echo(f"Dagster UI: http://127.0.0.1:{dagster_port}\nMLflow UI:  {svc.mlflow_uri}\n"
-                   f"Kafka:      {svc.kafka_bootstrap}\nCtrl-C stops everything.")
+        click.echo(f"Dagster UI: http://127.0.0.1:{dagster_port} (sensors and schedules run here too)\n"
+                   f"MLflow UI:  {svc.mlflow_uri}\nKafka:      {svc.kafka_bootstrap}\nCtrl-C stops everything.")
         try:
             _wait_forever()
         finally:

@@ -184,3 +184,53 @@ def test_a_half_configured_production_profile_fails_with_the_missing_names(produ
     assert result.returncode != 0
     assert "ENCORE_FEAST__REDIS" in result.stderr and "Traceback" not in result.stderr
     assert env_run  # the configured commands above keep working
+
+
+def test_the_dagster_daemon_on_postgres_runs_the_lag_sensor_and_its_ingest_run(broker, redis_server,
+                                                                              postgres_server):
+    """Production runs sensors and schedules in ``dagster-daemon``; here it evaluates ``ingest_on_lag``,
+    which launches an ingest run (DefaultRunLauncher) that drains the topic into Feast."""
+    import time
+
+    from infra.settings import child_env
+    from orchestration.pipeline import dagster_instance
+
+    settings, bootstrap = broker
+    settings = small_settings(settings.root, kafka_bootstrap=bootstrap,
+                              **production_overrides(redis_server, postgres_server, 4))
+    events = list(MusicWorld(settings.simulator).history())[:500]
+    producer = make_producer(bootstrap)
+    publish_events(producer, settings.topics.interactions, events)
+    producer.flush()
+    producer.close()
+
+    dagster_instance(settings)  # writes dagster.yaml (PostgreSQL storage) under the data dir
+    env = {**child_env(settings, settings.root / "daemon.yaml"), "DAGSTER_HOME": str(settings.dagster_home)}
+    bindir = Path(sys.executable).parent
+    started = subprocess.run([str(bindir / "dagster"), "sensor", "start", "ingest_on_lag", "-m",
+                              "orchestration.definitions"], env=env, cwd=REPO, capture_output=True, text=True,
+                             timeout=180)
+    assert started.returncode == 0, started.stderr[-2000:]
+    log = (settings.root / "daemon.log").open("w")
+    daemon = subprocess.Popen([str(bindir / "dagster-daemon"), "run", "-m", "orchestration.definitions"], env=env,
+                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    db = settings.dagster.postgres_url.get_secret_value().rsplit("/", 1)[1]
+    try:
+        deadline = time.monotonic() + 240
+        statuses: list[str] = []
+        while time.monotonic() < deadline and "SUCCESS" not in statuses:
+            assert daemon.poll() is None, (settings.root / "daemon.log").read_text()[-3000:]
+            statuses = postgres_server.psql(db, "SELECT status FROM runs").split()
+            assert "FAILURE" not in statuses, (settings.root / "daemon.log").read_text()[-3000:]
+            time.sleep(2)
+        assert statuses == ["SUCCESS"], (settings.root / "daemon.log").read_text()[-3000:]
+    finally:
+        os.killpg(daemon.pid, 15)
+        daemon.wait(timeout=60)
+        log.close()
+    sensor_ticks = postgres_server.psql(db, "SELECT count(*) FROM job_ticks")
+    assert int(sensor_ticks) >= 1
+    store = feature_store(settings, apply=False)
+    user = events[0].user_id
+    online = store.get_online_features(HISTORY_FEATURES, [{"user_id": user}]).to_dict()
+    assert online["item_ids"][0][-1] == [e.item_id for e in events if e.user_id == user][-1]
