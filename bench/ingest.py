@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import subprocess
 import sys
@@ -192,6 +193,13 @@ def phase_freshness(root: Path, args: argparse.Namespace) -> dict:
             "freshness_p99_s": round(report.freshness_p99_s, 3), **check}
 
 
+def _configured_profile() -> str:
+    try:
+        return EncoreSettings().profile
+    except ValueError:  # a half-configured production profile is still production
+        return os.environ.get("ENCORE_PROFILE", "local")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=200_000, help="events for the throughput phase")
@@ -212,6 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
                                     malformed_share=args.malformed, seed=args.seed, start_ms=args.start_ms)
         produce(args.produce_to, EncoreSettings().topics.interactions, payloads, rate=args.rate)
         return {}
+    if _configured_profile() == "production":
+        # The benchmark writes the stores it measures: never those of a production deployment.
+        raise SystemExit("bench ingest refuses the production profile: it writes to the stores it measures. "
+                         "Run it in the local profile (ENCORE_FEAST__REDIS etc. may point at disposable servers).")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="encore-bench-") as tmp:

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dataset-dir", type=Path, default=None)
     ap.add_argument("--config", default="default", help="a name under models/configs/ or a YAML path")
     ap.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    ap.add_argument("--seed", type=int, default=None, help="override the config's seed (repeat runs to see the spread)")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -35,13 +36,15 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = TrainConfig.from_yaml(args.config)
     if args.epochs is not None:
         cfg = cfg.replace(epochs=args.epochs)
+    if args.seed is not None:
+        cfg = cfg.replace(seed=args.seed)
     df = events_frame(args.dataset, EncoreSettings(), args.dataset_dir)
     result = train(df, cfg, progress=args.progress)
     train_s = sum(h.get("train_s", 0.0) for h in result.history)
     out = {k: round(float(result.test_metrics[k]), 4) for k in KEYS if k in result.test_metrics}
     if "feedback_auc" in result.test_metrics:
         out["feedback_auc"] = round(float(result.test_metrics["feedback_auc"]), 4)
-    out.update({"config": args.config, "dataset": args.dataset, "epochs": len(result.history),
+    out.update({"config": args.config, "dataset": args.dataset, "seed": cfg.seed, "epochs": len(result.history),
                 "best_epoch": result.best_epoch, "wall_s": round(result.wall_s, 1),
                 "tokens_per_s": round(len(df) * len(result.history) / train_s) if train_s else None,
                 "params": result.num_params})

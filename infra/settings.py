@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,7 +24,13 @@ from pydantic_settings import (
 )
 
 
-class TopicSettings(BaseModel):
+class _Group(BaseModel):
+    """A settings group: unknown keys are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+
+class TopicSettings(_Group):
     interactions: str = "interactions"
     dlq: str = "interactions.dlq"
     exposures: str = "exposures"
@@ -39,7 +45,7 @@ def _reveal(secret: SecretStr | None) -> str | None:
     return None if secret is None else secret.get_secret_value()
 
 
-class KafkaSettings(BaseModel):
+class KafkaSettings(_Group):
     """How every Kafka client authenticates (kafka-python option names). The address is ``kafka_bootstrap``."""
 
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -77,7 +83,7 @@ class KafkaSettings(BaseModel):
         return options
 
 
-class FeastSettings(BaseModel):
+class FeastSettings(_Group):
     """Where Feast keeps its registry and online store. Unset: SQLite files under ``data_dir`` (local)."""
 
     redis: SecretStr | None = Field(default=None, description="Redis online store, as Feast's connection "
@@ -89,7 +95,7 @@ class FeastSettings(BaseModel):
     _reveal_urls = field_serializer("redis", "registry", when_used="json")(staticmethod(_reveal))
 
 
-class DagsterSettings(BaseModel):
+class DagsterSettings(_Group):
     """Dagster instance storage (runs, event logs, schedules, sensor cursors). Unset: SQLite under data_dir."""
 
     postgres_url: SecretStr | None = Field(default=None, description="e.g. 'postgresql://user:password@host:"
@@ -98,7 +104,7 @@ class DagsterSettings(BaseModel):
     _reveal_url = field_serializer("postgres_url", when_used="json")(staticmethod(_reveal))
 
 
-class SimulatorSettings(BaseModel):
+class SimulatorSettings(_Group):
     """Size and seed of the synthetic music-streaming world (the default data)."""
 
     users: int = Field(default=600, ge=1)
@@ -110,7 +116,7 @@ class SimulatorSettings(BaseModel):
     seed: int = 7
 
 
-class IngestSettings(BaseModel):
+class IngestSettings(_Group):
     batch_size: int = Field(default=20000, ge=1, description="max events consumed per bounded batch")
     poll_timeout_ms: int = Field(default=2000, ge=1, description="a batch closes after this long without data")
     max_batch_wait_ms: int = Field(default=1000, ge=1, description="a batch closes this long after its first "
@@ -125,7 +131,7 @@ class IngestSettings(BaseModel):
                                      "this old while events wait in Kafka")
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(_Group):
     model: Literal["hstu", "sasrec"] = "hstu"
     max_len: int = Field(default=50, ge=2)
     dim: int = Field(default=32, ge=4)
@@ -141,7 +147,7 @@ class TrainSettings(BaseModel):
     feedback_weight: float = Field(default=0.0, ge=0.0, description="ARGUS feedback task weight; 0 = off")
 
 
-class PromotionSettings(BaseModel):
+class PromotionSettings(_Group):
     """The gate between a registered ``challenger`` and the ``champion`` that serving loads."""
 
     mode: Literal["auto", "manual"] = Field(
@@ -159,7 +165,7 @@ class PromotionSettings(BaseModel):
     retrain_after_events: int = Field(default=5000, ge=1, description="the retrain sensor fires after N new events")
 
 
-class ScalingSettings(BaseModel):
+class ScalingSettings(_Group):
     """The scaling study sweep (its own Dagster job; keep it small on CPU)."""
 
     dims: list[int] = Field(default=[8, 16, 32], min_length=2)
@@ -169,21 +175,23 @@ class ScalingSettings(BaseModel):
     model: Literal["hstu", "sasrec"] = "hstu"
 
 
-class ServeSettings(BaseModel):
+class ServeSettings(_Group):
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
     model_name: str = "encore-recommender"
     model_alias: str = "champion"
     default_k: int = Field(default=10, ge=1, le=1000)
-    admin_token: str | None = Field(default=None, min_length=16,
-                                    description="bearer token of the /admin API; unset disables it")
+    admin_token: SecretStr | None = Field(default=None, min_length=16,
+                                          description="bearer token of the /admin API; unset disables it")
     model_poll_s: float = Field(default=2.0, gt=0, description="how often aliases are checked for moves")
+
+    _reveal_token = field_serializer("admin_token", when_used="json")(staticmethod(_reveal))
     experiments_poll_s: float = Field(default=1.0, gt=0, description="how often the experiment store is re-read")
     max_batch: int = Field(default=64, ge=1, le=4096, description="most requests scored in one micro-batch")
     torch_threads: int = Field(default=1, ge=1, description="intra-op threads of the serving process")
 
 
-class ExperimentSettings(BaseModel):
+class ExperimentSettings(_Group):
     """The default two-arm A/B test run by `make run`."""
 
     name: str = "hstu-vs-popularity"
@@ -199,6 +207,7 @@ class EncoreSettings(BaseSettings):
         env_prefix="ENCORE_",
         env_nested_delimiter="__",
         extra="forbid",
+        hide_input_in_errors=True,  # a rejected URL may carry a password: name the setting, not its value
     )
 
     profile: Literal["local", "production"] = Field(
@@ -334,20 +343,32 @@ def load_settings(data_dir: str | Path | None = None) -> EncoreSettings:
     return get_settings()
 
 
+def write_settings_file(settings: EncoreSettings, path: Path) -> Path:
+    """The whole settings object as YAML, secrets included: readable by this user only, from its first byte."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(yaml.safe_dump(settings.model_dump(mode="json")))
+    os.chmod(path, 0o600)
+    return path
+
+
+def read_settings_file(path: str | Path) -> EncoreSettings:
+    """Exactly the settings in ``path`` (written by ``write_settings_file``): they beat ``ENCORE_*`` variables."""
+    import yaml
+
+    return EncoreSettings(**(yaml.safe_load(Path(path).read_text()) or {}))
+
+
 def child_env(settings: EncoreSettings, path: Path) -> dict[str, str]:
     """Environment for a child process that must run with exactly ``settings``.
 
     The settings go to a YAML file named by ``ENCORE_CONFIG``; inherited ``ENCORE_*`` variables are dropped,
     since they would override the file.
     """
-    import yaml
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The file holds secrets (passwords in URLs): readable by this user only, from its first byte.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(yaml.safe_dump(settings.model_dump(mode="json")))
-    os.chmod(path, 0o600)
+    write_settings_file(settings, path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCORE_")}
     env["ENCORE_CONFIG"] = str(path)
     return env

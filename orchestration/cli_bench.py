@@ -38,6 +38,9 @@ def bench_serve(data_dir: str | None, url: str | None, rate: float, duration_s: 
     if rate <= 0 or duration_s <= 0 or warmup_s < 0:
         raise click.BadParameter("--rate and --duration must be positive, --warmup non-negative")
     settings = _settings(data_dir)
+    if settings.profile == "production" and not url:
+        raise click.ClickException("in the production profile `bench serve` only drives a running service: "
+                                   "pass --url (it never builds a platform against production stores)")
     result = run_bench(settings, url=url, rate=rate, duration_s=duration_s, warmup_s=warmup_s,
                        cold_share=cold_share, k=k, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(result))

@@ -53,9 +53,9 @@ def run_training(settings: EncoreSettings, *, instance=None, tracking: str | Non
 
     from orchestration.definitions import defs
     from orchestration.pipeline import dagster_instance
-    from orchestration.resources import EncoreResource, MLflowResource
+    from orchestration.resources import encore_resource, MLflowResource
 
-    resources: dict = {"encore": EncoreResource(settings_json=settings.model_dump_json())}
+    resources: dict = {"encore": encore_resource(settings)}
     if tracking:
         resources["mlflow_server"] = MLflowResource(tracking_uri=tracking)
     result = defs.resolve_job_def("training_job").execute_in_process(
@@ -219,7 +219,7 @@ def study_scaling(data_dir: str | None, dims: str | None, fractions: str | None,
     """Train a sweep of model sizes / data fractions and fit power laws (the Dagster scaling_job)."""
     from orchestration.pipeline import dagster_instance
     from orchestration.definitions import defs
-    from orchestration.resources import EncoreResource
+    from orchestration.resources import encore_resource
 
     settings = _settings(data_dir)
     scaling = settings.scaling.model_copy(update={k: v for k, v in {
@@ -228,7 +228,7 @@ def study_scaling(data_dir: str | None, dims: str | None, fractions: str | None,
         "epochs": epochs}.items() if v is not None})
     settings = settings.model_copy(update={"scaling": scaling})
     result = defs.resolve_job_def("scaling_job").execute_in_process(
-        instance=dagster_instance(settings), resources={"encore": EncoreResource(settings_json=settings.model_dump_json())},
+        instance=dagster_instance(settings), resources={"encore": encore_resource(settings)},
         run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}}, raise_on_error=False)
     if not result.success:
         raise click.ClickException("scaling_job failed (see the run in the Dagster UI)")

@@ -63,14 +63,14 @@ def instance_yaml(settings: EncoreSettings) -> str:
 
 def run_job(settings: EncoreSettings, job_name: str, instance: dg.DagsterInstance | None = None) -> dg.ExecuteInProcessResult:
     from orchestration.definitions import defs
-    from orchestration.resources import EncoreResource
+    from orchestration.resources import encore_resource
 
     instance = instance or dagster_instance(settings)
     job = defs.resolve_job_def(job_name)
     log.info("Dagster: running %s", job_name)
     result = job.execute_in_process(
         instance=instance,
-        resources={"encore": EncoreResource(settings_json=settings.model_dump_json())},
+        resources={"encore": encore_resource(settings)},
         # Dagster's console logger narrates every engine event at DEBUG; assets' own logs are INFO.
         run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         raise_on_error=True,

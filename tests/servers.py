@@ -67,7 +67,7 @@ def start_redis() -> Redis:
     folder = Path(tempfile.mkdtemp(prefix="encore-redis-"))
     port = free_port()
     log = folder / "redis.log"
-    # No persistence: the online store is rebuilt from the offline store; tests need none either.
+    # No persistence: tests need none.
     proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--requirepass", PASSWORD,
                              "--save", "", "--appendonly", "no", "--dir", str(folder)],
                             stdout=log.open("w"), stderr=subprocess.STDOUT)

@@ -26,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from orchestration.resources import EncoreResource, FeastResource, MLflowResource
+from orchestration.resources import EncoreResource, FeastResource, MLflowResource, encore_resource
 from tests.conftest import small_settings
 
 pytestmark = pytest.mark.integration
@@ -80,7 +80,7 @@ def materialize_broken_challenger(settings, instance):  # noqa: ANN001, ANN201
         [A.training_dataset, broken_trained_model, A.evaluation, A.registered_model, A.promotion_gate,
          A.champion_model],
         instance=instance, raise_on_error=False,
-        resources={"encore": EncoreResource(settings_json=settings.model_dump_json()), "feast": FeastResource(),
+        resources={"encore": encore_resource(settings), "feast": FeastResource(),
                    "mlflow_server": MLflowResource()},
     )
 

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from models.scaling import power_law_fit
-from orchestration.resources import EncoreResource, FeastResource, MLflowResource
+from orchestration.resources import FeastResource, MLflowResource, encore_resource
 from tests.conftest import small_settings
 from tests.test_lifecycle import seed_offline_store
 
@@ -47,7 +47,7 @@ def test_scaling_study_asset_logs_fit_and_plot(tmp_path):
     with dg.instance_for_test() as instance:
         result = dg.materialize(
             [training_dataset, scaling_study], instance=instance,
-            resources={"encore": EncoreResource(settings_json=settings.model_dump_json()), "feast": FeastResource(),
+            resources={"encore": encore_resource(settings), "feast": FeastResource(),
                        "mlflow_server": MLflowResource()})
         assert result.success
         study = result.output_for_node("scaling_study")

@@ -7,10 +7,11 @@ import time
 import dagster as dg
 import pandas as pd
 import pytest
+from pydantic import SecretStr
 
 from features.feature_repo import feature_store
 from orchestration.pipeline import dagster_instance, run_job
-from orchestration.resources import EncoreResource, KafkaResource
+from orchestration.resources import KafkaResource, encore_resource
 from orchestration.streaming import ingest_on_lag, observe_topic
 from tests.test_ingest import events, send
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 def test_lag_sensor_launches_one_run_per_backlog_and_the_job_passes_its_checks(broker):
     settings, bootstrap = broker
-    resources = {"encore": EncoreResource(settings_json=settings.model_dump_json()),
+    resources = {"encore": encore_resource(settings),
                  "kafka": KafkaResource(bootstrap=bootstrap)}
     with dg.build_sensor_context(resources=resources) as ctx:
         assert isinstance(ingest_on_lag(ctx), dg.SkipReason)  # empty topic: nothing to do
@@ -32,9 +33,15 @@ def test_lag_sensor_launches_one_run_per_backlog_and_the_job_passes_its_checks(b
         assert isinstance(ingest_on_lag(ctx), dg.SkipReason)  # same backlog: no second run
 
     instance = dagster_instance(settings)
-    result = run_job(settings.model_copy(update={"kafka_bootstrap": bootstrap}), "ingest_job", instance)
+    secret = "never-in-dagster-storage-0123456789"
+    run_settings = settings.model_copy(update={"kafka_bootstrap": bootstrap,
+                                               "serve": settings.serve.model_copy(update={"admin_token": SecretStr(secret)})})
+    result = run_job(run_settings, "ingest_job", instance)
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"reconciliation": True, "dlq_rate": True, "offline_schema": True, "freshness": True}
+    # Dagster keeps each run's resource config: the settings (passwords included) must not be in it
+    stored = b"".join(p.read_bytes() for p in settings.dagster_home.rglob("*") if p.is_file())
+    assert len(stored) > 10_000 and secret.encode() not in stored
     with dg.build_sensor_context(resources=resources, cursor=cursor) as ctx:
         assert isinstance(ingest_on_lag(ctx), dg.SkipReason)  # caught up
 
