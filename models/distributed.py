@@ -1,10 +1,14 @@
-"""Multi-process training with TorchRec's DistributedModelParallel (DMP).
+"""Multi-process, multi-node training with TorchRec's DistributedModelParallel (DMP).
 
-    torchrun --nproc_per_node 2 -m models.distributed --config default --data events.csv --out model_dir
+    # one machine, N processes (CPU + gloo here; one process per GPU + NCCL on a GPU box)
+    torchrun --standalone --nproc_per_node N -m models.distributed --config default --data events.csv --out model_dir
+    # several machines: the same command on every node, meeting at a c10d rendezvous
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29400 --rdzv_id JOB \\
+        -m models.distributed --config default --data /shared/events.parquet --out /shared/model_dir
 
 What changes versus ``models.train`` (single process):
 
-* The item table is sharded **row-wise** across ranks (each rank owns ~V / world rows) by the
+* The item table is sharded **row-wise** across all ranks of all nodes (each owns ~V / world rows) by the
   ``EmbeddingShardingPlanner``; the tiny event-type table is placed table-wise. ``SequentialRecommender``
   looks items up through its ``EmbeddingCollection`` (never ``.weight``), so the same model code runs sharded.
 * The embedding update is a **fused sparse optimiser**: declared with ``apply_optimizer_in_backward`` before
@@ -12,25 +16,35 @@ What changes versus ``models.train`` (single process):
   (row-wise Adagrad on CPU, whose FBGEMM kernel lacks Adam; Adam on GPU).
   Dense parameters are replicated (DMP wraps them in DDP) and stepped by AdamW, combined with the fused one
   in a ``CombinedOptimizer``.
-* Every rank trains on its own slice of the training windows, the same number of equal-size batches per
-  rank (collectives need every rank in every step); negatives are sampled per rank.
+* **One step is one global batch, whatever the world size.** ``cfg.batch_size`` is the global batch; every
+  rank builds the same list of global batches (same seed) and takes every world-th window of each, so a
+  rank's batch is ``batch_size / world``. The loss of each rank is its share of the global mean (its sum over
+  positions divided by the whole batch's count), the sampled negatives are the same on every rank, and the
+  gradients add up over ranks. Up to floating-point summation order, N processes therefore take exactly
+  the steps one process takes (with dropout > 0 they differ in the dropout masks, drawn per rank);
+  tests/test_distributed_training.py checks it on 1 vs 2 processes.
 * No per-epoch validation / early stopping (it would need the unsharded model each epoch): a fixed number of
   epochs, then the shards are gathered into an ordinary ``SequentialRecommender`` on rank 0, which evaluates
-  on the test split and can save a ``Recommender`` directory loadable by the serving code.
+  on the test split (next to the most-popular baseline) and can save a ``Recommender`` directory loadable by
+  the serving code. On several nodes ``--out`` must be on a file system rank 0's node can write and the
+  others (or the caller) can read.
 
-CPU + gloo is what this machine has; on GPUs pass ``--backend nccl`` and the planner places shards in HBM.
+Devices follow the backend: ``--backend auto`` is NCCL with one GPU per process (``cuda:LOCAL_RANK``) when
+CUDA is available, else gloo on CPU. Launched by Dagster Pipes (``orchestration/distributed_training.py``),
+one rank streams per-epoch logs and the final metrics back to the Dagster asset.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -44,21 +58,40 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torch.distributed.optim import _apply_optimizer_in_backward
 
-from models.data import build_sequences, iterate_batches, read_movielens
-from models.evaluate import evaluate
+from models.data import batch_rows, build_sequences, make_batch, read_movielens
+from models.evaluate import evaluate, popularity_ranks, ranking_metrics
 from models.recommender import Recommender, SequentialRecommender, build_model
 from models.train import RecommenderTrain, TrainConfig, TrainResult, make_split, seed_everything
 
+PIPES_ENV = "DAGSTER_PIPES_CONTEXT"  # set by Dagster's Pipes client; torchrun copies it to every worker
 
-def init_distributed(backend: str = "gloo") -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment; a single process works too (world of one)."""
+
+# ----------------------------------------------------------------------------------------------------------
+# process group and sharding
+# ----------------------------------------------------------------------------------------------------------
+
+
+def init_distributed(backend: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from torchrun's environment; a plain ``python -m`` run is a world of one.
+
+    torchrun (any rendezvous: ``--standalone``, c10d across nodes) exports RANK, WORLD_SIZE, LOCAL_RANK and
+    MASTER_ADDR/PORT; ``init_process_group`` reads them. LOCAL_RANK, not RANK, picks the GPU: ranks are global,
+    GPUs are numbered per node."""
+    if dist.is_initialized():
+        backend = dist.get_backend()
+    elif backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before init: NCCL binds each process to its own GPU
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def shard(
@@ -78,24 +111,27 @@ def shard(
         "item": ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value]),
         "event_type": ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]),
     }
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world_size, compute_device=device.type), constraints=constraints, debug=False
-    )
+    # The planner needs the whole cluster (world_size) and its shape (ranks per node): it prices intra- vs
+    # inter-node traffic differently and caps each shard by the memory of the device it lands on.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    topology = Topology(world_size=world_size, compute_device=device.type, local_world_size=local_world)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints, debug=False)
     sharders = [EmbeddingCollectionSharder()]
-    plan = planner.collective_plan(task, sharders, dist.GroupMember.WORLD)
+    plan = planner.collective_plan(task, sharders, dist.GroupMember.WORLD)  # rank 0 plans, all ranks agree
     return DistributedModelParallel(module=task, device=device, plan=plan, sharders=sharders)
 
 
-def unsharded_model(dmp: DistributedModelParallel, template: SequentialRecommender, rank: int) -> SequentialRecommender | None:
+def unsharded_model(dmp: DistributedModelParallel, template: SequentialRecommender, rank: int, device: torch.device) -> SequentialRecommender | None:
     """Gather every shard into an ordinary model on rank 0 (collective: all ranks must call it)."""
     full: dict[str, torch.Tensor] = {}
     for name, value in dmp.state_dict().items():
         key = name.removeprefix("model.")
         if hasattr(value, "gather") and hasattr(value, "local_shards"):  # ShardedTensor
-            out = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+            # the receive buffer lives on the communication device (NCCL cannot gather into host memory)
+            out = torch.empty(value.size(), dtype=value.dtype, device=device) if rank == 0 else None
             value.gather(dst=0, out=out)
             if rank == 0:
-                full[key] = out
+                full[key] = out.cpu()
         else:
             full[key] = value.detach().cpu()
     if rank != 0:
@@ -104,73 +140,106 @@ def unsharded_model(dmp: DistributedModelParallel, template: SequentialRecommend
     return template.eval()
 
 
+# ----------------------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------------------
+
+
 def train_distributed(
     df: pd.DataFrame,
     cfg: TrainConfig,
     *,
     max_steps: int | None = None,
-    backend: str = "gloo",
+    backend: str = "auto",
     sparse_lr: float | None = None,
     progress: bool = True,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult | None:
-    """Train with DMP on every rank of the process group; rank 0 returns the result, the others None."""
+    """Train with DMP on every rank of the process group; rank 0 returns the result, the others None.
+
+    ``on_epoch(epoch, record)`` is called on *every* rank with the same record (losses of the global batches)."""
     t0 = time.perf_counter()
-    rank, world = init_distributed(backend)
-    device = torch.device(cfg.device)
-    seed_everything(cfg.seed)  # same init on every rank: dense replicas start equal
+    rank, world, device = init_distributed(backend)
+    seed_everything(cfg.seed)  # same init on every rank and for every world size
     seqs = build_sequences(df)
     split = make_split(seqs, cfg)
+    if len(split.train) == 0:
+        raise ValueError("no training windows: every user needs at least two events")
     model = build_model(cfg.model_config(len(seqs.vocab)))
     task = RecommenderTrain(model, cfg.negatives, cfg.temperature, cfg.feedback_weight)
+    # The model is built with real weights (not on the meta device), so DMP copies them into the shards: every
+    # world size starts from the same weights as models.train (FBGEMM's own uniform init is not used).
     dmp = shard(task, cfg, world, device, sparse_lr)
+    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     dense = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        dense_params,
         lambda params: torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay),
     )
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
 
-    # This rank's training windows: an equal-size slice per rank -> the same number of steps everywhere.
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed)  # identical on all ranks: a common permutation
-    neg_gen = torch.Generator().manual_seed(cfg.seed + 1000 * (rank + 1))  # per-rank negatives
-    per_rank = len(split.train) // world
+    # Both generators are seeded alike on every rank: the global batches and the negatives are the ones a
+    # single process would draw (negatives are shared by the whole global batch, as in models.train).
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+    neg_gen = torch.Generator().manual_seed(cfg.seed + 1)
     history: list[dict[str, float]] = []
     step = 0
     for epoch in range(1, cfg.epochs + 1):
-        perm = torch.randperm(len(split.train), generator=shuffle_gen).numpy()
-        mine = split.train.subset(np.sort(perm[rank * per_rank : (rank + 1) * per_rank]))
+        t_epoch = time.perf_counter()
+        batches = batch_rows(split.train, cfg.batch_size, shuffle=True, generator=shuffle_gen,
+                             bucket_by_length=cfg.length_bucketing)
+        # Collectives need every rank in every step: a final partial batch smaller than the world is dropped.
+        batches = [rows for rows in batches if len(rows) >= world]
         dmp.train()
-        losses = []
-        for batch in iterate_batches(seqs, mine, cfg.batch_size, shuffle=True, generator=shuffle_gen, bucket_by_length=cfg.length_bucketing):
-            loss, out = dmp(batch.to(device), neg_gen)
+        sums = torch.zeros(3, dtype=torch.float64)  # this rank's shares of: loss, next-item loss, feedback loss
+        steps_this_epoch = 0
+        for rows in batches:
+            # Every world-th window: under length bucketing the rows are sorted by length, so striding gives
+            # every rank a similar mix of long and short histories (and similar work).
+            batch = make_batch(seqs, split.train.subset(rows[rank::world])).to(device)
+            counts = torch.stack([batch.rank_mask.sum(), batch.feedback_mask.sum()]).to(device)
+            dist.all_reduce(counts)  # positions of the whole global batch: the loss's denominators
+            loss, out = dmp(batch, neg_gen, counts)  # loss = this rank's share of the global batch's mean
             optimizer.zero_grad()
-            loss.backward()  # the fused optimiser updates the embedding shards here
-            optimizer.step()  # AdamW on the (DDP-averaged) dense parameters
-            losses.append(float(out["loss"]))
+            # DDP *averages* the dense gradients over ranks, and TorchRec does the same for the embedding
+            # gradients (its "gradient division", on by default): x world turns both averages of shares into
+            # sums, i.e. the gradient one process computes for the whole global batch.
+            (loss * world).backward()  # the fused optimiser updates the embedding shards in here
+            optimizer.step()  # AdamW on the dense parameters
+            sums += torch.tensor([float(out["loss"]), float(out["next_item_loss"]), float(out.get("feedback_loss", 0.0))],
+                                 dtype=torch.float64)
             step += 1
+            steps_this_epoch += 1
             if max_steps is not None and step >= max_steps:
                 break
-        mean = torch.tensor([float(np.mean(losses)) if losses else math.nan])
-        dist.all_reduce(mean)
-        record = {"epoch": float(epoch), "loss": float(mean) / world, "steps": float(step)}
+        total = sums.to(device)
+        dist.all_reduce(total)  # shares add up to each global batch's mean loss
+        total = total.cpu() / max(steps_this_epoch, 1)
+        record = {"epoch": float(epoch), "loss": float(total[0]), "next_item_loss": float(total[1])}
+        if cfg.feedback_weight > 0:
+            record["feedback_loss"] = float(total[2])
+        record.update({"steps": float(step), "epoch_s": time.perf_counter() - t_epoch})
         history.append(record)
         if progress and rank == 0:
             print(f"[dmp x{world}] epoch {epoch}: loss {record['loss']:.4f} ({step} steps)", flush=True)
+        if on_epoch is not None:
+            on_epoch(epoch, record)
         if max_steps is not None and step >= max_steps:
             break
 
     # Dense replicas must be bit-identical across ranks (DDP all-reduces their gradients): check it.
-    dense_sum = torch.tensor([sum(float(p.detach().double().sum()) for _, p in in_backward_optimizer_filter(dmp.named_parameters()))])
-    sums = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
-    dist.all_gather(sums, dense_sum.double())
-    in_sync = all(torch.allclose(x, sums[0], rtol=0, atol=1e-9) for x in sums)
+    dense_sum = torch.tensor([sum(float(p.detach().double().sum()) for p in dense_params.values())], dtype=torch.float64)
+    sums_all = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
+    dist.all_gather(sums_all, dense_sum.to(device))
+    in_sync = all(torch.allclose(x, sums_all[0], rtol=0, atol=1e-9) for x in sums_all)
     sharding = {f"{module}.{table}": ps.sharding_type for module, tables in dmp.plan.plan.items() for table, ps in tables.items()}
 
     template = build_model(cfg.model_config(len(seqs.vocab)))
-    full = unsharded_model(dmp, template, rank)
+    full = unsharded_model(dmp, template, rank, device)
     if rank != 0:
         return None
     assert full is not None
     test = evaluate(full, seqs, split.test, batch_size=cfg.eval_batch_size) if len(split.test) else {}
+    popularity = ranking_metrics(popularity_ranks(seqs, split.test), len(seqs.vocab)) if len(split.test) else {}
     return TrainResult(
         model=full,
         vocab=seqs.vocab,
@@ -181,8 +250,89 @@ def train_distributed(
         best_epoch=len(history),
         wall_s=time.perf_counter() - t0,
         num_params=sum(p.numel() for p in full.parameters()),
-        extra={"world_size": world, "steps_per_rank": step, "sharding": sharding, "dense_replicas_in_sync": in_sync},
+        extra={"world_size": world, "steps": step, "sharding": sharding, "dense_replicas_in_sync": in_sync,
+               "popularity_test": popularity, "backend": dist.get_backend(), "device": device.type},
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dagster Pipes
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pipes_reporter(rank: int, world: int, device: torch.device) -> tuple[int, Any]:
+    """(reporting rank, its Pipes context or None): the one rank that talks to Dagster (collective).
+
+    Every worker inherits the Pipes environment from torchrun, but a materialisation may be reported only
+    once and the message file has one writer. The lowest rank that carries the environment reports: rank 0
+    on one node; on several nodes, a rank of the node Dagster launched (a c10d rendezvous numbers nodes in
+    an order of its own). Without Pipes (a plain torchrun) the reporting rank is ``world`` and nobody
+    reports; ``dagster_pipes`` is not even imported."""
+    launched = torch.tensor([rank if os.environ.get(PIPES_ENV) else world], device=device)
+    dist.all_reduce(launched, op=dist.ReduceOp.MIN)
+    reporter = int(launched)
+    if rank != reporter:
+        return reporter, None
+    from dagster_pipes import open_dagster_pipes
+
+    return reporter, open_dagster_pipes()
+
+
+def _finite(x: Any) -> Any:
+    """NaN / inf are not JSON (Dagster metadata, config.json): None instead."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def summary(result: TrainResult, out: str | None) -> dict[str, Any]:
+    """The figures rank 0 prints and the Pipes reporter sends to Dagster (plain JSON values)."""
+    return _finite({
+        "world_size": result.extra["world_size"],
+        "nodes": result.extra["world_size"] // int(os.environ.get("LOCAL_WORLD_SIZE", result.extra["world_size"])),
+        "backend": result.extra["backend"],
+        "steps": result.extra["steps"],
+        "epochs": len(result.history),
+        "final_loss": result.history[-1]["loss"] if result.history else math.nan,
+        "wall_s": result.wall_s,
+        "params": result.num_params,
+        "dense_replicas_in_sync": result.extra["dense_replicas_in_sync"],
+        "sharding": result.extra["sharding"],
+        "test_metrics": result.test_metrics,
+        "popularity_test_metrics": result.extra["popularity_test"],
+        "history": result.history,
+        "dir": out,
+    })
+
+
+def pipes_metadata(s: dict[str, Any]) -> dict[str, Any]:
+    """Dagster metadata: headline numbers as plain values (plottable in the UI), the rest as JSON."""
+    def as_json(v: Any) -> dict[str, Any]:
+        return {"raw_value": v, "type": "json"}  # Pipes rejects a dict that does not say its type
+
+    test, pop = s["test_metrics"], s["popularity_test_metrics"]
+    meta: dict[str, Any] = {
+        **{f"test/{k}": test[k] for k in ("hr@10", "ndcg@10", "mrr") if k in test},
+        **{f"popularity/{k}": pop[k] for k in ("hr@10", "ndcg@10", "mrr") if k in pop},
+        **{k: s[k] for k in ("world_size", "nodes", "backend", "steps", "epochs", "final_loss", "wall_s", "params",
+                             "dense_replicas_in_sync")},
+        "test_metrics": as_json(test),
+        "popularity_test_metrics": as_json(pop),
+        "sharding": as_json(s["sharding"]),
+        "history": as_json(s["history"]),
+    }
+    if s["dir"]:
+        meta["dir"] = {"raw_value": s["dir"], "type": "path"}
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _read_events(path: str) -> pd.DataFrame:
@@ -200,19 +350,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="directory for the trained Recommender (rank 0)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--backend", default="gloo")
+    parser.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
+                        help="auto: nccl (one GPU per process) when CUDA is available, else gloo on CPU")
     parser.add_argument("--sparse-lr", type=float, default=None, help="fused embedding optimiser learning rate")
     args = parser.parse_args(argv)
 
     overrides: dict[str, Any] = {} if args.epochs is None else {"epochs": args.epochs}
     cfg = TrainConfig.from_yaml(args.config, **overrides)
-    result = train_distributed(_read_events(args.data), cfg, max_steps=args.max_steps, backend=args.backend, sparse_lr=args.sparse_lr)
-    if result is not None:
-        print("sharding", result.extra["sharding"], "dense in sync", result.extra["dense_replicas_in_sync"], flush=True)
-        print("test", {k: round(v, 4) for k, v in result.test_metrics.items()}, f"wall_s {result.wall_s:.1f}", flush=True)
-        if args.out:
-            Recommender(result.model, result.vocab, metadata={"distributed": result.extra["world_size"]}).save(Path(args.out))
-            print(f"saved to {args.out}", flush=True)
+    rank, world, device = init_distributed(args.backend)
+    reporter, pipes = pipes_reporter(rank, world, device)
+    with pipes if pipes is not None else contextlib.nullcontext():  # closing it tells Dagster we are done
+        def on_epoch(epoch: int, record: dict[str, float]) -> None:
+            if pipes is not None:
+                shown = {k: (int(v) if k == "steps" else round(v, 4)) for k, v in record.items() if k != "epoch"}
+                pipes.log.info(f"[dmp x{world}] epoch {epoch}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+
+        result = train_distributed(_read_events(args.data), cfg, max_steps=args.max_steps, backend=args.backend,
+                                   sparse_lr=args.sparse_lr, on_epoch=on_epoch)
+        report = None
+        if result is not None:
+            print("sharding", result.extra["sharding"], "dense in sync", result.extra["dense_replicas_in_sync"], flush=True)
+            print("test", {k: round(v, 4) for k, v in result.test_metrics.items()}, f"wall_s {result.wall_s:.1f}", flush=True)
+            report = summary(result, args.out)
+            if args.out:
+                Recommender(result.model, result.vocab, metadata={"distributed": world, "training": report}).save(Path(args.out))
+                print(f"saved to {args.out}", flush=True)
+        if 0 < reporter < world:  # the reporter sits on another node than rank 0: hand it the figures
+            box = [report]
+            dist.broadcast_object_list(box, src=0, device=device)
+            report = box[0]
+        if pipes is not None:
+            pipes.report_asset_materialization(metadata=pipes_metadata(report))
     dist.barrier()
     dist.destroy_process_group()
 

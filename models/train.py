@@ -159,13 +159,14 @@ def sampled_softmax_loss(
     positive_ids: torch.Tensor,  # [M]
     negative_ids: torch.Tensor,  # [R]
     temperature: float,
+    reduction: str = "mean",  # "sum": the distributed trainer divides by the global batch's count itself
 ) -> torch.Tensor:
     pos_logit = (user * positive).sum(-1, keepdim=True) / temperature  # [M, 1]
     neg_logit = user @ negatives.T / temperature  # [M, R]
     # An "accidental hit" (negative == positive) is not a negative: drop it from the softmax denominator.
     neg_logit = neg_logit.masked_fill(positive_ids[:, None] == negative_ids[None, :], -math.inf)
     logits = torch.cat([pos_logit, neg_logit], dim=1)  # [M, 1 + R]; the positive is class 0
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device), reduction=reduction)
 
 
 class RecommenderTrain(nn.Module):
@@ -178,7 +179,12 @@ class RecommenderTrain(nn.Module):
         self.temperature = temperature
         self.feedback_weight = feedback_weight
 
-    def forward(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, batch: Batch, generator: torch.Generator | None = None, global_counts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``global_counts`` ([2]: next-item and feedback positions of the *global* batch) is for a batch split
+        across ranks: each loss term is then this rank's sum divided by the global count, so the terms of all
+        ranks add up to the single-process mean over the whole batch (exactly, whatever the split)."""
         user = self.model(batch.features, batch.timestamps, batch.query_timestamps)  # [N, D]
         rank = batch.rank_mask  # [N] positions whose next event is a positive target
         pos_ids = batch.target_ids[rank]  # [M]
@@ -190,12 +196,22 @@ class RecommenderTrain(nn.Module):
         emb = self.model.item_embeddings(torch.cat([pos_ids, neg_ids.to(pos_ids.device), fb_ids]))
         pos_e, neg_e, fb_e = emb.split([len(pos_ids), len(neg_ids), len(fb_ids)])
 
-        next_loss = sampled_softmax_loss(user[rank], pos_e, neg_e, pos_ids, neg_ids.to(pos_ids.device), self.temperature)
+        part = global_counts is not None  # this rank holds one part of a global batch
+        next_loss = sampled_softmax_loss(user[rank], pos_e, neg_e, pos_ids, neg_ids.to(pos_ids.device), self.temperature,
+                                         reduction="sum" if part else "mean")
+        if part:
+            next_loss = next_loss / global_counts[0].clamp(min=1)
         loss = next_loss
         out = {"next_item_loss": next_loss.detach()}
-        if use_fb and len(fb_ids) > 0:
+        # A split batch keeps the feedback term even when this rank has no feedback position (an empty sum, 0):
+        # every rank must run the same graph, or DDP waits forever for the head's gradients.
+        if use_fb and (len(fb_ids) > 0 or part):
             logits = self.model.feedback_logits(user[fb], fb_e)  # [F]
-            fb_loss = F.binary_cross_entropy_with_logits(logits, batch.target_positive[fb].float())
+            labels = batch.target_positive[fb].float()
+            if part:
+                fb_loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / global_counts[1].clamp(min=1)
+            else:
+                fb_loss = F.binary_cross_entropy_with_logits(logits, labels)
             loss = loss + self.feedback_weight * fb_loss
             out["feedback_loss"] = fb_loss.detach()
         out["loss"] = loss.detach()

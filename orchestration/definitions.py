@@ -16,6 +16,7 @@ from orchestration.assets import (
     trained_model,
     training_dataset,
 )
+from orchestration.distributed_training import distributed_trained_model
 from orchestration.resources import EncoreResource, FeastResource, KafkaResource, MLflowResource
 from orchestration.streaming import freshness, ingest_on_lag, interactions_topic, offline_schema
 
@@ -29,6 +30,10 @@ training_job = dg.define_asset_job(
 scaling_job = dg.define_asset_job("scaling_job", selection=[training_dataset, scaling_study],
                                   description="scaling study: sweep of model sizes and data fractions, power-law fits")
 ab_report_job = dg.define_asset_job("ab_report_job", selection=[ab_report], description="analyse the A/B test")
+distributed_training_job = dg.define_asset_job(
+    "distributed_training_job", selection=[training_dataset, distributed_trained_model],
+    description="snapshot → torchrun (DistributedModelParallel), launched through Dagster Pipes",
+)
 
 nightly_retrain = dg.ScheduleDefinition(job=training_job, cron_schedule="0 3 * * *",
                                         default_status=dg.DefaultScheduleStatus.STOPPED)
@@ -57,9 +62,9 @@ def retrain_on_new_events(context: dg.SensorEvaluationContext, encore: EncoreRes
 
 defs = dg.Definitions(
     assets=[interactions_topic, exposures_topic, ingested_interactions, training_dataset, trained_model,
-            evaluation, registered_model, champion_model, scaling_study, ab_report],
+            evaluation, registered_model, champion_model, scaling_study, ab_report, distributed_trained_model],
     asset_checks=[promotion_gate, offline_schema, freshness],
-    jobs=[ingest_job, training_job, scaling_job, ab_report_job],
+    jobs=[ingest_job, training_job, scaling_job, ab_report_job, distributed_training_job],
     schedules=[nightly_retrain],
     sensors=[retrain_on_new_events, ingest_on_lag],
     resources={
@@ -67,5 +72,6 @@ defs = dg.Definitions(
         "kafka": KafkaResource(),
         "feast": FeastResource(),
         "mlflow_server": MLflowResource(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
     },
 )
