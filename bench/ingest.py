@@ -30,11 +30,10 @@ import time
 from pathlib import Path
 
 import duckdb
-from kafka import KafkaConsumer, TopicPartition
 
 from features.events import InteractionEvent
 from features.ingest import Ingestor
-from features.kafka_io import make_producer
+from features.kafka_io import PartitionConsumer, make_producer
 from infra.services import EmbeddedServices
 from infra.settings import EncoreSettings
 
@@ -82,18 +81,15 @@ def exactness(settings: EncoreSettings, valid_ids: set[str]) -> dict[str, int]:
 
 
 def bench_ceiling(bootstrap: str, topic: str, n: int) -> float:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=3000,
-                             max_poll_records=20000, fetch_max_bytes=32 * 1024 * 1024)
-    tp = TopicPartition(topic, 0)
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
+    """Raw consume rate of the ingest consumer (same client, same broker): fetch and decode, nothing else."""
+    consumer = PartitionConsumer(bootstrap, f"encore-bench-ceiling-{time.time_ns()}", topic)
     got = 0
     start = time.monotonic()
     while got < n:
-        polled = consumer.poll(timeout_ms=2000)
-        if not polled:
+        batch = consumer.poll_batch(20_000, idle_ms=2000)
+        if not batch:
             break
-        got += sum(len(v) for v in polled.values())
+        got += len(batch)
     seconds = time.monotonic() - start
     consumer.close()
     return got / seconds

@@ -28,12 +28,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 from feast import FeatureStore
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError
+from kafka import KafkaProducer
 
 from features.events import InteractionEvent, InvalidEvent, parse_event
 from features.feature_repo import feature_store, user_stats_dir
-from features.kafka_io import RawMessage, commit_batch, dlq_payload, make_consumer, make_producer, poll_batch
+from features.kafka_io import CommitFailed, PartitionConsumer, RawMessage, dlq_payload, make_producer
 from features.offline_store import OfflineStore, StagedEvent
 from infra.settings import EncoreSettings
 
@@ -91,13 +90,13 @@ class Ingestor:
         # its partitions statically, so no other process writes these users while it runs.
         self.history_cache: dict[int, dict[str, list]] = {}
         self._partitions = list(partitions or [])
-        self.consumer: KafkaConsumer = self._new_consumer()
+        self.consumer: PartitionConsumer = self._new_consumer()
         # One worker per partition at a time: its history cache below must be the only writer of its users.
         # Workers on disjoint partitions may run side by side (Kafka keys events by user).
         self._locks = []
         try:
-            for tp in sorted(self.consumer.assignment(), key=lambda t: t.partition):
-                self._locks.append(worker_lock(settings.offline_dir / f"_ingest-p{tp.partition}.lock"))
+            for partition in sorted(self.consumer.partitions):
+                self._locks.append(worker_lock(settings.offline_dir / f"_ingest-p{partition}.lock"))
         except BaseException:
             self.consumer.close()
             for lock in self._locks:
@@ -109,9 +108,9 @@ class Ingestor:
         self._dirty_users: set[int] = set()
         self._stats_pushed_at = 0.0
 
-    def _new_consumer(self) -> KafkaConsumer:
-        return make_consumer(self.bootstrap, self.settings.ingest.group_id, self.topic, partitions=self._partitions,
-                             max_poll_records=self.settings.ingest.batch_size, **self.settings.kafka.client_options())
+    def _new_consumer(self) -> PartitionConsumer:
+        return PartitionConsumer(self.bootstrap, self.settings.ingest.group_id, self.topic, self._partitions,
+                                 **self.settings.kafka.client_options())
 
     def close(self) -> None:
         closers = [self.producer.close, self.offline.close, *(lock.close for lock in self._locks)]
@@ -148,8 +147,8 @@ class Ingestor:
         while (max_batches is None or report.batches < max_batches) and not (stop and stop.is_set()):
             if not self._ensure_consumer():
                 continue
-            messages = poll_batch(self.consumer, self.settings.ingest.batch_size, idle_ms,
-                                  max_wait_ms=self.settings.ingest.max_batch_wait_ms)
+            messages = self.consumer.poll_batch(self.settings.ingest.batch_size, idle_ms,
+                                                max_wait_ms=self.settings.ingest.max_batch_wait_ms)
             if self._broker_lost_state():
                 report.broker_resets += 1
                 continue  # re-read from the beginning; what is already stored is skipped as duplicates
@@ -211,8 +210,8 @@ class Ingestor:
         t3 = time.monotonic()
         self.producer.flush()  # DLQ records are durable before offsets move
         try:
-            self._committed.update(commit_batch(self.consumer, self.topic, messages))
-        except CommitFailedError:
+            self._committed.update(self.consumer.commit(messages))
+        except CommitFailed:
             # The group rebalanced while we worked: the batch is redelivered to the partition's new owner
             # (maybe us), and the stores above take it again without double counting.
             log.warning("offset commit failed; the batch will be redelivered and deduplicated")
@@ -239,8 +238,8 @@ class Ingestor:
         if not self._committed:
             return False
         try:
-            lost = any((self.consumer.committed(TopicPartition(self.topic, p)) or 0) < o
-                       for p, o in self._committed.items())
+            committed = self.consumer.committed()
+            lost = any((committed.get(p) or 0) < o for p, o in self._committed.items())
         except Exception:  # noqa: BLE001 - broker unreachable: nothing to fetch either; check again later
             return False
         if lost:

@@ -106,9 +106,7 @@ def test_a_crash_before_the_offset_commit_loses_and_duplicates_nothing(broker):
     evs = events(120)
     send(bootstrap, settings.topics.interactions, evs)
     with Ingestor(settings, bootstrap) as crashed:
-        from features.kafka_io import poll_batch
-
-        batch = poll_batch(crashed.consumer, 50, 1500)
+        batch = crashed.consumer.poll_batch(50, 1500)
         staged = []
         from features.events import parse_event
         from features.offline_store import StagedEvent
