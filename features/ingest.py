@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +32,7 @@ from feast import FeatureStore
 from kafka import KafkaProducer
 
 from features.events import InteractionEvent, InvalidEvent, parse_event
-from features.feature_repo import feature_store, user_stats_dir
+from features.feature_repo import feature_store, user_stats_dir, write_online
 from features.kafka_io import CommitFailed, PartitionConsumer, RawMessage, dlq_payload, make_producer
 from features.offline_store import OfflineStore, StagedEvent
 from infra.settings import EncoreSettings
@@ -285,10 +286,9 @@ class Ingestor:
         for u in users:
             merged = _merge_history(self.history_cache[u], new_by_user[u], n)
             rows.append({"user_id": u, **merged, "length": len(merged["item_ids"]),
-                         "event_timestamp": pd.Timestamp(merged["timestamps_ms"][-1], unit="ms", tz="UTC")})
-        history = pd.DataFrame(rows)
+                         "event_timestamp": datetime.fromtimestamp(merged["timestamps_ms"][-1] / 1000, timezone.utc)})
         try:
-            self.store.push("user_history_push", history)
+            write_online(self.store, "user_history", "user_id", rows, "event_timestamp")
         except BaseException:
             self.history_cache.clear()  # the store may hold either state now: re-read on next touch
             raise
