@@ -178,8 +178,9 @@ class ModelPool:
             holder = ModelHolder(self.tracking_uri, self.name, target)
             try:
                 holder.load()
-            except Exception:  # noqa: BLE001 - requests fall back to the default model meanwhile
-                log.warning("could not load %s; retrying on the next refresh", target, exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - requests fall back to the default model meanwhile
+                log.warning("could not load %s (%s); retrying on the next refresh", target,
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 continue
             with self.lock:
                 self.holders = {**self.holders, target: holder}
@@ -315,7 +316,10 @@ class Recommendations:
         self.reload_experiments()
         self.models.ensure({self.models.default_target} | self.router.targets())
         if self.models.default is None:
-            raise RuntimeError(f"no model for {self.models.default_target} in the registry")
+            # A fresh deployment starts before the first promotion: stay up, answer from popularity, and
+            # report not-ready (/readyz 503) until the watcher finds a model for the target.
+            log.warning("no model holds %s yet: serving popularity until one does (/readyz answers 503)",
+                        self.models.default_target)
         self.refresh_popularity()
         for name, target in (("recommend-batcher", self._work), ("model-watch", self._watch)):
             t = threading.Thread(target=target, name=name, daemon=True)
@@ -354,6 +358,8 @@ class Recommendations:
             except Exception:  # noqa: BLE001 - a bad read keeps the experiments in force
                 log.warning("experiment reload failed", exc_info=True)
             if time.monotonic() >= next_models:
+                # targets that could not be loaded yet (no model under the alias) are tried again here
+                self.models.ensure({self.models.default_target} | self.router.targets())
                 self.models.refresh()
                 next_models = time.monotonic() + s.model_poll_s
             for target, holder in self.models.holders.items():

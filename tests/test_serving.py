@@ -154,6 +154,37 @@ def test_moving_the_champion_alias_under_load_fails_no_request(platform):
     assert ready["model_version"] == int(v2.version)
 
 
+def test_a_service_started_before_the_first_promotion_serves_popularity_until_a_model_arrives(platform):
+    """A fresh deployment: replicas come up before any model holds the alias. They stay up (popularity,
+    /readyz 503) and pick the model up once the alias points at one, without a restart."""
+    from infra.services import free_port, spawn_service, wait_until
+    from infra.settings import child_env
+
+    settings, svc, _ = platform
+    alias = f"fresh-{uuid.uuid4().hex[:6]}"
+    mine = settings.model_copy(update={"serve": settings.serve.model_copy(update={"model_alias": alias}),
+                                       "kafka_bootstrap": svc.kafka_bootstrap, "mlflow_tracking_uri": svc.mlflow_uri})
+    port = free_port()
+    env = child_env(mine, settings.run_dir / f"serve-{alias}.yaml")
+    server = spawn_service(f"serve-{alias}", [sys.executable, "-m", "orchestration.cli", "serve", "--port", str(port),
+                                              "--experiment", "none"], settings,
+                           endpoint=f"http://127.0.0.1:{port}", env=env)
+    try:
+        wait_until(lambda: httpx.get(f"{server.endpoint}/healthz", timeout=1).status_code == 200, timeout_s=120,
+                   what="service", proc=server.proc)
+        assert httpx.get(f"{server.endpoint}/readyz", timeout=5).status_code == 503
+        body = _post(server.endpoint, user_id=1, k=5).json()
+        assert body["source"] == "popularity" and len(body["items"]) == 5
+        MlflowClient(svc.mlflow_uri).set_registered_model_alias(MODEL, alias, "1")
+        wait_until(lambda: httpx.get(f"{server.endpoint}/readyz", timeout=1).status_code == 200, timeout_s=60,
+                   what="model pick-up", proc=server.proc)
+        assert httpx.get(f"{server.endpoint}/readyz", timeout=5).json()["model_version"] == 1
+        assert _post(server.endpoint, user_id=1, k=5).json()["source"] == "model"
+    finally:
+        server.stop()
+        MlflowClient(svc.mlflow_uri).delete_registered_model_alias(MODEL, alias)
+
+
 def test_invalid_input_is_a_clear_4xx(platform):
     _, _, server = platform
     with httpx.Client(base_url=server.endpoint, timeout=10) as http:
