@@ -343,16 +343,22 @@ def load_settings(data_dir: str | Path | None = None) -> EncoreSettings:
     return get_settings()
 
 
-def write_settings_file(settings: EncoreSettings, path: Path) -> Path:
-    """The whole settings object as YAML, secrets included: readable by this user only, from its first byte."""
-    import yaml
-
+def write_private_file(path: Path, text: str) -> Path:
+    """Write a file that may hold secrets: readable by this user only, from its first byte (new files) and
+    after the write (files an older version created with wider permissions)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        fh.write(yaml.safe_dump(settings.model_dump(mode="json")))
+        fh.write(text)
     os.chmod(path, 0o600)
     return path
+
+
+def write_settings_file(settings: EncoreSettings, path: Path) -> Path:
+    """The whole settings object as YAML, secrets included, in a private file."""
+    import yaml
+
+    return write_private_file(path, yaml.safe_dump(settings.model_dump(mode="json")))
 
 
 def read_settings_file(path: str | Path) -> EncoreSettings:

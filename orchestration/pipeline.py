@@ -20,7 +20,7 @@ import httpx
 from tqdm import tqdm
 
 from infra.services import EmbeddedServices, ManagedProcess, free_port, spawn_service, wait_until
-from infra.settings import EncoreSettings, child_env
+from infra.settings import EncoreSettings, child_env, write_private_file
 
 log = logging.getLogger("encore.run")
 
@@ -37,9 +37,7 @@ def dagster_instance(settings: EncoreSettings) -> dg.DagsterInstance:
     path = home / "dagster.yaml"
     text = instance_yaml(settings)
     if not path.exists() or path.read_text() != text:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold a database password
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        write_private_file(path, text)  # may hold a database password
     os.environ["DAGSTER_HOME"] = str(home)
     return dg.DagsterInstance.get()
 

@@ -176,14 +176,12 @@ def test_the_registry_lives_in_postgres_and_the_same_commands_read_it(production
     assert production_platform["mlflow"] in status.stdout
 
 
-def test_a_half_configured_production_profile_fails_with_the_missing_names(production_platform):
-    env_run = production_platform["encore"]
+def test_a_half_configured_production_profile_fails_with_the_missing_names():
     result = subprocess.run([str(Path(sys.executable).with_name("encore")), "models", "list"],
                             env={**{k: v for k, v in os.environ.items() if not k.startswith("ENCORE_")},
                                  "ENCORE_PROFILE": "production"}, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "ENCORE_FEAST__REDIS" in result.stderr and "Traceback" not in result.stderr
-    assert env_run  # the configured commands above keep working
 
 
 def test_the_dagster_daemon_on_postgres_runs_the_lag_sensor_and_its_ingest_run(broker, redis_server,

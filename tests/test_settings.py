@@ -86,3 +86,13 @@ def test_dagster_instance_storage_follows_the_settings(tmp_path: Path):
     text = instance_yaml(EncoreSettings(data_dir=tmp_path, dagster={"postgres_url": "postgresql://u:p@db:5432/dagster"}))
     assert "postgresql+psycopg2://u:p@db:5432/dagster" in text
     assert psycopg2_url("postgresql+psycopg2://h/d") == "postgresql+psycopg2://h/d"
+
+
+def test_private_files_are_private_even_when_an_older_file_was_not(tmp_path: Path):
+    from infra.settings import write_private_file
+
+    path = tmp_path / "dagster.yaml"
+    path.write_text("telemetry: {enabled: false}\n")
+    path.chmod(0o644)  # as an earlier version wrote it
+    write_private_file(path, "storage: {postgres: {postgres_url: 'postgresql+psycopg2://u:pw@db/dagster'}}\n")
+    assert (path.stat().st_mode & 0o777) == 0o600 and "pw@db" in path.read_text()
