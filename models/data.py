@@ -17,6 +17,8 @@ Which events are in the history and which are targets (the ARGUS recipe):
 * Next-item *targets* are positive events only: ``like``, ``add_to_playlist``, and ``listen`` with
   ``played_ratio >= 0.5`` or unknown (a listen without a ratio is a completed play, e.g. MovieLens-style
   implicit data). Training the retrieval head to predict a skip would teach it to recommend what users skip.
+  ``with_targets(seqs, "all")`` makes every event a target instead: the published SASRec/HSTU protocol, where
+  every MovieLens rating, low ones included, is an interaction to predict.
 * The optional feedback head is trained on *every* next event: given the next item, was the reaction positive?
 """
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -123,7 +125,12 @@ class UserSequences:
     event_types: np.ndarray  # [E] int64 event code (1..6)
     timestamps: np.ndarray  # [E] int64 seconds
     played_ratio: np.ndarray  # [E] float32, NaN = unknown
-    positive: np.ndarray  # [E] bool, the next-item target rule
+    positive: np.ndarray  # [E] bool, positive reaction: the feedback task's label
+    target: np.ndarray | None = None  # [E] bool, events the next-item task ranks; None = the positive ones
+
+    def __post_init__(self) -> None:
+        if self.target is None:
+            self.target = self.positive
 
     @property
     def num_users(self) -> int:
@@ -180,6 +187,17 @@ def build_sequences(df: pd.DataFrame, vocab: ItemVocab | None = None) -> UserSeq
         played_ratio=ratio,
         positive=positive_mask(codes, ratio),
     )
+
+
+TARGET_RULES = ("positive", "all")
+
+
+def with_targets(seqs: UserSequences, rule: str) -> UserSequences:
+    """The next-item targets: ``positive`` events (the platform's rule) or ``all`` events (the papers')."""
+    if rule not in TARGET_RULES:
+        raise ValueError(f"unknown target rule {rule!r} (expected one of {TARGET_RULES})")
+    target = seqs.positive if rule == "positive" else np.ones(seqs.num_events, dtype=bool)
+    return replace(seqs, target=target)
 
 
 def read_movielens(path: str | Path, *, ratings_as_feedback: bool = False) -> pd.DataFrame:
@@ -294,10 +312,10 @@ def _eval_windows(seqs: UserSequences, rank_at: np.ndarray, stop: np.ndarray, ma
 
 
 def _positive_targets(seqs: UserSequences) -> np.ndarray:
-    """Positive events that have at least one earlier event of their user (a target needs a history)."""
+    """Target events (positive ones by default) that have at least one earlier event of their user (a target needs a history)."""
     first = np.zeros(seqs.num_events, dtype=bool)
     first[seqs.offsets[:-1][seqs.lengths() > 0]] = True
-    return seqs.positive & ~first
+    return seqs.target & ~first
 
 
 def leave_one_out(seqs: UserSequences, max_len: int) -> Split:
@@ -391,6 +409,7 @@ class Batch:
     offsets: torch.Tensor  # [B + 1] int64 (complete cumsum of lengths)
     seen_rows: torch.Tensor | None = None  # [S] ranked-window number of each already-seen item (evaluation)
     seen_items: torch.Tensor | None = None  # [S] item index of each already-seen item
+    window_ids: torch.Tensor | None = None  # [B] each window's place in its global batch (None: 0..B-1)
 
     @property
     def batch_size(self) -> int:
@@ -434,7 +453,7 @@ def make_batch(seqs: UserSequences, ex: Examples, *, with_seen: bool = False) ->
     tgt = idx + 1  # [N] absolute index of the event each position predicts
     row = np.repeat(np.arange(len(ex)), n_inputs)
     ranked_one = ex.rank_at[row]
-    rank_mask = np.where(ranked_one == RANK_ALL_POSITIVES, seqs.positive[tgt], tgt == ranked_one)
+    rank_mask = np.where(ranked_one == RANK_ALL_POSITIVES, seqs.target[tgt], tgt == ranked_one)
     feedback_mask = tgt >= ex.feedback_from[row]
 
     lengths = torch.from_numpy(n_inputs.astype(np.int64))

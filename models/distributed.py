@@ -23,8 +23,9 @@ What changes versus ``models.train`` (single process):
   gradients add up over ranks. Up to floating-point summation order, N processes therefore take exactly
   the steps one process takes (with dropout > 0 they differ in the dropout masks, drawn per rank);
   tests/test_distributed_training.py checks it on 1 vs 2 processes.
-* No per-epoch validation / early stopping (it would need the unsharded model each epoch): a fixed number of
-  epochs, then the shards are gathered into an ordinary ``SequentialRecommender`` on rank 0, which evaluates
+* No early stopping: a fixed number of epochs. ``--validate-every K`` gathers the shards into an ordinary
+  model on rank 0 every K epochs and records validation metrics with the cumulative training time (what
+  ``bench/train_speed.py`` reads to measure time-to-quality). At the end the shards are gathered into an ordinary ``SequentialRecommender`` on rank 0, which evaluates
   on the test split (next to the most-popular baseline) and can save a ``Recommender`` directory loadable by
   the serving code. On several nodes ``--out`` must be on a file system rank 0's node can write and the
   others (or the caller) can read.
@@ -58,10 +59,10 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torch.distributed.optim import _apply_optimizer_in_backward
 
-from models.data import batch_rows, build_sequences, make_batch, read_movielens
+from models.data import batch_rows, build_sequences, make_batch, read_movielens, with_targets
 from models.evaluate import evaluate, popularity_ranks, ranking_metrics
 from models.recommender import Recommender, SequentialRecommender, build_model
-from models.train import RecommenderTrain, TrainConfig, TrainResult, make_split, seed_everything
+from models.train import RecommenderTrain, TrainConfig, TrainResult, make_split, negative_pool_size, seed_everything
 
 PIPES_ENV = "DAGSTER_PIPES_CONTEXT"  # set by Dagster's Pipes client; torchrun copies it to every worker
 
@@ -154,19 +155,23 @@ def train_distributed(
     sparse_lr: float | None = None,
     progress: bool = True,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    validate_every: int = 0,
 ) -> TrainResult | None:
     """Train with DMP on every rank of the process group; rank 0 returns the result, the others None.
 
-    ``on_epoch(epoch, record)`` is called on *every* rank with the same record (losses of the global batches)."""
+    ``on_epoch(epoch, record)`` is called on *every* rank with the same record (losses of the global batches,
+    ``train_s`` = training seconds so far, validation excluded, and ``valid_*`` metrics every
+    ``validate_every`` epochs)."""
     t0 = time.perf_counter()
     rank, world, device = init_distributed(backend)
     seed_everything(cfg.seed)  # same init on every rank and for every world size
-    seqs = build_sequences(df)
+    seqs = with_targets(build_sequences(df), cfg.targets)
     split = make_split(seqs, cfg)
     if len(split.train) == 0:
         raise ValueError("no training windows: every user needs at least two events")
     model = build_model(cfg.model_config(len(seqs.vocab)))
-    task = RecommenderTrain(model, cfg.negatives, cfg.temperature, cfg.feedback_weight)
+    task = RecommenderTrain(model, cfg.negatives, cfg.temperature, cfg.feedback_weight,
+                            negative_pool_size(len(seqs.vocab), cfg.negatives, cfg.batch_size, cfg.max_len))
     # The model is built with real weights (not on the meta device), so DMP copies them into the shards: every
     # world size starts from the same weights as models.train (FBGEMM's own uniform init is not used).
     dmp = shard(task, cfg, world, device, sparse_lr)
@@ -178,11 +183,14 @@ def train_distributed(
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
 
     # Both generators are seeded alike on every rank: the global batches and the negatives are the ones a
-    # single process would draw (negatives are shared by the whole global batch, as in models.train).
+    # single process would draw: negatives are drawn for every (window, position) of the *global* batch and
+    # each rank picks its windows' rows, so a position's negatives do not depend on the world size.
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
     neg_gen = torch.Generator().manual_seed(cfg.seed + 1)
     history: list[dict[str, float]] = []
+    template = build_model(cfg.model_config(len(seqs.vocab)))  # receives the gathered shards (rank 0)
     step = 0
+    train_s = 0.0
     for epoch in range(1, cfg.epochs + 1):
         t_epoch = time.perf_counter()
         batches = batch_rows(split.train, cfg.batch_size, shuffle=True, generator=shuffle_gen,
@@ -196,9 +204,12 @@ def train_distributed(
             # Every world-th window: under length bucketing the rows are sorted by length, so striding gives
             # every rank a similar mix of long and short histories (and similar work).
             batch = make_batch(seqs, split.train.subset(rows[rank::world])).to(device)
+            batch.window_ids = torch.arange(rank, len(rows), world, device=device)
+            window_len = int((split.train.end[rows] - 1 - split.train.start[rows]).max())  # longest input, all ranks
+            negatives = task.draw_negatives(len(rows), window_len, neg_gen)
             counts = torch.stack([batch.rank_mask.sum(), batch.feedback_mask.sum()]).to(device)
             dist.all_reduce(counts)  # positions of the whole global batch: the loss's denominators
-            loss, out = dmp(batch, neg_gen, counts)  # loss = this rank's share of the global batch's mean
+            loss, out = dmp(batch, negatives, counts)  # loss = this rank's share of the global batch's mean
             optimizer.zero_grad()
             # DDP *averages* the dense gradients over ranks, and TorchRec does the same for the embedding
             # gradients (its "gradient division", on by default): x world turns both averages of shares into
@@ -217,10 +228,18 @@ def train_distributed(
         record = {"epoch": float(epoch), "loss": float(total[0]), "next_item_loss": float(total[1])}
         if cfg.feedback_weight > 0:
             record["feedback_loss"] = float(total[2])
-        record.update({"steps": float(step), "epoch_s": time.perf_counter() - t_epoch})
+        train_s += time.perf_counter() - t_epoch
+        record.update({"steps": float(step), "train_s": train_s})
+        if validate_every and (epoch % validate_every == 0 or epoch == cfg.epochs) and len(split.valid):
+            full = unsharded_model(dmp, template, rank, device)  # collective
+            box = [evaluate(full, seqs, split.valid, batch_size=cfg.eval_batch_size) if full is not None else None]
+            dist.broadcast_object_list(box, src=0, device=device)  # every rank reports the same record
+            record.update({f"valid_{k}": float(v) for k, v in box[0].items() if k != "count"})
+        record["epoch_s"] = time.perf_counter() - t_epoch
         history.append(record)
         if progress and rank == 0:
-            print(f"[dmp x{world}] epoch {epoch}: loss {record['loss']:.4f} ({step} steps)", flush=True)
+            valid = f", valid ndcg@10 {record['valid_ndcg@10']:.4f}" if "valid_ndcg@10" in record else ""
+            print(f"[dmp x{world}] epoch {epoch}: loss {record['loss']:.4f} ({step} steps, {train_s:.1f} s){valid}", flush=True)
         if on_epoch is not None:
             on_epoch(epoch, record)
         if max_steps is not None and step >= max_steps:
@@ -233,7 +252,6 @@ def train_distributed(
     in_sync = all(torch.allclose(x, sums_all[0], rtol=0, atol=1e-9) for x in sums_all)
     sharding = {f"{module}.{table}": ps.sharding_type for module, tables in dmp.plan.plan.items() for table, ps in tables.items()}
 
-    template = build_model(cfg.model_config(len(seqs.vocab)))
     full = unsharded_model(dmp, template, rank, device)
     if rank != 0:
         return None
@@ -353,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
                         help="auto: nccl (one GPU per process) when CUDA is available, else gloo on CPU")
     parser.add_argument("--sparse-lr", type=float, default=None, help="fused embedding optimiser learning rate")
+    parser.add_argument("--validate-every", type=int, default=0, metavar="K",
+                        help="evaluate on the validation split every K epochs (0: never; the test split is always scored)")
     args = parser.parse_args(argv)
 
     overrides: dict[str, Any] = {} if args.epochs is None else {"epochs": args.epochs}
@@ -366,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
                 pipes.log.info(f"[dmp x{world}] epoch {epoch}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
 
         result = train_distributed(_read_events(args.data), cfg, max_steps=args.max_steps, backend=args.backend,
-                                   sparse_lr=args.sparse_lr, on_epoch=on_epoch)
+                                   sparse_lr=args.sparse_lr, on_epoch=on_epoch, validate_every=args.validate_every)
         report = None
         if result is not None:
             print("sharding", result.extra["sharding"], "dense in sync", result.extra["dense_replicas_in_sync"], flush=True)

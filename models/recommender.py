@@ -3,13 +3,14 @@
 ``SequentialRecommender`` is the nn.Module both model families share, as in the reference code:
 
     e_i   = EmbeddingCollection[item](item_id_i), e'_i = EmbeddingCollection[event_type](type_i)
-    x_i   = sqrt(D) * (e_i + e'_i) + P[pos_i]               # then dropout
+    x_i   = sqrt(D) * (e_i + e'_i) + P[pos_i]               # then dropout; e'_i only with cfg.event_types
     h     = encoder(x)                                      # HSTU or SASRec, causal, jagged [N, D]
     u_i   = h_i / |h_i|                                     # user state after event i
     score = u_i . (e_j / |e_j|)                             # cosine with every item j
 
 The event type (listen / skip / like ...) is part of each history token: the ARGUS recipe keeps negative
-feedback in the history as context. The optional feedback head predicts the reaction to a *given* next item.
+feedback in the history as context. ``event_types = False`` reads items only, as the published HSTU and
+SASRec setups do (their MovieLens protocol ignores the ratings). The optional feedback head predicts the reaction to a *given* next item.
 
 ``Recommender`` is what the online service and the MLflow pyfunc (``models/mlflow_pyfunc.py``) load:
 config.json + vocab.json + state_dict.pt (plain tensors: ``torch.load(weights_only=True)``, no pickle).
@@ -63,6 +64,7 @@ class ModelConfig:
     dropout: float = 0.2
     num_time_buckets: int = 128
     feedback_head: bool = False  # ARGUS: P(positive reaction | history, next item)
+    event_types: bool = True  # add the event-type embedding to each history token
 
     def encoder(self) -> nn.Module:
         per_head = self.dim // self.heads
@@ -138,7 +140,14 @@ class SequentialRecommender(nn.Module):
             device=torch.device("cpu"),
         )
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
-        nn.init.trunc_normal_(self.pos_emb.weight, std=0.02, a=-0.04, b=0.04)
+        # The reference initialises positions differently per family: a truncated normal of std sqrt(1/D), which
+        # its HSTU then overwrites with Xavier-normal (HSTU.reset_params re-initialises every parameter outside the
+        # blocks and the item table), while its SASRec keeps it.
+        if cfg.model == "hstu":
+            nn.init.xavier_normal_(self.pos_emb.weight)
+        else:
+            std = math.sqrt(1.0 / cfg.dim)
+            nn.init.trunc_normal_(self.pos_emb.weight, std=std, a=-2 * std, b=2 * std)
         self.input_dropout = nn.Dropout(cfg.dropout)
         self.encoder = cfg.encoder()
         self.feedback_head = FeedbackHead(cfg.dim) if cfg.feedback_head else None
@@ -159,7 +168,8 @@ class SequentialRecommender(nn.Module):
         pos = torch.arange(items.values().shape[0], device=offsets.device) - torch.repeat_interleave(
             offsets[:-1], lengths
         )
-        x = math.sqrt(self.cfg.dim) * (items.values() + emb["event_type"].values()) + self.pos_emb(pos)
+        tokens = items.values() + emb["event_type"].values() if self.cfg.event_types else items.values()
+        x = math.sqrt(self.cfg.dim) * tokens + self.pos_emb(pos)
         x = self.input_dropout(x)  # [N, D]
         h = self.encoder(x, offsets, timestamps, query_timestamps)  # [N, D]
         return _l2(h)

@@ -8,7 +8,9 @@ One block on a padded batch x [B, n, D]:
     x = x + FFN(x)                                   # point-wise: Linear -> ReLU -> dropout -> Linear -> dropout
     x = x * valid                                    # keep padding at zero
 
-and a final LayerNorm. Inputs (sqrt(d)-scaled item embeddings + learned positions, dropout) and the L2
+As in the reference: LayerNorms without affine parameters (eps 1e-8), no final LayerNorm (the output is
+L2-normalised), weight matrices initialised Xavier-normal (the query/key/value projections as one [3D, D]
+matrix, as torch's MultiheadAttention holds them) and attention biases at zero. Inputs (sqrt(d)-scaled item embeddings + learned positions, dropout) and the L2
 normalised output come from the shared ``models.recommender.SequentialRecommender``, exactly as the HSTU
 paper's SASRec baseline shares them. Time stamps are ignored: SASRec has no temporal signal.
 """
@@ -41,6 +43,13 @@ class CausalSelfAttention(nn.Module):
         self.q = nn.Linear(cfg.dim, cfg.dim)
         self.kv = nn.Linear(cfg.dim, 2 * cfg.dim)
         self.out = nn.Linear(cfg.dim, cfg.dim)
+        qkv = nn.init.xavier_normal_(torch.empty(3 * cfg.dim, cfg.dim))  # fan of the fused projection
+        with torch.no_grad():
+            self.q.weight.copy_(qkv[: cfg.dim])
+            self.kv.weight.copy_(qkv[cfg.dim :])
+        nn.init.xavier_normal_(self.out.weight)
+        for b in (self.q.bias, self.kv.bias, self.out.bias):
+            nn.init.zeros_(b)
 
     def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor) -> torch.Tensor:
         B, n, D = q_in.shape
@@ -58,8 +67,10 @@ class CausalSelfAttention(nn.Module):
 class PointWiseFeedForward(nn.Module):
     def __init__(self, cfg: SASRecConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim)
+        self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim)  # the reference's kernel-size-1 Conv1d
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim)
+        nn.init.xavier_normal_(self.fc1.weight)
+        nn.init.xavier_normal_(self.fc2.weight)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,16 +80,16 @@ class PointWiseFeedForward(nn.Module):
 class SASRecBlock(nn.Module):
     def __init__(self, cfg: SASRecConfig):
         super().__init__()
-        self.ln_attn = nn.LayerNorm(cfg.dim, eps=1e-8)
+        self.cfg = cfg
         self.attn = CausalSelfAttention(cfg)
-        self.ln_ffn = nn.LayerNorm(cfg.dim, eps=1e-8)
         self.ffn = PointWiseFeedForward(cfg)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         # x: [B, n, D], valid: [B, n, 1]
-        q = self.ln_attn(x)
+        ln = lambda t: F.layer_norm(t, (self.cfg.dim,), eps=1e-8)  # noqa: E731
+        q = ln(x)
         x = q + self.attn(q, x)  # original SASRec: residual from the *normalised* queries
-        x = self.ln_ffn(x)
+        x = ln(x)
         x = x + self.ffn(x)
         return x * valid
 
@@ -90,7 +101,6 @@ class SASRec(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.blocks = nn.ModuleList([SASRecBlock(cfg) for _ in range(cfg.blocks)])
-        self.ln_final = nn.LayerNorm(cfg.dim, eps=1e-8)
 
     def forward(
         self,
@@ -107,7 +117,6 @@ class SASRec(nn.Module):
         valid = (torch.arange(n, device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1).to(x.dtype)
         for block in self.blocks:
             xd = block(xd, valid)
-        xd = self.ln_final(xd)
         return torch.ops.fbgemm.dense_to_jagged(xd, [offsets])[0]  # [N, D]
 
 

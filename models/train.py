@@ -6,9 +6,17 @@ forward pass trains all positions at once, causality makes them independent pred
     l_i = -log( exp(u_i.e_{i+1} / T) / (exp(u_i.e_{i+1} / T) + sum_r exp(u_i.e_r / T)) )
 
 u and e are L2-normalised (cosine logits), T = temperature (0.05: cosines live in [-1, 1], so 1/T sets the
-logit scale), e_r are R negatives drawn uniformly from the catalogue and shared by the batch (one [M, R]
-matmul instead of M x R gathers); a negative that happens to be the positive is masked out, otherwise the
-loss would push the target away from itself.
+logit scale), e_r are R negatives drawn uniformly from the catalogue *for each position* independently, as the
+reference's LocalNegativesSampler does; a negative that happens to be the positive is masked out, otherwise
+the loss would push the target away from itself.
+
+Per-position negatives matter: with R negatives shared by the whole batch, an item is a negative in only
+R / V of the steps and the model learns the catalogue far more slowly (ML-100K, see docs/benchmarks.md).
+Gathering [M, R, D] negative embeddings is memory-bound (2.6 s per ML-1M batch on 2 cores), so we score
+every position against a *pool* once ([M, P] = one matmul) and gather each position's R logits from it.
+The pool is the whole catalogue when its logits fit ``NEG_LOGIT_BUDGET`` (then the draw is exactly the
+reference's), else P uniform draws per step, each position picking its R from them (every negative is still
+uniform over the catalogue; positions of one step share the pool). See ``negative_pool_size``.
 
 With ``feedback_weight > 0`` the ARGUS feedback task adds ``w * BCE(f(u_i, e_{i+1}), y_{i+1})`` for every
 next event (positive *and* negative): y = 1 when the reaction was positive.
@@ -39,7 +47,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.data import Split, UserSequences, build_sequences, iterate_batches, leave_one_out, temporal_split
+from models.data import Split, UserSequences, build_sequences, iterate_batches, leave_one_out, temporal_split, with_targets
 from models.data import Batch, ItemVocab
 from models.evaluate import evaluate
 from models.recommender import ModelConfig, Recommender, SequentialRecommender, build_model
@@ -65,6 +73,9 @@ class TrainConfig:
     negatives: int = 64
     temperature: float = 0.05
     feedback_weight: float = 0.0  # ARGUS feedback task weight; 0 disables the head
+    # data protocol
+    targets: str = "positive"  # next-item targets: positive events, or all events (the papers' MovieLens protocol)
+    event_types: bool = True  # history tokens carry their event type (False: item ids only, as the papers)
     # optimisation
     batch_size: int = 128
     lr: float = 1e-3
@@ -127,6 +138,7 @@ class TrainConfig:
             dropout=self.dropout,
             num_time_buckets=self.num_time_buckets,
             feedback_head=self.feedback_weight > 0,
+            event_types=self.event_types,
         )
 
 
@@ -152,19 +164,49 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------------------
 
 
+NEG_LOGIT_BUDGET = 128 * 2**20  # elements of the per-step [positions, pool] logit matrix (512 MiB in fp32)
+
+
+def negative_pool_size(num_items: int, negatives: int, batch_size: int, max_len: int) -> int:
+    """The whole catalogue if ``batch_size * max_len`` positions x ``num_items`` logits fit the budget (ML-1M:
+    128 x 200 x 3,706 = 95M: exact), else the largest pool that does, but at least 8 R."""
+    cap = max(8 * negatives, NEG_LOGIT_BUDGET // max(1, batch_size * max_len))
+    return min(num_items, cap)
+
+
+@dataclass
+class NegativeDraw:
+    """Negatives for every position of a (global) batch: position p of window w gets ``pool_ids[index[w, p]]``."""
+
+    pool_ids: torch.Tensor  # [P] dense item ids
+    index: torch.Tensor  # [W, L, R] int32 into pool_ids
+
+    @classmethod
+    def draw(cls, num_items: int, negatives: int, num_windows: int, window_len: int, pool_size: int,
+             generator: torch.Generator | None = None) -> "NegativeDraw":
+        if pool_size >= num_items:  # the catalogue itself: each negative an independent uniform item
+            pool = torch.arange(1, num_items + 1)
+        else:
+            pool = torch.randint(1, num_items + 1, (pool_size,), generator=generator)
+        index = torch.randint(0, len(pool), (num_windows, window_len, negatives), generator=generator, dtype=torch.int32)
+        return cls(pool, index)
+
+
 def sampled_softmax_loss(
     user: torch.Tensor,  # [M, D] L2-normalised user states
     positive: torch.Tensor,  # [M, D] L2-normalised target embeddings
-    negatives: torch.Tensor,  # [R, D] L2-normalised sampled embeddings (shared by all M rows)
+    pool: torch.Tensor,  # [P, D] L2-normalised embeddings of the negative pool
     positive_ids: torch.Tensor,  # [M]
-    negative_ids: torch.Tensor,  # [R]
+    pool_ids: torch.Tensor,  # [P]
+    neg_index: torch.Tensor,  # [M, R] long: row m's negatives are pool[neg_index[m]]
     temperature: float,
     reduction: str = "mean",  # "sum": the distributed trainer divides by the global batch's count itself
 ) -> torch.Tensor:
-    pos_logit = (user * positive).sum(-1, keepdim=True) / temperature  # [M, 1]
-    neg_logit = user @ negatives.T / temperature  # [M, R]
+    user = user / temperature  # scale the [M, D] side, not the [M, P] logits
+    pos_logit = (user * positive).sum(-1, keepdim=True)  # [M, 1]
+    neg_logit = (user @ pool.T).gather(1, neg_index)  # [M, P] -> [M, R]
     # An "accidental hit" (negative == positive) is not a negative: drop it from the softmax denominator.
-    neg_logit = neg_logit.masked_fill(positive_ids[:, None] == negative_ids[None, :], -math.inf)
+    neg_logit = neg_logit.masked_fill(pool_ids[neg_index] == positive_ids[:, None], -math.inf)
     logits = torch.cat([pos_logit, neg_logit], dim=1)  # [M, 1 + R]; the positive is class 0
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device), reduction=reduction)
 
@@ -172,32 +214,46 @@ def sampled_softmax_loss(
 class RecommenderTrain(nn.Module):
     """TorchRec train-module convention (cf. DLRMTrain): ``forward(batch) -> (loss, detached outputs)``."""
 
-    def __init__(self, model: SequentialRecommender, negatives: int, temperature: float, feedback_weight: float = 0.0):
+    def __init__(self, model: SequentialRecommender, negatives: int, temperature: float, feedback_weight: float = 0.0,
+                 negative_pool: int | None = None):
         super().__init__()
         self.model = model
         self.negatives = negatives
         self.temperature = temperature
         self.feedback_weight = feedback_weight
+        # None: the whole catalogue (exact per-position uniform negatives)
+        self.negative_pool = negative_pool or model.cfg.num_items
+
+    def draw_negatives(self, num_windows: int, window_len: int, generator: torch.Generator | None = None) -> NegativeDraw:
+        return NegativeDraw.draw(self.model.cfg.num_items, self.negatives, num_windows, window_len, self.negative_pool, generator)
 
     def forward(
-        self, batch: Batch, generator: torch.Generator | None = None, global_counts: torch.Tensor | None = None
+        self, batch: Batch, negatives: NegativeDraw | torch.Generator | None = None, global_counts: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``global_counts`` ([2]: next-item and feedback positions of the *global* batch) is for a batch split
-        across ranks: each loss term is then this rank's sum divided by the global count, so the terms of all
-        ranks add up to the single-process mean over the whole batch (exactly, whatever the split)."""
+        """``negatives``: drawn for a *global* batch whose windows ``batch.window_ids`` holds (distributed), or a
+        generator to draw them for this batch. ``global_counts`` ([2]: next-item and feedback positions of the
+        global batch) is for a batch split across ranks: each loss term is then this rank's sum divided by the
+        global count, so the terms of all ranks add up to the single-process mean over the whole batch."""
+        if not isinstance(negatives, NegativeDraw):
+            negatives = self.draw_negatives(batch.batch_size, batch.max_length, negatives)
         user = self.model(batch.features, batch.timestamps, batch.query_timestamps)  # [N, D]
         rank = batch.rank_mask  # [N] positions whose next event is a positive target
         pos_ids = batch.target_ids[rank]  # [M]
-        neg_ids = torch.randint(1, self.model.cfg.num_items + 1, (self.negatives,), generator=generator)  # [R]
+        # each ranked position's negatives, addressed by (window in the global batch, position in the window)
+        row = torch.repeat_interleave(torch.arange(batch.batch_size, device=rank.device), batch.lengths)  # [N]
+        pos = torch.arange(len(row), device=rank.device) - batch.offsets[:-1][row]  # [N]
+        window = batch.window_ids[row] if batch.window_ids is not None else row
+        neg_index = negatives.index[window[rank], pos[rank]].long()  # [M, R]
+        pool_ids = negatives.pool_ids.to(pos_ids.device)  # [P]
         use_fb = self.feedback_weight > 0 and self.model.feedback_head is not None
         fb = batch.feedback_mask
         fb_ids = batch.target_ids[fb] if use_fb else pos_ids[:0]  # [F]
         # One EmbeddingCollection lookup for targets, negatives and feedback items.
-        emb = self.model.item_embeddings(torch.cat([pos_ids, neg_ids.to(pos_ids.device), fb_ids]))
-        pos_e, neg_e, fb_e = emb.split([len(pos_ids), len(neg_ids), len(fb_ids)])
+        emb = self.model.item_embeddings(torch.cat([pos_ids, pool_ids, fb_ids]))
+        pos_e, pool_e, fb_e = emb.split([len(pos_ids), len(pool_ids), len(fb_ids)])
 
         part = global_counts is not None  # this rank holds one part of a global batch
-        next_loss = sampled_softmax_loss(user[rank], pos_e, neg_e, pos_ids, neg_ids.to(pos_ids.device), self.temperature,
+        next_loss = sampled_softmax_loss(user[rank], pos_e, pool_e, pos_ids, pool_ids, neg_index, self.temperature,
                                          reduction="sum" if part else "mean")
         if part:
             next_loss = next_loss / global_counts[0].clamp(min=1)
@@ -272,14 +328,15 @@ def train(
     cfg = cfg or TrainConfig()
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
-    seqs = data if isinstance(data, UserSequences) else build_sequences(data)
+    seqs = with_targets(data if isinstance(data, UserSequences) else build_sequences(data), cfg.targets)
     split = make_split(seqs, cfg)
     if len(split.train) == 0:
         raise ValueError("no training windows: every user needs at least two events")
 
     device = torch.device(cfg.device)
     model = build_model(cfg.model_config(len(seqs.vocab))).to(device)
-    task = RecommenderTrain(model, cfg.negatives, cfg.temperature, cfg.feedback_weight)
+    task = RecommenderTrain(model, cfg.negatives, cfg.temperature, cfg.feedback_weight,
+                            negative_pool_size(len(seqs.vocab), cfg.negatives, cfg.batch_size, cfg.max_len))
     optimizer = make_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling + negatives: reproducible, checkpointable
 
@@ -367,4 +424,4 @@ def train(
     )
 
 
-__all__ = ["RecommenderTrain", "TrainConfig", "TrainResult", "make_optimizer", "make_split", "sampled_softmax_loss", "seed_everything", "train"]
+__all__ = ["NegativeDraw", "RecommenderTrain", "negative_pool_size", "TrainConfig", "TrainResult", "make_optimizer", "make_split", "sampled_softmax_loss", "seed_everything", "train"]

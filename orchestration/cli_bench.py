@@ -67,7 +67,7 @@ def bench_quality(args: tuple[str, ...]) -> None:
 @bench.command("train-speed", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_train_speed(args: tuple[str, ...]) -> None:
-    """DMP training on 1 vs 2 processes (torchrun, gloo): wall time, tokens/s (`python -m bench.train_speed -h`)."""
+    """DMP training on 1 vs 2 processes (torchrun): tokens/s and time-to-quality (`python -m bench.train_speed -h`)."""
     from bench.train_speed import main as run
 
     run(list(args))

@@ -17,10 +17,12 @@ from models.data import (
     leave_one_out,
     make_batch,
     temporal_split,
+    with_targets,
 )
+from torchrec import KeyedJaggedTensor
 from models.evaluate import auc, evaluate, ranking_metrics
 from models.recommender import ModelConfig, Recommender, SequentialRecommender, build_model
-from models.train import RecommenderTrain, TrainConfig, make_optimizer, sampled_softmax_loss, train
+from models.train import NegativeDraw, RecommenderTrain, TrainConfig, make_optimizer, negative_pool_size, sampled_softmax_loss, train
 
 MODELS = ["hstu", "sasrec"]
 T0_MS = 1_700_000_000_000
@@ -132,6 +134,37 @@ def test_leave_one_out_targets_are_last_positives(seqs):
     assert int(b.rank_mask.sum()) < int(b.lengths.sum())  # skips are in the history but not targets
 
 
+def test_all_events_are_targets_under_the_papers_protocol(seqs):
+    # the published SASRec/HSTU MovieLens protocol: every event is an interaction to predict
+    every = with_targets(seqs, "all")
+    split = leave_one_out(every, max_len=10)
+    ranked = split.test.rank_at[split.test.rank_at >= 0]
+    assert ranked.tolist() == (seqs.offsets[1:] - 1).tolist()  # the last event of every user
+    valid = split.valid.rank_at[split.valid.rank_at >= 0]
+    assert valid.tolist() == (seqs.offsets[1:] - 2).tolist() and not seqs.positive[valid].any()  # skips, here
+    b = make_batch(every, split.train)
+    assert int(b.rank_mask.sum()) == int(b.lengths.sum())  # every position ranks its next event
+    assert not bool(b.target_positive[b.rank_mask].all())  # the feedback labels are unchanged
+    assert with_targets(seqs, "positive").target is seqs.positive
+    with pytest.raises(ValueError, match="unknown target rule"):
+        with_targets(seqs, "liked")
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_item_only_models_ignore_event_types(seqs, kind):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model=kind, num_items=len(seqs.vocab), max_len=20, dim=16, dropout=0.0, event_types=False)).eval()
+    batch = make_batch(seqs, leave_one_out(seqs, 20).test)
+    a = model(batch.features, batch.timestamps, batch.query_timestamps)
+    values = batch.features.values().clone()
+    n = len(values) // 2
+    values[n:] = 1  # every event type replaced
+    other = KeyedJaggedTensor.from_lengths_sync(keys=batch.features.keys(), values=values, lengths=batch.features.lengths())
+    assert torch.allclose(a, model(other, batch.timestamps, batch.query_timestamps))
+    model.cfg.event_types = True  # the same weights reading event types do see them
+    assert not torch.allclose(a, model(other, batch.timestamps, batch.query_timestamps))
+
+
 def test_temporal_split_respects_time(seqs):
     t_test = int(np.quantile(seqs.timestamps, 0.8))
     t_valid = int(np.quantile(seqs.timestamps, 0.6))
@@ -226,19 +259,34 @@ def test_sampled_softmax_masks_negatives_equal_to_the_positive():
     norm = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
     user, pos = norm(torch.randn(4, 8)), norm(torch.randn(4, 8))
     pos_ids = torch.tensor([1, 2, 3, 4])
-    neg_ids = torch.tensor([2, 9, 10])  # 2 is row 1's positive
-    neg = norm(torch.randn(3, 8))
-    neg[0] = pos[1]  # a hit carries the positive's own embedding
-    masked = sampled_softmax_loss(user, pos, neg, pos_ids, neg_ids, 0.05)
+    pool_ids = torch.tensor([2, 9, 10, 11])  # 2 is row 1's positive
+    pool = norm(torch.randn(4, 8))
+    pool[0] = pos[1]  # a hit carries the positive's own embedding
+    neg_index = torch.tensor([[0, 1, 2], [0, 1, 3], [3, 3, 1], [2, 0, 1]])  # each row its own negatives
+    masked = sampled_softmax_loss(user, pos, pool, pos_ids, pool_ids, neg_index, 0.05)
     # reference: compute row by row, dropping the hit from row 1's negatives
     losses = []
     for m in range(4):
-        keep = neg_ids != pos_ids[m]
-        logits = torch.cat([(user[m] * pos[m]).sum()[None], user[m] @ neg[keep].T]) / 0.05
+        ids, emb = pool_ids[neg_index[m]], pool[neg_index[m]]
+        keep = ids != pos_ids[m]
+        logits = torch.cat([(user[m] * pos[m]).sum()[None], user[m] @ emb[keep].T]) / 0.05
         losses.append(-torch.log_softmax(logits, 0)[0])
     assert torch.allclose(masked, torch.stack(losses).mean(), atol=1e-5)
-    unmasked = sampled_softmax_loss(user, pos, neg, pos_ids, torch.tensor([99, 9, 10]), 0.05)
+    unmasked = sampled_softmax_loss(user, pos, pool, pos_ids, torch.tensor([99, 9, 10, 11]), neg_index, 0.05)
     assert not torch.allclose(masked, unmasked)
+
+
+def test_negatives_are_drawn_per_position_from_the_whole_catalogue():
+    # the reference draws R uniform negatives for every position; a small catalogue is the pool itself
+    assert negative_pool_size(3_706, 128, 128, 200) == 3_706
+    big = negative_pool_size(1_000_000, 128, 128, 200)
+    assert 8 * 128 <= big < 1_000_000
+    draw = NegativeDraw.draw(50, 8, num_windows=4, window_len=6, pool_size=50, generator=torch.Generator().manual_seed(0))
+    assert draw.pool_ids.tolist() == list(range(1, 51)) and draw.index.shape == (4, 6, 8)
+    ids = draw.pool_ids[draw.index.long()]
+    assert not torch.equal(ids[0, 0], ids[0, 1]) and not torch.equal(ids[0, 0], ids[1, 0])  # not shared
+    pooled = NegativeDraw.draw(1000, 8, 2, 3, pool_size=64, generator=torch.Generator().manual_seed(0))
+    assert len(pooled.pool_ids) == 64 and int(pooled.index.max()) < 64 and int(pooled.pool_ids.min()) >= 1
 
 
 @pytest.mark.parametrize("kind", MODELS)
