@@ -68,11 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
         data = Path(tmp) / "events.parquet"
         df.to_parquet(data, index=False)
         runs = [run(n, args.config, data, args.epochs, args.validate_every, Path(tmp) / f"model-{n}") for n in (1, 2)]
-    best_one = max((q for _, q in runs[0]["curve"]), default=None)
-    target = args.target_ndcg if args.target_ndcg is not None else (0.95 * best_one if best_one else None)
     for r in runs:
         r["tokens_per_s"] = round(len(df) * args.epochs / r["train_s"]) if r["train_s"] else None
         r["best_valid_ndcg@10"] = max((q for _, q in r["curve"]), default=None)
+    best_one = runs[0]["best_valid_ndcg@10"]
+    target = args.target_ndcg if args.target_ndcg is not None else (0.95 * best_one if best_one else None)
+    for r in runs:
         r["time_to_target_s"] = time_to(r["curve"], target) if target is not None else None
     out = {"config": args.config, "dataset": args.dataset, "events": len(df), "epochs": args.epochs,
            "target_valid_ndcg@10": round(target, 4) if target is not None else None, "runs": runs}

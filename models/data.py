@@ -311,8 +311,9 @@ def _eval_windows(seqs: UserSequences, rank_at: np.ndarray, stop: np.ndarray, ma
     return ranking.concat(extra)
 
 
-def _positive_targets(seqs: UserSequences) -> np.ndarray:
-    """Target events (positive ones by default) that have at least one earlier event of their user (a target needs a history)."""
+def _ranked_targets(seqs: UserSequences) -> np.ndarray:
+    """Target events (``seqs.target``: the positive ones by default) that have at least one earlier event of
+    their user (a target needs a history)."""
     first = np.zeros(seqs.num_events, dtype=bool)
     first[seqs.offsets[:-1][seqs.lengths() > 0]] = True
     return seqs.target & ~first
@@ -324,7 +325,7 @@ def leave_one_out(seqs: UserSequences, max_len: int) -> Split:
     Validation and test histories contain every event before their target (negatives included). Users with
     fewer than two positive targets are training-only.
     """
-    pos_idx = np.flatnonzero(_positive_targets(seqs))
+    pos_idx = np.flatnonzero(_ranked_targets(seqs))
     owner = np.searchsorted(seqs.offsets, pos_idx, side="right") - 1  # [T] user of each target (sorted)
     n_pos = np.bincount(owner, minlength=seqs.num_users)
     past_last = np.searchsorted(owner, np.arange(seqs.num_users), side="right")  # one past u's last target
@@ -364,7 +365,7 @@ def temporal_split(
     user_end = seqs.offsets[1:]
     valid_cut = _first_at_or_after(seqs, valid_time_s)
     test_cut = _first_at_or_after(seqs, test_time_s)
-    target_idx = np.flatnonzero(_positive_targets(seqs))  # sorted; users are contiguous
+    target_idx = np.flatnonzero(_ranked_targets(seqs))  # sorted; users are contiguous
 
     def first_target(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """[U] first positive target in [lo, hi) per user, -1 if none."""
@@ -436,6 +437,12 @@ def jagged_features(items: torch.Tensor, event_types: torch.Tensor, lengths: tor
 def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
     """[B] -> [B + 1] exclusive-then-total cumsum, e.g. [2, 3] -> [0, 2, 5] (FBGEMM's jagged offsets)."""
     return torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
+
+
+def jagged_positions(offsets: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of the N jagged values: (its sequence [N], its position in that sequence [N], from 0)."""
+    row = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths)
+    return row, torch.arange(len(row), device=offsets.device) - offsets[:-1][row]
 
 
 def _ranges(start: np.ndarray, stop: np.ndarray) -> np.ndarray:

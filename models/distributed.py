@@ -25,8 +25,8 @@ What changes versus ``models.train`` (single process):
   tests/test_distributed_training.py checks it on 1 vs 2 processes.
 * No early stopping: a fixed number of epochs. ``--validate-every K`` gathers the shards into an ordinary
   model on rank 0 every K epochs and records validation metrics with the cumulative training time (what
-  ``bench/train_speed.py`` reads to measure time-to-quality). At the end the shards are gathered into an ordinary ``SequentialRecommender`` on rank 0, which evaluates
-  on the test split (next to the most-popular baseline) and can save a ``Recommender`` directory loadable by
+  ``bench/train_speed.py`` reads to measure time-to-quality). At the end the shards are gathered into an
+  ordinary ``SequentialRecommender`` on rank 0, which evaluates on the test split (next to the most-popular baseline) and can save a ``Recommender`` directory loadable by
   the serving code. On several nodes ``--out`` must be on a file system rank 0's node can write and the
   others (or the caller) can read.
 
@@ -62,7 +62,7 @@ from torch.distributed.optim import _apply_optimizer_in_backward
 from models.data import batch_rows, build_sequences, make_batch, read_movielens, with_targets
 from models.evaluate import evaluate, popularity_ranks, ranking_metrics
 from models.recommender import Recommender, SequentialRecommender, build_model
-from models.train import RecommenderTrain, TrainConfig, TrainResult, make_split, negative_pool_size, seed_everything
+from models.train import RecommenderTrain, TrainConfig, TrainResult, make_split, seed_everything
 
 PIPES_ENV = "DAGSTER_PIPES_CONTEXT"  # set by Dagster's Pipes client; torchrun copies it to every worker
 
@@ -170,8 +170,7 @@ def train_distributed(
     if len(split.train) == 0:
         raise ValueError("no training windows: every user needs at least two events")
     model = build_model(cfg.model_config(len(seqs.vocab)))
-    task = RecommenderTrain(model, cfg.negatives, cfg.temperature, cfg.feedback_weight,
-                            negative_pool_size(len(seqs.vocab), cfg.negatives, cfg.batch_size, cfg.max_len))
+    task = RecommenderTrain.from_config(model, cfg)
     # The model is built with real weights (not on the meta device), so DMP copies them into the shards: every
     # world size starts from the same weights as models.train (FBGEMM's own uniform init is not used).
     dmp = shard(task, cfg, world, device, sparse_lr)

@@ -10,7 +10,8 @@
 
 The event type (listen / skip / like ...) is part of each history token: the ARGUS recipe keeps negative
 feedback in the history as context. ``event_types = False`` reads items only, as the published HSTU and
-SASRec setups do (their MovieLens protocol ignores the ratings). The optional feedback head predicts the reaction to a *given* next item.
+SASRec setups do (their MovieLens protocol ignores the ratings). The optional feedback head predicts the
+reaction to a *given* next item.
 
 ``Recommender`` is what the online service and the MLflow pyfunc (``models/mlflow_pyfunc.py``) load:
 config.json + vocab.json + state_dict.pt (plain tensors: ``torch.load(weights_only=True)``, no pickle).
@@ -31,7 +32,7 @@ from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
 from features.events import EVENT_TYPE_CODES
-from models.data import FEATURE_KEYS, NUM_EVENT_TYPES, ItemVocab, batch_from_histories
+from models.data import FEATURE_KEYS, NUM_EVENT_TYPES, ItemVocab, batch_from_histories, jagged_positions
 from models.hstu import HSTU, HSTUConfig
 from models.sasrec import SASRec, SASRecConfig
 
@@ -165,9 +166,7 @@ class SequentialRecommender(nn.Module):
         offsets = items.offsets()
         # position of each event inside its own sequence: 0, 1, ..., len-1 (counted from the start, so a
         # later event never changes an earlier position: causality holds for the embeddings too)
-        pos = torch.arange(items.values().shape[0], device=offsets.device) - torch.repeat_interleave(
-            offsets[:-1], lengths
-        )
+        _, pos = jagged_positions(offsets, lengths)
         tokens = items.values() + emb["event_type"].values() if self.cfg.event_types else items.values()
         x = math.sqrt(self.cfg.dim) * tokens + self.pos_emb(pos)
         x = self.input_dropout(x)  # [N, D]

@@ -10,8 +10,8 @@ One block on a padded batch x [B, n, D]:
 
 As in the reference: LayerNorms without affine parameters (eps 1e-8), no final LayerNorm (the output is
 L2-normalised), weight matrices initialised Xavier-normal (the query/key/value projections as one [3D, D]
-matrix, as torch's MultiheadAttention holds them) and attention biases at zero. Inputs (sqrt(d)-scaled item embeddings + learned positions, dropout) and the L2
-normalised output come from the shared ``models.recommender.SequentialRecommender``, exactly as the HSTU
+matrix, as torch's MultiheadAttention holds them) and attention biases at zero. Inputs (sqrt(d)-scaled
+item embeddings + learned positions, dropout) and the L2 normalised output come from the shared ``models.recommender.SequentialRecommender``, exactly as the HSTU
 paper's SASRec baseline shares them. Time stamps are ignored: SASRec has no temporal signal.
 """
 

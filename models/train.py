@@ -48,7 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models.data import Split, UserSequences, build_sequences, iterate_batches, leave_one_out, temporal_split, with_targets
-from models.data import Batch, ItemVocab
+from models.data import Batch, ItemVocab, jagged_positions
 from models.evaluate import evaluate
 from models.recommender import ModelConfig, Recommender, SequentialRecommender, build_model
 
@@ -224,6 +224,11 @@ class RecommenderTrain(nn.Module):
         # None: the whole catalogue (exact per-position uniform negatives)
         self.negative_pool = negative_pool or model.cfg.num_items
 
+    @classmethod
+    def from_config(cls, model: SequentialRecommender, cfg: "TrainConfig") -> "RecommenderTrain":
+        pool = negative_pool_size(model.cfg.num_items, cfg.negatives, cfg.batch_size, cfg.max_len)
+        return cls(model, cfg.negatives, cfg.temperature, cfg.feedback_weight, pool)
+
     def draw_negatives(self, num_windows: int, window_len: int, generator: torch.Generator | None = None) -> NegativeDraw:
         return NegativeDraw.draw(self.model.cfg.num_items, self.negatives, num_windows, window_len, self.negative_pool, generator)
 
@@ -237,11 +242,10 @@ class RecommenderTrain(nn.Module):
         if not isinstance(negatives, NegativeDraw):
             negatives = self.draw_negatives(batch.batch_size, batch.max_length, negatives)
         user = self.model(batch.features, batch.timestamps, batch.query_timestamps)  # [N, D]
-        rank = batch.rank_mask  # [N] positions whose next event is a positive target
+        rank = batch.rank_mask  # [N] positions whose next event is a ranked target
         pos_ids = batch.target_ids[rank]  # [M]
         # each ranked position's negatives, addressed by (window in the global batch, position in the window)
-        row = torch.repeat_interleave(torch.arange(batch.batch_size, device=rank.device), batch.lengths)  # [N]
-        pos = torch.arange(len(row), device=rank.device) - batch.offsets[:-1][row]  # [N]
+        row, pos = jagged_positions(batch.offsets, batch.lengths)  # [N], [N]
         window = batch.window_ids[row] if batch.window_ids is not None else row
         neg_index = negatives.index[window[rank], pos[rank]].long()  # [M, R]
         pool_ids = negatives.pool_ids.to(pos_ids.device)  # [P]
@@ -335,8 +339,7 @@ def train(
 
     device = torch.device(cfg.device)
     model = build_model(cfg.model_config(len(seqs.vocab))).to(device)
-    task = RecommenderTrain(model, cfg.negatives, cfg.temperature, cfg.feedback_weight,
-                            negative_pool_size(len(seqs.vocab), cfg.negatives, cfg.batch_size, cfg.max_len))
+    task = RecommenderTrain.from_config(model, cfg)
     optimizer = make_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling + negatives: reproducible, checkpointable
 
