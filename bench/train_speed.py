@@ -10,8 +10,11 @@ whatever N. Every ``--validate-every`` epochs the shards are gathered and scored
 
 The LAST line printed is one JSON object.
 
-    python -m bench.train_speed --dataset ml-100k --dataset-dir ../shared/data/ml-100k --config hstu-ml100k --epochs 30
-    python -m bench.train_speed --config default --epochs 4          # the synthetic world, no data needed
+    python -m bench.train_speed --config default --epochs 12 --validate-every 1   # the synthetic world
+    python -m bench.train_speed --dataset ml-100k --dataset-dir ../shared/data/ml-100k --config my.yaml
+
+The config's ``dim`` must be a multiple of 4: FBGEMM's fused kernel for the sharded tables requires it, so
+the d = 50 paper configs train only in one process (``encore bench quality``).
 """
 
 from __future__ import annotations
