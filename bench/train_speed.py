@@ -12,9 +12,7 @@ The LAST line printed is one JSON object.
 
     python -m bench.train_speed --config default --epochs 12 --validate-every 1   # the synthetic world
     python -m bench.train_speed --dataset ml-100k --dataset-dir ../shared/data/ml-100k --config my.yaml
-
-The config's ``dim`` must be a multiple of 4: FBGEMM's fused kernel for the sharded tables requires it, so
-the d = 50 paper configs train only in one process (``encore bench quality``).
+    python -m bench.train_speed --dataset ml-1m --dataset-dir DIR --config hstu-ml1m --epochs 4 --validate-every 1
 """
 
 from __future__ import annotations

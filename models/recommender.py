@@ -37,6 +37,9 @@ from models.hstu import HSTU, HSTUConfig
 from models.sasrec import SASRec, SASRecConfig
 
 FORMAT_VERSION = 1
+# FBGEMM's fused table-batched kernel, which DistributedModelParallel uses for sharded tables, needs a row width
+# divisible by 4 (it asserts "embedding_dim must be a multiple of 4").
+TABLE_DIM_MULTIPLE = 4
 # Below this catalogue size the exact matrix product beats any index (800 items: ~0.05 ms per user).
 ANN_MIN_ITEMS = 200_000
 
@@ -101,6 +104,18 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def table_dim(dim: int) -> int:
+    """Stored row width of the embedding tables: ``dim`` rounded up to a multiple of 4.
+
+    The published ML-1M setups use d = 50, which FBGEMM's fused kernel cannot shard. The tables are stored 52
+    wide and every lookup keeps the first 50 columns: the two spare columns never reach the model, get zero
+    gradients and stay as initialised, so the model computes exactly what a 50-wide table would. (One side
+    effect: the sharded CPU optimiser, row-wise Adagrad, averages squared gradients over all 52 columns, so its
+    steps on such a table are sqrt(52/50) = 2% larger.) For the usual widths (multiples of 4) nothing is padded.
+    """
+    return -(-dim // TABLE_DIM_MULTIPLE) * TABLE_DIM_MULTIPLE
+
+
 class FeedbackHead(nn.Module):
     """ARGUS second task: logit of a positive reaction to item e given user state u (both L2-normalised)."""
 
@@ -127,14 +142,15 @@ class SequentialRecommender(nn.Module):
             raise ValueError("ModelConfig.num_items must be set (the vocabulary size)")
         self.cfg = cfg
         init = partial(nn.init.trunc_normal_, std=0.02, a=-0.04, b=0.04)  # reference: truncated normal
+        width = table_dim(cfg.dim)  # >= cfg.dim; lookups keep the first cfg.dim columns
         self.embeddings = EmbeddingCollection(
             tables=[
                 EmbeddingConfig(
-                    name="item", num_embeddings=cfg.num_items + 1, embedding_dim=cfg.dim,
+                    name="item", num_embeddings=cfg.num_items + 1, embedding_dim=width,
                     feature_names=["item_id"], init_fn=init,
                 ),
                 EmbeddingConfig(
-                    name="event_type", num_embeddings=NUM_EVENT_TYPES, embedding_dim=cfg.dim,
+                    name="event_type", num_embeddings=NUM_EVENT_TYPES, embedding_dim=width,
                     feature_names=["event_type"], init_fn=init,
                 ),
             ],
@@ -167,8 +183,11 @@ class SequentialRecommender(nn.Module):
         # position of each event inside its own sequence: 0, 1, ..., len-1 (counted from the start, so a
         # later event never changes an earlier position: causality holds for the embeddings too)
         _, pos = jagged_positions(offsets, lengths)
-        tokens = items.values() + emb["event_type"].values() if self.cfg.event_types else items.values()
-        x = math.sqrt(self.cfg.dim) * tokens + self.pos_emb(pos)
+        d = self.cfg.dim
+        tokens = items.values()[:, :d]  # [N, D] (the table may be stored wider: see table_dim)
+        if self.cfg.event_types:
+            tokens = tokens + emb["event_type"].values()[:, :d]
+        x = math.sqrt(d) * tokens + self.pos_emb(pos)
         x = self.input_dropout(x)  # [N, D]
         h = self.encoder(x, offsets, timestamps, query_timestamps)  # [N, D]
         return _l2(h)
@@ -182,7 +201,7 @@ class SequentialRecommender(nn.Module):
             values=ids,
             lengths=torch.tensor([ids.numel(), 0], dtype=torch.int64, device=ids.device),
         )
-        return _l2(self.embeddings(kjt)["item_id"].values())
+        return _l2(self.embeddings(kjt)["item_id"].values()[:, : self.cfg.dim])
 
     def all_item_embeddings(self) -> torch.Tensor:
         """[V + 1, D]; row 0 is padding and must be masked by callers."""

@@ -21,8 +21,8 @@ from models.data import (
 )
 from torchrec import KeyedJaggedTensor
 from models.evaluate import auc, evaluate, ranking_metrics
-from models.recommender import ModelConfig, Recommender, SequentialRecommender, build_model
-from models.train import NegativeDraw, RecommenderTrain, TrainConfig, make_optimizer, negative_pool_size, sampled_softmax_loss, train
+from models.recommender import ModelConfig, Recommender, SequentialRecommender, build_model, table_dim
+from models.train import NegativeDraw, NegativeLogits, RecommenderTrain, TrainConfig, make_optimizer, negative_pool_size, sampled_softmax_loss, train
 
 MODELS = ["hstu", "sasrec"]
 T0_MS = 1_700_000_000_000
@@ -227,6 +227,27 @@ def test_forward_shapes_and_normalisation(seqs, kind):
     assert torch.allclose(items[1:].norm(dim=-1), torch.ones(len(seqs.vocab)), atol=1e-5)
 
 
+def test_widths_fbgemm_cannot_shard_are_stored_padded_and_the_padding_stays_out_of_the_model(seqs):
+    # d = 50 (the ML-1M paper configs): FBGEMM's fused kernel under DMP needs rows divisible by 4, so the tables
+    # are stored 52 wide and lookups keep 50 columns. The spare columns must not reach the output or learn.
+    assert [table_dim(d) for d in (48, 49, 50, 52)] == [48, 52, 52, 52]
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model="hstu", num_items=len(seqs.vocab), max_len=20, dim=50, dropout=0.0))
+    item_table = model.embeddings.embeddings["item"].weight
+    assert item_table.shape == (len(seqs.vocab) + 1, 52)
+    batch = _history_batch(seqs)
+    out = model(batch.features, batch.timestamps, batch.query_timestamps)
+    assert out.shape == (int(batch.lengths.sum()), 50)
+    assert model.all_item_embeddings().shape == (len(seqs.vocab) + 1, 50)
+    loss, _ = RecommenderTrain(model, negatives=8, temperature=0.05).forward(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert item_table.grad[:, :50].abs().sum() > 0
+    assert item_table.grad[:, 50:].abs().sum() == 0
+    before = item_table[:, 50:].detach().clone()
+    make_optimizer(model, TrainConfig()).step()
+    assert torch.equal(item_table[:, 50:], before)
+
+
 @pytest.mark.parametrize("kind", MODELS)
 def test_causality_future_items_do_not_change_the_past(seqs, kind):
     model = tiny_model(kind, num_items=len(seqs.vocab)).eval()
@@ -274,6 +295,22 @@ def test_sampled_softmax_masks_negatives_equal_to_the_positive():
     assert torch.allclose(masked, torch.stack(losses).mean(), atol=1e-5)
     unmasked = sampled_softmax_loss(user, pos, pool, pos_ids, torch.tensor([99, 9, 10, 11]), neg_index, 0.05)
     assert not torch.allclose(masked, unmasked)
+
+
+def test_negative_logits_gradients_match_the_dense_computation():
+    # The sparse backward must equal autograd through (user @ pool.T).gather, duplicates in a row included
+    # (an item drawn twice as a negative gets both gradients): gradcheck in float64, then the dense reference.
+    g = torch.Generator().manual_seed(0)
+    user = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    pool = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    index = torch.randint(0, 4, (6, 7), generator=g)  # 7 draws from 4 items: duplicates guaranteed
+    assert torch.autograd.gradcheck(NegativeLogits.apply, (user, pool, index))
+    weights = torch.randn(6, 7, dtype=torch.float64, generator=g)
+    (NegativeLogits.apply(user, pool, index) * weights).sum().backward()
+    sparse_grads = user.grad.clone(), pool.grad.clone()
+    user.grad = pool.grad = None
+    ((user @ pool.T).gather(1, index) * weights).sum().backward()
+    assert torch.allclose(sparse_grads[0], user.grad) and torch.allclose(sparse_grads[1], pool.grad)
 
 
 def test_negatives_are_drawn_per_position_from_the_whole_catalogue():
