@@ -319,11 +319,15 @@ def _ranked_targets(seqs: UserSequences) -> np.ndarray:
     return seqs.target & ~first
 
 
-def leave_one_out(seqs: UserSequences, max_len: int) -> Split:
+def leave_one_out(seqs: UserSequences, max_len: int, *, validation: bool = True) -> Split:
     """Last positive target per user = test, second-to-last = validation, everything before = training.
 
     Validation and test histories contain every event before their target (negatives included). Users with
     fewer than two positive targets are training-only.
+
+    ``validation=False`` is the published SASRec/HSTU MovieLens protocol (the reference's ``ignore_last_n=1``):
+    no validation split; training sees every event but each user's last target, which is the test; users with
+    at least one target are tested.
     """
     pos_idx = np.flatnonzero(_ranked_targets(seqs))
     owner = np.searchsorted(seqs.offsets, pos_idx, side="right") - 1  # [T] user of each target (sorted)
@@ -331,9 +335,16 @@ def leave_one_out(seqs: UserSequences, max_len: int) -> Split:
     past_last = np.searchsorted(owner, np.arange(seqs.num_users), side="right")  # one past u's last target
     last = np.where(n_pos >= 1, pos_idx[np.clip(past_last - 1, 0, None)] if len(pos_idx) else -1, -1)
     second = np.where(n_pos >= 2, pos_idx[np.clip(past_last - 2, 0, None)] if len(pos_idx) else -1, -1)
-    has_eval = n_pos >= 2
-    train_cut = np.where(has_eval, second, seqs.offsets[1:])
     user_end = seqs.offsets[1:]
+    if not validation:
+        has_test = n_pos >= 1
+        return Split(
+            train=_train_windows(seqs, np.where(has_test, last, user_end), max_len),
+            valid=Examples.empty(),
+            test=_eval_windows(seqs, np.where(has_test, last, -1), user_end, max_len),
+        )
+    has_eval = n_pos >= 2
+    train_cut = np.where(has_eval, second, user_end)
     return Split(
         train=_train_windows(seqs, train_cut, max_len),
         valid=_eval_windows(seqs, np.where(has_eval, second, -1), last, max_len),

@@ -24,7 +24,8 @@ What changes versus ``models.train`` (single process):
   the steps one process takes (with dropout > 0 they differ in the dropout masks, drawn per rank);
   tests/test_distributed_training.py checks it on 1 vs 2 processes.
 * No early stopping: a fixed number of epochs. ``--validate-every K`` gathers the shards into an ordinary
-  model on rank 0 every K epochs and records validation metrics with the cumulative training time (what
+  model on rank 0 every K epochs and records validation metrics (test metrics, for the log only, when the
+  config has no validation split) with the cumulative training time (what
   ``bench/train_speed.py`` reads to measure time-to-quality). At the end the shards are gathered into an
   ordinary ``SequentialRecommender`` on rank 0, which evaluates on the test split (next to the most-popular baseline) and can save a ``Recommender`` directory loadable by
   the serving code. On several nodes ``--out`` must be on a file system rank 0's node can write and the
@@ -62,7 +63,7 @@ from torch.distributed.optim import _apply_optimizer_in_backward
 from models.data import batch_rows, build_sequences, make_batch, read_movielens, with_targets
 from models.evaluate import evaluate, popularity_ranks, ranking_metrics
 from models.recommender import Recommender, SequentialRecommender, build_model
-from models.train import RecommenderTrain, TrainConfig, TrainResult, make_split, seed_everything
+from models.train import RecommenderTrain, TrainConfig, TrainResult, autocast, make_split, seed_everything
 
 PIPES_ENV = "DAGSTER_PIPES_CONTEXT"  # set by Dagster's Pipes client; torchrun copies it to every worker
 
@@ -208,7 +209,8 @@ def train_distributed(
             negatives = task.draw_negatives(len(rows), window_len, neg_gen)
             counts = torch.stack([batch.rank_mask.sum(), batch.feedback_mask.sum()]).to(device)
             dist.all_reduce(counts)  # positions of the whole global batch: the loss's denominators
-            loss, out = dmp(batch, negatives, counts)  # loss = this rank's share of the global batch's mean
+            with autocast(cfg.autocast, device):  # bf16 on GPU (cfg.autocast = auto)
+                loss, out = dmp(batch, negatives, counts)  # loss = this rank's share of the global batch's mean
             optimizer.zero_grad()
             # DDP *averages* the dense gradients over ranks, and TorchRec does the same for the embedding
             # gradients (its "gradient division", on by default): x world turns both averages of shares into
@@ -229,15 +231,18 @@ def train_distributed(
             record["feedback_loss"] = float(total[2])
         train_s += time.perf_counter() - t_epoch
         record.update({"steps": float(step), "train_s": train_s})
-        if validate_every and (epoch % validate_every == 0 or epoch == cfg.epochs) and len(split.valid):
+        # Without a validation split (the papers' protocol, ``validation: false``) the curve is on the test
+        # split, as the reference logs it every epoch; nothing is selected by it.
+        scored, name = (split.valid, "valid") if len(split.valid) else (split.test, "test")
+        if validate_every and (epoch % validate_every == 0 or epoch == cfg.epochs) and len(scored):
             full = unsharded_model(dmp, template, rank, device)  # collective
-            box = [evaluate(full, seqs, split.valid, batch_size=cfg.eval_batch_size) if full is not None else None]
+            box = [evaluate(full, seqs, scored, batch_size=cfg.eval_batch_size) if full is not None else None]
             dist.broadcast_object_list(box, src=0, device=device)  # every rank reports the same record
-            record.update({f"valid_{k}": float(v) for k, v in box[0].items() if k != "count"})
+            record.update({f"{name}_{k}": float(v) for k, v in box[0].items() if k != "count"})
         record["epoch_s"] = time.perf_counter() - t_epoch
         history.append(record)
         if progress and rank == 0:
-            valid = f", valid ndcg@10 {record['valid_ndcg@10']:.4f}" if "valid_ndcg@10" in record else ""
+            valid = f", {name} ndcg@10 {record[f'{name}_ndcg@10']:.4f}" if f"{name}_ndcg@10" in record else ""
             print(f"[dmp x{world}] epoch {epoch}: loss {record['loss']:.4f} ({step} steps, {train_s:.1f} s){valid}", flush=True)
         if on_epoch is not None:
             on_epoch(epoch, record)

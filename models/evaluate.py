@@ -74,9 +74,11 @@ def evaluate(
     was_training = model.training
     model.eval()
     num_items = model.cfg.num_items
-    items = model.all_item_embeddings()  # [V + 1, D], computed once
+    device = next(model.parameters(), torch.empty(0)).device  # batches are built on the CPU
+    items = model.all_item_embeddings().to(device)  # [V + 1, D], computed once
     ranks, fb_logits, fb_labels = [], [], []
     for batch in iterate_batches(seqs, examples, batch_size, with_seen=True, bucket_by_length=True):
+        batch = batch.to(device)
         h = model(batch.features, batch.timestamps, batch.query_timestamps)  # [N, D]
         user = h[batch.rank_mask]  # [B, D]: exactly one ranked position per window, in row order
         target = batch.target_ids[batch.rank_mask]  # [B]

@@ -30,6 +30,9 @@ from torch import nn
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm.* jagged ops)
 
 
+LN_EPS = 1e-6  # the reference's LayerNorm epsilon
+
+
 @dataclass
 class HSTUConfig:
     dim: int = 50  # D, the embedding / residual width
@@ -51,6 +54,28 @@ def bucketize_time_gap(gap_s: torch.Tensor, num_buckets: int) -> torch.Tensor:
     return (torch.log(gap) / 0.301).long().clamp(0, num_buckets)
 
 
+class BiasLookup(torch.autograd.Function):
+    """``w[idx]`` for a small bias vector w and a large index tensor, with a bincount backward.
+
+    Autograd's own backward of ``w[idx]`` is an accumulating index_put, serial over the [B, n, n] index: 0.2 s
+    per block and step for an ML-1M batch (128 x 200 x 200 into 129 buckets) on 2 CPU cores, the largest
+    single cost of a training step. The gradient of each bucket is the sum of the gradients of the positions
+    that read it, which is exactly ``bincount(idx, weights=grad)``: 4 ms for the same tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(idx)
+        ctx.size = w.numel()
+        return w[idx]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205 - autograd's signature
+        (idx,) = ctx.saved_tensors
+        d_w = torch.bincount(idx.reshape(-1), weights=grad.reshape(-1).float(), minlength=ctx.size)
+        return d_w.to(grad.dtype), None
+
+
 class RelativeAttentionBias(nn.Module):
     """rab[b, i, j] = w_pos[i - j] + w_time[bucket(t_query[b, i] - t[b, j])]."""
 
@@ -61,7 +86,7 @@ class RelativeAttentionBias(nn.Module):
 
     def forward(self, offset_idx: torch.Tensor, time_bucket: torch.Tensor) -> torch.Tensor:
         # offset_idx: [n, n] long, time_bucket: [B, n, n] long  ->  [B, n, n]
-        return self.pos_w[offset_idx].unsqueeze(0) + self.time_w[time_bucket]
+        return BiasLookup.apply(self.pos_w, offset_idx).unsqueeze(0) + BiasLookup.apply(self.time_w, time_bucket)
 
 
 class HSTUBlock(nn.Module):
@@ -73,8 +98,7 @@ class HSTUBlock(nn.Module):
         self.out = nn.Linear(h * dv, cfg.dim)
         self.rab = RelativeAttentionBias(cfg.max_len, cfg.num_time_buckets)
         nn.init.normal_(self.uvqk.weight, mean=0.0, std=0.02)  # reference init
-        nn.init.xavier_uniform_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        nn.init.xavier_uniform_(self.out.weight)  # the bias keeps nn.Linear's default, as in the reference
 
     def forward(
         self,
@@ -88,8 +112,8 @@ class HSTUBlock(nn.Module):
         cfg = self.cfg
         B, h, dqk, dv = offsets.numel() - 1, cfg.heads, cfg.attn_dim, cfg.linear_dim
 
-        # LayerNorm without affine parameters, as in the reference: the projection that follows is affine.
-        uvqk = F.silu(self.uvqk(F.layer_norm(x, (cfg.dim,))))  # [N, h*(2dv+2dqk)]
+        # LayerNorm without affine parameters (eps 1e-6), as in the reference: the projection that follows is affine.
+        uvqk = F.silu(self.uvqk(F.layer_norm(x, (cfg.dim,), eps=LN_EPS)))  # [N, h*(2dv+2dqk)]
         u, v, q, k = uvqk.split([h * dv, h * dv, h * dqk, h * dqk], dim=-1)
 
         # Attention needs a dense [B, n, ...] layout; pad only up to this batch's longest sequence.
@@ -105,7 +129,7 @@ class HSTUBlock(nn.Module):
         attn_out = torch.einsum("bhnm,bmhd->bnhd", attn, vp).reshape(B, n, h * dv)
         attn_out = torch.ops.fbgemm.dense_to_jagged(attn_out, [offsets])[0]  # [N, h*dv]
 
-        gated = u * F.layer_norm(attn_out, (h * dv,))  # [N, h*dv]
+        gated = u * F.layer_norm(attn_out, (h * dv,), eps=LN_EPS)  # [N, h*dv]
         return x + self.out(F.dropout(gated, p=cfg.dropout, training=self.training))
 
 
@@ -149,4 +173,4 @@ def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["HSTU", "HSTUBlock", "HSTUConfig", "RelativeAttentionBias", "bucketize_time_gap", "num_params"]
+__all__ = ["BiasLookup", "HSTU", "HSTUBlock", "HSTUConfig", "RelativeAttentionBias", "bucketize_time_gap", "num_params"]

@@ -205,7 +205,7 @@ class SequentialRecommender(nn.Module):
 
     def all_item_embeddings(self) -> torch.Tensor:
         """[V + 1, D]; row 0 is padding and must be masked by callers."""
-        return self.item_embeddings(torch.arange(self.cfg.num_items + 1))
+        return self.item_embeddings(torch.arange(self.cfg.num_items + 1, device=self.pos_emb.weight.device))
 
     def feedback_logits(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         if self.feedback_head is None:

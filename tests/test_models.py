@@ -165,6 +165,29 @@ def test_item_only_models_ignore_event_types(seqs, kind):
     assert not torch.allclose(a, model(other, batch.timestamps, batch.query_timestamps))
 
 
+def test_the_papers_split_trains_on_all_but_the_last_event_and_has_no_validation(seqs):
+    # the reference's ignore_last_n=1: each user's last rating is the test, the one before it trains
+    every = with_targets(seqs, "all")
+    split = leave_one_out(every, max_len=10, validation=False)
+    assert len(split.valid) == 0
+    ranked = split.test.rank_at[split.test.rank_at >= 0]
+    assert ranked.tolist() == (seqs.offsets[1:] - 1).tolist()
+    assert split.train.end.tolist() == ranked.tolist()  # the last training target is the second-to-last event
+    assert ((split.train.end - split.train.start) == 11).all()  # the most recent max_len + 1 events
+    with pytest.raises(ValueError, match="needs split: loo"):
+        train(seqs, TrainConfig(split="temporal", validation=False, epochs=1), progress=False)
+
+
+def test_without_validation_all_epochs_run_and_the_final_weights_are_tested(events):
+    cfg = TrainConfig(model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=4, patience=1,
+                      eval_every=2, targets="all", validation=False)
+    result = train(events, cfg, progress=False)
+    assert len(result.history) == 4 and result.best_epoch == 4  # patience cannot stop a run with no validation
+    assert [("test_ndcg@10" in h) for h in result.history] == [False, True, False, True]  # a log, picks nothing
+    assert result.history[-1]["test_ndcg@10"] == pytest.approx(result.test_metrics["ndcg@10"])
+    assert result.valid_metrics == {}
+
+
 def test_temporal_split_respects_time(seqs):
     t_test = int(np.quantile(seqs.timestamps, 0.8))
     t_valid = int(np.quantile(seqs.timestamps, 0.6))
@@ -313,6 +336,31 @@ def test_negative_logits_gradients_match_the_dense_computation():
     assert torch.allclose(sparse_grads[0], user.grad) and torch.allclose(sparse_grads[1], pool.grad)
 
 
+def test_negative_logits_in_row_chunks_equal_one_matmul(monkeypatch):
+    import models.train as train_mod
+
+    g = torch.Generator().manual_seed(1)
+    user, pool = torch.randn(37, 8, generator=g), torch.randn(11, 8, generator=g)
+    index = torch.randint(0, 11, (37, 5), generator=g)
+    monkeypatch.setattr(train_mod, "NEG_ROW_CHUNK", 8)  # 37 rows: four full chunks and a partial one
+    assert torch.allclose(NegativeLogits.apply(user, pool, index), (user @ pool.T).gather(1, index))
+
+
+def test_bias_lookup_gradient_is_autograds():
+    from models.hstu import BiasLookup
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(9, dtype=torch.float64, generator=g, requires_grad=True)
+    idx = torch.randint(0, 9, (3, 6, 6), generator=g)  # many positions read the same bucket
+    assert torch.autograd.gradcheck(BiasLookup.apply, (w, idx))
+    grad = torch.randn(3, 6, 6, dtype=torch.float64, generator=g)
+    (BiasLookup.apply(w, idx) * grad).sum().backward()
+    ours = w.grad.clone()
+    w.grad = None
+    (w[idx] * grad).sum().backward()
+    assert torch.allclose(ours, w.grad)
+
+
 def test_negatives_are_drawn_per_position_from_the_whole_catalogue():
     # the reference draws R uniform negatives for every position; a small catalogue is the pool itself
     assert negative_pool_size(3_706, 128, 128, 200) == 3_706
@@ -424,6 +472,34 @@ def test_train_end_to_end_and_checkpoint_resume(events, tmp_path):
     assert [h["epoch"] for h in resumed.history] == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match="another config"):
         train(events, cfg.replace(dim=8, epochs=3), progress=False)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_bf16_autocast_trains_and_keeps_the_logits_in_fp32(events, kind):
+    # autocast "auto" is bf16 on CUDA only; "bf16" forces it on the CPU, which exercises the same code path here
+    from models.train import autocast
+
+    assert not torch.is_autocast_enabled("cpu")
+    with autocast("auto", torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="unknown autocast mode"):
+        autocast("fp8", torch.device("cpu"))
+    cfg = TrainConfig(model=kind, max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=3, patience=0,
+                      autocast="bf16", device="cpu")
+    seqs = build_sequences(events)
+    model = build_model(cfg.model_config(len(seqs.vocab)))
+    batch = make_batch(seqs, leave_one_out(seqs, 20).train)
+    linear_dtypes = []
+    for module in model.encoder.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, i, o: linear_dtypes.append(o.dtype))
+    with autocast("bf16", torch.device("cpu")):
+        loss, _ = RecommenderTrain.from_config(model, cfg)(batch, torch.Generator().manual_seed(0))
+    assert linear_dtypes and set(linear_dtypes) == {torch.bfloat16}  # the encoder's matmuls ran in bf16
+    assert loss.dtype == torch.float32  # the sampled softmax in fp32
+    result = train(events, cfg, progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("kind", MODELS)
