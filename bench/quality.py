@@ -1,7 +1,9 @@
 """Quality and training-speed benchmark: train one config on one dataset, rank the full catalogue.
 
 Protocol: leave-one-out (last positive event = test, second-last = validation), full-catalogue ranking
-with the user's history filtered out, early stopping on validation NDCG@10 (see ``models/train.py``).
+with the user's history filtered out, early stopping on validation NDCG@10 (see ``models/train.py``). Configs
+with ``validation: false`` (the ML-1M paper configs) follow the papers instead: no validation split, every
+epoch runs, the final weights are tested.
 The LAST line printed is one JSON object with ``hr@1 hr@10 hr@50 hr@200 ndcg@10 ndcg@50 ndcg@200 mrr``,
 ``config``, ``epochs``, ``wall_s`` and ``tokens_per_s`` (history events processed per second of training,
 validation excluded).
@@ -27,6 +29,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     ap.add_argument("--seed", type=int, default=None, help="override the config's seed (repeat runs to see the spread)")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--history", type=Path, default=None, metavar="FILE",
+                    help="also write the per-epoch history and the final figures here as JSON (for bench.curves)")
     args = ap.parse_args(argv)
 
     from features.replay import events_frame
@@ -44,10 +48,14 @@ def main(argv: list[str] | None = None) -> dict:
     out = {k: round(float(result.test_metrics[k]), 4) for k in KEYS if k in result.test_metrics}
     if "feedback_auc" in result.test_metrics:
         out["feedback_auc"] = round(float(result.test_metrics["feedback_auc"]), 4)
+    if result.valid_metrics:  # the best validation epoch's figures: what to compare when choosing a config
+        out.update({f"valid_{k}": round(float(result.valid_metrics[k]), 4) for k in ("hr@10", "ndcg@10")})
     out.update({"config": args.config, "dataset": args.dataset, "seed": cfg.seed, "epochs": len(result.history),
                 "best_epoch": result.best_epoch, "wall_s": round(result.wall_s, 1),
                 "tokens_per_s": round(len(df) * len(result.history) / train_s) if train_s else None,
                 "params": result.num_params})
+    if args.history is not None:
+        args.history.write_text(json.dumps({**out, "history": result.history}, indent=1))
     print(json.dumps(out))
     return out
 

@@ -21,11 +21,33 @@ def loss_curves(history: Sequence[dict[str, Any]], path: Path) -> Path:
             ax1.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
     ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
     ax1.legend(fontsize=8)
-    for key in ("valid_ndcg@10", "valid_hr@10"):
+    split = "valid" if any("valid_ndcg@10" in h for h in history) else "test"  # test: validation: false (a log)
+    for key in (f"{split}_ndcg@10", f"{split}_hr@10"):
         if any(key in h for h in history):
-            ax2.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
-    ax2.set(xlabel="epoch", title="validation")
+            scored = [(e, h[key]) for e, h in zip(epochs, history) if key in h]
+            ax2.plot(*zip(*scored), marker="o", label=key)
+    ax2.set(xlabel="epoch", title="validation" if split == "valid" else "test (log only, selects nothing)")
     ax2.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def learning_curves(runs: dict[str, Sequence[dict[str, Any]]], path: Path, metric: str = "hr@10",
+                    published: dict[str, float] | None = None) -> Path:
+    """``metric`` (validation, or test for runs without a validation split) per epoch, one line per named run;
+    a dashed line of the same colour at each run's published figure."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, history in runs.items():
+        split = "valid" if any(f"valid_{metric}" in h for h in history) else "test"
+        points = [(int(h["epoch"]), h[f"{split}_{metric}"]) for h in history if f"{split}_{metric}" in h]
+        if not points:
+            continue
+        (line,) = ax.plot(*zip(*points), marker=".", label=f"{name} ({split})")
+        if published and name in published:
+            ax.axhline(published[name], color=line.get_color(), linestyle="--", linewidth=1,
+                       label=f"{name} published {published[name]:.4f}")
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} by epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 

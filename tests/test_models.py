@@ -622,3 +622,21 @@ def test_ann_index_agrees_with_the_exact_scan_and_filters_history():
     a = approx.recommend([history], k=20)[0]
     assert [i for i, _ in a] == [i for i, _ in e]
     assert not set(i for i, _ in a) & set(history["item_ids"])
+
+
+def test_learning_curves_from_quality_histories(tmp_path):
+    # bench.quality --history files -> one PNG; runs without validation draw their test log
+    import json
+
+    from bench.curves import main as curves
+
+    runs = []
+    for name, split in (("hstu-ml1m", "test"), ("sasrec-ml100k", "valid")):
+        history = [{"epoch": float(e), "loss": 3.0 / e, **({f"{split}_hr@10": 0.1 * e} if e % 2 == 0 else {})} for e in range(1, 7)]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"config": name, "history": history}))
+        runs.append(str(path))
+    out = curves([*runs, "--published", "hstu-ml1m=0.3097", "--out", str(tmp_path / "img" / "curves.png")])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        curves([*runs, "--published", "hstu-ml1m", "--out", str(tmp_path / "x.png")])

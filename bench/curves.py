@@ -1,0 +1,45 @@
+"""Learning curves of ``bench.quality --history FILE`` runs in one PNG, beside the published figures.
+
+    python -m bench.curves runs/hstu-ml1m.json runs/sasrec-ml1m.json --metric hr@10 \\
+        --published hstu-ml1m=0.3097 sasrec-ml1m=0.2853 --out docs/img/ml1m-hr10.png
+
+Each run is named by its ``config``; validation metrics are drawn when the run had a validation split, else the
+test metrics the papers' protocol logs (``validation: false``), which select nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", type=Path, nargs="+", help="JSON files written by bench.quality --history")
+    ap.add_argument("--metric", default="hr@10", help="hr@10, ndcg@10, ... (default: hr@10)")
+    ap.add_argument("--published", nargs="*", default=[], metavar="CONFIG=VALUE",
+                    help="a dashed reference line per config, e.g. hstu-ml1m=0.3097")
+    ap.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    args = ap.parse_args(argv)
+
+    from models.plots import learning_curves
+
+    published = {}
+    for item in args.published:
+        name, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--published takes CONFIG=VALUE, got {item!r}")
+        published[name] = float(value)
+    runs = {}
+    for path in args.runs:
+        run = json.loads(path.read_text())
+        runs[Path(str(run["config"])).stem] = run["history"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out = learning_curves(runs, args.out, args.metric, published)
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
