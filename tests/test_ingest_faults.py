@@ -14,7 +14,7 @@ import pytest
 from features.events import InteractionEvent
 from features.feature_repo import feature_store
 from features.ingest import HISTORY_FEATURES, Ingestor
-from features.kafka_io import ensure_topics, make_producer, publish_events
+from features.kafka_io import committed_offsets, ensure_topics, make_producer, publish_events
 from features.offline_store import OfflineStore
 from infra.services import start_broker
 from infra.settings import child_env
@@ -73,23 +73,47 @@ def assert_exact(settings, events: list[InteractionEvent]) -> None:
     assert online["item_ids"][0] == [e.item_id for e in mine][-n:]
 
 
+def parquet_files(settings) -> int:
+    """Files in the offline store: cheap enough to poll every few milliseconds (a file appears by rename)."""
+    return len(list(settings.offline_dir.glob("date=*/*.parquet")))
+
+
 def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(broker, tmp_path):
     settings, bootstrap = broker
     settings = settings.model_copy(update={"ingest": settings.ingest.model_copy(
         update={"batch_size": 1500, "max_batch_wait_ms": 200, "poll_timeout_ms": 1000})})
+    topic, group = settings.topics.interactions, settings.ingest.group_id
     events = make_events(12_000, "k")
-    send(bootstrap, settings.topics.interactions, events)
+    chunks = [events[i:i + 2000] for i in range(0, len(events), 2000)]
     env = child_env(settings.model_copy(update={"kafka_bootstrap": bootstrap}), tmp_path / "settings.yaml")
     cmd = [sys.executable, "-m", "orchestration.cli", "ingest", "--follow"]
 
-    for kills in (1, 2):  # kill twice, at different points of the work
+    # Each attempt first publishes new events, so the worker always has a backlog when it dies (a fast
+    # machine can otherwise finish everything before the kill). It is killed the moment a batch's file
+    # lands in the offline store, i.e. while it pushes that batch online and before it commits offsets.
+    # Whether that window was hit is then read from the broker: rows written beyond the committed offsets.
+    sent, mid_batch = 0, 0
+    for attempt in range(len(chunks) - 1):
+        send(bootstrap, topic, chunks[attempt])
+        sent += len(chunks[attempt])
+        files = parquet_files(settings)
         worker = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        before = raw_counts(settings)[1]
-        wait_for(lambda: raw_counts(settings)[1] > before + kills * 700, 120, "progress before the kill")
-        time.sleep(0.05 * kills)
+        deadline = time.monotonic() + 120
+        while parquet_files(settings) == files:
+            assert time.monotonic() < deadline, "the worker wrote nothing in 120 s"
+            assert worker.poll() is None, f"the worker exited early with {worker.returncode}"
+            time.sleep(0.002)
         worker.send_signal(signal.SIGKILL)
         worker.wait()
-    assert raw_counts(settings)[1] < len(events), "the kills came too late to interrupt anything"
+        written = raw_counts(settings)[0]
+        committed = sum(committed_offsets(bootstrap, group, topic).values())
+        assert written <= sent and committed <= written
+        mid_batch += written > committed
+        if mid_batch == 2:
+            break
+    assert mid_batch >= 1, "no kill landed between a batch's offline write and its offset commit"
+    for chunk in chunks[attempt + 1:]:
+        send(bootstrap, topic, chunk)
 
     worker = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
