@@ -36,22 +36,26 @@ def send(bootstrap: str, topic: str, events: list[InteractionEvent]) -> None:
     p.close()
 
 
+def parquet_files(settings) -> list:
+    """The offline store's data files (each appears by rename, so a listing never sees a partial one)."""
+    return list(settings.offline_dir.glob("date=*/*.parquet"))
+
+
 def raw_counts(settings) -> tuple[int, int]:
     """(rows in the Parquet files, distinct event ids) — before any read-side deduplication."""
-    files = list(settings.offline_dir.glob("date=*/*.parquet"))
-    if not files:
+    if not parquet_files(settings):
         return 0, 0
     glob = str(settings.offline_dir / "date=*" / "*.parquet")
     with duckdb.connect() as con:
         return con.execute(f"SELECT count(*), count(DISTINCT event_id) FROM read_parquet('{glob}')").fetchone()
 
 
-def wait_for(cond, timeout_s: float, what: str) -> None:
+def wait_for(cond, timeout_s: float, what: str, every_s: float = 0.1) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if cond():
             return
-        time.sleep(0.1)
+        time.sleep(every_s)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -73,11 +77,6 @@ def assert_exact(settings, events: list[InteractionEvent]) -> None:
     assert online["item_ids"][0] == [e.item_id for e in mine][-n:]
 
 
-def parquet_files(settings) -> int:
-    """Files in the offline store: cheap enough to poll every few milliseconds (a file appears by rename)."""
-    return len(list(settings.offline_dir.glob("date=*/*.parquet")))
-
-
 def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(broker, tmp_path):
     settings, bootstrap = broker
     settings = settings.model_copy(update={"ingest": settings.ingest.model_copy(
@@ -96,13 +95,12 @@ def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(broker, tmp
     for attempt in range(len(chunks) - 1):
         send(bootstrap, topic, chunks[attempt])
         sent += len(chunks[attempt])
-        files = parquet_files(settings)
+        files = len(parquet_files(settings))
         worker = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while parquet_files(settings) == files:
-            assert time.monotonic() < deadline, "the worker wrote nothing in 120 s"
-            assert worker.poll() is None, f"the worker exited early with {worker.returncode}"
-            time.sleep(0.002)
+        # a directory listing is cheap enough to poll every 2 ms, so the kill follows the file closely
+        wait_for(lambda: worker.poll() is not None or len(parquet_files(settings)) > files, 120,
+                 "the worker's next batch file", every_s=0.002)
+        assert worker.poll() is None, f"the worker exited early with {worker.returncode}"
         worker.send_signal(signal.SIGKILL)
         worker.wait()
         written = raw_counts(settings)[0]
