@@ -5,8 +5,9 @@ with the user's history filtered out, early stopping on validation NDCG@10 (see 
 with ``validation: false`` (the ML-1M paper configs) follow the papers instead: no validation split, every
 epoch runs, the final weights are tested.
 The LAST line printed is one JSON object with ``hr@1 hr@10 hr@50 hr@200 ndcg@10 ndcg@50 ndcg@200 mrr``,
-``config``, ``epochs``, ``wall_s`` and ``tokens_per_s`` (history events processed per second of training,
-validation excluded).
+``config``, ``epochs``, ``wall_s`` and ``tokens_per_s`` (input events of the training windows processed per second
+of training, validation excluded: events a window leaves out, such as those before a user's latest ``max_len``
+on ML-1M, are not counted) and ``events_per_s`` (the dataset's events x epochs / training seconds).
 
     python -m bench.quality --dataset ml-100k --dataset-dir ../shared/data/ml-100k --config hstu-ml100k
 """
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
         out.update({f"valid_{k}": round(float(result.valid_metrics[k]), 4) for k in ("hr@10", "ndcg@10")})
     out.update({"config": args.config, "dataset": args.dataset, "seed": cfg.seed, "epochs": len(result.history),
                 "best_epoch": result.best_epoch, "wall_s": round(result.wall_s, 1),
-                "tokens_per_s": round(len(df) * len(result.history) / train_s) if train_s else None,
+                "tokens_per_s": round(result.extra["train_tokens"] * len(result.history) / train_s) if train_s else None,
+                # the dataset's events over the same time: what sizes a retrain from a snapshot's event count
+                "events_per_s": round(len(df) * len(result.history) / train_s) if train_s else None,
                 "params": result.num_params})
     if args.history is not None:
         args.history.write_text(json.dumps({**out, "history": result.history}, indent=1))

@@ -266,6 +266,11 @@ class Examples:
     def num_ranked(self) -> int:
         return int((self.rank_at >= 0).sum())
 
+    @property
+    def num_inputs(self) -> int:
+        """Input events over all windows: the tokens one pass over these examples feeds the model."""
+        return int((self.end - self.start - 1).sum())
+
     @classmethod
     def empty(cls) -> "Examples":
         z = np.zeros(0, dtype=np.int64)

@@ -272,7 +272,7 @@ def train_distributed(
         best_epoch=len(history),
         wall_s=time.perf_counter() - t0,
         num_params=sum(p.numel() for p in full.parameters()),
-        extra={"world_size": world, "steps": step, "sharding": sharding, "dense_replicas_in_sync": in_sync,
+        extra={"world_size": world, "steps": step, "train_tokens": split.train.num_inputs, "sharding": sharding, "dense_replicas_in_sync": in_sync,
                "popularity_test": popularity, "backend": dist.get_backend(), "device": device.type},
     )
 
@@ -318,6 +318,7 @@ def summary(result: TrainResult, out: str | None) -> dict[str, Any]:
         "nodes": result.extra["world_size"] // int(os.environ.get("LOCAL_WORLD_SIZE", result.extra["world_size"])),
         "backend": result.extra["backend"],
         "steps": result.extra["steps"],
+        "train_tokens_per_epoch": result.extra["train_tokens"],
         "epochs": len(result.history),
         "final_loss": result.history[-1]["loss"] if result.history else math.nan,
         "wall_s": result.wall_s,

@@ -502,7 +502,7 @@ def train(
         best_epoch=best["epoch"],
         wall_s=time.perf_counter() - t0,
         num_params=num_params,
-        extra={"train_windows": len(split.train), "valid_targets": split.valid.num_ranked, "test_targets": split.test.num_ranked},
+        extra={"train_windows": len(split.train), "train_tokens": split.train.num_inputs, "valid_targets": split.valid.num_ranked, "test_targets": split.test.num_ranked},
     )
 
 

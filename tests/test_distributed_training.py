@@ -59,8 +59,9 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict:
     events.to_parquet(data, index=False)
     config = root / "toy.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
-    train_windows = len(make_split(build_sequences(events), TrainConfig.from_dict(dict(CONFIG))).train)
-    return {"root": root, "data": data, "config": config, "events": events, "train_windows": train_windows}
+    train = make_split(build_sequences(events), TrainConfig.from_dict(dict(CONFIG))).train
+    return {"root": root, "data": data, "config": config, "events": events, "train_windows": len(train),
+            "train_tokens": train.num_inputs}
 
 
 def torchrun(nproc: int, toy: dict, out: Path) -> Recommender:
@@ -82,6 +83,7 @@ def test_one_and_two_processes_take_the_same_steps(toy):
     assert b["sharding"]["model.embeddings.item"] == "row_wise" and b["dense_replicas_in_sync"]
     steps = CONFIG["epochs"] * math.ceil(toy["train_windows"] / CONFIG["batch_size"])
     assert a["steps"] == b["steps"] == steps  # same global batches, not half as many per rank
+    assert a["train_tokens_per_epoch"] == b["train_tokens_per_epoch"] == toy["train_tokens"]  # bench/train_speed's tokens
 
     # It trained (so equality below is not two untouched initialisations): loss down 50x, and both runs
     # clearly beat most-popular on the held-out last events.
