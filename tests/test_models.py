@@ -174,6 +174,7 @@ def test_the_papers_split_trains_on_all_but_the_last_event_and_has_no_validation
     assert ranked.tolist() == (seqs.offsets[1:] - 1).tolist()
     assert split.train.end.tolist() == ranked.tolist()  # the last training target is the second-to-last event
     assert ((split.train.end - split.train.start) == 11).all()  # the most recent max_len + 1 events
+    assert split.train.num_inputs == 10 * len(split.train)  # tokens per epoch: a window's inputs, not the user's events
     with pytest.raises(ValueError, match="needs split: loo"):
         train(seqs, TrainConfig(split="temporal", validation=False, epochs=1), progress=False)
 
@@ -187,6 +188,42 @@ def test_without_validation_all_epochs_run_and_the_final_weights_are_tested(even
     assert result.history[-1]["test_ndcg@10"] == pytest.approx(result.test_metrics["ndcg@10"])
     assert result.valid_metrics == {}
 
+
+@pytest.mark.parametrize("patience, epochs_run", [(2, 4), (0, 6)])
+def test_early_stopping_keeps_the_best_validation_weights(events, monkeypatch, patience, epochs_run):
+    """Validation NDCG@10 scripted as 0.1, 0.3, 0.2, 0.2, 0.2, 0.25: epoch 2 is best. Patience 2 stops after two
+    evaluations without a new best (epoch 4); patience 0 runs every epoch. Either way the returned model holds
+    epoch 2's weights, whatever the later epochs did. The test split is scored by the real evaluator."""
+    import models.train as train_module
+
+    scripted, snapshots = iter([0.1, 0.3, 0.2, 0.2, 0.2, 0.25]), {}
+
+    def scripted_valid(model, seqs, examples, batch_size):  # noqa: ANN001 - the evaluator's signature
+        if examples is split_of["valid"]:
+            snapshots[len(snapshots) + 1] = {k: v.clone() for k, v in model.state_dict().items()}
+            return {"ndcg@10": next(scripted), "hr@10": 0.0}
+        return evaluate(model, seqs, examples, batch_size=batch_size)
+
+    split_of: dict = {}
+    real_make_split = train_module.make_split
+
+    def remembering_make_split(seqs, cfg):  # noqa: ANN001
+        split = real_make_split(seqs, cfg)
+        split_of["valid"] = split.valid
+        return split
+
+    monkeypatch.setattr(train_module, "evaluate", scripted_valid)
+    monkeypatch.setattr(train_module, "make_split", remembering_make_split)
+    cfg = TrainConfig(model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=6,
+                      patience=patience, eval_every=1, targets="all", lr=5e-3)
+    result = train(events, cfg, progress=False)
+
+    assert len(result.history) == epochs_run and result.best_epoch == 2
+    assert result.valid_metrics["ndcg@10"] == 0.3
+    final = result.model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in snapshots[2].items())
+    assert not all(torch.equal(final[k], v) for k, v in snapshots[epochs_run].items())  # training moved on
+    assert set(result.test_metrics) >= {"hr@10", "ndcg@10", "mrr"}
 
 def test_temporal_split_respects_time(seqs):
     t_test = int(np.quantile(seqs.timestamps, 0.8))
