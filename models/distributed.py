@@ -272,8 +272,8 @@ def train_distributed(
         best_epoch=len(history),
         wall_s=time.perf_counter() - t0,
         num_params=sum(p.numel() for p in full.parameters()),
-        extra={"world_size": world, "steps": step, "train_tokens": split.train.num_inputs, "sharding": sharding, "dense_replicas_in_sync": in_sync,
-               "popularity_test": popularity, "backend": dist.get_backend(), "device": device.type},
+        extra={"world_size": world, "steps": step, "train_tokens": split.train.num_inputs, "sharding": sharding,
+               "dense_replicas_in_sync": in_sync, "popularity_test": popularity, "backend": dist.get_backend(), "device": device.type},
     )
 
 

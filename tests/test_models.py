@@ -225,6 +225,7 @@ def test_early_stopping_keeps_the_best_validation_weights(events, monkeypatch, p
     assert not all(torch.equal(final[k], v) for k, v in snapshots[epochs_run].items())  # training moved on
     assert set(result.test_metrics) >= {"hr@10", "ndcg@10", "mrr"}
 
+
 def test_temporal_split_respects_time(seqs):
     t_test = int(np.quantile(seqs.timestamps, 0.8))
     t_valid = int(np.quantile(seqs.timestamps, 0.6))
