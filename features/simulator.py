@@ -188,7 +188,9 @@ class MusicWorld:
     def history_frame(self, end_ms: int | None = None) -> pd.DataFrame:
         """The organic history as a DataFrame with the ``InteractionEvent`` columns, sorted by time."""
         hist = self._generated()
-        end_ms = _now_ms() if end_ms is None else int(end_ms)
+        # "Now" rounded down to a whole second: the models bucket time gaps in whole seconds, so histories made
+        # at different moments then differ only by a shift and train the same model for the same seed.
+        end_ms = _now_ms() // 1000 * 1000 if end_ms is None else int(end_ms)
         start_ms = end_ms - self.settings.days * DAY_MS
         if start_ms < MIN_TIMESTAMP_MS:
             raise ValueError(f"end_ms={end_ms} puts the history before {MIN_TIMESTAMP_MS} ms (2001): pass epoch ms")

@@ -162,16 +162,30 @@ def ingest(data_dir: str | None, follow: bool, partitions: str) -> None:
 @click.option("--config", "config_name", default="default", show_default=True,
               help="a name under models/configs/ or a YAML path")
 @click.option("--epochs", type=int, default=None, help="override the config's epoch count")
+@click.option("--seed", type=int, default=None, help="override the config's seed (weights, batches, negatives)")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="save the trained recommender here")
-def train(dataset: str, dataset_dir: Path | None, config_name: str, epochs: int | None, out: Path | None) -> None:
-    """Train a model offline on a dataset (no Kafka needed) and print its test metrics as JSON."""
+def train(dataset: str, dataset_dir: Path | None, config_name: str, epochs: int | None, seed: int | None,
+          out: Path | None) -> None:
+    """Train a model offline on a dataset (no Kafka needed) and print its test metrics as JSON.
+
+    The LAST line printed is one JSON object: hr@1 hr@10 hr@50 hr@200 ndcg@10 ndcg@50 ndcg@200 mrr, config,
+    epochs, wall_s, seed.
+    """
     from features.replay import events_frame
-    from models.train import TrainConfig, train as do_train
+    from models.train import CONFIG_DIR, TrainConfig, train as do_train
 
     settings = _settings(None)
-    cfg = TrainConfig.from_yaml(config_name)
+    try:
+        cfg = TrainConfig.from_yaml(config_name)
+    except FileNotFoundError as exc:
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise click.ClickException(f"no config {config_name!r} ({exc.filename}); shipped: {known}") from exc
+    except (TypeError, ValueError) as exc:
+        raise click.ClickException(f"config {config_name!r}: {exc}") from exc
     if epochs is not None:
         cfg.epochs = epochs
+    if seed is not None:
+        cfg.seed = seed
     try:
         df = events_frame(dataset, settings, dataset_dir)
     except (FileNotFoundError, ValueError) as exc:
@@ -180,7 +194,7 @@ def train(dataset: str, dataset_dir: Path | None, config_name: str, epochs: int 
     if out:
         result.recommender().save(out)
     click.echo(json.dumps({**result.test_metrics, "config": config_name, "epochs": len(result.history),
-                           "wall_s": round(result.wall_s, 1)}))
+                           "wall_s": round(result.wall_s, 1), "seed": cfg.seed}))
 
 
 @main.command()
