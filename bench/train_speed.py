@@ -24,7 +24,9 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +37,10 @@ def run(nproc: int, config: str, data: Path, epochs: int, validate_every: int, o
            "-m", "models.distributed", "--config", config, "--data", str(data), "--epochs", str(epochs),
            "--validate-every", str(validate_every), "--out", str(out)]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=7200)
+    returncode, tail = stream(cmd, timeout_s=7200)
     wall = time.monotonic() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{nproc}-process run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    if returncode != 0:
+        raise RuntimeError(f"{nproc}-process run failed (exit {returncode}); its last lines:\n" + "".join(tail))
     training = json.loads((out / "config.json").read_text())["metadata"]["training"]
     history = training["history"]
     return {"processes": nproc, "wall_s": round(wall, 1), "train_s": round(history[-1]["train_s"], 1),
@@ -47,6 +49,30 @@ def run(nproc: int, config: str, data: Path, epochs: int, validate_every: int, o
             "curve_split": curve_split(history),
             "curve": [(round(h["train_s"], 1), h[f"{curve_split(history)}_ndcg@10"]) for h in history
                       if h.get(f"{curve_split(history)}_ndcg@10") is not None]}
+
+
+def stream(cmd: list[str], timeout_s: float) -> tuple[int, list[str]]:
+    """Run ``cmd``, echoing its output to stderr line by line as it comes (an ML-1M run takes most of an hour:
+    its per-epoch lines are the progress report; stdout stays free for the JSON line). -> (exit code, last lines)."""
+    tail: deque[str] = deque(maxlen=40)
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                tail.append(line)
+                sys.stderr.write(line)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            returncode = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            tail.append(f"killed after {timeout_s:.0f} s\n")
+            returncode = -9
+        reader.join(timeout=10)
+    return returncode, list(tail)
 
 
 def curve_split(history: list[dict]) -> str:

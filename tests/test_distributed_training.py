@@ -183,3 +183,15 @@ def test_two_node_c10d_rendezvous_with_the_asset_on_one_node(toy):
     logs = [e.user_message for e in instance.all_logs(result.run_id) if "[dmp x2] epoch" in e.user_message]
     assert len(logs) == 2, logs
     instance.dispose()
+
+
+def test_train_speed_echoes_a_run_as_it_goes_and_keeps_its_tail_for_the_error(capfd):
+    from bench.train_speed import stream
+
+    script = "import sys; print('epoch 1: loss 5.0', flush=True); print('boom', file=sys.stderr); sys.exit(3)"
+    returncode, tail = stream([sys.executable, "-c", script], timeout_s=60)
+    assert returncode == 3 and tail == ["epoch 1: loss 5.0\n", "boom\n"]
+    assert "epoch 1: loss 5.0" in capfd.readouterr().err  # on stderr: stdout is kept for the JSON line
+
+    returncode, tail = stream([sys.executable, "-c", "import time; time.sleep(60)"], timeout_s=1)
+    assert returncode == -9 and "killed after 1 s" in tail[-1]
