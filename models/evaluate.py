@@ -88,7 +88,12 @@ def evaluate(
         target_score = scores.gather(1, target[:, None])  # [B, 1]
         scores[:, 0] = -math.inf  # padding is not an item
         scores[batch.seen_rows, batch.seen_items] = -math.inf
-        ranks.append((scores > target_score).sum(dim=1))  # [B] 0-based rank among unseen items + target
+        # [B] 0-based rank among unseen items + target. Ties count against the target and a non-finite target
+        # score ranks last: a diverged model (NaN vectors, or every score equal) must read as worthless, not
+        # as perfect (every comparison with NaN is False), or early stopping would keep its weights.
+        ties = (scores == target_score).sum(dim=1) - (scores.gather(1, target[:, None]) == target_score)[:, 0].long()
+        rank = (scores > target_score).sum(dim=1) + ties
+        ranks.append(torch.where(torch.isfinite(target_score[:, 0]), rank, torch.full_like(rank, num_items)))
         if model.feedback_head is not None and bool(batch.feedback_mask.any()):
             fb = batch.feedback_mask
             fb_logits.append(model.feedback_logits(h[fb], items[batch.target_ids[fb]]))

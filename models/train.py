@@ -426,8 +426,11 @@ def train(
             raise ValueError(f"checkpoint {ckpt_path} was written for another config or data set")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
-        generator.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
+        # map_location moved the RNG states to the device too; the generators take CPU byte tensors only
+        generator.set_state(ck["generator"].cpu())
+        torch.set_rng_state(ck["torch_rng"].cpu())
+        if ck.get("cuda_rng") is not None and torch.device(device).type == "cuda":
+            torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), torch.device(device))  # dropout masks on the GPU
         history = list(ck["history"])
         best = {"score": ck["best_score"], "epoch": ck["best_epoch"], "bad": ck["bad_evals"], "state": ck["best_model"], "valid": ck["best_valid"]}
         start_epoch = ck["epoch"] + 1
@@ -482,7 +485,9 @@ def train(
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None,
+                "history": history,
                 "best_score": best["score"], "best_epoch": best["epoch"], "bad_evals": best["bad"],
                 "best_model": best["state"], "best_valid": best["valid"],
                 "fingerprint": _config_fingerprint(cfg), "vocab": seqs.vocab.to_json(),

@@ -492,6 +492,32 @@ def test_evaluate_filters_history_but_not_the_target():
     assert m["hr@1"] == 0.0 and m["hr@10"] == 1.0
 
 
+
+class _ConstantScorer(_FixedScorer):
+    """Stub model that scores every item the same: ``user`` (NaN: a diverged model) times 1."""
+
+    def __init__(self, num_items: int, user: float):
+        super().__init__(num_items)
+        self.user = user
+
+    def forward(self, features, timestamps, query_timestamps):
+        return torch.full((features["item_id"].values().numel(), 1), self.user)
+
+    def all_item_embeddings(self):
+        return torch.ones(self.cfg.num_items + 1, 1)
+
+
+@pytest.mark.parametrize("user, rank", [(1.0, 7), (math.nan, 10)])
+def test_evaluate_counts_ties_against_the_target_and_ranks_a_diverged_model_last(user, rank):
+    # the user of the test above: 7 unseen items (2, 4, 6..10) tie with the target; NaN ranks it last
+    df = pd.DataFrame({"user_id": [1] * 4, "item_id": [1, 3, 5, 5], "event_type": ["listen"] * 4,
+                       "timestamp_ms": [T0_MS + i * 1000 for i in range(4)], "played_ratio": [np.nan] * 4})
+    s = build_sequences(df, vocab=ItemVocab(np.arange(1, 11)))
+    ex = Examples(np.array([0]), np.array([4]), np.array([3]), np.array([3]), np.array([0]))
+    m = evaluate(_ConstantScorer(10, user), s, ex, ks=(1, 10))
+    assert m["mrr"] == pytest.approx(1 / (rank + 1))
+    assert m["hr@1"] == 0.0 and m["hr@10"] == float(rank < 10)
+
 # ----------------------------------------------------------------------------------------------------------
 # training + inference
 # ----------------------------------------------------------------------------------------------------------
