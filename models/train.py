@@ -307,10 +307,11 @@ class RecommenderTrain(nn.Module):
         pos_e, pool_e, fb_e = emb.split([len(pos_ids), len(pool_ids), len(fb_ids)])
 
         part = global_counts is not None  # this rank holds one part of a global batch
+        # Sums over counts rather than means: a batch without ranked positions (every target in it is a
+        # feedback-only event) then adds 0 to the loss and to the epoch's log, not NaN.
+        next_count = global_counts[0].clamp(min=1) if part else max(len(pos_ids), 1)
         next_loss = sampled_softmax_loss(user[rank], pos_e, pool_e, pos_ids, pool_ids, neg_index, self.temperature,
-                                         reduction="sum" if part else "mean")
-        if part:
-            next_loss = next_loss / global_counts[0].clamp(min=1)
+                                         reduction="sum") / next_count
         loss = next_loss
         out = {"next_item_loss": next_loss.detach()}
         # A split batch keeps the feedback term even when this rank has no feedback position (an empty sum, 0):
@@ -318,10 +319,8 @@ class RecommenderTrain(nn.Module):
         if use_fb and (len(fb_ids) > 0 or part):
             logits = self.model.feedback_logits(user[fb], fb_e)  # [F]
             labels = batch.target_positive[fb].float()
-            if part:
-                fb_loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / global_counts[1].clamp(min=1)
-            else:
-                fb_loss = F.binary_cross_entropy_with_logits(logits, labels)
+            fb_count = global_counts[1].clamp(min=1) if part else max(len(fb_ids), 1)
+            fb_loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / fb_count
             loss = loss + self.feedback_weight * fb_loss
             out["feedback_loss"] = fb_loss.detach()
         out["loss"] = loss.detach()

@@ -433,6 +433,23 @@ def test_loss_decreases_on_a_learnable_task(seqs, kind):
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
 
 
+
+def test_a_batch_without_ranked_positions_adds_zero_loss_not_nan(seqs):
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model="hstu", num_items=len(seqs.vocab), max_len=20, dim=16, blocks=1, feedback_head=True))
+    task = RecommenderTrain(model, negatives=16, temperature=0.1, feedback_weight=0.5)
+    batch = make_batch(seqs, leave_one_out(seqs, 20).train)
+    full, _ = task(batch, torch.Generator().manual_seed(0))
+    assert float(full) > 0
+    # every target a feedback-only event: nothing to rank (possible with targets: positive)
+    no_ranked = dataclasses.replace(batch, rank_mask=torch.zeros_like(batch.rank_mask))
+    loss, out = task(no_ranked, torch.Generator().manual_seed(0))
+    assert float(out["next_item_loss"]) == 0.0 and math.isfinite(float(loss))
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
 # ----------------------------------------------------------------------------------------------------------
 # evaluation
 # ----------------------------------------------------------------------------------------------------------
