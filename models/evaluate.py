@@ -88,11 +88,11 @@ def evaluate(
         target_score = scores.gather(1, target[:, None])  # [B, 1]
         scores[:, 0] = -math.inf  # padding is not an item
         scores[batch.seen_rows, batch.seen_items] = -math.inf
-        # [B] 0-based rank among unseen items + target. Ties count against the target and a non-finite target
-        # score ranks last: a diverged model (NaN vectors, or every score equal) must read as worthless, not
-        # as perfect (every comparison with NaN is False), or early stopping would keep its weights.
-        ties = (scores == target_score).sum(dim=1) - (scores.gather(1, target[:, None]) == target_score)[:, 0].long()
-        rank = (scores > target_score).sum(dim=1) + ties
+        scores.scatter_(1, target[:, None], -math.inf)  # the target is not its own competitor
+        # [B] 0-based rank among unseen items + target. Ties count against the target (>=) and a non-finite
+        # target score ranks last: a diverged model (NaN vectors, or every score equal) must read as worthless,
+        # not as perfect (every comparison with NaN is False), or early stopping would keep its weights.
+        rank = (scores >= target_score).sum(dim=1)
         ranks.append(torch.where(torch.isfinite(target_score[:, 0]), rank, torch.full_like(rank, num_items)))
         if model.feedback_head is not None and bool(batch.feedback_mask.any()):
             fb = batch.feedback_mask

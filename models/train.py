@@ -428,8 +428,8 @@ def train(
         # map_location moved the RNG states to the device too; the generators take CPU byte tensors only
         generator.set_state(ck["generator"].cpu())
         torch.set_rng_state(ck["torch_rng"].cpu())
-        if ck.get("cuda_rng") is not None and torch.device(device).type == "cuda":
-            torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), torch.device(device))  # dropout masks on the GPU
+        if ck.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)  # dropout masks on the GPU
         history = list(ck["history"])
         best = {"score": ck["best_score"], "epoch": ck["best_epoch"], "bad": ck["bad_evals"], "state": ck["best_model"], "valid": ck["best_valid"]}
         start_epoch = ck["epoch"] + 1
@@ -485,7 +485,7 @@ def train(
             _save_checkpoint(ckpt_path, {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None,
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "history": history,
                 "best_score": best["score"], "best_epoch": best["epoch"], "bad_evals": best["bad"],
                 "best_model": best["state"], "best_valid": best["valid"],

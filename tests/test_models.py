@@ -13,6 +13,7 @@ import torch
 from models.data import (
     ItemVocab,
     Examples,
+    UserSequences,
     build_sequences,
     leave_one_out,
     make_batch,
@@ -433,7 +434,6 @@ def test_loss_decreases_on_a_learnable_task(seqs, kind):
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
 
 
-
 def test_a_batch_without_ranked_positions_adds_zero_loss_not_nan(seqs):
     import dataclasses
 
@@ -449,6 +449,7 @@ def test_a_batch_without_ranked_positions_adds_zero_loss_not_nan(seqs):
     assert float(out["next_item_loss"]) == 0.0 and math.isfinite(float(loss))
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # evaluation
@@ -489,8 +490,8 @@ class _FixedScorer(torch.nn.Module):
         return -torch.arange(self.cfg.num_items + 1, dtype=torch.float32)[:, None]
 
 
-def test_evaluate_filters_history_but_not_the_target():
-    # one user: items 1, 3, 5 (seen), then target 5 again (re-listen) -- dense ids == raw ids here
+def _relistening_user() -> tuple[UserSequences, Examples]:
+    """One user: items 1, 3, 5 (seen), then target 5 again (re-listen), catalogue 1..10 (dense ids == raw ids)."""
     df = pd.DataFrame(
         {
             "user_id": [1] * 4,
@@ -500,14 +501,16 @@ def test_evaluate_filters_history_but_not_the_target():
             "played_ratio": [np.nan] * 4,
         }
     )
-    vocab = ItemVocab(np.arange(1, 11))  # catalogue 1..10
-    s = build_sequences(df, vocab=vocab)
-    ex = Examples(np.array([0]), np.array([4]), np.array([3]), np.array([3]), np.array([0]))
+    s = build_sequences(df, vocab=ItemVocab(np.arange(1, 11)))
+    return s, Examples(np.array([0]), np.array([4]), np.array([3]), np.array([3]), np.array([0]))
+
+
+def test_evaluate_filters_history_but_not_the_target():
+    s, ex = _relistening_user()
     m = evaluate(_FixedScorer(10), s, ex, ks=(1, 10))
     # scores: item k -> -k. Unfiltered, 4 items (1..4) beat item 5. Items 1 and 3 are seen: rank 2 (items 2, 4).
     assert m["mrr"] == pytest.approx(1 / 3)
     assert m["hr@1"] == 0.0 and m["hr@10"] == 1.0
-
 
 
 class _ConstantScorer(_FixedScorer):
@@ -526,14 +529,12 @@ class _ConstantScorer(_FixedScorer):
 
 @pytest.mark.parametrize("user, rank", [(1.0, 7), (math.nan, 10)])
 def test_evaluate_counts_ties_against_the_target_and_ranks_a_diverged_model_last(user, rank):
-    # the user of the test above: 7 unseen items (2, 4, 6..10) tie with the target; NaN ranks it last
-    df = pd.DataFrame({"user_id": [1] * 4, "item_id": [1, 3, 5, 5], "event_type": ["listen"] * 4,
-                       "timestamp_ms": [T0_MS + i * 1000 for i in range(4)], "played_ratio": [np.nan] * 4})
-    s = build_sequences(df, vocab=ItemVocab(np.arange(1, 11)))
-    ex = Examples(np.array([0]), np.array([4]), np.array([3]), np.array([3]), np.array([0]))
+    # 7 unseen items (2, 4, 6..10) tie with the target; NaN ranks it last
+    s, ex = _relistening_user()
     m = evaluate(_ConstantScorer(10, user), s, ex, ks=(1, 10))
     assert m["mrr"] == pytest.approx(1 / (rank + 1))
     assert m["hr@1"] == 0.0 and m["hr@10"] == float(rank < 10)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # training + inference
