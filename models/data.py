@@ -259,6 +259,11 @@ class Examples:
     def concat(self, other: "Examples") -> "Examples":
         return Examples(*(np.concatenate([a, b]) for a, b in zip(self._arrays(), other._arrays())))
 
+    def seen_in_window_only(self) -> "Examples":
+        """The same windows, but only the items of their own inputs count as already seen (the reference's
+        eval filters its input ids: a user's items older than the window stay in the ranking)."""
+        return Examples(self.start, self.end, self.rank_at, self.feedback_from, self.start.copy())
+
     def _arrays(self) -> tuple[np.ndarray, ...]:
         return (self.start, self.end, self.rank_at, self.feedback_from, self.history_from)
 

@@ -95,6 +95,10 @@ class TrainConfig:
     # run, the final weights are tested; eval_every then scores the test split for the log only, as the
     # reference's per-epoch eval does (never used to pick anything)
     validation: bool = True
+    # which already-seen items evaluation drops from the ranking: "history" = everything the user consumed
+    # before the target (what the service filters); "window" = only the max_len events the model reads, as
+    # the reference's eval does (invalid_ids = the input ids), so older items stay candidates
+    seen_filter: str = "history"
     test_fraction: float = 0.1  # temporal split only
     valid_fraction: float = 0.1  # temporal split only
     # runtime
@@ -350,13 +354,19 @@ def seed_everything(seed: int) -> None:
 
 
 def make_split(seqs: UserSequences, cfg: TrainConfig) -> Split:
+    if cfg.seen_filter not in ("history", "window"):
+        raise ValueError(f"unknown seen_filter {cfg.seen_filter!r} (expected history or window)")
     if cfg.split == "loo":
-        return leave_one_out(seqs, cfg.max_len, validation=cfg.validation)
-    if not cfg.validation:
+        split = leave_one_out(seqs, cfg.max_len, validation=cfg.validation)
+    elif not cfg.validation:
         raise ValueError("validation: false is the papers' leave-one-out protocol; it needs split: loo")
-    if cfg.split == "temporal":
-        return temporal_split(seqs, cfg.max_len, test_fraction=cfg.test_fraction, valid_fraction=cfg.valid_fraction)
-    raise ValueError(f"unknown split {cfg.split!r} (expected loo or temporal)")
+    elif cfg.split == "temporal":
+        split = temporal_split(seqs, cfg.max_len, test_fraction=cfg.test_fraction, valid_fraction=cfg.valid_fraction)
+    else:
+        raise ValueError(f"unknown split {cfg.split!r} (expected loo or temporal)")
+    if cfg.seen_filter == "window":
+        split = Split(split.train, split.valid.seen_in_window_only(), split.test.seen_in_window_only())
+    return split
 
 
 def _config_fingerprint(cfg: TrainConfig) -> str:

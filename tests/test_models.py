@@ -23,7 +23,7 @@ from models.data import (
 from torchrec import KeyedJaggedTensor
 from models.evaluate import auc, evaluate, ranking_metrics
 from models.recommender import ModelConfig, Recommender, SequentialRecommender, build_model, table_dim
-from models.train import NegativeDraw, NegativeLogits, RecommenderTrain, TrainConfig, make_optimizer, negative_pool_size, sampled_softmax_loss, train
+from models.train import NegativeDraw, NegativeLogits, RecommenderTrain, TrainConfig, make_optimizer, make_split, negative_pool_size, sampled_softmax_loss, train
 
 MODELS = ["hstu", "sasrec"]
 T0_MS = 1_700_000_000_000
@@ -490,19 +490,23 @@ class _FixedScorer(torch.nn.Module):
         return -torch.arange(self.cfg.num_items + 1, dtype=torch.float32)[:, None]
 
 
-def _relistening_user() -> tuple[UserSequences, Examples]:
-    """One user: items 1, 3, 5 (seen), then target 5 again (re-listen), catalogue 1..10 (dense ids == raw ids)."""
+def _one_user(items: list[int]) -> UserSequences:
+    """One user listening to ``items`` a second apart; catalogue 1..10 (dense ids == raw ids)."""
     df = pd.DataFrame(
         {
-            "user_id": [1] * 4,
-            "item_id": [1, 3, 5, 5],
-            "event_type": ["listen"] * 4,
-            "timestamp_ms": [T0_MS + i * 1000 for i in range(4)],
-            "played_ratio": [np.nan] * 4,
+            "user_id": [1] * len(items),
+            "item_id": items,
+            "event_type": ["listen"] * len(items),
+            "timestamp_ms": [T0_MS + i * 1000 for i in range(len(items))],
+            "played_ratio": [np.nan] * len(items),
         }
     )
-    s = build_sequences(df, vocab=ItemVocab(np.arange(1, 11)))
-    return s, Examples(np.array([0]), np.array([4]), np.array([3]), np.array([3]), np.array([0]))
+    return build_sequences(df, vocab=ItemVocab(np.arange(1, 11)))
+
+
+def _relistening_user() -> tuple[UserSequences, Examples]:
+    """One user: items 1, 3, 5 (seen), then target 5 again (re-listen)."""
+    return _one_user([1, 3, 5, 5]), Examples(np.array([0]), np.array([4]), np.array([3]), np.array([3]), np.array([0]))
 
 
 def test_evaluate_filters_history_but_not_the_target():
@@ -511,6 +515,19 @@ def test_evaluate_filters_history_but_not_the_target():
     # scores: item k -> -k. Unfiltered, 4 items (1..4) beat item 5. Items 1 and 3 are seen: rank 2 (items 2, 4).
     assert m["mrr"] == pytest.approx(1 / 3)
     assert m["hr@1"] == 0.0 and m["hr@10"] == 1.0
+
+
+@pytest.mark.parametrize("seen_filter, rank", [("history", 1), ("window", 3)])
+def test_seen_filter_window_keeps_items_older_than_the_models_input_in_the_ranking(seen_filter, rank):
+    # items 1..4, then the target 6; the model reads the last max_len = 2 events (3, 4). Item k scores -k, so
+    # the unseen items below 6 beat the target: 5 alone when the whole history is filtered, 1, 2 and 5 when only
+    # the input window is (the reference's protocol)
+    s = _one_user([1, 2, 3, 4, 6])
+    split = make_split(s, TrainConfig(max_len=2, validation=False, seen_filter=seen_filter))
+    m = evaluate(_FixedScorer(10), s, split.test, ks=(1, 10))
+    assert m["count"] == 1 and m["mrr"] == pytest.approx(1 / (rank + 1))
+    with pytest.raises(ValueError, match="unknown seen_filter"):
+        make_split(s, TrainConfig(seen_filter="everything"))
 
 
 class _ConstantScorer(_FixedScorer):
@@ -722,3 +739,18 @@ def test_learning_curves_from_quality_histories(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     with pytest.raises(SystemExit):
         curves([*runs, "--published", "hstu-ml1m", "--out", str(tmp_path / "x.png")])
+
+
+def test_quality_bench_reports_the_window_protocol_and_the_history_filtered_figures(tmp_path):
+    # a seen_filter: window config: the JSON's main figures filter only the input window; history_filtered
+    # ranks the same weights with every earlier item filtered, so it can only be at least as good (fewer
+    # competitors per target), and strictly better here: max_len 8 leaves most of a user's items in the ranking
+    from bench.quality import main as quality
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("max_len: 8\ndim: 16\nblocks: 1\nnegatives: 16\nbatch_size: 64\nepochs: 1\npatience: 0\n"
+                   "validation: false\nseen_filter: window\n")
+    out = quality(["--config", str(cfg)])
+    window, history = out, out["history_filtered"]
+    assert all(history[k] >= window[k] for k in ("hr@10", "hr@50", "hr@200", "ndcg@10", "mrr"))
+    assert history["mrr"] > window["mrr"]
