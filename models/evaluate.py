@@ -1,9 +1,10 @@
 """Offline evaluation: full-catalogue ranking of the held-out next item, plus feedback AUC.
 
 For every evaluation window we score *all* V items against the user state just before the target, drop the
-items the user already interacted with (everything in the history before the target, except the target
-itself: re-consumption must not be rewarded by filtering the answer away), and take the target's 0-based
-rank = number of remaining items scored strictly higher. Then
+items the user already interacted with (the events ``[history_from, target)`` of the window: the whole history
+by default, only the model's input window under ``seen_filter: window``; never the target itself:
+re-consumption must not be rewarded by filtering the answer away), and take the target's 0-based
+rank = number of remaining items scored at least as high (ties count against the target). Then
 
     hr@k   = mean(rank < k)                     ndcg@k = mean(1 / log2(rank + 2) if rank < k else 0)
     mrr    = mean(1 / (rank + 1))
