@@ -80,7 +80,8 @@ def sweep(df: pd.DataFrame, base: Any, dims: Sequence[int], fractions: Sequence[
             result = train(part, cfg, progress=False)
             seqs = build_sequences(part, vocab=result.vocab)
             split = make_split(seqs, cfg)
-            tokens = int((split.train.end - split.train.start).sum()) * len(result.history)
+            # input events of the training windows (each window's last event is only a target), every epoch
+            tokens = int(result.extra["train_tokens"]) * len(result.history)
             point = {
                 "fraction": float(fraction), "dim": int(dim), "params": int(result.num_params),
                 "compute": 6.0 * result.num_params * tokens, "tokens": tokens, "events": len(part),

@@ -56,6 +56,8 @@ def test_scaling_study_asset_logs_fit_and_plot(tmp_path):
     assert [(p["fraction"], p["dim"]) for p in points] == [(0.5, 8), (0.5, 16), (1.0, 8), (1.0, 16)]
     assert points[1]["params"] > points[0]["params"] and points[2]["compute"] > points[0]["compute"]
     assert all(p["eval_loss"] > 0 and 0 <= p["ndcg@10"] <= 1 for p in points)
+    # one epoch: tokens are the training windows' input events, fewer than the events (targets are not inputs)
+    assert all(p["compute"] == 6.0 * p["params"] * p["tokens"] and 0 < p["tokens"] < p["events"] for p in points)
     assert set(study["fits"]) == {"eval_loss~params", "eval_loss~compute", "ndcg@10~params", "ndcg@10~compute"}
     assert all(f["points"] == 4 and np.isfinite(f["b"]) for f in study["fits"].values())
     assert "data:image/png;base64," in meta["plot"].value and "exponent" in meta["fits"].value
