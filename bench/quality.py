@@ -9,7 +9,9 @@ only the ``max_len`` events the model reads, as the reference's eval does; their
 The LAST line printed is one JSON object with ``hr@1 hr@10 hr@50 hr@200 ndcg@10 ndcg@50 ndcg@200 mrr``,
 ``config``, ``epochs``, ``wall_s`` and ``tokens_per_s`` (input events of the training windows processed per second
 of training, validation excluded: events a window leaves out, such as those before a user's latest ``max_len``
-on ML-1M, are not counted) and ``events_per_s`` (the dataset's events x epochs / training seconds).
+on ML-1M, are not counted) and ``events_per_s`` (the dataset's events x epochs / training seconds). Where the
+test targets carry both reactions (the MovieLens paper configs rank every rating), ``by_reaction`` holds
+HR@10/50/200, NDCG@10 and MRR over the targets the user reacted to positively and negatively, apart.
 
     python -m bench.quality --dataset ml-100k --dataset-dir ../shared/data/ml-100k --config hstu-ml100k
 """
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = {k: round(float(result.test_metrics[k]), 4) for k in KEYS if k in result.test_metrics}
     if "feedback_auc" in result.test_metrics:
         out["feedback_auc"] = round(float(result.test_metrics["feedback_auc"]), 4)
+    if "positive_share" in result.test_metrics:  # targets of both reactions: the figures per reaction
+        out["by_reaction"] = {k: round(float(v), 4) for k, v in result.test_metrics.items()
+                              if k.startswith(("positive_", "negative_"))}
     if result.valid_metrics:  # the best validation epoch's figures: what to compare when choosing a config
         out.update({f"valid_{k}": round(float(result.valid_metrics[k]), 4) for k in ("hr@10", "ndcg@10")})
     out.update({"config": args.config, "dataset": args.dataset, "seed": cfg.seed, "epochs": len(result.history),

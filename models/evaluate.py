@@ -10,6 +10,11 @@ rank = number of remaining items scored at least as high (ties count against the
     mrr    = mean(1 / (rank + 1))
 
 with k capped at the catalogue size V. No sampled-candidate metrics: they are biased (Krichene & Rendle 2020).
+
+Where the ranked targets carry both reactions (the papers' MovieLens protocol ranks every rating, 1-2 stars
+too), the same metrics are also reported for each side (``positive_hr@10``, ``negative_hr@10``, ...): a model
+can trade hits on next items the user went on to dislike for hits on ones they liked, which the pooled figure
+hides. The ARGUS feedback task is meant to do exactly that.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from models.data import Examples, UserSequences, iterate_batches
 from models.recommender import SequentialRecommender
 
 DEFAULT_KS = (1, 10, 50, 200)
+BY_REACTION = ("hr@10", "ndcg@10", "hr@50", "hr@200", "mrr")  # reported per reaction of the target
 
 
 def ranking_metrics(ranks: np.ndarray | torch.Tensor, num_items: int, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
@@ -77,7 +83,7 @@ def evaluate(
     num_items = model.cfg.num_items
     device = next(model.parameters(), torch.empty(0)).device  # batches are built on the CPU
     items = model.all_item_embeddings().to(device)  # [V + 1, D], computed once
-    ranks, fb_logits, fb_labels = [], [], []
+    ranks, positive, fb_logits, fb_labels = [], [], [], []
     for batch in iterate_batches(seqs, examples, batch_size, with_seen=True, bucket_by_length=True):
         batch = batch.to(device)
         h = model(batch.features, batch.timestamps, batch.query_timestamps)  # [N, D]
@@ -95,6 +101,7 @@ def evaluate(
         # not as perfect (every comparison with NaN is False), or early stopping would keep its weights.
         rank = (scores >= target_score).sum(dim=1)
         ranks.append(torch.where(torch.isfinite(target_score[:, 0]), rank, torch.full_like(rank, num_items)))
+        positive.append(batch.target_positive[batch.rank_mask])
         if model.feedback_head is not None and bool(batch.feedback_mask.any()):
             fb = batch.feedback_mask
             fb_logits.append(model.feedback_logits(h[fb], items[batch.target_ids[fb]]))
@@ -104,9 +111,24 @@ def evaluate(
     all_ranks = torch.cat(ranks) if ranks else torch.zeros(0)
     metrics = ranking_metrics(all_ranks, num_items, ks)
     metrics["count"] = float(len(all_ranks))
+    metrics.update(by_reaction(all_ranks, torch.cat(positive) if positive else torch.zeros(0, dtype=torch.bool), num_items))
     if model.feedback_head is not None:
         metrics["feedback_auc"] = auc(torch.cat(fb_logits), torch.cat(fb_labels)) if fb_logits else math.nan
     return metrics
+
+
+def by_reaction(ranks: torch.Tensor, positive: torch.Tensor, num_items: int) -> dict[str, float]:
+    """``positive_<metric>``, ``negative_<metric>`` and ``positive_share`` of the ranked targets; empty unless
+    both reactions occur (then the split says nothing the pooled figures do not)."""
+    positive = positive.bool()
+    n_pos = int(positive.sum())
+    if n_pos == 0 or n_pos == len(positive):
+        return {}
+    out = {"positive_share": n_pos / len(positive)}
+    for side, mask in (("positive", positive), ("negative", ~positive)):
+        side_metrics = ranking_metrics(ranks[mask], num_items)
+        out.update({f"{side}_{k}": side_metrics[k] for k in BY_REACTION})
+    return out
 
 
 def popularity_ranks(seqs: UserSequences, examples: Examples) -> np.ndarray:
@@ -128,4 +150,4 @@ def popularity_ranks(seqs: UserSequences, examples: Examples) -> np.ndarray:
     return ranks
 
 
-__all__ = ["DEFAULT_KS", "auc", "evaluate", "popularity_ranks", "ranking_metrics"]
+__all__ = ["BY_REACTION", "DEFAULT_KS", "auc", "by_reaction", "evaluate", "popularity_ranks", "ranking_metrics"]

@@ -21,7 +21,7 @@ from models.data import (
     with_targets,
 )
 from torchrec import KeyedJaggedTensor
-from models.evaluate import auc, evaluate, ranking_metrics
+from models.evaluate import auc, by_reaction, evaluate, ranking_metrics
 from models.recommender import ModelConfig, Recommender, SequentialRecommender, build_model, table_dim
 from models.train import NegativeDraw, NegativeLogits, RecommenderTrain, TrainConfig, make_optimizer, make_split, negative_pool_size, sampled_softmax_loss, train
 
@@ -530,6 +530,33 @@ def test_seen_filter_window_keeps_items_older_than_the_models_input_in_the_ranki
         make_split(s, TrainConfig(seen_filter="everything"))
 
 
+def test_metrics_by_reaction_split_the_ranked_targets_by_the_users_reaction():
+    ranks = torch.tensor([0, 20, 5, 300])
+    m = by_reaction(ranks, torch.tensor([True, True, False, False]), num_items=1000)
+    assert m["positive_share"] == 0.5
+    assert m["positive_hr@10"] == 0.5 and m["positive_hr@50"] == 1.0 and m["positive_hr@200"] == 1.0
+    assert m["negative_hr@10"] == 0.5 and m["negative_hr@50"] == 0.5 and m["negative_hr@200"] == 0.5
+    assert m["negative_mrr"] == pytest.approx((1 / 6 + 1 / 301) / 2)
+    assert by_reaction(ranks, torch.ones(4, dtype=torch.bool), 1000) == {}  # one reaction only: nothing to split
+
+
+def test_evaluate_reports_the_ranking_of_liked_and_disliked_targets_apart():
+    # two users, each ending on item 6 (item k scores -k); the first listens to it, the second dislikes it.
+    # Targets "all": a disliked next item is ranked too.
+    rows = [(1, i, "listen") for i in (1, 2, 6)] + [(2, i, "listen") for i in (3, 4)] + [(2, 6, "dislike")]
+    df = pd.DataFrame({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                       "event_type": [r[2] for r in rows],
+                       "timestamp_ms": [T0_MS + i * 1000 for i in range(len(rows))], "played_ratio": np.nan})
+    s = with_targets(build_sequences(df, vocab=ItemVocab(np.arange(1, 11))), "all")
+    m = evaluate(_FixedScorer(10), s, make_split(s, TrainConfig(validation=False, targets="all")).test, ks=(1, 10))
+    # user 1 saw 1, 2: items 3, 4, 5 beat 6 (rank 3); user 2 saw 3, 4: items 1, 2, 5 beat it (rank 3)
+    assert m["count"] == 2 and m["positive_share"] == 0.5
+    assert m["positive_mrr"] == pytest.approx(1 / 4) and m["negative_mrr"] == pytest.approx(1 / 4)
+    listens_only = with_targets(build_sequences(df[df.event_type == "listen"], vocab=ItemVocab(np.arange(1, 11))), "all")
+    assert "positive_share" not in evaluate(_FixedScorer(10), listens_only,
+                                            make_split(listens_only, TrainConfig(validation=False)).test)
+
+
 class _ConstantScorer(_FixedScorer):
     """Stub model that scores every item the same: ``user`` (NaN: a diverged model) times 1."""
 
@@ -749,8 +776,14 @@ def test_quality_bench_reports_the_window_protocol_and_the_history_filtered_figu
 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("max_len: 8\ndim: 16\nblocks: 1\nnegatives: 16\nbatch_size: 64\nepochs: 1\npatience: 0\n"
-                   "validation: false\nseen_filter: window\n")
+                   "validation: false\nseen_filter: window\ntargets: all\n")
     out = quality(["--config", str(cfg)])
     window, history = out, out["history_filtered"]
     assert all(history[k] >= window[k] for k in ("hr@10", "hr@50", "hr@200", "ndcg@10", "mrr"))
     assert history["mrr"] > window["mrr"]
+    # targets: all ranks skips and dislikes too, so the figures also come per reaction, and they add up
+    split = out["by_reaction"]
+    share = split["positive_share"]
+    assert 0 < share < 1
+    for k in ("hr@10", "hr@50", "ndcg@10", "mrr"):
+        assert share * split[f"positive_{k}"] + (1 - share) * split[f"negative_{k}"] == pytest.approx(out[k], abs=2e-4)
