@@ -3,8 +3,9 @@
     python -m bench.curves runs/hstu-ml1m.json runs/sasrec-ml1m.json --metric hr@10 \\
         --published hstu-ml1m=0.3097 sasrec-ml1m=0.2853 --out docs/img/ml1m-hr10.png
 
-Each run is named by its ``config``; validation metrics are drawn when the run had a validation split, else the
-test metrics the papers' protocol logs (``validation: false``), which select nothing.
+Each run is named by its ``config`` (and its file name too when several runs share a config: seeds, data
+variants); a config's published line is drawn once. Validation metrics are drawn when the run had a validation
+split, else the test metrics the papers' protocol logs (``validation: false``), which select nothing.
 """
 
 from __future__ import annotations
@@ -31,14 +32,30 @@ def main(argv: list[str] | None = None) -> Path:
         if not sep:
             ap.error(f"--published takes CONFIG=VALUE, got {item!r}")
         published[name] = float(value)
-    runs = {}
-    for path in args.runs:
-        run = json.loads(path.read_text())
-        runs[Path(str(run["config"])).stem] = run["history"]
+    runs, lines = name_runs({path: json.loads(path.read_text()) for path in args.runs}, published)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    out = learning_curves(runs, args.out, args.metric, published)
+    out = learning_curves(runs, args.out, args.metric, lines)
     print(out)
     return out
+
+
+def name_runs(runs: dict[Path, dict], published: dict[str, float]) -> tuple[dict[str, list], dict[str, float]]:
+    """(label -> history, label -> published figure): a run is labelled by its config, or ``config (file stem)``
+    when another run has the same config, so no run silently replaces another; each config's published
+    figure goes to its first run only (one dashed line per config)."""
+    configs = {path: Path(str(run["config"])).stem for path, run in runs.items()}
+    shared = {c for c in configs.values() if list(configs.values()).count(c) > 1}
+    histories: dict[str, list] = {}
+    lines: dict[str, float] = {}
+    drawn: set[str] = set()
+    for path, run in runs.items():
+        config = configs[path]
+        label = f"{config} ({path.stem})" if config in shared else config
+        histories[label] = run["history"]
+        if config in published and config not in drawn:
+            lines[label] = published[config]
+            drawn.add(config)
+    return histories, lines
 
 
 if __name__ == "__main__":

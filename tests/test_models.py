@@ -768,6 +768,17 @@ def test_learning_curves_from_quality_histories(tmp_path):
         curves([*runs, "--published", "hstu-ml1m", "--out", str(tmp_path / "x.png")])
 
 
+def test_learning_curves_keep_every_run_of_a_shared_config_apart():
+    from bench.curves import name_runs
+
+    runs = {Path("hstu.json"): {"config": "hstu-ml1m", "history": [1]},
+            Path("hstu-shuf1.json"): {"config": "models/configs/hstu-ml1m.yaml", "history": [2]},
+            Path("sasrec.json"): {"config": "sasrec-ml1m", "history": [3]}}
+    histories, lines = name_runs(runs, {"hstu-ml1m": 0.3097, "sasrec-ml1m": 0.2853})
+    assert histories == {"hstu-ml1m (hstu)": [1], "hstu-ml1m (hstu-shuf1)": [2], "sasrec-ml1m": [3]}
+    assert lines == {"hstu-ml1m (hstu)": 0.3097, "sasrec-ml1m": 0.2853}
+
+
 def test_quality_bench_reports_the_window_protocol_and_the_history_filtered_figures(tmp_path):
     # a seen_filter: window config: the JSON's main figures filter only the input window; history_filtered
     # ranks the same weights with every earlier item filtered, so it can only be at least as good (fewer
