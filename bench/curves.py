@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 
@@ -44,7 +45,7 @@ def name_runs(runs: dict[Path, dict], published: dict[str, float]) -> tuple[dict
     when another run has the same config, so no run silently replaces another; each config's published
     figure goes to its first run only (one dashed line per config)."""
     configs = {path: Path(str(run["config"])).stem for path, run in runs.items()}
-    shared = {c for c in configs.values() if list(configs.values()).count(c) > 1}
+    shared = {c for c, n in Counter(configs.values()).items() if n > 1}
     histories: dict[str, list] = {}
     lines: dict[str, float] = {}
     drawn: set[str] = set()
