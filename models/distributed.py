@@ -60,6 +60,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torch.distributed.optim import _apply_optimizer_in_backward
 
+from models.cpu_memory import retain_freed_memory
 from models.data import batch_rows, build_sequences, make_batch, read_movielens, with_targets
 from models.evaluate import evaluate, popularity_ranks, ranking_metrics
 from models.recommender import Recommender, SequentialRecommender, build_model
@@ -165,6 +166,8 @@ def train_distributed(
     ``validate_every`` epochs)."""
     t0 = time.perf_counter()
     rank, world, device = init_distributed(backend)
+    if device.type == "cpu" and cfg.retain_cpu_memory:
+        retain_freed_memory()  # as models.train does: keep each step's activations for the next
     seed_everything(cfg.seed)  # same init on every rank and for every world size
     seqs = with_targets(build_sequences(df), cfg.targets)
     split = make_split(seqs, cfg)

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from models.data import Split, UserSequences, build_sequences, iterate_batches, leave_one_out, temporal_split, with_targets
 from models.data import Batch, ItemVocab, jagged_positions
+from models.cpu_memory import retain_freed_memory
 from models.evaluate import evaluate
 from models.recommender import ModelConfig, Recommender, SequentialRecommender, build_model
 
@@ -105,6 +106,9 @@ class TrainConfig:
     checkpoint_dir: str | None = None  # resume from / save to <dir>/checkpoint.pt every epoch
     device: str = "auto"  # auto = cuda when available, else cpu
     autocast: str = "auto"  # bf16 autocast of the forward: auto = on CUDA only, bf16 = always (CPU too), off
+    # CPU: keep freed tensor memory in the process rather than unmapping it after every step (models/cpu_memory.py);
+    # arithmetic is unchanged, false only measures what it saves
+    retain_cpu_memory: bool = True
 
     @classmethod
     def from_yaml(cls, name_or_path: str | Path, **overrides: Any) -> "TrainConfig":
@@ -372,7 +376,8 @@ def make_split(seqs: UserSequences, cfg: TrainConfig) -> Split:
 def _config_fingerprint(cfg: TrainConfig) -> str:
     # Everything but the knobs that may legitimately change on resume.
     d = {k: v for k, v in asdict(cfg).items()
-         if k not in ("checkpoint_dir", "epochs", "patience", "eval_every", "device", "autocast", "eval_batch_size")}
+         if k not in ("checkpoint_dir", "epochs", "patience", "eval_every", "device", "autocast", "eval_batch_size",
+                      "retain_cpu_memory")}
     return json.dumps(d, sort_keys=True, default=list)
 
 
@@ -420,6 +425,8 @@ def train(
         raise ValueError("no training windows: every user needs at least two events")
 
     device = resolve_device(cfg.device)
+    if device.type == "cpu" and cfg.retain_cpu_memory:
+        retain_freed_memory()  # every step reallocates the same large activations: keep them (models/cpu_memory.py)
     model = build_model(cfg.model_config(len(seqs.vocab))).to(device)
     task = RecommenderTrain.from_config(model, cfg)
     optimizer = make_optimizer(model, cfg)
