@@ -8,11 +8,12 @@ page-faults and zeroes them again: about 450,000 page faults a step, a quarter o
 in the kernel. Serving every block from the heap and never trimming the heap back to the OS makes the memory of
 one step the memory of the next.
 
-Measured on 2 CPU cores (``docs/benchmarks.md``, "Training speed"): HSTU-large on ML-1M 2.3 -> 1.4 s per step;
-HSTU 0.64 -> 0.59; SASRec unchanged within noise. The arithmetic is untouched: results are bit-identical.
+Measured on 2 CPU cores (``docs/benchmarks.md``, "Freed memory kept between steps"): HSTU-large on ML-1M 5,075
+-> 7,341 tokens/s, 23.6 M -> 1.2 M page faults an epoch, the same test figures to the last digit (the arithmetic
+is untouched). Models whose activations stay under 32 MiB (HSTU and SASRec at d = 50, one head) gain little.
 
-The cost is that a training process keeps its peak heap (about the memory of one step) until it exits, which
-is what a trainer wants. Processes that only serve never call this. A user who tunes glibc through its own
+The cost is that a training process keeps its peak heap until it exits (HSTU-large: 4.2 GB peak instead of
+2.8), which is what a trainer wants. Processes that only serve never call this. A user who tunes glibc through its own
 ``MALLOC_*`` environment variables (or preloads another allocator) keeps those: we then leave malloc alone.
 """
 
