@@ -22,12 +22,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
+if TYPE_CHECKING:
+    from models.recommender import Recommender
 
 log = logging.getLogger("encore.registry")
 
@@ -279,6 +282,20 @@ def download_recommender_dir(tracking_uri: str, *, alias: str | None = "champion
     if not candidates:
         raise FileNotFoundError(f"model version {mv.version} has no recommender artifact under {local}")
     return candidates[0].parent, int(mv.version)
+
+
+def load_registered_recommender(tracking_uri: str, *, alias: str | None = "champion", version: int | None = None,
+                                name: str = MODEL_NAME, device: str = "cpu") -> tuple[Recommender, int]:
+    """A registered version (by alias or number) loaded into memory, and its version number.
+
+    The artifact is downloaded into a temporary directory that is removed once the weights are loaded: the
+    service loads a model at start and on every alias move, and the gate re-scores the champion for every
+    challenger, so leaving each download behind would fill the disk with copies of the item table."""
+    from models.recommender import Recommender  # the registry itself needs no torch
+
+    with tempfile.TemporaryDirectory(prefix="encore-model-") as tmp:
+        path, found = download_recommender_dir(tracking_uri, alias=alias, version=version, name=name, dst=Path(tmp))
+        return Recommender.load(path, device), found
 
 
 def mlflow_name(metric: str) -> str:

@@ -289,8 +289,7 @@ def promotion_gate(context: dg.AssetCheckExecutionContext, encore: EncoreResourc
     from mlflow import MlflowClient
 
     from models.gate import decide, evaluate_recommender
-    from models.recommender import Recommender
-    from models.registry import CHAMPION, MODEL_NAME, alias_version, download_recommender_dir, version_metric
+    from models.registry import CHAMPION, MODEL_NAME, alias_version, load_registered_recommender, version_metric
 
     settings = encore.settings()
     promo = settings.promotion
@@ -301,9 +300,9 @@ def promotion_gate(context: dg.AssetCheckExecutionContext, encore: EncoreResourc
     champion_value = None
     if champion is not None and champion != version:
         try:  # re-score the champion on the challenger's data: same users, same held-out events
-            path, _ = download_recommender_dir(uri, version=champion)
+            champ, _ = load_registered_recommender(uri, version=champion)
             df = pd.read_parquet(registered_model["dataset"]["path"])
-            champ_report = evaluate_recommender(Recommender.load(path), df, sample_users=8)
+            champ_report = evaluate_recommender(champ, df, sample_users=8)
             champion_value = champ_report[promo.split].get(promo.metric)
             context.log.info(f"champion v{champion} re-scored on snapshot {registered_model['dataset']['snapshot']}")
         except Exception as exc:  # noqa: BLE001 - fall back to the champion's registered metric

@@ -139,14 +139,12 @@ class ModelHolder:
 
     def load(self) -> bool:
         """Load the target's model if it changed; True when a new model was swapped in."""
-        from models.recommender import Recommender
-        from models.registry import download_recommender_dir
+        from models.registry import load_registered_recommender
 
         version = self.resolve_version()
         if self.current is not None and self.current.version == version:
             return False
-        path, version = download_recommender_dir(self.tracking_uri, version=version, name=self.name)
-        recommender = Recommender.load(path)
+        recommender, version = load_registered_recommender(self.tracking_uri, version=version, name=self.name)
         _warm_up(recommender)
         self.current = LoadedModel(recommender, version)  # atomic reference swap
         self.swaps += 1

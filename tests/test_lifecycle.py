@@ -232,3 +232,18 @@ def test_mlflow_models_predict_serves_the_champion(story, tmp_path):
     assert len(rows) == 1 and len(rows[0]["items"]) == 5
     assert not set(rows[0]["items"]) & set(history)  # seen items are excluded
     assert rows[0]["scores"] == sorted(rows[0]["scores"], reverse=True)
+
+
+def test_loading_a_registered_model_leaves_no_download_behind(story, tmp_path, monkeypatch):
+    """The service loads a model at start and on every alias move, the gate re-scores the champion for every
+    challenger: each load downloads the artifact, and none may stay on disk once the weights are in memory."""
+    import tempfile
+
+    from models.registry import load_registered_recommender
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # every temporary directory of this process lands here
+    rec, version = load_registered_recommender(story["uri"], alias="champion")
+    assert version == _alias(story, "champion")
+    item = int(rec.vocab.decode([1])[0])
+    assert len(rec.recommend([{"item_ids": [item], "event_types": ["listen"], "timestamps_ms": [0]}], k=5)[0]) == 5
+    assert list(tmp_path.iterdir()) == []
