@@ -38,12 +38,16 @@ TOP_PAD_BYTES = 2**30
 _tuned: bool | None = None
 
 
-def retain_freed_memory() -> bool:
+def retain_freed_memory(device_type: str = "cpu", *, enabled: bool = True) -> bool:
     """Serve all allocations from the heap and keep freed memory for reuse (Linux/glibc; idempotent).
 
-    Returns True when the process's malloc is now tuned, False where it is left alone (not glibc, the user set
-    ``MALLOC_*`` variables or ``LD_PRELOAD``)."""
+    The trainers call it with their device's type and the config's ``retain_cpu_memory``: a GPU trainer's
+    activations live in CUDA's caching allocator, and there is nothing to keep on the host.
+    Returns True when the process's malloc is now tuned, False where it is left alone (training off the CPU,
+    ``enabled`` false, not glibc, the user set ``MALLOC_*`` variables or ``LD_PRELOAD``)."""
     global _tuned
+    if device_type != "cpu" or not enabled:
+        return bool(_tuned)
     if _tuned is not None:
         return _tuned
     _tuned = False

@@ -166,8 +166,7 @@ def train_distributed(
     ``validate_every`` epochs)."""
     t0 = time.perf_counter()
     rank, world, device = init_distributed(backend)
-    if device.type == "cpu" and cfg.retain_cpu_memory:
-        retain_freed_memory()  # as models.train does: keep each step's activations for the next
+    retain_freed_memory(device.type, enabled=cfg.retain_cpu_memory)  # as models.train does (models/cpu_memory.py)
     seed_everything(cfg.seed)  # same init on every rank and for every world size
     seqs = with_targets(build_sequences(df), cfg.targets)
     split = make_split(seqs, cfg)

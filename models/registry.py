@@ -269,14 +269,16 @@ def version_metric(client: MlflowClient, name: str, version: int, metric: str) -
     return _float(client.get_model_version(name, str(version)).tags.get(f"metric.{mlflow_name(metric)}"))
 
 
-def download_recommender_dir(tracking_uri: str, *, alias: str | None = "champion", version: int | None = None,
-                             name: str = MODEL_NAME, dst: Path | None = None) -> tuple[Path, int]:
-    """Fetch the ``recommender`` artifact directory of a registered version (by alias or number)."""
+def download_recommender_dir(tracking_uri: str, dst: Path, *, alias: str | None = "champion", version: int | None = None,
+                             name: str = MODEL_NAME) -> tuple[Path, int]:
+    """Fetch the ``recommender`` artifact directory of a registered version (by alias or number) under ``dst``.
+
+    ``dst`` is required: the caller owns the copy and its removal (``load_registered_recommender`` uses a
+    temporary directory). A default temp dir here would leave every download behind."""
     client = MlflowClient(tracking_uri)
     mv = client.get_model_version(name, str(version)) if version is not None else \
         client.get_model_version_by_alias(name, alias or CHAMPION)
     mlflow.set_tracking_uri(tracking_uri)
-    dst = Path(dst or tempfile.mkdtemp(prefix="encore-model-"))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst)))
     candidates = [p for p in local.rglob("config.json") if (p.parent / "state_dict.pt").exists()]
     if not candidates:
@@ -294,7 +296,7 @@ def load_registered_recommender(tracking_uri: str, *, alias: str | None = "champ
     from models.recommender import Recommender  # the registry itself needs no torch
 
     with tempfile.TemporaryDirectory(prefix="encore-model-") as tmp:
-        path, found = download_recommender_dir(tracking_uri, alias=alias, version=version, name=name, dst=Path(tmp))
+        path, found = download_recommender_dir(tracking_uri, Path(tmp), alias=alias, version=version, name=name)
         return Recommender.load(path, device), found
 
 

@@ -425,8 +425,8 @@ def train(
         raise ValueError("no training windows: every user needs at least two events")
 
     device = resolve_device(cfg.device)
-    if device.type == "cpu" and cfg.retain_cpu_memory:
-        retain_freed_memory()  # every step reallocates the same large activations: keep them (models/cpu_memory.py)
+    # every CPU step reallocates the same large activations: keep them (models/cpu_memory.py)
+    retain_freed_memory(device.type, enabled=cfg.retain_cpu_memory)
     model = build_model(cfg.model_config(len(seqs.vocab))).to(device)
     task = RecommenderTrain.from_config(model, cfg)
     optimizer = make_optimizer(model, cfg)

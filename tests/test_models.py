@@ -807,6 +807,8 @@ from models.cpu_memory import retain_freed_memory
 from models.hstu import HSTU, HSTUConfig
 if sys.argv[1] == "tuned":
     assert retain_freed_memory()
+elif sys.argv[1] == "declined":  # a GPU trainer, or a config with retain_cpu_memory: false
+    assert not retain_freed_memory("cuda") and not retain_freed_memory("cpu", enabled=False)
 torch.manual_seed(0)
 B, n = 128, 200  # an ML-1M batch for HSTU-large: [128, 2, 200, 200] attention maps, 40 MB each
 model = HSTU(HSTUConfig(blocks=1, heads=2, attn_dim=25, linear_dim=25))
@@ -839,3 +841,5 @@ def test_training_steps_reuse_freed_tensor_memory_instead_of_mapping_it_again():
     default, tuned = faults_per_step("default"), faults_per_step("tuned")
     assert default > 20_000  # the control: left alone, malloc maps the attention maps afresh every step
     assert tuned < default / 4, (default, tuned)  # measured: 0-9k against 76k-110k
+    declined = faults_per_step("declined")
+    assert declined > 20_000 and declined > 4 * tuned, (declined, tuned)  # asked not to, it leaves malloc alone
