@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     if result.valid_metrics:  # the best validation epoch's figures: what to compare when choosing a config
         out.update({f"valid_{k}": round(float(result.valid_metrics[k]), 4) for k in ("hr@10", "ndcg@10")})
     out.update({"config": args.config, "dataset": args.dataset, "seed": cfg.seed, "epochs": len(result.history),
-                "best_epoch": result.best_epoch, "wall_s": round(result.wall_s, 1),
+                "best_epoch": result.best_epoch, "wall_s": round(result.wall_s, 3),
                 "tokens_per_s": round(result.extra["train_tokens"] * len(result.history) / train_s) if train_s else None,
                 # the dataset's events over the same time: what sizes a retrain from a snapshot's event count
                 "events_per_s": round(len(df) * len(result.history) / train_s) if train_s else None,

@@ -37,6 +37,10 @@ import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm.* on CPU)
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from features.events import EVENT_TYPE_CODES, POSITIVE_TYPES
+from models.jagged_fallback import register_missing
+
+# A GPU beside the CPU-only fbgemm_gpu build: PyTorch kernels for the jagged ops it lacks (a no-op otherwise).
+register_missing()
 
 FEATURE_KEYS = ("item_id", "event_type")  # order of keys in every KeyedJaggedTensor we build
 NUM_EVENT_TYPES = len(EVENT_TYPE_CODES) + 1  # + padding code 0

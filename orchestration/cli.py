@@ -194,7 +194,7 @@ def train(dataset: str, dataset_dir: Path | None, config_name: str, epochs: int 
     if out:
         result.recommender().save(out)
     click.echo(json.dumps({**result.test_metrics, "config": config_name, "epochs": len(result.history),
-                           "wall_s": round(result.wall_s, 1), "seed": cfg.seed}))
+                           "wall_s": round(result.wall_s, 3), "seed": cfg.seed}))
 
 
 @main.command()
