@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=None, help="override the config's seed (repeat runs to see the spread)")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--history", type=Path, default=None, metavar="FILE",
-                    help="also write the per-epoch history and the final figures here as JSON (for bench.curves)")
+                    help="also write the per-epoch history and the final figures here as JSON (for bench.curves); "
+                         "rewritten after every epoch, so a run stopped midway keeps its curve (\"finished\": false)")
     args = ap.parse_args(argv)
 
     from features.replay import events_frame
@@ -48,7 +49,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.seed is not None:
         cfg = cfg.replace(seed=args.seed)
     df = events_frame(args.dataset, EncoreSettings(), args.dataset_dir)
-    result = train(df, cfg, progress=args.progress)
+    epochs_so_far: list[dict] = []
+
+    def save_epoch(epoch: int, record: dict) -> None:
+        # a 101-epoch ML-1M run takes hours on a CPU: if it is stopped, the epochs it finished stay on disk
+        epochs_so_far.append(record)
+        if args.history is not None:
+            _write_json(args.history, {"config": args.config, "dataset": args.dataset, "seed": cfg.seed,
+                                       "finished": False, "history": epochs_so_far})
+
+    result = train(df, cfg, progress=args.progress, on_epoch=save_epoch)
     train_s = sum(h.get("train_s", 0.0) for h in result.history)
     out = {k: round(float(result.test_metrics[k]), 4) for k in KEYS if k in result.test_metrics}
     if "feedback_auc" in result.test_metrics:
@@ -67,9 +77,16 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.seen_filter == "window":
         out["history_filtered"] = _history_filtered(df, cfg, result)
     if args.history is not None:
-        args.history.write_text(json.dumps({**out, "history": result.history}, indent=1))
+        _write_json(args.history, {**out, "finished": True, "history": result.history})
     print(json.dumps(out))
     return out
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Write-then-rename: a reader (or a kill mid-write) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
 
 
 def _history_filtered(df, cfg, result) -> dict[str, float]:  # noqa: ANN001 - a DataFrame, TrainConfig, TrainResult

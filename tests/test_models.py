@@ -801,6 +801,41 @@ def test_quality_bench_reports_the_window_protocol_and_the_history_filtered_figu
 
 
 
+
+def test_quality_history_is_rewritten_every_epoch_so_a_stopped_run_keeps_its_curve(tmp_path, monkeypatch):
+    # the run is stopped during its second epoch's test pass (as a kill or Ctrl-C would): the file holds the
+    # first epoch, marked unfinished; a run that ends replaces it with every epoch and the final figures
+    import json
+
+    import models.train
+    from bench.quality import main as quality
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("max_len: 8\ndim: 16\nblocks: 1\nnegatives: 16\nbatch_size: 64\nepochs: 3\npatience: 0\n"
+                   "validation: false\ntargets: all\n")
+    path = tmp_path / "history.json"
+    real_evaluate, calls = models.train.evaluate, []
+
+    def stopped_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(models.train, "evaluate", stopped_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        quality(["--config", str(cfg), "--history", str(path)])
+    partial = json.loads(path.read_text())
+    assert partial["finished"] is False and partial["config"] == str(cfg)
+    assert [h["epoch"] for h in partial["history"]] == [1.0] and "test_hr@10" in partial["history"][0]
+
+    monkeypatch.setattr(models.train, "evaluate", real_evaluate)
+    quality(["--config", str(cfg), "--history", str(path)])
+    done = json.loads(path.read_text())
+    assert done["finished"] is True and [h["epoch"] for h in done["history"]] == [1.0, 2.0, 3.0]
+    assert 0.0 <= done["hr@10"] <= 1.0 and not list(tmp_path.glob("*.tmp"))
+
+
 _REALLOC_PROBE = """
 import resource, sys, torch
 from models.cpu_memory import retain_freed_memory
