@@ -117,7 +117,7 @@ class SASRec(nn.Module):
         valid = (torch.arange(n, device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1).to(x.dtype)
         for block in self.blocks:
             xd = block(xd, valid)
-        return torch.ops.fbgemm.dense_to_jagged(xd, [offsets])[0]  # [N, D]
+        return torch.ops.fbgemm.dense_to_jagged(xd, [offsets], x.shape[0])[0]  # [N, D]; N given: no host sync
 
 
 __all__ = ["SASRec", "SASRecBlock", "SASRecConfig", "CausalSelfAttention", "PointWiseFeedForward"]
