@@ -54,11 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
     def save_epoch(epoch: int, record: dict) -> None:
         # a 101-epoch ML-1M run takes hours on a CPU: if it is stopped, the epochs it finished stay on disk
         epochs_so_far.append(record)
-        if args.history is not None:
-            _write_json(args.history, {"config": args.config, "dataset": args.dataset, "seed": cfg.seed,
-                                       "finished": False, "history": epochs_so_far})
+        _write_json(args.history, {"config": args.config, "dataset": args.dataset, "seed": cfg.seed,
+                                   "finished": False, "history": epochs_so_far})
 
-    result = train(df, cfg, progress=args.progress, on_epoch=save_epoch)
+    result = train(df, cfg, progress=args.progress, on_epoch=save_epoch if args.history is not None else None)
     train_s = sum(h.get("train_s", 0.0) for h in result.history)
     out = {k: round(float(result.test_metrics[k]), 4) for k in KEYS if k in result.test_metrics}
     if "feedback_auc" in result.test_metrics:

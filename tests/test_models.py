@@ -800,8 +800,6 @@ def test_quality_bench_reports_the_window_protocol_and_the_history_filtered_figu
         assert share * split[f"positive_{k}"] + (1 - share) * split[f"negative_{k}"] == pytest.approx(out[k], abs=2e-4)
 
 
-
-
 def test_quality_history_is_rewritten_every_epoch_so_a_stopped_run_keeps_its_curve(tmp_path, monkeypatch):
     # the run is stopped during its second epoch's test pass (as a kill or Ctrl-C would): the file holds the
     # first epoch, marked unfinished; a run that ends replaces it with every epoch and the final figures
