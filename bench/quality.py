@@ -1,7 +1,8 @@
 """Quality and training-speed benchmark: train one config on one dataset, rank the full catalogue.
 
 Protocol: leave-one-out (last positive event = test, second-last = validation), full-catalogue ranking
-with the user's history filtered out, early stopping on validation NDCG@10 (see ``models/train.py``). Configs
+with the user's history filtered out (the catalogue: every item of the dataset's item file, such as ML-1M's
+``movies.dat``, where there is one, as the reference's ``all_item_ids``; else the items of the events), early stopping on validation NDCG@10 (see ``models/train.py``). Configs
 with ``validation: false`` (the ML-1M paper configs) follow the papers instead: no validation split, every
 epoch runs, the final weights are tested. Configs with ``seen_filter: window`` (the same ML-1M configs) filter
 only the ``max_len`` events the model reads, as the reference's eval does; their JSON also carries
@@ -29,7 +30,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="synthetic",
                     choices=["synthetic", "ml-100k", "ml-1m", "ml-20m", "ml-25m", "amazon", "yambda"])
-    ap.add_argument("--dataset-dir", type=Path, default=None)
+    ap.add_argument("--dataset-dir", type=Path, default=None,
+                    help="the dataset's folder; its item file (u.item, movies.dat, movies.csv), where present, is the "
+                         "catalogue ranked, unrated items included")
     ap.add_argument("--config", default="default", help="a name under models/configs/ or a YAML path")
     ap.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     ap.add_argument("--seed", type=int, default=None, help="override the config's seed (repeat runs to see the spread)")
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "rewritten after every epoch, so a run stopped midway keeps its curve (\"finished\": false)")
     args = ap.parse_args(argv)
 
-    from features.replay import events_frame
+    from features.replay import dataset_catalogue, events_frame
     from infra.settings import EncoreSettings
     from models.train import TrainConfig, train
 
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.seed is not None:
         cfg = cfg.replace(seed=args.seed)
     df = events_frame(args.dataset, EncoreSettings(), args.dataset_dir)
+    catalogue = dataset_catalogue(args.dataset, args.dataset_dir)
     epochs_so_far: list[dict] = []
 
     def save_epoch(epoch: int, record: dict) -> None:
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
         _write_json(args.history, {"config": args.config, "dataset": args.dataset, "seed": cfg.seed,
                                    "finished": False, "history": epochs_so_far})
 
-    result = train(df, cfg, progress=args.progress, on_epoch=save_epoch if args.history is not None else None)
+    result = train(df, cfg, progress=args.progress, on_epoch=save_epoch if args.history is not None else None,
+                   catalogue=catalogue)
     train_s = sum(h.get("train_s", 0.0) for h in result.history)
     out = {k: round(float(result.test_metrics[k]), 4) for k in KEYS if k in result.test_metrics}
     if "feedback_auc" in result.test_metrics:
@@ -72,7 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "tokens_per_s": round(result.extra["train_tokens"] * len(result.history) / train_s) if train_s else None,
                 # the dataset's events over the same time: what sizes a retrain from a snapshot's event count
                 "events_per_s": round(len(df) * len(result.history) / train_s) if train_s else None,
-                "params": result.num_params})
+                "params": result.num_params,
+                # candidates ranked: the item file's catalogue where the dataset has one, else the rated items
+                "items": len(result.vocab), "unrated_items": len(result.vocab) - int(df["item_id"].nunique())})
     if cfg.seen_filter == "window":
         out["history_filtered"] = _history_filtered(df, cfg, result)
     if args.history is not None:

@@ -54,6 +54,10 @@ version of it) deduplicates downstream: MovieLens ``{name}-{user}-{item}-{unix_s
 ``amazon-{category}-{user}-{position}``, Yambda ``yambda-{kind}-{uid}-{item}-{timestamp}``; exact
 duplicates within a file get ``-1``, ``-2``... suffixes.
 
+Catalogue: ``load_catalogue`` returns the ids of every item the dataset's item file lists (``u.item``,
+``movies.dat``, ``movies.csv``), so that items nobody rated are candidates too, as in the published
+protocol. Without an item file the catalogue is the items that occur in the events.
+
 Errors: a missing file raises ``FileNotFoundError`` naming the files looked for, where, and where to get
 them; a malformed line raises ``ValueError`` naming the file and the line number (for parquet, the row).
 """
@@ -122,6 +126,46 @@ def load_dataset(name: str, data_dir: Path | str, *, limit: int | None = None) -
     Files are read (and errors raised) when this is called; events are built lazily while iterating.
     """
     return events_from_frame(load_frame(name, data_dir, limit=limit))
+
+
+def load_catalogue(name: str, data_dir: Path | str) -> np.ndarray | None:
+    """Raw ids of every item the dataset's item file lists, rated or not; None where there is no such file.
+
+    The catalogue is what a recommender ranks and draws its negatives from. The published MovieLens protocol
+    (the HSTU reference's ``all_item_ids``) takes it from the item file, not from the ratings: ML-1M's
+    ``movies.dat`` lists 3,883 movies, 177 of which nobody rated. Those are candidates at evaluation and uniform
+    negatives in training, as in the reference. Files: ml-100k ``u.item`` (``id|title|...``), ml-1m
+    ``movies.dat`` (``id::title::genres``), ml-20m/25m ``movies.csv`` (header ``movieId,title,genres``), each
+    optionally gzipped and read as Latin-1 (GroupLens' encoding). Other datasets have no item file.
+    """
+    layout = _CATALOGUE_FILES.get(name)
+    if layout is None:
+        _spec(name)  # unknown names still fail loudly
+        return None
+    candidates, sep, header = layout
+    data_dir = Path(data_dir).expanduser()
+    try:
+        path = _find(name, data_dir, candidates)
+    except FileNotFoundError:
+        return None
+    ids: list[int] = []
+    lines = _read_bytes(path).decode("latin-1").splitlines()
+    if header:
+        expected = header.split(",")
+        if not lines or lines[0].strip().split(",")[: len(expected)] != expected:
+            raise ValueError(f"{path.name}, line 1: expected header {header!r}: {(lines or [''])[0][:200]!r}")
+    for line_no, line in enumerate(lines, start=1):
+        if (header and line_no == 1) or not line.strip():
+            continue
+        first = line.split(sep, 1)[0].strip()
+        if not first.isdigit():
+            raise ValueError(f"{path.name}, line {line_no}: expected an item id before {sep!r}: {line[:200]!r}")
+        ids.append(int(first))
+    catalogue = np.asarray(ids, dtype=np.int64)
+    unique, counts = np.unique(catalogue, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{path.name}: item id {int(unique[counts > 1][0])} is listed more than once")
+    return catalogue
 
 
 def events_from_frame(frame: pd.DataFrame, *, chunk_size: int = 10_000) -> Iterator[InteractionEvent]:
@@ -526,6 +570,14 @@ def _yambda_prefix(stem: str, rows: int) -> pd.Categorical:
     code = list(_YAMBDA_KINDS).index(stem)
     return pd.Categorical.from_codes(np.full(rows, code, dtype=np.int8), categories=_YAMBDA_PREFIXES)
 
+
+# Item files: the catalogue (``load_catalogue``): candidate file names, separator, header (None: no header).
+_CATALOGUE_FILES: dict[str, tuple[list[str], str, str | None]] = {
+    "ml-100k": (["u.item", "u.item.gz"], "|", None),
+    "ml-1m": (["movies.dat", "movies.dat.gz"], "::", None),
+    "ml-20m": (["movies.csv", "movies.csv.gz"], ",", "movieId,title,genres"),
+    "ml-25m": (["movies.csv", "movies.csv.gz"], ",", "movieId,title,genres"),
+}
 
 # ---- registry ----------------------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from features.kafka_io import make_producer
 from infra.settings import EncoreSettings
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
 log = logging.getLogger("encore.replay")
@@ -134,3 +135,13 @@ def events_frame(source: str, settings: EncoreSettings, data_dir: Path | None = 
     if data_dir is None:
         raise ValueError(f"dataset {source!r} needs --dataset-dir pointing at its files")
     return load_frame(source, data_dir)
+
+
+def dataset_catalogue(source: str, data_dir: Path | None) -> np.ndarray | None:
+    """Ids of every item a dataset's item file lists (``features.datasets.load_catalogue``), for training on it
+    offline; None for the simulator and for datasets without an item file (the catalogue is then the events')."""
+    if source == "synthetic" or data_dir is None:
+        return None
+    from features.datasets import load_catalogue
+
+    return load_catalogue(source, data_dir)

@@ -408,18 +408,37 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)  # atomic: a crash mid-save never leaves a truncated checkpoint
 
 
+def catalogue_vocab(events: pd.DataFrame, catalogue: np.ndarray | None) -> ItemVocab:
+    """The items of the events plus those of ``catalogue`` (items nobody interacted with yet are candidates too)."""
+    items = events["item_id"].to_numpy(np.int64)
+    if catalogue is not None:
+        items = np.concatenate([items, np.asarray(catalogue, dtype=np.int64)])
+    return ItemVocab.build(items)
+
+
 def train(
     data: pd.DataFrame | UserSequences,
     cfg: TrainConfig | None = None,
     *,
     progress: bool = True,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    catalogue: np.ndarray | None = None,
 ) -> TrainResult:
-    """Train ``cfg.model`` on an events DataFrame (or prebuilt sequences); returns the best-validation model."""
+    """Train ``cfg.model`` on an events DataFrame (or prebuilt sequences); returns the best-validation model.
+
+    ``catalogue``: raw ids of every item to rank and draw negatives from, beyond those in the events (e.g. a
+    dataset's item file, ``features.datasets.load_catalogue``); None: the items of the events.
+    """
     cfg = cfg or TrainConfig()
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
-    seqs = with_targets(data if isinstance(data, UserSequences) else build_sequences(data), cfg.targets)
+    if isinstance(data, UserSequences):
+        if catalogue is not None:
+            raise ValueError("catalogue applies to an events frame: prebuilt sequences carry their own vocabulary")
+        seqs = data
+    else:
+        seqs = build_sequences(data, vocab=catalogue_vocab(data, catalogue))
+    seqs = with_targets(seqs, cfg.targets)
     split = make_split(seqs, cfg)
     if len(split.train) == 0:
         raise ValueError("no training windows: every user needs at least two events")

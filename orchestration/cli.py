@@ -158,7 +158,8 @@ def ingest(data_dir: str | None, follow: bool, partitions: str) -> None:
 @click.option("--dataset", type=click.Choice(["synthetic", "ml-100k", "ml-1m", "ml-20m", "ml-25m", "amazon", "yambda"]),
               default="synthetic", show_default=True)
 @click.option("--dataset-dir", "--data-dir", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help="folder with the dataset's files")
+              default=None, help="folder with the dataset's files; its item file (u.item, movies.dat, movies.csv), "
+                                 "where present, is the catalogue ranked, unrated items included")
 @click.option("--config", "config_name", default="default", show_default=True,
               help="a name under models/configs/ or a YAML path")
 @click.option("--epochs", type=int, default=None, help="override the config's epoch count")
@@ -171,7 +172,7 @@ def train(dataset: str, dataset_dir: Path | None, config_name: str, epochs: int 
     The LAST line printed is one JSON object: hr@1 hr@10 hr@50 hr@200 ndcg@10 ndcg@50 ndcg@200 mrr, config,
     epochs, wall_s, seed.
     """
-    from features.replay import events_frame
+    from features.replay import dataset_catalogue, events_frame
     from models.train import CONFIG_DIR, TrainConfig, train as do_train
 
     settings = _settings(None)
@@ -188,9 +189,10 @@ def train(dataset: str, dataset_dir: Path | None, config_name: str, epochs: int 
         cfg.seed = seed
     try:
         df = events_frame(dataset, settings, dataset_dir)
+        catalogue = dataset_catalogue(dataset, dataset_dir)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    result = do_train(df, cfg, progress=True)
+    result = do_train(df, cfg, progress=True, catalogue=catalogue)
     if out:
         result.recommender().save(out)
     click.echo(json.dumps({**result.test_metrics, "config": config_name, "epochs": len(result.history),

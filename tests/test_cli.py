@@ -97,3 +97,13 @@ def test_train_rejects_bad_input_with_a_clear_error(tmp_path, monkeypatch, args,
     out = CliRunner().invoke(main, ["train", *args])
     assert out.exit_code == 1 and message in out.output, out.output
     assert "Traceback" not in out.output
+
+
+def test_train_names_a_malformed_item_file_before_training(tmp_path, monkeypatch):
+    # the item file sets the catalogue (unrated movies are candidates): a bad line stops the run up front
+    _small_world(monkeypatch, tmp_path)
+    (tmp_path / "ratings.dat").write_text("1::1::5::978300760\n1::2::3::978302109\n")
+    (tmp_path / "movies.dat").write_text("1::Toy Story (1995)::Animation\nTwo::Jumanji (1995)::Adventure\n")
+    out = CliRunner().invoke(main, ["train", "--dataset", "ml-1m", "--dataset-dir", str(tmp_path)])
+    assert out.exit_code == 1 and "movies.dat, line 2: expected an item id" in out.output, out.output
+    assert "Traceback" not in out.output

@@ -18,6 +18,7 @@ from features.datasets import (
     EVENT_COLUMNS,
     MOVIELENS_SHIFT_MS,
     YAMBDA_EPOCH_MS,
+    load_catalogue,
     load_dataset,
     load_frame,
     rating_feedback,
@@ -90,6 +91,41 @@ def test_ml20m_and_25m_csv_with_half_stars(tmp_path: Path, name: str) -> None:
     )
     events = list(load_dataset(name, tmp_path))
     assert as_tuples(events) == [(1, 306, "listen", 0.75), (2, 307, "dislike", None), (2, 665, "dislike", None), (1, 296, "like", 1.0)]
+
+
+# ---- item files: the catalogue --------------------------------------------------------------------------------
+
+
+def test_catalogue_lists_every_movie_of_the_item_file_rated_or_not(tmp_path: Path) -> None:
+    # movies.dat is Latin-1 (accented titles) and '::'-separated; 3 is never rated but is part of the catalogue
+    (tmp_path / "movies.dat").write_bytes("1::Toy Story (1995)::Animation\n2::Jumanji (1995)::Adventure\n"
+                                          "3::Cité des enfants perdus, La (1995)::Sci-Fi\n".encode("latin-1"))
+    write(tmp_path / "ratings.dat", "1::1::5::978300760\n1::2::3::978302109\n")
+    assert load_catalogue("ml-1m", tmp_path).tolist() == [1, 2, 3]
+    write(tmp_path / "ml-100k" / "u.item.gz", "1|Toy Story (1995)|01-Jan-1995||http://x|0|0\n7|Twelve Monkeys|||x|0|1\n")
+    assert load_catalogue("ml-100k", tmp_path).tolist() == [1, 7]
+    write(tmp_path / "movies.csv", 'movieId,title,genres\n1,Toy Story (1995),Animation\n11,"American President, The (1995)",Comedy\n')
+    assert load_catalogue("ml-20m", tmp_path).tolist() == [1, 11]
+
+
+def test_catalogue_is_none_without_an_item_file_or_for_datasets_without_one(tmp_path: Path) -> None:
+    write(tmp_path / "ratings.dat", "1::1::5::978300760\n")
+    assert load_catalogue("ml-1m", tmp_path) is None  # the events' items are then the catalogue
+    assert load_catalogue("amazon", tmp_path) is None and load_catalogue("yambda", tmp_path) is None
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_catalogue("ml-2m", tmp_path)
+
+
+@pytest.mark.parametrize("name, filename, text, reason", [
+    ("ml-1m", "movies.dat", "1::A::Drama\nabc::B::Drama\n", "line 2: expected an item id"),
+    ("ml-1m", "movies.dat", "1::A::Drama\n\n1::A again::Drama\n", "item id 1 is listed more than once"),
+    ("ml-20m", "movies.csv", "id,name\n1,A\n", "line 1: expected header"),
+])
+def test_malformed_item_file_names_the_file_and_the_problem(tmp_path: Path, name: str, filename: str, text: str,
+                                                             reason: str) -> None:
+    write(tmp_path / filename, text)
+    with pytest.raises(ValueError, match=f"{filename}.*{reason}"):
+        load_catalogue(name, tmp_path)
 
 
 def test_rating_rule_table() -> None:

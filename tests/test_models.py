@@ -600,6 +600,50 @@ def test_train_end_to_end_and_checkpoint_resume(events, tmp_path):
         train(events, cfg.replace(dim=8, epochs=3), progress=False)
 
 
+def test_a_catalogue_adds_never_seen_items_as_negatives_and_candidates(events):
+    # the published MovieLens protocol ranks every movie of the item file, rated or not: items 900 and 901 have no
+    # events, yet they get rows, are drawn as negatives (their rows move from the initialisation) and are ranked
+    from models.train import seed_everything
+
+    cfg = TrainConfig(model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=2, patience=0,
+                      validation=False, targets="all")
+    catalogue = np.array([900, 901, 100])  # 100 also has events: listed once in the vocabulary
+    result = train(events, cfg, progress=False, catalogue=catalogue)
+    assert len(result.vocab) == events["item_id"].nunique() + 2
+    unseen = torch.from_numpy(result.vocab.encode([900, 901]))
+    assert (unseen > 0).all()
+    seed_everything(cfg.seed)  # what train() built before its first step
+    initial = build_model(cfg.model_config(len(result.vocab))).item_embeddings(unseen)
+    with torch.no_grad():
+        trained = result.model.item_embeddings(unseen)
+    assert not torch.allclose(initial, trained)
+    # the control: with a zero learning rate nothing moves, so `initial` is what train() starts from
+    still = train(events, cfg.replace(lr=0.0), progress=False, catalogue=catalogue).model
+    with torch.no_grad():
+        frozen = still.item_embeddings(unseen)
+    torch.testing.assert_close(frozen, initial)
+    # a model trained without the catalogue ranks fewer items, so every hit rate is at most as hard to get
+    assert len(train(events, cfg, progress=False).vocab) == len(result.vocab) - 2
+    with pytest.raises(ValueError, match="prebuilt sequences"):
+        train(build_sequences(events), cfg, progress=False, catalogue=catalogue)
+
+
+def test_quality_bench_ranks_the_item_files_catalogue(tmp_path):
+    # ML-1M laid out as GroupLens ships it: movies.dat lists movie 99, which nobody rated; the bench ranks it too
+    from bench.quality import main as quality
+
+    rng = np.random.default_rng(0)
+    lines = [f"{u}::{int(m)}::4::{978300000 + 60 * t}" for u in range(1, 21)
+             for t, m in enumerate(rng.choice(np.arange(1, 31), size=12, replace=False))]
+    (tmp_path / "ratings.dat").write_text("\n".join(lines) + "\n")
+    (tmp_path / "movies.dat").write_text("".join(f"{m}::Movie {m} (2000)::Drama\n" for m in [*range(1, 31), 99]))
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("max_len: 8\ndim: 16\nblocks: 1\nnegatives: 16\nbatch_size: 64\nepochs: 1\npatience: 0\n"
+                   "validation: false\ntargets: all\n")
+    out = quality(["--dataset", "ml-1m", "--dataset-dir", str(tmp_path), "--config", str(cfg)])
+    assert (out["items"], out["unrated_items"]) == (31, 1)
+
+
 @pytest.mark.parametrize("kind", MODELS)
 def test_bf16_autocast_trains_and_keeps_the_logits_in_fp32(events, kind):
     # autocast "auto" is bf16 on CUDA only; "bf16" forces it on the CPU, which exercises the same code path here
