@@ -47,6 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -64,7 +65,7 @@ from models.cpu_memory import retain_freed_memory
 from models.data import batch_rows, build_sequences, make_batch, read_movielens, with_targets
 from models.evaluate import evaluate, popularity_ranks, ranking_metrics
 from models.recommender import Recommender, SequentialRecommender, build_model
-from models.train import RecommenderTrain, TrainConfig, TrainResult, autocast, make_split, seed_everything
+from models.train import RecommenderTrain, TrainConfig, TrainResult, autocast, catalogue_vocab, make_split, seed_everything
 
 PIPES_ENV = "DAGSTER_PIPES_CONTEXT"  # set by Dagster's Pipes client; torchrun copies it to every worker
 
@@ -158,8 +159,11 @@ def train_distributed(
     progress: bool = True,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     validate_every: int = 0,
+    catalogue: np.ndarray | None = None,
 ) -> TrainResult | None:
     """Train with DMP on every rank of the process group; rank 0 returns the result, the others None.
+
+    ``catalogue``: raw ids of every item to rank and draw negatives from, rated or not, as in ``models.train.train``.
 
     ``on_epoch(epoch, record)`` is called on *every* rank with the same record (losses of the global batches,
     ``train_s`` = training seconds so far, validation excluded, and ``valid_*`` metrics every
@@ -168,7 +172,7 @@ def train_distributed(
     rank, world, device = init_distributed(backend)
     retain_freed_memory(device.type, enabled=cfg.retain_cpu_memory)  # as models.train does (models/cpu_memory.py)
     seed_everything(cfg.seed)  # same init on every rank and for every world size
-    seqs = with_targets(build_sequences(df), cfg.targets)
+    seqs = with_targets(build_sequences(df, vocab=catalogue_vocab(df, catalogue)), cfg.targets)
     split = make_split(seqs, cfg)
     if len(split.train) == 0:
         raise ValueError("no training windows: every user needs at least two events")
@@ -360,18 +364,37 @@ def pipes_metadata(s: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+_MOVIELENS_RATINGS = {"u.data": "ml-100k", "ratings.dat": "ml-1m"}
+
+
+def _movielens_name(path: str) -> str | None:
+    return _MOVIELENS_RATINGS.get(Path(path).name.removesuffix(".gz"))
+
+
 def _read_events(path: str) -> pd.DataFrame:
-    if "u.data" in path or path.endswith("ratings.dat"):
+    if _movielens_name(path) is not None:
         return read_movielens(path)
     if path.endswith(".parquet"):
         return pd.read_parquet(path)
     return pd.read_csv(path)
 
 
+def _catalogue_beside(path: str) -> np.ndarray | None:
+    """A MovieLens ratings file's catalogue: the item file in the same folder (``u.item``, ``movies.dat``), as
+    ``encore train`` and ``bench quality`` use it, so unrated movies are candidates and negatives; else None."""
+    name = _movielens_name(path)
+    if name is None:
+        return None
+    from features.datasets import load_catalogue  # the dataset loaders; only this entry point needs them
+
+    return load_catalogue(name, Path(path).parent)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="DistributedModelParallel training (run under torchrun)")
     parser.add_argument("--config", default="default", help="name in models/configs or a YAML path")
-    parser.add_argument("--data", required=True, help="events CSV/parquet, or a MovieLens ratings file")
+    parser.add_argument("--data", required=True, help="events CSV/parquet, or a MovieLens ratings file (u.data, ratings.dat): its folder's "
+                        "item file (u.item, movies.dat), where present, is the catalogue ranked, unrated items included")
     parser.add_argument("--out", default=None, help="directory for the trained Recommender (rank 0)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=None)
@@ -393,7 +416,8 @@ def main(argv: list[str] | None = None) -> None:
                 pipes.log.info(f"[dmp x{world}] epoch {epoch}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
 
         result = train_distributed(_read_events(args.data), cfg, max_steps=args.max_steps, backend=args.backend,
-                                   sparse_lr=args.sparse_lr, on_epoch=on_epoch, validate_every=args.validate_every)
+                                   sparse_lr=args.sparse_lr, on_epoch=on_epoch, validate_every=args.validate_every,
+                                   catalogue=_catalogue_beside(args.data))
         report = None
         if result is not None:
             print("sharding", result.extra["sharding"], "dense in sync", result.extra["dense_replicas_in_sync"], flush=True)

@@ -87,6 +87,9 @@ class TrainConfig:
     epochs: int = 8  # maximum number of epochs; early stopping may end sooner
     patience: int = 3  # evaluations without a better valid ndcg@10 before stopping; 0 = never stop early
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
+    # with a validation split: also score the test split every N epochs (and the last), for the learning curve
+    # only; selection stays on validation. 0 = never (test only the selected weights, at the end)
+    log_test_every: int = 0
     eval_batch_size: int = 256
     length_bucketing: bool = True  # batch similar-length histories together (less padding, same data)
     seed: int = 42
@@ -377,7 +380,7 @@ def _config_fingerprint(cfg: TrainConfig) -> str:
     # Everything but the knobs that may legitimately change on resume.
     d = {k: v for k, v in asdict(cfg).items()
          if k not in ("checkpoint_dir", "epochs", "patience", "eval_every", "device", "autocast", "eval_batch_size",
-                      "retain_cpu_memory")}
+                      "retain_cpu_memory", "log_test_every")}
     return json.dumps(d, sort_keys=True, default=list)
 
 
@@ -503,6 +506,10 @@ def train(
             else:
                 best["bad"] += 1
             stopped = cfg.patience > 0 and best["bad"] >= cfg.patience
+            if len(split.test) and cfg.log_test_every > 0 and (epoch % cfg.log_test_every == 0 or epoch == cfg.epochs or stopped):
+                # this epoch's weights on the test split, for the curve; never used to select anything
+                test_now = evaluate(model, seqs, split.test, batch_size=cfg.eval_batch_size)
+                record.update({f"test_{k}": v for k, v in test_now.items()})
         elif not len(split.valid):  # nothing to validate on: keep the latest weights
             best.update(epoch=epoch, state=None)
             if len(split.test) and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):

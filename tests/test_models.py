@@ -190,6 +190,23 @@ def test_without_validation_all_epochs_run_and_the_final_weights_are_tested(even
     assert result.valid_metrics == {}
 
 
+def test_logging_test_figures_beside_validation_selects_nothing(events):
+    """log_test_every scores the test split every N epochs (and the last) for the curve; selection stays on
+    validation, and the run trains exactly as without it."""
+    cfg = TrainConfig(model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=5, patience=0,
+                      eval_every=1, targets="all", lr=5e-3)
+    plain = train(events, cfg, progress=False)
+    logged = train(events, cfg.replace(log_test_every=2), progress=False)
+    assert [("test_ndcg@10" in h) for h in logged.history] == [False, True, False, True, True]
+    assert not any("test_ndcg@10" in h for h in plain.history)
+    assert [h["valid_ndcg@10"] for h in logged.history] == [h["valid_ndcg@10"] for h in plain.history]
+    assert logged.best_epoch == plain.best_epoch
+    assert logged.test_metrics == pytest.approx(plain.test_metrics)
+    best = logged.history[logged.best_epoch - 1]
+    if "test_ndcg@10" in best:  # the selected epoch was logged: the final test is that epoch's weights
+        assert best["test_ndcg@10"] == pytest.approx(logged.test_metrics["ndcg@10"])
+
+
 @pytest.mark.parametrize("patience, epochs_run", [(2, 4), (0, 6)])
 def test_early_stopping_keeps_the_best_validation_weights(events, monkeypatch, patience, epochs_run):
     """Validation NDCG@10 scripted as 0.1, 0.3, 0.2, 0.2, 0.2, 0.25: epoch 2 is best. Patience 2 stops after two
@@ -750,12 +767,17 @@ def _free_port() -> int:
 
 
 def test_distributed_model_parallel_two_ranks(events, tmp_path):
+    """Two ranks on a MovieLens folder: ratings.dat, with movies.dat beside it listing three movies nobody rated;
+    those join the catalogue as they do for encore train (events CSVs: tests/test_distributed_training.py)."""
     import os
     import subprocess
     import sys
 
-    data = tmp_path / "events.csv"
-    events.to_csv(data, index=False)
+    data = tmp_path / "ratings.dat"
+    data.write_text("".join(f"{r.user_id}::{r.item_id}::4::{r.timestamp_ms // 1000}\n" for r in events.itertuples()))
+    rated = sorted(events["item_id"].unique())
+    listed = [*rated, *range(max(rated) + 1, max(rated) + 4)]
+    (tmp_path / "movies.dat").write_text("".join(f"{i}::Movie {i} (2000)::Drama\n" for i in listed))
     out = tmp_path / "dmp_model"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
@@ -768,7 +790,7 @@ def test_distributed_model_parallel_two_ranks(events, tmp_path):
     assert "'model.embeddings.item': 'row_wise'" in proc.stdout, proc.stdout
     assert "dense in sync True" in proc.stdout, proc.stdout
     rec = Recommender.load(out)  # the gathered shards form an ordinary, servable model
-    assert rec.config.num_items == events["item_id"].nunique()
+    assert rec.config.num_items == events["item_id"].nunique() + 3  # the unrated movies are candidates too
     recs = rec.recommend([{"item_ids": [100, 101], "event_types": ["listen", "listen"], "timestamps_ms": [T0_MS, T0_MS + 1]}], k=5)
     assert len(recs[0]) == 5
 
