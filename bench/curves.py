@@ -4,8 +4,9 @@
         --published hstu-ml1m=0.3097 sasrec-ml1m=0.2853 --out docs/img/ml1m-hr10.png
 
 Each run is named by its ``config`` (and its file name too when several runs share a config: seeds, data
-variants); a config's published line is drawn once. Validation metrics are drawn when the run had a validation
-split, else the test metrics the papers' protocol logs (``validation: false``), which select nothing.
+variants); a config's published line is drawn once. By default validation metrics are drawn when the run had a
+validation split, else the test metrics the papers' protocol logs (``validation: false``), which select nothing;
+``--split test`` draws the test log of every run (runs with validation log it with ``log_test_every``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--metric", default="hr@10", help="hr@10, ndcg@10, ... (default: hr@10)")
     ap.add_argument("--published", nargs="*", default=[], metavar="CONFIG=VALUE",
                     help="a dashed reference line per config, e.g. hstu-ml1m=0.3097")
+    ap.add_argument("--split", choices=["auto", "valid", "test"], default="auto",
+                    help="auto: validation where a run has it, else its test log; test: every run's test log")
     ap.add_argument("--out", type=Path, required=True, help="the PNG to write")
     args = ap.parse_args(argv)
 
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> Path:
         published[name] = float(value)
     runs, lines = name_runs({path: json.loads(path.read_text()) for path in args.runs}, published)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    out = learning_curves(runs, args.out, args.metric, lines)
+    out = learning_curves(runs, args.out, args.metric, lines, split=args.split)
     print(out)
     return out
 

@@ -31,17 +31,27 @@ def loss_curves(history: Sequence[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def curve_points(history: Sequence[dict[str, Any]], metric: str, split: str = "auto") -> tuple[str, list[tuple[int, float]]]:
+    """(split drawn, [(epoch, value)]) of one run. ``auto``: validation where the run had a validation split,
+    else the test figures the papers' protocol logs; ``test`` draws the test log of either kind of run (a run with
+    a validation split logs it with ``log_test_every``)."""
+    if split not in ("auto", "valid", "test"):
+        raise ValueError(f"split must be auto, valid or test, not {split!r}")
+    if split == "auto":
+        split = "valid" if any(f"valid_{metric}" in h for h in history) else "test"
+    return split, [(int(h["epoch"]), h[f"{split}_{metric}"]) for h in history if f"{split}_{metric}" in h]
+
+
 def learning_curves(runs: dict[str, Sequence[dict[str, Any]]], path: Path, metric: str = "hr@10",
-                    published: dict[str, float] | None = None) -> Path:
-    """``metric`` (validation, or test for runs without a validation split) per epoch, one line per named run;
-    a dashed line of the same colour at each run's published figure."""
+                    published: dict[str, float] | None = None, split: str = "auto") -> Path:
+    """``metric`` per epoch (``split``: see ``curve_points``), one line per named run; a dashed line of the same
+    colour at each run's published figure."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, history in runs.items():
-        split = "valid" if any(f"valid_{metric}" in h for h in history) else "test"
-        points = [(int(h["epoch"]), h[f"{split}_{metric}"]) for h in history if f"{split}_{metric}" in h]
+        drawn, points = curve_points(history, metric, split)
         if not points:
             continue
-        (line,) = ax.plot(*zip(*points), marker=".", label=f"{name} ({split})")
+        (line,) = ax.plot(*zip(*points), marker=".", label=f"{name} ({drawn})")
         if published and name in published:
             ax.axhline(published[name], color=line.get_color(), linestyle="--", linewidth=1,
                        label=f"{name} published {published[name]:.4f}")

@@ -834,6 +834,18 @@ def test_learning_curves_from_quality_histories(tmp_path):
         curves([*runs, "--published", "hstu-ml1m", "--out", str(tmp_path / "x.png")])
 
 
+def test_learning_curves_draw_validation_or_the_test_log():
+    from models.plots import curve_points
+
+    selected = [{"epoch": 1.0, "valid_hr@10": 0.2}, {"epoch": 2.0, "valid_hr@10": 0.3, "test_hr@10": 0.25}]
+    final = [{"epoch": 1.0}, {"epoch": 2.0, "test_hr@10": 0.24}]
+    assert curve_points(selected, "hr@10") == ("valid", [(1, 0.2), (2, 0.3)])
+    assert curve_points(selected, "hr@10", "test") == ("test", [(2, 0.25)])
+    assert curve_points(final, "hr@10") == ("test", [(2, 0.24)])
+    with pytest.raises(ValueError, match="auto, valid or test"):
+        curve_points(final, "hr@10", "train")
+
+
 def test_learning_curves_keep_every_run_of_a_shared_config_apart():
     from bench.curves import name_runs
 
