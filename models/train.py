@@ -498,7 +498,8 @@ def train(
         record: dict[str, float] = {"epoch": float(epoch), **{k: v / n_batches for k, v in sums.items()}}
         record["train_s"] = time.perf_counter() - t_epoch
 
-        if len(split.valid) and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+        validating = len(split.valid) > 0
+        if validating and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             valid = evaluate(model, seqs, split.valid, batch_size=cfg.eval_batch_size)
             record.update({f"valid_{k}": v for k, v in valid.items()})
             if valid["ndcg@10"] > best["score"]:
@@ -506,16 +507,15 @@ def train(
             else:
                 best["bad"] += 1
             stopped = cfg.patience > 0 and best["bad"] >= cfg.patience
-            if len(split.test) and cfg.log_test_every > 0 and (epoch % cfg.log_test_every == 0 or epoch == cfg.epochs or stopped):
-                # this epoch's weights on the test split, for the curve; never used to select anything
-                test_now = evaluate(model, seqs, split.test, batch_size=cfg.eval_batch_size)
-                record.update({f"test_{k}": v for k, v in test_now.items()})
-        elif not len(split.valid):  # nothing to validate on: keep the latest weights
+        elif not validating:  # nothing to validate on: keep the latest weights
             best.update(epoch=epoch, state=None)
-            if len(split.test) and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-                # a learning curve for the log (the reference's per-epoch eval); selects nothing
-                test_now = evaluate(model, seqs, split.test, batch_size=cfg.eval_batch_size)
-                record.update({f"test_{k}": v for k, v in test_now.items()})
+        # this epoch's weights on the test split, for the learning curve only; never used to select anything.
+        # Without validation this is the reference's per-epoch eval (every eval_every epochs); with it, every
+        # log_test_every epochs (0 = never) and on the epoch a run stops.
+        every = cfg.log_test_every if validating else cfg.eval_every
+        if len(split.test) and every > 0 and (epoch % every == 0 or epoch == cfg.epochs or stopped):
+            test_now = evaluate(model, seqs, split.test, batch_size=cfg.eval_batch_size)
+            record.update({f"test_{k}": v for k, v in test_now.items()})
         record["epoch_s"] = time.perf_counter() - t_epoch
         history.append(record)
         if progress:
