@@ -207,11 +207,12 @@ def test_logging_test_figures_beside_validation_selects_nothing(events):
         assert best["test_ndcg@10"] == pytest.approx(logged.test_metrics["ndcg@10"])
 
 
-@pytest.mark.parametrize("patience, epochs_run", [(2, 4), (0, 6)])
-def test_early_stopping_keeps_the_best_validation_weights(events, monkeypatch, patience, epochs_run):
+@pytest.mark.parametrize("patience, epochs_run, test_logged", [(2, 4, [4]), (0, 6, [5, 6])])
+def test_early_stopping_keeps_the_best_validation_weights(events, monkeypatch, patience, epochs_run, test_logged):
     """Validation NDCG@10 scripted as 0.1, 0.3, 0.2, 0.2, 0.2, 0.25: epoch 2 is best. Patience 2 stops after two
     evaluations without a new best (epoch 4); patience 0 runs every epoch. Either way the returned model holds
-    epoch 2's weights, whatever the later epochs did. The test split is scored by the real evaluator."""
+    epoch 2's weights, whatever the later epochs did. The test split is scored by the real evaluator; the curve's
+    test log (every 5 epochs) also scores the epoch a run stops on and the last."""
     import models.train as train_module
 
     scripted, snapshots = iter([0.1, 0.3, 0.2, 0.2, 0.2, 0.25]), {}
@@ -233,10 +234,11 @@ def test_early_stopping_keeps_the_best_validation_weights(events, monkeypatch, p
     monkeypatch.setattr(train_module, "evaluate", scripted_valid)
     monkeypatch.setattr(train_module, "make_split", remembering_make_split)
     cfg = TrainConfig(model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=6,
-                      patience=patience, eval_every=1, targets="all", lr=5e-3)
+                      patience=patience, eval_every=1, targets="all", lr=5e-3, log_test_every=5)
     result = train(events, cfg, progress=False)
 
     assert len(result.history) == epochs_run and result.best_epoch == 2
+    assert [int(h["epoch"]) for h in result.history if "test_ndcg@10" in h] == test_logged
     assert result.valid_metrics["ndcg@10"] == 0.3
     final = result.model.state_dict()
     assert all(torch.equal(final[k], v) for k, v in snapshots[2].items())
