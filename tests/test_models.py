@@ -705,7 +705,7 @@ def test_training_beats_untrained_model(kind):
 
 def test_configs_load():
     names = [p.stem for p in (Path(__file__).parents[1] / "models" / "configs").glob("*.yaml")]
-    assert {"default", "hstu-ml1m", "hstu-large-ml1m", "sasrec-ml1m", "hstu-ml100k", "sasrec-ml100k"} <= set(names)
+    assert {"default", "hstu-ml1m", "hstu-large-ml1m", "sasrec-ml1m", "hstu-ml100k", "hstu-large-ml100k", "sasrec-ml100k"} <= set(names)
     for name in names:
         cfg = TrainConfig.from_yaml(name)
         build_model(cfg.model_config(num_items=10))  # every config builds
