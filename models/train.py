@@ -59,6 +59,37 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
+def config_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
+    """A bare name (no suffix) is a shipped config, ``models/configs/<name>.yaml``; a relative path is read
+    beside ``relative_to`` (the file that names it) when given, else from the working directory."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        return CONFIG_DIR / f"{name_or_path}.yaml"
+    if relative_to is not None and not path.is_absolute():
+        return relative_to / path
+    return path
+
+
+def read_config_file(name_or_path: str | Path, *, relative_to: Path | None = None,
+                     _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's keys with its ``base:`` chain resolved: the base's keys, then the file's own on top
+    (one level of keys: a config is flat). Key names are checked later, by ``TrainConfig.from_dict``."""
+    path = config_path(name_or_path, relative_to)
+    resolved = path.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(str(p.name) for p in (*_chain, resolved))
+        raise ValueError(f"config base cycle: {cycle}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path.name}: expected a mapping of keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ValueError(f"config {path.name}: base must be a config name or path, got {base!r}")
+    return {**read_config_file(base, relative_to=path.parent, _chain=(*_chain, resolved)), **data}
+
+
 @dataclass
 class TrainConfig:
     # model (mirrors infra.settings.TrainSettings, plus the per-family widths)
@@ -115,12 +146,12 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, name_or_path: str | Path, **overrides: Any) -> "TrainConfig":
-        """``from_yaml("default")`` reads models/configs/default.yaml; a path is read as is."""
-        path = Path(name_or_path)
-        if not path.suffix:
-            path = CONFIG_DIR / f"{name_or_path}.yaml"
-        data = yaml.safe_load(path.read_text()) or {}
-        return cls.from_dict({**data, **overrides})
+        """``from_yaml("default")`` reads models/configs/default.yaml; a path is read as is.
+
+        A file may start from another with ``base: <config name or path>`` (see ``read_config_file``), so a
+        variant (a larger size, a scaling-sweep point, a dataset's changes to a recipe) states only what it
+        changes."""
+        return cls.from_dict({**read_config_file(name_or_path), **overrides})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -553,4 +584,4 @@ def train(
     )
 
 
-__all__ = ["autocast", "resolve_device", "NegativeDraw", "RecommenderTrain", "negative_pool_size", "TrainConfig", "TrainResult", "make_optimizer", "make_split", "sampled_softmax_loss", "seed_everything", "train"]
+__all__ = ["autocast", "resolve_device", "NegativeDraw", "RecommenderTrain", "negative_pool_size", "TrainConfig", "TrainResult", "read_config_file", "make_optimizer", "make_split", "sampled_softmax_loss", "seed_everything", "train"]

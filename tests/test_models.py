@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -714,6 +715,28 @@ def test_configs_load():
     assert TrainConfig.from_yaml("default", epochs=1).epochs == 1
     with pytest.raises(ValueError, match="unknown TrainConfig keys"):
         TrainConfig.from_dict({"nope": 1})
+
+
+def test_config_base_chain(tmp_path):
+    # a shipped variant states only what it changes: the large size is hstu-ml1m with four keys changed
+    small, large = asdict(TrainConfig.from_yaml("hstu-ml1m")), asdict(TrainConfig.from_yaml("hstu-large-ml1m"))
+    assert {k for k in small if small[k] != large[k]} == {"blocks", "heads", "attn_dim", "linear_dim"}
+    # a sweep file anywhere can start from a shipped name, or from a file beside it; later keys win
+    (tmp_path / "wide.yaml").write_text("base: hstu-ml1m\ndim: 64\nepochs: 3\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "wide-deep.yaml").write_text("base: ../wide.yaml\nblocks: 4\n")
+    cfg = TrainConfig.from_yaml(tmp_path / "sub" / "wide-deep.yaml", epochs=5)
+    assert (cfg.dim, cfg.blocks, cfg.epochs, cfg.max_len) == (64, 4, 5, 200)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="config base cycle: a.yaml -> b.yaml -> a.yaml"):
+        TrainConfig.from_yaml(tmp_path / "a.yaml")
+    (tmp_path / "typo.yaml").write_text("base: hstu-ml1m\nblock: 4\n")
+    with pytest.raises(ValueError, match=r"unknown TrainConfig keys \['block'\]"):
+        TrainConfig.from_yaml(tmp_path / "typo.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: no-such-config\n")
+    with pytest.raises(FileNotFoundError):
+        TrainConfig.from_yaml(tmp_path / "orphan.yaml")
 
 
 @pytest.mark.parametrize("kind", MODELS)
