@@ -135,7 +135,9 @@ def popularity_ranks(seqs: UserSequences, examples: Examples) -> np.ndarray:
     """0-based ranks of the targets under a most-popular baseline (history filtered like ``evaluate``).
 
     Popularity counts every positive event of the data set, held-out ones included, so it is a slightly
-    optimistic floor: a trained model must beat it."""
+    optimistic floor: a trained model must beat it. Ties count against the target, as in ``evaluate``: counts
+    are integers, so most targets share their count with other items, and breaking those ties in the target's
+    favour would lift the floor."""
     counts = np.bincount(seqs.items[seqs.positive], minlength=seqs.vocab.num_embeddings).astype(np.float64)
     counts[0] = -np.inf
     ranked = np.flatnonzero(examples.rank_at >= 0)  # feedback-only windows have nothing to rank
@@ -146,7 +148,7 @@ def popularity_ranks(seqs: UserSequences, examples: Examples) -> np.ndarray:
         target = seqs.items[t]
         s[seqs.items[lo:t]] = -np.inf
         s[target] = counts[target]
-        ranks[out] = int((s > counts[target]).sum())
+        ranks[out] = int((s >= counts[target]).sum()) - 1  # every item at least as popular, but the target
     return ranks
 
 

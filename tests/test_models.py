@@ -22,7 +22,7 @@ from models.data import (
     with_targets,
 )
 from torchrec import KeyedJaggedTensor
-from models.evaluate import auc, by_reaction, evaluate, ranking_metrics
+from models.evaluate import auc, by_reaction, evaluate, popularity_ranks, ranking_metrics
 from models.recommender import ModelConfig, Recommender, SequentialRecommender, build_model, table_dim
 from models.train import NegativeDraw, NegativeLogits, RecommenderTrain, TrainConfig, make_optimizer, make_split, negative_pool_size, sampled_softmax_loss, train
 
@@ -598,6 +598,16 @@ def test_evaluate_counts_ties_against_the_target_and_ranks_a_diverged_model_last
     m = evaluate(_ConstantScorer(10, user), s, ex, ks=(1, 10))
     assert m["mrr"] == pytest.approx(1 / (rank + 1))
     assert m["hr@1"] == 0.0 and m["hr@10"] == float(rank < 10)
+
+
+def test_popularity_baseline_counts_ties_against_the_target_as_evaluate_does():
+    # every rated item is rated once, so the unseen rated items tie with the target: user 1 (saw 1, 2; target 3)
+    # has 4 and 5 level with it, user 2 (saw 4; target 5) has 1, 2 and 3; the never-rated items 6..10 rank below
+    rows = [(1, 1), (1, 2), (1, 3), (2, 4), (2, 5)]
+    df = pd.DataFrame({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows], "event_type": "listen",
+                       "timestamp_ms": [T0_MS + i * 1000 for i in range(len(rows))], "played_ratio": np.nan})
+    s = build_sequences(df, vocab=ItemVocab(np.arange(1, 11)))
+    assert popularity_ranks(s, make_split(s, TrainConfig(validation=False)).test).tolist() == [2, 3]
 
 
 # ----------------------------------------------------------------------------------------------------------
