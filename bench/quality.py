@@ -31,9 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dataset", default="synthetic",
                     choices=["synthetic", "ml-100k", "ml-1m", "ml-20m", "ml-25m", "amazon", "yambda"])
     ap.add_argument("--dataset-dir", "--data-dir", dest="dataset_dir", type=Path, default=None,
-                    help="the dataset's folder (--data-dir, as encore train spells it, works too); its item file (u.item, "
-                         "movies.dat, movies.csv), where present, is the "
-                         "catalogue ranked, unrated items included")
+                    help="the dataset's folder (--data-dir, as encore train spells it, works too); its item file "
+                         "(u.item, movies.dat, movies.csv), where present, is the catalogue ranked, unrated items included")
     ap.add_argument("--config", default="default", help="a name under models/configs/ or a YAML path")
     ap.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     ap.add_argument("--seed", type=int, default=None, help="override the config's seed (repeat runs to see the spread)")

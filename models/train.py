@@ -77,7 +77,7 @@ def read_config_file(name_or_path: str | Path, *, relative_to: Path | None = Non
     path = config_path(name_or_path, relative_to)
     resolved = path.resolve()
     if resolved in _chain:
-        cycle = " -> ".join(str(p.name) for p in (*_chain, resolved))
+        cycle = " -> ".join(p.name for p in (*_chain, resolved))
         raise ValueError(f"config base cycle: {cycle}")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
