@@ -893,6 +893,46 @@ def test_learning_curves_keep_every_run_of_a_shared_config_apart():
     assert lines == {"hstu-ml1m (hstu)": 0.3097, "sasrec-ml1m": 0.2853}
 
 
+def test_compare_pairs_seeds_and_replays_the_trainers_epoch_choice(tmp_path, capsys):
+    # bench.compare: runs pair by seed; a budget keeps the first epoch with the best validation NDCG@10 among
+    # the epochs it allows (models/train.py's rule) and reads that epoch's test log
+    import json
+
+    from scipy import stats
+
+    from bench.compare import kept_at_budget, main as compare
+
+    def history(valid, test):
+        return [{"epoch": float(2 * i + 2), "valid_ndcg@10": v, "test_hr@10": t} for i, (v, t) in enumerate(zip(valid, test))]
+
+    # epochs 2, 4, 6, 8: validation ties at 4 and 8 (the first stays), so budget 4..8 keeps epoch 4
+    h = history([0.1, 0.3, 0.2, 0.3], [0.05, 0.20, 0.25, 0.30])
+    assert kept_at_budget(h, 2)["hr@10"] == 0.05
+    assert kept_at_budget(h, 8) == {"hr@10": 0.20, "valid_ndcg@10": 0.3, "epoch": 4.0}
+    with pytest.raises(ValueError, match="log_test_every"):
+        kept_at_budget([{"epoch": 2.0, "valid_ndcg@10": 0.1}], 10)
+
+    hr_a, hr_b = [0.21, 0.20, 0.23], [0.20, 0.19, 0.20]
+    side = {}
+    for name, hrs in (("hstu", hr_a), ("sasrec", hr_b)):
+        side[name] = []
+        for seed, hr in zip((3, 1, 2), hrs):  # file order must not matter: pairing is by seed
+            path = tmp_path / f"{name}-s{seed}.json"
+            path.write_text(json.dumps({"config": f"models/configs/{name}-ml100k.yaml", "seed": seed, "hr@10": hr,
+                                        "history": history([0.1, 0.2], [hr - 0.1, hr])}))
+            side[name].append(str(path))
+    out = compare([*side["hstu"], "--against", *side["sasrec"], "--budgets", "2", "4", "--metrics", "hr@10"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == out and last["a"] == "hstu-ml100k" and last["seeds"] == [1, 2, 3]
+    at4 = last["budgets"]["4"][0]
+    assert at4["ahead"] == 3 and at4["diff"] == pytest.approx(0.05 / 3)
+    assert at4["p_t"] == pytest.approx(stats.ttest_rel(hr_a, hr_b).pvalue)
+    assert last["budgets"]["2"][0]["mean_a"] == pytest.approx(sum(hr_a) / 3 - 0.1)
+
+    with pytest.raises(SystemExit):  # seeds that do not pair
+        compare([*side["hstu"], "--against", *side["sasrec"][:2]])
+
+
 def test_quality_bench_reports_the_window_protocol_and_the_history_filtered_figures(tmp_path):
     # a seen_filter: window config: the JSON's main figures filter only the input window; history_filtered
     # ranks the same weights with every earlier item filtered, so it can only be at least as good (fewer
