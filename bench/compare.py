@@ -91,17 +91,16 @@ def paired(metric: str, a: np.ndarray, b: np.ndarray) -> Paired:
                   int((d > 0).sum()), int((d == 0).sum()), p_t, p_w)
 
 
+def figures(runs: dict[int, dict], budget: int | None) -> list[dict[str, float]]:
+    """Per seed (ascending): the run's reported figures, or those of the epoch it keeps within ``budget``."""
+    return [runs[s] if budget is None else kept_at_budget(runs[s]["history"], budget) for s in sorted(runs)]
+
+
 def compare(runs_a: dict[int, dict], runs_b: dict[int, dict], metrics: Sequence[str],
             budget: int | None = None) -> list[Paired]:
-    seeds = sorted(runs_a)
-    if seeds != sorted(runs_b):
-        raise ValueError(f"the two sides must have the same seeds: {seeds} vs {sorted(runs_b)}")
-
-    def figures(run: dict) -> dict[str, float]:
-        return run if budget is None else kept_at_budget(run["history"], budget)
-
-    fa = [figures(runs_a[s]) for s in seeds]
-    fb = [figures(runs_b[s]) for s in seeds]
+    if sorted(runs_a) != sorted(runs_b):
+        raise ValueError(f"the two sides must have the same seeds: {sorted(runs_a)} vs {sorted(runs_b)}")
+    fa, fb = figures(runs_a, budget), figures(runs_b, budget)
     out = []
     for m in metrics:
         if all(m in f for f in fa + fb):
@@ -135,16 +134,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="compare the epoch each run would have kept after this many epochs (needs the test "
                          "split logged on validated epochs)")
     ap.add_argument("--metrics", nargs="*", default=list(DEFAULT_METRICS), help="default: %(default)s")
+    ap.add_argument("--plot", type=Path, metavar="PNG",
+                    help="with --budgets: draw the first metric by budget, both configs (mean and seed range)")
     args = ap.parse_args(argv)
+    if args.plot and not args.budgets:
+        ap.error("--plot draws figures by budget: give --budgets too")
 
     try:
         runs_a, runs_b = load_runs(args.runs), load_runs(args.against)
         name_a = Path(str(next(iter(runs_a.values()))["config"])).stem
         name_b = Path(str(next(iter(runs_b.values()))["config"])).stem
+        if name_b == name_a:  # two variants of one config (data, code): keep the sides apart in tables and plots
+            name_a, name_b = f"{name_a} ({args.runs[0].stem})", f"{name_b} ({args.against[0].stem})"
         budgets: list[int | None] = list(args.budgets) or [None]
         results = {b: compare(runs_a, runs_b, args.metrics, b) for b in budgets}
     except (ValueError, KeyError) as err:
         ap.error(str(err))
+    if args.plot:
+        from models.plots import budget_curves
+
+        metric = args.metrics[0]
+        sides = {name: [[f[metric] for f in figures(runs, b)] for b in args.budgets]
+                 for name, runs in ((name_a, runs_a), (name_b, runs_b))}
+        print(budget_curves(args.budgets, sides, args.plot, metric))
     for budget, rows in results.items():
         title = "the weights each run kept" if budget is None else f"budget {budget} epochs"
         print(f"\n{name_a} vs {name_b}, {rows[0].n if rows else 0} paired seeds, {title}:\n")

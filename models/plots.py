@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -56,6 +56,25 @@ def learning_curves(runs: dict[str, Sequence[dict[str, Any]]], path: Path, metri
             ax.axhline(published[name], color=line.get_color(), linestyle="--", linewidth=1,
                        label=f"{name} published {published[name]:.4f}")
     ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} by epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def budget_curves(budgets: Sequence[int], sides: Mapping[str, Sequence[Sequence[float]]], path: Path,
+                  metric: str = "hr@10") -> Path:
+    """``metric`` of the weights each model would keep under each training budget (x: epochs), one line per model
+    at its mean over seeds and a band from its lowest to its highest seed. ``sides[name][i]``: the per-seed values
+    at ``budgets[i]``."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, per_budget in sides.items():
+        v = np.asarray(per_budget, dtype=float)  # [budgets, seeds]
+        (line,) = ax.plot(budgets, v.mean(axis=1), marker="o", label=f"{name} (mean of {v.shape[1]} seeds)")
+        ax.fill_between(budgets, v.min(axis=1), v.max(axis=1), color=line.get_color(), alpha=0.15)
+    ax.set(xlabel="training budget (epochs; the best validation epoch within it kept)", ylabel=f"test {metric}",
+           title=f"test {metric} by training budget")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

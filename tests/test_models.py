@@ -929,8 +929,13 @@ def test_compare_pairs_seeds_and_replays_the_trainers_epoch_choice(tmp_path, cap
     assert at4["p_t"] == pytest.approx(stats.ttest_rel(hr_a, hr_b).pvalue)
     assert last["budgets"]["2"][0]["mean_a"] == pytest.approx(sum(hr_a) / 3 - 0.1)
 
+    png = tmp_path / "budget.png"
+    compare([*side["hstu"], "--against", *side["sasrec"], "--budgets", "2", "4", "--plot", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):  # seeds that do not pair
         compare([*side["hstu"], "--against", *side["sasrec"][:2]])
+    with pytest.raises(SystemExit):  # a plot by budget needs budgets
+        compare([*side["hstu"], "--against", *side["sasrec"], "--plot", str(png)])
 
 
 def test_quality_bench_reports_the_window_protocol_and_the_history_filtered_figures(tmp_path):
