@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -148,15 +149,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             name_a, name_b = f"{name_a} ({args.runs[0].stem})", f"{name_b} ({args.against[0].stem})"
         budgets: list[int | None] = list(args.budgets) or [None]
         results = {b: compare(runs_a, runs_b, args.metrics, b) for b in budgets}
+        missing = [m for m in args.metrics if not any(r.metric == m for rows in results.values() for r in rows)]
+        if missing:
+            print(f"not in every run, left out: {' '.join(missing)}", file=sys.stderr)
+        if args.plot:
+            from models.plots import budget_curves
+
+            metric = args.metrics[0]
+            if metric in missing:
+                raise ValueError(f"--plot draws the first metric, {metric}, which not every run has")
+            sides = {name: [[f[metric] for f in figures(runs, b)] for b in args.budgets]
+                     for name, runs in ((name_a, runs_a), (name_b, runs_b))}
+            print(budget_curves(args.budgets, sides, args.plot, metric))
     except (ValueError, KeyError) as err:
         ap.error(str(err))
-    if args.plot:
-        from models.plots import budget_curves
-
-        metric = args.metrics[0]
-        sides = {name: [[f[metric] for f in figures(runs, b)] for b in args.budgets]
-                 for name, runs in ((name_a, runs_a), (name_b, runs_b))}
-        print(budget_curves(args.budgets, sides, args.plot, metric))
     for budget, rows in results.items():
         title = "the weights each run kept" if budget is None else f"budget {budget} epochs"
         print(f"\n{name_a} vs {name_b}, {rows[0].n if rows else 0} paired seeds, {title}:\n")
