@@ -65,10 +65,7 @@ def kept_at_budget(history: Sequence[dict[str, float]], budget: int) -> dict[str
     validated = [e for e in history if e["epoch"] <= budget and SELECT_BY in e]
     if not validated:
         raise ValueError(f"no validated epoch within the first {budget} epochs")
-    best = validated[0]
-    for entry in validated[1:]:
-        if entry[SELECT_BY] > best[SELECT_BY]:  # strict: the first best epoch stays, as in training
-            best = entry
+    best = max(validated, key=lambda e: e[SELECT_BY])  # max keeps the first of equals: the trainer's strict ">"
     if not any(k.startswith("test_") for k in best):
         raise ValueError(f"epoch {int(best['epoch'])} was validated but its test split was not logged: "
                          "set log_test_every equal to eval_every in the config")
@@ -97,14 +94,11 @@ def figures(runs: dict[int, dict], budget: int | None) -> list[dict[str, float]]
     return [runs[s] if budget is None else kept_at_budget(runs[s]["history"], budget) for s in sorted(runs)]
 
 
-def compare(runs_a: dict[int, dict], runs_b: dict[int, dict], metrics: Sequence[str],
-            budget: int | None = None) -> list[Paired]:
-    if sorted(runs_a) != sorted(runs_b):
-        raise ValueError(f"the two sides must have the same seeds: {sorted(runs_a)} vs {sorted(runs_b)}")
-    fa, fb = figures(runs_a, budget), figures(runs_b, budget)
+def compare(fa: Sequence[dict[str, float]], fb: Sequence[dict[str, float]], metrics: Sequence[str]) -> list[Paired]:
+    """Paired statistics of every metric both sides have, from per-seed figures in the same seed order."""
     out = []
     for m in metrics:
-        if all(m in f for f in fa + fb):
+        if all(m in f for f in (*fa, *fb)):
             out.append(paired(m, np.array([f[m] for f in fa], float), np.array([f[m] for f in fb], float)))
     return out
 
@@ -147,8 +141,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         name_b = Path(str(next(iter(runs_b.values()))["config"])).stem
         if name_b == name_a:  # two variants of one config (data, code): keep the sides apart in tables and plots
             name_a, name_b = f"{name_a} ({args.runs[0].stem})", f"{name_b} ({args.against[0].stem})"
+        if sorted(runs_a) != sorted(runs_b):
+            raise ValueError(f"the two sides must have the same seeds: {sorted(runs_a)} vs {sorted(runs_b)}")
         budgets: list[int | None] = list(args.budgets) or [None]
-        results = {b: compare(runs_a, runs_b, args.metrics, b) for b in budgets}
+        figs = {b: (figures(runs_a, b), figures(runs_b, b)) for b in budgets}  # read once: tables and plot
+        results = {b: compare(fa, fb, args.metrics) for b, (fa, fb) in figs.items()}
         missing = [m for m in args.metrics if not any(r.metric == m for rows in results.values() for r in rows)]
         if missing:
             print(f"not in every run, left out: {' '.join(missing)}", file=sys.stderr)
@@ -158,8 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             metric = args.metrics[0]
             if metric in missing:
                 raise ValueError(f"--plot draws the first metric, {metric}, which not every run has")
-            sides = {name: [[f[metric] for f in figures(runs, b)] for b in args.budgets]
-                     for name, runs in ((name_a, runs_a), (name_b, runs_b))}
+            sides = {name: [[f[metric] for f in figs[b][side]] for b in args.budgets]
+                     for side, name in enumerate((name_a, name_b))}
             print(budget_curves(args.budgets, sides, args.plot, metric))
     except (ValueError, KeyError) as err:
         ap.error(str(err))
