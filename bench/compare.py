@@ -14,6 +14,15 @@ had the run ended after E epochs, that is the first epoch with the highest valid
 For each metric: both means, the mean paired difference (first minus second), in how many seeds the first is
 ahead, and the two-sided p of the paired t-test and of Wilcoxon's signed-rank test (scipy). A table per budget,
 then as the LAST line one JSON object with the same figures.
+
+``--users`` adds what pairing by seed cannot see: the held-out users are a sample too. Every run ranks the same
+targets (one per user), so a difference between two configs carries the noise of *which* users were held out as
+well as that of the seeds, and averaging more seeds removes only the second. From the per-target ranks that
+``bench.quality --history`` keeps, it pairs the two configs target by target and bootstraps seeds and users
+together (each resample draws seeds and users with replacement, independently): the mean difference, its 95%
+interval, the standard error from users alone and from seeds alone, and a two-sided bootstrap p. Per split
+(test, and validation where the runs have one); where both splits hold the same users, also "valid - test":
+whether the two splits disagree about the difference by more than their noise.
 """
 
 from __future__ import annotations
@@ -103,6 +112,111 @@ def compare(fa: Sequence[dict[str, float]], fb: Sequence[dict[str, float]], metr
     return out
 
 
+@dataclass
+class UserLevel:
+    split: str  # "test", "valid", or "valid - test" (the difference of the two splits' differences)
+    metric: str
+    seeds: int
+    users: int
+    mean_a: float
+    mean_b: float
+    diff: float  # mean over seeds and users of (a - b)
+    ci_low: float  # 95% percentile interval of the two-way bootstrap
+    ci_high: float
+    se_users: float  # bootstrap standard error with the seeds fixed: the held-out users' noise
+    se_seeds: float  # with the users fixed: the seeds' noise
+    p: float  # two-sided: twice the share of resamples on the far side of zero
+
+
+BOOTSTRAP = 10_000
+USER_METRICS = ("hr@1", "hr@10", "hr@50", "hr@200", "ndcg@10", "ndcg@50", "ndcg@200", "mrr")
+
+
+def per_target(metric: str, ranks: np.ndarray) -> np.ndarray:
+    """One target's contribution to ``metric`` (the metrics of models/evaluate.py are their means)."""
+    name, _, k = metric.partition("@")
+    if name == "hr":
+        return (ranks < int(k)).astype(float)
+    if name == "ndcg":
+        return np.where(ranks < int(k), 1.0 / np.log2(ranks + 2.0), 0.0)
+    if name == "mrr":
+        return 1.0 / (ranks + 1.0)
+    raise ValueError(f"--users knows hr@k, ndcg@k and mrr, not {metric}")
+
+
+def target_ranks(runs: dict[int, dict], split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(events [T], ranks [seeds, T]) of one side; None if no run kept ranks for ``split``."""
+    if not all(split in run.get("ranks", {}) for run in runs.values()):
+        return None
+    events = [np.asarray(runs[s]["ranks"][split]["event"]) for s in sorted(runs)]
+    if any(not np.array_equal(e, events[0]) for e in events):
+        raise ValueError(f"the runs rank different {split} targets: not the same data and split")
+    return events[0], np.array([runs[s]["ranks"][split]["rank"] for s in sorted(runs)], dtype=float)
+
+
+def bootstrap(d: np.ndarray, rng: np.random.Generator, draws: int = BOOTSTRAP) -> dict[str, float]:
+    """Two-way bootstrap of the grand mean of ``d`` [seeds, users]: seeds and users resampled independently."""
+    k, n = d.shape
+    seeds = rng.multinomial(k, np.full(k, 1.0 / k), size=draws).astype(float)  # [draws, k] counts
+    users = rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(float)  # [draws, n]
+    both = np.einsum("bs,su,bu->b", seeds, d, users) / (k * n)
+    users_only = users @ d.mean(axis=0) / n  # seeds fixed
+    seeds_only = seeds @ d.mean(axis=1) / k  # users fixed
+    lo, hi = np.percentile(both, [2.5, 97.5])
+    p = min(1.0, 2 * min(float((both <= 0).mean()), float((both >= 0).mean())))
+    return {"ci_low": float(lo), "ci_high": float(hi), "se_users": float(users_only.std()),
+            "se_seeds": float(seeds_only.std()), "p": p}
+
+
+def user_level(runs_a: dict[int, dict], runs_b: dict[int, dict], metrics: Sequence[str], seed: int = 0) -> list[UserLevel]:
+    """The ``--users`` rows: per split and metric, the two-way bootstrap of the paired per-target difference."""
+    rng = np.random.default_rng(seed)
+    wanted = [m for m in metrics if m.removeprefix("valid_") in USER_METRICS]
+    per_split: dict[str, tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
+    for split in ("test", "valid"):
+        a, b = target_ranks(runs_a, split), target_ranks(runs_b, split)
+        if a is None or b is None:
+            continue
+        if not np.array_equal(a[0], b[0]):
+            raise ValueError(f"the two configs rank different {split} targets: not the same data and split")
+        names = {m.removeprefix("valid_") for m in wanted}
+        per_split[split] = (a[0], {m: per_target(m, a[1]) for m in names}, {m: per_target(m, b[1]) for m in names})
+    if not per_split:
+        raise ValueError("--users needs runs that kept per-target ranks (bench.quality --history writes them since this option exists)")
+    rows = []
+
+    def row(split: str, metric: str, va: np.ndarray, vb: np.ndarray) -> UserLevel:
+        d = va - vb
+        return UserLevel(split, metric, d.shape[0], d.shape[1], float(va.mean()), float(vb.mean()), float(d.mean()),
+                         **bootstrap(d, rng))
+
+    for split, (_, va, vb) in per_split.items():
+        for m in sorted({m.removeprefix("valid_") for m in wanted}, key=USER_METRICS.index):
+            rows.append(row(split, m, va[m], vb[m]))
+    if "valid" in per_split and "test" in per_split:
+        ev, et = per_split["valid"][0], per_split["test"][0]
+        # one target per user in each split, both ascending: the k-th of each is the same user when each valid
+        # target precedes its test target and follows the previous user's test target
+        if len(ev) == len(et) and np.all(ev < et) and np.all(ev[1:] > et[:-1]):
+            for m in sorted({m.removeprefix("valid_") for m in wanted}, key=USER_METRICS.index):
+                va = per_split["valid"][1][m] - per_split["test"][1][m]
+                vb = per_split["valid"][2][m] - per_split["test"][2][m]
+                rows.append(row("valid - test", m, va, vb))
+    return rows
+
+
+def user_table(rows: Sequence[UserLevel], name_a: str, name_b: str) -> str:
+    def p(x: float) -> str:
+        return "< 0.001" if x < 0.001 else f"{x:.3f}"
+
+    lines = [f"| split | metric | {name_a} | {name_b} | difference | 95% interval | SE users | SE seeds | p |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.split} | {r.metric} | {r.mean_a:.4f} | {r.mean_b:.4f} | {r.diff:+.4f} "
+                     f"| {r.ci_low:+.4f} to {r.ci_high:+.4f} | {r.se_users:.4f} | {r.se_seeds:.4f} | {p(r.p)} |")
+    return "\n".join(lines)
+
+
 def table(rows: Sequence[Paired], name_a: str, name_b: str) -> str:
     def p(x: float) -> str:
         return "–" if math.isnan(x) else ("< 0.001" if x < 0.001 else f"{x:.3f}")
@@ -129,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="compare the epoch each run would have kept after this many epochs (needs the test "
                          "split logged on validated epochs)")
     ap.add_argument("--metrics", nargs="*", default=list(DEFAULT_METRICS), help="default: %(default)s")
+    ap.add_argument("--users", action="store_true",
+                    help="also bootstrap seeds and held-out users together, from the runs' per-target ranks")
     ap.add_argument("--plot", type=Path, metavar="PNG",
                     help="with --budgets: draw the first metric by budget, both configs (mean and seed range)")
     args = ap.parse_args(argv)
@@ -158,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sides = {name: [[f[metric] for f in figs[b][side]] for b in args.budgets]
                      for side, name in enumerate((name_a, name_b))}
             print(budget_curves(args.budgets, sides, args.plot, metric))
+        users = user_level(runs_a, runs_b, args.metrics) if args.users else []
     except (ValueError, KeyError) as err:
         ap.error(str(err))
     for budget, rows in results.items():
@@ -168,6 +285,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "a": name_a, "b": name_b, "seeds": sorted(runs_a),
         "budgets": {("kept" if b is None else str(b)): [_json_row(r) for r in rows] for b, rows in results.items()},
     }
+    if users:
+        print(f"\n{name_a} vs {name_b}, per held-out target, the weights each run kept "
+              f"(bootstrap of {len(runs_a)} seeds x {users[0].users} users, {BOOTSTRAP:,} draws):\n")
+        print(user_table(users, name_a, name_b))
+        summary["users"] = [asdict(r) for r in users]
     print(json.dumps(summary))
     return summary
 

@@ -13,6 +13,8 @@ of training, validation excluded: events a window leaves out, such as those befo
 on ML-1M, are not counted) and ``events_per_s`` (the dataset's events x epochs / training seconds). Where the
 test targets carry both reactions (the MovieLens paper configs rank every rating), ``by_reaction`` holds
 HR@10/50/200, NDCG@10 and MRR over the targets the user reacted to positively and negatively, apart.
+``--history FILE`` also keeps every held-out target's rank under the kept weights (``ranks``: per split, the
+target events and their 0-based ranks), so that ``bench.compare --users`` can pair two configs user by user.
 
     python -m bench.quality --dataset ml-100k --dataset-dir ../shared/data/ml-100k --config hstu-ml100k
 """
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=None, help="override the config's seed (repeat runs to see the spread)")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--history", type=Path, default=None, metavar="FILE",
-                    help="also write the per-epoch history and the final figures here as JSON (for bench.curves); "
+                    help="also write the per-epoch history, the final figures and every held-out target's rank here as JSON (for "
+                         "bench.curves and bench.compare); "
                          "rewritten after every epoch, so a run stopped midway keeps its curve (\"finished\": false)")
     args = ap.parse_args(argv)
 
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.seen_filter == "window":
         out["history_filtered"] = _history_filtered(df, cfg, result)
     if args.history is not None:
-        _write_json(args.history, {**out, "finished": True, "history": result.history})
+        _write_json(args.history, {**out, "finished": True, "history": result.history,
+                                   "ranks": _target_ranks(df, cfg, result)})
     print(json.dumps(out))
     return out
 
@@ -93,6 +97,23 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     tmp.replace(path)
+
+
+def _target_ranks(df, cfg, result) -> dict[str, dict[str, list[int]]]:  # noqa: ANN001 - as below
+    """Each held-out target's event index and 0-based rank under the kept weights, per split: what
+    ``bench.compare --users`` pairs user by user across runs on the same data (the metrics above are their means)."""
+    from models.data import build_sequences, with_targets
+    from models.evaluate import rank_targets
+    from models.train import make_split
+
+    seqs = with_targets(build_sequences(df, vocab=result.vocab), cfg.targets)
+    split = make_split(seqs, cfg)
+    out = {}
+    for name, examples in (("valid", split.valid), ("test", split.test)):
+        if len(examples):
+            ranked = rank_targets(result.model, seqs, examples, batch_size=cfg.eval_batch_size)
+            out[name] = {"event": ranked.event.tolist(), "rank": ranked.rank.tolist()}
+    return out
 
 
 def _history_filtered(df, cfg, result) -> dict[str, float]:  # noqa: ANN001 - a DataFrame, TrainConfig, TrainResult

@@ -20,12 +20,13 @@ hides. The ARGUS feedback task is meant to do exactly that.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from models.data import Examples, UserSequences, iterate_batches
+from models.data import Examples, UserSequences, batch_rows, make_batch
 from models.recommender import SequentialRecommender
 
 DEFAULT_KS = (1, 10, 50, 200)
@@ -68,24 +69,38 @@ def auc(scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) ->
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+@dataclass(frozen=True)
+class RankedTargets:
+    """Every ranked target of an evaluation split, in the order of its target event.
+
+    ``event`` is the target's absolute index into the ``UserSequences`` arrays: runs of different models on the
+    same data and split rank the same events, so their ranks pair up user by user (``bench.compare --users``).
+    """
+
+    event: np.ndarray  # [T] int64, ascending
+    rank: np.ndarray  # [T] int64: 0-based rank among the candidates (ties count against the target)
+    positive: np.ndarray  # [T] bool: the user reacted positively to the target
+    feedback_logits: np.ndarray  # [F] float: ARGUS feedback head's logits (empty without the head)
+    feedback_labels: np.ndarray  # [F] bool
+
+
 @torch.inference_mode()
-def evaluate(
+def rank_targets(
     model: SequentialRecommender,
     seqs: UserSequences,
     examples: Examples,
     *,
     batch_size: int = 256,
-    ks: Sequence[int] = DEFAULT_KS,
-) -> dict[str, float]:
-    """Metrics over ``examples`` (one ranked target each, e.g. ``Split.valid`` / ``Split.test``)."""
+) -> RankedTargets:
+    """Rank each example's target against the full catalogue (``examples``: ``Split.valid`` / ``Split.test``)."""
     was_training = model.training
     model.eval()
     num_items = model.cfg.num_items
     device = next(model.parameters(), torch.empty(0)).device  # batches are built on the CPU
     items = model.all_item_embeddings().to(device)  # [V + 1, D], computed once
-    ranks, positive, fb_logits, fb_labels = [], [], [], []
-    for batch in iterate_batches(seqs, examples, batch_size, with_seen=True, bucket_by_length=True):
-        batch = batch.to(device)
+    events, ranks, positive, fb_logits, fb_labels = [], [], [], [], []
+    for rows in batch_rows(examples, batch_size, bucket_by_length=True):
+        batch = make_batch(seqs, examples.subset(rows), with_seen=True).to(device)
         h = model(batch.features, batch.timestamps, batch.query_timestamps)  # [N, D]
         user = h[batch.rank_mask]  # [B, D]: exactly one ranked position per window, in row order
         target = batch.target_ids[batch.rank_mask]  # [B]
@@ -100,20 +115,39 @@ def evaluate(
         # target score ranks last: a diverged model (NaN vectors, or every score equal) must read as worthless,
         # not as perfect (every comparison with NaN is False), or early stopping would keep its weights.
         rank = (scores >= target_score).sum(dim=1)
-        ranks.append(torch.where(torch.isfinite(target_score[:, 0]), rank, torch.full_like(rank, num_items)))
-        positive.append(batch.target_positive[batch.rank_mask])
+        ranks.append(torch.where(torch.isfinite(target_score[:, 0]), rank, torch.full_like(rank, num_items)).cpu())
+        rank_at = examples.rank_at[rows]
+        events.append(rank_at[rank_at >= 0])  # feedback-only windows rank nothing
+        positive.append(batch.target_positive[batch.rank_mask].cpu())
         if model.feedback_head is not None and bool(batch.feedback_mask.any()):
             fb = batch.feedback_mask
-            fb_logits.append(model.feedback_logits(h[fb], items[batch.target_ids[fb]]))
-            fb_labels.append(batch.target_positive[fb])
+            fb_logits.append(model.feedback_logits(h[fb], items[batch.target_ids[fb]]).float().cpu())
+            fb_labels.append(batch.target_positive[fb].cpu())
     model.train(was_training)
 
-    all_ranks = torch.cat(ranks) if ranks else torch.zeros(0)
-    metrics = ranking_metrics(all_ranks, num_items, ks)
-    metrics["count"] = float(len(all_ranks))
-    metrics.update(by_reaction(all_ranks, torch.cat(positive) if positive else torch.zeros(0, dtype=torch.bool), num_items))
+    cat = lambda xs, dtype: np.concatenate([np.asarray(x) for x in xs]).astype(dtype) if xs else np.zeros(0, dtype)  # noqa: E731
+    event = cat(events, np.int64)
+    order = np.argsort(event, kind="stable")
+    return RankedTargets(event=event[order], rank=cat(ranks, np.int64)[order], positive=cat(positive, bool)[order],
+                         feedback_logits=cat(fb_logits, np.float64), feedback_labels=cat(fb_labels, bool))
+
+
+def evaluate(
+    model: SequentialRecommender,
+    seqs: UserSequences,
+    examples: Examples,
+    *,
+    batch_size: int = 256,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> dict[str, float]:
+    """Metrics over ``examples`` (one ranked target each, e.g. ``Split.valid`` / ``Split.test``)."""
+    ranked = rank_targets(model, seqs, examples, batch_size=batch_size)
+    num_items = model.cfg.num_items
+    metrics = ranking_metrics(ranked.rank, num_items, ks)
+    metrics["count"] = float(len(ranked.rank))
+    metrics.update(by_reaction(torch.from_numpy(ranked.rank), torch.from_numpy(ranked.positive), num_items))
     if model.feedback_head is not None:
-        metrics["feedback_auc"] = auc(torch.cat(fb_logits), torch.cat(fb_labels)) if fb_logits else math.nan
+        metrics["feedback_auc"] = auc(ranked.feedback_logits, ranked.feedback_labels) if len(ranked.feedback_labels) else math.nan
     return metrics
 
 
@@ -152,4 +186,5 @@ def popularity_ranks(seqs: UserSequences, examples: Examples) -> np.ndarray:
     return ranks
 
 
-__all__ = ["BY_REACTION", "DEFAULT_KS", "auc", "by_reaction", "evaluate", "popularity_ranks", "ranking_metrics"]
+__all__ = ["BY_REACTION", "DEFAULT_KS", "RankedTargets", "auc", "by_reaction", "evaluate", "popularity_ranks", "rank_targets",
+           "ranking_metrics"]

@@ -938,6 +938,60 @@ def test_compare_pairs_seeds_and_replays_the_trainers_epoch_choice(tmp_path, cap
         compare([*side["hstu"], "--against", *side["sasrec"], "--plot", str(png)])
 
 
+def test_compare_users_bootstraps_seeds_and_held_out_users_together(tmp_path, capsys):
+    # --users pairs the configs target by target from the runs' ranks; the bootstrap interval must cover the
+    # difference, and a difference carried by a handful of users must not read as significant however many
+    # seeds agree on it (the seeds share the users)
+    import json
+
+    from bench.compare import main as compare
+
+    rng = np.random.default_rng(0)
+    users = 400
+    valid_events = np.arange(users) * 10 + 5
+    test_events = valid_events + 3  # each user's test target follows their validation target
+    base = rng.integers(0, 300, size=users)
+
+    def write(name, seed, test_ranks, valid_ranks):
+        path = tmp_path / f"{name}-s{seed}.json"
+        path.write_text(json.dumps({"config": f"{name}.yaml", "seed": seed, "hr@10": float((test_ranks < 10).mean()),
+                                    "ranks": {"test": {"event": test_events.tolist(), "rank": test_ranks.tolist()},
+                                              "valid": {"event": valid_events.tolist(), "rank": valid_ranks.tolist()}}}))
+        return str(path)
+
+    # clear: a is 5 places better for every user, on both splits (no seed noise at all)
+    a = [write("a", s, np.maximum(base - 5, 0), base) for s in (1, 2, 3)]
+    b = [write("b", s, base, base) for s in (1, 2, 3)]
+    out = compare([*a, "--against", *b, "--users", "--metrics", "hr@10", "mrr"])
+    rows = {(r["split"], r["metric"]): r for r in out["users"]}
+    assert set(rows) == {(s, m) for s in ("test", "valid", "valid - test") for m in ("hr@10", "mrr")}
+    mrr = rows["test", "mrr"]
+    want = float(np.mean(1 / (np.maximum(base - 5, 0) + 1) - 1 / (base + 1)))
+    assert mrr["diff"] == pytest.approx(want) and mrr["ci_low"] <= want <= mrr["ci_high"] and mrr["p"] < 0.01
+    assert mrr["se_seeds"] == 0.0 and mrr["se_users"] > 0
+    assert rows["valid", "mrr"]["diff"] == 0.0 and rows["valid", "mrr"]["p"] == 1.0
+    assert rows["valid - test", "mrr"]["diff"] == pytest.approx(-want)
+    assert "| test | mrr |" in capsys.readouterr().out
+
+    # a lead that lives in 3 users of 400, repeated by all 5 seeds (every seed ahead, by the same amount):
+    # resampling the users finds it is no evidence
+    lucky = base.copy()
+    lucky[:3] = 0
+    worse = base.copy()
+    worse[:3] = 50
+    a = [write("a", s, lucky, base) for s in range(1, 6)]
+    b = [write("b", s, worse, base) for s in range(1, 6)]
+    out = compare([*a, "--against", *b, "--users", "--metrics", "mrr"])
+    assert out["budgets"]["kept"] == []  # these files carry no mrr figure: only the per-target rows speak
+    assert next(r for r in out["users"] if r["split"] == "test")["p"] > 0.05
+
+    # runs that rank different targets cannot pair
+    other = tmp_path / "c-s1.json"
+    other.write_text(json.dumps({"config": "c.yaml", "seed": 1, "ranks": {"test": {"event": [1, 2], "rank": [0, 1]}}}))
+    with pytest.raises(SystemExit):
+        compare([a[0], "--against", str(other), "--users"])
+
+
 def test_quality_bench_reports_the_window_protocol_and_the_history_filtered_figures(tmp_path):
     # a seen_filter: window config: the JSON's main figures filter only the input window; history_filtered
     # ranks the same weights with every earlier item filtered, so it can only be at least as good (fewer
@@ -991,6 +1045,12 @@ def test_quality_history_is_rewritten_every_epoch_so_a_stopped_run_keeps_its_cur
     done = json.loads(path.read_text())
     assert done["finished"] is True and [h["epoch"] for h in done["history"]] == [1.0, 2.0, 3.0]
     assert 0.0 <= done["hr@10"] <= 1.0 and not list(tmp_path.glob("*.tmp"))
+    # every test target's rank under the kept weights, in event order; their hits are the reported HR@10
+    ranks = done["ranks"]
+    assert set(ranks) == {"test"}  # validation: false, nothing else ranked
+    events, test_ranks = np.array(ranks["test"]["event"]), np.array(ranks["test"]["rank"])
+    assert len(test_ranks) == len(events) > 0 and np.all(np.diff(events) > 0)
+    assert round(float((test_ranks < 10).mean()), 4) == done["hr@10"]
 
 
 _REALLOC_PROBE = """
