@@ -171,7 +171,8 @@ def bootstrap(d: np.ndarray, rng: np.random.Generator, draws: int = BOOTSTRAP) -
 def user_level(runs_a: dict[int, dict], runs_b: dict[int, dict], metrics: Sequence[str], seed: int = 0) -> list[UserLevel]:
     """The ``--users`` rows: per split and metric, the two-way bootstrap of the paired per-target difference."""
     rng = np.random.default_rng(seed)
-    wanted = [m for m in metrics if m.removeprefix("valid_") in USER_METRICS]
+    # per split the bare names, in the order asked for: valid_ndcg@10 asks for ndcg@10 on both splits
+    names = list(dict.fromkeys(m.removeprefix("valid_") for m in metrics if m.removeprefix("valid_") in USER_METRICS))
     per_split: dict[str, tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
     for split in ("test", "valid"):
         a, b = target_ranks(runs_a, split), target_ranks(runs_b, split)
@@ -179,7 +180,6 @@ def user_level(runs_a: dict[int, dict], runs_b: dict[int, dict], metrics: Sequen
             continue
         if not np.array_equal(a[0], b[0]):
             raise ValueError(f"the two configs rank different {split} targets: not the same data and split")
-        names = {m.removeprefix("valid_") for m in wanted}
         per_split[split] = (a[0], {m: per_target(m, a[1]) for m in names}, {m: per_target(m, b[1]) for m in names})
     if not per_split:
         raise ValueError("--users needs runs that kept per-target ranks (bench.quality --history writes them since this option exists)")
@@ -191,14 +191,14 @@ def user_level(runs_a: dict[int, dict], runs_b: dict[int, dict], metrics: Sequen
                          **bootstrap(d, rng))
 
     for split, (_, va, vb) in per_split.items():
-        for m in sorted({m.removeprefix("valid_") for m in wanted}, key=USER_METRICS.index):
+        for m in names:
             rows.append(row(split, m, va[m], vb[m]))
     if "valid" in per_split and "test" in per_split:
         ev, et = per_split["valid"][0], per_split["test"][0]
         # one target per user in each split, both ascending: the k-th of each is the same user when each valid
         # target precedes its test target and follows the previous user's test target
         if len(ev) == len(et) and np.all(ev < et) and np.all(ev[1:] > et[:-1]):
-            for m in sorted({m.removeprefix("valid_") for m in wanted}, key=USER_METRICS.index):
+            for m in names:
                 va = per_split["valid"][1][m] - per_split["test"][1][m]
                 vb = per_split["valid"][2][m] - per_split["test"][2][m]
                 rows.append(row("valid - test", m, va, vb))
