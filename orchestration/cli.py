@@ -251,9 +251,15 @@ def services() -> None:
 @services.command("up")
 @data_dir_option
 def services_up(data_dir: str | None) -> None:
-    """Start the embedded services and keep them up until Ctrl-C."""
+    """Start the embedded services and keep them up until Ctrl-C.
+
+    Should it ever hang, `kill -USR1 <pid>` prints every thread's stack to stderr."""
+    import faulthandler
+    import signal
+
     from infra.services import EmbeddedServices
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     settings = _settings(data_dir)
     with EmbeddedServices(settings) as svc:
         click.echo(f"Kafka bootstrap: {svc.kafka_bootstrap}\nMLflow:          {svc.mlflow_uri}\nCtrl-C stops them.")

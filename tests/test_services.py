@@ -30,15 +30,23 @@ def test_stack_starts_and_stops_cleanly(tmp_path):
 
 
 def services_up(data) -> tuple[subprocess.Popen, list[int]]:  # noqa: ANN001 - a Path
-    """`encore services up` on ``data`` in a child process, once its endpoints are published."""
+    """`encore services up` on ``data`` in a child process, once its endpoints are published.
+
+    Its output goes to ``<data>/services-up.log``, not a pipe: a pipe nobody drains until the end would stall a
+    chatty child on a full buffer, and the test would blame the shutdown."""
     env = {**os.environ, "ENCORE_DATA_DIR": str(data), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "services", "up"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    data.mkdir(parents=True, exist_ok=True)
+    with open(data / "services-up.log", "ab") as out:
+        # SIGINT back to its default in the child: a test run started in the background of a non-interactive
+        # shell (nohup ... &) inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt
+        proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "services", "up"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     endpoints = data / "run" / "endpoints.json"
     deadline = time.monotonic() + 120
     while not endpoints.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    assert endpoints.exists(), proc.stdout.read().decode() if proc.poll() is not None else "no endpoints"
+    assert endpoints.exists(), (data / "services-up.log").read_text()
     pids = [json.loads(p.read_text())["pid"] for p in (data / "run").glob("*.pid")]
     assert len(pids) == 2
     return proc, pids
@@ -49,7 +57,16 @@ def test_ctrl_c_leaves_no_process_behind_and_a_rerun_works(tmp_path):
     for _ in range(2):  # the second start proves the first one left nothing in its way
         proc, pids = services_up(data)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # `services up` dumps every thread's stack on SIGUSR1
+            time.sleep(2)
+            proc.kill()
+            proc.wait()
+            pytest.fail("services up did not stop within 60 s of Ctrl-C; still alive: "
+                        f"{[p for p in pids if _alive(p)]}\n{(data / 'services-up.log').read_text()}")
+        assert code == 0, (data / "services-up.log").read_text()
         assert not any(_alive(p) for p in pids)
         assert not list((data / "run").glob("*.pid"))
 
