@@ -46,9 +46,10 @@ def services_up(data) -> tuple[subprocess.Popen, list[int]]:  # noqa: ANN001 - a
     deadline = time.monotonic() + 120
     while not endpoints.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    if not endpoints.exists():  # stop the child before failing: a failed test must not leave servers running
-        proc.kill()
+    if not endpoints.exists():  # stop everything before failing: a failed test must not leave servers running
+        proc.kill()  # SIGKILL runs no cleanup, so the servers it had started live on: reap them by their pid files
         proc.wait()
+        reap_stale(small_settings(data))
         pytest.fail(f"services up published no endpoints within 120 s:\n{(data / 'services-up.log').read_text()}")
     pids = [json.loads(p.read_text())["pid"] for p in (data / "run").glob("*.pid")]
     assert len(pids) == 2
