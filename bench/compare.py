@@ -132,26 +132,30 @@ BOOTSTRAP = 10_000
 USER_METRICS = ("hr@1", "hr@10", "hr@50", "hr@200", "ndcg@10", "ndcg@50", "ndcg@200", "mrr")
 
 
-def per_target(metric: str, ranks: np.ndarray) -> np.ndarray:
-    """One target's contribution to ``metric`` (the metrics of models/evaluate.py are their means)."""
-    name, _, k = metric.partition("@")
-    if name == "hr":
-        return (ranks < int(k)).astype(float)
-    if name == "ndcg":
-        return np.where(ranks < int(k), 1.0 / np.log2(ranks + 2.0), 0.0)
-    if name == "mrr":
-        return 1.0 / (ranks + 1.0)
-    raise ValueError(f"--users knows hr@k, ndcg@k and mrr, not {metric}")
+def per_target(metric: str, ranks: np.ndarray, num_items: int) -> np.ndarray:
+    """Each target's contribution to ``metric``, by models/evaluate.py's own formulas (the reported metrics are
+    their means)."""
+    from models.evaluate import target_gains
+
+    k = metric.partition("@")[2]
+    gains = target_gains(ranks, num_items, ks=(int(k),) if k.isdigit() else ())
+    if metric not in gains:
+        raise ValueError(f"--users knows hr@k, ndcg@k (k > 1) and mrr, not {metric}")
+    return gains[metric]
 
 
-def target_ranks(runs: dict[int, dict], split: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(events [T], ranks [seeds, T]) of one side; None if no run kept ranks for ``split``."""
+def target_ranks(runs: dict[int, dict], split: str) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(events [T], ranks [seeds, T], catalogue size) of one side; None if no run kept ranks for ``split``."""
     if not all(split in run.get("ranks", {}) for run in runs.values()):
         return None
     events = [np.asarray(runs[s]["ranks"][split]["event"]) for s in sorted(runs)]
     if any(not np.array_equal(e, events[0]) for e in events):
         raise ValueError(f"the runs rank different {split} targets: not the same data and split")
-    return events[0], np.array([runs[s]["ranks"][split]["rank"] for s in sorted(runs)], dtype=float)
+    # the catalogue caps k as evaluate() does; every run since ranks were kept records it as "items"
+    sizes = {int(run.get("items", sys.maxsize)) for run in runs.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"the runs rank catalogues of different sizes {sorted(sizes)}: not the same data")
+    return events[0], np.array([runs[s]["ranks"][split]["rank"] for s in sorted(runs)], dtype=float), sizes.pop()
 
 
 def bootstrap(d: np.ndarray, rng: np.random.Generator, draws: int = BOOTSTRAP) -> dict[str, float]:
@@ -178,9 +182,9 @@ def user_level(runs_a: dict[int, dict], runs_b: dict[int, dict], metrics: Sequen
         a, b = target_ranks(runs_a, split), target_ranks(runs_b, split)
         if a is None or b is None:
             continue
-        if not np.array_equal(a[0], b[0]):
+        if not np.array_equal(a[0], b[0]) or a[2] != b[2]:
             raise ValueError(f"the two configs rank different {split} targets: not the same data and split")
-        per_split[split] = (a[0], {m: per_target(m, a[1]) for m in names}, {m: per_target(m, b[1]) for m in names})
+        per_split[split] = (a[0], {m: per_target(m, a[1], a[2]) for m in names}, {m: per_target(m, b[1], b[2]) for m in names})
     if not per_split:
         raise ValueError("--users needs runs that kept per-target ranks (bench.quality --history writes them since this option exists)")
     rows = []

@@ -83,16 +83,13 @@ def main(argv: list[str] | None = None) -> dict:
                 "params": result.num_params,
                 # candidates ranked: the item file's catalogue where the dataset has one, else the rated items
                 "items": len(result.vocab), "unrated_items": len(result.vocab) - int(df["item_id"].nunique())})
-    if cfg.seen_filter == "window" or args.history is not None:
-        from models.data import build_sequences, with_targets
-
-        # the trained vocabulary's sequences, built once for both re-rankings below
-        seqs = with_targets(build_sequences(df, vocab=result.vocab), cfg.targets)
     if cfg.seen_filter == "window":
-        out["history_filtered"] = _history_filtered(seqs, cfg, result)
+        out["history_filtered"] = _history_filtered(df, cfg, result)
     if args.history is not None:
-        _write_json(args.history, {**out, "finished": True, "history": result.history,
-                                   "ranks": _target_ranks(seqs, cfg, result)})
+        # each held-out target's event index and 0-based rank under the kept weights, per split: what
+        # bench.compare --users pairs user by user across runs on the same data (the metrics above are their means)
+        ranks = {name: {"event": r.event.tolist(), "rank": r.rank.tolist()} for name, r in result.ranked.items() if len(r.rank)}
+        _write_json(args.history, {**out, "finished": True, "history": result.history, "ranks": ranks})
     print(json.dumps(out))
     return out
 
@@ -104,26 +101,13 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
-def _target_ranks(seqs, cfg, result) -> dict[str, dict[str, list[int]]]:  # noqa: ANN001 - as below
-    """Each held-out target's event index and 0-based rank under the kept weights, per split: what
-    ``bench.compare --users`` pairs user by user across runs on the same data (the metrics above are their means)."""
-    from models.evaluate import rank_targets
-    from models.train import make_split
-
-    split = make_split(seqs, cfg)
-    out = {}
-    for name, examples in (("valid", split.valid), ("test", split.test)):
-        if len(examples):
-            ranked = rank_targets(result.model, seqs, examples, batch_size=cfg.eval_batch_size)
-            out[name] = {"event": ranked.event.tolist(), "rank": ranked.rank.tolist()}
-    return out
-
-
-def _history_filtered(seqs, cfg, result) -> dict[str, float]:  # noqa: ANN001 - UserSequences, TrainConfig, TrainResult
+def _history_filtered(df, cfg, result) -> dict[str, float]:  # noqa: ANN001 - DataFrame, TrainConfig, TrainResult
     """Test metrics of the trained weights with every earlier item of the user filtered, not just the window."""
+    from models.data import build_sequences, with_targets
     from models.evaluate import evaluate
     from models.train import make_split
 
+    seqs = with_targets(build_sequences(df, vocab=result.vocab), cfg.targets)  # the trained vocabulary's sequences
     test = make_split(seqs, cfg.replace(seen_filter="history")).test
     metrics = evaluate(result.model, seqs, test, batch_size=cfg.eval_batch_size)
     return {k: round(float(metrics[k]), 4) for k in KEYS}

@@ -33,22 +33,23 @@ DEFAULT_KS = (1, 10, 50, 200)
 BY_REACTION = ("hr@10", "ndcg@10", "hr@50", "hr@200", "mrr")  # reported per reaction of the target
 
 
+def target_gains(ranks: np.ndarray | torch.Tensor, num_items: int, ks: Sequence[int] = DEFAULT_KS) -> dict[str, np.ndarray]:
+    """Each target's contribution to hr@k for every k, ndcg@k for k > 1 and mrr, from 0-based ranks of any shape:
+    the metrics are their means (``ranking_metrics``), and ``bench.compare --users`` resamples them target by target."""
+    r = np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64)
+    gain = 1.0 / np.log2(r + 2.0)
+    out = {f"hr@{k}": (r < min(k, num_items)).astype(np.float64) for k in ks}
+    out.update({f"ndcg@{k}": np.where(r < min(k, num_items), gain, 0.0) for k in ks if k > 1})  # ndcg@1 == hr@1
+    out["mrr"] = 1.0 / (r + 1.0)
+    return out
+
+
 def ranking_metrics(ranks: np.ndarray | torch.Tensor, num_items: int, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """0-based target ranks -> hr@k for every k, ndcg@k for k > 1, mrr (means over examples)."""
-    r = np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64)
-    out: dict[str, float] = {}
-    if len(r) == 0:
-        return {**{f"hr@{k}": math.nan for k in ks}, **{f"ndcg@{k}": math.nan for k in ks if k > 1}, "mrr": math.nan}
-    gain = 1.0 / np.log2(r + 2.0)
-    for k in ks:
-        kk = min(k, num_items)
-        out[f"hr@{k}"] = float(np.mean(r < kk))
-    for k in ks:
-        if k > 1:  # ndcg@1 == hr@1
-            kk = min(k, num_items)
-            out[f"ndcg@{k}"] = float(np.mean(np.where(r < kk, gain, 0.0)))
-    out["mrr"] = float(np.mean(1.0 / (r + 1.0)))
-    return out
+    gains = target_gains(ranks, num_items, ks)
+    if gains["mrr"].size == 0:
+        return {k: math.nan for k in gains}
+    return {k: float(np.mean(v)) for k, v in gains.items()}
 
 
 def auc(scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
@@ -142,11 +143,16 @@ def evaluate(
 ) -> dict[str, float]:
     """Metrics over ``examples`` (one ranked target each, e.g. ``Split.valid`` / ``Split.test``)."""
     ranked = rank_targets(model, seqs, examples, batch_size=batch_size)
-    num_items = model.cfg.num_items
+    return split_metrics(ranked, model.cfg.num_items, feedback=model.feedback_head is not None, ks=ks)
+
+
+def split_metrics(ranked: RankedTargets, num_items: int, *, feedback: bool, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """A split's metrics from its ranked targets: the ranking metrics, ``count``, the figures per reaction of the
+    target and, with a feedback head (``feedback``), its AUC. ``evaluate`` is ``rank_targets`` then this."""
     metrics = ranking_metrics(ranked.rank, num_items, ks)
     metrics["count"] = float(len(ranked.rank))
     metrics.update(by_reaction(torch.from_numpy(ranked.rank), torch.from_numpy(ranked.positive), num_items))
-    if model.feedback_head is not None:
+    if feedback:
         metrics["feedback_auc"] = auc(ranked.feedback_logits, ranked.feedback_labels) if len(ranked.feedback_labels) else math.nan
     return metrics
 
@@ -187,4 +193,4 @@ def popularity_ranks(seqs: UserSequences, examples: Examples) -> np.ndarray:
 
 
 __all__ = ["BY_REACTION", "DEFAULT_KS", "RankedTargets", "auc", "by_reaction", "evaluate", "popularity_ranks", "rank_targets",
-           "ranking_metrics"]
+           "ranking_metrics", "split_metrics", "target_gains"]

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from models.data import Split, UserSequences, build_sequences, iterate_batches, leave_one_out, temporal_split, with_targets
 from models.data import Batch, ItemVocab, jagged_positions
 from models.cpu_memory import retain_freed_memory
-from models.evaluate import evaluate
+from models.evaluate import RankedTargets, evaluate, rank_targets, split_metrics
 from models.recommender import ModelConfig, Recommender, SequentialRecommender, build_model
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -202,6 +202,9 @@ class TrainResult:
     best_epoch: int
     wall_s: float
     num_params: int
+    # the kept weights' ranking of each held-out split ("valid", "test"): the metrics above are its means, and
+    # bench.compare --users pairs two runs target by target from it
+    ranked: dict[str, RankedTargets] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def recommender(self) -> Recommender:
@@ -531,10 +534,12 @@ def train(
 
         validating = len(split.valid) > 0
         if validating and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            valid = evaluate(model, seqs, split.valid, batch_size=cfg.eval_batch_size)
+            ranked_valid = rank_targets(model, seqs, split.valid, batch_size=cfg.eval_batch_size)
+            valid = split_metrics(ranked_valid, model.cfg.num_items, feedback=model.feedback_head is not None)
             record.update({f"valid_{k}": v for k, v in valid.items()})
             if valid["ndcg@10"] > best["score"]:
-                best.update(score=valid["ndcg@10"], epoch=epoch, bad=0, valid=valid, state=copy.deepcopy(model.state_dict()))
+                best.update(score=valid["ndcg@10"], epoch=epoch, bad=0, valid=valid, ranked=ranked_valid,
+                            state=copy.deepcopy(model.state_dict()))
             else:
                 best["bad"] += 1
             stopped = cfg.patience > 0 and best["bad"] >= cfg.patience
@@ -569,7 +574,14 @@ def train(
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model.eval()
-    test = evaluate(model, seqs, split.test, batch_size=cfg.eval_batch_size) if len(split.test) else {}
+    ranked: dict[str, RankedTargets] = {}
+    if len(split.valid):
+        # the best epoch ranked it with the weights kept; a run resumed from a checkpoint did so before the restart
+        ranked["valid"] = best.get("ranked") or rank_targets(model, seqs, split.valid, batch_size=cfg.eval_batch_size)
+    if len(split.test):
+        ranked["test"] = rank_targets(model, seqs, split.test, batch_size=cfg.eval_batch_size)
+    feedback = model.feedback_head is not None
+    test = split_metrics(ranked["test"], model.cfg.num_items, feedback=feedback) if "test" in ranked else {}
     return TrainResult(
         model=model,
         vocab=seqs.vocab,
@@ -580,6 +592,7 @@ def train(
         best_epoch=best["epoch"],
         wall_s=time.perf_counter() - t0,
         num_params=num_params,
+        ranked=ranked,
         extra={"train_windows": len(split.train), "train_tokens": split.train.num_inputs, "valid_targets": split.valid.num_ranked, "test_targets": split.test.num_ranked},
     )
 

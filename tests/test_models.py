@@ -22,7 +22,7 @@ from models.data import (
     with_targets,
 )
 from torchrec import KeyedJaggedTensor
-from models.evaluate import auc, by_reaction, evaluate, popularity_ranks, ranking_metrics
+from models.evaluate import auc, by_reaction, evaluate, popularity_ranks, rank_targets, ranking_metrics, split_metrics, target_gains
 from models.recommender import ModelConfig, Recommender, SequentialRecommender, build_model, table_dim
 from models.train import NegativeDraw, NegativeLogits, RecommenderTrain, TrainConfig, make_optimizer, make_split, negative_pool_size, sampled_softmax_loss, train
 
@@ -216,13 +216,19 @@ def test_early_stopping_keeps_the_best_validation_weights(events, monkeypatch, p
     test log (every 5 epochs) also scores the epoch a run stops on and the last."""
     import models.train as train_module
 
-    scripted, snapshots = iter([0.1, 0.3, 0.2, 0.2, 0.2, 0.25]), {}
+    scripted, snapshots, valid_rankings = iter([0.1, 0.3, 0.2, 0.2, 0.2, 0.25]), {}, []
 
-    def scripted_valid(model, seqs, examples, batch_size):  # noqa: ANN001 - the evaluator's signature
+    def snapshotting_rank(model, seqs, examples, batch_size):  # noqa: ANN001 - the ranker's signature
+        ranked = rank_targets(model, seqs, examples, batch_size=batch_size)
         if examples is split_of["valid"]:
             snapshots[len(snapshots) + 1] = {k: v.clone() for k, v in model.state_dict().items()}
+            valid_rankings.append(ranked)  # kept alive, so identity tells them apart
+        return ranked
+
+    def scripted_valid(ranked, num_items, *, feedback):  # noqa: ANN001 - the summary's signature
+        if any(ranked is r for r in valid_rankings):
             return {"ndcg@10": next(scripted), "hr@10": 0.0}
-        return evaluate(model, seqs, examples, batch_size=batch_size)
+        return split_metrics(ranked, num_items, feedback=feedback)
 
     split_of: dict = {}
     real_make_split = train_module.make_split
@@ -232,7 +238,8 @@ def test_early_stopping_keeps_the_best_validation_weights(events, monkeypatch, p
         split_of["valid"] = split.valid
         return split
 
-    monkeypatch.setattr(train_module, "evaluate", scripted_valid)
+    monkeypatch.setattr(train_module, "rank_targets", snapshotting_rank)
+    monkeypatch.setattr(train_module, "split_metrics", scripted_valid)
     monkeypatch.setattr(train_module, "make_split", remembering_make_split)
     cfg = TrainConfig(model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=6,
                       patience=patience, eval_every=1, targets="all", lr=5e-3, log_test_every=5)
@@ -245,6 +252,7 @@ def test_early_stopping_keeps_the_best_validation_weights(events, monkeypatch, p
     assert all(torch.equal(final[k], v) for k, v in snapshots[2].items())
     assert not all(torch.equal(final[k], v) for k, v in snapshots[epochs_run].items())  # training moved on
     assert set(result.test_metrics) >= {"hr@10", "ndcg@10", "mrr"}
+    assert result.ranked["valid"] is valid_rankings[1]  # epoch 2's ranking, the weights kept, not ranked again
 
 
 def test_temporal_split_respects_time(seqs):
@@ -486,6 +494,11 @@ def test_ranking_metrics_by_hand():
     assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 10 + 1 / 11 + 1 / 61) / 5)
     # K is capped at the catalogue: with 50 items, hr@200 counts ranks < 50
     assert ranking_metrics(np.array([49, 60]), num_items=50)["hr@200"] == pytest.approx(0.5)
+    # the metrics are the means of each target's gain (bench.compare --users resamples the gains): any shape
+    gains = target_gains(np.array([[0, 1, 9, 10, 60]]), num_items=100)
+    assert gains["hr@10"].tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0]] and gains["mrr"][0, 1] == pytest.approx(1 / 2)
+    assert gains["ndcg@10"][0, 1] == pytest.approx(1 / math.log2(3)) and gains["ndcg@10"][0, 3] == 0.0
+    assert {k: float(v.mean()) for k, v in gains.items()} == pytest.approx(m)
 
 
 def test_auc_by_hand():
@@ -628,6 +641,24 @@ def test_train_end_to_end_and_checkpoint_resume(events, tmp_path):
     assert [h["epoch"] for h in resumed.history] == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match="another config"):
         train(events, cfg.replace(dim=8, epochs=3), progress=False)
+
+
+def test_train_keeps_the_ranking_its_metrics_are_the_means_of(events):
+    # result.ranked holds each held-out split ranked by the weights kept: the reported metrics are its means, and a
+    # fresh ranking of the kept weights gives the same ranks (so bench.quality --history need not rank again); the
+    # validation ranks come from the best epoch, which here is not the last one
+    cfg = TrainConfig(model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=6, patience=0,
+                      lr=0.02, feedback_weight=0.5)
+    result = train(events, cfg, progress=False)
+    seqs = with_targets(build_sequences(events, vocab=result.vocab), cfg.targets)
+    split = make_split(seqs, cfg)
+    assert set(result.ranked) == {"valid", "test"}
+    for name, examples, metrics in (("valid", split.valid, result.valid_metrics), ("test", split.test, result.test_metrics)):
+        kept = result.ranked[name]
+        fresh = rank_targets(result.model, seqs, examples, batch_size=cfg.eval_batch_size)
+        assert np.array_equal(kept.event, fresh.event) and np.array_equal(kept.rank, fresh.rank)
+        assert split_metrics(kept, len(result.vocab), feedback=True) == pytest.approx(metrics, nan_ok=True)
+    assert result.best_epoch < cfg.epochs, "the test needs a best epoch before the last to check the kept ranking"
 
 
 def test_a_catalogue_adds_never_seen_items_as_negatives_and_candidates(events):
@@ -990,6 +1021,11 @@ def test_compare_users_bootstraps_seeds_and_held_out_users_together(tmp_path, ca
     other.write_text(json.dumps({"config": "c.yaml", "seed": 1, "ranks": {"test": {"event": [1, 2], "rank": [0, 1]}}}))
     with pytest.raises(SystemExit):
         compare([a[0], "--against", str(other), "--users"])
+    # nor runs over catalogues of different sizes (k is capped at the catalogue, as evaluate() caps it)
+    small = json.loads(Path(a[0]).read_text()) | {"items": 50}
+    other.write_text(json.dumps(small))
+    with pytest.raises(SystemExit):
+        compare([b[0], "--against", str(other), "--users"])
 
 
 def test_quality_bench_reports_the_window_protocol_and_the_history_filtered_figures(tmp_path):
