@@ -706,6 +706,42 @@ def test_quality_bench_ranks_the_item_files_catalogue(tmp_path):
     assert (out["items"], out["unrated_items"]) == (31, 1)
 
 
+@pytest.mark.parametrize("drop", [1, 2])
+def test_drop_last_removes_the_events_leave_one_out_would_hold_out(tmp_path, drop):
+    # bench.drop_last writes a MovieLens copy whose sequences are the original's without each user's last `drop`
+    # events, in the order models.data gives them: by time, equal times in file order (user 1's last two ratings
+    # share a second, so file order decides which one is last)
+    import gzip
+
+    from bench.drop_last import main as drop_last
+    from features.datasets import load_frame
+
+    rng = np.random.default_rng(0)
+    lines = [f"{u}\t{int(m)}\t{1 + t % 5}\t{880000000 + 60 * t}" for u in range(2, 12)
+             for t, m in enumerate(rng.choice(np.arange(1, 40), size=8, replace=False))]
+    lines += [f"1\t{m}\t4\t{880000000 + 60 * t}" for t, m in enumerate([5, 6, 7, 8, 9])]
+    lines += ["1\t11\t3\t880009999", "1\t10\t5\t880009999"]  # a tie at the end: 10 is user 1's last
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "u.data.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    (src / "u.item").write_text("".join(f"{m}|Movie {m} (1995)|01-Jan-1995||url|0\n" for m in range(1, 41)))
+    counts = drop_last(["--dataset", "ml-100k", "--dataset-dir", str(src), "--out", str(tmp_path / "out"),
+                        "--drop", str(drop)])
+    assert counts == {"ratings": len(lines), "dropped": 11 * drop, "kept": len(lines) - 11 * drop, "users": 11}
+    assert (tmp_path / "out" / "u.item").read_text() == (src / "u.item").read_text()  # the same catalogue
+
+    def per_user(folder):
+        seqs = build_sequences(load_frame("ml-100k", folder))
+        raw = seqs.vocab.decode(seqs.items)
+        return {int(u): raw[a:b].tolist() for u, a, b in zip(seqs.user_ids, seqs.offsets[:-1], seqs.offsets[1:])}
+
+    before, after = per_user(src), per_user(tmp_path / "out")
+    assert before.keys() == after.keys() and all(after[u] == before[u][:-drop] for u in before)
+    assert before[1][-2:] == [11, 10] and after[1][-1] == (11 if drop == 1 else 9)
+    with pytest.raises(SystemExit):
+        drop_last(["--dataset", "ml-100k", "--dataset-dir", str(tmp_path / "none"), "--out", str(tmp_path / "x")])
+
+
 @pytest.mark.parametrize("kind", MODELS)
 def test_bf16_autocast_trains_and_keeps_the_logits_in_fp32(events, kind):
     # autocast "auto" is bf16 on CUDA only; "bf16" forces it on the CPU, which exercises the same code path here
