@@ -15,21 +15,14 @@ item file is copied, so the catalogue ranked is the same.
 from __future__ import annotations
 
 import argparse
-import gzip
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-# ratings file, field separator, item file: as GroupLens ships them (plain or gzipped)
-LAYOUTS = {"ml-100k": ("u.data", b"\t", "u.item"), "ml-1m": ("ratings.dat", b"::", "movies.dat")}
+from features.datasets import movielens_files
 
-
-def _existing(folder: Path, name: str) -> Path | None:
-    for path in (folder / name, folder / f"{name}.gz"):
-        if path.is_file():
-            return path
-    return None
+DATASETS = ("ml-100k", "ml-1m", "ml-20m", "ml-25m")
 
 
 def last_ratings(users: np.ndarray, timestamps: np.ndarray, drop: int) -> np.ndarray:
@@ -44,38 +37,33 @@ def last_ratings(users: np.ndarray, timestamps: np.ndarray, drop: int) -> np.nda
 
 def drop_last(dataset: str, data_dir: Path, out: Path, drop: int = 1) -> dict[str, int]:
     """Write ``out``: the dataset without each user's last ``drop`` ratings; returns the counts."""
-    if dataset not in LAYOUTS:
-        raise ValueError(f"--dataset must be one of {', '.join(LAYOUTS)}, not {dataset!r}")
     if drop < 1:
         raise ValueError(f"--drop must be at least 1, not {drop}")
-    ratings_name, sep, items_name = LAYOUTS[dataset]
-    source = _existing(data_dir, ratings_name)
-    if source is None:
-        raise FileNotFoundError(f"{data_dir}: no {ratings_name} (or {ratings_name}.gz)")
-    raw = gzip.decompress(source.read_bytes()) if source.suffix == ".gz" else source.read_bytes()
-    lines = raw.splitlines(keepends=True)
+    files = movielens_files(dataset, data_dir)  # found where the loaders look for them
+    lines = files.ratings_bytes().splitlines(keepends=True)
+    head, lines = (lines[:1], lines[1:]) if files.header else ([], lines)  # a header line is kept as it is
+    sep = files.separator.encode()
     try:
         fields = [line.split(sep) for line in lines]
         users = np.array([int(f[0]) for f in fields], dtype=np.int64)
         timestamps = np.array([int(f[3]) for f in fields], dtype=np.int64)
     except (IndexError, ValueError) as exc:
-        raise ValueError(f"{source.name}: not a {dataset} ratings file (user{sep.decode()}item{sep.decode()}rating"
-                         f"{sep.decode()}timestamp per line)") from exc
+        raise ValueError(f"{files.ratings.name}: not a {dataset} ratings file (user{files.separator}item"
+                         f"{files.separator}rating{files.separator}timestamp per line)") from exc
     dropped = last_ratings(users, timestamps, drop)
     keep = np.ones(len(lines), dtype=bool)
     keep[dropped] = False
     out.mkdir(parents=True, exist_ok=True)
-    (out / ratings_name).write_bytes(b"".join(line for line, k in zip(lines, keep) if k))
-    items = _existing(data_dir, items_name)
-    if items is not None:  # the same catalogue: unrated movies stay candidates
-        shutil.copyfile(items, out / items.name)
+    (out / files.ratings.name.removesuffix(".gz")).write_bytes(b"".join(head + [line for line, k in zip(lines, keep) if k]))
+    if files.items is not None:  # the same catalogue: unrated movies stay candidates
+        shutil.copyfile(files.items, out / files.items.name)
     return {"ratings": len(lines), "dropped": int(len(dropped)), "kept": int(keep.sum()),
             "users": int(len(np.unique(users)))}
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", required=True, choices=sorted(LAYOUTS))
+    ap.add_argument("--dataset", required=True, choices=DATASETS)
     ap.add_argument("--dataset-dir", "--data-dir", dest="dataset_dir", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True, help="the folder to write (created; its files are replaced)")
     ap.add_argument("--drop", type=int, default=1, help="ratings to drop from the end of each user's history")

@@ -352,14 +352,44 @@ def _rating_problem(user: int, item: int, rating: float, ts: int) -> str | None:
     return None
 
 
+# Ratings files: candidate file names, field separator, whether line 1 is a header.
+_RATINGS_FILES: dict[str, tuple[list[str], str, bool]] = {
+    "ml-100k": (["u.data", "u.data.gz"], "\t", False),
+    "ml-1m": (["ratings.dat", "ratings.dat.gz"], "::", False),
+    "ml-20m": (["ratings.csv", "ratings.csv.gz"], ",", True),
+    "ml-25m": (["ratings.csv", "ratings.csv.gz"], ",", True),
+}
+
+
+@dataclass(frozen=True)
+class MovieLensFiles:
+    """The files a MovieLens loader reads, found where the loaders look (``data_dir`` or ``data_dir/<name>``)."""
+
+    ratings: Path  # user, item, rating, timestamp per line, plain or gzipped
+    separator: str
+    header: bool  # line 1 names the columns
+    items: Path | None  # the item file (the catalogue, ``load_catalogue``), where there is one
+
+    def ratings_bytes(self) -> bytes:
+        return _read_bytes(self.ratings)
+
+
+def movielens_files(name: str, data_dir: Path | str) -> MovieLensFiles:
+    """Where the ratings and item files of MovieLens dataset ``name`` are; FileNotFoundError, naming where it
+    looked and where to get them, if there are no ratings."""
+    if name not in _RATINGS_FILES:
+        raise ValueError(f"{name!r} is not a MovieLens dataset; known: {', '.join(_RATINGS_FILES)}")
+    candidates, sep, header = _RATINGS_FILES[name]
+    data_dir = Path(data_dir).expanduser()
+    try:
+        items: Path | None = _find(name, data_dir, _CATALOGUE_FILES[name][0])
+    except FileNotFoundError:
+        items = None
+    return MovieLensFiles(_find(name, data_dir, candidates), sep, header, items)
+
+
 def _read_movielens(name: str, data_dir: Path) -> pd.DataFrame:
-    layouts = {
-        "ml-100k": (["u.data", "u.data.gz"], "\t", False),
-        "ml-1m": (["ratings.dat", "ratings.dat.gz"], "::", False),
-        "ml-20m": (["ratings.csv", "ratings.csv.gz"], ",", True),
-        "ml-25m": (["ratings.csv", "ratings.csv.gz"], ",", True),
-    }
-    candidates, sep, header = layouts[name]
+    candidates, sep, header = _RATINGS_FILES[name]
     path = _find(name, data_dir, candidates)
     check = _rating_line_checker(sep)
     columns = ["user", "item", "rating", "ts"]

@@ -484,6 +484,7 @@ def train(
     # every CPU step reallocates the same large activations: keep them (models/cpu_memory.py)
     retain_freed_memory(device.type, enabled=cfg.retain_cpu_memory)
     model = build_model(cfg.model_config(len(seqs.vocab))).to(device)
+    feedback = model.feedback_head is not None  # the ARGUS head: its AUC joins each split's metrics
     task = RecommenderTrain.from_config(model, cfg)
     optimizer = make_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling + negatives: reproducible, checkpointable
@@ -535,7 +536,7 @@ def train(
         validating = len(split.valid) > 0
         if validating and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             ranked_valid = rank_targets(model, seqs, split.valid, batch_size=cfg.eval_batch_size)
-            valid = split_metrics(ranked_valid, model.cfg.num_items, feedback=model.feedback_head is not None)
+            valid = split_metrics(ranked_valid, model.cfg.num_items, feedback=feedback)
             record.update({f"valid_{k}": v for k, v in valid.items()})
             if valid["ndcg@10"] > best["score"]:
                 best.update(score=valid["ndcg@10"], epoch=epoch, bad=0, valid=valid, ranked=ranked_valid,
@@ -580,7 +581,6 @@ def train(
         ranked["valid"] = best.get("ranked") or rank_targets(model, seqs, split.valid, batch_size=cfg.eval_batch_size)
     if len(split.test):
         ranked["test"] = rank_targets(model, seqs, split.test, batch_size=cfg.eval_batch_size)
-    feedback = model.feedback_head is not None
     test = split_metrics(ranked["test"], model.cfg.num_items, feedback=feedback) if "test" in ranked else {}
     return TrainResult(
         model=model,

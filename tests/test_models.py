@@ -706,40 +706,45 @@ def test_quality_bench_ranks_the_item_files_catalogue(tmp_path):
     assert (out["items"], out["unrated_items"]) == (31, 1)
 
 
-@pytest.mark.parametrize("drop", [1, 2])
-def test_drop_last_removes_the_events_leave_one_out_would_hold_out(tmp_path, drop):
+@pytest.mark.parametrize(("dataset", "drop"), [("ml-100k", 1), ("ml-100k", 2), ("ml-20m", 1)])
+def test_drop_last_removes_the_events_leave_one_out_would_hold_out(tmp_path, dataset, drop):
     # bench.drop_last writes a MovieLens copy whose sequences are the original's without each user's last `drop`
     # events, in the order models.data gives them: by time, equal times in file order (user 1's last two ratings
-    # share a second, so file order decides which one is last)
+    # share a second, so file order decides which one is last). It finds the files where the loaders do (here in
+    # data_dir/<name>), keeps a header line and copies the item file
     import gzip
 
     from bench.drop_last import main as drop_last
     from features.datasets import load_frame
 
+    sep, ratings, items = {"ml-100k": ("\t", "u.data", "u.item"), "ml-20m": (",", "ratings.csv", "movies.csv")}[dataset]
     rng = np.random.default_rng(0)
-    lines = [f"{u}\t{int(m)}\t{1 + t % 5}\t{880000000 + 60 * t}" for u in range(2, 12)
-             for t, m in enumerate(rng.choice(np.arange(1, 40), size=8, replace=False))]
-    lines += [f"1\t{m}\t4\t{880000000 + 60 * t}" for t, m in enumerate([5, 6, 7, 8, 9])]
-    lines += ["1\t11\t3\t880009999", "1\t10\t5\t880009999"]  # a tie at the end: 10 is user 1's last
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "u.data.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
-    (src / "u.item").write_text("".join(f"{m}|Movie {m} (1995)|01-Jan-1995||url|0\n" for m in range(1, 41)))
-    counts = drop_last(["--dataset", "ml-100k", "--dataset-dir", str(src), "--out", str(tmp_path / "out"),
-                        "--drop", str(drop)])
-    assert counts == {"ratings": len(lines), "dropped": 11 * drop, "kept": len(lines) - 11 * drop, "users": 11}
-    assert (tmp_path / "out" / "u.item").read_text() == (src / "u.item").read_text()  # the same catalogue
+    rows = [(u, int(m), 1 + t % 5, 880000000 + 60 * t) for u in range(2, 12)
+            for t, m in enumerate(rng.choice(np.arange(1, 40), size=8, replace=False))]
+    rows += [(1, m, 4, 880000000 + 60 * t) for t, m in enumerate([5, 6, 7, 8, 9])]
+    rows += [(1, 11, 3, 880009999), (1, 10, 5, 880009999)]  # a tie at the end: 10 is user 1's last
+    lines = (["userId,movieId,rating,timestamp"] if dataset == "ml-20m" else []) + [sep.join(map(str, r)) for r in rows]
+    src = tmp_path / "src" / dataset
+    src.mkdir(parents=True)
+    (src / f"{ratings}.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    item_lines = {"ml-100k": [f"{m}|Movie {m} (1995)|01-Jan-1995||url|0" for m in range(1, 41)],
+                  "ml-20m": ["movieId,title,genres", *(f"{m},Movie {m} (1995),Drama" for m in range(1, 41))]}[dataset]
+    (src / items).write_text("\n".join(item_lines) + "\n")
+    out = tmp_path / "out"
+    counts = drop_last(["--dataset", dataset, "--dataset-dir", str(tmp_path / "src"), "--out", str(out), "--drop", str(drop)])
+    assert counts == {"ratings": len(rows), "dropped": 11 * drop, "kept": len(rows) - 11 * drop, "users": 11}
+    assert (out / items).read_text() == (src / items).read_text()  # the same catalogue
 
     def per_user(folder):
-        seqs = build_sequences(load_frame("ml-100k", folder))
+        seqs = build_sequences(load_frame(dataset, folder))
         raw = seqs.vocab.decode(seqs.items)
         return {int(u): raw[a:b].tolist() for u, a, b in zip(seqs.user_ids, seqs.offsets[:-1], seqs.offsets[1:])}
 
-    before, after = per_user(src), per_user(tmp_path / "out")
+    before, after = per_user(tmp_path / "src"), per_user(out)
     assert before.keys() == after.keys() and all(after[u] == before[u][:-drop] for u in before)
     assert before[1][-2:] == [11, 10] and after[1][-1] == (11 if drop == 1 else 9)
     with pytest.raises(SystemExit):
-        drop_last(["--dataset", "ml-100k", "--dataset-dir", str(tmp_path / "none"), "--out", str(tmp_path / "x")])
+        drop_last(["--dataset", dataset, "--dataset-dir", str(tmp_path / "none"), "--out", str(tmp_path / "x")])
 
 
 @pytest.mark.parametrize("kind", MODELS)
