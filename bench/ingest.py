@@ -136,7 +136,7 @@ def phase_throughput_workers(root: Path, args: argparse.Namespace) -> dict:
         produce(svc.kafka_bootstrap, settings.topics.interactions, payloads)
         env = child_env(settings.model_copy(update={"kafka_bootstrap": svc.kafka_bootstrap}),
                         root / f"workers-{n}.yaml")
-        procs = [subprocess.Popen([sys.executable, "-m", "orchestration.cli", "ingest", "--follow", "--partitions",
+        procs = [subprocess.Popen([sys.executable, "-m", "cli", "ingest", "--follow", "--partitions",
                                    str(p)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for p in range(n)]
         try:

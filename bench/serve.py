@@ -233,6 +233,15 @@ def has_champion(settings) -> bool:  # noqa: ANN001 - infra.settings.EncoreSetti
         return False
 
 
+def build_platform(settings) -> None:  # noqa: ANN001 - infra.settings.EncoreSettings
+    """``encore run`` on ``settings``' data dir, in a child process with exactly these settings (the benchmark
+    sits below the command-line tool and runs it as a user would)."""
+    from infra.settings import child_env
+
+    env = child_env(settings, settings.run_dir / "bench-run-settings.yaml")
+    subprocess.run([sys.executable, "-m", "cli", "run", "--no-progress"], env=env, check=True)
+
+
 def run_bench(settings, *, url: str | None = None, rate: float = 200.0, duration_s: float = 20.0,  # noqa: ANN001
               warmup_s: float = 3.0, cold_share: float = 0.05, k: int = 10, log=print) -> dict:  # noqa: ANN001
     """Serve the champion of ``settings``' data dir (building the platform first if needed) and drive it."""
@@ -241,11 +250,11 @@ def run_bench(settings, *, url: str | None = None, rate: float = 200.0, duration
     if url:
         return driver_result(spawn_driver(url, **kwargs))
     from infra.services import EmbeddedServices
-    from orchestration.pipeline import run_end_to_end, start_server
+    from serving.launch import start_server
 
     if not has_champion(settings):
         log(f"no champion model in {settings.root}: building the platform (encore run) first")
-        run_end_to_end(settings, progress=False)
+        build_platform(settings)
     with EmbeddedServices(settings) as svc:
         server = start_server(settings, svc.kafka_bootstrap, svc.mlflow_uri)
         try:

@@ -1,4 +1,4 @@
-"""Kafka I/O: topic creation, producing events, bounded consumption and the dead-letter queue.
+"""Kafka I/O: producing events, bounded consumption and the dead-letter queue.
 
 Two standard clients, so that the embedded tansu broker and any real Kafka cluster work the same way:
 ``kafka-python`` for admin, producing and reading whole topics, and librdkafka (``confluent-kafka``) for
@@ -16,35 +16,10 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
 
 from features.events import InteractionEvent, InvalidEvent
-from infra.settings import TopicSettings
 
 log = logging.getLogger("encore.kafka")
-
-def ensure_topics(bootstrap: str, topics: TopicSettings, **options: object) -> None:
-    """Create the topics Encore uses where missing. ``options``: security settings (``KafkaSettings``)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="encore-admin", request_timeout_ms=10000,
-                             **options)
-    try:
-        existing = set(admin.list_topics())
-        wanted = [topics.interactions, topics.dlq, topics.exposures]
-        new = [
-            NewTopic(name=t, num_partitions=topics.partitions, replication_factor=topics.replication_factor)
-            for t in wanted
-            if t not in existing
-        ]
-        if new:
-            try:
-                admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
-            log.info("created topics %s", [t.name for t in new])
-    finally:
-        admin.close()
-
 
 def make_producer(bootstrap: str, **overrides: object) -> KafkaProducer:
     config: dict = dict(

@@ -27,6 +27,7 @@ from typing import Callable
 import httpx
 
 from infra.settings import EncoreSettings
+from infra.topics import ensure_topics
 
 log = logging.getLogger("encore.services")
 
@@ -281,8 +282,6 @@ class EmbeddedServices(AbstractContextManager):
             broker = start_broker(s)
             self.started.append(broker)
             self.kafka_bootstrap = broker.endpoint
-        from features.kafka_io import ensure_topics
-
         ensure_topics(self.kafka_bootstrap, s.topics, **s.kafka.client_options())
         if s.mlflow_tracking_uri:
             self.mlflow_uri = s.mlflow_tracking_uri

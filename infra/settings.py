@@ -305,7 +305,7 @@ class EncoreSettings(BaseSettings):
 
     @property
     def experiments_dir(self) -> Path:
-        """The experiment store: current configs, every version, the audit log (``serving.experiments``)."""
+        """The experiment store: current configs, every version, the audit log (``experiments.store``)."""
         return self.root / "experiments"
 
     @property

@@ -1,0 +1,1 @@
+"""The online recommendation service (``app``: FastAPI) and how to start it as a process (``launch``)."""

@@ -1,7 +1,7 @@
 """The online recommendation service (FastAPI + uvicorn): ``encore serve``.
 
 Per request: route the user through the running experiments (deterministic salted hashes, see
-``serving.assignment``), read the user's history from the Feast online store (an event ingested seconds ago
+``experiments.assignment``), read the user's history from the Feast online store (an event ingested seconds ago
 is visible), score the full catalogue with the variant's model (or popularity), drop what the user has seen,
 log an exposure to Kafka, answer.
 
@@ -50,8 +50,8 @@ from features.ingest import HISTORY_FEATURES
 from features.kafka_io import make_producer
 from features.offline_store import OfflineStore
 from infra.settings import EncoreSettings
-from serving.assignment import Experiment, RampStep, Variant
-from serving.experiments import (
+from experiments.assignment import POPULARITY, Experiment, RampStep, Variant
+from experiments.store import (
     Conflict,
     ExperimentError,
     ExperimentStore,
@@ -63,7 +63,6 @@ from serving.experiments import (
 
 log = logging.getLogger("encore.serving")
 
-POPULARITY = "popularity"
 _HISTORY_FIELDS = ("item_ids", "event_types", "timestamps_ms")
 
 
@@ -241,18 +240,6 @@ class HistoryReader:
 
 
 # ============================================================================ the service
-
-
-def default_experiment(settings: EncoreSettings) -> Experiment:
-    e = settings.experiment
-    return Experiment(
-        name=e.name,
-        salt=e.salt,
-        variants=[
-            Variant(name="control", weight=1 - e.treatment_share, target=POPULARITY),
-            Variant(name="treatment", weight=e.treatment_share, target=f"alias:{settings.serve.model_alias}"),
-        ],
-    )
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A/B analysis: the statistics must agree with scipy, hold their error rates, and find planted effects.
 
-Simulated experiments use ``serving.assignment`` to split users, so these tests also check that hash-based
+Simulated experiments use ``experiments.assignment`` to split users, so these tests also check that hash-based
 assignment behaves like randomisation. Every simulation has a fixed seed and runs in well under 10 s.
 """
 
@@ -17,19 +17,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from serving.analysis import (
-    METRICS,
-    ABReport,
-    ab_report,
-    adjust_pvalues,
-    attribute,
-    cuped,
-    per_user_metrics,
-    render_html,
-    srm_check,
-    welch_test,
-)
-from serving.assignment import Experiment, assign
+from experiments.assignment import Experiment, assign
+from experiments.metrics import METRICS, attribute, per_user_metrics
+from experiments.report import ABReport, ab_report, render_html
+from experiments.stats import adjust_pvalues, cuped, srm_check, welch_test
 
 T0 = 1_700_000_000_000  # ms
 ITEMS_PER_REQUEST = 10
@@ -472,7 +463,7 @@ def test_report_json_is_plain_json() -> None:
 def test_always_valid_p_survives_peeking_where_welch_does_not():
     """Peek after every 50 users per arm, stop at the first p < 0.05: under A/A the fixed-horizon Welch
     p-value is fooled far more than 5% of the time; the mSPRT p-value stays under alpha."""
-    from serving.analysis import msprt_p_value, welch_test
+    from experiments.stats import msprt_p_value, welch_test
 
     rng = np.random.default_rng(11)
     runs, looks, step = 200, 20, 50
@@ -492,7 +483,7 @@ def test_always_valid_p_survives_peeking_where_welch_does_not():
 
 
 def test_always_valid_p_detects_a_real_effect():
-    from serving.analysis import msprt_p_value, welch_test
+    from experiments.stats import msprt_p_value, welch_test
 
     rng = np.random.default_rng(3)
     r = welch_test(rng.normal(1.0, 1.0, 2000), rng.normal(1.2, 1.0, 2000))
@@ -500,7 +491,7 @@ def test_always_valid_p_detects_a_real_effect():
 
 
 def test_guardrail_breach_is_flagged_only_on_the_harmful_side():
-    from serving.analysis import _harmful, welch_test
+    from experiments.stats import _harmful, welch_test
 
     rng = np.random.default_rng(5)
     worse = welch_test(rng.normal(0.2, 0.1, 500), rng.normal(0.3, 0.1, 500))  # skip rate went up

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serving.assignment import (
+from experiments.assignment import (
     Experiment,
     Variant,
     assign,
@@ -58,7 +58,7 @@ def test_bucket_matches_documented_recipe_and_golden_values() -> None:
 
 
 def test_bucket_is_stable_across_processes_with_different_hash_seeds() -> None:
-    code = "from serving.assignment import bucket; print([bucket('salt', u) for u in ('a', 'b', 7)])"
+    code = "from experiments.assignment import bucket; print([bucket('salt', u) for u in ('a', 'b', 7)])"
     outputs = set()
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO_ROOT)}

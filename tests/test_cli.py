@@ -4,7 +4,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from orchestration.cli import main
+from cli.main import main
 
 COMMANDS = ["run", "replay", "ingest", "train", "serve", "ab", "services", "ui"]
 
@@ -25,7 +25,7 @@ def test_each_subcommand_has_help(args):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "orchestration.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "replay" in out.stdout
 
 

@@ -274,7 +274,7 @@ def settings_path(name: str) -> str | None:
 # Programs whose command lines are checked against their real click command trees.
 def _click_root(program: str):
     if program == "encore":
-        from orchestration.cli import main
+        from cli.main import main
         return main
     if program == "dagster":
         from dagster._cli import cli
@@ -408,7 +408,7 @@ def test_dockerignore_keeps_local_state_out_of_images() -> None:
     for rel in (".venv/bin/python", ".encore/offline/x.parquet", "data/ml-1m/ratings.dat", ".git/HEAD",
                 "infra/compose/.env", "features/__pycache__/x.pyc"):
         assert dockerignored(rel), f".dockerignore lets {rel} into the build context"
-    for rel in ("infra/install.sh", "infra/requirements.lock", "pyproject.toml", "orchestration/cli.py",
+    for rel in ("infra/install.sh", "infra/requirements.lock", "pyproject.toml", "cli/main.py",
                 "models/configs/default.yaml", "infra/docker/dagster.yaml"):
         assert not dockerignored(rel), f".dockerignore drops {rel}, which the images need"
 

@@ -24,7 +24,7 @@ import yaml
 from models.data import build_sequences
 from models.recommender import Recommender
 from models.train import TrainConfig, make_split
-from orchestration.distributed_training import (
+from orchestration.assets.training import (
     DistributedTrainingConfig,
     distributed_trained_model,
     torchrun_command,

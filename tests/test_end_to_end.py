@@ -11,7 +11,8 @@ import pytest
 from mlflow import MlflowClient
 
 from infra.services import EmbeddedServices, tcp_open
-from orchestration.pipeline import run_end_to_end, start_server
+from cli.run import run_end_to_end
+from serving.launch import start_server
 from tests.conftest import small_settings
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from serving.assignment import Experiment, RampStep, assign, in_holdout
-from serving.experiments import Conflict, ExperimentError, ExperimentStore, NotFound, Router, validate_set
+from experiments.assignment import Experiment, RampStep, assign, in_holdout
+from experiments.store import Conflict, ExperimentError, ExperimentStore, NotFound, Router, validate_set
 
 
 def exp(name: str = "e1", **kw: object) -> Experiment:
@@ -127,7 +127,7 @@ def test_holdout_targeting_ramp_schedule_and_kill_switch(tmp_path: Path) -> None
 
 
 def test_encore_ab_commands_drive_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestration.cli import main
+    from cli.main import main
 
     data = tmp_path / "encore"
     monkeypatch.setenv("ENCORE_DATA_DIR", str(data))

@@ -14,7 +14,8 @@ import pytest
 from features.events import InteractionEvent
 from features.feature_repo import feature_store
 from features.ingest import HISTORY_FEATURES, Ingestor
-from features.kafka_io import committed_offsets, ensure_topics, make_producer, publish_events
+from features.kafka_io import committed_offsets, make_producer, publish_events
+from infra.topics import ensure_topics
 from features.offline_store import OfflineStore
 from infra.services import start_broker
 from infra.settings import child_env
@@ -85,7 +86,7 @@ def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(broker, tmp
     events = make_events(12_000, "k")
     chunks = [events[i:i + 2000] for i in range(0, len(events), 2000)]
     env = child_env(settings.model_copy(update={"kafka_bootstrap": bootstrap}), tmp_path / "settings.yaml")
-    cmd = [sys.executable, "-m", "orchestration.cli", "ingest", "--follow"]
+    cmd = [sys.executable, "-m", "cli", "ingest", "--follow"]
 
     # Each attempt first publishes new events, so the worker always has a backlog when it dies (a fast
     # machine can otherwise finish everything before the kill). It is killed the moment a batch's file

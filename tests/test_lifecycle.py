@@ -62,7 +62,7 @@ def story(tmp_path_factory: pytest.TempPathFactory):
                               promotion={"latency_budget_ms": 1000.0, "beat_popularity": True})
     events = seed_offline_store(settings)
     instance = dg.DagsterInstance.ephemeral()
-    from orchestration.cli_models import run_training
+    from cli.models import run_training
 
     out = {"settings": settings, "uri": uri, "events": events, "instance": instance}
     out["run1"] = run_training(settings, instance=instance, **WEAK)
@@ -74,7 +74,7 @@ def story(tmp_path_factory: pytest.TempPathFactory):
 
 def materialize_broken_challenger(settings, instance):  # noqa: ANN001, ANN201
     """The real graph with ``trained_model`` swapped for an untrained (random-weights) model."""
-    from orchestration import assets as A
+    from orchestration.assets import training as A
 
     return dg.materialize(
         [A.training_dataset, broken_trained_model, A.evaluation, A.registered_model, A.promotion_gate,
@@ -178,8 +178,8 @@ def test_dagster_metadata_shows_tables_and_plots(story):
 
 
 def test_cli_rollback_manual_mode_and_promote(story):
-    from orchestration.cli import main
-    from orchestration.cli_models import run_training
+    from cli.main import main
+    from cli.models import run_training
 
     settings, uri = story["settings"], story["uri"]
     cli = CliRunner()

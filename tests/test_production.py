@@ -191,7 +191,7 @@ def test_the_dagster_daemon_on_postgres_runs_the_lag_sensor_and_its_ingest_run(b
     import time
 
     from infra.settings import child_env
-    from orchestration.pipeline import dagster_instance
+    from cli.jobs import dagster_instance
 
     settings, bootstrap = broker
     settings = small_settings(settings.root, kafka_bootstrap=bootstrap,

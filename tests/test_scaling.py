@@ -36,7 +36,8 @@ def test_power_law_fit_ignores_unusable_points():
 def test_scaling_study_asset_logs_fit_and_plot(tmp_path):
     for key in [k for k in os.environ if k.startswith("ENCORE_")]:
         os.environ.pop(key)
-    from orchestration.assets import scaling_study, training_dataset
+    from orchestration.assets.studies import scaling_study
+    from orchestration.assets.training import training_dataset
 
     root = tmp_path / "encore"
     (root / "mlflow").mkdir(parents=True)

@@ -39,7 +39,7 @@ def services_up(data) -> tuple[subprocess.Popen, list[int]]:  # noqa: ANN001 - a
     with open(data / "services-up.log", "ab") as out:
         # SIGINT back to its default in the child: a test run started in the background of a non-interactive
         # shell (nohup ... &) inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt
-        proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "services", "up"], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "services", "up"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     endpoints = data / "run" / "endpoints.json"

@@ -20,9 +20,10 @@ from mlflow import MlflowClient
 
 from bench.serve import driver_result, spawn_driver
 from infra.services import EmbeddedServices
-from orchestration.pipeline import run_job, start_server
-from serving.app import default_experiment
-from serving.assignment import assign
+from cli.jobs import run_job
+from serving.launch import start_server
+from experiments.assignment import default_experiment
+from experiments.assignment import assign
 from tests.conftest import small_settings
 
 pytestmark = pytest.mark.integration
@@ -166,7 +167,7 @@ def test_a_service_started_before_the_first_promotion_serves_popularity_until_a_
                                        "kafka_bootstrap": svc.kafka_bootstrap, "mlflow_tracking_uri": svc.mlflow_uri})
     port = free_port()
     env = child_env(mine, settings.run_dir / f"serve-{alias}.yaml")
-    server = spawn_service(f"serve-{alias}", [sys.executable, "-m", "orchestration.cli", "serve", "--port", str(port),
+    server = spawn_service(f"serve-{alias}", [sys.executable, "-m", "cli", "serve", "--port", str(port),
                                               "--experiment", "none"], settings,
                            endpoint=f"http://127.0.0.1:{port}", env=env)
     try:

@@ -80,7 +80,7 @@ def test_child_env_writes_secrets_for_the_child_only(tmp_path: Path):
 
 
 def test_dagster_instance_storage_follows_the_settings(tmp_path: Path):
-    from orchestration.pipeline import instance_yaml, psycopg2_url
+    from cli.jobs import instance_yaml, psycopg2_url
 
     assert "storage" not in instance_yaml(EncoreSettings(data_dir=tmp_path))
     text = instance_yaml(EncoreSettings(data_dir=tmp_path, dagster={"postgres_url": "postgresql://u:p@db:5432/dagster"}))

@@ -10,9 +10,10 @@ import pytest
 from pydantic import SecretStr
 
 from features.feature_repo import feature_store
-from orchestration.pipeline import dagster_instance, run_job
+from cli.jobs import dagster_instance, run_job
 from orchestration.resources import KafkaResource, encore_resource
-from orchestration.streaming import ingest_on_lag, observe_topic
+from orchestration.assets.ingest import observe_topic
+from orchestration.sensors import ingest_on_lag
 from tests.test_ingest import events, send
 
 pytestmark = pytest.mark.integration

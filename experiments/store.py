@@ -10,7 +10,7 @@ Writers (``encore ab ...``, the service's admin API) take an exclusive file lock
 set of experiments, write the version file, the audit line, then replace ``state.json`` atomically. Readers
 (the service polls ``state.json``'s global version) never see a half-written state.
 
-Validation beyond one experiment's own rules (``serving.assignment.Experiment``):
+Validation beyond one experiment's own rules (``experiments.assignment.Experiment``):
 
 * experiments of one layer that are ``running`` or ``paused`` must own disjoint ``layer_range`` slices
   (mutual exclusion); ``draft`` and ``stopped`` ones hold no slice;
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from serving.assignment import Experiment, RampStep, assign
+from experiments.assignment import Experiment, RampStep, assign
 
 BASELINES = frozenset({"popularity"})
 

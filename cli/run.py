@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,79 +17,12 @@ import dagster as dg
 import httpx
 from tqdm import tqdm
 
-from infra.services import EmbeddedServices, ManagedProcess, free_port, spawn_service, wait_until
-from infra.settings import EncoreSettings, child_env, write_private_file
+from cli.jobs import dagster_instance, run_job
+from infra.services import EmbeddedServices
+from infra.settings import EncoreSettings
+from serving.launch import start_server
 
 log = logging.getLogger("encore.run")
-
-
-def dagster_instance(settings: EncoreSettings) -> dg.DagsterInstance:
-    """The persistent Dagster instance of these settings, so runs launched here show up in the UI.
-
-    Its ``dagster.yaml`` lives under the data dir and is written from the settings: SQLite storage there
-    (local), or with ``dagster.postgres_url`` set, dagster-postgres storage shared with the deployed webserver
-    and daemon (production).
-    """
-    home = settings.dagster_home
-    home.mkdir(parents=True, exist_ok=True)
-    path = home / "dagster.yaml"
-    text = instance_yaml(settings)
-    if not path.exists() or path.read_text() != text:
-        write_private_file(path, text)  # may hold a database password
-    os.environ["DAGSTER_HOME"] = str(home)
-    return dg.DagsterInstance.get()
-
-
-def psycopg2_url(url: str) -> str:
-    """dagster-postgres sends statements (``NOTIFY run_events, %(id)s``) that only psycopg2's client-side
-    parameter binding accepts, while SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3: pin the driver."""
-    scheme, sep, rest = url.partition("://")
-    return f"postgresql+psycopg2://{rest}" if sep and scheme in ("postgresql", "postgres") else url
-
-
-def instance_yaml(settings: EncoreSettings) -> str:
-    import yaml
-
-    config: dict = {"telemetry": {"enabled": False}}
-    if settings.dagster.postgres_url is not None:
-        config["storage"] = {"postgres": {"postgres_url": psycopg2_url(settings.dagster.postgres_url.get_secret_value())}}
-    header = "# Written by Encore from its settings (ENCORE_DAGSTER__*); edits here are overwritten.\n"
-    return header + yaml.safe_dump(config, sort_keys=False)
-
-
-def run_job(settings: EncoreSettings, job_name: str, instance: dg.DagsterInstance | None = None) -> dg.ExecuteInProcessResult:
-    from orchestration.definitions import defs
-    from orchestration.resources import encore_resource
-
-    instance = instance or dagster_instance(settings)
-    job = defs.resolve_job_def(job_name)
-    log.info("Dagster: running %s", job_name)
-    result = job.execute_in_process(
-        instance=instance,
-        resources={"encore": encore_resource(settings)},
-        # Dagster's console logger narrates every engine event at DEBUG; assets' own logs are INFO.
-        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-        raise_on_error=True,
-    )
-    return result
-
-
-def start_server(settings: EncoreSettings, kafka: str, mlflow_uri: str) -> ManagedProcess:
-    """``encore serve`` as a real HTTP server in its own process, tracked like the other services."""
-    port = settings.serve.port or free_port()
-    # The server runs with exactly this run's settings (tests and callers may have built them in code).
-    env = child_env(settings.model_copy(update={"kafka_bootstrap": kafka, "mlflow_tracking_uri": mlflow_uri}),
-                    settings.run_dir / "serve-settings.yaml")
-    cmd = [sys.executable, "-m", "orchestration.cli", "serve", "--port", str(port), "--experiment", "default"]
-    server = spawn_service("serve", cmd, settings, endpoint=f"http://127.0.0.1:{port}", env=env)
-    try:
-        wait_until(lambda: httpx.get(f"{server.endpoint}/readyz", timeout=1).status_code == 200, timeout_s=120,
-                   what="recommendation service", proc=server.proc)
-    except Exception:
-        server.stop()
-        raise
-    log.info("recommendation service on %s", server.endpoint)
-    return server
 
 
 def closed_loop(settings: EncoreSettings, url: str, kafka: str, *, progress: bool = True) -> dict:

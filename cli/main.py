@@ -7,41 +7,23 @@ Every command reads the one settings object (``ENCORE_*`` variables, ``encore.ya
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
 
-from infra.settings import EncoreSettings, load_settings
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    # Client libraries narrate every connection at INFO; their warnings still show.
-    for noisy in ("kafka", "feast", "urllib3", "httpx", "alembic", "mlflow", "dagster", "torchrec"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if noisy == "kafka" else logging.WARNING)
-
-
-def _settings(data_dir: str | None) -> EncoreSettings:
-    try:
-        return load_settings(data_dir)
-    except Exception as exc:  # pydantic explains exactly which setting is wrong
-        raise click.ClickException(f"invalid settings: {exc}") from exc
-
-
-data_dir_option = click.option("--data-dir", envvar="ENCORE_DATA_DIR", default=None,
-                               help="where Encore keeps its state (default ./.encore)")
+from cli.ab import ab as ab_group
+from cli.bench import bench as bench_group
+from cli.common import data_dir_option, running_kafka, settings_for, setup_logging, wait_forever
+from cli.models import models_group, study_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING (default from settings)")
 def main(log_level: str | None) -> None:
     """Encore: streaming interactions → Feast → TorchRec generative recommenders → MLflow → serving + A/B."""
-    _setup_logging(log_level or os.environ.get("ENCORE_LOG_LEVEL", "INFO"))
+    setup_logging(log_level or os.environ.get("ENCORE_LOG_LEVEL", "INFO"))
 
 
 # ---------------------------------------------------------------- end to end
@@ -53,9 +35,9 @@ def main(log_level: str | None) -> None:
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 def run(data_dir: str | None, fresh: bool, no_progress: bool) -> None:
     """Run the whole road end to end on embedded services and print a summary."""
-    from orchestration.pipeline import format_summary, run_end_to_end
+    from cli.run import format_summary, run_end_to_end
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     if fresh and settings.root.exists():
         import shutil
 
@@ -88,8 +70,8 @@ def replay(source: str, data_dir: str | None, dataset_dir: Path | None, rate: fl
     """Publish SOURCE (synthetic, a dataset name, or a JSON-lines file) to Kafka in timestamp order."""
     from features.replay import open_source, replay as do_replay
 
-    settings = _settings(data_dir)
-    bootstrap = bootstrap or settings.kafka_bootstrap or _running_kafka(settings)
+    settings = settings_for(data_dir)
+    bootstrap = bootstrap or settings.kafka_bootstrap or running_kafka(settings)
     try:
         items = open_source(source, settings, dataset_dir, limit)
         report = do_replay(items, bootstrap, settings.topics.interactions, rate=rate, send_invalid=send_invalid,
@@ -105,15 +87,6 @@ def replay(source: str, data_dir: str | None, dataset_dir: Path | None, rate: fl
                    err=True)
 
 
-def _running_kafka(settings: EncoreSettings) -> str:
-    from infra.services import resolve_kafka
-
-    try:
-        return resolve_kafka(settings)
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
 @main.command()
 @data_dir_option
 @click.option("--follow", is_flag=True,
@@ -126,8 +99,8 @@ def ingest(data_dir: str | None, follow: bool, partitions: str) -> None:
     By default this is the Dagster ingest_job (one bounded run, recorded in the instance and visible in
     the UI); --follow runs a continuous worker instead.
     """
-    settings = _settings(data_dir)
-    bootstrap = _running_kafka(settings)
+    settings = settings_for(data_dir)
+    bootstrap = running_kafka(settings)
     if follow:
         import signal
         import threading
@@ -145,7 +118,7 @@ def ingest(data_dir: str | None, follow: bool, partitions: str) -> None:
                 f"{b.dlq} DLQ"))
         click.echo(f"stopped: {report.written} stored, {report.duplicates} duplicates, {report.dlq} to DLQ")
         return
-    from orchestration.pipeline import run_job
+    from cli.jobs import run_job
 
     result = run_job(settings, "ingest_job")
     click.echo("ingest_job " + ("succeeded" if result.success else "failed"))
@@ -175,7 +148,7 @@ def train(dataset: str, dataset_dir: Path | None, config_name: str, epochs: int 
     from features.replay import dataset_catalogue, events_frame
     from models.train import CONFIG_DIR, TrainConfig, train as do_train
 
-    settings = _settings(None)
+    settings = settings_for(None)
     try:
         cfg = TrainConfig.from_yaml(config_name)
     except FileNotFoundError as exc:
@@ -211,10 +184,11 @@ def serve(data_dir: str | None, host: str | None, port: int | None, experiment: 
     import uvicorn
 
     from infra.services import resolve_endpoints
-    from serving.app import create_app, default_experiment
-    from serving.experiments import ExperimentError, ExperimentStore, registry_target_checker
+    from experiments.assignment import default_experiment
+    from serving.app import create_app
+    from experiments.store import ExperimentError, ExperimentStore, registry_target_checker
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     try:
         endpoints = resolve_endpoints(settings)
     except RuntimeError as exc:
@@ -229,7 +203,7 @@ def serve(data_dir: str | None, host: str | None, port: int | None, experiment: 
         elif experiment == "none":
             mode = None
         elif experiment != "store":
-            from serving.assignment import load_experiment
+            from experiments.assignment import load_experiment
 
             store.create(load_experiment(Path(experiment)), actor=f"serve --experiment {experiment}", replace=True,
                          check_target=registry_target_checker(endpoints.mlflow_uri, settings.serve.model_name))
@@ -238,6 +212,30 @@ def serve(data_dir: str | None, host: str | None, port: int | None, experiment: 
     app = create_app(settings, endpoints.kafka_bootstrap, endpoints.mlflow_uri, mode)  # type: ignore[arg-type]
     uvicorn.run(app, host=host or settings.serve.host, port=port or settings.serve.port or 8000,
                 log_level="warning", access_log=False, timeout_keep_alive=30)
+
+
+@main.command()
+def bootstrap() -> None:
+    """Create Encore's Kafka topics (where missing) and register its Feast definitions; idempotent.
+
+    Run once before the long-lived services of a deployment (compose: the `bootstrap` service; Kubernetes:
+    the encore-bootstrap Job). Serving reads Feast's registry without writing it, so the feature views must
+    exist before the first replica starts, and replicas starting together must not race to create topics or
+    registry rows. Topics get ``topics.partitions`` partitions and ``topics.replication_factor`` replicas;
+    topics created beforehand by your platform's tooling are left alone.
+    """
+    from features.feature_repo import feature_store
+    from infra.topics import ensure_topics
+
+    settings = settings_for(None)
+    if not settings.kafka_bootstrap:
+        raise click.ClickException("bootstrap: ENCORE_KAFKA_BOOTSTRAP is not set")
+    ensure_topics(settings.kafka_bootstrap, settings.topics, **settings.kafka.client_options())
+    click.echo(f"bootstrap: topics {settings.topics.interactions}, {settings.topics.dlq}, {settings.topics.exposures} "
+               f"on {settings.kafka_bootstrap}")
+    store = feature_store(settings, apply=True)
+    views = sorted(v.name for v in store.list_feature_views())
+    click.echo(f"bootstrap: Feast project {store.project}: feature views {', '.join(views)}")
 
 
 # ---------------------------------------------------------------- services and UIs
@@ -260,10 +258,10 @@ def services_up(data_dir: str | None) -> None:
     from infra.services import EmbeddedServices
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     with EmbeddedServices(settings) as svc:
         click.echo(f"Kafka bootstrap: {svc.kafka_bootstrap}\nMLflow:          {svc.mlflow_uri}\nCtrl-C stops them.")
-        _wait_forever()
+        wait_forever()
 
 
 @services.command("stop")
@@ -272,7 +270,7 @@ def services_stop(data_dir: str | None) -> None:
     """Stop embedded services left running by a crashed process."""
     from infra.services import reap_stale
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     reaped = reap_stale(settings)
     (settings.run_dir / "endpoints.json").unlink(missing_ok=True)
     click.echo("stopped: " + (", ".join(reaped) if reaped else "nothing was running"))
@@ -284,7 +282,7 @@ def services_status(data_dir: str | None) -> None:
     """Show the endpoints of the running services."""
     from infra.services import resolve_endpoints
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     try:
         e = resolve_endpoints(settings)
         click.echo(f"Kafka bootstrap: {e.kafka_bootstrap}\nMLflow:          {e.mlflow_uri}")
@@ -302,9 +300,9 @@ def ui(data_dir: str | None, dagster_port: int) -> None:
 
     from infra.services import EmbeddedServices, stop_pid
     from infra.settings import child_env
-    from orchestration.pipeline import dagster_instance
+    from cli.jobs import dagster_instance
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     with EmbeddedServices(settings) as svc:
         dagster_instance(settings)
         # Runs launched from the UI or by sensors execute in fresh processes: they get these exact settings
@@ -319,25 +317,13 @@ def ui(data_dir: str | None, dagster_port: int) -> None:
         click.echo(f"Dagster UI: http://127.0.0.1:{dagster_port} (sensors and schedules run here too)\n"
                    f"MLflow UI:  {svc.mlflow_uri}\nKafka:      {svc.kafka_bootstrap}\nCtrl-C stops everything.")
         try:
-            _wait_forever()
+            wait_forever()
         finally:
             stop_pid(proc.pid)
 
 
-def _wait_forever() -> None:
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-
-
-from orchestration.cli_bench import bench as _bench_group  # noqa: E402 - `encore bench ...`
-main.add_command(_bench_group)
-from orchestration.cli_ab import ab as _ab_group  # noqa: E402 - `encore ab ...`
-main.add_command(_ab_group)
-from orchestration.cli_models import models_group, study_group  # noqa: E402 - `encore models|study ...`
-main.add_command(models_group); main.add_command(study_group)  # noqa: E702
+for group in (bench_group, ab_group, models_group, study_group):
+    main.add_command(group)
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from cli.common import data_dir_option, settings_for
+
 # bench/ sits next to the installed packages in the repository but is not one of them: make it importable
 # when `encore` runs from another directory.
 _REPO = str(Path(__file__).resolve().parents[1])
@@ -21,8 +23,7 @@ def bench() -> None:
 
 
 @bench.command("serve")
-@click.option("--data-dir", envvar="ENCORE_DATA_DIR", default=None,
-              help="platform state to serve (built with `encore run` first when it holds no champion model)")
+@data_dir_option
 @click.option("--url", default=None, help="drive an already running service instead of starting one")
 @click.option("--rate", type=float, default=200.0, show_default=True, help="requests per second (open loop)")
 @click.option("--duration", "duration_s", type=float, default=20.0, show_default=True, help="measured seconds")
@@ -33,11 +34,10 @@ def bench_serve(data_dir: str | None, url: str | None, rate: float, duration_s: 
                 cold_share: float, k: int) -> None:
     """Load-test POST /v1/recommendations from a separate process: qps, p50/p99 latency, errors."""
     from bench.serve import run_bench
-    from orchestration.cli import _settings
 
     if rate <= 0 or duration_s <= 0 or warmup_s < 0:
         raise click.BadParameter("--rate and --duration must be positive, --warmup non-negative")
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     if settings.profile == "production" and not url:
         raise click.ClickException("in the production profile `bench serve` only drives a running service: "
                                    "pass --url (it never builds a platform against production stores)")

@@ -16,8 +16,8 @@ import pandas as pd
 from features.kafka_io import read_topic
 from features.offline_store import read_interactions
 from infra.settings import EncoreSettings
-from serving.analysis import ab_report, render_html
-from serving.app import default_experiment
+from experiments.report import ab_report, render_html
+from experiments.assignment import default_experiment
 
 log = logging.getLogger("encore.report")
 
@@ -67,9 +67,9 @@ def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str 
             "guardrail_breaches": [t.metric for t in report.guardrail_breaches]}
 
 
-def _experiment(settings: EncoreSettings):  # noqa: ANN202 - serving.assignment.Experiment
+def _experiment(settings: EncoreSettings):  # noqa: ANN202 - experiments.assignment.Experiment
     """The analysed experiment as the store holds it (weights may have been changed), else the default."""
-    from serving.experiments import ExperimentStore, NotFound
+    from experiments.store import ExperimentStore, NotFound
 
     try:
         return ExperimentStore(settings.experiments_dir).snapshot().get(settings.experiment.name)
@@ -77,7 +77,7 @@ def _experiment(settings: EncoreSettings):  # noqa: ANN202 - serving.assignment.
         return default_experiment(settings)
 
 
-def _headline(report) -> str:  # noqa: ANN001 - serving.analysis.ABReport
+def _headline(report) -> str:  # noqa: ANN001 - experiments.report.ABReport
     parts = []
     for metric in ("hit_rate", "listening_time", "like_rate"):
         try:

@@ -1,18 +1,11 @@
-"""Dagster resources: how assets reach Kafka, Feast and MLflow.
-
-Each resource carries only the data directory (or an explicit endpoint) so the same definitions work in the
-UI, in ``encore`` commands and in tests; endpoints of embedded services are looked up when a run starts.
-"""
+"""The settings every asset reads (``infra.settings``), carried to each run without its secrets in run config."""
 
 from __future__ import annotations
 
 import hashlib
 
 import dagster as dg
-from feast import FeatureStore
 
-from features.feature_repo import feature_store
-from infra.services import resolve_kafka, resolve_mlflow
 from infra.settings import EncoreSettings, get_settings, read_settings_file, write_settings_file
 
 
@@ -43,22 +36,3 @@ def encore_resource(settings: EncoreSettings) -> EncoreResource:
     if not path.is_file():
         write_settings_file(settings, path)
     return EncoreResource(settings_file=str(path))
-
-
-class KafkaResource(dg.ConfigurableResource):
-    bootstrap: str = ""  # empty: ENCORE_KAFKA_BOOTSTRAP or the embedded broker now running
-
-    def resolve(self, settings: EncoreSettings) -> str:
-        return self.bootstrap or resolve_kafka(settings)
-
-
-class FeastResource(dg.ConfigurableResource):
-    def store(self, settings: EncoreSettings) -> FeatureStore:
-        return feature_store(settings)
-
-
-class MLflowResource(dg.ConfigurableResource):
-    tracking_uri: str = ""  # empty: ENCORE_MLFLOW_TRACKING_URI or the embedded server now running
-
-    def resolve(self, settings: EncoreSettings) -> str:
-        return self.tracking_uri or resolve_mlflow(settings)

@@ -1,93 +1,33 @@
-"""Dagster assets: the road from the Kafka topic to a promoted model, and the A/B report.
+"""The training group: from a snapshot of the offline store to a promoted model.
 
-    interactions_topic (Kafka, external)
-        └─ ingested_interactions  (offline store + Feast online store)   [checks: reconciliation, DLQ rate]
-             └─ training_dataset  (Feast offline-store snapshot: digest, Kafka offsets, feature view versions)
-                  ├─ trained_model  (HSTU / SASRec / ARGUS on TorchRec, inside an MLflow run)
-                  │    └─ evaluation  (held-out HR@K/NDCG@K vs most-popular, sanity signals, plots)
-                  │         └─ registered_model  (pyfunc version, alias challenger)  [blocking check: promotion_gate]
-                  │              └─ champion_model  (auto: alias champion; manual: awaits a person)
-                  └─ scaling_study  (sweep of sizes / data fractions, power-law fits; its own job)
-    exposures_topic (Kafka, external) + ingested_interactions
-        └─ ab_report  (per-arm metrics with confidence intervals)
+    ingested_interactions
+        └─ training_dataset  (Feast offline-store snapshot: digest, Kafka offsets, feature view versions)
+             ├─ trained_model  (HSTU / SASRec / ARGUS on TorchRec, inside an MLflow run)
+             │    └─ evaluation  (held-out HR@K/NDCG@K vs most-popular, sanity signals, plots)
+             │         └─ registered_model  (pyfunc version, alias challenger)  [blocking check: promotion_gate]
+             │              └─ champion_model  (auto: alias champion; manual: awaits a person)
+             └─ distributed_trained_model  (torchrun + DistributedModelParallel through Dagster Pipes)
 
 Values passed between assets are small dicts of paths and numbers; models travel as files and MLflow
 artifacts, never as pickles.
 """
 
-
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
-from features.ingest import ingest
 from features.offline_store import read_interactions
-from orchestration.streaming import interactions_topic
-from orchestration.resources import EncoreResource, FeastResource, KafkaResource, MLflowResource
+from orchestration.assets.ingest import ingested_interactions
+from orchestration.resources import EncoreResource, FeastResource, MLflowResource
 
-STREAMING = "streaming"
+ROOT = Path(__file__).resolve().parents[2]
 TRAINING = "training"
-STUDIES = "studies"
-EXPERIMENTS = "experiments"
-
-exposures_topic = dg.AssetSpec(
-    "exposures_topic",
-    description="Kafka topic of served recommendations (one record per response)",
-    kinds={"kafka"},
-    group_name=EXPERIMENTS,
-)
-
-
-@dg.asset(
-    deps=[interactions_topic],
-    kinds={"kafka", "feast", "parquet"},
-    group_name=STREAMING,
-    check_specs=[
-        dg.AssetCheckSpec("reconciliation", asset="ingested_interactions", blocking=True,
-                          description="messages consumed = stored + duplicates + sent to the DLQ"),
-        dg.AssetCheckSpec("dlq_rate", asset="ingested_interactions",
-                          description="share of consumed messages rejected to the DLQ stays under 5%"),
-    ],
-)
-def ingested_interactions(context: dg.AssetExecutionContext, encore: EncoreResource, kafka: KafkaResource):
-    """Consume the interactions topic in bounded batches into the offline store and the Feast online store."""
-    settings = encore.settings()
-    bootstrap = kafka.resolve(settings)
-    report = ingest(settings, bootstrap, on_batch=lambda b: context.log.info(
-        f"batch {b.first_offset}..{b.last_offset}: {b.written} written, {b.duplicates} duplicate, {b.dlq} DLQ"))
-    context.log.info(f"ingested {report.written} new events from {report.consumed} messages in {report.batches} batches")
-    yield dg.MaterializeResult(
-        metadata={
-            "consumed": report.consumed,
-            "written": report.written,
-            "duplicates": report.duplicates,
-            "dlq": report.dlq,
-            "dlq_reasons": dg.MetadataValue.json(report.dlq_reasons),
-            "batches": report.batches,
-            "offset_ranges": dg.MetadataValue.json({str(k): v for k, v in report.offset_ranges.items()}),
-            "seconds": round(report.seconds, 3),
-            "freshness_p99_s": report.freshness_p99_s if report.freshness_p99_s is not None else -1.0,
-        }
-    )
-    accounted = report.written + report.duplicates + report.dlq
-    yield dg.AssetCheckResult(
-        check_name="reconciliation",
-        passed=accounted == report.consumed,
-        metadata={"consumed": report.consumed, "accounted": accounted},
-    )
-    rate = report.dlq / report.consumed if report.consumed else 0.0
-    yield dg.AssetCheckResult(
-        check_name="dlq_rate", passed=rate <= 0.05,
-        severity=dg.AssetCheckSeverity.WARN, metadata={"dlq_rate": rate},
-    )
-
-
-# ------------------------------------------------------------------------------------------------ training
 
 
 class TrainingConfig(dg.Config):
@@ -364,32 +304,80 @@ def champion_model(context: dg.AssetExecutionContext, encore: EncoreResource, ml
     return {"version": version, "promoted": promoted, "reason": reason}
 
 
-# ------------------------------------------------------------------------------------------------ scaling
+# ------------------------------------------------------------------------------------ distributed training
+# ``trained_model`` trains inside the Dagster step process; ``distributed_trained_model`` instead starts
+# ``python -m torch.distributed.run ... -m models.distributed`` as a subprocess (``dg.PipesSubprocessClient``)
+# on the same ``training_dataset`` snapshot. The trainer's reporting rank (rank 0 on one node) streams its
+# per-epoch losses as Dagster logs and reports the materialisation, with the test metrics, the most-popular
+# baseline, the sharding plan and the model directory, through the Pipes message channel; every other rank
+# stays silent.
+#
+# One node (the default): ``--standalone`` rendezvous on a free local port, ``nproc_per_node`` workers.
+# Several nodes (``nnodes > 1``): this step runs the node Dagster launched, ``--rdzv_backend c10d
+# --rdzv_endpoint HOST:PORT --rdzv_id <run id>``; the other nodes must run the same torchrun command with the
+# same endpoint and id (e.g. a Kubernetes Job or a Slurm step started next to it), and ``data_dir`` must be
+# on a file system every node reads (rank 0 writes the model there). See docs/training.md.
 
 
-@dg.asset(kinds={"pytorch", "mlflow", "scipy"}, group_name=STUDIES)
-def scaling_study(context: dg.AssetExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
-                  training_dataset: dict) -> dict:
-    """Train a sweep of model sizes (and data fractions) and fit power laws of evaluation loss and NDCG@10
-    against parameters and training compute; the fit and plot go to MLflow and to this asset's metadata."""
-    from models.plots import md_image
-    from models.scaling import run_study
+class DistributedTrainingConfig(dg.Config):
+    """torchrun's shape and the training config (``models/configs/<config>.yaml`` or a YAML path)."""
 
+    config: str = "default"
+    epochs: int = 0  # 0: the config's
+    max_steps: int = 0  # 0: no limit
+    nproc_per_node: int = 2  # processes on this node (one per GPU with NCCL)
+    nnodes: int = 1
+    rdzv_endpoint: str = ""  # HOST:PORT of the c10d rendezvous; required when nnodes > 1
+    rdzv_id: str = ""  # empty: the Dagster run id (every node must pass the same)
+    backend: str = "auto"  # auto | gloo | nccl (auto: nccl when CUDA is available)
+
+
+def torchrun_command(config: DistributedTrainingConfig, data: str, out: str, run_id: str) -> list[str]:
+    """The command this node runs; every node of a multi-node job runs the same one."""
+    if config.nnodes > 1 and not config.rdzv_endpoint:
+        raise dg.Failure("nnodes > 1 needs rdzv_endpoint (HOST:PORT of the c10d rendezvous every node can reach)")
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if config.nnodes == 1 and not config.rdzv_endpoint:
+        cmd += ["--standalone"]  # local c10d rendezvous on a free port: parallel runs never collide
+    else:
+        cmd += ["--nnodes", str(config.nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", config.rdzv_endpoint,
+                "--rdzv_id", config.rdzv_id or run_id]
+    cmd += ["--nproc_per_node", str(config.nproc_per_node),
+            "-m", "models.distributed", "--config", config.config, "--data", data, "--out", out,
+            "--backend", config.backend]
+    if config.epochs > 0:
+        cmd += ["--epochs", str(config.epochs)]
+    if config.max_steps > 0:
+        cmd += ["--max-steps", str(config.max_steps)]
+    return cmd
+
+
+@dg.asset(kinds={"torchrec", "pytorch"}, group_name=TRAINING)
+def distributed_trained_model(context: dg.AssetExecutionContext, config: DistributedTrainingConfig,
+                              encore: EncoreResource, pipes_subprocess_client: dg.PipesSubprocessClient,
+                              training_dataset: dict) -> dg.MaterializeResult:
+    """Train with TorchRec DistributedModelParallel under torchrun (item table sharded row-wise over all
+    ranks), launched through Dagster Pipes; rank 0's metrics become this materialisation's metadata."""
     settings = encore.settings()
-    df = pd.read_parquet(training_dataset["path"])
-    out_dir = settings.root / "studies" / f"scaling-{training_dataset['snapshot']}-{int(time.time())}"
-    study = run_study(df, settings.train, settings.scaling, out_dir=out_dir,
-                      tracking_uri=mlflow_server.resolve(settings), experiment=f"{settings.mlflow_experiment}-scaling",
-                      artifact_root=settings.mlflow_dir / "artifacts", log=context.log.info)
-    context.add_output_metadata({
-        "points": len(study["points"]),
-        "fits": dg.MetadataValue.md(study["fits_markdown"]),
-        "sweep": dg.MetadataValue.md(study["points_markdown"]),
-        "plot": dg.MetadataValue.md(md_image(Path(study["plot"]), "scaling")),
-        "mlflow_run_id": study["run_id"],
-        "dir": dg.MetadataValue.path(str(out_dir)),
-    })
-    return study
+    # Named after the run, not the clock: on several nodes every node runs this same (logged) command.
+    name = f"distributed-{training_dataset['snapshot']}-{context.run.run_id[:8]}"
+    out = settings.root / "models" / name / "recommender"
+    cmd = torchrun_command(config, training_dataset["path"], str(out), context.run.run_id)
+    context.log.info("launching " + " ".join(cmd))
+    reported = pipes_subprocess_client.run(context=context, command=cmd, cwd=str(ROOT)).get_materialize_result()
+    meta = dict(reported.metadata or {})
+    if "test_metrics" not in meta:  # the trainer exited 0 without reporting: not a trained model
+        raise dg.Failure("the distributed trainer reported no metrics through Dagster Pipes")
+    # "dir" is where rank 0 saved the model (its node's --out; the same shared path when nodes share one)
+    value = {"dir": meta["dir"].value, "world_size": meta["world_size"].value,
+             "test_metrics": meta["test_metrics"].value, "dataset": training_dataset}
+    return dg.MaterializeResult(
+        metadata={**meta, "command": dg.MetadataValue.text(" ".join(cmd)),
+                  "dataset_snapshot": training_dataset["snapshot"]},
+        data_version=reported.data_version,
+        check_results=reported.check_results,
+        value=value,
+    )
 
 
 def _input_example(rec) -> pd.DataFrame:  # noqa: ANN001
@@ -406,22 +394,6 @@ def _metrics_table(report: dict) -> str:
             m = report.get(key, {})
             lines.append(f"| {split} | {who} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in keys) + " |")
     return "\n".join(lines)
-
-
-@dg.asset(deps=[exposures_topic, ingested_interactions], kinds={"scipy"}, group_name=EXPERIMENTS)
-def ab_report(context: dg.AssetExecutionContext, encore: EncoreResource, kafka: KafkaResource,
-              mlflow_server: MLflowResource) -> dict:
-    """Join exposures with the interactions they caused; per-arm metrics, Welch tests, SRM, HTML report."""
-    from serving.report import build_ab_report
-
-    settings = encore.settings()
-    result = build_ab_report(settings, kafka.resolve(settings), mlflow_server.resolve(settings))
-    context.add_output_metadata({
-        "report": dg.MetadataValue.path(result["html"]),
-        "summary": dg.MetadataValue.md(result["markdown"]),
-        "exposures": result["exposures"],
-    })
-    return result
 
 
 def _round(row: dict) -> dict:

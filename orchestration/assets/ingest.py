@@ -1,11 +1,12 @@
-"""Dagster definitions of the streaming side: the Kafka topic as an observable asset, a lag sensor, checks.
+"""The ingest group: the Kafka topic as an observable asset, the consumed events in the offline store and the
+Feast online store, and the checks on them.
 
 - ``interactions_topic`` is an *observable source asset*: observing it records end offsets, the ingest
   group's committed offsets and the lag, and its data version changes when new events arrive.
-- ``ingest_on_lag`` watches that lag and launches ``ingest_job`` runs; its cursor (kept by Dagster) holds the
-  end offsets it last launched for, so one backlog launches one run.
-- Checks on ``ingested_interactions``: the stored Parquet matches the schema (blocking: training must not read
-  a broken record), and the store is fresh (latest ingest recent, lag small).
+- ``ingested_interactions`` consumes the topic in bounded batches (``features.ingest``).
+- Checks on ``ingested_interactions``: messages reconcile, the DLQ rate stays low, the stored Parquet matches
+  the schema (blocking: training must not read a broken record), and the store is fresh (latest ingest
+  recent, lag small). The lag sensor that launches ``ingest_job`` lives in ``orchestration.sensors``.
 """
 
 import json
@@ -14,11 +15,12 @@ import time
 import dagster as dg
 import pyarrow.parquet as pq
 
+from features.ingest import ingest
 from features.kafka_io import committed_offsets, end_offsets
 from features.offline_store import SCHEMA
 from orchestration.resources import EncoreResource, KafkaResource
 
-STREAMING = "streaming"
+INGEST = "ingest"
 
 
 def topic_lag(bootstrap: str, topic: str, group_id: str, **options: object) -> dict:
@@ -29,7 +31,7 @@ def topic_lag(bootstrap: str, topic: str, group_id: str, **options: object) -> d
     return {"end_offsets": end, "committed": committed, "lag": lag, "total_lag": sum(lag.values())}
 
 
-@dg.observable_source_asset(name="interactions_topic", group_name=STREAMING,
+@dg.observable_source_asset(name="interactions_topic", group_name=INGEST,
                             description="Kafka topic of interaction events (JSON schema v1, key = user_id)")
 def interactions_topic(encore: EncoreResource, kafka: KafkaResource) -> dg.ObserveResult:
     settings = encore.settings()
@@ -49,23 +51,48 @@ def observe_topic(bootstrap: str, topic: str, group_id: str, **options: object) 
     )
 
 
-@dg.sensor(job_name="ingest_job", minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.STOPPED,
-           description="launch an ingest run when the interactions topic has unconsumed events")
-def ingest_on_lag(context: dg.SensorEvaluationContext, encore: EncoreResource, kafka: KafkaResource):
+@dg.asset(
+    deps=[interactions_topic],
+    kinds={"kafka", "feast", "parquet"},
+    group_name=INGEST,
+    check_specs=[
+        dg.AssetCheckSpec("reconciliation", asset="ingested_interactions", blocking=True,
+                          description="messages consumed = stored + duplicates + sent to the DLQ"),
+        dg.AssetCheckSpec("dlq_rate", asset="ingested_interactions",
+                          description="share of consumed messages rejected to the DLQ stays under 5%"),
+    ],
+)
+def ingested_interactions(context: dg.AssetExecutionContext, encore: EncoreResource, kafka: KafkaResource):
+    """Consume the interactions topic in bounded batches into the offline store and the Feast online store."""
     settings = encore.settings()
-    try:
-        bootstrap = kafka.resolve(settings)
-        state = topic_lag(bootstrap, settings.topics.interactions, settings.ingest.group_id,
-                          **settings.kafka.client_options())
-    except Exception as exc:  # noqa: BLE001 - a broker that is down is a reason to skip, not to crash
-        return dg.SkipReason(f"Kafka not reachable: {exc}")
-    if state["total_lag"] == 0:
-        return dg.SkipReason("no lag: every event is ingested")
-    key = json.dumps(state["end_offsets"], sort_keys=True)
-    if context.cursor == key:
-        return dg.SkipReason(f"a run was already launched for end offsets {key}")
-    context.update_cursor(key)
-    return dg.RunRequest(run_key=f"lag-{key}", tags={"encore/lag": str(state["total_lag"])})
+    bootstrap = kafka.resolve(settings)
+    report = ingest(settings, bootstrap, on_batch=lambda b: context.log.info(
+        f"batch {b.first_offset}..{b.last_offset}: {b.written} written, {b.duplicates} duplicate, {b.dlq} DLQ"))
+    context.log.info(f"ingested {report.written} new events from {report.consumed} messages in {report.batches} batches")
+    yield dg.MaterializeResult(
+        metadata={
+            "consumed": report.consumed,
+            "written": report.written,
+            "duplicates": report.duplicates,
+            "dlq": report.dlq,
+            "dlq_reasons": dg.MetadataValue.json(report.dlq_reasons),
+            "batches": report.batches,
+            "offset_ranges": dg.MetadataValue.json({str(k): v for k, v in report.offset_ranges.items()}),
+            "seconds": round(report.seconds, 3),
+            "freshness_p99_s": report.freshness_p99_s if report.freshness_p99_s is not None else -1.0,
+        }
+    )
+    accounted = report.written + report.duplicates + report.dlq
+    yield dg.AssetCheckResult(
+        check_name="reconciliation",
+        passed=accounted == report.consumed,
+        metadata={"consumed": report.consumed, "accounted": accounted},
+    )
+    rate = report.dlq / report.consumed if report.consumed else 0.0
+    yield dg.AssetCheckResult(
+        check_name="dlq_rate", passed=rate <= 0.05,
+        severity=dg.AssetCheckSeverity.WARN, metadata={"dlq_rate": rate},
+    )
 
 
 @dg.asset_check(asset="ingested_interactions", blocking=True,

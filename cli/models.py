@@ -12,19 +12,11 @@ import json
 
 import click
 
-from infra.settings import EncoreSettings, load_settings
+from cli.common import data_dir_option, settings_for
+from infra.settings import EncoreSettings
 
-_data_dir = click.option("--data-dir", envvar="ENCORE_DATA_DIR", default=None,
-                         help="where Encore keeps its state (default ./.encore)")
 _uri = click.option("--tracking-uri", "uri", envvar="ENCORE_MLFLOW_TRACKING_URI", default=None,
                     help="MLflow tracking URI (default: settings, the running embedded server, or the sqlite file)")
-
-
-def _settings(data_dir: str | None) -> EncoreSettings:
-    try:
-        return load_settings(data_dir)
-    except Exception as exc:  # pydantic names the wrong setting
-        raise click.ClickException(f"invalid settings: {exc}") from exc
 
 
 def resolve_tracking_uri(settings: EncoreSettings, explicit: str | None = None) -> str:
@@ -50,19 +42,12 @@ def run_config(preset: str = "", epochs: int = 0, dim: int = 0, blocks: int = 0,
 def run_training(settings: EncoreSettings, *, instance=None, tracking: str | None = None,  # noqa: ANN001
                  **config: object) -> dict:
     """Run ``training_job`` in process (as ``encore models train`` does) and summarise the gate's verdict."""
+    from cli.jobs import run_job
+    from orchestration.resources import MLflowResource
 
-    from orchestration.definitions import defs
-    from orchestration.pipeline import dagster_instance
-    from orchestration.resources import encore_resource, MLflowResource
-
-    resources: dict = {"encore": encore_resource(settings)}
-    if tracking:
-        resources["mlflow_server"] = MLflowResource(tracking_uri=tracking)
-    result = defs.resolve_job_def("training_job").execute_in_process(
-        instance=instance or dagster_instance(settings), resources=resources,
-        run_config={**run_config(**config), "loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-        raise_on_error=False,
-    )
+    resources = {"mlflow_server": MLflowResource(tracking_uri=tracking)} if tracking else {}
+    result = run_job(settings, "training_job", instance, resources=resources, run_config=run_config(**config),
+                     log_level="WARNING", raise_on_error=False)
     summary: dict = {"success": result.success, "run_id": result.run_id}
     for ev in result.get_asset_check_evaluations():
         if ev.check_name == "promotion_gate":
@@ -89,7 +74,7 @@ def models_group() -> None:
 
 
 @models_group.command("train")
-@_data_dir
+@data_dir_option
 @click.option("--preset", default="", help="hstu, sasrec, argus, a models/configs name, or a YAML path "
                                            "(default: the settings' train group)")
 @click.option("--epochs", type=int, default=0, help="override the epoch count")
@@ -99,7 +84,7 @@ def models_train(data_dir: str | None, preset: str, epochs: int, dim: int, seed:
     """Run the Dagster training_job: snapshot → train → evaluate → register → gate → champion."""
     from infra.services import EmbeddedServices, resolve_mlflow
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     try:
         tracking = resolve_mlflow(settings)
     except RuntimeError:
@@ -122,7 +107,7 @@ def models_train(data_dir: str | None, preset: str, epochs: int, dim: int, seed:
 
 
 @models_group.command("list")
-@_data_dir
+@data_dir_option
 @_uri
 @click.option("--metric", default=None, help="metric column (default: the gate's, e.g. test_ndcg@10)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
@@ -130,7 +115,7 @@ def models_list(data_dir: str | None, uri: str | None, metric: str | None, as_js
     """Every version of encore-recommender with its aliases, metric, data snapshot and gate verdict."""
     from models.registry import list_versions
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     metric = metric or f"{settings.promotion.split}_{settings.promotion.metric}"
     rows = list_versions(resolve_tracking_uri(settings, uri), metric=metric)
     if as_json:
@@ -152,7 +137,7 @@ def models_list(data_dir: str | None, uri: str | None, metric: str | None, as_js
 
 @models_group.command("promote")
 @click.argument("version", type=int)
-@_data_dir
+@data_dir_option
 @_uri
 @click.option("--reason", default="promoted by hand", show_default=True, help="recorded in the audit trail")
 def models_promote(version: int, data_dir: str | None, uri: str | None, reason: str) -> None:
@@ -161,7 +146,7 @@ def models_promote(version: int, data_dir: str | None, uri: str | None, reason: 
 
     from models.registry import promote
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     try:
         entry = promote(resolve_tracking_uri(settings, uri), version, reason=reason)
     except MlflowException as exc:
@@ -173,14 +158,14 @@ def models_promote(version: int, data_dir: str | None, uri: str | None, reason: 
 
 
 @models_group.command("rollback")
-@_data_dir
+@data_dir_option
 @_uri
 @click.option("--reason", default="rolled back by hand", show_default=True, help="recorded in the audit trail")
 def models_rollback(data_dir: str | None, uri: str | None, reason: str) -> None:
     """Give @champion back to the version that held it before the current one."""
     from models.registry import rollback
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     try:
         entry = rollback(resolve_tracking_uri(settings, uri), reason=reason)
     except ValueError as exc:
@@ -189,7 +174,7 @@ def models_rollback(data_dir: str | None, uri: str | None, reason: str) -> None:
 
 
 @models_group.command("audit")
-@_data_dir
+@data_dir_option
 @_uri
 def models_audit(data_dir: str | None, uri: str | None) -> None:
     """Every alias move, oldest first: when, which alias, from and to which version, who and why."""
@@ -198,7 +183,7 @@ def models_audit(data_dir: str | None, uri: str | None) -> None:
 
     from models.registry import audit_log
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     for e in audit_log(MlflowClient(resolve_tracking_uri(settings, uri))):
         when = pd.Timestamp(e["at_ms"], unit="ms").strftime("%Y-%m-%d %H:%M:%S")
         click.echo(f"{when}  @{e['alias']:<10} v{e['from']} -> v{e['to']}  {e.get('action', 'set'):<8} "
@@ -211,17 +196,17 @@ def study_group() -> None:
 
 
 @study_group.command("scaling")
-@_data_dir
+@data_dir_option
 @click.option("--dims", default=None, help="comma-separated widths (default: settings scaling.dims)")
 @click.option("--fractions", default=None, help="comma-separated data fractions (default: settings)")
 @click.option("--epochs", type=int, default=None)
 def study_scaling(data_dir: str | None, dims: str | None, fractions: str | None, epochs: int | None) -> None:
     """Train a sweep of model sizes / data fractions and fit power laws (the Dagster scaling_job)."""
-    from orchestration.pipeline import dagster_instance
+    from cli.jobs import dagster_instance
     from orchestration.definitions import defs
     from orchestration.resources import encore_resource
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     scaling = settings.scaling.model_copy(update={k: v for k, v in {
         "dims": [int(d) for d in dims.split(",")] if dims else None,
         "data_fractions": [float(f) for f in fractions.split(",")] if fractions else None,

@@ -15,7 +15,7 @@ Mutually exclusive experiments share a **layer**: a fourth hash, ``"layer/{layer
 a fixed position in [0, 1) of its layer, and each experiment of the layer owns a disjoint slice
 (``layer_range``) of that line. A unit falls in at most one slice, hence in at most one experiment of the
 layer; experiments in different layers are independent (different salts). The store
-(``serving.experiments``) refuses overlapping slices of running or paused experiments.
+(``experiments.store``) refuses overlapping slices of running or paused experiments.
 
 Keeping (2) and (3) apart is what makes ramps safe: raising ``traffic`` only moves the inclusion threshold
 on hash (2); a unit's position on hash (3) never changes, so every unit already included keeps its variant.
@@ -36,6 +36,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from infra.settings import EncoreSettings
+
 DEFAULT_BUCKETS = 10_000
 
 # One salt for the long-term holdout across all experiments and layers (see module docstring). Changing it
@@ -47,6 +49,7 @@ WEIGHT_TOLERANCE = 1e-9
 
 # "alias:<registered-model alias>", "version:<registered-model version>", or a bare built-in baseline
 # such as "popularity". Kept loose on purpose: the router, not this module, decides which targets exist.
+POPULARITY = "popularity"  # the built-in most-popular baseline
 _TARGET_RE = re.compile(r"^(alias:[A-Za-z0-9_.-]+|version:[1-9][0-9]*|[a-z][a-z0-9_-]*)$")
 
 
@@ -265,6 +268,19 @@ def assign(experiment: Experiment, unit_id: str | int, context: dict[str, str] |
     if not in_traffic(experiment, unit_id, now):
         return None
     return choose_variant(experiment, unit_id)
+
+
+def default_experiment(settings: EncoreSettings) -> Experiment:
+    """The settings' two-arm test: most-popular as control, the serving alias (champion) as treatment."""
+    e = settings.experiment
+    return Experiment(
+        name=e.name,
+        salt=e.salt,
+        variants=[
+            Variant(name="control", weight=1 - e.treatment_share, target=POPULARITY),
+            Variant(name="treatment", weight=e.treatment_share, target=f"alias:{settings.serve.model_alias}"),
+        ],
+    )
 
 
 def load_experiment(path: str | Path) -> Experiment:

@@ -1,6 +1,6 @@
 """``encore ab ...``: create, ramp, pause, resume, stop and inspect experiments; flip the kill switch; report.
 
-Commands edit the experiment store under the data dir (``serving.experiments``); a running service picks a
+Commands edit the experiment store under the data dir (``experiments.store``); a running service picks a
 change up within ``serve.experiments_poll_s`` (1 s by default). Every change is validated against the other
 experiments and the MLflow registry, saved as a new version, and written to the audit log.
 """
@@ -13,34 +13,19 @@ from pathlib import Path
 
 import click
 
-# Same option as orchestration.cli's; not imported from there because `python -m orchestration.cli` runs that
-# module as __main__ and importing it back here would load it twice.
-data_dir_option = click.option("--data-dir", envvar="ENCORE_DATA_DIR", default=None,
-                               help="where Encore keeps its state (default ./.encore)")
-
-
-def _settings(data_dir: str | None):  # noqa: ANN202
-    from orchestration.cli import _settings as settings
-
-    return settings(data_dir)
-
-
-def _running_kafka(settings) -> str:  # noqa: ANN001
-    from orchestration.cli import _running_kafka as running
-
-    return running(settings)
+from cli.common import data_dir_option, running_kafka, settings_for
 
 
 def _store(data_dir: str | None):  # noqa: ANN202
-    from serving.experiments import ExperimentStore
+    from experiments.store import ExperimentStore
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     return settings, ExperimentStore(settings.experiments_dir)
 
 
 def _checker(settings):  # noqa: ANN001, ANN202 - None when no registry is reachable (targets then go unchecked)
     from infra.services import resolve_endpoints
-    from serving.experiments import registry_target_checker
+    from experiments.store import registry_target_checker
 
     try:
         uri = resolve_endpoints(settings).mlflow_uri
@@ -53,7 +38,7 @@ def _checker(settings):  # noqa: ANN001, ANN202 - None when no registry is reach
 
 
 def _run(fn):  # noqa: ANN001, ANN202
-    from serving.experiments import ExperimentError
+    from experiments.store import ExperimentError
 
     try:
         return fn()
@@ -72,7 +57,7 @@ def ab() -> None:
 @click.option("--replace", is_flag=True, help="save a new version of an existing experiment (same salt)")
 def ab_create(file: Path, data_dir: str | None, replace: bool) -> None:
     """Create an experiment from a YAML/JSON FILE (validated: weights, targets, layer overlaps)."""
-    from serving.assignment import load_experiment
+    from experiments.assignment import load_experiment
 
     settings, store = _store(data_dir)
     try:
@@ -85,7 +70,7 @@ def ab_create(file: Path, data_dir: str | None, replace: bool) -> None:
 
 def _parse_schedule(spec: str) -> list:
     """``"0.1@+0m,0.5@+1h,1@2026-12-01T00:00Z"``: traffic@(+offset with s/m/h/d, or an ISO time)."""
-    from serving.assignment import RampStep
+    from experiments.assignment import RampStep
 
     now = datetime.now(timezone.utc)
     steps = []
@@ -186,10 +171,10 @@ def ab_status(name: str | None, data_dir: str | None, as_json: bool, audit_lines
 @data_dir_option
 def ab_report(data_dir: str | None) -> None:
     """Analyse the A/B test: exposures joined with interactions; writes an HTML report."""
-    from orchestration.pipeline import run_job
+    from cli.jobs import run_job
 
-    settings = _settings(data_dir)
-    _running_kafka(settings)
+    settings = settings_for(data_dir)
+    running_kafka(settings)
     result = run_job(settings, "ab_report_job").output_for_node("ab_report")
     click.echo(result["markdown"])
     click.echo(f"report: {result['html']}")

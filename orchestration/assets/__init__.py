@@ -1,0 +1,11 @@
+"""Dagster assets, one module per asset group:
+
+    ingest       interactions_topic (Kafka, observable) └─ ingested_interactions (offline store + Feast online)
+    training     training_dataset ─ trained_model ─ evaluation ─ registered_model ─ champion_model;
+                 distributed_trained_model (torchrun through Dagster Pipes)
+    studies      scaling_study (sweep of sizes / data fractions, power-law fits)
+    experiments  exposures_topic (Kafka) + ingested_interactions └─ ab_report
+
+Each asset is a thin wrapper: the business logic is in plain functions of ``features``, ``models`` and
+``experiments`` that the assets call.
+"""

@@ -1,0 +1,39 @@
+"""The jobs of the code location: which assets run together."""
+
+import dagster as dg
+
+from orchestration.assets.experiments import ab_report
+from orchestration.assets.ingest import ingested_interactions
+from orchestration.assets.studies import scaling_study
+from orchestration.assets.training import (
+    champion_model,
+    distributed_trained_model,
+    evaluation,
+    registered_model,
+    trained_model,
+    training_dataset,
+)
+
+
+ingest_job = dg.define_asset_job("ingest_job", selection=[ingested_interactions],
+                                 description="consume the interactions topic into Feast")
+
+
+training_job = dg.define_asset_job(
+    "training_job",
+    selection=[training_dataset, trained_model, evaluation, registered_model, champion_model],
+    description="snapshot → train → evaluate → register (@challenger) → promotion gate → @champion",
+)
+
+
+scaling_job = dg.define_asset_job("scaling_job", selection=[training_dataset, scaling_study],
+                                  description="scaling study: sweep of model sizes and data fractions, power-law fits")
+
+
+ab_report_job = dg.define_asset_job("ab_report_job", selection=[ab_report], description="analyse the A/B test")
+
+
+distributed_training_job = dg.define_asset_job(
+    "distributed_training_job", selection=[training_dataset, distributed_trained_model],
+    description="snapshot → torchrun (DistributedModelParallel), launched through Dagster Pipes",
+)
