@@ -64,7 +64,7 @@ def drop_last(dataset: str, data_dir: Path, out: Path, drop: int = 1) -> dict[st
 def main(argv: list[str] | None = None) -> dict[str, int]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True, choices=DATASETS)
-    ap.add_argument("--dataset-dir", "--data-dir", dest="dataset_dir", type=Path, required=True)
+    ap.add_argument("--dataset-dir", dest="dataset_dir", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True, help="the folder to write (created; its files are replaced)")
     ap.add_argument("--drop", type=int, default=1, help="ratings to drop from the end of each user's history")
     args = ap.parse_args(argv)

@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="synthetic",
                     choices=["synthetic", "ml-100k", "ml-1m", "ml-20m", "ml-25m", "amazon", "yambda"])
-    ap.add_argument("--dataset-dir", "--data-dir", dest="dataset_dir", type=Path, default=None,
-                    help="the dataset's folder (--data-dir, as encore train spells it, works too); its item file "
+    ap.add_argument("--dataset-dir", dest="dataset_dir", type=Path, default=None,
+                    help="the dataset's folder; its item file "
                          "(u.item, movies.dat, movies.csv), where present, is the catalogue ranked, unrated items included")
-    ap.add_argument("--config", default="default", help="a name under models/configs/ or a YAML path")
+    ap.add_argument("--config", default="default", help="a recipe under models/configs/ or a YAML path")
     ap.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     ap.add_argument("--seed", type=int, default=None, help="override the config's seed (repeat runs to see the spread)")
     ap.add_argument("--progress", action="store_true")
@@ -47,13 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     from features.replay import dataset_catalogue, events_frame
     from infra.settings import EncoreSettings
-    from models.train import TrainConfig, train
+    from models.recipe import resolve_recipe
+    from models.train import train
 
-    cfg = TrainConfig.from_yaml(args.config)
-    if args.epochs is not None:
-        cfg = cfg.replace(epochs=args.epochs)
-    if args.seed is not None:
-        cfg = cfg.replace(seed=args.seed)
+    cfg = resolve_recipe(args.config, **{k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None})
     df = events_frame(args.dataset, EncoreSettings(), args.dataset_dir)
     catalogue = dataset_catalogue(args.dataset, args.dataset_dir)
     epochs_so_far: list[dict] = []

@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="synthetic",
                     choices=["synthetic", "ml-100k", "ml-1m", "ml-20m", "ml-25m", "amazon", "yambda"])
-    ap.add_argument("--dataset-dir", "--data-dir", dest="dataset_dir", type=Path, default=None,
-                    help="the dataset's folder (--data-dir, as encore train spells it, works too)")
+    ap.add_argument("--dataset-dir", dest="dataset_dir", type=Path, default=None,
+                    help="the dataset's folder")
     ap.add_argument("--config", default="default", help="a name under models/configs/ or a YAML path")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--validate-every", type=int, default=2, metavar="K")

@@ -130,36 +130,38 @@ def ingest(data_dir: str | None, follow: bool, partitions: str) -> None:
 @main.command()
 @click.option("--dataset", type=click.Choice(["synthetic", "ml-100k", "ml-1m", "ml-20m", "ml-25m", "amazon", "yambda"]),
               default="synthetic", show_default=True)
-@click.option("--dataset-dir", "--data-dir", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--dataset-dir", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="folder with the dataset's files; its item file (u.item, movies.dat, movies.csv), "
                                  "where present, is the catalogue ranked, unrated items included")
-@click.option("--config", "config_name", default="default", show_default=True,
-              help="a name under models/configs/ or a YAML path")
-@click.option("--epochs", type=int, default=None, help="override the config's epoch count")
-@click.option("--seed", type=int, default=None, help="override the config's seed (weights, batches, negatives)")
+@click.option("--config", "--recipe", "config_name", default="default", show_default=True,
+              help="a recipe under models/configs/ (default, hstu, sasrec, argus, hstu-ml1m, ...) or a YAML path")
+@click.option("--epochs", type=int, default=None, help="override the recipe's epoch count")
+@click.option("--seed", type=int, default=None, help="override the recipe's seed (weights, batches, negatives)")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="save the trained recommender here")
+@click.option("--print-recipe", is_flag=True, help="print the resolved recipe as YAML and exit (nothing is trained)")
 def train(dataset: str, dataset_dir: Path | None, config_name: str, epochs: int | None, seed: int | None,
-          out: Path | None) -> None:
+          out: Path | None, print_recipe: bool) -> None:
     """Train a model offline on a dataset (no Kafka needed) and print its test metrics as JSON.
 
     The LAST line printed is one JSON object: hr@1 hr@10 hr@50 hr@200 ndcg@10 ndcg@50 ndcg@200 mrr, config,
     epochs, wall_s, seed.
     """
     from features.replay import dataset_catalogue, events_frame
-    from models.train import CONFIG_DIR, TrainConfig, train as do_train
+    from models.recipe import recipe_names, resolve_recipe
+    from models.train import train as do_train
 
     settings = settings_for(None)
+    overrides = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
     try:
-        cfg = TrainConfig.from_yaml(config_name)
+        cfg = resolve_recipe(config_name, **overrides)
     except FileNotFoundError as exc:
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise click.ClickException(f"no config {config_name!r} ({exc.filename}); shipped: {known}") from exc
+        raise click.ClickException(f"no recipe {config_name!r} ({exc.filename}); shipped: "
+                                   f"{', '.join(recipe_names())}") from exc
     except (TypeError, ValueError) as exc:
-        raise click.ClickException(f"config {config_name!r}: {exc}") from exc
-    if epochs is not None:
-        cfg.epochs = epochs
-    if seed is not None:
-        cfg.seed = seed
+        raise click.ClickException(f"recipe {config_name!r}: {exc}") from exc
+    if print_recipe:
+        click.echo(cfg.to_yaml(), nl=False)
+        return
     try:
         df = events_frame(dataset, settings, dataset_dir)
         catalogue = dataset_catalogue(dataset, dataset_dir)

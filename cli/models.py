@@ -34,8 +34,8 @@ def resolve_tracking_uri(settings: EncoreSettings, explicit: str | None = None) 
     raise click.ClickException(f"no MLflow registry under {settings.root}: train a model first (encore run)")
 
 
-def run_config(preset: str = "", epochs: int = 0, dim: int = 0, blocks: int = 0, seed: int = -1) -> dict:
-    return {"ops": {"trained_model": {"config": {"preset": preset, "epochs": epochs, "dim": dim, "blocks": blocks,
+def run_config(recipe: str = "", epochs: int = 0, dim: int = 0, blocks: int = 0, seed: int = -1) -> dict:
+    return {"ops": {"trained_model": {"config": {"recipe": recipe, "epochs": epochs, "dim": dim, "blocks": blocks,
                                                   "seed": seed}}}}
 
 
@@ -75,12 +75,12 @@ def models_group() -> None:
 
 @models_group.command("train")
 @data_dir_option
-@click.option("--preset", default="", help="hstu, sasrec, argus, a models/configs name, or a YAML path "
-                                           "(default: the settings' train group)")
+@click.option("--recipe", default="", help="hstu, sasrec, argus, a models/configs name, or a YAML path "
+                                           "(default: the settings' train.recipe)")
 @click.option("--epochs", type=int, default=0, help="override the epoch count")
 @click.option("--dim", type=int, default=0, help="override the model width")
 @click.option("--seed", type=int, default=-1, help="override the seed")
-def models_train(data_dir: str | None, preset: str, epochs: int, dim: int, seed: int) -> None:
+def models_train(data_dir: str | None, recipe: str, epochs: int, dim: int, seed: int) -> None:
     """Run the Dagster training_job: snapshot → train → evaluate → register → gate → champion."""
     from infra.services import EmbeddedServices, resolve_mlflow
 
@@ -90,10 +90,10 @@ def models_train(data_dir: str | None, preset: str, epochs: int, dim: int, seed:
     except RuntimeError:
         tracking = None
     if tracking:
-        s = run_training(settings, tracking=tracking, preset=preset, epochs=epochs, dim=dim, seed=seed)
+        s = run_training(settings, tracking=tracking, recipe=recipe, epochs=epochs, dim=dim, seed=seed)
     else:  # nothing running: bring the embedded MLflow server up for this command
         with EmbeddedServices(settings) as svc:
-            s = run_training(settings, tracking=svc.mlflow_uri, preset=preset, epochs=epochs, dim=dim, seed=seed)
+            s = run_training(settings, tracking=svc.mlflow_uri, recipe=recipe, epochs=epochs, dim=dim, seed=seed)
     if s["version"] is None:
         raise click.ClickException(f"training failed: {s['reason']}")
     verdict = "passed" if s.get("gate_passed") else "BLOCKED"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer, model_validator
 from pydantic_settings import (
@@ -132,19 +132,15 @@ class IngestSettings(_Group):
 
 
 class TrainSettings(_Group):
-    model: Literal["hstu", "sasrec"] = "hstu"
-    max_len: int = Field(default=50, ge=2)
-    dim: int = Field(default=32, ge=4)
-    blocks: int = Field(default=2, ge=1)
-    heads: int = Field(default=1, ge=1)
-    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
-    negatives: int = Field(default=64, ge=1)
-    temperature: float = Field(default=0.05, gt=0.0)
-    batch_size: int = Field(default=128, ge=1)
-    lr: float = Field(default=1e-3, gt=0.0)
-    epochs: int = Field(default=8, ge=1)
-    seed: int = 42
-    feedback_weight: float = Field(default=0.0, ge=0.0, description="ARGUS feedback task weight; 0 = off")
+    """Which training recipe the platform trains: a recipe under ``models/configs/`` (or a YAML path), plus
+    explicit overrides. The recipe files are the only place recipe values live (``models.recipe``); these
+    settings hold none, e.g. ``ENCORE_TRAIN__RECIPE=hstu`` or ``ENCORE_TRAIN__OVERRIDES__EPOCHS=3``."""
+
+    recipe: str = Field(default="default", min_length=1,
+                        description="recipe name (models/configs/<name>.yaml) or path: default, hstu, sasrec, "
+                        "argus, hstu-ml1m, ...")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="recipe keys to change for every run, "
+                                      "e.g. {epochs: 3}; checked against the recipe's keys when a run starts")
 
 
 class PromotionSettings(_Group):

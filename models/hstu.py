@@ -35,14 +35,16 @@ LN_EPS = 1e-6  # the reference's LayerNorm epsilon
 
 @dataclass
 class HSTUConfig:
-    dim: int = 50  # D, the embedding / residual width
-    blocks: int = 2
-    heads: int = 1
-    attn_dim: int = 50  # d_qk per head
-    linear_dim: int = 50  # d_v per head (U and V width)
-    max_len: int = 200  # longest history; also the attention normaliser
-    dropout: float = 0.2
-    num_time_buckets: int = 128
+    """Sizes of one HSTU stack; built from a recipe (``ModelConfig.encoder``), which holds the defaults."""
+
+    dim: int  # D, the embedding / residual width
+    blocks: int
+    heads: int
+    attn_dim: int  # d_qk per head
+    linear_dim: int  # d_v per head (U and V width)
+    max_len: int  # longest history; also the attention normaliser
+    dropout: float
+    num_time_buckets: int
 
 
 def bucketize_time_gap(gap_s: torch.Tensor, num_buckets: int) -> torch.Tensor:

@@ -56,19 +56,22 @@ def ann_index(items: np.ndarray, m: int = 32, ef_search: int = 128):  # noqa: AN
 
 @dataclass
 class ModelConfig:
-    model: str = "hstu"  # hstu | sasrec
-    num_items: int = 0  # V; dense item indices are 1..V, 0 is padding
-    max_len: int = 50
-    dim: int = 32
-    blocks: int = 2
-    heads: int = 1
-    attn_dim: int = 0  # HSTU d_qk per head; 0 = dim // heads
-    linear_dim: int = 0  # HSTU d_v per head; 0 = dim // heads
-    ffn_dim: int = 0  # SASRec FFN width; 0 = dim
-    dropout: float = 0.2
-    num_time_buckets: int = 128
-    feedback_head: bool = False  # ARGUS: P(positive reaction | history, next item)
-    event_types: bool = True  # add the event-type embedding to each history token
+    """The model's part of a recipe (``models.recipe.TrainConfig.model_config``) plus the catalogue size; saved
+    with every model. No defaults here: ``models/configs/base.yaml`` holds them."""
+
+    model: str  # hstu | sasrec
+    num_items: int  # V; dense item indices are 1..V, 0 is padding
+    max_len: int
+    dim: int
+    blocks: int
+    heads: int
+    attn_dim: int  # HSTU d_qk per head; 0 = dim // heads
+    linear_dim: int  # HSTU d_v per head; 0 = dim // heads
+    ffn_dim: int  # SASRec FFN width; 0 = dim
+    dropout: float
+    num_time_buckets: int
+    feedback_head: bool  # ARGUS: P(positive reaction | history, next item)
+    event_types: bool  # add the event-type embedding to each history token
 
     def encoder(self) -> nn.Module:
         per_head = self.dim // self.heads
@@ -101,6 +104,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
+        missing = sorted(known - set(d))
+        if missing:  # a model saved by a version of Encore older than one of these keys: retrain it
+            raise ValueError(f"saved model config lacks {missing}: it was saved by an older Encore; retrain it")
         return cls(**{k: v for k, v in d.items() if k in known})
 
 

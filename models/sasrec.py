@@ -27,12 +27,14 @@ import fbgemm_gpu  # noqa: F401
 
 @dataclass
 class SASRecConfig:
-    dim: int = 50
-    blocks: int = 2
-    heads: int = 1
-    ffn_dim: int = 50
-    max_len: int = 200
-    dropout: float = 0.2
+    """Sizes of one SASRec stack; built from a recipe (``ModelConfig.encoder``), which holds the defaults."""
+
+    dim: int
+    blocks: int
+    heads: int
+    ffn_dim: int
+    max_len: int
+    dropout: float
 
 
 class CausalSelfAttention(nn.Module):

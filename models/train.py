@@ -37,7 +37,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,7 +45,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -53,142 +52,10 @@ from models.data import Split, UserSequences, build_sequences, iterate_batches, 
 from models.data import Batch, ItemVocab, jagged_positions
 from models.cpu_memory import retain_freed_memory
 from models.evaluate import RankedTargets, evaluate, rank_targets, split_metrics
-from models.recommender import ModelConfig, Recommender, SequentialRecommender, build_model
+from models.recipe import BASE_RECIPE, TrainConfig, resolve_recipe
+from models.recommender import Recommender, SequentialRecommender, build_model
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-def config_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
-    """A bare name (no suffix) is a shipped config, ``models/configs/<name>.yaml``; a relative path is read
-    beside ``relative_to`` (the file that names it) when given, else from the working directory."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        return CONFIG_DIR / f"{name_or_path}.yaml"
-    if relative_to is not None and not path.is_absolute():
-        return relative_to / path
-    return path
-
-
-def read_config_file(name_or_path: str | Path, *, relative_to: Path | None = None,
-                     _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A config file's keys with its ``base:`` chain resolved: the base's keys, then the file's own on top
-    (one level of keys: a config is flat). Key names are checked later, by ``TrainConfig.from_dict``."""
-    path = config_path(name_or_path, relative_to)
-    resolved = path.resolve()
-    if resolved in _chain:
-        cycle = " -> ".join(p.name for p in (*_chain, resolved))
-        raise ValueError(f"config base cycle: {cycle}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config {path.name}: expected a mapping of keys, got {type(data).__name__}")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise ValueError(f"config {path.name}: base must be a config name or path, got {base!r}")
-    return {**read_config_file(base, relative_to=path.parent, _chain=(*_chain, resolved)), **data}
-
-
-@dataclass
-class TrainConfig:
-    # model (mirrors infra.settings.TrainSettings, plus the per-family widths)
-    model: str = "hstu"  # hstu | sasrec
-    max_len: int = 50
-    dim: int = 32
-    blocks: int = 2
-    heads: int = 1
-    attn_dim: int = 0  # HSTU d_qk per head (0 = dim // heads)
-    linear_dim: int = 0  # HSTU d_v per head (0 = dim // heads)
-    ffn_dim: int = 0  # SASRec feed-forward width (0 = dim)
-    dropout: float = 0.2
-    num_time_buckets: int = 128
-    # objective
-    negatives: int = 64
-    temperature: float = 0.05
-    feedback_weight: float = 0.0  # ARGUS feedback task weight; 0 disables the head
-    # data protocol
-    targets: str = "positive"  # next-item targets: positive events, or all events (the papers' MovieLens protocol)
-    event_types: bool = True  # history tokens carry their event type (False: item ids only, as the papers)
-    # optimisation
-    batch_size: int = 128
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.98)
-    weight_decay: float = 0.0
-    epochs: int = 8  # maximum number of epochs; early stopping may end sooner
-    patience: int = 3  # evaluations without a better valid ndcg@10 before stopping; 0 = never stop early
-    eval_every: int = 1  # epochs between validations (the last epoch is always validated)
-    # with a validation split: also score the test split every N epochs (and the last), for the learning curve
-    # only; selection stays on validation. 0 = never (test only the selected weights, at the end)
-    log_test_every: int = 0
-    eval_batch_size: int = 256
-    length_bucketing: bool = True  # batch similar-length histories together (less padding, same data)
-    seed: int = 42
-    # data
-    split: str = "loo"  # loo (leave-one-out) | temporal (global time cut)
-    # False: the papers' protocol (loo only): no validation split, every event but the last trains, all epochs
-    # run, the final weights are tested; eval_every then scores the test split for the log only, as the
-    # reference's per-epoch eval does (never used to pick anything)
-    validation: bool = True
-    # which already-seen items evaluation drops from the ranking: "history" = everything the user consumed
-    # before the target (what the service filters); "window" = only the max_len events the model reads, as
-    # the reference's eval does (invalid_ids = the input ids), so older items stay candidates
-    seen_filter: str = "history"
-    test_fraction: float = 0.1  # temporal split only
-    valid_fraction: float = 0.1  # temporal split only
-    # runtime
-    checkpoint_dir: str | None = None  # resume from / save to <dir>/checkpoint.pt every epoch
-    device: str = "auto"  # auto = cuda when available, else cpu
-    autocast: str = "auto"  # bf16 autocast of the forward: auto = on CUDA only, bf16 = always (CPU too), off
-    # CPU: keep freed tensor memory in the process rather than unmapping it after every step (models/cpu_memory.py);
-    # arithmetic is unchanged, false only measures what it saves
-    retain_cpu_memory: bool = True
-
-    @classmethod
-    def from_yaml(cls, name_or_path: str | Path, **overrides: Any) -> "TrainConfig":
-        """``from_yaml("default")`` reads models/configs/default.yaml; a path is read as is.
-
-        A file may start from another with ``base: <config name or path>`` (see ``read_config_file``), so a
-        variant (a larger size, a scaling-sweep point, a dataset's changes to a recipe) states only what it
-        changes."""
-        return cls.from_dict({**read_config_file(name_or_path), **overrides})
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys {sorted(unknown)}")
-        if "betas" in data:
-            data = {**data, "betas": tuple(float(b) for b in data["betas"])}
-        return cls(**data)
-
-    @classmethod
-    def from_settings(cls, settings: Any, **overrides: Any) -> "TrainConfig":
-        """From ``infra.settings.TrainSettings`` (any object with the same field names)."""
-        known = {f.name for f in fields(cls)}
-        shared = {k: v for k, v in settings.model_dump().items() if k in known}
-        return cls.from_dict({**shared, **overrides})
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return replace(self, **changes)
-
-    def model_config(self, num_items: int) -> ModelConfig:
-        return ModelConfig(
-            model=self.model,
-            num_items=num_items,
-            max_len=self.max_len,
-            dim=self.dim,
-            blocks=self.blocks,
-            heads=self.heads,
-            attn_dim=self.attn_dim,
-            linear_dim=self.linear_dim,
-            ffn_dim=self.ffn_dim,
-            dropout=self.dropout,
-            num_time_buckets=self.num_time_buckets,
-            feedback_head=self.feedback_weight > 0,
-            event_types=self.event_types,
-        )
 
 
 @dataclass
@@ -466,7 +333,7 @@ def train(
     ``catalogue``: raw ids of every item to rank and draw negatives from, beyond those in the events (e.g. a
     dataset's item file, ``features.datasets.load_catalogue``); None: the items of the events.
     """
-    cfg = cfg or TrainConfig()
+    cfg = cfg or resolve_recipe(BASE_RECIPE)
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     if isinstance(data, UserSequences):
@@ -597,4 +464,4 @@ def train(
     )
 
 
-__all__ = ["autocast", "resolve_device", "NegativeDraw", "RecommenderTrain", "negative_pool_size", "TrainConfig", "TrainResult", "read_config_file", "make_optimizer", "make_split", "sampled_softmax_loss", "seed_everything", "train"]
+__all__ = ["autocast", "resolve_device", "NegativeDraw", "RecommenderTrain", "negative_pool_size", "TrainResult", "make_optimizer", "make_split", "sampled_softmax_loss", "seed_everything", "train"]

@@ -701,8 +701,7 @@ def test_quality_bench_ranks_the_item_files_catalogue(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("max_len: 8\ndim: 16\nblocks: 1\nnegatives: 16\nbatch_size: 64\nepochs: 1\npatience: 0\n"
                    "validation: false\ntargets: all\n")
-    # --data-dir, as encore train spells it, is the same option as --dataset-dir
-    out = quality(["--dataset", "ml-1m", "--data-dir", str(tmp_path), "--config", str(cfg)])
+    out = quality(["--dataset", "ml-1m", "--dataset-dir", str(tmp_path), "--config", str(cfg)])
     assert (out["items"], out["unrated_items"]) == (31, 1)
 
 

@@ -31,39 +31,35 @@ TRAINING = "training"
 
 
 class TrainingConfig(dg.Config):
-    """Which model a training run fits; the settings' ``train`` group is the default.
+    """Which recipe a training run fits (``models/configs/``): empty = the settings' ``train.recipe`` with its
+    overrides; else a recipe name (``hstu``, ``sasrec``, ``argus``, ``hstu-ml1m``, ...) or a YAML path. The other
+    fields override single knobs of it (0 / -1 = keep)."""
 
-    ``preset``: empty (the settings as they are), ``hstu``, ``sasrec`` (baseline), ``argus`` (HSTU with the
-    ARGUS feedback task), or a config under models/configs/ (e.g. ``default``) or a YAML path.
-    The other fields override single knobs (0 / -1 = keep).
-    """
-
-    preset: str = ""
+    recipe: str = ""
     epochs: int = 0
     dim: int = 0
     blocks: int = 0
     seed: int = -1
 
 
-PRESETS: dict[str, dict] = {
-    "hstu": {"model": "hstu", "feedback_weight": 0.0},
-    "sasrec": {"model": "sasrec", "feedback_weight": 0.0},
-    "argus": {"model": "hstu", "feedback_weight": 0.5},
-}
+def train_config(settings, config: TrainingConfig):  # noqa: ANN001, ANN201 - EncoreSettings -> TrainConfig
+    """The run's recipe, resolved the one way (``models.recipe``); a history longer than serving keeps is refused
+    here, before any training, since the service could not feed the model what it was trained on."""
+    from models.recipe import recipe_from_settings
 
-
-def train_config(settings, config: TrainingConfig):  # noqa: ANN001, ANN201
-    from models.train import TrainConfig
-
-    if config.preset and config.preset not in PRESETS:
-        cfg = TrainConfig.from_yaml(config.preset)
-    else:
-        cfg = TrainConfig.from_settings(settings.train, **PRESETS.get(config.preset, {}))
     overrides = {k: v for k, v in (("epochs", config.epochs), ("dim", config.dim), ("blocks", config.blocks))
                  if v > 0}
     if config.seed >= 0:
         overrides["seed"] = config.seed
-    return cfg.replace(**overrides) if overrides else cfg
+    try:
+        cfg = recipe_from_settings(settings.train, config.recipe, **overrides)
+    except (OSError, ValueError) as exc:
+        raise dg.Failure(f"recipe {config.recipe or settings.train.recipe!r}: {exc}") from exc
+    if cfg.max_len > settings.ingest.history_length:
+        raise dg.Failure(f"recipe reads {cfg.max_len} events per user (max_len) but the online store keeps "
+                         f"{settings.ingest.history_length} (ingest.history_length): serving could not feed it. "
+                         "Lower max_len or raise ENCORE_INGEST__HISTORY_LENGTH")
+    return cfg
 
 
 def _feature_view_versions(store) -> dict[str, str]:  # noqa: ANN001
@@ -132,7 +128,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, enc
         context.log.info(f"epoch {epoch}: " + json.dumps(_round(row)))
         log_epoch(row, epoch)
 
-    params = {**dataclasses.asdict(cfg), "family": family, "preset": config.preset or "settings",
+    params = {**dataclasses.asdict(cfg), "family": family, "recipe": config.recipe or settings.train.recipe,
               "dataset_snapshot": training_dataset["snapshot"], "dataset_events": training_dataset["events"]}
     with training_run(uri, experiment_name(settings.mlflow_experiment, "training"), run_name=name, params=params,
                       tags={"dataset_snapshot": training_dataset["snapshot"], "model": family,
@@ -154,6 +150,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, enc
         "epochs": dg.MetadataValue.md(_history_table(history)),
         "loss_curves": dg.MetadataValue.md(md_image(curve, "loss curves")),
         "dir": dg.MetadataValue.path(str(out)),
+        "recipe": dg.MetadataValue.md(f"```yaml\n{cfg.to_yaml()}```"),
     })
     return {"dir": str(out), "report_dir": str(run_dir / "report"), "run_id": run.info.run_id, "family": family,
             "config": {**dataclasses.asdict(cfg), "model": cfg.model}, "params": result.num_params,
@@ -319,12 +316,11 @@ def champion_model(context: dg.AssetExecutionContext, encore: EncoreResource, ml
 # on a file system every node reads (rank 0 writes the model there). See docs/training.md.
 
 
-class DistributedTrainingConfig(dg.Config):
-    """torchrun's shape and the training config (``models/configs/<config>.yaml`` or a YAML path)."""
+class DistributedTrainingConfig(TrainingConfig):
+    """The recipe (as ``trained_model``'s: the settings' or a named one, with single knobs overridden) and
+    torchrun's shape. ``max_steps`` cuts a run short for a smoke test (0: no limit)."""
 
-    config: str = "default"
-    epochs: int = 0  # 0: the config's
-    max_steps: int = 0  # 0: no limit
+    max_steps: int = 0
     nproc_per_node: int = 2  # processes on this node (one per GPU with NCCL)
     nnodes: int = 1
     rdzv_endpoint: str = ""  # HOST:PORT of the c10d rendezvous; required when nnodes > 1
@@ -332,8 +328,9 @@ class DistributedTrainingConfig(dg.Config):
     backend: str = "auto"  # auto | gloo | nccl (auto: nccl when CUDA is available)
 
 
-def torchrun_command(config: DistributedTrainingConfig, data: str, out: str, run_id: str) -> list[str]:
-    """The command this node runs; every node of a multi-node job runs the same one."""
+def torchrun_command(config: DistributedTrainingConfig, recipe: str, data: str, out: str, run_id: str) -> list[str]:
+    """The command this node runs; every node of a multi-node job runs the same one. ``recipe``: the resolved
+    recipe's file (on a file system every node reads), so every rank trains exactly what this step resolved."""
     if config.nnodes > 1 and not config.rdzv_endpoint:
         raise dg.Failure("nnodes > 1 needs rdzv_endpoint (HOST:PORT of the c10d rendezvous every node can reach)")
     cmd = [sys.executable, "-m", "torch.distributed.run"]
@@ -343,10 +340,8 @@ def torchrun_command(config: DistributedTrainingConfig, data: str, out: str, run
         cmd += ["--nnodes", str(config.nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", config.rdzv_endpoint,
                 "--rdzv_id", config.rdzv_id or run_id]
     cmd += ["--nproc_per_node", str(config.nproc_per_node),
-            "-m", "models.distributed", "--config", config.config, "--data", data, "--out", out,
+            "-m", "models.distributed", "--config", recipe, "--data", data, "--out", out,
             "--backend", config.backend]
-    if config.epochs > 0:
-        cmd += ["--epochs", str(config.epochs)]
     if config.max_steps > 0:
         cmd += ["--max-steps", str(config.max_steps)]
     return cmd
@@ -362,7 +357,10 @@ def distributed_trained_model(context: dg.AssetExecutionContext, config: Distrib
     # Named after the run, not the clock: on several nodes every node runs this same (logged) command.
     name = f"distributed-{training_dataset['snapshot']}-{context.run.run_id[:8]}"
     out = settings.root / "models" / name / "recommender"
-    cmd = torchrun_command(config, training_dataset["path"], str(out), context.run.run_id)
+    recipe = settings.root / "models" / name / "recipe.yaml"  # resolved here, read by every rank
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    recipe.write_text(train_config(settings, config).to_yaml())
+    cmd = torchrun_command(config, str(recipe), training_dataset["path"], str(out), context.run.run_id)
     context.log.info("launching " + " ".join(cmd))
     reported = pipes_subprocess_client.run(context=context, command=cmd, cwd=str(ROOT)).get_materialize_result()
     meta = dict(reported.metadata or {})
@@ -372,7 +370,7 @@ def distributed_trained_model(context: dg.AssetExecutionContext, config: Distrib
     value = {"dir": meta["dir"].value, "world_size": meta["world_size"].value,
              "test_metrics": meta["test_metrics"].value, "dataset": training_dataset}
     return dg.MaterializeResult(
-        metadata={**meta, "command": dg.MetadataValue.text(" ".join(cmd)),
+        metadata={**meta, "command": dg.MetadataValue.text(" ".join(cmd)), "recipe": dg.MetadataValue.path(str(recipe)),
                   "dataset_snapshot": training_dataset["snapshot"]},
         data_version=reported.data_version,
         check_results=reported.check_results,
