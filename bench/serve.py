@@ -220,15 +220,13 @@ def driver_result(proc: subprocess.Popen, timeout_s: float = 600) -> dict:
 
 
 def has_champion(settings) -> bool:  # noqa: ANN001 - infra.settings.EncoreSettings
-    db = settings.mlflow_dir / "mlflow.db"
-    if not db.is_file() or not (settings.feast_dir / "online.db").is_file():
+    if not (settings.feast_dir / "online.db").is_file():
         return False
-    from mlflow import MlflowClient
+    from models.lifecycle.registry import Registry
+    from models.lifecycle.tracking import tracking_uri
 
     try:
-        MlflowClient(f"sqlite:///{db}").get_model_version_by_alias(settings.serve.model_name,
-                                                                  settings.serve.model_alias)
-        return True
+        return Registry(tracking_uri(settings), settings.registry).champion_version() is not None
     except Exception:  # noqa: BLE001 - no registry, no model, no alias: all mean "build it"
         return False
 

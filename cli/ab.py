@@ -24,17 +24,13 @@ def _store(data_dir: str | None):  # noqa: ANN202
 
 
 def _checker(settings):  # noqa: ANN001, ANN202 - None when no registry is reachable (targets then go unchecked)
-    from infra.services import resolve_endpoints
     from experiments.store import registry_target_checker
+    from models.lifecycle.tracking import tracking_uri
 
     try:
-        uri = resolve_endpoints(settings).mlflow_uri
+        return registry_target_checker(settings, tracking_uri(settings))
     except RuntimeError:
-        db = settings.mlflow_dir / "mlflow.db"
-        if not db.is_file():
-            return None
-        uri = f"sqlite:///{db}"
-    return registry_target_checker(uri, settings.serve.model_name)
+        return None
 
 
 def _run(fn):  # noqa: ANN001, ANN202

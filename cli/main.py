@@ -208,7 +208,7 @@ def serve(data_dir: str | None, host: str | None, port: int | None, experiment: 
             from experiments.assignment import load_experiment
 
             store.create(load_experiment(Path(experiment)), actor=f"serve --experiment {experiment}", replace=True,
-                         check_target=registry_target_checker(endpoints.mlflow_uri, settings.serve.model_name))
+                         check_target=registry_target_checker(settings, endpoints.mlflow_uri))
     except (ExperimentError, ValueError, OSError) as exc:
         raise click.ClickException(f"experiment: {exc}") from exc
     app = create_app(settings, endpoints.kafka_bootstrap, endpoints.mlflow_uri, mode)  # type: ignore[arg-type]

@@ -19,19 +19,15 @@ _uri = click.option("--tracking-uri", "uri", envvar="ENCORE_MLFLOW_TRACKING_URI"
                     help="MLflow tracking URI (default: settings, the running embedded server, or the sqlite file)")
 
 
-def resolve_tracking_uri(settings: EncoreSettings, explicit: str | None = None) -> str:
-    """Explicit, configured, the running embedded server, else the embedded server's sqlite database."""
-    if explicit or settings.mlflow_tracking_uri:
-        return explicit or settings.mlflow_tracking_uri  # type: ignore[return-value]
-    endpoints = settings.run_dir / "endpoints.json"
-    if endpoints.is_file():
-        uri = json.loads(endpoints.read_text()).get("mlflow_uri")
-        if uri:
-            return uri
-    db = settings.mlflow_dir / "mlflow.db"
-    if db.is_file():
-        return f"sqlite:///{db}"
-    raise click.ClickException(f"no MLflow registry under {settings.root}: train a model first (encore run)")
+def _registry(settings: EncoreSettings, explicit: str | None = None):  # noqa: ANN202 - models.lifecycle Registry
+    """The settings' registered model, found by the lifecycle room's tracking-URI rule."""
+    from models.lifecycle.registry import Registry
+    from models.lifecycle.tracking import tracking_uri
+
+    try:
+        return Registry(tracking_uri(settings, explicit), settings.registry)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def run_config(recipe: str = "", epochs: int = 0, dim: int = 0, blocks: int = 0, seed: int = -1) -> dict:
@@ -82,11 +78,12 @@ def models_group() -> None:
 @click.option("--seed", type=int, default=-1, help="override the seed")
 def models_train(data_dir: str | None, recipe: str, epochs: int, dim: int, seed: int) -> None:
     """Run the Dagster training_job: snapshot → train → evaluate → register → gate → champion."""
-    from infra.services import EmbeddedServices, resolve_mlflow
+    from infra.services import EmbeddedServices
+    from models.lifecycle.tracking import tracking_uri
 
     settings = settings_for(data_dir)
     try:
-        tracking = resolve_mlflow(settings)
+        tracking = tracking_uri(settings, file_fallback=False)
     except RuntimeError:
         tracking = None
     if tracking:
@@ -112,17 +109,15 @@ def models_train(data_dir: str | None, recipe: str, epochs: int, dim: int, seed:
 @click.option("--metric", default=None, help="metric column (default: the gate's, e.g. test_ndcg@10)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def models_list(data_dir: str | None, uri: str | None, metric: str | None, as_json: bool) -> None:
-    """Every version of encore-recommender with its aliases, metric, data snapshot and gate verdict."""
-    from models.registry import list_versions
-
+    """Every version of the registered model with its aliases, metric, data snapshot and gate verdict."""
     settings = settings_for(data_dir)
     metric = metric or f"{settings.promotion.split}_{settings.promotion.metric}"
-    rows = list_versions(resolve_tracking_uri(settings, uri), metric=metric)
+    rows = _registry(settings, uri).versions(metric)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        click.echo("no registered versions of encore-recommender yet")
+        click.echo(f"no registered versions of {settings.registry.model_name} yet")
         return
     click.echo(f"{'version':>7}  {'aliases':<22} {'model':<7} {metric:>14}  {'gate':<7} {'created':<16}  snapshot")
     for r in rows:
@@ -142,19 +137,18 @@ def models_list(data_dir: str | None, uri: str | None, metric: str | None, as_js
 @click.option("--reason", default="promoted by hand", show_default=True, help="recorded in the audit trail")
 def models_promote(version: int, data_dir: str | None, uri: str | None, reason: str) -> None:
     """Move @champion to VERSION (manual mode, or overriding the gate); recorded in the audit trail."""
-    from mlflow.exceptions import MlflowException
-
-    from models.registry import promote
+    from models.lifecycle.promotion import promote
+    from models.lifecycle.registry import NotRegistered
 
     settings = settings_for(data_dir)
     try:
-        entry = promote(resolve_tracking_uri(settings, uri), version, reason=reason)
-    except MlflowException as exc:
-        raise click.ClickException(f"cannot promote version {version}: {exc.message}") from exc
+        entry = promote(_registry(settings, uri), version, reason=reason)
+    except NotRegistered as exc:
+        raise click.ClickException(f"cannot promote version {version}: {exc}") from exc
     if entry["action"] == "noop":
         click.echo(entry["reason"])
     else:
-        click.echo(f"@champion: v{entry['from']} -> v{entry['to']} ({reason}, by {entry['actor']})")
+        click.echo(f"@{entry['alias']}: v{entry['from']} -> v{entry['to']} ({reason}, by {entry['actor']})")
 
 
 @models_group.command("rollback")
@@ -163,14 +157,14 @@ def models_promote(version: int, data_dir: str | None, uri: str | None, reason: 
 @click.option("--reason", default="rolled back by hand", show_default=True, help="recorded in the audit trail")
 def models_rollback(data_dir: str | None, uri: str | None, reason: str) -> None:
     """Give @champion back to the version that held it before the current one."""
-    from models.registry import rollback
+    from models.lifecycle.promotion import rollback
 
     settings = settings_for(data_dir)
     try:
-        entry = rollback(resolve_tracking_uri(settings, uri), reason=reason)
+        entry = rollback(_registry(settings, uri), reason=reason)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"@champion: v{entry['from']} -> v{entry['to']} (rollback, by {entry['actor']})")
+    click.echo(f"@{entry['alias']}: v{entry['from']} -> v{entry['to']} (rollback, by {entry['actor']})")
 
 
 @models_group.command("audit")
@@ -179,12 +173,9 @@ def models_rollback(data_dir: str | None, uri: str | None, reason: str) -> None:
 def models_audit(data_dir: str | None, uri: str | None) -> None:
     """Every alias move, oldest first: when, which alias, from and to which version, who and why."""
     import pandas as pd
-    from mlflow import MlflowClient
-
-    from models.registry import audit_log
 
     settings = settings_for(data_dir)
-    for e in audit_log(MlflowClient(resolve_tracking_uri(settings, uri))):
+    for e in _registry(settings, uri).audit_log():
         when = pd.Timestamp(e["at_ms"], unit="ms").strftime("%Y-%m-%d %H:%M:%S")
         click.echo(f"{when}  @{e['alias']:<10} v{e['from']} -> v{e['to']}  {e.get('action', 'set'):<8} "
                    f"{e.get('actor', '?')}: {e['reason']}")

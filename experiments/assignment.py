@@ -271,14 +271,14 @@ def assign(experiment: Experiment, unit_id: str | int, context: dict[str, str] |
 
 
 def default_experiment(settings: EncoreSettings) -> Experiment:
-    """The settings' two-arm test: most-popular as control, the serving alias (champion) as treatment."""
+    """The settings' two-arm test: most-popular as control, the champion alias (what serving loads) as treatment."""
     e = settings.experiment
     return Experiment(
         name=e.name,
         salt=e.salt,
         variants=[
             Variant(name="control", weight=1 - e.treatment_share, target=POPULARITY),
-            Variant(name="treatment", weight=e.treatment_share, target=f"alias:{settings.serve.model_alias}"),
+            Variant(name="treatment", weight=e.treatment_share, target=f"alias:{settings.registry.champion_alias}"),
         ],
     )
 

@@ -92,15 +92,14 @@ def _headline(report) -> str:  # noqa: ANN001 - experiments.report.ABReport
 
 
 def _log_to_mlflow(tracking_uri: str, settings: EncoreSettings, html_path, report) -> None:  # noqa: ANN001
-    import mlflow
+    from models.lifecycle.tracking import AB, experiment_name, log_ab_report
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(f"{settings.mlflow_experiment}-ab")
-    with mlflow.start_run(run_name=report.name):
-        mlflow.log_artifact(str(html_path), "report")
-        mlflow.log_dict(json.loads(report.model_dump_json()), "report/report.json")
-        for t in report.tests:
-            key = f"{t.metric}.{t.treatment}"
-            if t.result.rel_lift is not None:
-                mlflow.log_metric(f"lift.{key}", float(t.result.rel_lift))
-            mlflow.log_metric(f"p_adj.{key}", float(t.p_adjusted))
+    metrics = {}
+    for t in report.tests:
+        key = f"{t.metric}.{t.treatment}"
+        if t.result.rel_lift is not None:
+            metrics[f"lift.{key}"] = float(t.result.rel_lift)
+        metrics[f"p_adj.{key}"] = float(t.p_adjusted)
+    log_ab_report(tracking_uri, experiment_name(settings.mlflow_experiment, AB), run_name=report.name,
+                  html=html_path, report=json.loads(report.model_dump_json()), metrics=metrics,
+                  artifact_root=settings.mlflow_dir / "artifacts")

@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from experiments.assignment import Experiment, RampStep, assign
+from infra.settings import EncoreSettings
 
 BASELINES = frozenset({"popularity"})
 
@@ -68,24 +69,11 @@ class Snapshot:
         raise NotFound(f"no experiment named {name!r}")
 
 
-def registry_target_checker(tracking_uri: str, model_name: str) -> TargetChecker:
-    """Checks ``alias:``/``version:`` targets against the MLflow model registry."""
+def registry_target_checker(settings: EncoreSettings, tracking_uri: str) -> TargetChecker:
+    """Checks ``alias:``/``version:`` targets against the settings' registered model in the MLflow registry."""
+    from models.lifecycle.registry import Registry
 
-    def check(target: str) -> str | None:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri)
-        kind, _, value = target.partition(":")
-        try:
-            if kind == "alias":
-                client.get_model_version_by_alias(model_name, value)
-            elif kind == "version":
-                client.get_model_version(model_name, value)
-        except Exception:  # noqa: BLE001 - MLflow raises one exception type for "not found" and outages alike
-            return f"{target!r} does not exist in the registry for model {model_name!r}"
-        return None
-
-    return check
+    return Registry(tracking_uri, settings.registry).target_problem
 
 
 def validate_set(experiments: list[Experiment], check_target: TargetChecker | None = None) -> None:

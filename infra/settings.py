@@ -171,11 +171,26 @@ class ScalingSettings(_Group):
     model: Literal["hstu", "sasrec"] = "hstu"
 
 
+class RegistrySettings(_Group):
+    """The registered model of the MLflow registry and its two aliases. Every writer (registration, the gate,
+    promotion, rollback) and every reader (serving, experiment targets, ``encore models``) uses these; the
+    defaults are the names existing registries hold."""
+
+    model_name: str = Field(default="encore-recommender", min_length=1)
+    challenger_alias: str = Field(default="challenger", min_length=1, description="every new version gets it")
+    champion_alias: str = Field(default="champion", min_length=1, description="the version serving loads (the "
+                                "default model and the default experiment's treatment) and the gate compares to")
+
+    @model_validator(mode="after")
+    def _distinct_aliases(self) -> "RegistrySettings":
+        if self.challenger_alias == self.champion_alias:
+            raise ValueError("challenger_alias and champion_alias must differ")
+        return self
+
+
 class ServeSettings(_Group):
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
-    model_name: str = "encore-recommender"
-    model_alias: str = "champion"
     default_k: int = Field(default=10, ge=1, le=1000)
     admin_token: SecretStr | None = Field(default=None, min_length=16,
                                           description="bearer token of the /admin API; unset disables it")
@@ -185,6 +200,17 @@ class ServeSettings(_Group):
     experiments_poll_s: float = Field(default=1.0, gt=0, description="how often the experiment store is re-read")
     max_batch: int = Field(default=64, ge=1, le=4096, description="most requests scored in one micro-batch")
     torch_threads: int = Field(default=1, ge=1, description="intra-op threads of the serving process")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: object) -> object:
+        """The registered model's name and aliases left this group for ``registry`` (one place for writers
+        and readers); an old configuration is told where they went rather than just 'extra inputs'."""
+        moved = {"model_name": "registry.model_name", "model_alias": "registry.champion_alias"}
+        if isinstance(data, dict) and any(k in data for k in moved):
+            raise ValueError("; ".join(f"serve.{k} moved to {v} (ENCORE_{v.upper().replace('.', '__')})"
+                                       for k, v in moved.items() if k in data))
+        return data
 
 
 class ExperimentSettings(_Group):
@@ -232,6 +258,7 @@ class EncoreSettings(BaseSettings):
     simulator: SimulatorSettings = SimulatorSettings()
     ingest: IngestSettings = IngestSettings()
     train: TrainSettings = TrainSettings()
+    registry: RegistrySettings = RegistrySettings()
     promotion: PromotionSettings = PromotionSettings()
     scaling: ScalingSettings = ScalingSettings()
     serve: ServeSettings = ServeSettings()

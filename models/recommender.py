@@ -13,7 +13,7 @@ feedback in the history as context. ``event_types = False`` reads items only, as
 SASRec setups do (their MovieLens protocol ignores the ratings). The optional feedback head predicts the
 reaction to a *given* next item.
 
-``Recommender`` is what the online service and the MLflow pyfunc (``models/mlflow_pyfunc.py``) load:
+``Recommender`` is what the online service and the MLflow pyfunc (``models/lifecycle/pyfunc.py``) load:
 config.json + vocab.json + state_dict.pt (plain tensors: ``torch.load(weights_only=True)``, no pickle).
 """
 

@@ -14,6 +14,7 @@ with R^2; with only a handful of CPU-sized points a saturating form (y = E + A x
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -130,45 +131,34 @@ def run_study(df: pd.DataFrame, train_settings: Any, scaling: Any, *, out_dir: P
               experiment: str, artifact_root: Path | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole study: sweep, fits, plot, files under ``out_dir``, and one MLflow run (a child run per point)."""
-    import mlflow
-
-    from models.registry import git_revision, mlflow_name, use_experiment
+    from models.lifecycle.tracking import study_run
     from models.train import TrainConfig
 
     base = TrainConfig.from_settings(train_settings, model=scaling.model, blocks=scaling.blocks,
                                      epochs=scaling.epochs, heads=1)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_id = ""
-    if tracking_uri:
-        use_experiment(tracking_uri, experiment, artifact_root)
-        parent = mlflow.start_run(run_name=f"scaling-{scaling.model}")
-        run_id = parent.info.run_id
-        mlflow.log_params({"dims": json.dumps(list(scaling.dims)), "fractions": json.dumps(list(scaling.data_fractions)),
-                           "model": scaling.model, "blocks": scaling.blocks, "epochs": scaling.epochs})
-        mlflow.set_tag("git_revision", git_revision())
+    params = {"dims": list(scaling.dims), "fractions": list(scaling.data_fractions), "model": scaling.model,
+              "blocks": scaling.blocks, "epochs": scaling.epochs}
+    with (study_run(tracking_uri, experiment, run_name=f"scaling-{scaling.model}", params=params,
+                    artifact_root=artifact_root) if tracking_uri else contextlib.nullcontext()) as run:
 
-    def on_point(point: dict) -> None:
-        if tracking_uri:
-            with mlflow.start_run(run_name=f"d{point['dim']}-f{point['fraction']:g}", nested=True):
-                mlflow.log_params({"dim": point["dim"], "fraction": point["fraction"]})
-                mlflow.log_metrics({mlflow_name(k): float(v) for k, v in point.items() if k not in ("dim", "fraction")})
+        def on_point(point: dict) -> None:
+            if run is not None:
+                run.log_point(f"d{point['dim']}-f{point['fraction']:g}",
+                              {"dim": point["dim"], "fraction": point["fraction"]},
+                              {k: v for k, v in point.items() if k not in ("dim", "fraction")})
 
-    try:
         points = sweep(df, base, scaling.dims, scaling.data_fractions, log=log, on_point=on_point)
         fits = fit_all(points)
         pd.DataFrame(points).to_csv(out_dir / "points.csv", index=False)
         (out_dir / "fits.json").write_text(json.dumps(fits, indent=2))
         png = plot(points, fits, out_dir / "scaling.png")
-        if tracking_uri:
-            mlflow.log_metrics({f"{mlflow_name(k).replace('~', '_vs_')}_{m}": v for k, f in fits.items()
-                                for m, v in f.items() if m in ("b", "r2") and v == v})
-            mlflow.log_artifacts(str(out_dir), "scaling")
-    finally:
-        if tracking_uri:
-            mlflow.end_run()
-    return {"points": points, "fits": fits, "plot": str(png), "run_id": run_id, "dir": str(out_dir),
-            "fits_markdown": _fits_md(fits), "points_markdown": _points_md(points)}
+        if run is not None:
+            run.log_result({f"{k.replace('~', '_vs_')}_{m}": v for k, f in fits.items()
+                            for m, v in f.items() if m in ("b", "r2")}, out_dir, "scaling")
+    return {"points": points, "fits": fits, "plot": str(png), "run_id": run.run_id if run is not None else "",
+            "dir": str(out_dir), "fits_markdown": _fits_md(fits), "points_markdown": _points_md(points)}
 
 
 def _fits_md(fits: dict[str, dict[str, float]]) -> str:

@@ -36,7 +36,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -60,6 +60,9 @@ from experiments.store import (
     Snapshot,
     registry_target_checker,
 )
+
+if TYPE_CHECKING:
+    from models.lifecycle.registry import Registry
 
 log = logging.getLogger("encore.serving")
 
@@ -123,31 +126,21 @@ class LoadedModel:
 class ModelHolder:
     """Holds the model of one registry target (``alias:<a>`` or ``version:<n>``); alias targets can move."""
 
-    def __init__(self, tracking_uri: str, name: str, target: str) -> None:
-        self.tracking_uri, self.name, self.target = tracking_uri, name, target
+    def __init__(self, registry: Registry, target: str) -> None:
+        self.registry, self.target = registry, target
         self.current: LoadedModel | None = None
         self.swaps = 0
 
-    def resolve_version(self) -> int:
-        kind, _, value = self.target.partition(":")
-        if kind == "version":
-            return int(value)
-        from mlflow import MlflowClient
-
-        return int(MlflowClient(self.tracking_uri).get_model_version_by_alias(self.name, value).version)
-
     def load(self) -> bool:
         """Load the target's model if it changed; True when a new model was swapped in."""
-        from models.registry import load_registered_recommender
-
-        version = self.resolve_version()
+        version = self.registry.resolve(self.target)
         if self.current is not None and self.current.version == version:
             return False
-        recommender, version = load_registered_recommender(self.tracking_uri, version=version, name=self.name)
+        recommender, version = self.registry.load(version=version)
         _warm_up(recommender)
         self.current = LoadedModel(recommender, version)  # atomic reference swap
         self.swaps += 1
-        log.info("serving %s %s = version %d", self.name, self.target, version)
+        log.info("serving %s %s = version %d", self.registry.name, self.target, version)
         return True
 
 
@@ -163,8 +156,8 @@ def _warm_up(recommender: Any) -> None:
 class ModelPool:
     """One ModelHolder per target any running experiment (or the default) needs."""
 
-    def __init__(self, tracking_uri: str, name: str, default_target: str) -> None:
-        self.tracking_uri, self.name, self.default_target = tracking_uri, name, default_target
+    def __init__(self, registry: Registry, default_target: str) -> None:
+        self.registry, self.default_target = registry, default_target
         self.holders: dict[str, ModelHolder] = {}
         self.lock = threading.Lock()
 
@@ -172,7 +165,7 @@ class ModelPool:
         for target in sorted(t for t in targets if ":" in t):
             if target in self.holders:
                 continue
-            holder = ModelHolder(self.tracking_uri, self.name, target)
+            holder = ModelHolder(self.registry, target)
             try:
                 holder.load()
             except Exception as exc:  # noqa: BLE001 - requests fall back to the default model meanwhile
@@ -199,6 +192,13 @@ class ModelPool:
     def default(self) -> LoadedModel | None:
         holder = self.holders.get(self.default_target)
         return holder.current if holder else None
+
+
+def model_pool(settings: EncoreSettings, tracking_uri: str) -> ModelPool:
+    """The service's models: the settings' registered model; by default, its champion alias."""
+    from models.lifecycle.registry import Registry
+
+    return ModelPool(Registry(tracking_uri, settings.registry), f"alias:{settings.registry.champion_alias}")
 
 
 # ============================================================================ Feast
@@ -267,7 +267,7 @@ class Recommendations:
         self.settings = settings
         self.tracking_uri = tracking_uri
         self.history = HistoryReader(settings)
-        self.models = ModelPool(tracking_uri, settings.serve.model_name, f"alias:{settings.serve.model_alias}")
+        self.models = model_pool(settings, tracking_uri)
         self.store = store
         self.router = Router(static if static is not None else Snapshot())
         self.producer = make_producer(kafka_bootstrap, linger_ms=20, **settings.kafka.client_options())
@@ -549,7 +549,7 @@ def _admin_routes(app: FastAPI, settings: EncoreSettings, service: Recommendatio
         return "admin-api"
 
     def check() -> Any:
-        return registry_target_checker(tracking_uri, settings.serve.model_name)
+        return registry_target_checker(settings, tracking_uri)
 
     def apply(fn: Any) -> Any:
         try:

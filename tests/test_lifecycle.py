@@ -90,7 +90,7 @@ def broken_trained_model(encore: EncoreResource, mlflow_server: MLflowResource, 
     """Stands in for ``trained_model``: the right shape, an untrained model (random initial weights)."""
     from models.data import build_sequences
     from models.recommender import Recommender, build_model
-    from models.registry import training_run
+    from models.lifecycle.tracking import training_run
     from models.train import TrainConfig
 
     s = encore.settings()
@@ -239,10 +239,10 @@ def test_loading_a_registered_model_leaves_no_download_behind(story, tmp_path, m
     challenger: each load downloads the artifact, and none may stay on disk once the weights are in memory."""
     import tempfile
 
-    from models.registry import load_registered_recommender
+    from models.lifecycle.registry import Registry
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # every temporary directory of this process lands here
-    rec, version = load_registered_recommender(story["uri"], alias="champion")
+    rec, version = Registry(story["uri"], story["settings"].registry).load(alias="champion")
     assert version == _alias(story, "champion")
     item = int(rec.vocab.decode([1])[0])
     assert len(rec.recommend([{"item_ids": [item], "event_types": ["listen"], "timestamps_ms": [0]}], k=5)[0]) == 5

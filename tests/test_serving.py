@@ -163,7 +163,7 @@ def test_a_service_started_before_the_first_promotion_serves_popularity_until_a_
 
     settings, svc, _ = platform
     alias = f"fresh-{uuid.uuid4().hex[:6]}"
-    mine = settings.model_copy(update={"serve": settings.serve.model_copy(update={"model_alias": alias}),
+    mine = settings.model_copy(update={"registry": settings.registry.model_copy(update={"champion_alias": alias}),
                                        "kafka_bootstrap": svc.kafka_bootstrap, "mlflow_tracking_uri": svc.mlflow_uri})
     port = free_port()
     env = child_env(mine, settings.run_dir / f"serve-{alias}.yaml")

@@ -96,3 +96,26 @@ def test_private_files_are_private_even_when_an_older_file_was_not(tmp_path: Pat
     path.chmod(0o644)  # as an earlier version wrote it
     write_private_file(path, "storage: {postgres: {postgres_url: 'postgresql+psycopg2://u:pw@db/dagster'}}\n")
     assert (path.stat().st_mode & 0o777) == 0o600 and "pw@db" in path.read_text()
+
+
+def test_the_registry_group_names_the_model_and_its_aliases(monkeypatch: pytest.MonkeyPatch):
+    s = EncoreSettings()
+    assert (s.registry.model_name, s.registry.challenger_alias, s.registry.champion_alias) == (
+        "encore-recommender", "challenger", "champion")  # what existing registries hold
+    monkeypatch.setenv("ENCORE_REGISTRY__MODEL_NAME", "team-recs")
+    monkeypatch.setenv("ENCORE_REGISTRY__CHAMPION_ALIAS", "live")
+    s = EncoreSettings()
+    assert s.registry.model_name == "team-recs" and s.registry.champion_alias == "live"
+    monkeypatch.setenv("ENCORE_REGISTRY__CHALLENGER_ALIAS", "live")
+    with pytest.raises(ValidationError, match="must differ"):
+        EncoreSettings()
+
+
+def test_the_moved_serve_model_settings_say_where_they_went(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("ENCORE_SERVE__MODEL_NAME", "team-recs")
+    with pytest.raises(ValidationError, match=r"serve.model_name moved to registry.model_name "
+                                              r"\(ENCORE_REGISTRY__MODEL_NAME\)"):
+        EncoreSettings()
+    monkeypatch.delenv("ENCORE_SERVE__MODEL_NAME")
+    with pytest.raises(ValidationError, match="serve.model_alias moved to registry.champion_alias"):
+        EncoreSettings(serve={"model_alias": "live"})

@@ -16,6 +16,7 @@ def scaling_study(context: dg.AssetExecutionContext, encore: EncoreResource, mlf
                   training_dataset: dict) -> dict:
     """Train a sweep of model sizes (and data fractions) and fit power laws of evaluation loss and NDCG@10
     against parameters and training compute; the fit and plot go to MLflow and to this asset's metadata."""
+    from models.lifecycle.tracking import SCALING, experiment_name
     from models.plots import md_image
     from models.scaling import run_study
 
@@ -23,7 +24,8 @@ def scaling_study(context: dg.AssetExecutionContext, encore: EncoreResource, mlf
     df = pd.read_parquet(training_dataset["path"])
     out_dir = settings.root / "studies" / f"scaling-{training_dataset['snapshot']}-{int(time.time())}"
     study = run_study(df, settings.train, settings.scaling, out_dir=out_dir,
-                      tracking_uri=mlflow_server.resolve(settings), experiment=f"{settings.mlflow_experiment}-scaling",
+                      tracking_uri=mlflow_server.resolve(settings),
+                      experiment=experiment_name(settings.mlflow_experiment, SCALING),
                       artifact_root=settings.mlflow_dir / "artifacts", log=context.log.info)
     context.add_output_metadata({
         "points": len(study["points"]),

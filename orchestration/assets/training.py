@@ -113,7 +113,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, enc
     """Train a sequence model (HSTU by default, SASRec, or ARGUS two-task) inside an MLflow run that records
     its parameters, per-epoch metrics and system metrics while it trains."""
     from models.plots import loss_curves, md_image
-    from models.registry import experiment_name, log_epoch, training_run
+    from models.lifecycle.tracking import experiment_name, log_epoch, training_run
     from models.train import train
 
     settings = encore.settings()
@@ -162,7 +162,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, enc
 def evaluation(context: dg.AssetExecutionContext, encore: EncoreResource, trained_model: dict) -> dict:
     """Held-out HR@K / NDCG@K / MRR on the snapshot's leave-one-out split next to the most-popular baseline,
     plus the sanity signals the promotion gate reads (finite scores, score spread, coverage, latency)."""
-    from models.gate import evaluate_recommender
+    from models.lifecycle.gate import evaluate_recommender
     from models.plots import md_image, metric_bars
     from models.recommender import Recommender
 
@@ -190,9 +190,10 @@ def evaluation(context: dg.AssetExecutionContext, encore: EncoreResource, traine
 def registered_model(context: dg.AssetExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
                      evaluation: dict) -> dict:
     """Finish the MLflow run (evaluation report, plots, config, vocabulary, pyfunc model with signature and
-    input example) and register a new version of ``encore-recommender`` with the alias ``challenger``."""
+    input example) and register a new version of the settings' model (``registry.model_name``) with the
+    challenger alias."""
+    from models.lifecycle.registry import Registry
     from models.recommender import Recommender
-    from models.registry import register_run_model
 
     settings = encore.settings()
     uri = mlflow_server.resolve(settings)
@@ -202,15 +203,16 @@ def registered_model(context: dg.AssetExecutionContext, encore: EncoreResource, 
     metrics = {f"{split}_{k}": v for split in ("valid", "test", "popularity_valid", "popularity_test")
                for k, v in report[split].items()}
     metrics.update({f"sanity_{k}": v for k, v in report["sanity"].items()})
-    reg = register_run_model(
-        rec, tracking_uri=uri, run_id=evaluation["run_id"], metrics=metrics,
+    reg = Registry(uri, settings.registry).register(
+        rec, run_id=evaluation["run_id"], metrics=metrics,
         tags={"model": evaluation["family"], "dataset_snapshot": ds["snapshot"],
               "offset_ranges": json.dumps(ds["offset_ranges"]), "events": str(ds["events"]),
               "feature_views": json.dumps(ds.get("feature_views", {})), "params": str(evaluation["params"]),
               "dagster_run_id": context.run_id},
         input_example=_input_example(rec), artifacts={"evaluation": Path(evaluation["report_dir"])},
     )
-    context.add_output_metadata({"version": reg.version, "run_id": reg.run_id, "alias": "challenger",
+    context.add_output_metadata({"version": reg.version, "run_id": reg.run_id,
+                                 "alias": settings.registry.challenger_alias,
                                  "mlflow": dg.MetadataValue.url(f"{uri}/#/models/{reg.name}/versions/{reg.version}")
                                  if uri.startswith("http") else dg.MetadataValue.text(uri)})
     return {"version": reg.version, "run_id": reg.run_id, "metrics": evaluation["test_metrics"],
@@ -223,36 +225,14 @@ def registered_model(context: dg.AssetExecutionContext, encore: EncoreResource, 
                             "coverage, latency budget")
 def promotion_gate(context: dg.AssetCheckExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
                    registered_model: dict) -> dg.AssetCheckResult:
-    from mlflow import MlflowClient
-
-    from models.gate import decide, evaluate_recommender
-    from models.registry import CHAMPION, MODEL_NAME, alias_version, load_registered_recommender, version_metric
+    from models.lifecycle.promotion import judge
+    from models.lifecycle.registry import Registry
 
     settings = encore.settings()
     promo = settings.promotion
-    uri = mlflow_server.resolve(settings)
-    client = MlflowClient(uri)
     version = registered_model["version"]
-    champion = alias_version(client, MODEL_NAME, CHAMPION)
-    champion_value = None
-    if champion is not None and champion != version:
-        try:  # re-score the champion on the challenger's data: same users, same held-out events
-            champ, _ = load_registered_recommender(uri, version=champion)
-            df = pd.read_parquet(registered_model["dataset"]["path"])
-            champ_report = evaluate_recommender(champ, df, sample_users=8)
-            champion_value = champ_report[promo.split].get(promo.metric)
-            context.log.info(f"champion v{champion} re-scored on snapshot {registered_model['dataset']['snapshot']}")
-        except Exception as exc:  # noqa: BLE001 - fall back to the champion's registered metric
-            context.log.warning(f"could not re-score champion v{champion} ({exc}); using its registered metric")
-            champion_value = version_metric(client, MODEL_NAME, champion, f"{promo.split}_{promo.metric}")
-        if champion_value is None:
-            champion_value = 0.0
-    decision = decide(registered_model["evaluation"], promo, champion_version=None if champion == version else champion,
-                      champion_value=champion_value)
-    for key, value in {"gate.passed": str(decision.passed).lower(), "gate.reason": decision.summary[:4900],
-                       "gate.checks": json.dumps(decision.checks)}.items():
-        client.set_model_version_tag(MODEL_NAME, str(version), key, value)
-    context.log.info(f"promotion gate for v{version}: {decision.summary}")
+    decision = judge(Registry(mlflow_server.resolve(settings), settings.registry), version,
+                     registered_model["evaluation"], registered_model["dataset"]["path"], promo, log=context.log)
     rows = ["| check | passed |", "|---|---|"] + [f"| {k} | {'yes' if v else '**no**'} |"
                                                   for k, v in decision.checks.items()]
     return dg.AssetCheckResult(
@@ -262,7 +242,7 @@ def promotion_gate(context: dg.AssetCheckExecutionContext, encore: EncoreResourc
             "reason": dg.MetadataValue.text(decision.summary),
             "checks": dg.MetadataValue.md("\n".join(rows)),
             "version": version,
-            "champion_version": champion if champion is not None else -1,
+            "champion_version": decision.champion_version if decision.champion_version is not None else -1,
             "challenger_value": decision.challenger_value,
             "champion_value": decision.champion_value if decision.champion_value is not None else -1.0,
             "mode": promo.mode,
@@ -273,32 +253,20 @@ def promotion_gate(context: dg.AssetCheckExecutionContext, encore: EncoreResourc
 @dg.asset(kinds={"mlflow"}, group_name=TRAINING)
 def champion_model(context: dg.AssetExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
                    registered_model: dict) -> dict:
-    """Runs only when the blocking ``promotion_gate`` passed. ``auto``: the challenger becomes ``champion``;
+    """Runs only when the blocking ``promotion_gate`` passed. ``auto``: the challenger gets the champion alias;
     ``manual``: it waits for a person (``encore models promote VERSION`` or the alias in the MLflow UI)."""
-    from mlflow import MlflowClient
-
-    from models.registry import MODEL_NAME, promote
+    from models.lifecycle.promotion import GateNotPassed, conclude
+    from models.lifecycle.registry import Registry
 
     settings = encore.settings()
-    uri = mlflow_server.resolve(settings)
-    client = MlflowClient(uri)
-    version = registered_model["version"]
-    tags = client.get_model_version(MODEL_NAME, str(version)).tags
-    if tags.get("gate.passed") != "true":  # materialised on its own, without the gate: refuse
-        raise dg.Failure(f"version {version} has not passed the promotion gate: {tags.get('gate.reason', 'not run')}")
-    reason = tags["gate.reason"]
-    if settings.promotion.mode == "auto":
-        entry = promote(uri, version, reason=reason, actor="pipeline")
-        promoted = True
-        reason = reason if entry["action"] != "noop" else entry["reason"]
-    else:
-        client.set_model_version_tag(MODEL_NAME, str(version), "awaiting_approval", "true")
-        promoted = False
-        reason = f"{reason}; mode manual: awaiting `encore models promote {version}`"
-    context.log.info(reason)
-    context.add_output_metadata({"promoted": promoted, "reason": reason, "version": version,
-                                 "mode": settings.promotion.mode})
-    return {"version": version, "promoted": promoted, "reason": reason}
+    registry = Registry(mlflow_server.resolve(settings), settings.registry)
+    try:  # refuses a version without a passing verdict (materialised on its own, without the gate)
+        outcome = conclude(registry, registered_model["version"], settings.promotion.mode)
+    except GateNotPassed as exc:
+        raise dg.Failure(str(exc)) from exc
+    context.log.info(outcome["reason"])
+    context.add_output_metadata({**outcome, "mode": settings.promotion.mode})
+    return outcome
 
 
 # ------------------------------------------------------------------------------------ distributed training

@@ -1,0 +1,99 @@
+"""From challenger to champion: the promotion gate's verdict, promotion, approval, rollback.
+
+:func:`judge` is the gate: it re-scores the champion on the challenger's data, applies ``PromotionSettings``
+(``models.lifecycle.gate.decide``) and records the verdict on the version's tags. :func:`conclude` acts on a
+recorded verdict: in ``auto`` mode the challenger becomes champion, in ``manual`` mode it is marked as
+awaiting approval until a person runs ``encore models promote``. :func:`promote` and :func:`rollback` move
+the champion alias by hand (or for the pipeline), each move an audit entry.
+
+The Dagster assets ``promotion_gate`` and ``champion_model`` are thin wrappers around these.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from models.lifecycle.gate import GateDecision, decide, evaluate_recommender
+from models.lifecycle.registry import AWAITING_APPROVAL, GATE_CHECKS, GATE_PASSED, GATE_REASON, Registry
+
+_log = logging.getLogger("encore.promotion")
+
+
+class GateNotPassed(RuntimeError):
+    """A version without a passing verdict of the promotion gate."""
+
+
+def judge(registry: Registry, version: int, report: dict[str, Any], dataset: str | Path, promotion: Any, *,
+          log: Any = _log) -> GateDecision:
+    """The promotion gate for ``version`` (its evaluation ``report`` on the snapshot file ``dataset``).
+
+    The champion is re-scored on the challenger's snapshot (same users, same held-out events), because the
+    metrics older versions were registered with come from older data; if it cannot be re-scored, its
+    registered metric stands in. The verdict is written to the version's tags. ``log`` takes ``info`` and
+    ``warning`` calls (a Dagster context's log, or a logger)."""
+    champion = registry.champion_version()
+    if champion == version:  # judged again after its own promotion: nothing to beat
+        champion = None
+    champion_value = None
+    if champion is not None:
+        try:
+            champ, _ = registry.load(version=champion)
+            champ_report = evaluate_recommender(champ, pd.read_parquet(dataset), sample_users=8)
+            champion_value = champ_report[promotion.split].get(promotion.metric)
+            log.info(f"champion v{champion} re-scored on {Path(dataset).name}")
+        except Exception as exc:  # noqa: BLE001 - fall back to the champion's registered metric
+            log.warning(f"could not re-score champion v{champion} ({exc}); using its registered metric")
+            champion_value = registry.version_metric(champion, f"{promotion.split}_{promotion.metric}")
+        if champion_value is None:
+            champion_value = 0.0
+    decision = decide(report, promotion, champion_version=champion, champion_value=champion_value)
+    registry.set_tags(version, {GATE_PASSED: str(decision.passed).lower(), GATE_REASON: decision.summary,
+                                GATE_CHECKS: json.dumps(decision.checks)})
+    log.info(f"promotion gate for v{version}: {decision.summary}")
+    return decision
+
+
+def conclude(registry: Registry, version: int, mode: str) -> dict[str, Any]:
+    """Act on the recorded verdict: ``auto`` promotes, ``manual`` marks the version as awaiting approval.
+    Raises GateNotPassed for a version whose verdict is missing or negative."""
+    tags = registry.tags(version)
+    if tags.get(GATE_PASSED) != "true":
+        raise GateNotPassed(f"version {version} has not passed the promotion gate: "
+                            f"{tags.get(GATE_REASON, 'not run')}")
+    reason = tags[GATE_REASON]
+    if mode == "auto":
+        entry = promote(registry, version, reason=reason, actor="pipeline")
+        return {"version": version, "promoted": True,
+                "reason": reason if entry["action"] != "noop" else entry["reason"]}
+    registry.set_tags(version, {AWAITING_APPROVAL: "true"})
+    return {"version": version, "promoted": False,
+            "reason": f"{reason}; mode manual: awaiting `encore models promote {version}`"}
+
+
+def promote(registry: Registry, version: int, *, reason: str, actor: str | None = None) -> dict:
+    """Make ``version`` the champion (the gate's auto mode, or a person in manual mode). Raises NotRegistered
+    for a version that does not exist."""
+    champion_alias = registry.names.champion_alias
+    registry.tags(version)  # raises when the version does not exist
+    current = registry.champion_version()
+    if current == int(version):
+        return {"alias": champion_alias, "from": current, "to": current, "action": "noop",
+                "reason": f"version {version} is already champion"}
+    entry = registry.set_alias(champion_alias, version, reason=reason, actor=actor, action="promote")
+    registry.delete_tag(version, AWAITING_APPROVAL)
+    return entry
+
+
+def rollback(registry: Registry, *, reason: str = "rollback", actor: str | None = None) -> dict:
+    """Give the champion alias back to the version that held it before the current one."""
+    stack = registry.champion_stack()
+    current = registry.champion_version()
+    if current is None or len(stack) < 2:
+        raise ValueError("nothing to roll back to: there has been at most one champion")
+    return registry.set_alias(registry.names.champion_alias, stack[-2], reason=f"{reason} (from v{current})",
+                              actor=actor, action="rollback")

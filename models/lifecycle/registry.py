@@ -1,0 +1,276 @@
+"""The MLflow model registry: pickle-free model versions, aliases with an audit trail, loading a version.
+
+Conventions (the names come from the settings' ``registry`` group, ``infra.settings.RegistrySettings``):
+
+- one registered model, ``registry.model_name`` (``encore-recommender``); every new version gets the
+  challenger alias and tags naming its data (snapshot, Kafka offsets, Feast feature view versions), code
+  (git revision) and metrics (``metric.<name>``);
+- the champion alias is what serving loads. Aliases only, never the deprecated stages. Every alias move is an
+  audit entry, stored as a tag on the version *and* on the registered model (``audit.<unix_ms>.<alias>``) so
+  ``encore models rollback`` can replay the champion history from the registry alone;
+- the promotion gate's verdict is a set of version tags (:data:`GATE_PASSED` ...), written by
+  ``models.lifecycle.promotion`` and read here by :meth:`Registry.versions`.
+
+The tag names below are what existing registries hold: renaming one would hide their history.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from models.lifecycle.tracking import git_revision, mlflow_name, numeric_metrics
+
+if TYPE_CHECKING:
+    from infra.settings import RegistrySettings
+    from models.recommender import Recommender
+
+log = logging.getLogger("encore.registry")
+
+GATE_PASSED = "gate.passed"  # "true" / "false"
+GATE_REASON = "gate.reason"  # the verdict in one line
+GATE_CHECKS = "gate.checks"  # JSON {check: passed}
+AWAITING_APPROVAL = "awaiting_approval"  # manual mode: passed the gate, waits for a person
+AUDIT_PREFIX = "audit."
+METRIC_PREFIX = "metric."
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
+PIP_REQUIREMENTS = ["torch==2.13.0", "torchrec==1.8.0", "fbgemm-gpu-cpu==1.8.0", "mlflow", "pandas", "numpy"]
+
+
+class NotRegistered(LookupError):
+    """A version or alias that the registered model does not have."""
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: int
+    run_id: str
+    metrics: dict[str, float]
+
+
+class Registry:
+    """The settings' registered model (name and aliases: ``names``) on the tracking server ``tracking_uri``."""
+
+    def __init__(self, tracking_uri: str, names: RegistrySettings) -> None:
+        self.tracking_uri, self.names = tracking_uri, names
+        self.client = MlflowClient(tracking_uri)
+
+    @property
+    def name(self) -> str:
+        return self.names.model_name
+
+    # ------------------------------------------------------------------------------------------ versions
+
+    def register(self, recommender: Any, *, run_id: str, metrics: dict[str, float], tags: dict[str, str],
+                 input_example: pd.DataFrame, artifacts: dict[str, Path] | None = None) -> RegisteredVersion:
+        """Finish a training run: evaluation metrics and artifacts, the pyfunc model, a new version that gets
+        the challenger alias."""
+        from mlflow.models import infer_signature
+
+        from models.lifecycle.pyfunc import predict_frame
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics(numeric_metrics(metrics))
+            for artifact_path, path in (artifacts or {}).items():
+                path = Path(path)
+                if path.is_dir():
+                    mlflow.log_artifacts(str(path), artifact_path)
+                elif path.exists():
+                    mlflow.log_artifact(str(path), artifact_path)
+            model_dir = Path(tmp) / "recommender"
+            recommender.save(model_dir)
+            mlflow.log_artifact(str(model_dir / "config.json"), "config")
+            mlflow.log_artifact(str(model_dir / "vocab.json"), "vocabulary")
+            output_example = predict_frame(recommender, input_example, k=10)
+            signature = infer_signature(input_example, output_example, params={"k": 10})
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_CODE),
+                artifacts={"recommender": str(model_dir)},
+                signature=signature,
+                input_example=input_example,
+                registered_model_name=self.name,
+                pip_requirements=PIP_REQUIREMENTS,
+            )
+            version = int(info.registered_model_version)
+        self.set_tags(version, {**tags, "run_id": run_id, "git_revision": git_revision(),
+                                **{f"{METRIC_PREFIX}{k}": f"{v:.6f}" for k, v in numeric_metrics(metrics).items()}})
+        self.set_alias(self.names.challenger_alias, version, reason=f"registered from run {run_id}",
+                       actor="pipeline")
+        log.info("registered %s version %d (run %s)", self.name, version, run_id)
+        return RegisteredVersion(self.name, version, run_id, metrics)
+
+    def tags(self, version: int) -> dict[str, str]:
+        """The version's tags; NotRegistered when there is no such version."""
+        try:
+            return dict(self.client.get_model_version(self.name, str(version)).tags)
+        except MlflowException as exc:
+            raise NotRegistered(f"{self.name} has no version {version}: {exc.message}") from exc
+
+    def set_tags(self, version: int, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.name, str(version), key, str(value)[:4900])
+
+    def delete_tag(self, version: int, key: str) -> None:
+        if key in self.tags(version):
+            self.client.delete_model_version_tag(self.name, str(version), key)
+
+    def version_metric(self, version: int, metric: str) -> float | None:
+        """A metric the version was registered with (``metric.<name>`` tag), e.g. ``test_ndcg@10``."""
+        return _float(self.tags(version).get(f"{METRIC_PREFIX}{mlflow_name(metric)}"))
+
+    def versions(self, metric: str = "ndcg@10") -> list[dict]:
+        """One row per version, newest first: aliases, run, data snapshot, metric, gate outcome."""
+        try:
+            aliases = self.client.get_registered_model(self.name).aliases  # {alias: version}
+        except MlflowException:
+            return []
+        by_version: dict[str, list[str]] = {}
+        for alias, v in aliases.items():
+            by_version.setdefault(str(v), []).append(alias)
+        rows = []
+        for mv in self.client.search_model_versions(f"name='{self.name}'"):
+            t = mv.tags
+            rows.append({
+                "version": int(mv.version),
+                "aliases": sorted(by_version.get(str(mv.version), [])),
+                "model": t.get("model", ""),
+                "metric": _float(t.get(f"{METRIC_PREFIX}{mlflow_name(metric)}")),
+                "dataset_snapshot": t.get("dataset_snapshot", ""),
+                "gate": t.get(GATE_PASSED, ""),
+                "gate_reason": t.get(GATE_REASON, ""),
+                "awaiting_approval": t.get(AWAITING_APPROVAL, ""),
+                "created": pd.Timestamp(mv.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M"),
+                "run_id": mv.run_id,
+            })
+        return sorted(rows, key=lambda r: -r["version"])
+
+    # ------------------------------------------------------------------------------------------- aliases
+
+    def alias_version(self, alias: str) -> int | None:
+        try:
+            return int(self.client.get_model_version_by_alias(self.name, alias).version)
+        except MlflowException:
+            return None
+
+    def champion_version(self) -> int | None:
+        return self.alias_version(self.names.champion_alias)
+
+    def resolve(self, target: str) -> int:
+        """The version a serving target names: ``alias:<a>`` (where the alias points now) or ``version:<n>``."""
+        kind, _, value = target.partition(":")
+        if kind == "version":
+            return int(value)
+        if kind != "alias":
+            raise ValueError(f"{target!r} is not a registry target (alias:<name> or version:<n>)")
+        try:
+            return int(self.client.get_model_version_by_alias(self.name, value).version)
+        except MlflowException as exc:
+            raise NotRegistered(f"{self.name} has no alias {value!r} ({exc.message})") from exc
+
+    def target_problem(self, target: str) -> str | None:
+        """Why ``target`` (``alias:<a>`` / ``version:<n>``) names nothing in the registry; None when it exists."""
+        kind, _, value = target.partition(":")
+        try:
+            if kind == "alias":
+                self.client.get_model_version_by_alias(self.name, value)
+            elif kind == "version":
+                self.client.get_model_version(self.name, value)
+        except Exception:  # noqa: BLE001 - MLflow raises one exception type for "not found" and outages alike
+            return f"{target!r} does not exist in the registry for model {self.name!r}"
+        return None
+
+    def set_alias(self, alias: str, version: int, *, reason: str, actor: str | None = None,
+                  action: str = "set") -> dict:
+        """Move ``alias`` to ``version`` and record who, why and from where, on the version and the model."""
+        previous = self.alias_version(alias)
+        self.client.set_registered_model_alias(self.name, alias, str(version))
+        at_ms = int(time.time() * 1000)
+        entry = {"alias": alias, "from": previous, "to": int(version), "action": action, "reason": reason,
+                 "actor": actor or _actor(), "at_ms": at_ms}
+        key = f"{AUDIT_PREFIX}{at_ms}.{alias}"
+        value = json.dumps(entry)[:4900]
+        self.client.set_model_version_tag(self.name, str(version), key, value)
+        self.client.set_registered_model_tag(self.name, key, value)
+        log.info("alias %s of %s: %s -> %s (%s)", alias, self.name, previous, version, reason)
+        return entry
+
+    def audit_log(self) -> list[dict]:
+        """Every alias move of the registered model, oldest first."""
+        try:
+            tags = self.client.get_registered_model(self.name).tags
+        except MlflowException:
+            return []
+        entries = [json.loads(v) for k, v in tags.items() if k.startswith(AUDIT_PREFIX)]
+        return sorted(entries, key=lambda e: (e["at_ms"], e["alias"]))
+
+    def champion_stack(self) -> list[int]:
+        """Champion history as a stack: promotions push, rollbacks pop; the top is the current champion."""
+        stack: list[int] = []
+        for e in self.audit_log():
+            if e["alias"] != self.names.champion_alias:
+                continue
+            if e.get("action") == "rollback":
+                while stack and stack[-1] != e["to"]:
+                    stack.pop()
+                if not stack:
+                    stack.append(e["to"])
+            else:
+                stack.append(e["to"])
+        return stack
+
+    # ------------------------------------------------------------------------------------------- loading
+
+    def download(self, dst: Path, *, alias: str | None = None, version: int | None = None) -> tuple[Path, int]:
+        """Fetch the ``recommender`` artifact directory of a version (by number, else by alias, else the
+        champion) under ``dst``.
+
+        ``dst`` is required: the caller owns the copy and its removal (:meth:`load` uses a temporary
+        directory). A default temp dir here would leave every download behind."""
+        mv = self.client.get_model_version(self.name, str(version)) if version is not None else \
+            self.client.get_model_version_by_alias(self.name, alias or self.names.champion_alias)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{self.name}/{mv.version}",
+                                                         dst_path=str(dst)))
+        candidates = [p for p in local.rglob("config.json") if (p.parent / "state_dict.pt").exists()]
+        if not candidates:
+            raise FileNotFoundError(f"model version {mv.version} has no recommender artifact under {local}")
+        return candidates[0].parent, int(mv.version)
+
+    def load(self, *, alias: str | None = None, version: int | None = None,
+             device: str = "cpu") -> tuple[Recommender, int]:
+        """A version (by number, else by alias, else the champion) loaded into memory, and its number.
+
+        The artifact is downloaded into a temporary directory that is removed once the weights are loaded: the
+        service loads a model at start and on every alias move, and the gate re-scores the champion for every
+        challenger, so leaving each download behind would fill the disk with copies of the item table."""
+        from models.recommender import Recommender  # the registry itself needs no torch
+
+        with tempfile.TemporaryDirectory(prefix="encore-model-") as tmp:
+            path, found = self.download(Path(tmp), alias=alias, version=version)
+            return Recommender.load(path, device), found
+
+
+def _float(v: str | None) -> float | None:
+    try:
+        return None if v is None else float(v)
+    except ValueError:
+        return None
+
+
+def _actor() -> str:
+    return os.environ.get("ENCORE_ACTOR") or os.environ.get("USER") or "unknown"
