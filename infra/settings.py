@@ -139,8 +139,9 @@ class TrainSettings(_Group):
     recipe: str = Field(default="default", min_length=1,
                         description="recipe name (models/configs/<name>.yaml) or path: default, hstu, sasrec, "
                         "argus, hstu-ml1m, ...")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="recipe keys to change for every run, "
-                                      "e.g. {epochs: 3}; checked against the recipe's keys when a run starts")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="recipe keys to change in every run of "
+                                      "the platform (whichever recipe it names), e.g. {epochs: 3}; checked against "
+                                      "the recipe's keys when a run starts")
 
 
 class PromotionSettings(_Group):

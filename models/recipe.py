@@ -193,12 +193,11 @@ def resolve_recipe(name_or_path: str | Path, **overrides: Any) -> TrainConfig:
 
 
 def recipe_from_settings(train: Any, recipe: str = "", **overrides: Any) -> TrainConfig:
-    """The recipe of one platform run: the settings' (``infra.settings.TrainSettings``: ``recipe`` plus its
-    ``overrides``), or the one the run names instead (``recipe``: the settings' overrides belong to theirs and
-    do not carry over), with the run's own ``overrides`` last (a Dagster run's config, a command's flags)."""
-    if recipe:
-        return resolve_recipe(recipe, **overrides)
-    return resolve_recipe(train.recipe, **{**train.overrides, **overrides})
+    """The recipe of one platform run: the settings' (``infra.settings.TrainSettings``: ``recipe``), or the one
+    the run names instead (``recipe``), then the settings' ``overrides`` (they apply to every run of the
+    platform: ``ENCORE_TRAIN__OVERRIDES__EPOCHS=1`` makes every training short), then the run's own
+    ``overrides`` (a Dagster run's config, a command's flags)."""
+    return resolve_recipe(recipe or train.recipe, **{**train.overrides, **overrides})
 
 
 def recipe_defaults() -> dict[str, Any]:

@@ -132,10 +132,10 @@ def run_study(df: pd.DataFrame, train_settings: Any, scaling: Any, *, out_dir: P
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole study: sweep, fits, plot, files under ``out_dir``, and one MLflow run (a child run per point)."""
     from models.lifecycle.tracking import study_run
-    from models.train import TrainConfig
+    from models.recipe import recipe_from_settings
 
-    base = TrainConfig.from_settings(train_settings, model=scaling.model, blocks=scaling.blocks,
-                                     epochs=scaling.epochs, heads=1)
+    base = recipe_from_settings(train_settings, model=scaling.model, blocks=scaling.blocks, epochs=scaling.epochs,
+                                heads=1)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {"dims": list(scaling.dims), "fractions": list(scaling.data_fractions), "model": scaling.model,

@@ -123,11 +123,18 @@ class LoadedModel:
     version: int
 
 
-class ModelHolder:
-    """Holds the model of one registry target (``alias:<a>`` or ``version:<n>``); alias targets can move."""
+class ModelDoesNotFit(ValueError):
+    """A model reads longer histories than the online store keeps: served, it would see truncated inputs."""
 
-    def __init__(self, registry: Registry, target: str) -> None:
-        self.registry, self.target = registry, target
+
+class ModelHolder:
+    """Holds the model of one registry target (``alias:<a>`` or ``version:<n>``); alias targets can move.
+
+    ``max_history``: the events per user the online store keeps (``ingest.history_length``); a model whose
+    recipe reads more (``max_len``) is refused, and the one already loaded stays."""
+
+    def __init__(self, registry: Registry, target: str, max_history: int) -> None:
+        self.registry, self.target, self.max_history = registry, target, max_history
         self.current: LoadedModel | None = None
         self.swaps = 0
 
@@ -137,6 +144,11 @@ class ModelHolder:
         if self.current is not None and self.current.version == version:
             return False
         recommender, version = self.registry.load(version=version)
+        if recommender.config.max_len > self.max_history:
+            raise ModelDoesNotFit(
+                f"{self.registry.name} version {version} ({self.target}) reads {recommender.config.max_len} events "
+                f"per user (max_len) but the online store keeps {self.max_history} (ingest.history_length): refused; "
+                "raise ENCORE_INGEST__HISTORY_LENGTH (and re-ingest) or serve a model trained with a shorter max_len")
         _warm_up(recommender)
         self.current = LoadedModel(recommender, version)  # atomic reference swap
         self.swaps += 1
@@ -156,8 +168,8 @@ def _warm_up(recommender: Any) -> None:
 class ModelPool:
     """One ModelHolder per target any running experiment (or the default) needs."""
 
-    def __init__(self, registry: Registry, default_target: str) -> None:
-        self.registry, self.default_target = registry, default_target
+    def __init__(self, registry: Registry, default_target: str, max_history: int) -> None:
+        self.registry, self.default_target, self.max_history = registry, default_target, max_history
         self.holders: dict[str, ModelHolder] = {}
         self.lock = threading.Lock()
 
@@ -165,7 +177,7 @@ class ModelPool:
         for target in sorted(t for t in targets if ":" in t):
             if target in self.holders:
                 continue
-            holder = ModelHolder(self.registry, target)
+            holder = ModelHolder(self.registry, target, self.max_history)
             try:
                 holder.load()
             except Exception as exc:  # noqa: BLE001 - requests fall back to the default model meanwhile
@@ -198,7 +210,8 @@ def model_pool(settings: EncoreSettings, tracking_uri: str) -> ModelPool:
     """The service's models: the settings' registered model; by default, its champion alias."""
     from models.lifecycle.registry import Registry
 
-    return ModelPool(Registry(tracking_uri, settings.registry), f"alias:{settings.registry.champion_alias}")
+    return ModelPool(Registry(tracking_uri, settings.registry), f"alias:{settings.registry.champion_alias}",
+                     settings.ingest.history_length)
 
 
 # ============================================================================ Feast

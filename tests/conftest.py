@@ -18,7 +18,7 @@ def small_settings(data_dir: Path, **overrides: object) -> EncoreSettings:
     base: dict = {
         "data_dir": data_dir,
         "simulator": {"users": 120, "items": 150, "sessions_per_user": 3, "events_per_session": 10, "seed": 3},
-        "train": {"epochs": 2, "dim": 16, "max_len": 20, "negatives": 16, "batch_size": 64},
+        "train": {"overrides": {"epochs": 2, "dim": 16, "max_len": 20, "negatives": 16, "batch_size": 64}},
         "experiment": {"users": 60, "requests_per_user": 2},
         "ingest": {"batch_size": 2000, "poll_timeout_ms": 1500},
     }

@@ -33,8 +33,8 @@ pytestmark = pytest.mark.integration
 
 NAME = "encore-recommender"
 # Both beat most-popular on the small synthetic world; STRONG beats WEAK (seeded, deterministic).
-WEAK = {"preset": "hstu", "epochs": 6, "dim": 32}  # test ndcg@10 ~0.19 (most-popular: ~0.14)
-STRONG = {"preset": "hstu", "epochs": 10, "dim": 32}  # ~0.30
+WEAK = {"recipe": "hstu", "epochs": 6, "dim": 32}  # test ndcg@10 ~0.19 (most-popular: ~0.14)
+STRONG = {"recipe": "hstu", "epochs": 10, "dim": 32}  # ~0.30
 
 
 def seed_offline_store(settings) -> int:  # noqa: ANN001
@@ -91,10 +91,10 @@ def broken_trained_model(encore: EncoreResource, mlflow_server: MLflowResource, 
     from models.data import build_sequences
     from models.recommender import Recommender, build_model
     from models.lifecycle.tracking import training_run
-    from models.train import TrainConfig
+    from models.recipe import recipe_from_settings
 
     s = encore.settings()
-    cfg = TrainConfig.from_settings(s.train)
+    cfg = recipe_from_settings(s.train)
     seqs = build_sequences(pd.read_parquet(training_dataset["path"]))
     model = build_model(cfg.model_config(len(seqs.vocab)))
     run_dir = s.root / "models" / "broken"

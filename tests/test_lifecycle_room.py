@@ -33,12 +33,12 @@ def untrained_evaluation(encore: EncoreResource, mlflow_server: MLflowResource) 
     from models.data import build_sequences
     from models.lifecycle.tracking import TRAINING, experiment_name, training_run
     from models.recommender import Recommender, build_model
-    from models.train import TrainConfig
+    from models.recipe import recipe_from_settings
 
     s = encore.settings()
     events = pd.DataFrame({"user_id": [1] * 6 + [2] * 6, "item_id": list(range(10, 16)) * 2,
                            "event_type": "listen", "timestamp_ms": range(12)})
-    cfg = TrainConfig.from_settings(s.train)
+    cfg = recipe_from_settings(s.train)
     seqs = build_sequences(events)
     rec = Recommender(build_model(cfg.model_config(len(seqs.vocab))), seqs.vocab,
                       metadata={"train_config": dataclasses.asdict(cfg)})
@@ -142,3 +142,23 @@ def test_the_ab_report_run_lands_in_the_ab_experiment(tmp_path):
     assert run.info.run_name == "ab-x" and "p_adj.hit_rate.treatment" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} == {"report/ab.html",
                                                                                    "report/report.json"}
+
+
+@pytest.mark.integration
+def test_serving_refuses_a_model_that_reads_more_history_than_the_online_store_keeps(tmp_path):
+    from models.lifecycle.registry import Registry
+    from orchestration.assets import training as A
+    from serving.app import ModelDoesNotFit, ModelHolder
+
+    settings = small_settings(tmp_path / "encore")  # recipes read max_len = 20 events per user
+    settings.mlflow_dir.mkdir(parents=True)
+    uri = f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}"
+    result = dg.materialize([untrained_evaluation, A.registered_model],
+                            resources={"encore": encore_resource(settings), "mlflow_server": MLflowResource(
+                                tracking_uri=uri)})
+    assert result.success
+    registry, target = Registry(uri, settings.registry), f"alias:{settings.registry.challenger_alias}"
+    with pytest.raises(ModelDoesNotFit, match=r"reads 20 events per user .* keeps 19 \(ingest.history_length\)"):
+        ModelHolder(registry, target, max_history=19).load()
+    holder = ModelHolder(registry, target, max_history=20)
+    assert holder.load() and holder.current.recommender.config.max_len == 20

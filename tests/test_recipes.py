@@ -76,8 +76,9 @@ def test_settings_name_a_recipe_plus_overrides_and_a_run_overrides_last(monkeypa
     train = EncoreSettings().train
     assert recipe_from_settings(train) == resolve_recipe("hstu", epochs=3)
     assert recipe_from_settings(train, seed=5) == resolve_recipe("hstu", epochs=3, seed=5)
-    # a run that names another recipe takes it as it is: the settings' overrides belong to theirs
-    assert recipe_from_settings(train, "sasrec") == resolve_recipe("sasrec")
+    # a run that names another recipe: the settings' overrides apply to it too, the run's own last
+    assert recipe_from_settings(train, "sasrec") == resolve_recipe("sasrec", epochs=3)
+    assert recipe_from_settings(train, "sasrec", epochs=1) == resolve_recipe("sasrec", epochs=1)
 
 
 def test_a_bad_recipe_is_a_clear_error(tmp_path: Path) -> None:

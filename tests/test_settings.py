@@ -14,19 +14,19 @@ def test_defaults_put_everything_under_data_dir(tmp_path: Path):
 
 def test_environment_overrides_nested_values(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("ENCORE_SIMULATOR__USERS", "77")
-    monkeypatch.setenv("ENCORE_TRAIN__MODEL", "sasrec")
+    monkeypatch.setenv("ENCORE_TRAIN__RECIPE", "sasrec")
     s = EncoreSettings()
-    assert s.simulator.users == 77 and s.train.model == "sasrec"
+    assert s.simulator.users == 77 and s.train.recipe == "sasrec"
 
 
 def test_yaml_file_then_env_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     cfg = tmp_path / "encore.yaml"
-    cfg.write_text("simulator:\n  users: 11\n  items: 22\ntrain:\n  epochs: 3\n")
+    cfg.write_text("simulator:\n  users: 11\n  items: 22\ntrain:\n  recipe: hstu\n")
     monkeypatch.setenv("ENCORE_CONFIG", str(cfg))
-    monkeypatch.setenv("ENCORE_TRAIN__EPOCHS", "5")
+    monkeypatch.setenv("ENCORE_TRAIN__RECIPE", "sasrec")
     s = EncoreSettings()
     assert s.simulator.users == 11 and s.simulator.items == 22
-    assert s.train.epochs == 5  # environment beats the file
+    assert s.train.recipe == "sasrec"  # environment beats the file
 
 
 def test_bad_values_are_rejected_clearly(monkeypatch: pytest.MonkeyPatch):

@@ -26,11 +26,13 @@ _EVENT_NAMES = {code: name for name, code in EVENT_TYPE_CODES.items()}
 
 
 def _split_of(rec: Any, seqs: Any) -> Any:
-    from models.train import TrainConfig, make_split
+    from models.recipe import BASE_RECIPE, resolve_recipe
+    from models.train import make_split
 
-    train_cfg = dict((rec.metadata or {}).get("train_config") or {})
-    cfg = TrainConfig.from_dict(train_cfg) if train_cfg else TrainConfig(max_len=rec.config.max_len)
-    return make_split(seqs, cfg)
+    # the split the model was trained with: its saved recipe (over the root, for a key an older model lacks),
+    # else the root's with the model's history length
+    train_cfg = dict((rec.metadata or {}).get("train_config") or {}) or {"max_len": rec.config.max_len}
+    return make_split(seqs, resolve_recipe(BASE_RECIPE, **train_cfg))
 
 
 def evaluate_recommender(rec: Any, events: pd.DataFrame, *, sample_users: int = 64, k: int = 10,
