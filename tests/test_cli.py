@@ -89,7 +89,7 @@ def test_train_prints_its_metrics_as_the_last_line_and_saves_the_model(tmp_path,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--config", "no-such-config"], "no config 'no-such-config'"),
+    (["--config", "no-such-config"], "no recipe 'no-such-config'"),
     (["--dataset", "ml-100k"], "needs --dataset-dir"),
 ])
 def test_train_rejects_bad_input_with_a_clear_error(tmp_path, monkeypatch, args, message):

@@ -82,7 +82,8 @@ import numpy as np, pandas as pd
 if sys.argv[1] == "fallback":
     from models import jagged_fallback as jf
     assert jf.register_missing("CPU", ops=list(jf.KERNELS)) == list(jf.KERNELS)
-from models.train import TrainConfig, train
+from models.recipe import resolve_recipe
+from models.train import train
 rng = np.random.default_rng(0)
 rows = []
 for u in range(60):
@@ -92,7 +93,7 @@ for u in range(60):
         rows.append((u, 100 + cur, "listen" if i % 3 else "skip", t, 0.9))
 df = pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "timestamp_ms", "played_ratio"])
 for model in ("hstu", "sasrec"):
-    cfg = TrainConfig(model=model, epochs=2, dim=16, blocks=2, heads=2, max_len=12, negatives=8, batch_size=16, seed=3)
+    cfg = resolve_recipe("base", model=model, epochs=2, dim=16, blocks=2, heads=2, max_len=12, negatives=8, batch_size=16, seed=3)
     r = train(df, cfg, progress=False)
     print(json.dumps({"model": model, "loss": r.history[-1]["loss"], **r.test_metrics}))
 """

@@ -158,6 +158,11 @@ def test_runs_track_params_epochs_artifacts_and_lineage_tags(story):
     arts = {a.path for d in ("evaluation", "config", "vocabulary") for a in client.list_artifacts(mv.run_id, d)}
     assert {"evaluation/evaluation.json", "evaluation/loss_curves.png", "evaluation/metrics.png",
             "config/config.json", "vocabulary/vocab.json"} <= arts
+    # the resolved recipe rides with the run, and trains the same thing again
+    from models.recipe import resolve_recipe
+
+    recipe = client.download_artifacts(mv.run_id, "recipe.yaml", str(story["settings"].root / "recipe-check"))
+    assert resolve_recipe(recipe) == resolve_recipe("hstu", **{**story["settings"].train.overrides, "epochs": 10, "dim": 32})
     tags = mv.tags
     assert json.loads(tags["offset_ranges"]) == {"0": [0, story["events"] - 1]}
     assert {"user_history", "item_stats"} <= set(json.loads(tags["feature_views"]))

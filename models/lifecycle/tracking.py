@@ -75,10 +75,12 @@ def use_experiment(tracking_uri: str, experiment: str, artifact_root: Path | Non
 
 @contextmanager
 def training_run(tracking_uri: str, experiment: str, *, run_name: str, params: dict[str, Any],
-                 tags: dict[str, str], system_metrics: bool = True,
-                 artifact_root: Path | None = None) -> Iterator[mlflow.ActiveRun]:
+                 tags: dict[str, str], system_metrics: bool = True, artifact_root: Path | None = None,
+                 recipe: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run open while a model trains: parameters now, per-epoch metrics via :func:`log_epoch`,
-    system metrics (CPU, memory, GPU when present) sampled every second in the background."""
+    system metrics (CPU, memory, GPU when present) sampled every second in the background. ``recipe``: the
+    resolved recipe (``TrainConfig.to_yaml``), kept as the run's ``recipe.yaml`` so that the run can be trained
+    again from its own page (``encore train --config recipe.yaml``)."""
     use_experiment(tracking_uri, experiment, artifact_root)
     if system_metrics:
         mlflow.set_system_metrics_sampling_interval(1)
@@ -86,6 +88,8 @@ def training_run(tracking_uri: str, experiment: str, *, run_name: str, params: d
     with mlflow.start_run(run_name=run_name, log_system_metrics=system_metrics) as run:
         mlflow.log_params({k: _param(v) for k, v in params.items()})
         mlflow.set_tags({**tags, "git_revision": git_revision()})
+        if recipe is not None:
+            mlflow.log_text(recipe, "recipe.yaml")
         yield run
 
 

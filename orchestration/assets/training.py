@@ -133,7 +133,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, enc
     with training_run(uri, experiment_name(settings.mlflow_experiment, "training"), run_name=name, params=params,
                       tags={"dataset_snapshot": training_dataset["snapshot"], "model": family,
                             "dagster_run_id": context.run_id},
-                      artifact_root=settings.mlflow_dir / "artifacts") as run:
+                      artifact_root=settings.mlflow_dir / "artifacts", recipe=cfg.to_yaml()) as run:
         result = train(df, cfg, progress=False, on_epoch=on_epoch)
     run_dir = settings.root / "models" / name
     out = result.recommender().save(run_dir / "recommender")
