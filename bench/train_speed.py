@@ -4,8 +4,9 @@ Each run is ``torchrun --standalone --nproc_per_node N -m models.distributed`` (
 item table sharded row-wise across the ranks (fused sparse optimiser), the same global batches and negatives
 whatever N. Every ``--validate-every`` epochs the shards are gathered and scored on the validation split (on the
 test split, for a config with ``validation: false``: the papers' protocol, whose reference logs test every epoch).
+The run's loop is models.train's: the config's ``patience`` may stop it before ``--epochs``.
 
-* tokens/s = input events of the training windows x epochs / training seconds (validation, start-up and sharding
+* tokens/s = input events of the training windows x epochs run / training seconds (validation, start-up and sharding
   plan excluded; a user's events before the latest ``max_len + 1`` of a window are not counted: never trained);
 * time-to-quality = training seconds until that NDCG@10 first reaches ``--target-ndcg`` (default: 95% of the
   best the 1-process run reaches; e.g. 0.1720 for the HSTU paper's ML-1M figure), for each run.
@@ -20,6 +21,7 @@ The LAST line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -43,11 +45,12 @@ def run(nproc: int, config: str, data: Path, epochs: int, validate_every: int, o
         raise RuntimeError(f"{nproc}-process run failed (exit {returncode}); its last lines:\n" + "".join(tail))
     training = json.loads((out / "config.json").read_text())["metadata"]["training"]
     history = training["history"]
-    return {"processes": nproc, "wall_s": round(wall, 1), "train_s": round(history[-1]["train_s"], 1),
+    trained = list(itertools.accumulate(h["train_s"] for h in history))  # training seconds after each epoch
+    return {"processes": nproc, "wall_s": round(wall, 1), "train_s": round(trained[-1], 1), "epochs": len(history),
             "train_tokens_per_epoch": training["train_tokens_per_epoch"],
             "test": {k: round(v, 4) for k, v in training["test_metrics"].items() if k != "count"},
             "curve_split": curve_split(history),
-            "curve": [(round(h["train_s"], 1), h[f"{curve_split(history)}_ndcg@10"]) for h in history
+            "curve": [(round(t, 1), h[f"{curve_split(history)}_ndcg@10"]) for t, h in zip(trained, history)
                       if h.get(f"{curve_split(history)}_ndcg@10") is not None]}
 
 
@@ -109,8 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
         df.to_parquet(data, index=False)
         runs = [run(n, args.config, data, args.epochs, args.validate_every, Path(tmp) / f"model-{n}") for n in args.processes]
     for r in runs:
-        r["tokens_per_s"] = round(r["train_tokens_per_epoch"] * args.epochs / r["train_s"]) if r["train_s"] else None
-        r["events_per_s"] = round(len(df) * args.epochs / r["train_s"]) if r["train_s"] else None
+        # epochs run: early stopping (the config's patience) may end a run before --epochs
+        r["tokens_per_s"] = round(r["train_tokens_per_epoch"] * r["epochs"] / r["train_s"]) if r["train_s"] else None
+        r["events_per_s"] = round(len(df) * r["epochs"] / r["train_s"]) if r["train_s"] else None
         r["best_ndcg@10"] = max((q for _, q in r["curve"]), default=None)
     best_one = runs[0]["best_ndcg@10"]
     target = args.target_ndcg if args.target_ndcg is not None else (0.95 * best_one if best_one else None)

@@ -388,6 +388,15 @@ def movielens_files(name: str, data_dir: Path | str) -> MovieLensFiles:
     return MovieLensFiles(_find(name, data_dir, candidates), sep, header, items)
 
 
+def movielens_dataset_of(path: Path | str) -> str | None:
+    """The MovieLens dataset whose ratings file ``path`` is, by its name (``u.data`` is ml-100k, ``ratings.dat``
+    ml-1m); None when no dataset, or more than one, writes a file of that name (ml-20m and ml-25m both write
+    ``ratings.csv``)."""
+    name = Path(path).name
+    owners = [dataset for dataset, (candidates, _, _) in _RATINGS_FILES.items() if name in candidates]
+    return owners[0] if len(owners) == 1 else None
+
+
 def _read_movielens(name: str, data_dir: Path) -> pd.DataFrame:
     candidates, sep, header = _RATINGS_FILES[name]
     path = _find(name, data_dir, candidates)

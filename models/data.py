@@ -24,10 +24,8 @@ Which events are in the history and which are targets (the ARGUS recipe):
 
 from __future__ import annotations
 
-import gzip
 import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -202,35 +200,6 @@ def with_targets(seqs: UserSequences, rule: str) -> UserSequences:
         raise ValueError(f"unknown target rule {rule!r} (expected one of {TARGET_RULES})")
     target = seqs.positive if rule == "positive" else np.ones(seqs.num_events, dtype=bool)
     return replace(seqs, target=target)
-
-
-def read_movielens(path: str | Path, *, ratings_as_feedback: bool = False) -> pd.DataFrame:
-    """MovieLens ratings (ml-100k ``u.data[.gz]`` tab-separated or ml-1m ``ratings.dat`` '::') -> events frame.
-
-    By default every rating is a positive ``listen`` (the implicit-feedback protocol of SASRec/HSTU papers).
-    With ``ratings_as_feedback`` ratings become reactions: >=4 like, 3 listen, <=2 dislike (ARGUS-style data).
-    """
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        first = f.readline()
-    sep = "::" if "::" in first else "\t"
-    df = pd.read_csv(
-        path, sep=sep, header=None, names=["user_id", "item_id", "rating", "ts"], engine="python" if sep == "::" else "c"
-    )
-    if ratings_as_feedback:
-        event = np.where(df["rating"] >= 4, "like", np.where(df["rating"] <= 2, "dislike", "listen"))
-    else:
-        event = np.full(len(df), "listen")
-    return pd.DataFrame(
-        {
-            "user_id": df["user_id"].astype(np.int64),
-            "item_id": df["item_id"].astype(np.int64),
-            "event_type": event,
-            "timestamp_ms": df["ts"].astype(np.int64) * 1000,
-            "played_ratio": np.nan,
-        }
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,13 +23,16 @@ What changes versus ``models.train`` (single process):
   gradients add up over ranks. Up to floating-point summation order, N processes therefore take exactly
   the steps one process takes (with dropout > 0 they differ in the dropout masks, drawn per rank);
   tests/test_distributed_training.py checks it on 1 vs 2 processes.
-* No early stopping: a fixed number of epochs. ``--validate-every K`` gathers the shards into an ordinary
-  model on rank 0 every K epochs and records validation metrics (test metrics, for the log only, when the
-  config has no validation split) with the cumulative training time (what
-  ``bench/train_speed.py`` reads to measure time-to-quality). At the end the shards are gathered into an
-  ordinary ``SequentialRecommender`` on rank 0, which evaluates on the test split (next to the most-popular baseline) and can save a ``Recommender`` directory loadable by
-  the serving code. On several nodes ``--out`` must be on a file system rank 0's node can write and the
-  others (or the caller) can read.
+* **The loop is ``models.train.train``'s**, with ``ShardedSteps`` taking its steps: the same validation and
+  choice of the best epoch on valid NDCG@10, early stopping (``patience``), test log (``log_test_every``, or
+  every ``eval_every`` epochs under the papers' protocol) and checkpoints (``--checkpoint-dir``: one file per
+  rank, resumed by the same world size). For each evaluation the shards are gathered into an ordinary model on
+  rank 0, which ranks the held-out split and broadcasts its figures, so every rank takes the same decisions
+  and stops together; rank 0 keeps the best epoch's gathered weights. ``--validate-every K`` overrides the
+  config's ``eval_every``. At the end rank 0 holds an ordinary ``SequentialRecommender`` with the best
+  weights, evaluates it on the test split (next to the most-popular baseline) and can save a ``Recommender``
+  directory loadable by the serving code. On several nodes ``--out`` must be on a file system rank 0's node
+  can write and the others (or the caller) can read.
 
 Devices follow the backend: ``--backend auto`` is NCCL with one GPU per process (``cuda:LOCAL_RANK``) when
 CUDA is available, else gloo on CPU. Launched by Dagster Pipes (``orchestration/distributed_training.py``),
@@ -42,15 +45,15 @@ import argparse
 import contextlib
 import math
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -61,13 +64,14 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torch.distributed.optim import _apply_optimizer_in_backward
 
-from models.cpu_memory import retain_freed_memory
-from models.data import batch_rows, build_sequences, make_batch, read_movielens, with_targets
-from models.evaluate import evaluate, popularity_ranks, ranking_metrics
+from models.data import Split, UserSequences, batch_rows, make_batch
+from models.evaluate import popularity_ranks, ranking_metrics
 from models.recommender import Recommender, SequentialRecommender, build_model
-from models.train import RecommenderTrain, TrainConfig, TrainResult, autocast, catalogue_vocab, make_split, seed_everything
+from models.recipe import TrainConfig, resolve_recipe
+from models.train import RecommenderTrain, TrainResult, autocast, train
 
 PIPES_ENV = "DAGSTER_PIPES_CONTEXT"  # set by Dagster's Pipes client; torchrun copies it to every worker
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,8 +149,174 @@ def unsharded_model(dmp: DistributedModelParallel, template: SequentialRecommend
 
 
 # ----------------------------------------------------------------------------------------------------------
-# training
+# training: models.train's loop, its steps taken by DMP
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _local_shards(state: dict[str, Any]) -> dict[str, Any]:
+    """A (nested) state dict with each ShardedTensor replaced by this rank's part of it, as plain tensors a
+    checkpoint can hold: {"offsets": [[row, col] of each local shard], "shards": [tensor, ...]}."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, ShardedTensor):
+            shards = value.local_shards()
+            out[key] = {"offsets": [list(s.metadata.shard_offsets) for s in shards], "shards": [s.tensor for s in shards]}
+        elif isinstance(value, dict):
+            out[key] = _local_shards(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _copy_local_shards(live: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Copy ``_local_shards``' output back into ``live``, a state dict whose tensors (and ShardedTensors' local
+    shards) are views of the train module's and optimiser's own storage."""
+    for key, value in live.items():
+        if isinstance(value, ShardedTensor):
+            shards = value.local_shards()
+            if [list(s.metadata.shard_offsets) for s in shards] != saved[key]["offsets"]:
+                raise ValueError(f"checkpoint: {key} was sharded otherwise (another sharding plan)")
+            for shard, tensor in zip(shards, saved[key]["shards"], strict=True):
+                shard.tensor.detach().copy_(tensor)
+        elif isinstance(value, dict):
+            _copy_local_shards(value, saved[key])
+        else:
+            value.detach().copy_(saved[key])
+
+
+def _fused_kernels(dmp: DistributedModelParallel) -> list[Any]:
+    """FBGEMM's table-batched kernels of the sharded EmbeddingCollection, where the fused optimiser counts its
+    steps (Adam's bias correction); TorchRec keeps them in private attributes and the counter in no state dict."""
+    return [kernel._emb_module for lookup in dmp.module.model.embeddings._lookups for kernel in lookup._emb_modules]
+
+
+class ShardedSteps:
+    """The steps of ``models.train.train`` under DistributedModelParallel, on every rank of the process group.
+
+    One step is one global batch whatever the world size: every rank draws the same global batches (the
+    shuffle generator, seeded alike everywhere) and takes every world-th window of each; its loss is its share
+    of the global batch's mean; the negatives are drawn for every (window, position) of the *global* batch (the
+    negatives generator, seeded alike) and each rank reads its windows' rows, so a position's negatives do not
+    depend on the world size. Rank 0 evaluates: the shards are gathered into an ordinary model there.
+
+    A checkpoint is one file per rank (``checkpoint-rank{r}-of-{world}.pt``): this rank's shards of the tables
+    and of their fused optimiser state (and its step counters), the dense replica and its AdamW state, and the
+    rank's random generators (dropout masks are drawn per rank); rank 0's file also holds the loop's best weights, gathered. Resuming
+    needs the same world size (the files are named by it, and hold the shards of its plan), device type and
+    sparse learning rate."""
+
+    progress_bar = False  # the per-epoch lines are the log (usually a file or a pipe, where a bar is noise)
+
+    def __init__(self, backend: str = "auto", sparse_lr: float | None = None):
+        self.rank, self.world, self.device = init_distributed(backend)
+        self.sparse_lr = sparse_lr
+        self.label = f"[dmp x{self.world}]"
+
+    def prepare(self, model: SequentialRecommender, cfg: TrainConfig, seqs: UserSequences, split: Split) -> None:
+        self.cfg, self.seqs, self.split = cfg, seqs, split
+        self.task = RecommenderTrain.from_config(model, cfg)
+        # The model is built with real weights (not on the meta device), so DMP copies them into the shards: every
+        # world size starts from the same weights as one process (FBGEMM's own uniform init is not used).
+        self.dmp = shard(self.task, cfg, self.world, self.device, self.sparse_lr)
+        self.dense_params = dict(in_backward_optimizer_filter(self.dmp.named_parameters()))
+        self.dense = torch.optim.AdamW(list(self.dense_params.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        # the wrapper wants a factory; the AdamW is kept for the checkpoints (its state, step counts included)
+        self.optimizer = CombinedOptimizer([self.dmp.fused_optimizer, KeyedOptimizerWrapper(self.dense_params, lambda _: self.dense)])
+        self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+        self.neg_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.template = build_model(model.cfg)  # receives the gathered shards (rank 0)
+
+    def epoch_batches(self) -> list[np.ndarray]:
+        self.dmp.train()
+        batches = batch_rows(self.split.train, self.cfg.batch_size, shuffle=True, generator=self.shuffle_gen,
+                             bucket_by_length=self.cfg.length_bucketing)
+        # Collectives need every rank in every step: a final partial batch smaller than the world is dropped.
+        return [rows for rows in batches if len(rows) >= self.world]
+
+    def step(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        rank, world, train = self.rank, self.world, self.split.train
+        # Every world-th window: under length bucketing the rows are sorted by length, so striding gives
+        # every rank a similar mix of long and short histories (and similar work).
+        batch = make_batch(self.seqs, train.subset(rows[rank::world])).to(self.device)
+        batch.window_ids = torch.arange(rank, len(rows), world, device=self.device)
+        window_len = int((train.end[rows] - 1 - train.start[rows]).max())  # longest input, all ranks
+        negatives = self.task.draw_negatives(len(rows), window_len, self.neg_gen)
+        counts = torch.stack([batch.rank_mask.sum(), batch.feedback_mask.sum()]).to(self.device)
+        dist.all_reduce(counts)  # positions of the whole global batch: the loss's denominators
+        with autocast(self.cfg.autocast, self.device):  # bf16 on GPU (cfg.autocast = auto)
+            loss, out = self.dmp(batch, negatives, counts)  # loss = this rank's share of the global batch's mean
+        self.optimizer.zero_grad()
+        # DDP *averages* the dense gradients over ranks, and TorchRec does the same for the embedding
+        # gradients (its "gradient division", on by default): x world turns both averages of shares into
+        # sums, i.e. the gradient one process computes for the whole global batch.
+        (loss * world).backward()  # the fused optimiser updates the embedding shards in here
+        self.optimizer.step()  # AdamW on the dense parameters
+        return out
+
+    def sum_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
+        keys = list(sums)  # the same terms in the same order on every rank: each rank's batch is a split one
+        total = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)  # shares add up to each global batch's mean loss
+        return dict(zip(keys, total.tolist()))
+
+    def eval_model(self) -> SequentialRecommender | None:
+        return unsharded_model(self.dmp, self.template, self.rank, self.device)
+
+    def from_rank0(self, value: T) -> T:
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
+    def checkpoint_file(self) -> str:
+        return f"checkpoint-rank{self.rank}-of-{self.world}.pt"
+
+    def _setup(self) -> dict[str, Any]:
+        """What a checkpoint must have been written under, beyond the config: the optimiser of the tables
+        depends on the device type (row-wise Adagrad on CPU, Adam on GPU) and on ``sparse_lr``."""
+        return {"world_size": self.world, "device": self.device.type, "sparse_lr": self.sparse_lr}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "setup": self._setup(),
+            "model": _local_shards(self.dmp.state_dict()),
+            "sparse_optimizer": _local_shards(self.dmp.fused_optimizer.state_dict()["state"]),
+            "sparse_optimizer_steps": [int(kernel.iter) for kernel in _fused_kernels(self.dmp)],
+            "dense_optimizer": self.dense.state_dict(),
+            "shuffle_generator": self.shuffle_gen.get_state(),
+            "negatives_generator": self.neg_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["setup"] != self._setup():
+            raise ValueError(f"checkpoint written under {state['setup']}, this run is {self._setup()}")
+        with torch.no_grad():
+            _copy_local_shards(self.dmp.state_dict(), state["model"])
+            _copy_local_shards(self.dmp.fused_optimizer.state_dict()["state"], state["sparse_optimizer"])
+        # one count per kernel, not the loop's steps: each lookup of a step (history, then targets and negatives)
+        # is an update of its own (the GPU's Adam uses it; the CPU's row-wise Adagrad does not)
+        for kernel, count in zip(_fused_kernels(self.dmp), state["sparse_optimizer_steps"], strict=True):
+            kernel.set_optimizer_step(count)
+        self.dense.load_state_dict(state["dense_optimizer"])
+        # map_location moved the RNG states to the device too; the generators take CPU byte tensors only
+        self.shuffle_gen.set_state(state["shuffle_generator"].cpu())
+        self.neg_gen.set_state(state["negatives_generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+
+    def report(self) -> dict[str, Any]:
+        # Dense replicas must be bit-identical across ranks (DDP all-reduces their gradients): check it.
+        dense_sum = torch.tensor([sum(float(p.detach().double().sum()) for p in self.dense_params.values())], dtype=torch.float64)
+        sums_all = [torch.zeros(1, dtype=torch.float64, device=self.device) for _ in range(self.world)]
+        dist.all_gather(sums_all, dense_sum.to(self.device))
+        in_sync = all(torch.allclose(x, sums_all[0], rtol=0, atol=1e-9) for x in sums_all)
+        sharding = {f"{module}.{table}": ps.sharding_type for module, tables in self.dmp.plan.plan.items() for table, ps in tables.items()}
+        test = self.split.test
+        popularity = ranking_metrics(popularity_ranks(self.seqs, test), len(self.seqs.vocab)) if self.rank == 0 and len(test) else {}
+        return {"world_size": self.world, "sharding": sharding, "dense_replicas_in_sync": in_sync, "popularity_test": popularity,
+                "backend": dist.get_backend(), "device": self.device.type}
 
 
 def train_distributed(
@@ -161,126 +331,15 @@ def train_distributed(
     validate_every: int = 0,
     catalogue: np.ndarray | None = None,
 ) -> TrainResult | None:
-    """Train with DMP on every rank of the process group; rank 0 returns the result, the others None.
+    """``models.train.train`` with DMP on every rank of the process group; rank 0 returns the result, the others None.
 
     ``catalogue``: raw ids of every item to rank and draw negatives from, rated or not, as in ``models.train.train``.
-
-    ``on_epoch(epoch, record)`` is called on *every* rank with the same record (losses of the global batches,
-    ``train_s`` = training seconds so far, validation excluded, and ``valid_*`` metrics every
-    ``validate_every`` epochs)."""
-    t0 = time.perf_counter()
-    rank, world, device = init_distributed(backend)
-    retain_freed_memory(device.type, enabled=cfg.retain_cpu_memory)  # as models.train does (models/cpu_memory.py)
-    seed_everything(cfg.seed)  # same init on every rank and for every world size
-    seqs = with_targets(build_sequences(df, vocab=catalogue_vocab(df, catalogue)), cfg.targets)
-    split = make_split(seqs, cfg)
-    if len(split.train) == 0:
-        raise ValueError("no training windows: every user needs at least two events")
-    model = build_model(cfg.model_config(len(seqs.vocab)))
-    task = RecommenderTrain.from_config(model, cfg)
-    # The model is built with real weights (not on the meta device), so DMP copies them into the shards: every
-    # world size starts from the same weights as models.train (FBGEMM's own uniform init is not used).
-    dmp = shard(task, cfg, world, device, sparse_lr)
-    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    dense = KeyedOptimizerWrapper(
-        dense_params,
-        lambda params: torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay),
-    )
-    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
-
-    # Both generators are seeded alike on every rank: the global batches and the negatives are the ones a
-    # single process would draw: negatives are drawn for every (window, position) of the *global* batch and
-    # each rank picks its windows' rows, so a position's negatives do not depend on the world size.
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
-    neg_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    history: list[dict[str, float]] = []
-    template = build_model(cfg.model_config(len(seqs.vocab)))  # receives the gathered shards (rank 0)
-    step = 0
-    train_s = 0.0
-    for epoch in range(1, cfg.epochs + 1):
-        t_epoch = time.perf_counter()
-        batches = batch_rows(split.train, cfg.batch_size, shuffle=True, generator=shuffle_gen,
-                             bucket_by_length=cfg.length_bucketing)
-        # Collectives need every rank in every step: a final partial batch smaller than the world is dropped.
-        batches = [rows for rows in batches if len(rows) >= world]
-        dmp.train()
-        sums = torch.zeros(3, dtype=torch.float64)  # this rank's shares of: loss, next-item loss, feedback loss
-        steps_this_epoch = 0
-        for rows in batches:
-            # Every world-th window: under length bucketing the rows are sorted by length, so striding gives
-            # every rank a similar mix of long and short histories (and similar work).
-            batch = make_batch(seqs, split.train.subset(rows[rank::world])).to(device)
-            batch.window_ids = torch.arange(rank, len(rows), world, device=device)
-            window_len = int((split.train.end[rows] - 1 - split.train.start[rows]).max())  # longest input, all ranks
-            negatives = task.draw_negatives(len(rows), window_len, neg_gen)
-            counts = torch.stack([batch.rank_mask.sum(), batch.feedback_mask.sum()]).to(device)
-            dist.all_reduce(counts)  # positions of the whole global batch: the loss's denominators
-            with autocast(cfg.autocast, device):  # bf16 on GPU (cfg.autocast = auto)
-                loss, out = dmp(batch, negatives, counts)  # loss = this rank's share of the global batch's mean
-            optimizer.zero_grad()
-            # DDP *averages* the dense gradients over ranks, and TorchRec does the same for the embedding
-            # gradients (its "gradient division", on by default): x world turns both averages of shares into
-            # sums, i.e. the gradient one process computes for the whole global batch.
-            (loss * world).backward()  # the fused optimiser updates the embedding shards in here
-            optimizer.step()  # AdamW on the dense parameters
-            sums += torch.tensor([float(out["loss"]), float(out["next_item_loss"]), float(out.get("feedback_loss", 0.0))],
-                                 dtype=torch.float64)
-            step += 1
-            steps_this_epoch += 1
-            if max_steps is not None and step >= max_steps:
-                break
-        total = sums.to(device)
-        dist.all_reduce(total)  # shares add up to each global batch's mean loss
-        total = total.cpu() / max(steps_this_epoch, 1)
-        record = {"epoch": float(epoch), "loss": float(total[0]), "next_item_loss": float(total[1])}
-        if cfg.feedback_weight > 0:
-            record["feedback_loss"] = float(total[2])
-        train_s += time.perf_counter() - t_epoch
-        record.update({"steps": float(step), "train_s": train_s})
-        # Without a validation split (the papers' protocol, ``validation: false``) the curve is on the test
-        # split, as the reference logs it every epoch; nothing is selected by it.
-        scored, name = (split.valid, "valid") if len(split.valid) else (split.test, "test")
-        if validate_every and (epoch % validate_every == 0 or epoch == cfg.epochs) and len(scored):
-            full = unsharded_model(dmp, template, rank, device)  # collective
-            box = [evaluate(full, seqs, scored, batch_size=cfg.eval_batch_size) if full is not None else None]
-            dist.broadcast_object_list(box, src=0, device=device)  # every rank reports the same record
-            record.update({f"{name}_{k}": float(v) for k, v in box[0].items() if k != "count"})
-        record["epoch_s"] = time.perf_counter() - t_epoch
-        history.append(record)
-        if progress and rank == 0:
-            valid = f", {name} ndcg@10 {record[f'{name}_ndcg@10']:.4f}" if f"{name}_ndcg@10" in record else ""
-            print(f"[dmp x{world}] epoch {epoch}: loss {record['loss']:.4f} ({step} steps, {train_s:.1f} s){valid}", flush=True)
-        if on_epoch is not None:
-            on_epoch(epoch, record)
-        if max_steps is not None and step >= max_steps:
-            break
-
-    # Dense replicas must be bit-identical across ranks (DDP all-reduces their gradients): check it.
-    dense_sum = torch.tensor([sum(float(p.detach().double().sum()) for p in dense_params.values())], dtype=torch.float64)
-    sums_all = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
-    dist.all_gather(sums_all, dense_sum.to(device))
-    in_sync = all(torch.allclose(x, sums_all[0], rtol=0, atol=1e-9) for x in sums_all)
-    sharding = {f"{module}.{table}": ps.sharding_type for module, tables in dmp.plan.plan.items() for table, ps in tables.items()}
-
-    full = unsharded_model(dmp, template, rank, device)
-    if rank != 0:
-        return None
-    assert full is not None
-    test = evaluate(full, seqs, split.test, batch_size=cfg.eval_batch_size) if len(split.test) else {}
-    popularity = ranking_metrics(popularity_ranks(seqs, split.test), len(seqs.vocab)) if len(split.test) else {}
-    return TrainResult(
-        model=full,
-        vocab=seqs.vocab,
-        config=cfg,
-        history=history,
-        valid_metrics={},
-        test_metrics=test,
-        best_epoch=len(history),
-        wall_s=time.perf_counter() - t0,
-        num_params=sum(p.numel() for p in full.parameters()),
-        extra={"world_size": world, "steps": step, "train_tokens": split.train.num_inputs, "sharding": sharding,
-               "dense_replicas_in_sync": in_sync, "popularity_test": popularity, "backend": dist.get_backend(), "device": device.type},
-    )
+    ``validate_every``: overrides the config's ``eval_every`` (0: keep it). ``on_epoch(epoch, record)`` is called
+    on *every* rank with the epoch's record (losses of the global batches, validation figures from rank 0)."""
+    if validate_every:
+        cfg = cfg.replace(eval_every=validate_every)
+    return train(df, cfg, progress=progress, on_epoch=on_epoch, catalogue=catalogue,
+                 strategy=ShardedSteps(backend, sparse_lr), max_steps=max_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,11 +385,13 @@ def summary(result: TrainResult, out: str | None) -> dict[str, Any]:
         "steps": result.extra["steps"],
         "train_tokens_per_epoch": result.extra["train_tokens"],
         "epochs": len(result.history),
+        "best_epoch": result.best_epoch,
         "final_loss": result.history[-1]["loss"] if result.history else math.nan,
         "wall_s": result.wall_s,
         "params": result.num_params,
         "dense_replicas_in_sync": result.extra["dense_replicas_in_sync"],
         "sharding": result.extra["sharding"],
+        "valid_metrics": result.valid_metrics,
         "test_metrics": result.test_metrics,
         "popularity_test_metrics": result.extra["popularity_test"],
         "history": result.history,
@@ -347,8 +408,9 @@ def pipes_metadata(s: dict[str, Any]) -> dict[str, Any]:
     meta: dict[str, Any] = {
         **{f"test/{k}": test[k] for k in ("hr@10", "ndcg@10", "mrr") if k in test},
         **{f"popularity/{k}": pop[k] for k in ("hr@10", "ndcg@10", "mrr") if k in pop},
-        **{k: s[k] for k in ("world_size", "nodes", "backend", "steps", "epochs", "final_loss", "wall_s", "params",
-                             "dense_replicas_in_sync")},
+        **{k: s[k] for k in ("world_size", "nodes", "backend", "steps", "epochs", "best_epoch", "final_loss", "wall_s",
+                             "params", "dense_replicas_in_sync")},
+        "valid_metrics": as_json(s["valid_metrics"]),
         "test_metrics": as_json(test),
         "popularity_test_metrics": as_json(pop),
         "sharding": as_json(s["sharding"]),
@@ -364,35 +426,23 @@ def pipes_metadata(s: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-_MOVIELENS_RATINGS = {"u.data": "ml-100k", "ratings.dat": "ml-1m"}
+def read_events(path: str) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """``--data``: the events and the catalogue to rank. A MovieLens ratings file (``u.data``, ``ratings.dat``) is
+    read by the dataset loaders (``features.datasets``, the one reader of each format, as ``encore train`` and
+    ``bench quality`` read it), with its folder's item file (``u.item``, ``movies.dat``) as the catalogue, unrated
+    movies included; anything else is an events parquet or CSV, its catalogue the items of its events."""
+    from features.datasets import load_catalogue, load_frame, movielens_dataset_of
 
-
-def _movielens_name(path: str) -> str | None:
-    return _MOVIELENS_RATINGS.get(Path(path).name.removesuffix(".gz"))
-
-
-def _read_events(path: str) -> pd.DataFrame:
-    if _movielens_name(path) is not None:
-        return read_movielens(path)
-    if path.endswith(".parquet"):
-        return pd.read_parquet(path)
-    return pd.read_csv(path)
-
-
-def _catalogue_beside(path: str) -> np.ndarray | None:
-    """A MovieLens ratings file's catalogue: the item file in the same folder (``u.item``, ``movies.dat``), as
-    ``encore train`` and ``bench quality`` use it, so unrated movies are candidates and negatives; else None."""
-    name = _movielens_name(path)
-    if name is None:
-        return None
-    from features.datasets import load_catalogue  # the dataset loaders; only this entry point needs them
-
-    return load_catalogue(name, Path(path).parent)
+    name = movielens_dataset_of(path)
+    if name is not None:
+        folder = Path(path).parent
+        return load_frame(name, folder), load_catalogue(name, folder)
+    return (pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)), None
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="DistributedModelParallel training (run under torchrun)")
-    parser.add_argument("--config", default="default", help="name in models/configs or a YAML path")
+    parser.add_argument("--config", default="default", help="a recipe: a name in models/configs or a YAML path")
     parser.add_argument("--data", required=True, help="events CSV/parquet, or a MovieLens ratings file (u.data, ratings.dat): its folder's "
                         "item file (u.item, movies.dat), where present, is the catalogue ranked, unrated items included")
     parser.add_argument("--out", default=None, help="directory for the trained Recommender (rank 0)")
@@ -402,22 +452,32 @@ def main(argv: list[str] | None = None) -> None:
                         help="auto: nccl (one GPU per process) when CUDA is available, else gloo on CPU")
     parser.add_argument("--sparse-lr", type=float, default=None, help="fused embedding optimiser learning rate")
     parser.add_argument("--validate-every", type=int, default=0, metavar="K",
-                        help="evaluate on the validation split every K epochs (0: never; the test split is always scored)")
+                        help="the config's eval_every: validate (without a validation split: score the test split, for the "
+                        "log) every K epochs and on the last; 0: the config's")
+    parser.add_argument("--checkpoint-dir", default=None, help="the config's checkpoint_dir: one file per rank, saved every "
+                        "epoch; a run started again with the same world size resumes from it")
+    parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
     args = parser.parse_args(argv)
 
     overrides: dict[str, Any] = {} if args.epochs is None else {"epochs": args.epochs}
-    cfg = TrainConfig.from_yaml(args.config, **overrides)
+    if args.checkpoint_dir is not None:
+        overrides["checkpoint_dir"] = args.checkpoint_dir
+    cfg = resolve_recipe(args.config, **overrides)
+    if args.print_recipe:  # what every rank would train, as models.recipe resolved it; nothing runs
+        print(cfg.to_yaml(), end="")
+        return
     rank, world, device = init_distributed(args.backend)
     reporter, pipes = pipes_reporter(rank, world, device)
     with pipes if pipes is not None else contextlib.nullcontext():  # closing it tells Dagster we are done
         def on_epoch(epoch: int, record: dict[str, float]) -> None:
             if pipes is not None:
-                shown = {k: (int(v) if k == "steps" else round(v, 4)) for k, v in record.items() if k != "epoch"}
+                shown = {k: round(v, 4) for k, v in record.items() if k != "epoch"}
                 pipes.log.info(f"[dmp x{world}] epoch {epoch}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
 
-        result = train_distributed(_read_events(args.data), cfg, max_steps=args.max_steps, backend=args.backend,
+        events, catalogue = read_events(args.data)
+        result = train_distributed(events, cfg, max_steps=args.max_steps, backend=args.backend,
                                    sparse_lr=args.sparse_lr, on_epoch=on_epoch, validate_every=args.validate_every,
-                                   catalogue=_catalogue_beside(args.data))
+                                   catalogue=catalogue)
         report = None
         if result is not None:
             print("sharding", result.extra["sharding"], "dense in sync", result.extra["dense_replicas_in_sync"], flush=True)

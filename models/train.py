@@ -26,20 +26,28 @@ Optimiser (single process): AdamW over all parameters, with weight decay only on
 embedding rows that a batch did not touch would shrink rare items for no reason). The EmbeddingCollection
 gets the same Adam update as dense parameters here; the fused, row-wise sparse optimiser is what
 DistributedModelParallel provides (``models/distributed.py``).
+
+``train`` is the one training loop, for one process and for DistributedModelParallel alike: seeding, data
+split, model, epochs, validation and the best epoch's weights, early stopping, the test log, checkpoints and
+the final ranking of the held-out splits. What differs between the two is a ``StepStrategy`` (building the
+train module and optimiser, an epoch's batches, one step, the reductions across ranks, the model evaluated,
+the checkpoint's contents): ``SingleProcess`` here, ``models.distributed.ShardedSteps`` there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -48,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.data import Split, UserSequences, build_sequences, iterate_batches, leave_one_out, temporal_split, with_targets
+from models.data import Split, UserSequences, batch_rows, build_sequences, leave_one_out, make_batch, temporal_split, with_targets
 from models.data import Batch, ItemVocab, jagged_positions
 from models.cpu_memory import retain_freed_memory
 from models.evaluate import RankedTargets, evaluate, rank_targets, split_metrics
@@ -320,6 +328,139 @@ def catalogue_vocab(events: pd.DataFrame, catalogue: np.ndarray | None) -> ItemV
     return ItemVocab.build(items)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Step strategies: what one process and N sharded processes do differently
+# ----------------------------------------------------------------------------------------------------------
+
+
+T = TypeVar("T")
+
+
+class StepStrategy(Protocol):
+    """How ``train`` takes its steps: in one process (``SingleProcess``) or with DistributedModelParallel over
+    every rank of a process group (``models.distributed.ShardedSteps``). The loop around the steps (epochs,
+    validation, best-epoch choice, early stopping, checkpoints, the final ranking) is ``train``'s, the same
+    for both, as TorchRec's ``TrainPipeline.progress()`` is one step whatever the sharding.
+
+    *Collective* methods must be called by every rank, in the same order (on one process they cost nothing)."""
+
+    device: torch.device  # where the train module computes
+    rank: int  # this process; rank 0 holds the evaluated model and returns the result
+    world: int  # processes sharing each step
+    label: str  # the start of each progress line
+    progress_bar: bool  # a tqdm bar over each epoch's steps (one process); sharded runs log one line per epoch
+
+    def prepare(self, model: SequentialRecommender, cfg: TrainConfig, seqs: UserSequences, split: Split) -> None:
+        """Wrap ``model`` (just initialised, on the CPU) in the train module and make its optimiser."""
+
+    def epoch_batches(self) -> list[np.ndarray]:
+        """Rows of ``split.train`` in each global batch of the next epoch, in order (draws the epoch's shuffle);
+        the train module in training mode."""
+
+    def step(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """One optimiser step on the global batch ``rows``: this rank's share of each loss term. Collective."""
+
+    def sum_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
+        """An epoch's loss sums added up over the ranks. Collective."""
+
+    def eval_model(self) -> SequentialRecommender | None:
+        """The current weights as an ordinary model on rank 0; None on the other ranks. Collective."""
+
+    def from_rank0(self, value: T) -> T:
+        """Rank 0's ``value`` on every rank. Collective."""
+
+    def checkpoint_file(self) -> str:
+        """The name of this rank's checkpoint file in ``cfg.checkpoint_dir``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's train module, optimiser and random generators, for a checkpoint."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``state_dict()`` was taken; refuse a checkpoint of another setup."""
+
+    def report(self) -> dict[str, Any]:
+        """What the run adds to ``TrainResult.extra``. Collective."""
+
+
+class SingleProcess:
+    """One process: the model itself, AdamW over every parameter (``make_optimizer``), one generator for the
+    shuffles and the negatives (seeded with ``cfg.seed``; the torch global generator draws the dropout masks)."""
+
+    rank, world = 0, 1
+    progress_bar = True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def prepare(self, model: SequentialRecommender, cfg: TrainConfig, seqs: UserSequences, split: Split) -> None:
+        self.cfg, self.seqs, self.split, self.label = cfg, seqs, split, cfg.model
+        self.model = model.to(self.device)
+        self.task = RecommenderTrain.from_config(model, cfg)
+        self.optimizer = make_optimizer(model, cfg)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # shuffling + negatives: reproducible, checkpointable
+
+    def epoch_batches(self) -> list[np.ndarray]:
+        self.model.train()
+        return batch_rows(self.split.train, self.cfg.batch_size, shuffle=True, generator=self.generator,
+                          bucket_by_length=self.cfg.length_bucketing)
+
+    def step(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = make_batch(self.seqs, self.split.train.subset(rows)).to(self.device)
+        with autocast(self.cfg.autocast, self.device):
+            loss, out = self.task(batch, self.generator)  # the batch's negatives come from the same generator
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return out
+
+    def sum_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
+        return sums
+
+    def eval_model(self) -> SequentialRecommender:
+        return self.model
+
+    def from_rank0(self, value: T) -> T:
+        return value
+
+    def checkpoint_file(self) -> str:
+        return CHECKPOINT_FILE
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        # map_location moved the RNG states to the device too; the generators take CPU byte tensors only
+        self.generator.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)  # dropout masks on the GPU
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _checkpoint_path(cfg: TrainConfig, strategy: StepStrategy) -> Path | None:
+    """This rank's checkpoint file, or None without ``cfg.checkpoint_dir``. A folder holding checkpoints of
+    another layout (another number of processes) is refused rather than silently trained over from scratch."""
+    if not cfg.checkpoint_dir:
+        return None
+    path = Path(cfg.checkpoint_dir) / strategy.checkpoint_file()
+    others = sorted(p.name for p in path.parent.glob("checkpoint*.pt"))
+    if not path.exists() and others:
+        raise ValueError(f"{path.parent} holds {others} but no {path.name}: checkpoints of another number of "
+                         "processes (or of a save cut short); resume with that world size or use another checkpoint_dir")
+    return path
+
+
 def train(
     data: pd.DataFrame | UserSequences,
     cfg: TrainConfig | None = None,
@@ -327,15 +468,22 @@ def train(
     progress: bool = True,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     catalogue: np.ndarray | None = None,
-) -> TrainResult:
+    strategy: StepStrategy | None = None,
+    max_steps: int | None = None,
+) -> TrainResult | None:
     """Train ``cfg.model`` on an events DataFrame (or prebuilt sequences); returns the best-validation model.
 
     ``catalogue``: raw ids of every item to rank and draw negatives from, beyond those in the events (e.g. a
     dataset's item file, ``features.datasets.load_catalogue``); None: the items of the events.
+    ``strategy``: how the steps are taken, ``SingleProcess`` on ``cfg.device`` by default; under
+    ``models.distributed.ShardedSteps`` every rank runs this loop and only rank 0 returns the result (the
+    others None). ``on_epoch(epoch, record)`` is called on every rank with the epoch's record.
+    ``max_steps``: stop after that many steps (the epoch it ends counts as the last one).
     """
     cfg = cfg or resolve_recipe(BASE_RECIPE)
+    strategy = strategy if strategy is not None else SingleProcess(resolve_device(cfg.device))
     t0 = time.perf_counter()
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same initial weights in every process, whatever the world size
     if isinstance(data, UserSequences):
         if catalogue is not None:
             raise ValueError("catalogue applies to an events frame: prebuilt sequences carry their own vocabulary")
@@ -347,67 +495,71 @@ def train(
     if len(split.train) == 0:
         raise ValueError("no training windows: every user needs at least two events")
 
-    device = resolve_device(cfg.device)
     # every CPU step reallocates the same large activations: keep them (models/cpu_memory.py)
-    retain_freed_memory(device.type, enabled=cfg.retain_cpu_memory)
-    model = build_model(cfg.model_config(len(seqs.vocab))).to(device)
+    retain_freed_memory(strategy.device.type, enabled=cfg.retain_cpu_memory)
+    model = build_model(cfg.model_config(len(seqs.vocab)))
+    num_items = model.cfg.num_items
     feedback = model.feedback_head is not None  # the ARGUS head: its AUC joins each split's metrics
-    task = RecommenderTrain.from_config(model, cfg)
-    optimizer = make_optimizer(model, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed)  # shuffling + negatives: reproducible, checkpointable
+    num_params = sum(p.numel() for p in model.parameters())  # before sharding, which leaves each rank its rows
+    strategy.prepare(model, cfg, seqs, split)
 
     history: list[dict[str, float]] = []
     best = {"score": -math.inf, "epoch": 0, "bad": 0, "state": None, "valid": {}}
-    start_epoch = 1
-    ckpt_path = Path(cfg.checkpoint_dir) / CHECKPOINT_FILE if cfg.checkpoint_dir else None
+    start_epoch, steps = 1, 0
+    ckpt_path = _checkpoint_path(cfg, strategy)
     if ckpt_path is not None and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ck = torch.load(ckpt_path, map_location=strategy.device, weights_only=True)
         if ck["fingerprint"] != _config_fingerprint(cfg) or ck["vocab"] != seqs.vocab.to_json():
             raise ValueError(f"checkpoint {ckpt_path} was written for another config or data set")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        # map_location moved the RNG states to the device too; the generators take CPU byte tensors only
-        generator.set_state(ck["generator"].cpu())
-        torch.set_rng_state(ck["torch_rng"].cpu())
-        if ck.get("cuda_rng") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)  # dropout masks on the GPU
+        # checkpoints written before the loop counted steps: the count (max_steps, extra["steps"]) starts over
+        steps = ck.get("steps", 0)
+        strategy.load_state_dict(ck)
         history = list(ck["history"])
         best = {"score": ck["best_score"], "epoch": ck["best_epoch"], "bad": ck["bad_evals"], "state": ck["best_model"], "valid": ck["best_valid"]}
         start_epoch = ck["epoch"] + 1
+    # Each rank saves its own file: a crash between two ranks' saves leaves them at different epochs.
+    if strategy.from_rank0(start_epoch) != start_epoch:
+        raise ValueError(f"checkpoint {ckpt_path} is at another epoch than rank 0's: the ranks cannot resume together")
 
-    num_params = sum(p.numel() for p in model.parameters())
-    n_batches = math.ceil(len(split.train) / cfg.batch_size)
     stopped = cfg.patience > 0 and best["bad"] >= cfg.patience  # a resumed run may have stopped already
+    out_of_steps = max_steps is not None and steps >= max_steps
     for epoch in range(start_epoch, cfg.epochs + 1):
-        if stopped:
+        if stopped or out_of_steps:
             break
         t_epoch = time.perf_counter()
-        model.train()
+        batches = strategy.epoch_batches()
         sums: dict[str, float] = {}
-        bar = tqdm(
-            iterate_batches(seqs, split.train, cfg.batch_size, shuffle=True, generator=generator, bucket_by_length=cfg.length_bucketing),
-            total=n_batches, desc=f"{cfg.model} epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False,
-        )
-        for batch in bar:
-            with autocast(cfg.autocast, device):
-                loss, out = task(batch.to(device), generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        taken = 0
+        bar = tqdm(batches, desc=f"{strategy.label} epoch {epoch}/{cfg.epochs}", disable=not (progress and strategy.progress_bar),
+                   leave=False)
+        for rows in bar:
+            out = strategy.step(rows)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             bar.set_postfix(loss=f"{float(out['loss']):.4f}")
-        record: dict[str, float] = {"epoch": float(epoch), **{k: v / n_batches for k, v in sums.items()}}
+            taken, steps = taken + 1, steps + 1
+            if max_steps is not None and steps >= max_steps:
+                out_of_steps = True
+                break
+        sums = strategy.sum_over_ranks(sums)  # under DMP a rank's terms are its shares of each global batch's mean
+        record: dict[str, float] = {"epoch": float(epoch), **{k: v / taken for k, v in sums.items()}}
         record["train_s"] = time.perf_counter() - t_epoch
 
+        last = epoch == cfg.epochs or out_of_steps
+        # this epoch's weights as an ordinary model on rank 0: gathered at most once (under DMP a collective,
+        # which every rank reaches: the conditions below depend only on figures every rank shares)
+        current = functools.cache(strategy.eval_model)
         validating = len(split.valid) > 0
-        if validating and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            ranked_valid = rank_targets(model, seqs, split.valid, batch_size=cfg.eval_batch_size)
-            valid = split_metrics(ranked_valid, model.cfg.num_items, feedback=feedback)
+        if validating and (epoch % cfg.eval_every == 0 or last):
+            ranked_valid = valid = None
+            if (evaluated := current()) is not None:
+                ranked_valid = rank_targets(evaluated, seqs, split.valid, batch_size=cfg.eval_batch_size)
+                valid = split_metrics(ranked_valid, num_items, feedback=feedback)
+            valid = strategy.from_rank0(valid)  # so every rank takes the same best-epoch and stop decisions
             record.update({f"valid_{k}": v for k, v in valid.items()})
             if valid["ndcg@10"] > best["score"]:
                 best.update(score=valid["ndcg@10"], epoch=epoch, bad=0, valid=valid, ranked=ranked_valid,
-                            state=copy.deepcopy(model.state_dict()))
+                            state=copy.deepcopy(evaluated.state_dict()) if evaluated is not None else None)
             else:
                 best["bad"] += 1
             stopped = cfg.patience > 0 and best["bad"] >= cfg.patience
@@ -417,28 +569,33 @@ def train(
         # Without validation this is the reference's per-epoch eval (every eval_every epochs); with it, every
         # log_test_every epochs (0 = never) and on the epoch a run stops.
         every = cfg.log_test_every if validating else cfg.eval_every
-        if len(split.test) and every > 0 and (epoch % every == 0 or epoch == cfg.epochs or stopped):
-            test_now = evaluate(model, seqs, split.test, batch_size=cfg.eval_batch_size)
+        if len(split.test) and every > 0 and (epoch % every == 0 or last or stopped):
+            evaluated = current()
+            test_now = strategy.from_rank0(evaluate(evaluated, seqs, split.test, batch_size=cfg.eval_batch_size)
+                                           if evaluated is not None else None)
             record.update({f"test_{k}": v for k, v in test_now.items()})
         record["epoch_s"] = time.perf_counter() - t_epoch
         history.append(record)
-        if progress:
+        if progress and strategy.rank == 0:
             shown = {k: round(v, 4) for k, v in record.items()
                      if k in ("loss", "valid_hr@10", "valid_ndcg@10", "valid_feedback_auc", "test_hr@10", "test_ndcg@10")}
-            tqdm.write(f"{cfg.model} epoch {epoch}: {shown}")
+            tqdm.write(f"{strategy.label} epoch {epoch}: {shown}")
+            sys.stdout.flush()  # a log read as it is written (torchrun's workers write to a pipe)
         if on_epoch is not None:
             on_epoch(epoch, record)
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, {
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "history": history,
+                "epoch": epoch, "steps": steps, "history": history,
                 "best_score": best["score"], "best_epoch": best["epoch"], "bad_evals": best["bad"],
                 "best_model": best["state"], "best_valid": best["valid"],
                 "fingerprint": _config_fingerprint(cfg), "vocab": seqs.vocab.to_json(),
+                **strategy.state_dict(),
             })
 
+    extra = strategy.report()
+    model = strategy.eval_model()  # the last weights
+    if model is None:
+        return None  # a rank other than 0: rank 0 holds the result
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model.eval()
@@ -448,7 +605,7 @@ def train(
         ranked["valid"] = best.get("ranked") or rank_targets(model, seqs, split.valid, batch_size=cfg.eval_batch_size)
     if len(split.test):
         ranked["test"] = rank_targets(model, seqs, split.test, batch_size=cfg.eval_batch_size)
-    test = split_metrics(ranked["test"], model.cfg.num_items, feedback=feedback) if "test" in ranked else {}
+    test = split_metrics(ranked["test"], num_items, feedback=feedback) if "test" in ranked else {}
     return TrainResult(
         model=model,
         vocab=seqs.vocab,
@@ -460,8 +617,9 @@ def train(
         wall_s=time.perf_counter() - t0,
         num_params=num_params,
         ranked=ranked,
-        extra={"train_windows": len(split.train), "train_tokens": split.train.num_inputs, "valid_targets": split.valid.num_ranked, "test_targets": split.test.num_ranked},
+        extra={"train_windows": len(split.train), "train_tokens": split.train.num_inputs, "valid_targets": split.valid.num_ranked,
+               "test_targets": split.test.num_ranked, "steps": steps, **extra},
     )
 
 
-__all__ = ["autocast", "resolve_device", "NegativeDraw", "RecommenderTrain", "negative_pool_size", "TrainResult", "make_optimizer", "make_split", "sampled_softmax_loss", "seed_everything", "train"]
+__all__ = ["autocast", "resolve_device", "NegativeDraw", "RecommenderTrain", "SingleProcess", "StepStrategy", "negative_pool_size", "TrainResult", "make_optimizer", "make_split", "sampled_softmax_loss", "seed_everything", "train"]

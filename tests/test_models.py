@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -24,9 +25,15 @@ from models.data import (
 from torchrec import KeyedJaggedTensor
 from models.evaluate import auc, by_reaction, evaluate, popularity_ranks, rank_targets, ranking_metrics, split_metrics, target_gains
 from models.recommender import ModelConfig, Recommender, SequentialRecommender, build_model, table_dim
-from models.train import NegativeDraw, NegativeLogits, RecommenderTrain, TrainConfig, make_optimizer, make_split, negative_pool_size, sampled_softmax_loss, train
+from models.train import NegativeDraw, NegativeLogits, RecommenderTrain, make_optimizer, make_split, negative_pool_size, sampled_softmax_loss, train
+from models.recipe import BASE_RECIPE, resolve_recipe
 
 MODELS = ["hstu", "sasrec"]
+
+
+def model_config(**sizes: object) -> ModelConfig:
+    """A ModelConfig over the root recipe's defaults (``base.yaml``, the one place they live), sizes changed."""
+    return dataclasses.replace(resolve_recipe(BASE_RECIPE).model_config(0), **sizes)
 T0_MS = 1_700_000_000_000
 
 
@@ -55,7 +62,7 @@ def synthetic_events(users: int = 40, items: int = 30, length: int = 25, seed: i
 
 def tiny_model(kind: str, num_items: int = 30, feedback: bool = False, max_len: int = 20) -> SequentialRecommender:
     torch.manual_seed(0)
-    return build_model(ModelConfig(model=kind, num_items=num_items, max_len=max_len, dim=16, blocks=2, heads=2, dropout=0.0, feedback_head=feedback))
+    return build_model(model_config(model=kind, num_items=num_items, max_len=max_len, dim=16, blocks=2, heads=2, dropout=0.0, feedback_head=feedback))
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +162,7 @@ def test_all_events_are_targets_under_the_papers_protocol(seqs):
 @pytest.mark.parametrize("kind", MODELS)
 def test_item_only_models_ignore_event_types(seqs, kind):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(model=kind, num_items=len(seqs.vocab), max_len=20, dim=16, dropout=0.0, event_types=False)).eval()
+    model = build_model(model_config(model=kind, num_items=len(seqs.vocab), max_len=20, dim=16, dropout=0.0, event_types=False)).eval()
     batch = make_batch(seqs, leave_one_out(seqs, 20).test)
     a = model(batch.features, batch.timestamps, batch.query_timestamps)
     values = batch.features.values().clone()
@@ -178,11 +185,11 @@ def test_the_papers_split_trains_on_all_but_the_last_event_and_has_no_validation
     assert ((split.train.end - split.train.start) == 11).all()  # the most recent max_len + 1 events
     assert split.train.num_inputs == 10 * len(split.train)  # tokens per epoch: a window's inputs, not the user's events
     with pytest.raises(ValueError, match="needs split: loo"):
-        train(seqs, TrainConfig(split="temporal", validation=False, epochs=1), progress=False)
+        train(seqs, resolve_recipe(BASE_RECIPE, split="temporal", validation=False, epochs=1), progress=False)
 
 
 def test_without_validation_all_epochs_run_and_the_final_weights_are_tested(events):
-    cfg = TrainConfig(model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=4, patience=1,
+    cfg = resolve_recipe(BASE_RECIPE, model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=4, patience=1,
                       eval_every=2, targets="all", validation=False)
     result = train(events, cfg, progress=False)
     assert len(result.history) == 4 and result.best_epoch == 4  # patience cannot stop a run with no validation
@@ -194,7 +201,7 @@ def test_without_validation_all_epochs_run_and_the_final_weights_are_tested(even
 def test_logging_test_figures_beside_validation_selects_nothing(events):
     """log_test_every scores the test split every N epochs (and the last) for the curve; selection stays on
     validation, and the run trains exactly as without it."""
-    cfg = TrainConfig(model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=5, patience=0,
+    cfg = resolve_recipe(BASE_RECIPE, model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=5, patience=0,
                       eval_every=1, targets="all", lr=5e-3)
     plain = train(events, cfg, progress=False)
     logged = train(events, cfg.replace(log_test_every=2), progress=False)
@@ -241,7 +248,7 @@ def test_early_stopping_keeps_the_best_validation_weights(events, monkeypatch, p
     monkeypatch.setattr(train_module, "rank_targets", snapshotting_rank)
     monkeypatch.setattr(train_module, "split_metrics", scripted_valid)
     monkeypatch.setattr(train_module, "make_split", remembering_make_split)
-    cfg = TrainConfig(model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=6,
+    cfg = resolve_recipe(BASE_RECIPE, model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=6,
                       patience=patience, eval_every=1, targets="all", lr=5e-3, log_test_every=5)
     result = train(events, cfg, progress=False)
 
@@ -322,7 +329,7 @@ def test_widths_fbgemm_cannot_shard_are_stored_padded_and_the_padding_stays_out_
     # are stored 52 wide and lookups keep 50 columns. The spare columns must not reach the output or learn.
     assert [table_dim(d) for d in (48, 49, 50, 52)] == [48, 52, 52, 52]
     torch.manual_seed(0)
-    model = build_model(ModelConfig(model="hstu", num_items=len(seqs.vocab), max_len=20, dim=50, dropout=0.0))
+    model = build_model(model_config(model="hstu", num_items=len(seqs.vocab), max_len=20, dim=50, dropout=0.0))
     item_table = model.embeddings.embeddings["item"].weight
     assert item_table.shape == (len(seqs.vocab) + 1, 52)
     batch = _history_batch(seqs)
@@ -334,7 +341,7 @@ def test_widths_fbgemm_cannot_shard_are_stored_padded_and_the_padding_stays_out_
     assert item_table.grad[:, :50].abs().sum() > 0
     assert item_table.grad[:, 50:].abs().sum() == 0
     before = item_table[:, 50:].detach().clone()
-    make_optimizer(model, TrainConfig()).step()
+    make_optimizer(model, resolve_recipe(BASE_RECIPE)).step()
     assert torch.equal(item_table[:, 50:], before)
 
 
@@ -444,8 +451,8 @@ def test_negatives_are_drawn_per_position_from_the_whole_catalogue():
 @pytest.mark.parametrize("kind", MODELS)
 def test_loss_decreases_on_a_learnable_task(seqs, kind):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(model=kind, num_items=len(seqs.vocab), max_len=20, dim=16, blocks=1, dropout=0.0, feedback_head=True))
-    cfg = TrainConfig(lr=5e-3)
+    model = build_model(model_config(model=kind, num_items=len(seqs.vocab), max_len=20, dim=16, blocks=1, dropout=0.0, feedback_head=True))
+    cfg = resolve_recipe(BASE_RECIPE, lr=5e-3)
     task = RecommenderTrain(model, negatives=16, temperature=0.1, feedback_weight=0.5)
     opt = make_optimizer(model, cfg)
     split = leave_one_out(seqs, 20)
@@ -466,7 +473,7 @@ def test_a_batch_without_ranked_positions_adds_zero_loss_not_nan(seqs):
     import dataclasses
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(model="hstu", num_items=len(seqs.vocab), max_len=20, dim=16, blocks=1, feedback_head=True))
+    model = build_model(model_config(model="hstu", num_items=len(seqs.vocab), max_len=20, dim=16, blocks=1, feedback_head=True))
     task = RecommenderTrain(model, negatives=16, temperature=0.1, feedback_weight=0.5)
     batch = make_batch(seqs, leave_one_out(seqs, 20).train)
     full, _ = task(batch, torch.Generator().manual_seed(0))
@@ -512,7 +519,7 @@ class _FixedScorer(torch.nn.Module):
 
     def __init__(self, num_items: int):
         super().__init__()
-        self.cfg = ModelConfig(num_items=num_items)
+        self.cfg = model_config(num_items=num_items)
         self.feedback_head = None
 
     def forward(self, features, timestamps, query_timestamps):
@@ -556,11 +563,11 @@ def test_seen_filter_window_keeps_items_older_than_the_models_input_in_the_ranki
     # the unseen items below 6 beat the target: 5 alone when the whole history is filtered, 1, 2 and 5 when only
     # the input window is (the reference's protocol)
     s = _one_user([1, 2, 3, 4, 6])
-    split = make_split(s, TrainConfig(max_len=2, validation=False, seen_filter=seen_filter))
+    split = make_split(s, resolve_recipe(BASE_RECIPE, max_len=2, validation=False, seen_filter=seen_filter))
     m = evaluate(_FixedScorer(10), s, split.test, ks=(1, 10))
     assert m["count"] == 1 and m["mrr"] == pytest.approx(1 / (rank + 1))
     with pytest.raises(ValueError, match="unknown seen_filter"):
-        make_split(s, TrainConfig(seen_filter="everything"))
+        make_split(s, resolve_recipe(BASE_RECIPE, seen_filter="everything"))
 
 
 def test_metrics_by_reaction_split_the_ranked_targets_by_the_users_reaction():
@@ -581,13 +588,13 @@ def test_evaluate_reports_the_ranking_of_liked_and_disliked_targets_apart():
                        "event_type": [r[2] for r in rows],
                        "timestamp_ms": [T0_MS + i * 1000 for i in range(len(rows))], "played_ratio": np.nan})
     s = with_targets(build_sequences(df, vocab=ItemVocab(np.arange(1, 11))), "all")
-    m = evaluate(_FixedScorer(10), s, make_split(s, TrainConfig(validation=False, targets="all")).test, ks=(1, 10))
+    m = evaluate(_FixedScorer(10), s, make_split(s, resolve_recipe(BASE_RECIPE, validation=False, targets="all")).test, ks=(1, 10))
     # user 1 saw 1, 2: items 3, 4, 5 beat 6 (rank 3); user 2 saw 3, 4: items 1, 2, 5 beat it (rank 3)
     assert m["count"] == 2 and m["positive_share"] == 0.5
     assert m["positive_mrr"] == pytest.approx(1 / 4) and m["negative_mrr"] == pytest.approx(1 / 4)
     listens_only = with_targets(build_sequences(df[df.event_type == "listen"], vocab=ItemVocab(np.arange(1, 11))), "all")
     assert "positive_share" not in evaluate(_FixedScorer(10), listens_only,
-                                            make_split(listens_only, TrainConfig(validation=False)).test)
+                                            make_split(listens_only, resolve_recipe(BASE_RECIPE, validation=False)).test)
 
 
 class _ConstantScorer(_FixedScorer):
@@ -620,7 +627,7 @@ def test_popularity_baseline_counts_ties_against_the_target_as_evaluate_does():
     df = pd.DataFrame({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows], "event_type": "listen",
                        "timestamp_ms": [T0_MS + i * 1000 for i in range(len(rows))], "played_ratio": np.nan})
     s = build_sequences(df, vocab=ItemVocab(np.arange(1, 11)))
-    assert popularity_ranks(s, make_split(s, TrainConfig(validation=False)).test).tolist() == [2, 3]
+    assert popularity_ranks(s, make_split(s, resolve_recipe(BASE_RECIPE, validation=False)).test).tolist() == [2, 3]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -629,7 +636,7 @@ def test_popularity_baseline_counts_ties_against_the_target_as_evaluate_does():
 
 
 def test_train_end_to_end_and_checkpoint_resume(events, tmp_path):
-    cfg = TrainConfig(model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=2, patience=0,
+    cfg = resolve_recipe(BASE_RECIPE, model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=2, patience=0,
                       feedback_weight=0.5, checkpoint_dir=str(tmp_path / "ck"))
     seen = []
     first = train(events, cfg, progress=False, on_epoch=lambda e, m: seen.append(e))
@@ -647,7 +654,7 @@ def test_train_keeps_the_ranking_its_metrics_are_the_means_of(events):
     # result.ranked holds each held-out split ranked by the weights kept: the reported metrics are its means, and a
     # fresh ranking of the kept weights gives the same ranks (so bench.quality --history need not rank again); the
     # validation ranks come from the best epoch, which here is not the last one
-    cfg = TrainConfig(model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=6, patience=0,
+    cfg = resolve_recipe(BASE_RECIPE, model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=6, patience=0,
                       lr=0.02, feedback_weight=0.5)
     result = train(events, cfg, progress=False)
     seqs = with_targets(build_sequences(events, vocab=result.vocab), cfg.targets)
@@ -666,7 +673,7 @@ def test_a_catalogue_adds_never_seen_items_as_negatives_and_candidates(events):
     # events, yet they get rows, are drawn as negatives (their rows move from the initialisation) and are ranked
     from models.train import seed_everything
 
-    cfg = TrainConfig(model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=2, patience=0,
+    cfg = resolve_recipe(BASE_RECIPE, model="hstu", max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=2, patience=0,
                       validation=False, targets="all")
     catalogue = np.array([900, 901, 100])  # 100 also has events: listed once in the vocabulary
     result = train(events, cfg, progress=False, catalogue=catalogue)
@@ -756,7 +763,7 @@ def test_bf16_autocast_trains_and_keeps_the_logits_in_fp32(events, kind):
         assert not torch.is_autocast_enabled("cpu")
     with pytest.raises(ValueError, match="unknown autocast mode"):
         autocast("fp8", torch.device("cpu"))
-    cfg = TrainConfig(model=kind, max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=3, patience=0,
+    cfg = resolve_recipe(BASE_RECIPE, model=kind, max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=3, patience=0,
                       autocast="bf16", device="cpu")
     seqs = build_sequences(events)
     model = build_model(cfg.model_config(len(seqs.vocab)))
@@ -778,7 +785,7 @@ def test_bf16_autocast_trains_and_keeps_the_logits_in_fp32(events, kind):
 def test_training_beats_untrained_model(kind):
     # 100 items: a user's history covers a fifth of the catalogue, so history filtering cannot make hr@10 easy
     ev = synthetic_events(users=60, items=100)
-    cfg = TrainConfig(model=kind, max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=30, lr=5e-3, patience=0, dropout=0.0)
+    cfg = resolve_recipe(BASE_RECIPE, model=kind, max_len=20, dim=16, blocks=1, negatives=16, batch_size=16, epochs=30, lr=5e-3, patience=0, dropout=0.0)
     result = train(ev, cfg, progress=False)
     seqs = build_sequences(ev)
     untrained = evaluate(build_model(cfg.model_config(len(seqs.vocab))), seqs, leave_one_out(seqs, cfg.max_len).test)
@@ -790,35 +797,35 @@ def test_configs_load():
     names = [p.stem for p in (Path(__file__).parents[1] / "models" / "configs").glob("*.yaml")]
     assert {"default", "hstu-ml1m", "hstu-large-ml1m", "sasrec-ml1m", "hstu-ml100k", "hstu-large-ml100k", "sasrec-ml100k"} <= set(names)
     for name in names:
-        cfg = TrainConfig.from_yaml(name)
+        cfg = resolve_recipe(name)
         build_model(cfg.model_config(num_items=10))  # every config builds
-    large = TrainConfig.from_yaml("hstu-large-ml1m")
+    large = resolve_recipe("hstu-large-ml1m")
     assert (large.blocks, large.heads, large.attn_dim, large.linear_dim, large.dim) == (8, 2, 25, 25, 50)
-    assert TrainConfig.from_yaml("default", epochs=1).epochs == 1
-    with pytest.raises(ValueError, match="unknown TrainConfig keys"):
-        TrainConfig.from_dict({"nope": 1})
+    assert resolve_recipe("default", epochs=1).epochs == 1
+    with pytest.raises(ValueError, match="unknown recipe keys"):
+        resolve_recipe("default", nope=1)
 
 
 def test_config_base_chain(tmp_path):
     # a shipped variant states only what it changes: the large size is hstu-ml1m with four keys changed
-    small, large = asdict(TrainConfig.from_yaml("hstu-ml1m")), asdict(TrainConfig.from_yaml("hstu-large-ml1m"))
+    small, large = asdict(resolve_recipe("hstu-ml1m")), asdict(resolve_recipe("hstu-large-ml1m"))
     assert {k for k in small if small[k] != large[k]} == {"blocks", "heads", "attn_dim", "linear_dim"}
     # a sweep file anywhere can start from a shipped name, or from a file beside it; later keys win
     (tmp_path / "wide.yaml").write_text("base: hstu-ml1m\ndim: 64\nepochs: 3\n")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "wide-deep.yaml").write_text("base: ../wide.yaml\nblocks: 4\n")
-    cfg = TrainConfig.from_yaml(tmp_path / "sub" / "wide-deep.yaml", epochs=5)
+    cfg = resolve_recipe(tmp_path / "sub" / "wide-deep.yaml", epochs=5)
     assert (cfg.dim, cfg.blocks, cfg.epochs, cfg.max_len) == (64, 4, 5, 200)
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
-    with pytest.raises(ValueError, match="config base cycle: a.yaml -> b.yaml -> a.yaml"):
-        TrainConfig.from_yaml(tmp_path / "a.yaml")
+    with pytest.raises(ValueError, match="recipe base cycle: a.yaml -> b.yaml -> a.yaml"):
+        resolve_recipe(tmp_path / "a.yaml")
     (tmp_path / "typo.yaml").write_text("base: hstu-ml1m\nblock: 4\n")
-    with pytest.raises(ValueError, match=r"unknown TrainConfig keys \['block'\]"):
-        TrainConfig.from_yaml(tmp_path / "typo.yaml")
+    with pytest.raises(ValueError, match=r"unknown recipe keys \['block'\]"):
+        resolve_recipe(tmp_path / "typo.yaml")
     (tmp_path / "orphan.yaml").write_text("base: no-such-config\n")
     with pytest.raises(FileNotFoundError):
-        TrainConfig.from_yaml(tmp_path / "orphan.yaml")
+        resolve_recipe(tmp_path / "orphan.yaml")
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -907,12 +914,13 @@ def test_ann_index_agrees_with_the_exact_scan_and_filters_history():
     import pandas as pd
 
     from models.recommender import Recommender
-    from models.train import TrainConfig, train
+    from models.recipe import resolve_recipe
+    from models.train import train
 
     rng = np.random.default_rng(0)
     rows = [{"user_id": u, "item_id": int(rng.integers(0, 300)), "event_type": "listen", "timestamp_ms": 1_700_000_000_000 + 1000 * t,
              "played_ratio": 1.0} for u in range(40) for t in range(12)]
-    result = train(pd.DataFrame(rows), TrainConfig.from_yaml("default").replace(epochs=1, dim=16), progress=False)
+    result = train(pd.DataFrame(rows), resolve_recipe("default").replace(epochs=1, dim=16), progress=False)
     exact = result.recommender()
     approx = Recommender(exact.model, exact.vocab, ann_min_items=1)
     assert approx.index is not None and exact.index is None
@@ -1139,7 +1147,7 @@ elif sys.argv[1] == "declined":  # a GPU trainer, or a config with retain_cpu_me
     assert not retain_freed_memory("cuda") and not retain_freed_memory("cpu", enabled=False)
 torch.manual_seed(0)
 B, n = 128, 200  # an ML-1M batch for HSTU-large: [128, 2, 200, 200] attention maps, 40 MB each
-model = HSTU(HSTUConfig(blocks=1, heads=2, attn_dim=25, linear_dim=25))
+model = HSTU(HSTUConfig(dim=50, blocks=1, heads=2, attn_dim=25, linear_dim=25, max_len=200, dropout=0.2, num_time_buckets=128))
 x = torch.randn(B * n, 50, requires_grad=True)
 offsets = torch.arange(0, B * n + 1, n)
 t = torch.arange(B * n) * 60
