@@ -2,7 +2,7 @@
 
 Leave-one-out always holds out each user's *last* rating, so every comparison of two models on one dataset rests
 on one set of targets: which ratings happened to be the users' last is a sample of its own (see "what 943 test
-users can resolve" in docs/benchmarks.md). This writes the same dataset with each user's last ``--drop`` ratings
+users can resolve", docs/journal/2026-12-05-ml100k-what-943-test-users-resolve.md). This writes the same dataset with each user's last ``--drop`` ratings
 removed; ``bench.quality`` on the copy then tests on the users' ``drop + 1``-th-last rating and validates on the
 one before, with everything else unchanged. The ratings dropped are the last in the order ``models.data`` gives a
 user's events (by time, ties in file order); the lines kept are written byte for byte, in file order, and the

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                     choices=["synthetic", "ml-100k", "ml-1m", "ml-20m", "ml-25m", "amazon", "yambda"])
     ap.add_argument("--dataset-dir", dest="dataset_dir", type=Path, default=None,
                     help="the dataset's folder")
-    ap.add_argument("--config", default="default", help="a name under models/configs/ or a YAML path")
+    ap.add_argument("--config", default="default", help="a recipe under models/configs/ or a YAML path")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--validate-every", type=int, default=2, metavar="K")
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2], metavar="N",

@@ -193,9 +193,7 @@ def study_group() -> None:
 @click.option("--epochs", type=int, default=None)
 def study_scaling(data_dir: str | None, dims: str | None, fractions: str | None, epochs: int | None) -> None:
     """Train a sweep of model sizes / data fractions and fit power laws (the Dagster scaling_job)."""
-    from cli.jobs import dagster_instance
-    from orchestration.definitions import defs
-    from orchestration.resources import encore_resource
+    from cli.jobs import run_job
 
     settings = settings_for(data_dir)
     scaling = settings.scaling.model_copy(update={k: v for k, v in {
@@ -203,9 +201,7 @@ def study_scaling(data_dir: str | None, dims: str | None, fractions: str | None,
         "data_fractions": [float(f) for f in fractions.split(",")] if fractions else None,
         "epochs": epochs}.items() if v is not None})
     settings = settings.model_copy(update={"scaling": scaling})
-    result = defs.resolve_job_def("scaling_job").execute_in_process(
-        instance=dagster_instance(settings), resources={"encore": encore_resource(settings)},
-        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}}, raise_on_error=False)
+    result = run_job(settings, "scaling_job", raise_on_error=False)
     if not result.success:
         raise click.ClickException("scaling_job failed (see the run in the Dagster UI)")
     study = result.output_for_node("scaling_study")

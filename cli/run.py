@@ -91,7 +91,7 @@ def run_end_to_end(settings: EncoreSettings, *, progress: bool = True) -> dict:
         tr = run_job(settings, "training_job", instance)
         trained = tr.output_for_node("trained_model")
         champion = tr.output_for_node("champion_model")
-        summary["model"] = {"name": trained["config"]["model"], "test": trained["test_metrics"],
+        summary["model"] = {"name": trained["family"], "test": trained["test_metrics"],
                             "version": champion["version"], "promotion": champion["reason"]}
 
         # 3. serve it and run the A/B test with simulated users

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import yaml
 
-from experiments.assignment import Experiment, RampStep, assign
+from experiments.assignment import POPULARITY, Experiment, RampStep, assign
 from infra.settings import EncoreSettings
 
-BASELINES = frozenset({"popularity"})
+BASELINES = frozenset({POPULARITY})
 
 TargetChecker = Callable[[str], str | None]  # target -> problem (None when the target exists)
 

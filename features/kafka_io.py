@@ -72,7 +72,7 @@ class PartitionConsumer:
 
     Built on librdkafka (``confluent-kafka``) rather than kafka-python, which the rest of Encore uses:
     record decoding is the hot path of ingest, and librdkafka fetches and decodes it in C (measured on this
-    broker: ~720k records/s against kafka-python's 31–35k/s; see docs/benchmarks.md).
+    broker: ~720k records/s against kafka-python's 31–35k/s; see docs/journal/2026-11-23-ingest-past-20000-events.md).
 
     Static assignment (``assign``), not a group subscription: no group join (which on tansu waits a whole
     rebalance timeout), and no eviction when a large first batch outlasts a poll interval. Scaling out means

@@ -1,7 +1,7 @@
 """Replay a source of interaction events into Kafka, in timestamp order, at a chosen rate.
 
 Sources: ``synthetic`` (the music-streaming simulator), a public dataset name (``ml-100k``, ``ml-1m``,
-``ml-20m``, ``ml-25m``, ``amazon``, ``yambda`` with ``--data-dir``) or a JSON-lines file of events.
+``ml-20m``, ``ml-25m``, ``amazon``, ``yambda`` with ``--dataset-dir``) or a JSON-lines file of events.
 Every event is validated before it is sent: a malformed line is reported with its line number and reason
 and counted, never silently dropped (``send_invalid=True`` publishes it anyway, to exercise the DLQ).
 """

@@ -143,6 +143,19 @@ class TrainSettings(_Group):
                                       "the platform (whichever recipe it names), e.g. {epochs: 3}; checked against "
                                       "the recipe's keys when a run starts")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: object) -> object:
+        """Recipe values left the settings for the recipe files; an old configuration is told where they went."""
+        old_keys = ("model", "max_len", "dim", "blocks", "heads", "dropout", "negatives", "temperature", "batch_size",
+                    "lr", "epochs", "seed", "feedback_weight")  # the group's fields before recipes had one home
+        if isinstance(data, dict):
+            moved = sorted(k for k in data if k in old_keys)
+            if moved:
+                raise ValueError("; ".join(f"train.{k} is a recipe value now: set train.overrides.{k} "
+                                           f"(ENCORE_TRAIN__OVERRIDES__{k.upper()}) or pick a recipe" for k in moved))
+        return data
+
 
 class PromotionSettings(_Group):
     """The gate between a registered ``challenger`` and the ``champion`` that serving loads."""

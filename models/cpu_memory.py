@@ -8,7 +8,7 @@ page-faults and zeroes them again: about 450,000 page faults a step, a quarter o
 in the kernel. Serving every block from the heap and never trimming the heap back to the OS makes the memory of
 one step the memory of the next.
 
-Measured on 2 CPU cores (``docs/benchmarks.md``, "Freed memory kept between steps"): HSTU-large on ML-1M 5,075
+Measured on 2 CPU cores (``docs/journal/2026-12-01-cpu-freed-memory-kept.md``): HSTU-large on ML-1M 5,075
 -> 7,341 tokens/s, 23.6 M -> 1.2 M page faults an epoch, the same test figures to the last digit (the arithmetic
 is untouched). Models whose activations stay under 32 MiB (HSTU and SASRec at d = 50, one head) gain little.
 

@@ -35,7 +35,7 @@ What changes versus ``models.train`` (single process):
   can write and the others (or the caller) can read.
 
 Devices follow the backend: ``--backend auto`` is NCCL with one GPU per process (``cuda:LOCAL_RANK``) when
-CUDA is available, else gloo on CPU. Launched by Dagster Pipes (``orchestration/distributed_training.py``),
+CUDA is available, else gloo on CPU. Launched by Dagster Pipes (``orchestration/assets/training.py``),
 one rank streams per-epoch logs and the final metrics back to the Dagster asset.
 """
 
@@ -443,7 +443,7 @@ def read_events(path: str) -> tuple[pd.DataFrame, np.ndarray | None]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="DistributedModelParallel training (run under torchrun)")
     parser.add_argument("--config", default="default", help="a recipe: a name in models/configs or a YAML path")
-    parser.add_argument("--data", required=True, help="events CSV/parquet, or a MovieLens ratings file (u.data, ratings.dat): its folder's "
+    parser.add_argument("--data", help="(required unless --print-recipe) ""events CSV/parquet, or a MovieLens ratings file (u.data, ratings.dat): its folder's "
                         "item file (u.item, movies.dat), where present, is the catalogue ranked, unrated items included")
     parser.add_argument("--out", default=None, help="directory for the trained Recommender (rank 0)")
     parser.add_argument("--epochs", type=int, default=None)
@@ -466,6 +466,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_recipe:  # what every rank would train, as models.recipe resolved it; nothing runs
         print(cfg.to_yaml(), end="")
         return
+    if not args.data:
+        parser.error("--data is required")
     rank, world, device = init_distributed(args.backend)
     reporter, pipes = pipes_reporter(rank, world, device)
     with pipes if pipes is not None else contextlib.nullcontext():  # closing it tells Dagster we are done

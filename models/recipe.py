@@ -130,6 +130,12 @@ class TrainConfig:
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(k, v, hints[k]) for k, v in data.items()})
 
+    def __post_init__(self) -> None:
+        """A value out of range is an error naming the key, before any data is read or a step is taken."""
+        problems = [f"{key} {getattr(self, key)!r}: {why}" for key, why in _violations(self)]
+        if problems:
+            raise ValueError("bad recipe values: " + "; ".join(problems))
+
     def replace(self, **changes: Any) -> "TrainConfig":
         return TrainConfig.from_dict({**asdict(self), **changes}) if changes else replace(self)
 
@@ -157,6 +163,26 @@ class TrainConfig:
             feedback_head=self.feedback_weight > 0,
             event_types=self.event_types,
         )
+
+
+CHOICES = {"model": ("hstu", "sasrec"), "targets": ("positive", "all"), "split": ("loo", "temporal"),
+           "seen_filter": ("history", "window"), "autocast": ("auto", "bf16", "off")}
+AT_LEAST = {"max_len": 2, "dim": 4, "blocks": 1, "heads": 1, "attn_dim": 0, "linear_dim": 0, "ffn_dim": 0,
+            "num_time_buckets": 1, "negatives": 1, "feedback_weight": 0.0, "batch_size": 1, "weight_decay": 0.0,
+            "epochs": 1, "patience": 0, "eval_every": 1, "log_test_every": 0, "eval_batch_size": 1}
+
+
+def _violations(cfg: TrainConfig) -> list[tuple[str, str]]:
+    out = [(k, f"expected one of {', '.join(v)}") for k, v in CHOICES.items() if getattr(cfg, k) not in v]
+    out += [(k, f"expected at least {v}") for k, v in AT_LEAST.items() if getattr(cfg, k) < v]
+    out += [(k, "expected > 0") for k in ("lr", "temperature") if not getattr(cfg, k) > 0]
+    out += [(k, "expected in [0, 1)") for k in ("dropout", "test_fraction", "valid_fraction")
+            if not 0 <= getattr(cfg, k) < 1]
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        out.append(("betas", "expected two values in [0, 1)"))
+    if cfg.dim % cfg.heads:
+        out.append(("heads", f"must divide dim ({cfg.dim})"))
+    return out
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -198,8 +224,3 @@ def recipe_from_settings(train: Any, recipe: str = "", **overrides: Any) -> Trai
     platform: ``ENCORE_TRAIN__OVERRIDES__EPOCHS=1`` makes every training short), then the run's own
     ``overrides`` (a Dagster run's config, a command's flags)."""
     return resolve_recipe(recipe or train.recipe, **{**train.overrides, **overrides})
-
-
-def recipe_defaults() -> dict[str, Any]:
-    """Every key's one default (``base.yaml``)."""
-    return read_recipe_file(BASE_RECIPE)

@@ -134,8 +134,9 @@ def run_study(df: pd.DataFrame, train_settings: Any, scaling: Any, *, out_dir: P
     from models.lifecycle.tracking import study_run
     from models.recipe import recipe_from_settings
 
+    # the backbone alone (next-item loss only), whatever task the platform's recipe adds: the fits are of its loss
     base = recipe_from_settings(train_settings, model=scaling.model, blocks=scaling.blocks, epochs=scaling.epochs,
-                                heads=1)
+                                heads=1, feedback_weight=0.0)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {"dims": list(scaling.dims), "fractions": list(scaling.data_fractions), "model": scaling.model,

@@ -11,7 +11,7 @@ reference's LocalNegativesSampler does; a negative that happens to be the positi
 the loss would push the target away from itself.
 
 Per-position negatives matter: with R negatives shared by the whole batch, an item is a negative in only
-R / V of the steps and the model learns the catalogue far more slowly (ML-100K, see docs/benchmarks.md).
+R / V of the steps and the model learns the catalogue far more slowly (ML-100K, see docs/journal/2026-11-23-per-position-negatives.md).
 Gathering [M, R, D] negative embeddings is memory-bound (2.6 s per ML-1M batch on 2 cores), so we score
 every position against a *pool* once ([M, P] = one matmul) and gather each position's R logits from it; the
 backward treats their gradient as the sparse [M, P] matrix it is (``NegativeLogits``).

@@ -50,7 +50,7 @@ from features.ingest import HISTORY_FEATURES
 from features.kafka_io import make_producer
 from features.offline_store import OfflineStore
 from infra.settings import EncoreSettings
-from experiments.assignment import POPULARITY, Experiment, RampStep, Variant
+from experiments.assignment import POPULARITY, Experiment, RampStep
 from experiments.store import (
     Conflict,
     ExperimentError,
@@ -137,14 +137,18 @@ class ModelHolder:
         self.registry, self.target, self.max_history = registry, target, max_history
         self.current: LoadedModel | None = None
         self.swaps = 0
+        self.refused_version: int | None = None  # refused once (and said why): the poll neither fetches nor logs it again
 
     def load(self) -> bool:
         """Load the target's model if it changed; True when a new model was swapped in."""
         version = self.registry.resolve(self.target)
         if self.current is not None and self.current.version == version:
             return False
+        if version == self.refused_version:
+            return False  # keep what we have
         recommender, version = self.registry.load(version=version)
         if recommender.config.max_len > self.max_history:
+            self.refused_version = version
             raise ModelDoesNotFit(
                 f"{self.registry.name} version {version} ({self.target}) reads {recommender.config.max_len} events "
                 f"per user (max_len) but the online store keeps {self.max_history} (ingest.history_length): refused; "

@@ -79,7 +79,7 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
             there = target.split(".")[0]
             if here == there:
                 continue
-            if LAYERS[there] > LAYERS[here] or (LAYERS[there] == LAYERS[here]):
+            if LAYERS[there] >= LAYERS[here]:  # up, or sideways into another package of the same floor
                 out.append(f"{module} ({here}, layer {LAYERS[here]}) imports {target} ({there}, layer {LAYERS[there]})")
     return out
 

@@ -6,7 +6,8 @@ from click.testing import CliRunner
 
 from cli.main import main
 
-COMMANDS = ["run", "replay", "ingest", "train", "serve", "ab", "services", "ui"]
+COMMANDS = ["run", "replay", "ingest", "train", "serve", "ab", "services", "ui", "bootstrap", "models", "study",
+            "bench"]
 
 
 def test_help_lists_every_subcommand():

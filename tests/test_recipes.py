@@ -35,8 +35,7 @@ def cli_recipe(name: str) -> TrainConfig:
 
 def distributed_recipe(name: str) -> TrainConfig:
     """What ``python -m models.distributed --config NAME`` (every rank of torchrun) trains."""
-    out = subprocess.run([sys.executable, "-m", "models.distributed", "--config", name, "--data", "-",
-                          "--print-recipe"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "models.distributed", "--config", name, "--print-recipe"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     return resolve_from_text(out)
 
 
@@ -133,3 +132,21 @@ def test_a_resolved_recipe_trains_again_from_its_own_file(tmp_path: Path) -> Non
     cfg = resolve_recipe("hstu-large-ml100k", seed=3)
     (tmp_path / "again.yaml").write_text(cfg.to_yaml())
     assert resolve_recipe(tmp_path / "again.yaml") == cfg
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"model": "foo"}, "model 'foo': expected one of hstu, sasrec"),
+    ({"epochs": 0}, "epochs 0: expected at least 1"),
+    ({"dropout": 1.5}, r"dropout 1.5: expected in \[0, 1\)"),
+    ({"lr": -1}, "lr -1.0: expected > 0"),
+    ({"dim": 30, "heads": 4}, r"heads 4: must divide dim \(30\)"),
+])
+def test_a_value_out_of_range_is_refused_before_training(bad: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        resolve_recipe("default", **bad)
+
+
+def test_old_train_settings_are_told_where_recipe_values_went(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENCORE_TRAIN__EPOCHS", "3")
+    with pytest.raises(ValueError, match=r"train.epochs is a recipe value now: set train.overrides.epochs"):
+        EncoreSettings()

@@ -113,6 +113,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, enc
     """Train a sequence model (HSTU by default, SASRec, or ARGUS two-task) inside an MLflow run that records
     its parameters, per-epoch metrics and system metrics while it trains."""
     from models.plots import loss_curves, md_image
+    from models.lifecycle import tracking
     from models.lifecycle.tracking import experiment_name, log_epoch, training_run
     from models.train import train
 
@@ -130,7 +131,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, enc
 
     params = {**dataclasses.asdict(cfg), "family": family, "recipe": config.recipe or settings.train.recipe,
               "dataset_snapshot": training_dataset["snapshot"], "dataset_events": training_dataset["events"]}
-    with training_run(uri, experiment_name(settings.mlflow_experiment, "training"), run_name=name, params=params,
+    with training_run(uri, experiment_name(settings.mlflow_experiment, tracking.TRAINING), run_name=name, params=params,
                       tags={"dataset_snapshot": training_dataset["snapshot"], "model": family,
                             "dagster_run_id": context.run_id},
                       artifact_root=settings.mlflow_dir / "artifacts", recipe=cfg.to_yaml()) as run:
