@@ -158,7 +158,12 @@ def test_serving_refuses_a_model_that_reads_more_history_than_the_online_store_k
                                 tracking_uri=uri)})
     assert result.success
     registry, target = Registry(uri, settings.registry), f"alias:{settings.registry.challenger_alias}"
+    short = ModelHolder(registry, target, max_history=19)
     with pytest.raises(ModelDoesNotFit, match=r"reads 20 events per user .* keeps 19 \(ingest.history_length\)"):
-        ModelHolder(registry, target, max_history=19).load()
+        short.load()
+    fetched = []
+    registry.load = lambda **kw: fetched.append(kw)  # the next poll must neither fetch it again nor raise again
+    assert short.load() is False and fetched == [] and short.current is None
+    registry = Registry(uri, settings.registry)
     holder = ModelHolder(registry, target, max_history=20)
     assert holder.load() and holder.current.recommender.config.max_len == 20
