@@ -169,13 +169,14 @@ CHOICES = {"model": ("hstu", "sasrec"), "targets": ("positive", "all"), "split":
            "seen_filter": ("history", "window"), "autocast": ("auto", "bf16", "off")}
 AT_LEAST = {"max_len": 2, "dim": 4, "blocks": 1, "heads": 1, "attn_dim": 0, "linear_dim": 0, "ffn_dim": 0,
             "num_time_buckets": 1, "negatives": 1, "feedback_weight": 0.0, "batch_size": 1, "weight_decay": 0.0,
-            "epochs": 1, "patience": 0, "eval_every": 1, "log_test_every": 0, "eval_batch_size": 1}
+            "epochs": 1, "patience": 0, "eval_every": 1, "log_test_every": 0, "eval_batch_size": 1,
+            "lr": 0.0}  # lr 0 is allowed on purpose: weights that never move (a control in tests and studies)
 
 
 def _violations(cfg: TrainConfig) -> list[tuple[str, str]]:
     out = [(k, f"expected one of {', '.join(v)}") for k, v in CHOICES.items() if getattr(cfg, k) not in v]
     out += [(k, f"expected at least {v}") for k, v in AT_LEAST.items() if getattr(cfg, k) < v]
-    out += [(k, "expected > 0") for k in ("lr", "temperature") if not getattr(cfg, k) > 0]
+    out += [("temperature", "expected > 0")] if not cfg.temperature > 0 else []
     out += [(k, "expected in [0, 1)") for k in ("dropout", "test_fraction", "valid_fraction")
             if not 0 <= getattr(cfg, k) < 1]
     if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):

@@ -270,16 +270,13 @@ def seed_everything(seed: int) -> None:
 
 
 def make_split(seqs: UserSequences, cfg: TrainConfig) -> Split:
-    if cfg.seen_filter not in ("history", "window"):
-        raise ValueError(f"unknown seen_filter {cfg.seen_filter!r} (expected history or window)")
+    """The recipe's held-out protocol (its ``split`` and ``seen_filter`` values are checked by the recipe)."""
     if cfg.split == "loo":
         split = leave_one_out(seqs, cfg.max_len, validation=cfg.validation)
     elif not cfg.validation:
         raise ValueError("validation: false is the papers' leave-one-out protocol; it needs split: loo")
-    elif cfg.split == "temporal":
-        split = temporal_split(seqs, cfg.max_len, test_fraction=cfg.test_fraction, valid_fraction=cfg.valid_fraction)
     else:
-        raise ValueError(f"unknown split {cfg.split!r} (expected loo or temporal)")
+        split = temporal_split(seqs, cfg.max_len, test_fraction=cfg.test_fraction, valid_fraction=cfg.valid_fraction)
     if cfg.seen_filter == "window":
         split = Split(split.train, split.valid.seen_in_window_only(), split.test.seen_in_window_only())
     return split

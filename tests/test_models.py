@@ -566,7 +566,7 @@ def test_seen_filter_window_keeps_items_older_than_the_models_input_in_the_ranki
     split = make_split(s, resolve_recipe(BASE_RECIPE, max_len=2, validation=False, seen_filter=seen_filter))
     m = evaluate(_FixedScorer(10), s, split.test, ks=(1, 10))
     assert m["count"] == 1 and m["mrr"] == pytest.approx(1 / (rank + 1))
-    with pytest.raises(ValueError, match="unknown seen_filter"):
+    with pytest.raises(ValueError, match="seen_filter 'everything': expected one of history, window"):
         make_split(s, resolve_recipe(BASE_RECIPE, seen_filter="everything"))
 
 

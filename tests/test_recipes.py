@@ -138,7 +138,8 @@ def test_a_resolved_recipe_trains_again_from_its_own_file(tmp_path: Path) -> Non
     ({"model": "foo"}, "model 'foo': expected one of hstu, sasrec"),
     ({"epochs": 0}, "epochs 0: expected at least 1"),
     ({"dropout": 1.5}, r"dropout 1.5: expected in \[0, 1\)"),
-    ({"lr": -1}, "lr -1.0: expected > 0"),
+    ({"lr": -1}, "lr -1.0: expected at least 0.0"),
+    ({"temperature": 0}, "temperature 0.0: expected > 0"),
     ({"dim": 30, "heads": 4}, r"heads 4: must divide dim \(30\)"),
 ])
 def test_a_value_out_of_range_is_refused_before_training(bad: dict, message: str) -> None:
