@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -21,6 +21,20 @@ SCHEMA_VERSION = 1
 
 # 2001-09-09 in ms: anything earlier is certainly a unit mistake (seconds instead of ms) or garbage.
 MIN_TIMESTAMP_MS = 1_000_000_000_000
+# What every store holds: ids are int64 in Parquet, SQLite and Feast (its entity keys and Int64 arrays).
+MAX_ID = 2**63 - 1
+# The latest instant pandas (nanosecond timestamps, what Feast's pushes and readers use) can represent:
+# 2262-04-11. Events that late are garbage whatever the skew setting says.
+MAX_TIMESTAMP_MS = 9_223_372_036_854
+MAX_TEXT = 128  # event_id, request_id, variant: short identifiers, not payloads
+
+# The event is one flat JSON object. pydantic-core's JSON parser stops at its own depth limit (a
+# ValidationError); the slow path below refuses anything nested deeper than this before json.loads, whose
+# recursion would otherwise raise RecursionError at about 1,000 levels.
+MAX_JSON_DEPTH = 32
+
+Id = Annotated[int, Field(ge=0, le=MAX_ID)]
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
 class EventType(str, Enum):
@@ -41,15 +55,16 @@ class InteractionEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=True, strict=False)
 
     schema_version: Literal[1] = 1
-    event_id: str = Field(min_length=1, max_length=128)
-    user_id: int = Field(ge=0)
-    item_id: int = Field(ge=0)
+    event_id: Text = Field(min_length=1)
+    user_id: Id
+    item_id: Id
     event_type: EventType
-    timestamp_ms: int = Field(ge=MIN_TIMESTAMP_MS, description="event time, Unix epoch milliseconds")
-    played_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+    timestamp_ms: int = Field(ge=MIN_TIMESTAMP_MS, le=MAX_TIMESTAMP_MS,
+                              description="event time, Unix epoch milliseconds")
+    played_ratio: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
     source: Literal["organic", "recommended"] = "organic"
-    request_id: str | None = Field(default=None, max_length=128)
-    variant: str | None = Field(default=None, max_length=128)
+    request_id: Text | None = None
+    variant: Text | None = None
 
     @field_validator("user_id", "item_id", "timestamp_ms", mode="before")
     @classmethod
@@ -71,7 +86,8 @@ class InvalidEvent(BaseModel):
     """Why a payload was rejected; sent to the DLQ together with the original bytes."""
 
     reason: str
-    error_type: Literal["oversized", "not_json", "not_object", "schema", "future_timestamp"]
+    error_type: Literal["oversized", "not_json", "too_deep", "not_object", "schema", "future_timestamp",
+                        "store_rejected", "unreadable"]
 
 
 def parse_event(
@@ -81,7 +97,11 @@ def parse_event(
     max_future_skew_s: int = 3600,
     now_ms: int | None = None,
 ) -> InteractionEvent | InvalidEvent:
-    """Validate one raw message. Never raises: a bad payload becomes an ``InvalidEvent`` with a reason."""
+    """Validate one raw message. Never raises: a bad payload becomes an ``InvalidEvent`` with a reason.
+
+    A message that raised here would stop ingest for good (its offset is never committed, so every restart
+    meets it again): whatever goes wrong, including what nobody foresaw, becomes a reason for the DLQ.
+    """
     if payload is None:
         return InvalidEvent(reason="empty message (tombstone)", error_type="not_json")
     if len(payload) > max_payload_bytes:
@@ -93,13 +113,32 @@ def parse_event(
     try:
         # fast path: pydantic-core parses and validates in one pass (about 2.5x faster than json + model)
         event = InteractionEvent.model_validate_json(payload)
-    except ValidationError:
-        return _explain(payload)
+    except ValidationError as exc:
+        return _explain_safely(payload, exc)
+    except Exception as exc:  # noqa: BLE001 - see the docstring: nothing may escape
+        return _unreadable(exc)
     return _check_time(event, now_ms, max_future_skew_s)
 
 
-def _explain(payload: bytes) -> InvalidEvent:
+def _explain_safely(payload: bytes, fast_error: ValidationError) -> InvalidEvent:
+    try:
+        return _explain(payload, fast_error)
+    except Exception as exc:  # noqa: BLE001 - RecursionError, MemoryError, a bug in the classification
+        return _unreadable(exc)
+
+
+def _unreadable(exc: BaseException) -> InvalidEvent:
+    return InvalidEvent(reason=f"could not be read: {type(exc).__name__}: {str(exc)[:200]}", error_type="unreadable")
+
+
+def _explain(payload: bytes, fast_error: ValidationError) -> InvalidEvent:
     """The slow path for rejects: classify the failure precisely."""
+    for err in fast_error.errors():
+        if err["type"] == "json_invalid" and "recursion limit" in str(err.get("ctx", {}).get("error", "")):
+            return InvalidEvent(reason=f"JSON nested too deeply ({err['ctx']['error']})", error_type="too_deep")
+    depth = _nesting_depth(payload, MAX_JSON_DEPTH)
+    if depth > MAX_JSON_DEPTH:
+        return InvalidEvent(reason=f"JSON nested more than {MAX_JSON_DEPTH} levels deep", error_type="too_deep")
     try:
         obj = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -111,6 +150,31 @@ def _explain(payload: bytes) -> InvalidEvent:
     except ValidationError as exc:
         return InvalidEvent(reason=_describe(exc), error_type="schema")
     return InvalidEvent(reason="rejected by the schema", error_type="schema")  # unreachable in practice
+
+
+def _nesting_depth(payload: bytes, limit: int) -> int:
+    """The deepest bracket nesting outside JSON strings, counted up to ``limit + 1`` (rejects only)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in payload:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
 
 
 def _check_time(event: InteractionEvent, now_ms: int, max_future_skew_s: int) -> InteractionEvent | InvalidEvent:

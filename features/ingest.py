@@ -5,9 +5,15 @@ Per bounded batch, in this order (each step idempotent, so a crash anywhere is r
 
 1. validate every message; rejects go to the DLQ ledger and the ``interactions.dlq`` topic with the reason
    and the original bytes (the run goes on);
-2. write valid events to the offline store (system of record; deduplicated by ``event_id``);
-3. push the affected users' ``user_history`` and items' ``item_stats`` to the Feast online store;
+2. write valid events to the offline store (system of record; deduplicated by ``event_id``); an event it
+   cannot hold goes to the DLQ with the store's reason, and the rest of the batch is stored;
+3. push what the offline store accepted (its copy of each event id of the batch, never a second event
+   that reuses an id) as the affected users' ``user_history``, and the items' ``item_stats``, to the
+   Feast online store;
 4. only then commit the Kafka offsets.
+
+No single message can stop this loop: the parser never raises, and a value that passes validation but
+fails a store write is isolated and dead-lettered, so offsets always move past it.
 
 A crash before step 4 redelivers the batch; step 2 skips what it already holds and step 3 merges by a
 natural key, so nothing is lost and nothing counts twice.
@@ -35,7 +41,7 @@ from kafka import KafkaProducer
 from features.events import InteractionEvent, InvalidEvent, parse_event
 from features.feature_repo import feature_store, user_stats_dir, write_online
 from features.kafka_io import CommitFailed, PartitionConsumer, RawMessage, dlq_payload, make_producer
-from features.offline_store import OfflineStore, StagedEvent
+from features.offline_store import DATA_ERRORS, OfflineStore, StagedEvent
 from infra.settings import EncoreSettings
 
 log = logging.getLogger("encore.ingest")
@@ -207,10 +213,26 @@ class Ingestor:
         if staged:
             result = self.offline.write(staged)
             rep.written, rep.duplicates = result.written, result.duplicates
+            by_offset = {(m.partition, m.offset): m for m in messages}
+            for s, reason in result.rejected:  # passed validation, but the store cannot hold it
+                self._dead_letter(by_offset[(s.partition, s.offset)],
+                                  InvalidEvent(reason=reason, error_type="store_rejected"))
+                rep.dlq += 1
+                if dlq_reasons is not None:
+                    dlq_reasons["store_rejected"] = dlq_reasons.get("store_rejected", 0) + 1
             t2 = time.monotonic()
-            # Online next: always merge the whole batch (idempotent), so a crash between the offline
-            # write and this push is repaired by the redelivery.
-            rep.users_updated = self._push_online([s.event for s in staged])
+            # Online next, from what the offline store holds for every id of the batch (duplicates
+            # included: merging is idempotent, so a crash between the offline write and this push is
+            # repaired by the redelivery; an event that reused a stored id never gets here).
+            rep.users_updated, refused = self._push_online(list(result.accepted))
+            if refused:
+                first_delivery: dict[str, RawMessage] = {}
+                for s in staged:
+                    first_delivery.setdefault(s.event.event_id, by_offset[(s.partition, s.offset)])
+                for e, reason in refused:
+                    if e.event_id in first_delivery:
+                        self._dead_letter(first_delivery[e.event_id], InvalidEvent(
+                            reason=f"{reason} (kept in the offline store)", error_type="store_rejected"))
         else:
             t2 = time.monotonic()
         t3 = time.monotonic()
@@ -276,7 +298,11 @@ class Ingestor:
 
     # ------------------------------------------------------------------ online store
 
-    def _push_online(self, events: list[InteractionEvent]) -> int:
+    def _push_online(self, events: list[InteractionEvent]) -> tuple[int, list[tuple[InteractionEvent, str]]]:
+        """Merge ``events`` into their users' online histories; returns the users updated and the events of
+        users whose history the online store refused (with its reason), whom it leaves as they were."""
+        if not events:
+            return 0, []
         users = sorted({e.user_id for e in events})
         missing = [u for u in users if u not in self.history_cache]
         if missing:  # first touch since start or rebalance: read what the online store holds
@@ -286,23 +312,44 @@ class Ingestor:
         new_by_user: dict[int, list[InteractionEvent]] = {}
         for e in events:
             new_by_user.setdefault(e.user_id, []).append(e)
-        n = self.settings.ingest.history_length
-        rows = []
-        for u in users:
-            merged = _merge_history(self.history_cache[u], new_by_user[u], n)
-            rows.append({"user_id": u, **merged, "length": len(merged["item_ids"]),
-                         "event_timestamp": datetime.fromtimestamp(merged["timestamps_ms"][-1] / 1000, timezone.utc)})
+        rows = [self._history_row(u, new_by_user[u]) for u in users]
+        refused: list[tuple[InteractionEvent, str]] = []
         try:
             write_online(self.store, "user_history", "user_id", rows, "event_timestamp")
+        except DATA_ERRORS:
+            # A value the online store cannot hold: write user by user so that only its user is left out.
+            rows, refused = self._push_rows_one_by_one(rows, new_by_user)
         except BaseException:
             self.history_cache.clear()  # the store may hold either state now: re-read on next touch
             raise
         for row in rows:
             self.history_cache[row["user_id"]] = {k: row[k] for k in HISTORY_COLUMNS}
-        self._dirty_users.update(users)
+        self._dirty_users.update(row["user_id"] for row in rows)
         self._dirty_items.update(e.item_id for e in events)
         self._flush_stats()
-        return len(users)
+        return len(rows), refused
+
+    def _history_row(self, user: int, new: list[InteractionEvent]) -> dict:
+        merged = _merge_history(self.history_cache[user], new, self.settings.ingest.history_length)
+        return {"user_id": user, **merged, "length": len(merged["item_ids"]),
+                "event_timestamp": datetime.fromtimestamp(merged["timestamps_ms"][-1] / 1000, timezone.utc)}
+
+    def _push_rows_one_by_one(self, rows: list[dict], new_by_user: dict[int, list[InteractionEvent]],
+                              ) -> tuple[list[dict], list[tuple[InteractionEvent, str]]]:
+        written: list[dict] = []
+        refused: list[tuple[InteractionEvent, str]] = []
+        for row in rows:
+            try:
+                write_online(self.store, "user_history", "user_id", [row], "event_timestamp")
+            except DATA_ERRORS as exc:
+                user = row["user_id"]
+                log.error("the online store refused the history of user %s: %s", user, exc)
+                self.history_cache.pop(user, None)
+                reason = f"the online store cannot hold this user's history: {type(exc).__name__}: {str(exc)[:300]}"
+                refused.extend((e, reason) for e in new_by_user[user])
+            else:
+                written.append(row)
+        return written, refused
 
     def _push_user_stats(self, users: list[int]) -> None:
         stats = self.offline.user_stats(users)

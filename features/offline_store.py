@@ -80,12 +80,30 @@ class StagedEvent:
     offset: int
 
 
+# What a store raises for a value it cannot hold (an id beyond int64, text it cannot encode...), as opposed
+# to the store itself failing (a locked database, a full disk): those errors propagate and the batch is
+# retried, these reject the one event that caused them.
+DATA_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, OverflowError, sqlite3.DataError,
+                                             sqlite3.IntegrityError, sqlite3.InterfaceError)
+
+
 @dataclass(frozen=True)
 class WriteResult:
     written: int  # events now stored that were not before (new, or recovered after a crash)
     duplicates: int  # events already stored (a replay or a duplicate delivery)
     new_event_ids: frozenset[str]  # ids first seen by this write (counters moved for these)
     files: tuple[str, ...]
+    # One event per event_id of the batch, as the store holds it: the delivered event where this write
+    # stored it, the stored one where the id was already there (a redelivery, or another event that
+    # reused the id). The online store is fed from these and nothing else.
+    accepted: tuple[InteractionEvent, ...] = ()
+    # Events the store could not hold, with its reason: nothing of them was stored (see ``write``).
+    rejected: tuple[tuple[StagedEvent, str], ...] = ()
+
+    def __add__(self, other: "WriteResult") -> "WriteResult":
+        return WriteResult(self.written + other.written, self.duplicates + other.duplicates,
+                           self.new_event_ids | other.new_event_ids, self.files + other.files,
+                           self.accepted + other.accepted, self.rejected + other.rejected)
 
 
 class OfflineStore:
@@ -104,7 +122,25 @@ class OfflineStore:
     # ------------------------------------------------------------------ writes
 
     def write(self, staged: Sequence[StagedEvent]) -> WriteResult:
-        """Store a batch idempotently (see the module docstring for why this is exact)."""
+        """Store a batch idempotently (see the module docstring for why this is exact).
+
+        An event the store cannot hold does not fail the batch: a write is all or nothing for such errors
+        (``DATA_ERRORS``), so the batch is split in halves until the events that fail are alone; they come
+        back in ``rejected`` and everything else is stored. The normal case pays nothing for this.
+        """
+        return self._isolate(staged)
+
+    def _isolate(self, staged: Sequence[StagedEvent]) -> WriteResult:
+        try:
+            return self._write(staged)
+        except DATA_ERRORS as exc:
+            if len(staged) == 1:
+                reason = f"the offline store cannot hold this event: {type(exc).__name__}: {str(exc)[:300]}"
+                return WriteResult(0, 0, frozenset(), (), (), ((staged[0], reason),))
+        mid = len(staged) // 2
+        return self._isolate(staged[:mid]) + self._isolate(staged[mid:])
+
+    def _write(self, staged: Sequence[StagedEvent]) -> WriteResult:
         # 1. keep the first delivery of each event_id inside the batch
         unique: dict[str, StagedEvent] = {}
         for s in staged:
@@ -113,56 +149,80 @@ class OfflineStore:
         if not unique:
             return WriteResult(0, in_batch_dupes, frozenset(), ())
 
-        # 2. plan one file per (event date) for this batch, named by its Kafka offsets
-        by_date: dict[str, list[StagedEvent]] = defaultdict(list)
-        for s in unique.values():
-            by_date[_date_of(s.event.timestamp_ms)].append(s)
+        # 2. decide which events must be written: those not stored yet, or whose file never landed
+        ids = list(unique)
+        known = self._known_files(ids)
+        to_write: dict[str, list[StagedEvent]] = defaultdict(list)
+        stored_elsewhere: dict[str, list[str]] = defaultdict(list)  # file -> ids it already holds
+        for event_id, s in unique.items():
+            existing = known.get(event_id)
+            if existing is not None and (self.root / existing).exists():
+                stored_elsewhere[existing].append(event_id)
+            else:
+                to_write[_date_of(s.event.timestamp_ms)].append(s)
+        duplicates = in_batch_dupes + sum(len(v) for v in stored_elsewhere.values())
+
+        # 3. plan one file per (event date) for this batch, named by its Kafka offsets, and build its
+        #    table now: a value Parquet cannot hold fails here, before anything has changed
         first = min(s.offset for s in staged)
         last = max(s.offset for s in staged)
         part = staged[0].partition
         # Offsets make names readable; the random suffix keeps them unique, because offsets repeat when a
         # memory-only broker restarts (a name reused for other events would overwrite stored data).
         tag = uuid.uuid4().hex[:8]
-        planned = {d: f"date={d}/p{part}-o{first}-{last}-{tag}.parquet" for d in by_date}
-
-        # 3. decide, in one transaction, which events must be written and move the counters for new ones
-        ids = list(unique)
-        known = self._known_files(ids)
-        to_write: dict[str, list[StagedEvent]] = defaultdict(list)
-        new_ids: set[str] = set()
-        duplicates = in_batch_dupes
-        cur = self._db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            for event_id, s in unique.items():
-                date = _date_of(s.event.timestamp_ms)
-                existing = known.get(event_id)
-                if existing is not None and (self.root / existing).exists():
-                    duplicates += 1
-                    continue
-                to_write[date].append(s)
-                if existing is None:
-                    new_ids.add(event_id)
-                    _bump(cur, s.event)
-                cur.execute(
-                    "INSERT INTO events(event_id, file) VALUES (?, ?) "
-                    "ON CONFLICT(event_id) DO UPDATE SET file = excluded.file",
-                    (event_id, planned[date]),
-                )
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
-
-        # 4. write the files (atomic rename); a crash here leaves index rows whose file is missing,
-        #    which the retry of the same messages rewrites without moving counters again
+        planned = {d: f"date={d}/p{part}-o{first}-{last}-{tag}.parquet" for d in to_write}
         now_ms = int(time.time() * 1000)
+        tables = {d: _table(rows, now_ms) for d, rows in to_write.items()}
+
+        # 4. in one transaction, index the events to write and move the counters for new ones (a value
+        #    SQLite cannot hold rolls all of it back)
+        new_ids: set[str] = set()
+        if to_write:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                for date, rows in to_write.items():
+                    for s in rows:
+                        event_id = s.event.event_id
+                        if event_id not in known:
+                            new_ids.add(event_id)
+                            _bump(cur, s.event)
+                        cur.execute(
+                            "INSERT INTO events(event_id, file) VALUES (?, ?) "
+                            "ON CONFLICT(event_id) DO UPDATE SET file = excluded.file",
+                            (event_id, planned[date]),
+                        )
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+
+        # 5. write the files (atomic rename); a crash here leaves index rows whose file is missing,
+        #    which the retry of the same messages rewrites without moving counters again
         files = []
-        for date, rows in to_write.items():
-            _write_parquet(self.root / planned[date], rows, now_ms)
+        for date, table in tables.items():
+            _write_table(self.root / planned[date], table)
             files.append(planned[date])
         written = sum(len(r) for r in to_write.values())
-        return WriteResult(written, duplicates, frozenset(new_ids), tuple(files))
+
+        # 6. what the store now holds for each id of the batch: the stored copy of the ids it had already
+        if stored_elsewhere:
+            already = {i for ids in stored_elsewhere.values() for i in ids}
+            stored = self._stored_events(stored_elsewhere)
+            accepted = tuple(stored[i] if i in already else s.event for i, s in unique.items()
+                             if i not in already or i in stored)
+        else:
+            accepted = tuple(s.event for s in unique.values())
+        return WriteResult(written, duplicates, frozenset(new_ids), tuple(files), accepted)
+
+    def _stored_events(self, ids_by_file: dict[str, list[str]]) -> dict[str, InteractionEvent]:
+        """The stored copies of these events (read back only for duplicates, never in the normal case)."""
+        out: dict[str, InteractionEvent] = {}
+        for file, ids in ids_by_file.items():
+            table = pq.read_table(self.root / file, columns=list(_EVENT_COLUMNS), filters=[("event_id", "in", ids)])
+            for row in table.to_pylist():
+                out[row["event_id"]] = InteractionEvent.model_construct(**row)  # validated when stored
+        return out
 
     def _known_files(self, ids: list[str]) -> dict[str, str]:
         known: dict[str, str] = {}
@@ -280,8 +340,11 @@ def _date_of(timestamp_ms: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(timestamp_ms / 1000))
 
 
-def _write_parquet(path: Path, rows: list[StagedEvent], now_ms: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+_EVENT_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "timestamp_ms", "played_ratio", "source",
+                  "request_id", "variant")
+
+
+def _table(rows: list[StagedEvent], now_ms: int) -> pa.Table:
     cols: dict[str, list] = {f.name: [] for f in SCHEMA}
     for s in rows:
         e = s.event
@@ -298,7 +361,11 @@ def _write_parquet(path: Path, rows: list[StagedEvent], now_ms: int) -> None:
         cols["kafka_partition"].append(s.partition)
         cols["kafka_offset"].append(s.offset)
         cols["ingested_at_ms"].append(now_ms)
-    table = pa.table(cols, schema=SCHEMA)
+    return pa.table(cols, schema=SCHEMA)
+
+
+def _write_table(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)

@@ -120,3 +120,25 @@ def test_a_crash_before_the_offset_commit_loses_and_duplicates_nothing(broker):
     assert len(read_interactions(settings.offline_dir)) == 120
     online = feature_store(settings, apply=False).get_online_features(HISTORY_FEATURES, [{"user_id": 1}]).to_dict()
     assert len(online["item_ids"][0]) == 12  # the 50 stored before the crash reached the online store too
+
+
+def test_online_history_holds_only_what_the_offline_store_accepted(broker):
+    """Two events with one event_id and other content: the system of record keeps the first, and so must
+    the online history, whether the second arrives in the same batch or in a later one."""
+    settings, bootstrap = broker
+    evs = events(12, users=1)
+    same_batch = evs[4].model_copy(update={"item_id": 999, "timestamp_ms": evs[4].timestamp_ms + 500})
+    send(bootstrap, settings.topics.interactions, evs + [same_batch])
+    first = ingest(settings, bootstrap)
+    later = evs[8].model_copy(update={"item_id": 998, "event_type": "dislike", "played_ratio": None,
+                                      "timestamp_ms": evs[-1].timestamp_ms + 1000})
+    send(bootstrap, settings.topics.interactions, [later])
+    second = ingest(settings, bootstrap)
+
+    assert (first.written, first.duplicates, second.written, second.duplicates) == (12, 1, 0, 1)
+    stored = read_interactions(settings.offline_dir)
+    assert list(stored.event_id) == [e.event_id for e in evs]
+    online = feature_store(settings, apply=False).get_online_features(HISTORY_FEATURES, [{"user_id": 0}]).to_dict()
+    assert online["item_ids"][0] == list(stored.item_id)
+    assert online["timestamps_ms"][0] == list(stored.timestamp_ms)
+    assert online["event_types"][0] == list(stored.event_type)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from features.events import InteractionEvent
 from features.feature_repo import feature_store
-from features.ingest import HISTORY_FEATURES, Ingestor
+from features.ingest import HISTORY_FEATURES, Ingestor, ingest
 from features.kafka_io import committed_offsets, make_producer, publish_events
 from infra.topics import ensure_topics
 from features.offline_store import OfflineStore
@@ -35,6 +36,20 @@ def send(bootstrap: str, topic: str, events: list[InteractionEvent]) -> None:
     publish_events(p, topic, events)
     p.flush()
     p.close()
+
+
+def send_raw(bootstrap: str, topic: str, payloads: list[bytes]) -> None:
+    p = make_producer(bootstrap)
+    for payload in payloads:
+        p.send(topic, value=payload)
+    p.flush()
+    p.close()
+
+
+def committed(settings, bootstrap: str) -> int:
+    """The group's committed offsets, summed over the partitions (the next offset it would read)."""
+    with Ingestor(settings, bootstrap) as reader:
+        return sum(o or 0 for o in reader.consumer.committed().values())
 
 
 def parquet_files(settings) -> list:
@@ -151,3 +166,72 @@ def test_broker_restart_is_survived_without_manual_steps(tmp_path):
         stop.set()
         broker.stop()
     assert_exact(settings, first + second)
+
+
+def test_poison_messages_go_to_the_dlq_and_ingest_moves_past_them(broker):
+    """A user id beyond int64 and a message nested 2,000 levels deep once stopped ingest on every restart."""
+    settings, bootstrap = broker
+    topic = settings.topics.interactions
+    evs = make_events(120, "a")
+    before, after = evs[:60], evs[60:]
+    huge_id = json.dumps({**json.loads(before[0].to_json_bytes()), "event_id": "huge", "user_id": 2**64}).encode()
+    nested = b'{"event_id": ' + b"[" * 2000 + b"]" * 2000 + b"}"  # about 4 KB
+    send(bootstrap, topic, before)
+    send_raw(bootstrap, topic, [huge_id, nested])
+    send(bootstrap, topic, after)
+
+    report = ingest(settings, bootstrap)
+
+    assert report.consumed == 122 and report.written == 120 and report.dlq == 2
+    assert_exact(settings, before + after)
+    assert committed(settings, bootstrap) == 122
+    off = OfflineStore(settings.offline_dir)
+    try:
+        dlq = off.dlq_records()
+    finally:
+        off.close()
+    assert set(dlq.original.map(bytes)) == {huge_id, nested}
+    reasons = dict(zip(dlq.original.map(bytes), dlq.reason))
+    assert "user_id" in reasons[huge_id]
+    assert "nest" in reasons[nested]
+    again = ingest(settings, bootstrap)  # a restart finds nothing left to redo
+    assert again.consumed == 0
+
+
+def test_an_event_a_store_rejects_goes_to_the_dlq_and_the_rest_of_its_batch_is_kept(broker, monkeypatch):
+    """Defence in depth: an event that passed validation but fails the offline store's write.
+
+    The parser is made to let one out-of-range event through (the broker and the stores are real); the
+    batch must be split around it: the good events stored once, the poison in the DLQ with the store's
+    reason, the offsets committed past it.
+    """
+    import features.ingest as ingest_module
+
+    settings, bootstrap = broker
+    topic = settings.topics.interactions
+    real_parse = ingest_module.parse_event
+
+    def lenient_parse(payload, **kwargs):
+        if payload is not None and b'"poison"' in payload:
+            return InteractionEvent.model_construct(**{**json.loads(payload), "user_id": 2**64})
+        return real_parse(payload, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "parse_event", lenient_parse)
+    good = make_events(200, "g")
+    poison = InteractionEvent(event_id="poison", user_id=7, item_id=3, event_type="like",
+                              timestamp_ms=good[100].timestamp_ms)
+    send(bootstrap, topic, good[:100] + [poison] + good[100:])
+
+    report = ingest(settings, bootstrap)
+
+    assert report.consumed == 201
+    assert report.written == 200 and report.dlq == 1 and report.duplicates == 0
+    assert_exact(settings, good)
+    assert committed(settings, bootstrap) == 201
+    off = OfflineStore(settings.offline_dir)
+    try:
+        dlq = off.dlq_records()
+    finally:
+        off.close()
+    assert list(dlq.error_type) == ["store_rejected"]
+    assert "offline store" in dlq.reason[0] and "poison" in bytes(dlq.original[0]).decode()
