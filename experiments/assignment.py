@@ -52,6 +52,19 @@ WEIGHT_TOLERANCE = 1e-9
 POPULARITY = "popularity"  # the built-in most-popular baseline
 _TARGET_RE = re.compile(r"^(alias:[A-Za-z0-9_.-]+|version:[1-9][0-9]*|[a-z][a-z0-9_-]*)$")
 
+# An experiment's name is a folder of the store (``versions/<name>/``), a URL path segment of the admin API and
+# a label in exposures and reports: lower-case letters, digits, '.', '_' and '-', at most 64 characters,
+# starting with a letter or digit, and never '..' (so no name can be a path that leaves the store).
+_EXPERIMENT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def check_experiment_name(value: str) -> str:
+    """``value`` if it is a valid experiment name, else ValueError saying what a name may hold."""
+    if not isinstance(value, str) or not _EXPERIMENT_NAME_RE.fullmatch(value) or ".." in value:
+        raise ValueError(f"experiment name {value!r} is invalid: use 1-64 lower-case letters, digits, '.', '_' "
+                         "or '-', starting with a letter or digit, without '..' (it names a folder of the store)")
+    return value
+
 
 class Variant(BaseModel):
     """One arm of an experiment: what share of included units see it, and which model serves them."""
@@ -107,7 +120,8 @@ class Experiment(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, max_length=128)
+    name: str = Field(description="1-64 lower-case letters, digits, '.', '_', '-'; "
+                      "starts with a letter or digit; no '..'")
     salt: str = Field(min_length=1, max_length=256)
     variants: list[Variant] = Field(min_length=1)
     # Experiments in one layer are meant to be mutually exclusive; the layer is carried here so a router can
@@ -125,6 +139,11 @@ class Experiment(BaseModel):
     # Ramp schedule: the last step whose time has passed overrides ``traffic``; steps must not decrease.
     ramp: list[RampStep] = Field(default_factory=list)
     description: str = Field(default="", max_length=2000)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return check_experiment_name(value)
 
     @field_validator("traffic", "holdout")
     @classmethod

@@ -10,6 +10,10 @@ Writers (``encore ab ...``, the service's admin API) take an exclusive file lock
 set of experiments, write the version file, the audit line, then replace ``state.json`` atomically. Readers
 (the service polls ``state.json``'s global version) never see a half-written state.
 
+Experiment names are folder names here, so ``Experiment`` refuses any name that could be a path (see
+``experiments.assignment.check_experiment_name``); as a second line of defence the store resolves every path
+it writes or reads by name and refuses one that would land outside its folder.
+
 Validation beyond one experiment's own rules (``experiments.assignment.Experiment``):
 
 * experiments of one layer that are ``running`` or ``paused`` must own disjoint ``layer_range`` slices
@@ -35,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from experiments.assignment import POPULARITY, Experiment, RampStep, assign
+from experiments.assignment import POPULARITY, Experiment, RampStep, assign, check_experiment_name
 from infra.settings import EncoreSettings
 
 BASELINES = frozenset({POPULARITY})
@@ -108,6 +112,25 @@ class ExperimentStore:
         self.state_file = self.root / "state.json"
         self.audit_file = self.root / "audit.jsonl"
 
+    def _inside(self, path: Path) -> Path:
+        """``path`` if it resolves (symbolic links and '..' followed) to a place inside the store's folder."""
+        root = self.root.resolve()
+        resolved = path.resolve()
+        if resolved != root and not resolved.is_relative_to(root):
+            raise ExperimentError(f"refusing {path}: it is outside the experiment store {root}")
+        return path
+
+    def _versions_dir(self, name: str) -> Path:
+        """The folder of an experiment's versions, checked: a valid name, one folder directly under versions/."""
+        try:
+            check_experiment_name(name)
+        except ValueError as exc:
+            raise ExperimentError(str(exc)) from exc
+        folder = self._inside(self.root / "versions" / name)
+        if folder.resolve().parent != (self.root / "versions").resolve():
+            raise ExperimentError(f"refusing {folder}: not a folder directly under {self.root / 'versions'}")
+        return folder
+
     # ------------------------------------------------------------------ reading
 
     def _read_state(self) -> dict:
@@ -127,7 +150,10 @@ class ExperimentStore:
         return int(self._read_state()["version"])
 
     def history(self, name: str) -> list[dict]:
-        folder = self.root / "versions" / name
+        try:
+            folder = self._versions_dir(name)
+        except ExperimentError as exc:
+            raise NotFound(f"no experiment named {name!r}") from exc
         if not folder.is_dir():
             raise NotFound(f"no experiment named {name!r}")
         return [{"version": int(p.stem[1:]), **yaml.safe_load(p.read_text(encoding="utf-8"))}
@@ -146,7 +172,7 @@ class ExperimentStore:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict]:
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "w") as lock:
+        with open(self._inside(self.root / ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield self._read_state()
@@ -155,24 +181,25 @@ class ExperimentStore:
 
     def _commit(self, state: dict, *, actor: str, action: str, name: str | None, change: dict,
                 saved: Experiment | None) -> int:
+        # checked before anything changes: a refused name leaves no trace
+        folder = self._versions_dir(name) if saved is not None and name is not None else None
         state["version"] = int(state["version"]) + 1
         version = None
-        if saved is not None and name is not None:
+        if saved is not None and name is not None and folder is not None:
             entry = state["experiments"].setdefault(name, {"version": 0})
             entry["version"] = version = int(entry["version"]) + 1
             entry["config"] = saved.model_dump(mode="json")
-            folder = self.root / "versions" / name
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"v{version:04d}.yaml").write_text(
+            self._inside(folder / f"v{version:04d}.yaml").write_text(
                 yaml.safe_dump({"saved_at": _now_iso(), "actor": actor, "action": action,
                                 "config": entry["config"]}, sort_keys=False), encoding="utf-8")
-        with open(self.audit_file, "a", encoding="utf-8") as fh:
+        with open(self._inside(self.audit_file), "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"time": _now_iso(), "actor": actor, "action": action, "experiment": name,
                                  "version": version, "store_version": state["version"], "change": change},
                                 default=str) + "\n")
-        tmp = self.state_file.with_suffix(".tmp")
+        tmp = self._inside(self.state_file.with_suffix(".tmp"))
         tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
-        os.replace(tmp, self.state_file)
+        os.replace(tmp, self._inside(self.state_file))
         return state["version"]
 
     def _others(self, state: dict, name: str) -> list[Experiment]:

@@ -11,9 +11,10 @@ Every path lives under ``data_dir`` unless set explicitly, so one folder holds a
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer, model_validator
 from pydantic_settings import (
@@ -43,6 +44,17 @@ def _reveal(secret: SecretStr | None) -> str | None:
     """Secrets print as ``**********`` but are written out in JSON/YAML dumps, since child processes
     (``child_env``) and in-process Dagster runs receive the settings that way. Those files are 0600."""
     return None if secret is None else secret.get_secret_value()
+
+
+def _reveal_all(secrets: dict[str, SecretStr]) -> dict[str, str]:
+    """``_reveal`` for a mapping of secrets (named admin tokens)."""
+    return {name: secret.get_secret_value() for name, secret in secrets.items()}
+
+
+# The actor of the single ``serve.admin_token`` (named tokens are ``serve.admin_tokens``); actor names are
+# written to the experiment audit log as ``api:<name>``.
+ADMIN_ACTOR = "admin"
+_ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class KafkaSettings(_Group):
@@ -206,14 +218,41 @@ class ServeSettings(_Group):
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
     default_k: int = Field(default=10, ge=1, le=1000)
+    admin_tokens: dict[str, Annotated[SecretStr, Field(min_length=16)]] = Field(
+        default_factory=dict, description="named bearer tokens of the /admin API, actor name -> token (16+ "
+        "characters each); the audit log records the actor as 'api:<name>'")
     admin_token: SecretStr | None = Field(default=None, min_length=16,
-                                          description="bearer token of the /admin API; unset disables it")
+                                          description="a single /admin bearer token, the actor 'admin' (kept for "
+                                          "older configurations; prefer admin_tokens)")
     model_poll_s: float = Field(default=2.0, gt=0, description="how often aliases are checked for moves")
 
     _reveal_token = field_serializer("admin_token", when_used="json")(staticmethod(_reveal))
+    _reveal_tokens = field_serializer("admin_tokens", when_used="json")(staticmethod(_reveal_all))
     experiments_poll_s: float = Field(default=1.0, gt=0, description="how often the experiment store is re-read")
     max_batch: int = Field(default=64, ge=1, le=4096, description="most requests scored in one micro-batch")
     torch_threads: int = Field(default=1, ge=1, description="intra-op threads of the serving process")
+
+    @model_validator(mode="after")
+    def _distinct_admin_actors(self) -> "ServeSettings":
+        for actor in self.admin_tokens:
+            if not _ACTOR_RE.fullmatch(actor):
+                raise ValueError(f"serve.admin_tokens: actor name {actor!r} must be 1-64 letters, digits, '.', '_' "
+                                 "or '-' (it is written to the audit log)")
+        if self.admin_token is not None and ADMIN_ACTOR in self.admin_tokens:
+            raise ValueError(f"serve.admin_token is the actor {ADMIN_ACTOR!r}, which serve.admin_tokens names too; "
+                             "keep one of them")
+        tokens = [t.get_secret_value() for t in self.admin_credentials().values()]
+        if len(set(tokens)) != len(tokens):
+            # a token shared by two actors would make the audit log name either of them
+            raise ValueError("serve.admin_tokens: every actor needs a token of its own (two are the same)")
+        return self
+
+    def admin_credentials(self) -> dict[str, SecretStr]:
+        """Every admin actor and its token: ``admin_tokens`` plus ``admin_token`` as the actor 'admin'."""
+        named = dict(self.admin_tokens)
+        if self.admin_token is not None:
+            named[ADMIN_ACTOR] = self.admin_token
+        return named
 
     @model_validator(mode="before")
     @classmethod

@@ -553,17 +553,29 @@ _bearer = HTTPBearer(auto_error=False)
 
 def _admin_routes(app: FastAPI, settings: EncoreSettings, service: Recommendations, store: ExperimentStore | None,
                   tracking_uri: str) -> None:
-    token = settings.serve.admin_token.get_secret_value() if settings.serve.admin_token else None
+    import hashlib
+
+    # actor -> SHA-256 of its token: comparing digests of equal length hides even the length of the tokens
+    tokens = {actor: hashlib.sha256(secret.get_secret_value().encode()).digest()
+              for actor, secret in settings.serve.admin_credentials().items()}
 
     def admin(creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str:
-        if not token:
-            raise HTTPException(status_code=403, detail="admin API disabled: set ENCORE_SERVE__ADMIN_TOKEN")
-        if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
+        """The audit actor of the request's token, ``api:<name>`` (``serve.admin_tokens``; ``admin`` for
+        ``serve.admin_token``)."""
+        if not tokens:
+            raise HTTPException(status_code=403, detail="admin API disabled: set ENCORE_SERVE__ADMIN_TOKENS "
+                                "(or ENCORE_SERVE__ADMIN_TOKEN)")
+        given = hashlib.sha256(creds.credentials.encode() if creds is not None else b"").digest()  # b"": no token
+        actor = None
+        for name, digest in tokens.items():  # every token is compared, so the time says nothing about which matched
+            if secrets.compare_digest(given, digest):
+                actor = name
+        if actor is None:
             raise HTTPException(status_code=401, detail="missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
         if store is None:
             raise HTTPException(status_code=409, detail="this service runs a fixed experiment (--experiment FILE)")
-        return "admin-api"
+        return f"api:{actor}"
 
     def check() -> Any:
         return registry_target_checker(settings, tracking_uri)

@@ -162,3 +162,52 @@ def test_encore_ab_commands_drive_the_store(tmp_path: Path, monkeypatch: pytest.
                                                                        "target": "popularity"}]}))
     r = run(main, ["ab", "create", str(bad)])
     assert r.exit_code != 0 and "sum to 1" in r.output
+
+
+BAD_NAMES = ["../../x", "..", "a/../../b", "a/b", "a\\b", "/tmp/x", "a..b", "", ".hidden", "-flag", "Upper",
+             "sp ace", "x" * 65, "nul\x00", "line\n"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_an_experiment_name_that_could_be_a_path_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="experiment name"):
+        exp(name)
+
+
+def test_valid_experiment_names_are_accepted() -> None:
+    for name in ("e1", "hstu-vs-popularity", "ranking.v2_b", "0", "x" * 64):
+        assert exp(name).name == name
+
+
+def test_the_store_writes_nothing_outside_its_folder(tmp_path: Path) -> None:
+    """Defence in depth: an unvalidated model or a planted symbolic link still cannot lead the store outside."""
+    root = tmp_path / "data" / "experiments"
+    store = ExperimentStore(root)
+    sneaky = exp().model_copy(update={"name": "../../escaped"})  # model_copy does not validate
+    with pytest.raises(ExperimentError, match="experiment name"):
+        store.create(sneaky)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "versions").mkdir(parents=True)
+    (root / "versions" / "linked").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ExperimentError, match="outside the experiment store"):
+        store.create(exp("linked"))
+    assert list(outside.iterdir()) == [] and not (tmp_path / "escaped").exists()
+    assert store.snapshot().experiments == () and store.audit() == []  # refused changes left no trace
+    with pytest.raises(NotFound):
+        store.history("../../escaped")
+
+
+def test_encore_ab_create_refuses_a_path_as_a_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli.main import main
+
+    data = tmp_path / "a" / "encore"
+    monkeypatch.setenv("ENCORE_DATA_DIR", str(data))
+    for suffix, dump in ((".yaml", yaml.safe_dump), (".json", json.dumps)):
+        spec = tmp_path / f"evil{suffix}"
+        spec.write_text(dump({"name": "../../../x", "salt": "s",
+                              "variants": [{"name": "a", "weight": 1.0, "target": "popularity"}]}))
+        r = CliRunner().invoke(main, ["ab", "create", str(spec)])
+        assert r.exit_code != 0 and "experiment name '../../../x' is invalid" in r.output, r.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "a" / "x").exists()
+    assert not (data / "experiments" / "state.json").exists()

@@ -28,7 +28,8 @@ from tests.conftest import small_settings
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "test-admin-token-0123456789"
+TOKEN = "test-admin-token-0123456789"  # serve.admin_token: the actor 'admin'
+NAMED_TOKENS = {"alice": "alice-admin-token-0123456789", "ci": "ci-admin-token-0123456789"}  # serve.admin_tokens
 MODEL = "encore-recommender"
 
 
@@ -37,7 +38,8 @@ def platform(tmp_path_factory: pytest.TempPathFactory):
     from features.replay import open_source, replay
 
     settings = small_settings(tmp_path_factory.mktemp("serving") / "encore",
-                              serve={"model_poll_s": 0.5, "experiments_poll_s": 0.3, "admin_token": TOKEN},
+                              serve={"model_poll_s": 0.5, "experiments_poll_s": 0.3, "admin_token": TOKEN,
+                                     "admin_tokens": NAMED_TOKENS},
                               # the gate's latency probe is about the model, not this service; the box is shared
                               promotion={"latency_budget_ms": 60_000})
     with EmbeddedServices(settings) as svc:
@@ -238,6 +240,38 @@ def test_admin_api_manages_experiments_with_a_token(platform):
         assert [a["action"] for a in http.get("/admin/audit", headers=auth).json()][-4:] == \
             ["create", "paused", "kill", "unkill"]
         assert http.post("/admin/experiments/nope/stop", headers=auth).status_code == 404
+
+
+def test_admin_changes_are_audited_under_the_actor_of_the_token(platform):
+    settings, _, server = platform
+    as_ = {actor: {"Authorization": f"Bearer {token}"} for actor, token in {**NAMED_TOKENS, "admin": TOKEN}.items()}
+    new = {"name": "audit-test", "salt": "audit-1", "layer": "audit",
+           "variants": [{"name": "a", "weight": 1.0, "target": "popularity"}]}
+    with httpx.Client(base_url=server.endpoint, timeout=20) as http:
+        assert http.post("/admin/experiments", json=new, headers=as_["alice"]).status_code == 201
+        assert http.post("/admin/experiments/audit-test/pause", headers=as_["ci"]).status_code == 200
+        assert http.post("/admin/experiments/audit-test/resume", headers=as_["admin"]).status_code == 200
+        almost = {"Authorization": f"Bearer {NAMED_TOKENS['alice']}x"}
+        assert http.post("/admin/experiments/audit-test/stop", headers=almost).status_code == 401
+        detail = http.get("/admin/experiments/audit-test", headers=as_["ci"]).json()
+        assert [a["actor"] for a in detail["audit"]] == ["api:alice", "api:ci", "api:admin"]
+        assert [h["actor"] for h in detail["history"]] == ["api:alice", "api:ci", "api:admin"]
+        assert http.get("/admin/audit", headers=as_["alice"]).json()[-1]["actor"] == "api:admin"
+
+
+def test_admin_api_refuses_an_experiment_name_that_is_a_path(platform):
+    settings, _, server = platform
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=server.endpoint, timeout=20) as http:
+        for name in ("../../escaped", "../escaped", "a/b", ".."):
+            body = {"name": name, "salt": "s", "layer": "escape",
+                    "variants": [{"name": "a", "weight": 1.0, "target": "popularity"}]}
+            r = http.post("/admin/experiments", json=body, headers=auth)
+            assert r.status_code == 422 and "experiment name" in r.text, (name, r.status_code, r.text)
+        assert http.post("/admin/experiments/..%2F..%2Fescaped/pause", headers=auth).status_code == 404
+        assert http.get("/admin/experiments/..%2F..%2Fescaped", headers=auth).status_code == 404
+    assert not (settings.root / "escaped").exists() and not (settings.experiments_dir / "escaped").exists()
+    assert not (settings.experiments_dir / "versions" / "a").exists()
 
 
 def test_fuzzing_the_openapi_spec_yields_no_5xx(platform, tmp_path):

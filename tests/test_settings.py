@@ -119,3 +119,51 @@ def test_the_moved_serve_model_settings_say_where_they_went(monkeypatch: pytest.
     monkeypatch.delenv("ENCORE_SERVE__MODEL_NAME")
     with pytest.raises(ValidationError, match="serve.model_alias moved to registry.champion_alias"):
         EncoreSettings(serve={"model_alias": "live"})
+
+
+def test_named_admin_tokens_and_the_single_token_as_actor_admin(monkeypatch: pytest.MonkeyPatch):
+    import json
+
+    monkeypatch.setenv("ENCORE_SERVE__ADMIN_TOKENS", json.dumps({"alice": "alice-token-0123456789",
+                                                                 "ci": "ci-token-0123456789ab"}))
+    monkeypatch.setenv("ENCORE_SERVE__ADMIN_TOKEN", "legacy-token-0123456789")
+    s = EncoreSettings()
+    assert {actor: t.get_secret_value() for actor, t in s.serve.admin_credentials().items()} == {
+        "alice": "alice-token-0123456789", "ci": "ci-token-0123456789ab", "admin": "legacy-token-0123456789"}
+    assert "alice-token" not in repr(s) and "alice-token" not in str(s.model_dump())
+    # revealed only in JSON dumps, which is how child processes receive their settings
+    assert s.model_dump(mode="json")["serve"]["admin_tokens"]["ci"] == "ci-token-0123456789ab"
+    assert EncoreSettings(_env_prefix="NOT_ENCORE_").serve.admin_credentials() == {}
+
+
+@pytest.mark.parametrize("serve, problem", [
+    ({"admin_tokens": {"alice": "too-short"}}, "admin_tokens.alice"),
+    ({"admin_tokens": {"alice": "same-token-0123456789", "bob": "same-token-0123456789"}}, "a token of its own"),
+    ({"admin_tokens": {"admin": "admin-token-0123456789"}, "admin_token": "other-token-0123456789"}, "'admin'"),
+    ({"admin_tokens": {"../x": "a-token-0123456789ab"}}, "actor name"),
+])
+def test_bad_admin_tokens_are_refused_without_echoing_them(serve: dict, problem: str):
+    with pytest.raises(ValidationError, match=problem) as err:
+        EncoreSettings(serve=serve)
+    assert "0123456789" not in str(err.value) and "too-short" not in str(err.value)
+
+
+def test_the_settings_file_of_dagster_runs_is_not_named_after_secrets(tmp_path: Path):
+    import hashlib
+
+    from orchestration.resources import encore_resource
+
+    first = EncoreSettings(data_dir=tmp_path, serve={"admin_token": "first-secret-0123456789"})
+    second = EncoreSettings(data_dir=tmp_path, serve={"admin_token": "second-secret-0123456789"})
+    a, b = Path(encore_resource(first).settings_file), Path(encore_resource(second).settings_file)
+    # the name (which Dagster stores with every run) is the same whatever the secret
+    assert a == b and a.parent == first.run_dir
+    for s in (first, second):
+        assert hashlib.sha256(s.model_dump_json().encode()).hexdigest()[:12] not in a.name
+    # and the file carries exactly the latest caller's settings, privately
+    assert b.read_text().count("second-secret-0123456789") == 1 and "first-secret" not in b.read_text()
+    assert (b.stat().st_mode & 0o777) == 0o600
+    assert encore_resource(second).settings().serve.admin_token.get_secret_value() == "second-secret-0123456789"
+    other = EncoreSettings(data_dir=tmp_path, serve={"admin_token": "first-secret-0123456789", "default_k": 5})
+    assert Path(encore_resource(other).settings_file) != a  # non-secret settings still pick the file
+    assert not list(first.run_dir.glob(".*.tmp"))

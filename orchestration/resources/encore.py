@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import uuid
 
 import dagster as dg
+import yaml
 
-from infra.settings import EncoreSettings, get_settings, read_settings_file, write_settings_file
+from infra.settings import EncoreSettings, get_settings, read_settings_file, write_private_file
 
 
 class EncoreResource(dg.ConfigurableResource):
@@ -29,10 +33,28 @@ class EncoreResource(dg.ConfigurableResource):
         return get_settings()
 
 
+def masked_settings_digest(settings: EncoreSettings) -> str:
+    """SHA-256 (hex) of the settings with every secret masked: it depends on no secret's value."""
+    # The Python-mode dump keeps SecretStr objects (only JSON dumps reveal them), which str() masks as '**********'
+    masked = json.dumps(settings.model_dump(), default=str, sort_keys=True)
+    return hashlib.sha256(masked.encode()).hexdigest()
+
+
 def encore_resource(settings: EncoreSettings) -> EncoreResource:
-    """An ``EncoreResource`` carrying exactly ``settings`` (through a 0600 file under the run dir)."""
-    text = settings.model_dump_json()
-    path = settings.run_dir / f"settings-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
-    if not path.is_file():
-        write_settings_file(settings, path)
+    """An ``EncoreResource`` carrying exactly ``settings`` (through a 0600 file under the run dir).
+
+    The file is ``run/settings-<prefix of masked_settings_digest>.yaml``: its name, which Dagster stores with
+    each run, derives from the non-secret settings only, so it reveals nothing about a password or token.
+    Settings that differ only in their secrets share the name; the file is then replaced (atomically, so a
+    reader sees the old or the new file, never a mix) and holds the secrets of the latest caller.
+    """
+    text = yaml.safe_dump(settings.model_dump(mode="json"))  # what write_settings_file writes: secrets revealed
+    path = settings.run_dir / f"settings-{masked_settings_digest(settings)[:12]}.yaml"
+    try:
+        current = path.read_text()
+    except FileNotFoundError:
+        current = None
+    if current != text:
+        tmp = write_private_file(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"), text)
+        os.replace(tmp, path)
     return EncoreResource(settings_file=str(path))
