@@ -231,6 +231,9 @@ class ServeSettings(_Group):
     experiments_poll_s: float = Field(default=1.0, gt=0, description="how often the experiment store is re-read")
     max_batch: int = Field(default=64, ge=1, le=4096, description="most requests scored in one micro-batch")
     torch_threads: int = Field(default=1, ge=1, description="intra-op threads of the serving process")
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024,
+                                description="largest request body accepted; a larger one is answered 413 "
+                                            "before it is read")
 
     @model_validator(mode="after")
     def _distinct_admin_actors(self) -> "ServeSettings":

@@ -17,6 +17,13 @@ Hot path (why it is fast on 2 CPU cores):
   against uvicorn and Kafka cost far more than they gain on a [B, 32] x [32, V] product;
 * responses are serialised once with ``json.dumps`` (no second pydantic pass); the exposure reuses the bytes.
 
+Failures stay with the request that has them: a micro-batch shares one Feast read (if that fails, the batch
+answers 503), but a request whose assignment, scoring or exposure fails answers 503 alone, and an exposure is
+logged only for a request that is answered 200 (an exposure for an unanswered request would skew the A/B
+analysis). What a request may carry is bounded before it is queued: the body (``serve.max_body_bytes``, else
+413, before the body is read), its types (strict: no ``true`` for 1, ``"5"`` for 5 or ``0`` for false) and its
+free-form ``context``, which travels in every exposure (else 422).
+
 Models come from the MLflow registry by alias or version (``alias:champion``, ``version:3``); a background
 thread watches the aliases and swaps a model in when its alias moves. The new model is loaded and warmed up
 before the swap, which is one reference assignment, so requests in flight finish on the old model and no
@@ -36,14 +43,17 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from features.feature_repo import feature_store
 from features.ingest import HISTORY_FEATURES
@@ -72,14 +82,37 @@ _HISTORY_FIELDS = ("item_ids", "event_types", "timestamps_ms")
 # ============================================================================ API models
 
 
+# The request context travels in every exposure (one Kafka record per answer; the producer refuses records over
+# its max_request_size, 1 MiB by default) and experiment targeting reads it: a few short keys is all it is for.
+CONTEXT_MAX_KEYS = 32
+CONTEXT_MAX_KEY_CHARS = 64
+CONTEXT_MAX_VALUE_CHARS = 256
+CONTEXT_MAX_TOTAL_CHARS = 2048  # keys and values together
+
+ContextKey = Annotated[str, StringConstraints(min_length=1, max_length=CONTEXT_MAX_KEY_CHARS)]
+ContextValue = Annotated[str, StringConstraints(max_length=CONTEXT_MAX_VALUE_CHARS)]
+
+
 class RecommendationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: the JSON types the schema states, as ingest reads events (no true as 1, "5" as 5, 0 as false, 1.0 as 1)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     user_id: int = Field(ge=0, le=2**63 - 1)
     k: int = Field(default=10, ge=1, le=1000)
     exclude_seen: bool = True
-    context: dict[str, str] | None = Field(default=None, max_length=64,
-                                           description="free-form request context (device, page); targeting reads it")
+    context: dict[ContextKey, ContextValue] | None = Field(
+        default=None, max_length=CONTEXT_MAX_KEYS,
+        description=(f"free-form request context (device, page); targeting reads it and every exposure carries it. "
+                     f"At most {CONTEXT_MAX_KEYS} keys of 1-{CONTEXT_MAX_KEY_CHARS} characters, string values of at "
+                     f"most {CONTEXT_MAX_VALUE_CHARS}, and {CONTEXT_MAX_TOTAL_CHARS} characters of keys and values "
+                     "in all"))
+
+    @field_validator("context")
+    @classmethod
+    def _bounded_context(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value and sum(len(key) + len(v) for key, v in value.items()) > CONTEXT_MAX_TOTAL_CHARS:
+            raise ValueError(f"context holds more than {CONTEXT_MAX_TOTAL_CHARS} characters of keys and values")
+        return value
 
 
 class AssignmentOut(BaseModel):
@@ -267,6 +300,16 @@ class _Job:
     enqueued: float = field(default_factory=time.perf_counter)  # queue wait counts in the latency metric
 
 
+@dataclass(slots=True)
+class _Answer:
+    """One request's answer, ready to send: the response body and the exposure to log when it is sent."""
+    body: bytes
+    key: bytes
+    exposure: bytes
+    variant: str | None
+    source: str
+
+
 def _resolve(future: asyncio.Future, value: Any) -> None:
     if future.done():  # the client went away and the request was cancelled
         return
@@ -404,10 +447,18 @@ class Recommendations:
                 batch.append(nxt)
             t0 = time.perf_counter()
             try:
-                results: list[Any] = self.serve_batch([j.req for j in batch])
-            except Exception as exc:  # noqa: BLE001 - the whole batch answers 503, the worker lives on
+                answers: list[_Answer | Exception] = self.serve_batch([j.req for j in batch])
+            except Exception as exc:  # noqa: BLE001 - a step the batch shares failed: all 503, the worker lives on
                 log.exception("recommendation batch failed")
-                results = [exc] * len(batch)
+                answers = [exc] * len(batch)
+            results: list[bytes | Exception | None] = []
+            for j, answer in zip(batch, answers):
+                if isinstance(answer, Exception):
+                    results.append(answer)
+                elif j.future.done():  # cancelled (the caller is gone): not answered, so no exposure
+                    results.append(None)
+                else:
+                    results.append(self._publish(answer))
             self.batch_size.observe(len(batch))
             done = time.perf_counter()
             self.batch_seconds.observe(done - t0)
@@ -415,11 +466,32 @@ class Recommendations:
                 self.latency.observe(done - j.enqueued)
                 j.loop.call_soon_threadsafe(_resolve, j.future, r)
 
-    def serve_batch(self, reqs: list[RecommendationRequest]) -> list[bytes]:
+    def _publish(self, answer: _Answer) -> bytes | Exception:
+        """Log the answer's exposure; the body to answer 200 with, or why this request fails (alone, unlogged)."""
+        try:
+            self.producer.send(self.settings.topics.exposures, key=answer.key, value=answer.exposure)
+        except Exception as exc:  # noqa: BLE001 - e.g. a record over the producer's size limit: this request only
+            log.exception("exposure of user %s not logged; the request answers 503", answer.key.decode())
+            return exc
+        self.requests.labels(answer.variant or "none", answer.source).inc()
+        return answer.body
+
+    def serve_batch(self, reqs: list[RecommendationRequest]) -> list[_Answer | Exception]:
+        """The answers to a batch of requests, in order, each ready to send or the exception it failed with; no
+        side effects (the caller logs the exposure of each answer it sends, see ``_publish``). Raises only when
+        a step the batch shares fails (the Feast read)."""
         now_ms = int(time.time() * 1000)
         now = datetime.fromtimestamp(now_ms / 1000, timezone.utc)
         router = self.router
-        assignments = [router.assign(r.user_id, r.context, now) for r in reqs]
+        failed: dict[int, Exception] = {}
+        assignments: list[tuple] = []
+        for i, r in enumerate(reqs):
+            try:
+                assignments.append(router.assign(r.user_id, r.context, now))
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                log.exception("assignment of user %d failed", r.user_id)
+                failed[i] = exc
+                assignments.append(())
         histories = self.history.read(sorted({r.user_id for r in reqs}))
         default_target = self.models.default_target
         results: list[tuple[list[tuple[int, float]], str, int | None] | None] = [None] * len(reqs)
@@ -427,6 +499,8 @@ class Recommendations:
         # one forward pass per (model, exclude_seen) group
         groups: dict[tuple[int, bool], tuple[LoadedModel, list[int]]] = {}
         for i, (r, a) in enumerate(zip(reqs, assignments)):
+            if i in failed:
+                continue
             target = a[0].target if a else default_target
             if target == POPULARITY or not histories[r.user_id]["item_ids"]:
                 continue
@@ -435,53 +509,122 @@ class Recommendations:
                 continue
             groups.setdefault((id(loaded), r.exclude_seen), (loaded, []))[1].append(i)
         for (_, exclude_seen), (loaded, idx) in groups.items():
-            k = max(reqs[i].k for i in idx)
-            recs = loaded.recommender.recommend([histories[reqs[i].user_id] for i in idx], k=k,
-                                                exclude_seen=exclude_seen, now_ms=now_ms)
-            for i, items in zip(idx, recs):
-                if items:  # an empty answer (no known item in the history) falls back to popularity
-                    results[i] = (items[: reqs[i].k], "model", loaded.version)
+            def forward(part: list[int], loaded: LoadedModel = loaded, exclude_seen: bool = exclude_seen) -> list:
+                return loaded.recommender.recommend([histories[reqs[i].user_id] for i in part],
+                                                    k=max(reqs[i].k for i in part), exclude_seen=exclude_seen,
+                                                    now_ms=now_ms)
 
-        out: list[bytes] = []
-        topic = self.settings.topics.exposures
+            try:
+                scored = [(idx, forward(idx))]
+            except Exception:  # noqa: BLE001 - one request may be what breaks the pass: score them one by one
+                log.exception("forward pass of %d requests failed; scoring them one by one", len(idx))
+                scored = []
+                for i in idx:
+                    try:
+                        scored.append(([i], forward([i])))
+                    except Exception as exc:  # noqa: BLE001 - this request fails alone
+                        failed[i] = exc
+            for part, recs in scored:
+                for i, items in zip(part, recs):
+                    if items:  # an empty answer (no known item in the history) falls back to popularity
+                        results[i] = (items[: reqs[i].k], "model", loaded.version)
+
+        out: list[_Answer | Exception] = []
         for i, r in enumerate(reqs):
-            if results[i] is None:
-                seen = set(histories[r.user_id]["item_ids"]) if r.exclude_seen else set()
-                items = []
-                for item, score in self.popular:
-                    if item not in seen:
-                        items.append((item, score))
-                        if len(items) == r.k:
-                            break
-                results[i] = (items, POPULARITY, None)
-            items, source, version = results[i]  # type: ignore[misc]
-            a = assignments[i]
-            variant = a[0].variant if a else None
-            doc = {
-                "request_id": uuid.uuid4().hex, "user_id": r.user_id, "items": [it for it, _ in items],
-                "scores": [round(s, 6) for _, s in items], "variant": variant,
-                "experiment": a[0].experiment if a else None,
-                "assignments": [{"experiment": x.experiment, "variant": x.variant, "version": x.version} for x in a],
-                "model_version": version, "source": source,
-            }
-            body = json.dumps(doc, separators=(",", ":")).encode()
-            out.append(body)
-            # the exposure carries the serving time; analysis attributes later interactions to it
-            exposure = {k: v for k, v in doc.items() if k != "scores"}
-            exposure["timestamp_ms"] = now_ms
-            if r.context:
-                exposure["context"] = r.context
-            self.producer.send(topic, key=str(r.user_id).encode(),
-                               value=json.dumps(exposure, separators=(",", ":")).encode())
-            self.requests.labels(variant or "none", source).inc()
+            if i in failed:
+                out.append(failed[i])
+                continue
+            try:
+                out.append(self._answer(r, assignments[i], results[i], histories[r.user_id], now_ms))
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                log.exception("answer to user %d failed", r.user_id)
+                out.append(exc)
         return out
 
+    def _answer(self, r: RecommendationRequest, a: tuple, result: tuple | None, history: dict[str, list],
+                now_ms: int) -> _Answer:
+        if result is None:
+            seen = set(history["item_ids"]) if r.exclude_seen else set()
+            items = []
+            for item, score in self.popular:
+                if item not in seen:
+                    items.append((item, score))
+                    if len(items) == r.k:
+                        break
+            result = (items, POPULARITY, None)
+        items, source, version = result
+        variant = a[0].variant if a else None
+        doc = {
+            "request_id": uuid.uuid4().hex, "user_id": r.user_id, "items": [it for it, _ in items],
+            "scores": [round(s, 6) for _, s in items], "variant": variant,
+            "experiment": a[0].experiment if a else None,
+            "assignments": [{"experiment": x.experiment, "variant": x.variant, "version": x.version} for x in a],
+            "model_version": version, "source": source,
+        }
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        # the exposure carries the serving time; analysis attributes later interactions to it
+        exposure = {k: v for k, v in doc.items() if k != "scores"}
+        exposure["timestamp_ms"] = now_ms
+        if r.context:
+            exposure["context"] = r.context
+        return _Answer(body, str(r.user_id).encode(), json.dumps(exposure, separators=(",", ":")).encode(),
+                       variant, source)
+
     def recommend(self, req: RecommendationRequest) -> RecommendationResponse:
-        """One request, synchronously (for callers without an event loop)."""
-        return RecommendationResponse.model_validate_json(self.serve_batch([req])[0])
+        """One request, synchronously (for callers without an event loop); its exposure is logged."""
+        answer = self.serve_batch([req])[0]
+        if isinstance(answer, Exception):
+            raise answer
+        body = self._publish(answer)
+        if isinstance(body, Exception):
+            raise body
+        return RecommendationResponse.model_validate_json(body)
 
 
 # ============================================================================ the app
+
+
+class _BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        # the rest of the body is not read: the connection closes after the answer
+        super().__init__(status_code=413, detail=f"request body over {limit} bytes (serve.max_body_bytes)",
+                         headers={"Connection": "close"})
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 before it is read.
+
+    A Content-Length over the limit is answered at once, without running the app; a body without one (chunked)
+    is counted as it streams in, and the read that crosses the limit raises a 413 ``HTTPException`` (FastAPI
+    passes an HTTPException from its body read on to the exception handlers, which answer it)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > self.max_bytes:
+                    exc = _BodyTooLarge(self.max_bytes)
+                    await JSONResponse({"detail": exc.detail}, status_code=413, headers=exc.headers)(scope, receive,
+                                                                                                     send)
+                    return
+                break
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, receive_limited, send)
 
 
 def create_app(settings: EncoreSettings, kafka_bootstrap: str, tracking_uri: str,
@@ -507,6 +650,7 @@ def create_app(settings: EncoreSettings, kafka_bootstrap: str, tracking_uri: str
                   description="Recommendations from the registry's models, A/B experiments, exposures to Kafka.")
     app.state.ready = False
     app.state.service = service
+    app.add_middleware(BodyLimit, max_bytes=settings.serve.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -515,8 +659,24 @@ def create_app(settings: EncoreSettings, kafka_bootstrap: str, tracking_uri: str
                   for e in exc.errors()]
         return JSONResponse(status_code=422, content={"detail": errors})
 
+    @app.exception_handler(400)
+    async def _undecodable(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI answers 400 to a body json.loads fails on with other than a syntax error: not UTF-8, nested
+        # past the parser's recursion limit, an integer of more digits than Python converts. It is invalid JSON
+        # all the same: 422, as a syntax error is (the status the schema documents)
+        if isinstance(exc.__cause__, (ValueError, RecursionError)):
+            return JSONResponse(status_code=422, content={"detail": [{
+                "loc": ["body"], "type": "json_invalid",
+                "msg": f"the body is not JSON that can be decoded ({type(exc.__cause__).__name__}): "
+                       "UTF-8, nesting and integer sizes within the parser's limits"}]})
+        return await http_exception_handler(request, exc)
+
     @app.post("/v1/recommendations", response_model=RecommendationResponse,
-              responses={422: {"description": "invalid request"}, 503: {"description": "a dependency failed"}})
+              responses={413: {"description": "request body over serve.max_body_bytes (not read)"},
+                         422: {"description": "invalid request: not UTF-8 JSON, or not of the schema (types are "
+                                              "strict: no true for 1, \"5\" for 5, 0 for false)"},
+                         503: {"description": "a dependency failed, or this request's exposure could not be "
+                                              "logged"}})
     async def recommendations(req: RecommendationRequest) -> Response:
         try:
             body = await service.submit(req)

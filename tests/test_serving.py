@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -274,6 +275,174 @@ def test_admin_api_refuses_an_experiment_name_that_is_a_path(platform):
     assert not (settings.experiments_dir / "versions" / "a").exists()
 
 
+def _exposures_tagged(svc, settings, tag: str, expected: int, timeout_s: float = 30.0) -> list[dict]:  # noqa: ANN001
+    """The exposures whose context carries ``run: tag``, once at least ``expected`` have arrived (or the
+    deadline passed); read again after that, so that late extra ones are seen too."""
+    from features.kafka_io import read_topic
+
+    def read() -> list[dict]:
+        rows = [json.loads(m.value) for m in read_topic(svc.kafka_bootstrap, settings.topics.exposures, idle_ms=1500)]
+        return [r for r in rows if (r.get("context") or {}).get("run") == tag]
+
+    deadline = time.monotonic() + timeout_s
+    rows = read()
+    while len(rows) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        rows = read()
+    time.sleep(1.0)
+    return read()
+
+
+def test_an_oversized_request_fails_alone_and_exposures_are_logged_exactly_for_200_answers(platform):
+    """One request with a huge context among concurrent normal ones: it used to make its exposure larger than
+    the Kafka producer accepts, which failed its whole micro-batch (neighbours answered 503, and those served
+    before it in the batch had logged exposures for requests answered 503)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings, svc, server = platform
+    tag = uuid.uuid4().hex
+    over_kafka = {"user_id": 7, "k": 5, "context": {"run": tag, "blob": "x" * 1_500_000}}  # > 1 MiB exposure
+    over_context = {"user_id": 8, "k": 5, "context": {"run": tag, "blob": "y" * 40_000}}  # within the body limit
+    answers: list[tuple[dict, httpx.Response]] = []
+    with httpx.Client(base_url=server.endpoint, timeout=30) as http, ThreadPoolExecutor(24) as pool:
+        for burst in range(5):
+            normal = [{"user_id": (burst * 60 + i) % 80, "k": 5, "context": {"run": tag, "device": "web"}}
+                      for i in range(60)]
+            bodies = normal[:30] + [over_kafka, over_context] + normal[30:]
+            answers += list(zip(bodies, pool.map(lambda b: http.post("/v1/recommendations", json=b), bodies)))
+    good = [r for b, r in answers if b is not over_kafka and b is not over_context]
+    statuses = [r.status_code for r in good]
+    answered = {r.json()["request_id"] for r in good if r.status_code == 200}
+    logged = _exposures_tagged(svc, settings, tag, expected=len(answered))
+    assert statuses.count(200) == len(good) == 300, {s: statuses.count(s) for s in set(statuses)}
+    assert len(logged) == len({e["request_id"] for e in logged})  # one exposure per answer
+    assert {e["request_id"] for e in logged} == answered, (
+        f"{len(logged)} exposures for {len(answered)} answers; "
+        f"{len({e['request_id'] for e in logged} - answered)} of requests not answered 200")
+    assert all(e["context"] == {"run": tag, "device": "web"} for e in logged)
+    assert {r.status_code for b, r in answers if b is over_kafka} == {413}  # the body limit
+    assert {r.status_code for b, r in answers if b is over_context} == {422}  # the context bounds
+
+
+def test_a_request_whose_exposure_fails_fails_alone_in_its_micro_batch(platform):
+    """The micro-batcher in-process on the platform's Feast store, registry and broker: one batch of 12
+    requests, one of which cannot log its exposure (as the producer refuses an oversized record). That request
+    fails alone and logs nothing; the other 11 are answered and log theirs."""
+    import asyncio
+    import threading
+
+    from experiments.store import Snapshot
+    from serving.app import RecommendationRequest, Recommendations
+
+    settings, svc, _ = platform
+    service = Recommendations(settings, svc.kafka_bootstrap, svc.mlflow_uri, static=Snapshot())
+    real, sent = service.producer, []
+
+    class RefusingProducer:
+        def send(self, topic: str, key: bytes, value: bytes) -> object:
+            if key == b"13":
+                raise RuntimeError("record refused")
+            sent.append(json.loads(value))
+            return real.send(topic, key=key, value=value)
+
+    service.producer = RefusingProducer()
+    service.models.ensure({service.models.default_target})
+    service.refresh_popularity()
+    users = list(range(8, 20))
+
+    async def run() -> list:
+        tasks = [asyncio.ensure_future(service.submit(RecommendationRequest(user_id=u, k=5))) for u in users]
+        await asyncio.sleep(0)  # every request is queued before the worker starts: one batch
+        threading.Thread(target=service._work, daemon=True).start()  # noqa: SLF001
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        service.queue.put(None)
+        real.flush(timeout=10)
+        real.close(timeout=5)
+    assert service.registry.get_sample_value("encore_batch_size_count") == 1
+    by_user = dict(zip(users, results))
+    assert isinstance(by_user.pop(13), RuntimeError)
+    assert all(isinstance(r, bytes) for r in by_user.values()), by_user
+    answered = {json.loads(r)["request_id"] for r in by_user.values()}
+    assert {e["request_id"] for e in sent} == answered and len(sent) == len(answered) == 11
+    assert sum(service.registry.get_sample_value("encore_requests_total", {"variant": "none", "source": s}) or 0
+               for s in ("model", "popularity")) == 11
+
+
+def _raw_status(endpoint: str, payload: bytes) -> bytes:
+    """The status line the service answers to ``payload`` sent as is on a fresh connection."""
+    url = httpx.URL(endpoint)
+    with socket.create_connection((url.host, url.port), timeout=15) as conn:
+        try:
+            conn.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered (and closed) before everything was sent: the answer is still there to read
+        received = b""
+        while b"\r\n" not in received:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    return received.split(b"\r\n", 1)[0]
+
+
+def test_a_body_over_the_limit_is_answered_413_before_it_is_read(platform):
+    settings, _, server = platform
+    limit = settings.serve.max_body_bytes
+    head = (b"POST /v1/recommendations HTTP/1.1\r\nHost: encore\r\nContent-Type: application/json\r\n")
+    # a declared 300 MB body, of which 1 KiB is sent: the answer comes without waiting for the rest
+    declared = head + b"Content-Length: 300000000\r\n\r\n" + b'{"user_id": 1, "pad": "' + b"x" * 1000
+    assert _raw_status(server.endpoint, declared).split()[1] == b"413"
+    # no length (chunked): counted as it streams in; the chunk that crosses the limit is answered 413
+    chunk = b"x" * 4096
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(limit // len(chunk) + 1))
+    streamed = head + b"Transfer-Encoding: chunked\r\n\r\n" + chunks  # never finished
+    assert _raw_status(server.endpoint, streamed).split()[1] == b"413"
+    with httpx.Client(base_url=server.endpoint, timeout=10) as http:
+        r = http.post("/v1/recommendations", content=b"{" + b" " * limit, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "max_body_bytes" in r.json()["detail"]
+        # up to the limit, a body is read: whitespace padding is still valid JSON
+        body = b'{"user_id": 1, "k": 3}'
+        r = http.post("/v1/recommendations", content=body + b" " * (limit - len(body)),
+                      headers={"content-type": "application/json"})
+        assert r.status_code == 200 and len(r.json()["items"]) == 3
+        spec = http.get("/openapi.json").json()
+        assert "413" in spec["paths"]["/v1/recommendations"]["post"]["responses"]
+
+
+def test_request_types_are_strict_and_undecodable_bodies_a_documented_422(platform):
+    _, _, server = platform
+    with httpx.Client(base_url=server.endpoint, timeout=10) as http:
+        for bad in ({"user_id": True}, {"user_id": False}, {"user_id": "5"}, {"user_id": 5.0},
+                    {"user_id": 1, "k": "5"}, {"user_id": 1, "k": True}, {"user_id": 1, "k": 5.0},
+                    {"user_id": 1, "exclude_seen": 0}, {"user_id": 1, "exclude_seen": 1},
+                    {"user_id": 1, "exclude_seen": "true"}, {"user_id": 1, "exclude_seen": None},
+                    {"user_id": 1, "context": {"device": 1}}, {"user_id": 1, "context": {"device": True}},
+                    {"user_id": 1, "context": {"": "x"}}, {"user_id": 1, "context": {"k" * 65: "x"}},
+                    {"user_id": 1, "context": {"a": "x" * 257}},
+                    {"user_id": 1, "context": {f"key{i}": "x" for i in range(33)}},
+                    {"user_id": 1, "context": {f"key{i}": "x" * 200 for i in range(11)}}):  # 2,233 characters
+            r = http.post("/v1/recommendations", json=bad)
+            assert r.status_code == 422, (bad, r.status_code, r.text)
+        ok = http.post("/v1/recommendations", json={"user_id": 1, "k": 3, "exclude_seen": False,
+                                                    "context": {f"key{i}": "x" * 200 for i in range(10)}})
+        assert ok.status_code == 200, ok.text
+        for raw in (b'{"user_id": 1, "context": {"device": "\xff"}}', b'{"user_id": 1, "k": 3}\xc3\x28',
+                    b"[" * 5000, b'{"user_id": ' + b"9" * 5000 + b"}"):
+            r = http.post("/v1/recommendations", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 422, (raw[:40], r.status_code, r.text)
+            assert r.json()["detail"][0]["type"] == "json_invalid"
+        post = http.get("/openapi.json").json()["paths"]["/v1/recommendations"]["post"]
+        assert {"200", "413", "422", "503"} <= set(post["responses"])
+        schema = http.get("/openapi.json").json()["components"]["schemas"]["RecommendationRequest"]
+        bounded = next(s for s in schema["properties"]["context"]["anyOf"] if s.get("type") == "object")
+        assert bounded["maxProperties"] == 32 and bounded["additionalProperties"]["maxLength"] == 256
+        assert bounded["propertyNames"] == {"minLength": 1, "maxLength": 64}
+
+
 def test_fuzzing_the_openapi_spec_yields_no_5xx(platform, tmp_path):
     """schemathesis generates requests from the live spec (including the admin API, authenticated)."""
     _, _, server = platform
@@ -287,6 +456,14 @@ def test_fuzzing_the_openapi_spec_yields_no_5xx(platform, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "passed" in proc.stdout
+    # the recommendation endpoint answers only the statuses its spec lists
+    proc = subprocess.run(
+        [exe, "run", f"{server.endpoint}/openapi.json", "--include-path", "/v1/recommendations",
+         "--checks", "not_a_server_error,status_code_conformance", "--max-examples", "50", "--seed", "7",
+         "--report-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
     # the service is still healthy afterwards
     assert httpx.get(f"{server.endpoint}/readyz", timeout=5).status_code == 200
     assert json.loads(httpx.get(f"{server.endpoint}/healthz", timeout=5).text)["status"] == "ok"
