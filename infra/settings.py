@@ -229,6 +229,13 @@ class ServeSettings(_Group):
     _reveal_token = field_serializer("admin_token", when_used="json")(staticmethod(_reveal))
     _reveal_tokens = field_serializer("admin_tokens", when_used="json")(staticmethod(_reveal_all))
     experiments_poll_s: float = Field(default=1.0, gt=0, description="how often the experiment store is re-read")
+    registry_timeout_s: int = Field(default=5, ge=1, le=600,
+                                    description="longest wait of one MLflow registry request of the service (the "
+                                                "model thread only; experiments and the kill switch never wait "
+                                                "on the registry)")
+    registry_retries: int = Field(default=0, ge=0, le=10,
+                                  description="MLflow client retries per registry request of the service (the "
+                                              "next model poll retries anyway)")
     max_batch: int = Field(default=64, ge=1, le=4096, description="most requests scored in one micro-batch")
     torch_threads: int = Field(default=1, ge=1, description="intra-op threads of the serving process")
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024,

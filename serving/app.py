@@ -28,6 +28,14 @@ Models come from the MLflow registry by alias or version (``alias:champion``, ``
 thread watches the aliases and swaps a model in when its alias moves. The new model is loaded and warmed up
 before the swap, which is one reference assignment, so requests in flight finish on the old model and no
 request fails.
+
+The control plane never waits on the registry. The experiment store (kill switch included) is re-read by a
+thread of its own (``serve.experiments_poll_s``) that makes no registry call; models are loaded and polled by
+another (``model-watch``), whose registry calls are bounded (``serve.registry_timeout_s``, no client retries:
+the next poll is the retry). A change that needs a model not tried yet (a new variant's target) is held back,
+that experiment alone, until the model thread has tried to load it; a kill, a pause or a stop never needs one.
+Start-up loads no model either: the server listens at once (``/healthz``), answers from popularity until the
+default model is loaded, and ``/readyz`` answers 503 until then.
 """
 
 from __future__ import annotations
@@ -209,6 +217,8 @@ class ModelPool:
         self.registry, self.default_target, self.max_history = registry, default_target, max_history
         self.holders: dict[str, ModelHolder] = {}
         self.lock = threading.Lock()
+        self.tried: set[str] = set()  # targets whose load was attempted at least once (loaded or not)
+        self.last_error: str | None = None  # the last registry failure, until a registry call succeeds again
 
     def ensure(self, targets: set[str]) -> None:
         for target in sorted(t for t in targets if ":" in t):
@@ -218,20 +228,26 @@ class ModelPool:
             try:
                 holder.load()
             except Exception as exc:  # noqa: BLE001 - requests fall back to the default model meanwhile
-                log.warning("could not load %s (%s); retrying on the next refresh", target,
-                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self.last_error = _one_line(exc)
+                log.warning("could not load %s (%s); retrying on the next refresh", target, self.last_error)
                 continue
+            finally:
+                self.tried = self.tried | {target}
             with self.lock:
                 self.holders = {**self.holders, target: holder}
+            self.last_error = None
 
     def refresh(self) -> None:
         for holder in list(self.holders.values()):
             if holder.target.startswith("alias:"):
                 try:
                     holder.load()
-                except Exception:  # noqa: BLE001 - keep serving the old model if the registry hiccups
+                except Exception as exc:  # noqa: BLE001 - keep serving the old model if the registry hiccups
+                    self.last_error = _one_line(exc)
                     log.warning("model refresh of %s failed; keeping version %s", holder.target,
                                 getattr(holder.current, "version", None), exc_info=True)
+                else:
+                    self.last_error = None
 
     def get(self, target: str) -> LoadedModel | None:
         holder = self.holders.get(target) or self.holders.get(self.default_target)
@@ -241,6 +257,11 @@ class ModelPool:
     def default(self) -> LoadedModel | None:
         holder = self.holders.get(self.default_target)
         return holder.current if holder else None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 
 
 def model_pool(settings: EncoreSettings, tracking_uri: str) -> ModelPool:
@@ -335,6 +356,11 @@ class Recommendations:
         self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
+        self._models_lock = threading.Lock()  # one loader at a time: the model thread or an admin request
+        self._models_wanted = threading.Event()  # wakes the model thread: a change waits for a model
+        self._pending: set[str] = set()  # targets the latest store snapshot needs that were never tried
+        self._held_back = False  # the snapshot in force left an experiment out (its model was not tried yet)
+        self.models_tried = threading.Event()  # the model thread's first pass is over (models and experiments)
         self._threads: list[threading.Thread] = []
         self.registry = CollectorRegistry()
         self.requests = Counter("encore_requests_total", "recommendation requests", ["variant", "source"],
@@ -355,61 +381,111 @@ class Recommendations:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        """Everything but the models, which need the registry: the model thread loads them once the server
+        listens. Until the default model is loaded, requests are answered from popularity and /readyz
+        answers 503 (a fresh deployment before the first promotion, or the registry away)."""
         import torch
 
         torch.set_num_threads(self.settings.serve.torch_threads)
         self.reload_experiments()
-        self.models.ensure({self.models.default_target} | self.router.targets())
-        if self.models.default is None:
-            # A fresh deployment starts before the first promotion: stay up, answer from popularity, and
-            # report not-ready (/readyz 503) until the watcher finds a model for the target.
-            log.warning("no model holds %s yet: serving popularity until one does (/readyz answers 503)",
-                        self.models.default_target)
         self.refresh_popularity()
-        for name, target in (("recommend-batcher", self._work), ("model-watch", self._watch)):
+        for name, target in (("recommend-batcher", self._work), ("experiment-watch", self._watch_experiments),
+                             ("model-watch", self._watch_models)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
 
     def close(self) -> None:
         self._stop.set()
+        self._models_wanted.set()
         self.queue.put(None)
         for t in self._threads:
             t.join(timeout=5)
         self.producer.flush(timeout=5)
         self.producer.close(timeout=5)
 
-    def reload_experiments(self) -> None:
+    def reload_experiments(self) -> set[str]:
+        """Put the store's latest snapshot in force; makes no registry call, so it never waits on MLflow.
+
+        A running experiment that needs a model never tried (a new variant's target) is held back, that
+        experiment alone: its earlier config stays in force if it had one, else it is left out, until the
+        model thread has tried the model (loaded or failed: then its requests fall back to the default model,
+        as before). Returns the targets still to try (the model thread is woken for them)."""
         if self.store is None:
-            return
-        # The admin API and the watcher thread both reload: serialise them, and only ever move forward, or
+            return set()
+        # The admin API and the watcher threads all reload: serialise them, and only ever move forward, or
         # a watcher holding an older snapshot could undo a change the admin API has just put in force.
         with self._reload_lock:
             snap = self.store.snapshot()
-            if snap.version <= self.router.snapshot.version and self.router.snapshot.experiments:
-                return
-            self.models.ensure(Router(snap).targets())  # load new variants' models before routing to them
-            self.router = Router(snap)
+            current = self.router.snapshot
+            if snap.version < current.version or (snap.version == current.version and current.experiments
+                                                  and not self._held_back):
+                return set()
+            tried = self.models.tried
+            missing = {t for t in Router(snap).targets() if ":" in t} - tried
+            effective = snap
+            if missing:
+                in_force = {e.name: e for e in self.router.running}
+                kept, versions = [], dict(snap.versions)
+                for e in snap.experiments:
+                    if e.status == "running" and {v.target for v in e.variants} & missing:
+                        old = in_force.get(e.name)
+                        if old is not None and not {v.target for v in old.variants} & missing:
+                            kept.append(old)
+                            versions[e.name] = current.versions[e.name]
+                        else:
+                            versions.pop(e.name, None)
+                        continue
+                    kept.append(e)
+                effective = Snapshot(version=snap.version, kill=snap.kill, experiments=tuple(kept), versions=versions)
+            changed = effective != current
+            self._pending, self._held_back = missing, bool(missing)
+            self.router = Router(effective)
             self.store_version.set(snap.version)
-            log.info("experiments: store version %d, %d running, kill=%s", snap.version,
-                     len(self.router.running), snap.kill)
+            if changed:
+                log.info("experiments: store version %d, %d running, kill=%s%s", snap.version,
+                         len(self.router.running), snap.kill,
+                         f"; held back until their models are tried: {sorted(missing)}" if missing else "")
+        if missing:
+            self._models_wanted.set()
+        return missing
 
-    def _watch(self) -> None:
-        s = self.settings.serve
-        next_models = time.monotonic() + s.model_poll_s
-        while not self._stop.wait(min(s.model_poll_s, s.experiments_poll_s)):
+    def load_models(self) -> None:
+        """One pass of the model thread: load what is missing (the default target, the running experiments'
+        and the held-back ones'), check the aliases for moves, then put held-back experiments in force."""
+        with self._models_lock:
+            self.models.ensure({self.models.default_target} | self.router.targets() | self._pending)
+            self.models.refresh()
+        for target, holder in self.models.holders.items():
+            if holder.current:
+                self.model_version.labels(target).set(holder.current.version)
+        if self._pending:
+            self.reload_experiments()
+
+    def _watch_experiments(self) -> None:
+        while not self._stop.wait(self.settings.serve.experiments_poll_s):
             try:
                 self.reload_experiments()
             except Exception:  # noqa: BLE001 - a bad read keeps the experiments in force
                 log.warning("experiment reload failed", exc_info=True)
-            if time.monotonic() >= next_models:
-                # targets that could not be loaded yet (no model under the alias) are tried again here
-                self.models.ensure({self.models.default_target} | self.router.targets())
-                self.models.refresh()
-                next_models = time.monotonic() + s.model_poll_s
-            for target, holder in self.models.holders.items():
-                if holder.current:
-                    self.model_version.labels(target).set(holder.current.version)
+
+    def _watch_models(self) -> None:
+        if self.models.default is None:
+            log.info("loading the models of %s from the registry; serving popularity until the default one is "
+                     "loaded (/readyz answers 503)", self.models.default_target)
+        while not self._stop.is_set():
+            self._models_wanted.clear()
+            try:
+                self.load_models()
+            except Exception:  # noqa: BLE001 - the next poll tries again; the models in memory stay
+                log.warning("model poll failed", exc_info=True)
+            self.models_tried.set()
+            if self.models.default is None and not self._stop.is_set():
+                # A fresh deployment starts before the first promotion, or the registry is away: stay up,
+                # answer from popularity, report not-ready until a model holds the target.
+                log.warning("no model for %s yet (%s): serving popularity (/readyz answers 503)",
+                            self.models.default_target, self.models.last_error or "no version holds it")
+            self._models_wanted.wait(self.settings.serve.model_poll_s)
 
     def refresh_popularity(self) -> None:
         store = OfflineStore(self.settings.offline_dir)
@@ -631,6 +707,11 @@ def create_app(settings: EncoreSettings, kafka_bootstrap: str, tracking_uri: str
                experiment: Experiment | None | Literal["store"] = "store") -> FastAPI:
     """The service. ``experiment``: ``"store"`` serves the experiment store under the data dir (managed by
     ``encore ab`` and the admin API); an ``Experiment`` or ``None`` serves that one fixed config (or none)."""
+    from models.lifecycle.registry import bound_client_waits
+
+    # the service process's MLflow client: a bounded wait per call and no client retries (the model thread's
+    # next poll is the retry), so that a registry that hangs never holds a thread for minutes
+    bound_client_waits(settings.serve.registry_timeout_s, settings.serve.registry_retries)
     store = ExperimentStore(settings.experiments_dir) if experiment == "store" else None
     static = None
     if store is None:
@@ -689,12 +770,21 @@ def create_app(settings: EncoreSettings, kafka_bootstrap: str, tracking_uri: str
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"description": "not ready"}})
+    @app.get("/readyz", responses={503: {"description": "not ready: the default model is not loaded (yet)"}})
     async def readyz() -> dict:
+        """Ready once the default model (the champion alias) is loaded: until then requests are answered from
+        popularity. A registry that goes away later leaves a ready replica ready (it serves the models it has
+        loaded); ``registry_error`` then says why aliases are not being followed."""
         model = service.models.default
-        if not app.state.ready or model is None:
-            raise HTTPException(status_code=503, detail="model not loaded")
-        return {"status": "ready", "model_version": model.version,
+        if not app.state.ready or not service.models_tried.is_set():
+            raise HTTPException(status_code=503, detail="starting: loading the models")
+        if model is None:
+            why = service.models.last_error
+            raise HTTPException(status_code=503, detail=(
+                f"model not loaded: {service.models.default_target} "
+                + (f"(registry: {why})" if why else "(not loaded yet, or no version holds it)")
+                + "; answering from popularity"))
+        return {"registry_error": service.models.last_error,"status": "ready", "model_version": model.version,
                 "models": {t: h.current.version for t, h in service.models.holders.items() if h.current},
                 "experiments_version": service.router.snapshot.version}
 
@@ -749,7 +839,11 @@ def _admin_routes(app: FastAPI, settings: EncoreSettings, service: Recommendatio
             raise HTTPException(status_code=409, detail=str(exc)) from exc
         except ExperimentError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from exc
-        service.reload_experiments()  # in force for the next request, not after the next poll
+        # in force for the next request, not after the next poll; a change that needs a model not tried yet
+        # (a new variant's target) is held back until it is: load it now (the registry was just asked about
+        # it anyway), so that the answer means "in force". A kill, pause or stop never waits here.
+        if service.reload_experiments():
+            service.load_models()
         return result
 
     err = {401: {"description": "no or wrong token"}, 403: {"description": "admin API disabled"},

@@ -7,12 +7,15 @@ test starts from it. The fuzz test runs last: it may create experiments and flip
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -441,6 +444,107 @@ def test_request_types_are_strict_and_undecodable_bodies_a_documented_422(platfo
         bounded = next(s for s in schema["properties"]["context"]["anyOf"] if s.get("type") == "object")
         assert bounded["maxProperties"] == 32 and bounded["additionalProperties"]["maxLength"] == 256
         assert bounded["propertyNames"] == {"minLength": 1, "maxLength": 64}
+
+
+@contextmanager
+def _frozen_mlflow(svc):  # noqa: ANN001, ANN202
+    """The module's MLflow server hung (SIGSTOP on its process group: the server and its workers): connections
+    are accepted by the kernel and never answered, the worst case for a client. Always resumed on exit."""
+    server = next(p for p in svc.started if p.name == "mlflow")
+    group = os.getpgid(server.proc.pid)
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.get(f"{server.endpoint}/health", timeout=1)
+        yield server
+    finally:
+        os.killpg(group, signal.SIGCONT)
+
+
+def _within(seconds: float, check, what: str) -> float:  # noqa: ANN001
+    """Seconds until ``check()`` holds; fails if it does not hold within ``seconds``."""
+    t0 = time.monotonic()
+    while not check():
+        assert time.monotonic() - t0 < seconds, f"{what}: not within {seconds} s"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def test_the_kill_switch_takes_effect_within_seconds_while_the_registry_hangs(platform):
+    """The kill switch (as `encore ab kill` flips it, in the store) must not wait on MLflow: with the registry
+    hung while the model thread is inside a registry call, it is in force within 2 s, and so is turning it off."""
+    from experiments.store import ExperimentStore
+
+    settings, svc, server = platform
+    store = ExperimentStore(settings.experiments_dir)
+    user = _user_in(settings, "treatment", 60_000_000)
+
+    def variant() -> str | None:  # the user's arm of the default experiment (earlier tests may add others)
+        r = _post(server.endpoint, user_id=user, k=5)
+        assert r.status_code == 200, r.text
+        arms = [a["variant"] for a in r.json()["assignments"] if a["experiment"] == settings.experiment.name]
+        return arms[0] if arms else None
+
+    assert variant() == "treatment"
+    with _frozen_mlflow(svc):
+        time.sleep(3 * settings.serve.model_poll_s + 0.5)  # the model thread is now waiting on the registry
+        try:
+            store.set_kill(True, actor="test", reason="registry hang drill")
+            took = _within(2.0, lambda: variant() is None, "kill switch with MLflow hung")
+            assert _post(server.endpoint, user_id=user, k=5).json()["assignments"] == []
+        finally:
+            store.set_kill(False, actor="test")
+        _within(2.0, lambda: variant() == "treatment", "kill switch off with MLflow hung")
+        # the replica keeps serving the model it has and stays ready
+        assert httpx.get(f"{server.endpoint}/readyz", timeout=2).status_code == 200
+    assert took < 2.0
+    print(f"kill switch in force {took:.2f} s after it was set, with MLflow hung")
+
+
+def test_a_service_started_while_the_registry_hangs_is_live_at_once_and_ready_once_it_answers(platform):
+    """A replica started during an MLflow outage used to answer nothing (not even /healthz) while the MLflow
+    client retried at start-up, so a liveness probe restarted it. Now it listens at once, answers from
+    popularity with /readyz 503, and picks the model up once MLflow answers again."""
+    from infra.services import free_port, spawn_service, wait_until
+    from infra.settings import child_env
+
+    settings, svc, _ = platform
+    mine = settings.model_copy(update={"kafka_bootstrap": svc.kafka_bootstrap, "mlflow_tracking_uri": svc.mlflow_uri})
+    port = free_port()
+    env = child_env(mine, settings.run_dir / "serve-hung-registry.yaml")
+    with _frozen_mlflow(svc):
+        t0 = time.monotonic()
+        server = spawn_service("serve-hung-registry", [sys.executable, "-m", "cli", "serve", "--port", str(port),
+                                                       "--experiment", "none"], settings,
+                               endpoint=f"http://127.0.0.1:{port}", env=env)
+        try:
+            # the bound includes the interpreter start-up and imports of a shared box; MLflow's client, which
+            # the old start-up waited on, alone waits 120 s per attempt
+            wait_until(lambda: httpx.get(f"{server.endpoint}/healthz", timeout=1).status_code == 200,
+                       timeout_s=60, what="/healthz with MLflow hung", proc=server.proc)
+            up_s = time.monotonic() - t0
+            for _ in range(3):  # and it keeps answering at once, whatever the model thread waits on
+                t1 = time.monotonic()
+                assert httpx.get(f"{server.endpoint}/healthz", timeout=5).status_code == 200
+                assert time.monotonic() - t1 < 5
+                ready = httpx.get(f"{server.endpoint}/readyz", timeout=5)
+                assert ready.status_code == 503 and ("model not loaded" in ready.text or "starting" in ready.text)
+                body = _post(server.endpoint, user_id=1, k=5)
+                assert body.status_code == 200 and body.json()["source"] == "popularity", body.text
+                time.sleep(1.0)
+            # after the first registry attempt timed out, /readyz says why it is not ready
+            wait_until(lambda: "registry" in httpx.get(f"{server.endpoint}/readyz", timeout=2).text,
+                       timeout_s=30, what="/readyz naming the registry", proc=server.proc)
+        except BaseException:
+            server.stop()
+            raise
+    try:
+        wait_until(lambda: httpx.get(f"{server.endpoint}/readyz", timeout=1).status_code == 200, timeout_s=60,
+                   what="model pick-up after MLflow answers again", proc=server.proc)
+        assert _post(server.endpoint, user_id=1, k=5).json()["source"] == "model"
+    finally:
+        server.stop()
+    print(f"/healthz answered {up_s:.1f} s after spawning the service with MLflow hung")
 
 
 def test_fuzzing_the_openapi_spec_yields_no_5xx(platform, tmp_path):

@@ -49,6 +49,15 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 PIP_REQUIREMENTS = ["torch==2.13.0", "torchrec==1.8.0", "fbgemm-gpu-cpu==1.8.0", "mlflow", "pandas", "numpy"]
 
 
+def bound_client_waits(timeout_s: int, max_retries: int) -> None:
+    """Bound how long one MLflow client call of this process may wait: ``timeout_s`` per HTTP request and
+    ``max_retries`` retries (MLflow's defaults, 120 s and 7 retries with exponential backoff, let one call to a
+    hung server take many minutes). Process-wide (MLflow reads these variables at each call): for long-lived
+    processes that poll the registry and must stay responsive, such as the recommendation service."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(timeout_s))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(int(max_retries))
+
+
 class NotRegistered(LookupError):
     """A version or alias that the registered model does not have."""
 
