@@ -25,6 +25,15 @@ from tests.conftest import small_settings
 pytestmark = pytest.mark.integration
 
 
+
+def dlq_records(settings):  # noqa: ANN001, ANN201 - EncoreSettings -> DataFrame
+    """The DLQ as the offline store keeps it (original bytes, error type, reason)."""
+    off = OfflineStore(settings.offline_dir)
+    try:
+        return off.dlq_records()
+    finally:
+        off.close()
+
 def make_events(n: int, prefix: str, users: int = 50) -> list[InteractionEvent]:
     start = int(time.time() * 1000) - 7_200_000
     return [InteractionEvent(event_id=f"{prefix}{i}", user_id=i % users, item_id=i % 97, event_type="listen",
@@ -185,11 +194,7 @@ def test_poison_messages_go_to_the_dlq_and_ingest_moves_past_them(broker):
     assert report.consumed == 122 and report.written == 120 and report.dlq == 2
     assert_exact(settings, before + after)
     assert committed(settings, bootstrap) == 122
-    off = OfflineStore(settings.offline_dir)
-    try:
-        dlq = off.dlq_records()
-    finally:
-        off.close()
+    dlq = dlq_records(settings)
     assert set(dlq.original.map(bytes)) == {huge_id, nested}
     reasons = dict(zip(dlq.original.map(bytes), dlq.reason))
     assert "user_id" in reasons[huge_id]
@@ -228,10 +233,6 @@ def test_an_event_a_store_rejects_goes_to_the_dlq_and_the_rest_of_its_batch_is_k
     assert report.written == 200 and report.dlq == 1 and report.duplicates == 0
     assert_exact(settings, good)
     assert committed(settings, bootstrap) == 201
-    off = OfflineStore(settings.offline_dir)
-    try:
-        dlq = off.dlq_records()
-    finally:
-        off.close()
+    dlq = dlq_records(settings)
     assert list(dlq.error_type) == ["store_rejected"]
     assert "offline store" in dlq.reason[0] and "poison" in bytes(dlq.original[0]).decode()
