@@ -241,6 +241,12 @@ class ServeSettings(_Group):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024,
                                 description="largest request body accepted; a larger one is answered 413 "
                                             "before it is read")
+    online_read_timeout_s: float = Field(
+        default=0.25, gt=0, le=30, description="deadline of one online-store read (a micro-batch's histories); "
+        "a read that fails or runs past it puts the replica in degraded mode: popularity answers marked "
+        "'degraded', /readyz 503, until a probe reads the store again")
+    online_probe_s: float = Field(default=1.0, gt=0, le=300,
+                                  description="how often a degraded replica probes the online store to recover")
 
     @model_validator(mode="after")
     def _distinct_admin_actors(self) -> "ServeSettings":

@@ -17,12 +17,17 @@ Hot path (why it is fast on 2 CPU cores):
   against uvicorn and Kafka cost far more than they gain on a [B, 32] x [32, V] product;
 * responses are serialised once with ``json.dumps`` (no second pydantic pass); the exposure reuses the bytes.
 
-Failures stay with the request that has them: a micro-batch shares one Feast read (if that fails, the batch
-answers 503), but a request whose assignment, scoring or exposure fails answers 503 alone, and an exposure is
+Failures stay with the request that has them: a request whose assignment, scoring or exposure fails answers
+503 alone, and an exposure is
 logged only for a request that is answered 200 (an exposure for an unanswered request would skew the A/B
 analysis). What a request may carry is bounded before it is queued: the body (``serve.max_body_bytes``, else
 413, before the body is read), its types (strict: no ``true`` for 1, ``"5"`` for 5 or ``0`` for false) and its
 free-form ``context``, which travels in every exposure (else 422).
+
+The online store is the one step a micro-batch shares. Its reads have a deadline
+(``serve.online_read_timeout_s``); a read that fails or runs past it puts the replica in degraded mode
+(``OnlineHistory``): answers come from popularity marked ``"degraded": true`` (exposures too), ``/readyz``
+answers 503, and a probe thread reconnects and leaves degraded mode once the store reads again, no restart.
 
 Models come from the MLflow registry by alias or version (``alias:champion``, ``version:3``); a background
 thread watches the aliases and swaps a model in when its alias moves. The new model is loaded and warmed up
@@ -41,6 +46,7 @@ default model is loaded, and ``/readyz`` answers 503 until then.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import queue
@@ -48,6 +54,8 @@ import secrets
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -138,7 +146,9 @@ class RecommendationResponse(BaseModel):
     experiment: str | None
     assignments: list[AssignmentOut]
     model_version: int | None
-    source: str = Field(description="'model' or 'popularity' (cold start or baseline arm)")
+    source: str = Field(description="'model' or 'popularity' (cold start, baseline arm, or degraded)")
+    degraded: bool = Field(description="true when the online store could not be read: the answer is popularity, "
+                                       "without the user's history (nothing seen is excluded)")
 
 
 class RampIn(BaseModel):
@@ -285,7 +295,16 @@ class HistoryReader:
         self._EntityKey, self._Value = EntityKey, Value
         self.store = feature_store(settings, apply=False)
         self.view = self.store.get_feature_view("user_history")
-        self.provider = self.store._get_provider()  # noqa: SLF001 - the public path re-plans on every call
+        self.provider = self.store.provider  # the public path (get_online_features) re-plans on every call
+
+    def reconnected(self) -> "HistoryReader":
+        """The same store and feature view over a fresh provider: a new SQLite connection or Redis client (no
+        registry read, so it works while the registry is away too)."""
+        from feast.infra.provider import get_provider
+
+        fresh = copy.copy(self)
+        fresh.provider = get_provider(self.store.config)
+        return fresh
 
     def read(self, user_ids: list[int]) -> dict[int, dict[str, list]]:
         keys = [self._EntityKey(join_keys=["user_id"], entity_values=[self._Value(int64_val=u)]) for u in user_ids]
@@ -308,6 +327,103 @@ class HistoryReader:
         """The public ``get_online_features`` path (the reference the fast path is tested against)."""
         row = self.store.get_online_features(HISTORY_FEATURES, [{"user_id": u} for u in user_ids]).to_dict()
         return {u: {f: list(row[f][i] or []) for f in _HISTORY_FIELDS} for i, u in enumerate(user_ids)}
+
+
+class OnlineHistory:
+    """The online store as the service sees it: reads with a deadline, and a degraded mode for outages.
+
+    A read that fails, or runs past ``serve.online_read_timeout_s``, puts the replica in degraded mode: that
+    micro-batch and every one after it is answered from popularity, marked ``degraded``, without trying the
+    store (so a hung store costs one batch the deadline, once, not every request five seconds of SQLite's
+    busy wait), and ``/readyz`` answers 503. A probe thread then builds a fresh reader every
+    ``serve.online_probe_s`` (a new SQLite connection or Redis client, since the old one may hold a broken
+    file or a dead socket) and leaves degraded mode when it reads within the deadline.
+    """
+
+    PROBE_USER = 0  # any key: a read of an unknown user still touches the table
+
+    def __init__(self, settings: EncoreSettings, make_reader: Any = HistoryReader) -> None:
+        self.timeout_s = settings.serve.online_read_timeout_s
+        self.probe_s = settings.serve.online_probe_s
+        self._make_reader = lambda: make_reader(settings)
+        self._reader: HistoryReader | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self.error: str | None = None  # why the replica is degraded; None when the store reads
+        self.since: float | None = None  # wall-clock time degraded mode began
+        self._lock = threading.Lock()
+        try:
+            self._swap_in(self._make_reader())
+        except Exception as exc:  # noqa: BLE001 - start degraded; the probe builds the reader once it can
+            self._degrade(f"online store not opened: {_one_line(exc)}")
+
+    @property
+    def degraded(self) -> bool:
+        return self.error is not None
+
+    def read(self, user_ids: list[int]) -> dict[int, dict[str, list]] | None:
+        """The users' histories, or None when the store cannot be read within the deadline (degraded)."""
+        with self._lock:
+            pool, reader = self._pool, self._reader
+        if self.error is not None or pool is None or reader is None:
+            return None
+        try:
+            return pool.submit(reader.read, user_ids).result(timeout=self.timeout_s)
+        except FutureTimeout:
+            self._degrade(f"a read of {len(user_ids)} users ran past the {self.timeout_s:g} s deadline", pool)
+        except Exception as exc:  # noqa: BLE001 - any store error degrades; the probe finds when it is back
+            self._degrade(f"read failed: {_one_line(exc)}", pool)
+        return None
+
+    def probe(self) -> bool:
+        """Try a fresh reader; put it in force (leave degraded mode) when it reads within the deadline."""
+        try:
+            with self._lock:
+                current = self._reader
+            reader = current.reconnected() if current is not None else self._make_reader()
+            t0 = time.monotonic()
+            reader.read([self.PROBE_USER])
+            took = time.monotonic() - t0
+        except Exception as exc:  # noqa: BLE001 - still away
+            self.error = f"online store unreadable: {_one_line(exc)}"
+            return False
+        if took > self.timeout_s:
+            self.error = f"online store slow: a probe read took {took:.2f} s (deadline {self.timeout_s:g} s)"
+            return False
+        self._swap_in(reader)
+        return True
+
+    def watch(self, stop: threading.Event) -> None:
+        """The probe thread's loop: while degraded, probe every ``online_probe_s``."""
+        while not stop.wait(self.probe_s):
+            if self.error is None:
+                continue
+            since = self.since
+            if self.probe():
+                log.warning("online store readable again after %.1f s: degraded mode over",
+                            time.time() - (since or time.time()))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _swap_in(self, reader: HistoryReader) -> None:
+        # a new pool with the new reader: a read still hung in the old pool's thread is left to finish alone
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="online-read")
+        with self._lock:
+            old, self._pool, self._reader = self._pool, pool, reader
+            self.error, self.since = None, None
+        if old is not None:
+            old.shutdown(wait=False, cancel_futures=True)
+
+    def _degrade(self, why: str, pool: ThreadPoolExecutor | None = None) -> None:
+        with self._lock:
+            if pool is not None and pool is not self._pool:
+                return  # a read of a reader already replaced: its failure says nothing about the store now
+            if self.error is None:
+                self.since = time.time()
+                log.error("online store: %s; answering from popularity (degraded) until it reads again", why)
+            self.error = why
 
 
 # ============================================================================ the service
@@ -347,7 +463,7 @@ class Recommendations:
                  store: ExperimentStore | None = None, static: Snapshot | None = None) -> None:
         self.settings = settings
         self.tracking_uri = tracking_uri
-        self.history = HistoryReader(settings)
+        self.history = OnlineHistory(settings)
         self.models = model_pool(settings, tracking_uri)
         self.store = store
         self.router = Router(static if static is not None else Snapshot())
@@ -366,6 +482,10 @@ class Recommendations:
         self.requests = Counter("encore_requests_total", "recommendation requests", ["variant", "source"],
                                 registry=self.registry)
         self.failures = Counter("encore_request_failures_total", "requests answered 503", registry=self.registry)
+        self.degraded_answers = Counter("encore_degraded_answers_total", "answers from popularity because the "
+                                        "online store could not be read", registry=self.registry)
+        Gauge("encore_online_store_up", "1 when the online store reads within its deadline, 0 while degraded",
+              registry=self.registry).set_function(lambda: 0.0 if self.history.degraded else 1.0)
         self.latency = Histogram("encore_request_seconds", "time from enqueue to answer", registry=self.registry,
                                  buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
         self.batch_seconds = Histogram("encore_batch_seconds", "time to score one micro-batch",
@@ -390,7 +510,8 @@ class Recommendations:
         self.reload_experiments()
         self.refresh_popularity()
         for name, target in (("recommend-batcher", self._work), ("experiment-watch", self._watch_experiments),
-                             ("model-watch", self._watch_models)):
+                             ("model-watch", self._watch_models),
+                             ("online-probe", lambda: self.history.watch(self._stop))):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -401,6 +522,7 @@ class Recommendations:
         self.queue.put(None)
         for t in self._threads:
             t.join(timeout=5)
+        self.history.close()
         self.producer.flush(timeout=5)
         self.producer.close(timeout=5)
 
@@ -554,8 +676,9 @@ class Recommendations:
 
     def serve_batch(self, reqs: list[RecommendationRequest]) -> list[_Answer | Exception]:
         """The answers to a batch of requests, in order, each ready to send or the exception it failed with; no
-        side effects (the caller logs the exposure of each answer it sends, see ``_publish``). Raises only when
-        a step the batch shares fails (the Feast read)."""
+        side effects (the caller logs the exposure of each answer it sends, see ``_publish``). An online store
+        that cannot be read within its deadline fails no request: the batch is answered from popularity,
+        marked degraded."""
         now_ms = int(time.time() * 1000)
         now = datetime.fromtimestamp(now_ms / 1000, timezone.utc)
         router = self.router
@@ -568,7 +691,12 @@ class Recommendations:
                 log.exception("assignment of user %d failed", r.user_id)
                 failed[i] = exc
                 assignments.append(())
-        histories = self.history.read(sorted({r.user_id for r in reqs}))
+        users = sorted({r.user_id for r in reqs})
+        histories = self.history.read(users)
+        degraded = histories is None
+        if histories is None:  # no history to score or exclude: popularity for all, marked degraded
+            histories = {u: {"item_ids": [], "event_types": [], "timestamps_ms": []} for u in users}
+            self.degraded_answers.inc(len(reqs))
         default_target = self.models.default_target
         results: list[tuple[list[tuple[int, float]], str, int | None] | None] = [None] * len(reqs)
 
@@ -611,14 +739,14 @@ class Recommendations:
                 out.append(failed[i])
                 continue
             try:
-                out.append(self._answer(r, assignments[i], results[i], histories[r.user_id], now_ms))
+                out.append(self._answer(r, assignments[i], results[i], histories[r.user_id], now_ms, degraded))
             except Exception as exc:  # noqa: BLE001 - this request fails alone
                 log.exception("answer to user %d failed", r.user_id)
                 out.append(exc)
         return out
 
     def _answer(self, r: RecommendationRequest, a: tuple, result: tuple | None, history: dict[str, list],
-                now_ms: int) -> _Answer:
+                now_ms: int, degraded: bool = False) -> _Answer:
         if result is None:
             seen = set(history["item_ids"]) if r.exclude_seen else set()
             items = []
@@ -635,7 +763,7 @@ class Recommendations:
             "scores": [round(s, 6) for _, s in items], "variant": variant,
             "experiment": a[0].experiment if a else None,
             "assignments": [{"experiment": x.experiment, "variant": x.variant, "version": x.version} for x in a],
-            "model_version": version, "source": source,
+            "model_version": version, "source": source, "degraded": degraded,
         }
         body = json.dumps(doc, separators=(",", ":")).encode()
         # the exposure carries the serving time; analysis attributes later interactions to it
@@ -770,14 +898,21 @@ def create_app(settings: EncoreSettings, kafka_bootstrap: str, tracking_uri: str
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"description": "not ready: the default model is not loaded (yet)"}})
+    @app.get("/readyz", responses={503: {"description": "not ready: the default model is not loaded (yet), or "
+                                                    "the online store cannot be read (answers are degraded)"}})
     async def readyz() -> dict:
-        """Ready once the default model (the champion alias) is loaded: until then requests are answered from
-        popularity. A registry that goes away later leaves a ready replica ready (it serves the models it has
-        loaded); ``registry_error`` then says why aliases are not being followed."""
+        """Ready once the default model (the champion alias) is loaded and the online store reads: until then
+        requests are answered from popularity. A registry that goes away later leaves a ready replica ready
+        (it serves the models it has loaded); ``registry_error`` then says why aliases are not being followed.
+        An online store that cannot be read makes it not ready (its answers ignore the users' histories)."""
         model = service.models.default
         if not app.state.ready or not service.models_tried.is_set():
             raise HTTPException(status_code=503, detail="starting: loading the models")
+        online = service.history
+        if online.error is not None:
+            since = datetime.fromtimestamp(online.since or time.time(), timezone.utc).isoformat(timespec="seconds")
+            raise HTTPException(status_code=503, detail=f"online store unreadable since {since} ({online.error}); "
+                                                        "answering from popularity, marked degraded")
         if model is None:
             why = service.models.last_error
             raise HTTPException(status_code=503, detail=(

@@ -143,7 +143,7 @@ def production_platform(redis_server, postgres_server, tmp_path_factory):
 
             run = encore("run", "--fresh", "--no-progress", check=False)
             assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-            yield {"encore": encore, "run": run, "settings": small_settings(root / "encore"),
+            yield {"encore": encore, "env": env, "run": run, "settings": small_settings(root / "encore"),
                    "overrides": overrides, "redis_db": 3, "mlflow": mlflow.endpoint}
         finally:
             mlflow.stop()
@@ -174,6 +174,52 @@ def test_the_registry_lives_in_postgres_and_the_same_commands_read_it(production
     assert "champion" in listing.stdout and listing.returncode == 0
     status = production_platform["encore"]("services", "status")
     assert production_platform["mlflow"] in status.stdout
+
+
+def test_a_replica_whose_redis_hangs_answers_degraded_and_recovers_when_it_answers(production_platform,
+                                                                                   redis_server):
+    """Redis hung (SIGSTOP: connections accepted, never answered, the worst case for a client without a
+    socket timeout): requests are answered from popularity marked degraded within the read deadline and
+    /readyz answers 503; once Redis answers again the replica reads histories again, without a restart."""
+    import signal
+    import time
+
+    import httpx
+
+    from infra.services import free_port, spawn_service, wait_until
+
+    settings = production_platform["settings"]
+    port = free_port()
+    server = spawn_service("serve-redis-hang", [str(Path(sys.executable).with_name("encore")), "serve", "--port",
+                                                str(port), "--experiment", "none"], settings,
+                           endpoint=f"http://127.0.0.1:{port}", env=production_platform["env"])
+
+    def answer() -> dict:
+        r = httpx.post(f"{server.endpoint}/v1/recommendations", json={"user_id": 0, "k": 5}, timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    try:
+        wait_until(lambda: httpx.get(f"{server.endpoint}/readyz", timeout=2).status_code == 200, timeout_s=120,
+                   what="the replica ready", proc=server.proc)
+        assert answer()["degraded"] is False
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            first = answer()
+            took = time.monotonic() - t0
+            assert first["degraded"] is True and first["source"] == "popularity"
+            assert took < 3.0, took  # the read deadline (0.25 s) and the request's own work
+            assert all(answer()["degraded"] for _ in range(5))
+            ready = httpx.get(f"{server.endpoint}/readyz", timeout=5)
+            assert ready.status_code == 503 and "online store" in ready.text
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        wait_until(lambda: answer()["degraded"] is False, timeout_s=30, what="recovery once Redis answers",
+                   proc=server.proc)
+        assert httpx.get(f"{server.endpoint}/readyz", timeout=5).status_code == 200
+    finally:
+        server.stop()
 
 
 def test_a_half_configured_production_profile_fails_with_the_missing_names():

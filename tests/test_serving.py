@@ -501,6 +501,78 @@ def test_the_kill_switch_takes_effect_within_seconds_while_the_registry_hangs(pl
     print(f"kill switch in force {took:.2f} s after it was set, with MLflow hung")
 
 
+@contextmanager
+def _locked_online_store(settings):  # noqa: ANN001, ANN202
+    """Another process's exclusive lock on the SQLite online store: every read waits (SQLite's busy wait is
+    5 s) and then fails: a slow store, then a failing one."""
+    import sqlite3
+
+    conn = sqlite3.connect(settings.feast_dir / "online.db", timeout=1, isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+
+
+@contextmanager
+def _truncated_online_store(settings):  # noqa: ANN001, ANN202
+    """The online store's file truncated to nothing, then its bytes written back (the same file)."""
+    path = settings.feast_dir / "online.db"
+    saved = path.read_bytes()
+    with path.open("r+b") as f:
+        f.truncate(0)
+    try:
+        yield
+    finally:
+        with path.open("r+b") as f:
+            f.write(saved)
+
+
+def test_an_unreadable_online_store_degrades_to_popularity_and_recovers_without_restart(platform):
+    """A slow or unreadable online store used to answer 503 (about 5 s each, one after the other) with
+    /readyz 200, and a replica whose SQLite file was truncated and restored never recovered. Now every
+    request is answered 200 from popularity marked degraded, within the read deadline, /readyz says why it
+    is not ready, and the replica serves histories again once the store reads, without a restart."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings, _, server = platform
+    url = server.endpoint
+    deadline = settings.serve.online_read_timeout_s
+    user = _user_in(settings, "treatment", 0)  # a user with a history, in the model's arm
+
+    def answer(user: int) -> tuple[int, bool | None, float]:
+        t0 = time.monotonic()
+        r = _post(url, user_id=user, k=5)
+        return r.status_code, r.json().get("degraded") if r.status_code == 200 else None, time.monotonic() - t0
+
+    def healthy() -> bool:
+        return answer(user)[1] is False and httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+
+    _within(60.0, lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, "the model loaded")
+    before = _post(url, user_id=user, k=5).json()
+    assert before["degraded"] is False and before["source"] == "model"
+    for outage in (_locked_online_store, _truncated_online_store):
+        with outage(settings):
+            with ThreadPoolExecutor(8) as pool:  # requests in flight together, as under load
+                answers = list(pool.map(answer, [user, user + 1, user + 2, user + 3] * 6))
+            assert all(status == 200 for status, _, _ in answers), answers
+            assert all(degraded for _, degraded, _ in answers[-8:]), answers  # all, once the first read failed
+            # the deadline bounds a request's wait: no request sits behind a read SQLite keeps waiting on
+            assert max(took for _, _, took in answers) < deadline + 3.0, answers
+            body = _post(url, user_id=user, k=5).json()
+            assert body["source"] == "popularity" and body["degraded"] is True and body["model_version"] is None
+            ready = httpx.get(f"{url}/readyz", timeout=5)
+            assert ready.status_code == 503 and "online store" in ready.json()["detail"], ready.text
+            assert "encore_online_store_up 0.0" in httpx.get(f"{url}/metrics", timeout=5).text
+        took = _within(20.0, healthy, f"recovery after {outage.__name__}")
+        print(f"{outage.__name__}: {len(answers)} answers, all 200 and degraded; recovered {took:.1f} s after")
+    after = _post(url, user_id=user, k=5).json()
+    assert after["source"] == "model" and after["items"] == before["items"]
+    assert "encore_degraded_answers_total" in httpx.get(f"{url}/metrics", timeout=5).text
+
+
 def test_a_service_started_while_the_registry_hangs_is_live_at_once_and_ready_once_it_answers(platform):
     """A replica started during an MLflow outage used to answer nothing (not even /healthz) while the MLflow
     client retried at start-up, so a liveness probe restarted it. Now it listens at once, answers from
