@@ -31,7 +31,7 @@ import math
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -56,6 +56,13 @@ _TARGET_RE = re.compile(r"^(alias:[A-Za-z0-9_.-]+|version:[1-9][0-9]*|[a-z][a-z0
 # a label in exposures and reports: lower-case letters, digits, '.', '_' and '-', at most 64 characters,
 # starting with a letter or digit, and never '..' (so no name can be a path that leaves the store).
 _EXPERIMENT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# the same rule, '..' included, as the JSON Schema of the admin API states it (one pattern, no flags)
+_EXPERIMENT_NAME_SCHEMA = r"^(?!.*\.\.)[a-z0-9][a-z0-9._-]{0,63}$"
+# a share of traffic or units, as the validators below check it
+_SHARE_SCHEMA = {"minimum": 0, "maximum": 1}
+# Numbers are numbers: strict, so that JSON true or "0.5" is refused rather than read as 1.0 or 0.5 (an int is
+# still a float). Per field, not per model: a ramp time is a string in JSON and YAML and must stay one that parses.
+Share = Annotated[float, Field(strict=True, json_schema_extra=_SHARE_SCHEMA)]
 
 
 def check_experiment_name(value: str) -> str:
@@ -72,8 +79,9 @@ class Variant(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, max_length=128)
-    weight: float
-    target: str
+    # the validators are the rule; the schema extras state it to clients (the weights also sum to 1)
+    weight: float = Field(strict=True, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})
+    target: str = Field(json_schema_extra={"pattern": _TARGET_RE.pattern})
 
     @field_validator("weight")
     @classmethod
@@ -100,7 +108,16 @@ class RampStep(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     at: datetime
-    traffic: float
+    traffic: Share
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def _a_time_not_a_number(cls, value: object) -> object:
+        # a time is an ISO 8601 string (or a YAML timestamp); pydantic would also read 0 or 1.5 as seconds
+        # since 1970, which no config means and the schema does not allow
+        if isinstance(value, (int, float)):
+            raise ValueError("ramp step time must be an ISO 8601 date-time, not a number")
+        return value
 
     @field_validator("at")
     @classmethod
@@ -121,7 +138,7 @@ class Experiment(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="1-64 lower-case letters, digits, '.', '_', '-'; "
-                      "starts with a letter or digit; no '..'")
+                      "starts with a letter or digit; no '..'", json_schema_extra={"pattern": _EXPERIMENT_NAME_SCHEMA})
     salt: str = Field(min_length=1, max_length=256)
     variants: list[Variant] = Field(min_length=1)
     # Experiments in one layer are meant to be mutually exclusive; the layer is carried here so a router can
@@ -129,13 +146,15 @@ class Experiment(BaseModel):
     layer: str = Field(default="default", min_length=1)
     status: Literal["draft", "running", "paused", "stopped"] = "running"
     # Share of eligible (non-held-out) units that enter the experiment at all.
-    traffic: float = 1.0
+    traffic: Share = 1.0
     # Share of *all* units in the long-term holdout, excluded from every experiment (same units everywhere).
-    holdout: float = 0.0
+    holdout: Share = 0.0
     # The slice [lo, hi) of the layer's hash line this experiment owns (mutual exclusion inside a layer).
-    layer_range: tuple[float, float] = (0.0, 1.0)
+    layer_range: tuple[Share, Share] = (0.0, 1.0)
     # Simple targeting: request context key -> allowed values; every key must match (missing key = no match).
-    targeting: dict[str, list[str]] = Field(default_factory=dict)
+    targeting: dict[str, list[str]] = Field(default_factory=dict,
+                                            json_schema_extra={"additionalProperties": {
+                                                "type": "array", "items": {"type": "string"}, "minItems": 1}})
     # Ramp schedule: the last step whose time has passed overrides ``traffic``; steps must not decrease.
     ramp: list[RampStep] = Field(default_factory=list)
     description: str = Field(default="", max_length=2000)

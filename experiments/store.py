@@ -56,7 +56,7 @@ class NotFound(ExperimentError):
 
 
 class Conflict(ExperimentError):
-    pass
+    """A change that is well formed but clashes with the experiment's current state (the admin API's 409)."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ class ExperimentStore:
                 raise Conflict(f"experiment {experiment.name!r} exists (version {old['version']}); "
                                "change it with ramp/pause/stop or replace it explicitly")
             if old and old["config"]["salt"] != experiment.salt and old["config"]["status"] != "draft":
-                raise ExperimentError(f"{experiment.name!r}: the salt of an experiment that has run cannot change "
+                raise Conflict(f"{experiment.name!r}: the salt of an experiment that has run cannot change "
                                       "(it would re-randomise exposed users); create a new experiment instead")
             validate_set(self._others(state, experiment.name) + [experiment], check_target)
             self._commit(state, actor=actor, action="replace" if old else "create", name=experiment.name,
@@ -229,7 +229,7 @@ class ExperimentStore:
                 raise NotFound(f"no experiment named {name!r}")
             current = Experiment.model_validate(state["experiments"][name]["config"])
             if current.status == "stopped" and changes.get("status", "stopped") != "stopped":
-                raise ExperimentError(f"{name!r} is stopped; a stopped experiment cannot restart "
+                raise Conflict(f"{name!r} is stopped; a stopped experiment cannot restart "
                                       "(create a new one with a new salt)")
             try:
                 updated = Experiment.model_validate({**current.model_dump(), **changes})
@@ -248,7 +248,7 @@ class ExperimentStore:
         if traffic is not None:
             current = self.snapshot().get(name)
             if traffic < current.traffic_at():
-                raise ExperimentError(f"ramping {name!r} down from {current.traffic_at()} to {traffic} would drop "
+                raise Conflict(f"ramping {name!r} down from {current.traffic_at()} to {traffic} would drop "
                                       "exposed users; pause or stop it instead")
             changes["traffic"] = traffic
         if schedule is not None:

@@ -67,8 +67,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from features.feature_repo import feature_store
@@ -110,10 +112,13 @@ ContextValue = Annotated[str, StringConstraints(max_length=CONTEXT_MAX_VALUE_CHA
 
 
 class RecommendationRequest(BaseModel):
-    # strict: the JSON types the schema states, as ingest reads events (no true as 1, "5" as 5, 0 as false, 1.0 as 1)
+    # strict: the JSON types the schema states, as ingest reads events (no true as 1, "5" as 5, 0 as false, 1.5 as
+    # 1). An integral number written 1.0 is an integer in JSON Schema, and ingest reads ids that way too: see below
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    user_id: int = Field(ge=0, le=2**63 - 1)
+    # int64 (the online store's key) said as a format too: a JSON Schema reader that holds numbers as doubles
+    # rounds 2**63 - 1 up to 2**63 and would otherwise take the integers just above it for valid
+    user_id: int = Field(ge=0, le=2**63 - 1, json_schema_extra={"format": "int64"})
     k: int = Field(default=10, ge=1, le=1000)
     exclude_seen: bool = True
     context: dict[ContextKey, ContextValue] | None = Field(
@@ -122,6 +127,12 @@ class RecommendationRequest(BaseModel):
                      f"At most {CONTEXT_MAX_KEYS} keys of 1-{CONTEXT_MAX_KEY_CHARS} characters, string values of at "
                      f"most {CONTEXT_MAX_VALUE_CHARS}, and {CONTEXT_MAX_TOTAL_CHARS} characters of keys and values "
                      "in all"))
+
+    @field_validator("user_id", "k", mode="before")
+    @classmethod
+    def _integral_number(cls, value: object) -> object:
+        # the schema's "integer" is JSON Schema's: any number with a zero fractional part, 1.0 included
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
     @field_validator("context")
     @classmethod
@@ -152,17 +163,94 @@ class RecommendationResponse(BaseModel):
 
 
 class RampIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A new traffic share, a schedule, or both; a field that is not wanted is left out (null is no value)."""
 
-    traffic: float | None = Field(default=None, ge=0, le=1)
-    schedule: list[RampStep] | None = None
+    # the schema says "at least one of the two" as the validator below does, so a client sees it up front
+    model_config = ConfigDict(extra="forbid",
+                              json_schema_extra={"anyOf": [{"required": ["traffic"]}, {"required": ["schedule"]}]})
+
+    traffic: float | SkipJsonSchema[None] = Field(default=None, ge=0, le=1)
+    schedule: list[RampStep] | SkipJsonSchema[None] = Field(
+        default=None, description="steps in time order whose traffic never decreases")
+
+    @field_validator("traffic", "schedule", mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:
+            raise ValueError("leave the field out instead of sending null")
+        return value
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> RampIn:
+        if self.traffic is None and self.schedule is None:
+            raise ValueError("ramp needs a traffic share or a schedule")
+        return self
 
 
 class KillIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict like the recommendation request: 0 is not false
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     on: bool
     reason: str = Field(default="", max_length=500)
+
+
+class KillOut(BaseModel):
+    kill: bool
+    version: int = Field(description="the experiment store's version after the change")
+
+
+class CreatedOut(BaseModel):
+    name: str
+    version: int = Field(description="the experiment's version: 1, or the next one with replace=true")
+
+
+class AuditEntry(BaseModel):
+    time: str
+    actor: str
+    action: str
+    experiment: str | None
+    version: int | None = Field(description="the experiment's version the change saved (none for the kill switch)")
+    store_version: int
+    change: dict[str, Any]
+
+
+class HistoryEntry(BaseModel):
+    version: int
+    saved_at: str
+    actor: str
+    action: str
+    config: dict[str, Any]
+
+
+class ExperimentOut(Experiment):
+    version: int = Field(description="the experiment's version in the store")
+
+
+class ExperimentsOut(BaseModel):
+    version: int = Field(description="the experiment store's version")
+    kill: bool
+    experiments: list[ExperimentOut]
+
+
+class ExperimentDetail(ExperimentOut):
+    history: list[HistoryEntry]
+    audit: list[AuditEntry]
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class FieldErrorOut(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class InvalidOut(BaseModel):
+    detail: list[FieldErrorOut] | str = Field(
+        description="the fields that are not of the schema, or why the store refused a change")
 
 
 # ============================================================================ models
@@ -880,12 +968,21 @@ def create_app(settings: EncoreSettings, kafka_bootstrap: str, tracking_uri: str
                        "UTF-8, nesting and integer sizes within the parser's limits"}]})
         return await http_exception_handler(request, exc)
 
+    @app.exception_handler(405)
+    async def _method_not_allowed(request: Request, exc: StarletteHTTPException) -> Response:
+        # Starlette's Allow names the methods of the first route whose path matches; a path served by several
+        # routes (GET and POST /admin/experiments) allows the methods of all of them
+        allowed = sorted({method for route in app.routes if route.matches(request.scope)[0] != Match.NONE
+                          for method in getattr(route, "methods", None) or ()})
+        return JSONResponse({"detail": exc.detail}, status_code=405, headers={"Allow": ", ".join(allowed)})
+
     @app.post("/v1/recommendations", response_model=RecommendationResponse,
-              responses={413: {"description": "request body over serve.max_body_bytes (not read)"},
-                         422: {"description": "invalid request: not UTF-8 JSON, or not of the schema (types are "
+              responses={413: {"model": ErrorOut, "description": "request body over serve.max_body_bytes (not read)"},
+                         422: {"model": InvalidOut,
+                               "description": "invalid request: not UTF-8 JSON, or not of the schema (types are "
                                               "strict: no true for 1, \"5\" for 5, 0 for false)"},
-                         503: {"description": "a dependency failed, or this request's exposure could not be "
-                                              "logged"}})
+                         503: {"model": ErrorOut, "description": "a dependency failed, or this request's exposure "
+                                                                 "could not be logged"}})
     async def recommendations(req: RecommendationRequest) -> Response:
         try:
             body = await service.submit(req)
@@ -923,7 +1020,7 @@ def create_app(settings: EncoreSettings, kafka_bootstrap: str, tracking_uri: str
                 "models": {t: h.current.version for t, h in service.models.holders.items() if h.current},
                 "experiments_version": service.router.snapshot.version}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -981,49 +1078,62 @@ def _admin_routes(app: FastAPI, settings: EncoreSettings, service: Recommendatio
             service.load_models()
         return result
 
-    err = {401: {"description": "no or wrong token"}, 403: {"description": "admin API disabled"},
-           404: {"description": "unknown experiment"}, 409: {"description": "conflict"},
-           422: {"description": "invalid experiment"}}
+    # what every admin route may answer besides its own errors
+    fixed = "this service runs a fixed experiment (--experiment FILE)"
+    auth = {401: {"model": ErrorOut, "description": "no or wrong bearer token"},
+            403: {"model": ErrorOut, "description": "admin API disabled: no admin token is set"},
+            409: {"model": ErrorOut, "description": fixed}}
+    conflict = {409: {"model": ErrorOut, "description": (
+        "the change clashes with the experiment's state: it exists (create without replace), it is stopped (a "
+        "stopped experiment never restarts), a ramp would lower its traffic, or a new salt for one that has run; "
+        f"or {fixed}")}}
+    invalid = {422: {"model": InvalidOut, "description": (
+        "not of the schema, or rules the schema cannot state: variant weights that do not sum to 1, ramp steps "
+        "out of order or decreasing, a layer slice that overlaps a running experiment's, a model target the "
+        "registry does not have")}}
+    unknown = {404: {"model": ErrorOut, "description": "no experiment of that name"}}
 
-    @app.get("/admin/experiments", responses=err)
+    @app.get("/admin/experiments", response_model=ExperimentsOut, responses=auth)
     def list_experiments(actor: str = Depends(admin)) -> dict:
         snap = store.snapshot()  # type: ignore[union-attr]
         return {"version": snap.version, "kill": snap.kill,
                 "experiments": [{**e.model_dump(mode="json"), "version": snap.versions[e.name]}
                                 for e in snap.experiments]}
 
-    @app.post("/admin/experiments", status_code=201, responses=err)
+    @app.post("/admin/experiments", status_code=201, response_model=CreatedOut,
+              responses={**auth, **conflict, **invalid})
     def create_experiment(exp: Experiment, replace: bool = False, actor: str = Depends(admin)) -> dict:
         version = apply(lambda: store.create(exp, actor=actor, check_target=check(), replace=replace))  # type: ignore[union-attr]
         return {"name": exp.name, "version": version}
 
-    @app.get("/admin/experiments/{name}", responses=err)
+    @app.get("/admin/experiments/{name}", response_model=ExperimentDetail, responses={**auth, **unknown})
     def get_experiment(name: str, actor: str = Depends(admin)) -> dict:
         snap = store.snapshot()  # type: ignore[union-attr]
         exp = apply(lambda: snap.get(name))
         return {**exp.model_dump(mode="json"), "version": snap.versions[name], "history": store.history(name),  # type: ignore[union-attr]
                 "audit": store.audit(name)}  # type: ignore[union-attr]
 
-    @app.post("/admin/experiments/{name}/ramp", responses=err)
-    def ramp(name: str, body: RampIn, actor: str = Depends(admin)) -> dict:
-        exp = apply(lambda: store.ramp(name, body.traffic, body.schedule, actor=actor))  # type: ignore[union-attr]
-        return exp.model_dump(mode="json")
+    @app.post("/admin/experiments/{name}/ramp", response_model=Experiment,
+              responses={**auth, **unknown, **conflict, **invalid})
+    def ramp(name: str, body: RampIn, actor: str = Depends(admin)) -> Experiment:
+        return apply(lambda: store.ramp(name, body.traffic, body.schedule, actor=actor))  # type: ignore[union-attr]
 
     def status_route(status: str) -> Any:
-        def handler(name: str, actor: str = Depends(admin)) -> dict:
-            return apply(lambda: store.set_status(name, status, actor=actor)).model_dump(mode="json")  # type: ignore[union-attr]
+        def handler(name: str, actor: str = Depends(admin)) -> Experiment:
+            return apply(lambda: store.set_status(name, status, actor=actor))  # type: ignore[union-attr]
 
         return handler
 
     for action, status in (("pause", "paused"), ("resume", "running"), ("stop", "stopped")):
         app.add_api_route(f"/admin/experiments/{{name}}/{action}", status_route(status), methods=["POST"],
-                          responses=err, name=f"{action}_experiment")
+                          response_model=Experiment, responses={**auth, **unknown, **conflict, **invalid},
+                          name=f"{action}_experiment")
 
-    @app.post("/admin/kill", responses=err)
+    @app.post("/admin/kill", response_model=KillOut, responses={**auth, **invalid})
     def kill(body: KillIn, actor: str = Depends(admin)) -> dict:
         version = apply(lambda: store.set_kill(body.on, actor=actor, reason=body.reason))  # type: ignore[union-attr]
         return {"kill": body.on, "version": version}
 
-    @app.get("/admin/audit", responses=err)
+    @app.get("/admin/audit", response_model=list[AuditEntry], responses={**auth, **invalid})
     def audit(limit: int = 100, actor: str = Depends(admin)) -> list[dict]:
         return store.audit(limit=max(1, min(limit, 10_000)))  # type: ignore[union-attr]
