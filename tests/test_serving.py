@@ -538,12 +538,26 @@ def test_an_unreadable_online_store_degrades_to_popularity_and_recovers_without_
     /readyz 200, and a replica whose SQLite file was truncated and restored never recovered. Now every
     request is answered 200 from popularity marked degraded, within the read deadline, /readyz says why it
     is not ready, and the replica serves histories again once the store reads, without a restart."""
-    from concurrent.futures import ThreadPoolExecutor
+    from experiments.store import ExperimentStore
 
     settings, _, server = platform
     url = server.endpoint
+    _within(60.0, lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, "the model loaded")
+    # the kill switch sends every user to the default model, whatever experiments earlier tests left running
+    store = ExperimentStore(settings.experiments_dir)
+    store.set_kill(True, actor="test", reason="online store drill")
+    try:
+        _within(5.0, lambda: _post(url, user_id=0, k=5).json()["assignments"] == [], "kill switch")
+        user = next(u for u in range(500) if _post(url, user_id=u, k=5).json()["source"] == "model")
+        _online_store_drill(settings, url, user)
+    finally:
+        store.set_kill(False, actor="test")
+
+
+def _online_store_drill(settings, url: str, user: int) -> None:  # noqa: ANN001
+    from concurrent.futures import ThreadPoolExecutor
+
     deadline = settings.serve.online_read_timeout_s
-    user = _user_in(settings, "treatment", 0)  # a user with a history, in the model's arm
 
     def answer(user: int) -> tuple[int, bool | None, float]:
         t0 = time.monotonic()
@@ -553,7 +567,6 @@ def test_an_unreadable_online_store_degrades_to_popularity_and_recovers_without_
     def healthy() -> bool:
         return answer(user)[1] is False and httpx.get(f"{url}/readyz", timeout=5).status_code == 200
 
-    _within(60.0, lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, "the model loaded")
     before = _post(url, user_id=user, k=5).json()
     assert before["degraded"] is False and before["source"] == "model"
     for outage in (_locked_online_store, _truncated_online_store):
