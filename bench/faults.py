@@ -35,7 +35,8 @@ builds a small platform on them and breaks it, phase by phase:
    ``degraded_answers``: 200 answers marked ``"degraded": true``; ``errors_during_online_outage``: answers
    other than 200 and transport errors during (a) and (b); ``online_outage_max_ms``: the slowest answer;
    ``recovered_after_store_restore``: a ``"degraded": false`` answer came within ``--recover-timeout``
-   seconds of the restore, without restarting the replica (``recovery_s``: how long it took).
+   seconds of the restore, without restarting the replica (``recovery_s``: how long it took;
+   ``first_200_after_restore_s``: until the first 200 answer of any kind).
 
 The bar (``BAR``): ingest_stalled 0, lost 0, duplicated 0, online_offline_mismatch 0, neighbour_failures 0,
 kill_switch_s <= 2, healthz_during_mlflow_outage_s <= 5, errors_during_online_outage 0,
@@ -516,8 +517,10 @@ class OnlineOutageResult:
     degraded_answers: int = 0
     errors_during_online_outage: int = 0
     online_outage_max_ms: float = 0.0
+    online_outage_statuses: dict[str, int] = field(default_factory=dict)  # status (or exception) -> count
     recovered_after_store_restore: bool = False
     recovery_s: float | None = None
+    first_200_after_restore_s: float | None = None  # any 200 answer, degraded or not
 
 
 @dataclass
@@ -548,10 +551,12 @@ class _Traffic:
                 try:
                     r = http.post("/v1/recommendations", json={"user_id": i % self.users, "k": 5})
                     ok, degraded = r.status_code == 200, r.status_code == 200 and r.json().get("degraded") is True
-                except httpx.HTTPError:
-                    ok, degraded = False, False
+                    status = str(r.status_code)
+                except httpx.HTTPError as exc:
+                    ok, degraded, status = False, False, type(exc).__name__
                 ms = (time.monotonic() - t0) * 1000
                 with self.lock:
+                    self.result.online_outage_statuses[status] = self.result.online_outage_statuses.get(status, 0) + 1
                     self.result.answers += 1
                     self.result.errors_during_online_outage += not ok
                     self.result.degraded_answers += degraded
@@ -601,8 +606,12 @@ def phase_online_outage(settings: EncoreSettings, endpoint: str, cfg: DrillConfi
 
     user = _user_in_arm(settings, "treatment")
 
+    restored = time.monotonic()
+
     def healthy() -> bool:
         r = httpx.post(f"{endpoint}/v1/recommendations", json={"user_id": user, "k": 5}, timeout=5)
+        if r.status_code == 200 and out.first_200_after_restore_s is None:
+            out.first_200_after_restore_s = round(time.monotonic() - restored, 3)
         return r.status_code == 200 and r.json().get("degraded") is False
 
     out.recovery_s = _time_until(healthy, cfg.recover_timeout_s)
