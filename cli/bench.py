@@ -71,3 +71,13 @@ def bench_train_speed(args: tuple[str, ...]) -> None:
     from bench.train_speed import main as run
 
     run(list(args))
+
+
+@bench.command("faults", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_faults(args: tuple[str, ...]) -> None:
+    """Fault drill: poison messages, SIGKILLed ingest, bad neighbours, MLflow and online-store outages; exits 1
+    when the bar is missed (`encore bench faults --help`)."""
+    from bench.faults import main as run
+
+    run(list(args))

@@ -19,10 +19,10 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import httpx
 
@@ -160,6 +160,19 @@ def _cmdline_matches(pid: int, cmd: list[str]) -> bool:
     # A script (mlflow) runs as "python /path/mlflow ...": match the program's name and the arguments.
     joined = b" ".join(running)
     return bool(cmd) and os.path.basename(cmd[0]).encode() in joined and " ".join(cmd[1:]).encode() in joined
+
+
+@contextmanager
+def frozen(managed: ManagedProcess) -> Iterator[ManagedProcess]:
+    """``managed`` hung: SIGSTOP on its process group (the server and its workers), SIGCONT on exit, whatever
+    happens inside. The kernel still accepts connections that nobody answers, the worst case for a client:
+    fault drills use it to show that what must not wait on a service does not."""
+    group = os.getpgid(managed.proc.pid)
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        yield managed
+    finally:
+        os.killpg(group, signal.SIGCONT)
 
 
 # ---------------------------------------------------------------- Kafka-protocol broker

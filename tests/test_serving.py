@@ -7,9 +7,7 @@ test starts from it. The fuzz test runs last: it may create experiments and flip
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +21,7 @@ import pytest
 from mlflow import MlflowClient
 
 from bench.serve import driver_result, spawn_driver
-from infra.services import EmbeddedServices
+from infra.services import EmbeddedServices, frozen
 from cli.jobs import run_job
 from serving.launch import start_server
 from experiments.assignment import default_experiment
@@ -454,14 +452,10 @@ def _frozen_mlflow(svc):  # noqa: ANN001, ANN202
     """The module's MLflow server hung (SIGSTOP on its process group: the server and its workers): connections
     are accepted by the kernel and never answered, the worst case for a client. Always resumed on exit."""
     server = next(p for p in svc.started if p.name == "mlflow")
-    group = os.getpgid(server.proc.pid)
-    os.killpg(group, signal.SIGSTOP)
-    try:
+    with frozen(server):
         with pytest.raises(httpx.TimeoutException):
             httpx.get(f"{server.endpoint}/health", timeout=1)
         yield server
-    finally:
-        os.killpg(group, signal.SIGCONT)
 
 
 def _within(seconds: float, check, what: str) -> float:  # noqa: ANN001
