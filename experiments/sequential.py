@@ -54,6 +54,7 @@ from functools import lru_cache
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import optimize, stats
 
@@ -178,8 +179,9 @@ def crossing_probability(log_c: float, r: float, drift: float = 0.0, steps: int 
 
 
 def _r_key(r: float) -> float:
-    # calibrations are cached on r rounded to 1/100 of a decade (≤ 2.3% in r, < 1e-3 in log c)
-    return float(10 ** (round(math.log10(r) * 100) / 100))
+    # Calibrations are cached on r rounded *up* to 1/100 of a decade (≤ 2.3% in r, < 1e-3 in log c): a
+    # longer horizon has a higher threshold, so rounding up keeps the error ≤ α.
+    return float(10 ** (math.ceil(math.log10(r) * 100 - 1e-9) / 100))
 
 
 @lru_cache(maxsize=4096)
@@ -368,3 +370,89 @@ def sequential_sample_size(mde: float, sd: float, alpha: float = 0.05, power: fl
 def _check_plan_inputs(mde: float, sd: float, alpha: float, power: float) -> None:
     if not (mde > 0 and sd > 0 and 0 < alpha < 1 and 0 < power < 1):
         raise ValueError(f"need mde > 0, sd > 0, 0 < alpha < 1, 0 < power < 1; got {mde}, {sd}, {alpha}, {power}")
+
+
+class Baseline(BaseModel):
+    """Pre-period figures a plan is sized from: the per-user metric's mean and SD, and users arriving per day."""
+
+    metric: str
+    mean: float
+    sd: float
+    users_per_day: float | None
+    users: int
+
+
+PLANNABLE_METRICS = ("listens", "likes", "skips", "listening_time", "events", "skip_rate")
+
+
+def baseline_from_events(interactions: pd.DataFrame, metric: str) -> Baseline:
+    """Per-user mean/SD of ``metric`` and distinct users per day from pre-period (organic) events.
+
+    ``skip_rate`` is the ratio of sums Σ skips / Σ plays, its SD the linearised per-user SD of the delta method
+    (``stats.ratio_test``), so ``fixed_sample_size`` applies unchanged. Users per day is the distinct users over
+    the pre-period's days: new users enter an experiment more slowly than that when many return daily, so the
+    duration it gives is a lower bound.
+    """
+    from experiments.metrics import pre_period_covariates
+
+    if metric not in PLANNABLE_METRICS:
+        raise ValueError(f"metric must be one of {PLANNABLE_METRICS}, got {metric!r}")
+    per = pre_period_covariates(interactions)
+    if len(per) < 2:
+        raise ValueError("the pre-period has fewer than 2 users")
+    if metric == "skip_rate":
+        num, den = per["skips"].to_numpy(float), (per["listens"] + per["skips"]).to_numpy(float)
+        mean = float(num.sum() / den.sum())
+        sd = float(((num - mean * den) / den.mean()).std(ddof=1))
+    else:
+        x = per[metric].to_numpy(float)
+        mean, sd = float(x.mean()), float(x.std(ddof=1))
+    per_day = None
+    if "timestamp_ms" in interactions.columns and len(interactions):
+        ts = pd.to_numeric(interactions["timestamp_ms"])
+        days = (int(ts.max()) - int(ts.min())) / 86_400_000
+        if days >= 1:
+            per_day = len(per) / days
+    return Baseline(metric=metric, mean=mean, sd=sd, users_per_day=per_day, users=len(per))
+
+
+class PlanSummary(BaseModel):
+    """What ``encore ab plan`` prints: horizons of both tests for one MDE."""
+
+    mde_absolute: float
+    mde_relative: float | None
+    baseline_mean: float
+    baseline_sd: float
+    alpha: float
+    power: float
+    fixed_users_per_arm: int
+    sequential_users_per_arm: int
+    sequential_over_fixed: float
+    users_per_day: float | None
+    arms: int
+    fixed_days: float | None
+    sequential_days: float | None
+    plan: SequentialPlan
+
+
+def plan_experiment(mde: float, *, relative: bool, mean: float, sd: float, users_per_day: float | None,
+                    alpha: float = 0.05, power: float = 0.8, arms: int = 2) -> PlanSummary:
+    """Sample size per arm and days for both tests, and the ``plan`` block to put in the experiment's config.
+
+    The plan states the sequential horizon: a test that will be watched must be sized for the sequential test.
+    """
+    absolute = mde * abs(mean) if relative else mde
+    if not absolute > 0:
+        raise ValueError("a relative MDE needs a non-zero baseline mean")
+    n_fixed = fixed_sample_size(absolute, sd, alpha, power)
+    n_seq = sequential_sample_size(absolute, sd, alpha, power)
+    per_arm_day = users_per_day / arms if users_per_day else None
+    return PlanSummary(
+        mde_absolute=absolute, mde_relative=mde if relative else (mde / abs(mean) if mean else None),
+        baseline_mean=mean, baseline_sd=sd, alpha=alpha, power=power,
+        fixed_users_per_arm=n_fixed, sequential_users_per_arm=n_seq, sequential_over_fixed=n_seq / n_fixed,
+        users_per_day=users_per_day, arms=arms,
+        fixed_days=n_fixed / per_arm_day if per_arm_day else None,
+        sequential_days=n_seq / per_arm_day if per_arm_day else None,
+        plan=SequentialPlan(mde=mde, relative=relative, planned_users_per_arm=n_seq, alpha=alpha, power=power),
+    )
