@@ -210,7 +210,8 @@ def ab_plan(data_dir: str | None, mde: float, absolute: bool, metric: str, basel
 
     if (baseline_mean is None) != (baseline_sd is None):
         raise click.BadParameter("--baseline-mean and --baseline-sd go together")
-    if baseline_mean is None:
+    baseline_from_store = baseline_mean is None
+    if baseline_from_store:
         from features.offline_store import read_interactions
 
         settings = settings_for(data_dir)
@@ -236,7 +237,8 @@ def ab_plan(data_dir: str | None, mde: float, absolute: bool, metric: str, basel
         return
     s = summary
     days = (lambda d: f", {d:.1f} days" if d is not None else "")  # noqa: E731
-    click.echo(f"{metric}: baseline mean {s.baseline_mean:.4g}, SD {s.baseline_sd:.4g}; MDE {s.mde_absolute:.4g}"
+    label = metric if baseline_from_store else "baseline"
+    click.echo(f"{label}: baseline mean {s.baseline_mean:.4g}, SD {s.baseline_sd:.4g}; MDE {s.mde_absolute:.4g}"
                + (f" ({s.mde_relative:+.1%})" if s.mde_relative is not None else "")
                + f"; alpha {s.alpha:g}, power {s.power:.0%}")
     click.echo(f"fixed-horizon (read once at the end): {s.fixed_users_per_arm} users per arm{days(s.fixed_days)}")
