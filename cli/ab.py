@@ -174,3 +174,77 @@ def ab_report(data_dir: str | None) -> None:
     result = run_job(settings, "ab_report_job").output_for_node("ab_report")
     click.echo(result["markdown"])
     click.echo(f"report: {result['html']}")
+
+
+@ab.command("plan")
+@data_dir_option
+@click.option("--mde", type=float, required=True,
+              help="minimum detectable effect: relative to the baseline mean (0.05 = +5%) unless --absolute")
+@click.option("--absolute", is_flag=True, help="--mde is in the metric's units, not relative")
+@click.option("--metric", default="listens", show_default=True,
+              help="per-user metric measured on the pre-period: listens, likes, skips, listening_time, events, "
+                   "skip_rate (ratio of sums, delta-method SD)")
+@click.option("--baseline-mean", type=float, default=None, help="per-user mean (skips reading the offline store)")
+@click.option("--baseline-sd", type=float, default=None, help="per-user standard deviation (with --baseline-mean)")
+@click.option("--users-per-day", type=float, default=None, help="users entering the experiment per day, all arms")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True)
+@click.option("--power", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.8, show_default=True)
+@click.option("--arms", type=click.IntRange(2), default=2, show_default=True, help="arms with equal weights")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def ab_plan(data_dir: str | None, mde: float, absolute: bool, metric: str, baseline_mean: float | None,
+            baseline_sd: float | None, users_per_day: float | None, alpha: float, power: float, arms: int,
+            as_json: bool) -> None:
+    """Size an experiment before it starts: users per arm and days to detect --mde with --power.
+
+    Gives both horizons: the fixed-horizon test (read once, at its end) and the sequential test (read any day,
+    stopped when it decides), which needs more users for the same power (the ratio is printed: about 1.35x at
+    alpha 0.05 and 80% power). Baseline mean/SD and users per day come from the offline store's organic events
+    before any experiment (the pre-period), or from --baseline-mean/--baseline-sd/--users-per-day. Prints the
+    `plan:` block to add to the experiment's YAML, which sets the report's sequential test.
+
+    \b
+    encore ab plan --mde 0.05 --metric listens
+    encore ab plan --mde 0.005 --absolute --baseline-mean 0.1 --baseline-sd 0.3 --users-per-day 8000
+    """
+    from experiments.sequential import baseline_from_events, plan_experiment
+
+    if (baseline_mean is None) != (baseline_sd is None):
+        raise click.BadParameter("--baseline-mean and --baseline-sd go together")
+    baseline_from_store = baseline_mean is None
+    if baseline_from_store:
+        from features.offline_store import read_interactions
+
+        settings = settings_for(data_dir)
+        events = read_interactions(settings.offline_dir)
+        if "source" in events.columns:
+            events = events[events["source"] == "organic"]
+        if events.empty:
+            raise click.ClickException("no organic events in the offline store: pass --baseline-mean/--baseline-sd")
+        try:
+            base = baseline_from_events(events, metric)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+        baseline_mean, baseline_sd = base.mean, base.sd
+        users_per_day = users_per_day if users_per_day is not None else base.users_per_day
+    assert baseline_sd is not None
+    try:
+        summary = plan_experiment(mde, relative=not absolute, mean=baseline_mean, sd=baseline_sd,
+                                  users_per_day=users_per_day, alpha=alpha, power=power, arms=arms)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(summary.model_dump_json())
+        return
+    s = summary
+    days = (lambda d: f", {d:.1f} days" if d is not None else "")  # noqa: E731
+    label = metric if baseline_from_store else "baseline"
+    click.echo(f"{label}: baseline mean {s.baseline_mean:.4g}, SD {s.baseline_sd:.4g}; MDE {s.mde_absolute:.4g}"
+               + (f" ({s.mde_relative:+.1%})" if s.mde_relative is not None else "")
+               + f"; alpha {s.alpha:g}, power {s.power:.0%}")
+    click.echo(f"fixed-horizon (read once at the end): {s.fixed_users_per_arm} users per arm{days(s.fixed_days)}")
+    click.echo(f"sequential (read any time):           {s.sequential_users_per_arm} users per arm"
+               f"{days(s.sequential_days)} ({s.sequential_over_fixed:.2f}x the fixed-horizon size)")
+    click.echo("plan block for the experiment's YAML:")
+    p = s.plan
+    click.echo(f"plan:\n  mde: {p.mde:g}\n  relative: {str(p.relative).lower()}\n"
+               f"  planned_users_per_arm: {p.planned_users_per_arm}\n  alpha: {p.alpha:g}\n  power: {p.power:g}")

@@ -81,3 +81,13 @@ def bench_faults(args: tuple[str, ...]) -> None:
     from bench.faults import main as run
 
     run(list(args))
+
+
+@bench.command("experiments", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_experiments(args: tuple[str, ...]) -> None:
+    """Sequential A/B readout by simulation: A/A error under peeking, any-time coverage, power vs fixed-horizon
+    (see `python -m bench.experiments -h`)."""
+    from bench.experiments import main as run
+
+    run(list(args))

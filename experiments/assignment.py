@@ -37,6 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from infra.settings import EncoreSettings
+from experiments.sequential import SequentialPlan
 
 DEFAULT_BUCKETS = 10_000
 
@@ -158,6 +159,8 @@ class Experiment(BaseModel):
     # Ramp schedule: the last step whose time has passed overrides ``traffic``; steps must not decrease.
     ramp: list[RampStep] = Field(default_factory=list)
     description: str = Field(default="", max_length=2000)
+    # What the test is sized to detect (MDE and/or horizon): sets the sequential test's τ and truncation.
+    plan: SequentialPlan | None = None
 
     @field_validator("name")
     @classmethod

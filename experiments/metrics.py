@@ -47,14 +47,28 @@ METRICS: dict[str, str] = {
     "likes": "attributed like events",
     "skips": "attributed skip events",
     "listening_time": "sum of played_ratio over attributed events (listening-time proxy, in tracks)",
-    "like_rate": "likes per exposure",
-    "skip_rate": "skips / (listens + skips): share of started plays skipped (undefined without plays)",
-    "hit_rate": "share of served items the user then listened to, liked or added to a playlist",
+    "like_rate": "likes per exposure: Σ likes / Σ exposures over the arm's users (ratio of sums)",
+    "likes_per_play": "Σ likes / Σ (listens + skips) over all the arm's users (ratio of sums)",
+    "skip_rate": "skips per play: Σ skips / Σ (listens + skips) over all the arm's users (ratio of sums; users "
+                 "without plays stay in the sample, so a treatment that stops plays cannot hide its skips)",
+    "hit_rate": "Σ hits / Σ served items: share of served items then listened to, liked or added to a playlist",
 }
 # Metrics where a smaller value is better; the report flags direction so a 'significant' rise is not
 # mistaken for a win.
 LOWER_IS_BETTER: frozenset[str] = frozenset({"skips", "skip_rate"})
-RATE_METRICS: frozenset[str] = frozenset({"like_rate", "skip_rate", "hit_rate"})
+RATE_METRICS: frozenset[str] = frozenset({"like_rate", "likes_per_play", "skip_rate", "hit_rate"})
+# Ratio metrics: (numerator, denominator) per-user columns. An arm's value is Σ numerator / Σ denominator over
+# all its users (as GrowthBook, Statsig and Eppo report them), tested with the delta method
+# (``experiments.stats.ratio_test``), not the mean of per-user ratios: that mean weighs a user with one play
+# like one with a hundred, and is undefined for users without plays, so it can only be taken over the users
+# who played, a subset the treatment itself changes. The per-user columns of the same names are each user's own
+# rate, kept for display and as CUPED covariates' names.
+RATIO_METRICS: dict[str, tuple[str, str]] = {
+    "like_rate": ("likes", "exposures"),
+    "likes_per_play": ("likes", "plays"),
+    "skip_rate": ("skips", "plays"),
+    "hit_rate": ("hits", "served_items"),
+}
 
 
 class AttributionStats(BaseModel):
@@ -176,8 +190,9 @@ def per_user_metrics(exposures: pd.DataFrame, attributed: pd.DataFrame) -> pd.Da
 
     ``attributed`` is the output of :func:`attribute`. Every exposed user gets a row, including users who
     never interacted (their counts are 0) — dropping them would bias each arm towards its engaged users.
-    ``skip_rate`` is NaN for users without plays and ``hit_rate`` for users served no items; tests skip
-    NaNs and report the n actually used.
+    The per-user ``skip_rate``/``likes_per_play`` are NaN for users without plays and ``hit_rate`` for users
+    served no items; the report analyses these as ratios of sums over all users (``RATIO_METRICS``), from the
+    ``plays``, ``served_items`` and ``hits`` columns also returned.
     """
     ex = _clean_exposures(exposures)
     keys = ["user_id", "variant"]
@@ -213,10 +228,12 @@ def per_user_metrics(exposures: pd.DataFrame, attributed: pd.DataFrame) -> pd.Da
         out[col] = out[col].fillna(0).astype(int)
     out["listening_time"] = out["listening_time"].fillna(0.0)
     out["like_rate"] = out["likes"] / out["exposures"]
-    plays = out["listens"] + out["skips"]
-    out["skip_rate"] = (out["skips"] / plays.where(plays > 0)).astype(float)
+    out["plays"] = out["listens"] + out["skips"]
+    plays = out["plays"].where(out["plays"] > 0)
+    out["skip_rate"] = (out["skips"] / plays).astype(float)
+    out["likes_per_play"] = (out["likes"] / plays).astype(float)
     out["hit_rate"] = (out["hits"] / out["served_items"].where(out["served_items"] > 0)).astype(float)
-    return out[[*keys, *METRICS, "served_items", "hits"]]
+    return out[[*keys, *METRICS, "plays", "served_items", "hits"]]
 
 
 # Pre-period covariate used for each metric when the pre-period is given as raw events. Pre-period users
@@ -229,6 +246,7 @@ PRE_PERIOD_COVARIATE: dict[str, str] = {
     "skips": "skips",
     "listening_time": "listening_time",
     "like_rate": "like_share",
+    "likes_per_play": "like_share",
     "skip_rate": "skip_rate",
     "hit_rate": "positive_share",
 }

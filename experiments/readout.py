@@ -16,7 +16,7 @@ import pandas as pd
 from features.kafka_io import read_topic
 from features.offline_store import read_interactions
 from infra.settings import EncoreSettings
-from experiments.report import ab_report, render_html
+from experiments.report import ab_report, render_html, sequential_png
 from experiments.assignment import default_experiment
 
 log = logging.getLogger("encore.report")
@@ -50,19 +50,23 @@ def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str 
     pre = interactions[(interactions["timestamp_ms"] < start_ms) & (interactions["source"] == "organic")]
     report = ab_report(
         exposures, interactions, control="control", window_s=settings.experiment.attribution_window_s,
-        weights=exp.weights, pre_period=pre if not pre.empty else None, name=exp.name,
+        weights=exp.weights, pre_period=pre if not pre.empty else None, name=exp.name, plan=exp.plan,
     )
     settings.reports_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     html_path = render_html(report, settings.reports_dir / f"ab-{exp.name}-{stamp}.html")
     markdown = report.to_markdown()
+    boundary_png = html_path.with_suffix(".sequential.png")
+    boundary_png.write_bytes(sequential_png(report))
     headline = _headline(report)
     if tracking_uri:
         _log_to_mlflow(tracking_uri, settings, html_path, report)
     lifts = {t.metric: {"diff": t.result.diff, "lift": t.result.rel_lift, "p_adjusted": t.p_adjusted,
-                        "significant": t.significant, "variance_reduction": t.variance_reduction}
+                        "significant": t.significant, "variance_reduction": t.variance_reduction,
+                        "always_valid_p": t.always_valid_p,
+                        "decision": t.sequential.decision if t.sequential else None}
              for t in report.tests}
-    return {"html": str(html_path), "markdown": markdown, "headline": headline, "tests": lifts,
+    return {"html": str(html_path), "markdown": markdown, "sequential_png": str(boundary_png), "headline": headline, "tests": lifts,
             "exposures": int(len(exposures)), "srm_flagged": bool(report.srm.flagged),
             "guardrail_breaches": [t.metric for t in report.guardrail_breaches]}
 

@@ -25,6 +25,7 @@ from experiments.metrics import (
     METRICS,
     PRE_PERIOD_COVARIATE,
     RATE_METRICS,
+    RATIO_METRICS,
     AttributionStats,
     _attribute,
     _require,
@@ -38,10 +39,17 @@ from experiments.stats import (
     _harmful,
     adjust_pvalues,
     cuped,
-    msprt_p_value,
+    ratio_test,
     srm_check,
     welch_test,
 )
+from experiments.sequential import SequentialPlan, SequentialResult, sequential_test
+
+# Looks of the sequential timeline: one per day of the experiment (how experimenters peek), or this many equal
+# slices when it spans less than two days; at most MAX_LOOKS (evenly thinned) to bound the report's cost.
+SHORT_TEST_LOOKS = 10
+MAX_LOOKS = 60
+DAY_MS = 86_400_000
 
 class ArmStat(BaseModel):
     mean: float
@@ -72,6 +80,8 @@ class MetricTest(BaseModel):
     always_valid_p: float | None = Field(
         default=None, description="mSPRT always-valid p-value: safe to read at any time, however often peeked")
     guardrail_breached: bool = False
+    ratio: bool = Field(default=False, description="ratio of sums per arm, delta-method variance")
+    sequential: SequentialResult | None = None
 
 
 class ABReport(BaseModel):
@@ -88,6 +98,7 @@ class ABReport(BaseModel):
     attribution: AttributionStats
     notes: list[str]
     guardrails: list[str] = Field(default_factory=list, description="metrics that must not get worse")
+    plan: SequentialPlan | None = Field(default=None, description="the experiment's plan (sets τ and the horizon)")
 
     @property
     def guardrail_breaches(self) -> list[MetricTest]:
@@ -114,6 +125,20 @@ def _arm_stat(values: pd.Series, alpha: float) -> ArmStat:
     # t interval on n-1 df: the same interval as ttest_1samp(...).confidence_interval(), without its overhead
     low, high = stats.t.interval(1 - alpha, len(x) - 1, loc=mean, scale=float(x.std(ddof=1)) / math.sqrt(len(x)))
     return ArmStat(mean=mean, ci_low=float(low), ci_high=float(high), n=len(x))
+
+
+def _ratio_arm_stat(arm: pd.DataFrame, metric: str, alpha: float) -> ArmStat:
+    """Σ num / Σ den over the arm's users with a delta-method normal interval (see ``stats.ratio_test``)."""
+    num_col, den_col = RATIO_METRICS[metric]
+    num, den = arm[num_col].to_numpy(dtype=float), arm[den_col].to_numpy(dtype=float)
+    if len(num) == 0 or den.sum() <= 0:
+        return ArmStat(mean=math.nan, ci_low=math.nan, ci_high=math.nan, n=len(num))
+    r = float(num.sum() / den.sum())
+    if len(num) < 2:
+        return ArmStat(mean=r, ci_low=r, ci_high=r, n=len(num))
+    se = float(((num - r * den) / den.mean()).std(ddof=1)) / math.sqrt(len(num))
+    q = float(stats.norm.ppf(1 - alpha / 2))
+    return ArmStat(mean=r, ci_low=r - q * se, ci_high=r + q * se, n=len(num))
 
 
 # =============================================================================== the report
@@ -151,12 +176,19 @@ def ab_report(
     alpha: float = 0.05,
     name: str = "experiment",
     guardrails: Sequence[str] = ("skip_rate",),
+    plan: SequentialPlan | None = None,
 ) -> ABReport:
     """Full analysis of one experiment: SRM, per-arm summaries and per-metric tests against ``control``.
 
     ``weights`` are the configured variant weights (``Experiment.weights``). ``pre_period`` enables CUPED:
     either raw interaction events from before the experiment, or a per-user frame with ``user_id`` and
     columns named like the metrics. Every (metric, treatment) test is one family for Benjamini–Hochberg.
+    Ratio metrics (``RATIO_METRICS``) are ratios of sums over all assigned users with delta-method variances.
+
+    Each test also gets its sequential readout (``experiments.sequential``): the statistic recomputed at one
+    look per day from the exposures' ``timestamp_ms`` (what an experimenter watching the test saw), the
+    always-valid p-value and confidence sequence with τ from ``plan`` (the experiment's ``plan``), and the
+    decision: decide now, keep running, or horizon reached.
     """
     if control not in weights:
         raise ValueError(f"control {control!r} is not among the configured variants {list(weights)}")
@@ -213,41 +245,35 @@ def ab_report(
                 users=len(arm),
                 exposures=int(arm["exposures"].sum()),
                 attributed_interactions=int(attributed_per_variant.get(variant, 0)),
-                metrics={m: _arm_stat(arm[m], alpha) for m in METRICS},
+                metrics={m: _ratio_arm_stat(arm, m, alpha) if m in RATIO_METRICS else _arm_stat(arm[m], alpha)
+                         for m in METRICS},
             )
         )
 
-    raw_tests: list[tuple[str, str, TestResult, bool, float | None]] = []
+    treatments = [v for v in weights if v != control]
+    raw_tests: list[tuple[str, str, TestResult, bool, float | None, float | None]] = []
     for metric in METRICS:
-        y = users[metric].to_numpy(dtype=float)
-        ok = np.isfinite(y)
-        values, used_cuped, reduction = y, False, None
-        if covariates is not None and metric in covariates.columns and ok.sum() >= 3:
-            # theta from all arms pooled (CUPED must not see the treatment labels)
-            res = cuped(y[ok], covariates[metric].to_numpy(dtype=float)[ok])
-            if res.theta != 0:  # theta == 0: constant covariate or metric, nothing to adjust
-                values = np.full_like(y, np.nan)
-                values[ok] = res.adjusted
-                used_cuped, reduction = True, res.variance_reduction
-        for treatment in weights:
-            if treatment == control:
+        for treatment, outcome in _metric_tests(users, covariates, metric, control, treatments, alpha).items():
+            if isinstance(outcome, str):
+                notes.append(f"{metric} ({treatment} vs {control}) not tested: {outcome}.")
                 continue
-            a = values[(users["variant"] == control).to_numpy()]
-            b = values[(users["variant"] == treatment).to_numpy()]
-            raw_control = y[(users["variant"] == control).to_numpy()]
-            baseline = float(np.nanmean(raw_control)) if used_cuped and np.isfinite(raw_control).any() else None
-            try:
-                result = welch_test(a, b, alpha=alpha, baseline_mean=baseline)
-            except ValueError as exc:
-                notes.append(f"{metric} ({treatment} vs {control}) not tested: {exc}.")
-                continue
+            result, used_cuped, reduction, baseline = outcome
             if not math.isfinite(result.p_value):
                 notes.append(f"{metric} ({treatment} vs {control}) has no variance in either arm; no p-value.")
-            raw_tests.append((metric, treatment, result, used_cuped, reduction))
+            raw_tests.append((metric, treatment, result, used_cuped, reduction, baseline))
 
+    histories = _history(exposures, attributed, pre_period, crossed, control, treatments, weights, alpha)
+    end_ms = int(pd.to_numeric(exposures["timestamp_ms"]).max())
     adjusted = adjust_pvalues([t[2].p_value for t in raw_tests])
-    tests = [
-        MetricTest(
+    tests = []
+    for (metric, treatment, result, used_cuped, reduction, baseline), p_adj in zip(raw_tests, adjusted, strict=True):
+        lower = metric in LOWER_IS_BETTER
+        seq = sequential_test(result, plan, lower_is_better=lower, baseline=baseline, t_ms=end_ms,
+                              history=histories.get((metric, treatment), []))
+        harmful_fixed = _harmful(result, metric, alpha)
+        # a guardrail is breached by the fixed-horizon CI or by the confidence sequence (valid under peeking)
+        harmful_seq = seq is not None and seq.decision == "treatment_worse"
+        tests.append(MetricTest(
             metric=metric,
             control=control,
             treatment=treatment,
@@ -256,12 +282,12 @@ def ab_report(
             variance_reduction=reduction,
             p_adjusted=p_adj,
             significant=bool(math.isfinite(p_adj) and p_adj < alpha),
-            lower_is_better=metric in LOWER_IS_BETTER,
-            always_valid_p=msprt_p_value(result),
-            guardrail_breached=metric in guardrails and _harmful(result, metric, alpha),
-        )
-        for (metric, treatment, result, used_cuped, reduction), p_adj in zip(raw_tests, adjusted, strict=True)
-    ]
+            lower_is_better=lower,
+            always_valid_p=seq.always_valid_p if seq is not None else None,
+            guardrail_breached=metric in guardrails and (harmful_fixed or harmful_seq),
+            ratio=metric in RATIO_METRICS,
+            sequential=seq,
+        ))
     for t in tests:
         if t.guardrail_breached:
             notes.append(f"GUARDRAIL BREACHED: {t.metric} got worse in {t.treatment} "
@@ -280,10 +306,89 @@ def ab_report(
         variants=summaries,
         tests=tests,
         guardrails=list(guardrails),
+        plan=plan,
         srm=srm,
         attribution=attribution,
         notes=notes,
     )
+
+
+def _metric_tests(
+    users: pd.DataFrame, covariates: pd.DataFrame | None, metric: str, control: str, treatments: list[str],
+    alpha: float,
+) -> dict[str, tuple[TestResult, bool, float | None, float | None] | str]:
+    """treatment -> (result, CUPED used, variance reduction, raw control mean for CUPED lifts), or why not."""
+    out: dict[str, tuple[TestResult, bool, float | None, float | None] | str] = {}
+    in_control = (users["variant"] == control).to_numpy()
+    if metric in RATIO_METRICS:
+        num_col, den_col = RATIO_METRICS[metric]
+        num, den = users[num_col].to_numpy(dtype=float), users[den_col].to_numpy(dtype=float)
+        for treatment in treatments:
+            arm = (users["variant"] == treatment).to_numpy()
+            try:
+                out[treatment] = (ratio_test(num[in_control], den[in_control], num[arm], den[arm], alpha),
+                                  False, None, None)
+            except ValueError as exc:
+                out[treatment] = str(exc)
+        return out
+    y = users[metric].to_numpy(dtype=float)
+    ok = np.isfinite(y)
+    values, used_cuped, reduction = y, False, None
+    if covariates is not None and metric in covariates.columns and ok.sum() >= 3:
+        # theta from all arms pooled (CUPED must not see the treatment labels)
+        res = cuped(y[ok], covariates[metric].to_numpy(dtype=float)[ok])
+        if res.theta != 0:  # theta == 0: constant covariate or metric, nothing to adjust
+            values = np.full_like(y, np.nan)
+            values[ok] = res.adjusted
+            used_cuped, reduction = True, res.variance_reduction
+    raw_control = y[in_control]
+    baseline = float(np.nanmean(raw_control)) if used_cuped and np.isfinite(raw_control).any() else None
+    for treatment in treatments:
+        arm = (users["variant"] == treatment).to_numpy()
+        try:
+            out[treatment] = (welch_test(values[in_control], values[arm], alpha=alpha, baseline_mean=baseline),
+                              used_cuped, reduction, baseline)
+        except ValueError as exc:
+            out[treatment] = str(exc)
+    return out
+
+
+def _look_times(timestamps: pd.Series) -> list[int]:
+    """Cut-off times of the earlier looks (the last look is all the data): daily, or equal slices if short."""
+    ts = pd.to_numeric(timestamps)
+    start, end = int(ts.min()), int(ts.max())
+    if end - start >= 2 * DAY_MS:
+        cuts = list(range(start + DAY_MS, end, DAY_MS))
+    else:
+        cuts = [start + (end - start) * k // SHORT_TEST_LOOKS for k in range(1, SHORT_TEST_LOOKS)]
+    if len(cuts) > MAX_LOOKS - 1:
+        cuts = [cuts[i] for i in np.linspace(0, len(cuts) - 1, MAX_LOOKS - 1).round().astype(int)]
+    return cuts
+
+
+def _history(
+    exposures: pd.DataFrame, attributed: pd.DataFrame, pre_period: pd.DataFrame | None, crossed: pd.Index,
+    control: str, treatments: list[str], weights: Mapping[str, float], alpha: float,
+) -> dict[tuple[str, str], list[tuple[int, TestResult]]]:
+    """(metric, treatment) -> [(cut-off, result)] at each earlier look, from the data as it stood then.
+
+    Only exposures and attributed interactions up to the cut-off count: a user's metric at a look is what had
+    happened by then, not their final value (which would leak the future into the early looks).
+    """
+    ex_ts = pd.to_numeric(exposures["timestamp_ms"])
+    ev_ts = pd.to_numeric(attributed["timestamp_ms"]) if len(attributed) else pd.Series(dtype=float)
+    out: dict[tuple[str, str], list[tuple[int, TestResult]]] = {}
+    for cut in _look_times(exposures["timestamp_ms"]):
+        users = per_user_metrics(exposures[ex_ts <= cut], attributed[ev_ts <= cut] if len(attributed) else attributed)
+        users = users[~users["user_id"].isin(crossed) & users["variant"].isin(list(weights))].reset_index(drop=True)
+        if not (users["variant"] == control).any():
+            continue
+        covariates = _covariates(users, pre_period) if pre_period is not None else None
+        for metric in METRICS:
+            for treatment, outcome in _metric_tests(users, covariates, metric, control, treatments, alpha).items():
+                if not isinstance(outcome, str):
+                    out.setdefault((metric, treatment), []).append((cut, outcome[0]))
+    return out
 
 
 # =============================================================================== rendering
@@ -304,7 +409,8 @@ def _pct(x: float | None) -> str:
 
 
 def _summary_rows(report: ABReport) -> tuple[list[str], list[list[str]]]:
-    header = ["variant", "weight", "users", "total exposures", "attributed events", *METRICS]
+    header = ["variant", "weight", "users", "total exposures", "attributed events",
+              *(f"{m} (Σ/Σ)" if m in RATIO_METRICS else m for m in METRICS)]
     rows = [
         [
             v.variant,
@@ -345,6 +451,53 @@ def _test_rows(report: ABReport) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+_DECISION_LABEL = {
+    "treatment_better": "DECIDE: treatment better",
+    "treatment_worse": "DECIDE: treatment worse",
+    "keep_running": "keep running",
+    "horizon_reached": "horizon reached: read fixed-horizon",
+}
+
+
+def _sequential_rows(report: ABReport) -> tuple[list[str], list[list[str]]]:
+    header = ["metric", "treatment", "τ (source)", "always-valid p", "diff [confidence sequence]",
+              "lift [confidence sequence]", "decision", "why"]
+    rows = []
+    for t in report.tests:
+        q = t.sequential
+        if q is None:
+            continue
+        rows.append([
+            t.metric + (" (lower is better)" if t.lower_is_better else ""),
+            t.treatment,
+            f"{_fmt(q.tau)} ({q.tau_source})",
+            _fmt(q.always_valid_p, 3),
+            _fmt_ci(t.result.diff, q.cs_low, q.cs_high),
+            f"{_pct(t.result.rel_lift)} [{_pct(q.lift_cs_low)}, {_pct(q.lift_cs_high)}]",
+            _DECISION_LABEL.get(q.decision, q.decision),
+            q.explanation,
+        ])
+    return header, rows
+
+
+def _sequential_intro(report: ABReport) -> str:
+    plan = report.plan
+    if plan is None:
+        planned = ("No plan is set for this experiment: τ is the default 5% of each control mean and the test has "
+                   "no horizon (untruncated, threshold 1/α). Set `plan` (`encore ab plan`) to size it.")
+    else:
+        parts = [f"MDE {plan.mde:g}{' relative' if plan.relative else ''}" if plan.mde else "",
+                 f"horizon {plan.planned_users_per_arm} users per arm" if plan.planned_users_per_arm else "",
+                 f"α {plan.alpha:g}"]
+        planned = "Plan: " + ", ".join(p for p in parts if p) + "."
+    return (
+        "Sequential readout (normal-mixture SPRT; Johari et al. 2017, Howard et al. 2021): valid however often "
+        "the test is looked at and whenever it is stopped. The confidence sequence is the always-valid interval; "
+        "the decision applies the stopping rule. The fixed-horizon table above is for a test read once, at its "
+        f"planned end. {planned}"
+    )
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     esc = [[c.replace("|", "\\|") for c in row] for row in [header, *rows]]
     lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -375,6 +528,9 @@ def _markdown(report: ABReport) -> str:
         "## Tests",
         *([_CUPED_NOTE] if any(t.cuped for t in report.tests) else []),
         _md_table(*_test_rows(report)),
+        "## Sequential decisions",
+        _sequential_intro(report),
+        _md_table(*_sequential_rows(report)),
     ]
     if report.notes:
         parts += ["## Notes", "\n".join(f"- {n}" for n in report.notes)]
@@ -412,6 +568,50 @@ def plot_png(report: ABReport) -> bytes:
     return buf.getvalue()
 
 
+def sequential_png(report: ABReport, metrics: Sequence[str] | None = None) -> bytes:
+    """The sequential boundary over time as PNG bytes: one panel per (metric, treatment).
+
+    Each panel draws the running estimate of the difference against the cumulative users of both arms, its
+    confidence sequence (the shaded band: where the boundary sits at each look; the test decides when the band
+    leaves 0), the planned horizon, and at the last look the fixed-horizon CI for comparison.
+    """
+    from matplotlib.figure import Figure
+
+    wanted = set(metrics) if metrics is not None else None
+    tests = [t for t in report.tests if t.sequential is not None and t.sequential.timeline
+             and (wanted is None or t.metric in wanted)]
+    ncols = min(3, max(1, len(tests)))
+    nrows = max(1, math.ceil(len(tests) / ncols))
+    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, t in zip(axes, tests, strict=False):
+        q = t.sequential
+        assert q is not None
+        users = np.array([lk.users_a + lk.users_b for lk in q.timeline], dtype=float)
+        diff = np.array([lk.diff for lk in q.timeline])
+        ax.fill_between(users, [lk.cs_low for lk in q.timeline], [lk.cs_high for lk in q.timeline],
+                        color="#4c72b0", alpha=0.25, step="post", label="confidence sequence")
+        ax.plot(users, diff, "o-", color="#4c72b0", ms=3, label="difference")
+        ax.axhline(0.0, color="#555", lw=0.8)
+        r = t.result
+        ax.errorbar([users[-1]], [r.diff], yerr=[[r.diff - r.ci_low], [r.ci_high - r.diff]], fmt="s",
+                    color="#dd8452", capsize=4, label="fixed-horizon CI")
+        if q.horizon_users_per_arm:
+            ax.axvline(2 * q.horizon_users_per_arm, color="#999", ls="--", lw=0.8, label="planned horizon")
+        verdict = _DECISION_LABEL.get(q.decision, q.decision)
+        ax.set_title(f"{t.metric} ({t.treatment}): {verdict}", fontsize=9)
+        ax.set_xlabel("users (both arms)", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    if tests:
+        axes[0].legend(fontsize=7, loc="best")
+    for ax in axes[len(tests):]:
+        ax.set_visible(False)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
@@ -432,6 +632,7 @@ def render_html(report: ABReport, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     png = base64.b64encode(plot_png(report)).decode("ascii")
+    seq_png = base64.b64encode(sequential_png(report)).decode("ascii")
     srm_class = "bad" if report.srm.flagged else "ok"
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.notes)
     glossary = "".join(f"<li><b>{html.escape(m)}</b>: {html.escape(d)}</li>" for m, d in METRICS.items())
@@ -448,6 +649,10 @@ alpha {report.alpha} · {html.escape(report.correction)} · generated {html.esca
 <h2>Tests (treatment vs control)</h2>
 {"<p>" + html.escape(_CUPED_NOTE) + "</p>" if any(t.cuped for t in report.tests) else ""}
 {_html_table(*_test_rows(report))}
+<h2>Sequential decisions (always valid under peeking)</h2>
+<p>{html.escape(_sequential_intro(report))}</p>
+<img alt="running difference with its confidence sequence over time" src="data:image/png;base64,{seq_png}">
+{_html_table(*_sequential_rows(report))}
 {"<h2>Notes</h2><ul>" + notes + "</ul>" if notes else ""}
 <h2>Metrics</h2><ul>{glossary}</ul>
 </body></html>

@@ -1,5 +1,6 @@
 """The statistical tests of an A/B readout: Welch's t-test with CIs for the difference and the relative lift,
-the sample-ratio-mismatch check, CUPED variance reduction, always-valid mSPRT p-values, FDR correction.
+ratio metrics (ratio of sums, delta method), the sample-ratio-mismatch check, CUPED variance reduction, FDR
+correction. The sequential (always-valid) readout is ``experiments.sequential``.
 
 Statistics come from scipy (``ttest_ind(equal_var=False)``, ``chisquare``, ``false_discovery_control``);
 only the delta-method CI of the relative lift and the CUPED adjustment are written out here, both a few
@@ -144,6 +145,64 @@ def welch_test(
     )
 
 
+def ratio_test(
+    num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, den_b: np.ndarray, alpha: float = 0.05,
+) -> TestResult:
+    """Compare ratio metrics ``R = Σ num / Σ den`` per arm (likes per play, skips per play), as a z-test.
+
+    The unit is still the user: each user gives one pair ``(num_i, den_i)``; users with ``den_i = 0`` (no plays)
+    stay in the sample and add 0 to both sums. ``R = mean(num) / mean(den)`` is a smooth function of two means,
+    so by the delta method (Deng et al. 2018, "Applying the delta method in metric analytics")::
+
+        Var(R) ≈ (s_nn - 2 R s_nd + R² s_dd) / (n · mean(den)²)
+
+    with the sample (co)variances ``s`` of the per-user pairs: the variance of the linearised per-user values
+    ``(num_i - R den_i) / mean(den)``. ``std_a``/``std_b`` report those linearised SDs, so ``std²/n`` is
+    ``Var(R)`` as for a mean. Arms are independent: ``Var(R_b - R_a) = Var(R_a) + Var(R_b)``; the lift
+    ``R_b/R_a - 1`` gets ``Var(R_b)/R_a² + R_b² Var(R_a)/R_a⁴``. Quantiles are Student's t on the
+    Welch–Satterthwaite df of the linearised values (Welch's test on them), i.e. normal at the sizes where
+    ratio metrics are read.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    (ra, sda, na), (rb, sdb, nb) = _ratio_arm(num_a, den_a), _ratio_arm(num_b, den_b)
+    var_a, var_b = sda**2 / na, sdb**2 / nb
+    diff = rb - ra
+    se = math.sqrt(var_a + var_b)
+    if se > 0:
+        df = (var_a + var_b) ** 2 / (var_a**2 / (na - 1) + var_b**2 / (nb - 1))
+        z = diff / se
+        p_value = float(2 * stats.t.sf(abs(z), df))
+    else:
+        df, z, p_value = math.nan, math.nan, math.nan
+    q = float(stats.t.ppf(1 - alpha / 2, df)) if math.isfinite(df) else 0.0
+    rel = rel_low = rel_high = None
+    if ra != 0:
+        rel = rb / ra - 1
+        se_rel = math.sqrt(var_b / ra**2 + rb**2 * var_a / ra**4)
+        rel_low, rel_high = rel - q * se_rel, rel + q * se_rel
+    return TestResult(
+        mean_a=ra, mean_b=rb, diff=diff, ci_low=diff - q * se, ci_high=diff + q * se, rel_lift=rel,
+        rel_lift_ci_low=rel_low, rel_lift_ci_high=rel_high, p_value=p_value, statistic=z, df=df,
+        n_a=na, n_b=nb, std_a=sda, std_b=sdb, alpha=alpha,
+    )
+
+
+def _ratio_arm(num: np.ndarray, den: np.ndarray) -> tuple[float, float, int]:
+    """(R, linearised per-user SD, n) of one arm; pairs with a non-finite value are dropped."""
+    x, y = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 2:
+        raise ValueError(f"each arm needs at least 2 users, got {len(x)}")
+    mean_den = float(y.mean())
+    if mean_den <= 0:
+        raise ValueError("the denominator sums to 0 in an arm (no user has any)")
+    r = float(x.mean()) / mean_den
+    linear = (x - r * y) / mean_den
+    return r, float(linear.std(ddof=1)), len(x)
+
+
 def srm_check(
     observed_counts: Mapping[str, int], expected_weights: Mapping[str, float], threshold: float = SRM_THRESHOLD
 ) -> SRMResult:
@@ -210,22 +269,17 @@ def cuped(
     )
 
 
-def msprt_p_value(result: TestResult, tau: float | None = None) -> float | None:
-    """Always-valid p-value of the mixture SPRT for a difference of means (Johari et al., 2017).
+def msprt_p_value(result: TestResult, tau: float) -> float | None:
+    """Untruncated always-valid p-value ``min(1, 1/Λ)`` of the normal-mixture SPRT at one look, for a given τ.
 
-    With the difference estimate D, its variance V = s_a²/n_a + s_b²/n_b and a normal mixing prior of
-    variance tau² on the true difference, the likelihood ratio is
-    ``sqrt(V / (V + tau²)) * exp(D² tau² / (2 V (V + tau²)))`` and ``p = min(1, 1 / ratio)``. Unlike the
-    fixed-horizon Welch p-value it stays valid when experimenters look every day and stop at the first
-    significant look. ``tau`` defaults to the control's standard deviation (effects of about one sd are
-    the plausible scale); it only trades power between small and large effects, never validity.
+    ``Λ = sqrt(V / (V + τ²)) · exp(D² τ² / (2 V (V + τ²)))`` with ``V = s_a²/n_a + s_b²/n_b``. There is no
+    default τ on purpose: it must come from the experiment's plan (``experiments.sequential.mixing_scale``),
+    never from the per-user SD, which puts the boundary where only effects of about one SD cross it.
     """
     v = result.std_a**2 / result.n_a + result.std_b**2 / result.n_b
-    if not (math.isfinite(v) and v > 0):
+    if not (math.isfinite(v) and v > 0 and tau > 0):
         return None
-    tau2 = (tau if tau is not None else (result.std_a or result.std_b)) ** 2
-    if tau2 <= 0:
-        return None
+    tau2 = tau**2
     log_ratio = 0.5 * math.log(v / (v + tau2)) + result.diff**2 * tau2 / (2 * v * (v + tau2))
     return float(min(1.0, math.exp(-log_ratio)))
 

@@ -313,7 +313,9 @@ def test_ab_report_with_pre_period_narrows_intervals() -> None:
     adjusted = ab_report(
         exposures, interactions, control="control", window_s=3600, weights=TWO_ARMS, pre_period=pre
     )
-    for metric in ("listens", "listening_time", "hit_rate"):
+    # hit_rate is a ratio of sums now (delta method), analysed without CUPED
+    assert not adjusted.test("hit_rate").cuped and adjusted.test("hit_rate").ratio
+    for metric in ("listens", "listening_time"):
         p, c = plain.test(metric), adjusted.test(metric)
         assert c.cuped and not p.cuped and c.variance_reduction > 0.2  # type: ignore[operator]
         assert (c.result.ci_high - c.result.ci_low) < (p.result.ci_high - p.result.ci_low)
@@ -475,7 +477,7 @@ def test_always_valid_p_survives_peeking_where_welch_does_not():
         for k in range(1, looks + 1):
             r = welch_test(a[: k * step], b[: k * step])
             welch_hit |= r.p_value < 0.05
-            msprt_hit |= (msprt_p_value(r) or 1.0) < 0.05
+            msprt_hit |= (msprt_p_value(r, tau=0.1) or 1.0) < 0.05  # τ: effects of 0.1 SD
         fooled_welch += welch_hit
         fooled_msprt += msprt_hit
     assert fooled_welch / runs > 0.12  # peeking breaks the fixed-horizon test
@@ -487,7 +489,7 @@ def test_always_valid_p_detects_a_real_effect():
 
     rng = np.random.default_rng(3)
     r = welch_test(rng.normal(1.0, 1.0, 2000), rng.normal(1.2, 1.0, 2000))
-    assert msprt_p_value(r) < 0.01
+    assert msprt_p_value(r, tau=0.2) < 0.01  # τ = the planted effect
 
 
 def test_guardrail_breach_is_flagged_only_on_the_harmful_side():
