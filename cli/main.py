@@ -187,8 +187,8 @@ def serve(data_dir: str | None, host: str | None, port: int | None, experiment: 
 
     from infra.services import resolve_endpoints
     from experiments.assignment import default_experiment
-    from serving.app import create_app
     from experiments.store import ExperimentError, ExperimentStore, registry_target_checker
+    from serving.boot import Booting
 
     settings = settings_for(data_dir)
     try:
@@ -211,8 +211,13 @@ def serve(data_dir: str | None, host: str | None, port: int | None, experiment: 
                          check_target=registry_target_checker(settings, endpoints.mlflow_uri))
     except (ExperimentError, ValueError, OSError) as exc:
         raise click.ClickException(f"experiment: {exc}") from exc
-    app = create_app(settings, endpoints.kafka_bootstrap, endpoints.mlflow_uri, mode)  # type: ignore[arg-type]
-    uvicorn.run(app, host=host or settings.serve.host, port=port or settings.serve.port or 8000,
+
+    def build():  # noqa: ANN202 - imported in the background: the server answers /healthz meanwhile
+        from serving.app import create_app
+
+        return create_app(settings, endpoints.kafka_bootstrap, endpoints.mlflow_uri, mode)  # type: ignore[arg-type]
+
+    uvicorn.run(Booting(build), host=host or settings.serve.host, port=port or settings.serve.port or 8000,
                 log_level="warning", access_log=False, timeout_keep_alive=30)
 
 

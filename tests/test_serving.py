@@ -600,11 +600,17 @@ def test_a_service_started_while_the_registry_hangs_is_live_at_once_and_ready_on
                                                        "--experiment", "none"], settings,
                                endpoint=f"http://127.0.0.1:{port}", env=env)
         try:
-            # the bound includes the interpreter start-up and imports of a shared box; MLflow's client, which
-            # the old start-up waited on, alone waits 120 s per attempt
+            # the server listens before the service is imported (serving.boot): the bound is the interpreter
+            # start-up and the CLI's imports on a shared box. MLflow's client, which the old start-up waited
+            # on, alone waits 120 s per attempt
             wait_until(lambda: httpx.get(f"{server.endpoint}/healthz", timeout=1).status_code == 200,
-                       timeout_s=60, what="/healthz with MLflow hung", proc=server.proc)
+                       timeout_s=20, what="/healthz with MLflow hung", proc=server.proc)
             up_s = time.monotonic() - t0
+            # the service is built behind it (imports): until then requests are a 503 that says so
+            early = _post(server.endpoint, user_id=1, k=5)
+            assert early.status_code == 200 or "starting" in early.text, early.text
+            wait_until(lambda: _post(server.endpoint, user_id=1, k=5).status_code == 200, timeout_s=60,
+                       what="the service built", proc=server.proc)
             for _ in range(3):  # and it keeps answering at once, whatever the model thread waits on
                 t1 = time.monotonic()
                 assert httpx.get(f"{server.endpoint}/healthz", timeout=5).status_code == 200
