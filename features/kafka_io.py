@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from features.events import InteractionEvent, InvalidEvent
 
@@ -227,11 +227,20 @@ def end_offsets(bootstrap: str, topic: str, **options: object) -> dict[int, int]
 
 
 def committed_offsets(bootstrap: str, group_id: str, topic: str, **options: object) -> dict[int, int]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="encore-lag-admin", **options)
+    """The group's committed offset per partition of ``topic`` (partitions without one are left out).
+
+    Asked the way a consumer of the group asks (OffsetFetch to the group's coordinator, without joining it),
+    not through the admin API's group listing: tansu lists no offsets for a group whose consumers never
+    joined it, and the ingest workers use static assignment, so that listing read as "nothing committed"."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
+                             client_id="encore-lag", **options)
     try:
-        offsets = admin.list_consumer_group_offsets(group_id)
-    except Exception:  # noqa: BLE001 - an unknown group simply has no committed offsets
-        return {}
+        partitions = consumer.partitions_for_topic(topic) or set()
+        out = {}
+        for p in sorted(partitions):
+            offset = consumer.committed(TopicPartition(topic, p))
+            if offset is not None and offset >= 0:
+                out[p] = int(offset)
+        return out
     finally:
-        admin.close()
-    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0}
+        consumer.close()

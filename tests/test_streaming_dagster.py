@@ -53,6 +53,13 @@ def test_topic_observation_reports_offsets(broker):
     result = observe_topic(bootstrap, settings.topics.interactions, settings.ingest.group_id)
     assert result.metadata["total_lag"] > 0
     assert result.data_version is not None
+    # after ingest the group's committed offsets are read back (the workers commit without joining the group)
+    from features.ingest import ingest
+
+    assert ingest(settings, bootstrap).written == 50
+    result = observe_topic(bootstrap, settings.topics.interactions, settings.ingest.group_id)
+    assert sum(result.metadata["committed_offsets"].data.values()) == 50
+    assert result.metadata["total_lag"] == 0
 
 
 def test_user_stats_are_point_in_time_correct(broker):
