@@ -473,7 +473,8 @@ def _sequential_rows(report: ABReport) -> tuple[list[str], list[list[str]]]:
             f"{_fmt(q.tau)} ({q.tau_source})",
             _fmt(q.always_valid_p, 3),
             _fmt_ci(t.result.diff, q.cs_low, q.cs_high),
-            f"{_pct(t.result.rel_lift)} [{_pct(q.lift_cs_low)}, {_pct(q.lift_cs_high)}]",
+            f"{_pct(t.result.rel_lift)} " + (f"[{q.lift_cs_note}]" if q.lift_cs_note else
+                                              f"[{_pct(q.lift_cs_low)}, {_pct(q.lift_cs_high)}]"),
             _DECISION_LABEL.get(q.decision, q.decision),
             q.explanation,
         ])

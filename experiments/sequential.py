@@ -21,8 +21,34 @@ the same thing reads ``log Λ = X² / (2(1 + s)) - ½ log(1 + s)``, and the boun
 **The confidence sequence.** Inverting the test at every θ (replace D by D - θ) gives the interval of θ whose
 mixture has not crossed: ``D ± b(s) · V / τ``, i.e. half-width
 ``sqrt( V (V + τ²)/τ² · (2 log c + log((V + τ²)/V)) )``. It covers θ at all looks simultaneously with probability
-≥ 1 - α, hence at any data-dependent stopping time. The relative lift gets the same boundary with its own
-delta-method variance ``V_L = s_b²/(n_b m_a²) + m_b² s_a²/(n_a m_a⁴)`` (as ``welch_test``) and scale ``τ/|m_a|``.
+≥ 1 - α, hence at any data-dependent stopping time.
+
+**The lift's sequence (Fieller).** The relative lift ``λ = m_b/m_a - 1`` is a ratio, and its sampling
+distribution is skewed while the control mean is noisy, so a symmetric ``lift ± width`` (the delta method)
+under-covers. Instead each ``λ`` is tested by the linear contrast that is 0 under ``m_b = (1+λ)·m_a``::
+
+    D_λ = x̄_b - (1+λ)·x̄_a,    V_λ = s_b²/n_b + (1+λ)²·s_a²/n_a,    τ_λ = τ·sqrt(V_λ / V)
+
+and ``λ`` stays in the sequence while ``log Λ(D_λ, V_λ, τ_λ) < log c``. For each fixed ``λ``, ``D_λ`` is a
+difference of means like ``D`` (a mean of ``x_b`` minus a mean of ``(1+λ)·x_a``), so ``D_λ·I_λ`` is a Brownian
+motion in ``I_λ = 1/V_λ`` with drift 0 under that null and its mixture ``Λ_λ`` is a nonnegative martingale that
+starts at 1: ``P(λ_true ever leaves the set) = P(sup_t Λ_λ_true ≥ c) ≤ α``, the same bound as for the
+difference. That is all a confidence sequence needs; no union over ``λ`` is taken.
+
+``τ_λ`` is ``τ`` carried to the contrast's scale: ``V_λ/V`` does not change as users arrive (both arms grow in
+the allocation's proportions), and ``τ_λ² / V_λ = τ²/V = s``, so every null sits at the same information ``s``
+now and has the same horizon ``r = τ²/V_N`` (for a horizon-sized τ it is exactly ``(z + z_power)·sqrt(V_λ,N)``,
+the rule τ comes from). Hence one calibrated ``log c`` is exact for every ``λ``, and at ``λ = 0`` the contrast
+is the difference itself: the lift's sequence excludes 0 exactly when the difference's does. With ``s`` common
+to all ``λ`` the boundary ``|X| < b(s)`` reads ``|D_λ| < z*·sqrt(V_λ)`` with ``z* = b(s)/sqrt(s) = w/sqrt(V)``
+(``w`` the difference's half-width), which is Fieller's quadratic in ``ρ = 1+λ``::
+
+    (x̄_a² - z*² s_a²/n_a)·ρ² - 2 x̄_a x̄_b·ρ + (x̄_b² - z*² s_b²/n_b) < 0
+
+Its roots are the endpoints. When ``|x̄_a| ≤ z*·s_a/sqrt(n_a)`` (the control mean is not yet told apart from 0
+at this look) the set is the whole line or the complement of an interval: the sequence is unbounded and the
+report says so instead of printing endpoints. With CUPED the lift is the adjusted difference over the raw
+control mean, a constant, so its sequence is the difference's divided by it.
 
 **τ.** It only trades power between effect sizes (validity holds for every τ), but the trade is steep: the
 boundary at information ``V`` is tightest when ``τ² ≈ 8 V``, i.e. when ``τ`` is about the effect that ``V`` can
@@ -121,6 +147,7 @@ class SequentialResult(BaseModel):
     cs_high: float
     lift_cs_low: float | None
     lift_cs_high: float | None
+    lift_cs_note: str | None = Field(default=None, description="why the lift's sequence has no endpoints")
     decision: Decision
     explanation: str
     timeline: list[Look] = Field(default_factory=list)
@@ -146,6 +173,44 @@ def half_width(v: np.ndarray | float, tau: float, log_c: float) -> np.ndarray:
     """Half-width of the confidence sequence, ``b(s)·V/τ`` with ``s = τ²/V``."""
     vv = np.asarray(v, dtype=float)
     return boundary(tau * tau / vv, log_c) * vv / tau
+
+
+def lift_tau(lift: np.ndarray | float, var_a: np.ndarray | float, var_b: np.ndarray | float,
+             tau: np.ndarray | float) -> np.ndarray:
+    """``τ_λ = τ·sqrt(V_λ/V)``: the mixing scale of the contrast ``x̄_b - (1+λ)·x̄_a`` (``var_*`` = s²/n)."""
+    rho2 = (1.0 + np.asarray(lift, dtype=float)) ** 2
+    return np.asarray(tau, dtype=float) * np.sqrt((var_b + rho2 * var_a) / (var_b + np.asarray(var_a)))
+
+
+def lift_log_lr(lift: np.ndarray | float, mean_a: np.ndarray | float, mean_b: np.ndarray | float,
+                var_a: np.ndarray | float, var_b: np.ndarray | float, tau: float) -> np.ndarray:
+    """``log Λ(D_λ, V_λ, τ_λ)``: the mixture statistic of the null ``m_b = (1+λ)·m_a`` (``var_*`` = s²/n)."""
+    rho = 1.0 + np.asarray(lift, dtype=float)
+    d, v = np.asarray(mean_b) - rho * np.asarray(mean_a), np.asarray(var_b) + rho**2 * np.asarray(var_a)
+    t = lift_tau(lift, var_a, var_b, tau)
+    return d * d * t * t / (2.0 * v * (v + t * t)) - 0.5 * np.log1p(t * t / v)
+
+
+def lift_sequence(mean_a: np.ndarray | float, mean_b: np.ndarray | float, var_a: np.ndarray | float,
+                  var_b: np.ndarray | float, z: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """Endpoints of the lift's confidence sequence at a look: the roots of Fieller's quadratic in ``ρ = 1+λ``.
+
+    ``var_*`` are the variances of the means (``s²/n``), ``z = w/sqrt(V)`` the difference's critical value at
+    this look (module docstring). Vectorised over any broadcastable shapes. Where the control mean is within
+    ``z`` standard errors of 0 the set is unbounded (the whole line, or the complement of an interval):
+    the endpoints are ``-inf`` and ``+inf``, the smallest interval that contains it.
+    """
+    m_a, m_b = np.asarray(mean_a, dtype=float), np.asarray(mean_b, dtype=float)
+    z2 = np.asarray(z, dtype=float) ** 2
+    a = m_a * m_a - z2 * var_a
+    b = m_a * m_b
+    c = m_b * m_b - z2 * var_b
+    bounded = a > 0  # then b² - ac > 0: the quadratic is negative at ρ = x̄_b/x̄_a
+    a_safe = np.where(bounded, a, 1.0)
+    root = np.sqrt(np.maximum(b * b - a * c, 0.0))
+    low = np.where(bounded, (b - root) / a_safe - 1.0, -np.inf)
+    high = np.where(bounded, (b + root) / a_safe - 1.0, np.inf)
+    return low, high
 
 
 def crossing_probability(log_c: float, r: float, drift: float = 0.0, steps: int = 64, grid: int = 100) -> float:
@@ -243,15 +308,24 @@ def mixing_scale(plan: SequentialPlan | None, result: TestResult, baseline: floa
 # =============================================================================== the readout
 
 
-def _lift_parts(result: TestResult, baseline: float | None) -> tuple[float, float] | None:
-    """(lift, its variance V_L) by the delta method, or None when there is no lift."""
+def _lift_sequence(result: TestResult, baseline: float | None,
+                   w: float) -> tuple[float | None, float | None, str | None]:
+    """(low, high, note) of the lift's confidence sequence, given the difference's half-width ``w`` now."""
     if baseline is not None:  # CUPED: lift = diff / raw control mean, which carries no variance of its own
-        return (result.diff / baseline, _variance(result) / baseline**2) if baseline != 0 else None
-    m_a, m_b = result.mean_a, result.mean_b
-    if m_a == 0:
-        return None
-    v_l = result.std_b**2 / (result.n_b * m_a**2) + m_b**2 * result.std_a**2 / (result.n_a * m_a**4)
-    return m_b / m_a - 1.0, v_l
+        if baseline == 0:
+            return None, None, None
+        low, high = sorted(((result.diff - w) / baseline, (result.diff + w) / baseline))
+        return low, high, None
+    if result.mean_a == 0:
+        return None, None, None
+    var_a, var_b = result.std_a**2 / result.n_a, result.std_b**2 / result.n_b
+    z = w / math.sqrt(var_a + var_b)
+    low, high = (float(x) for x in lift_sequence(result.mean_a, result.mean_b, var_a, var_b, z))
+    if math.isfinite(low) and math.isfinite(high):
+        return low, high, None
+    return None, None, (
+        f"unbounded: the control mean {result.mean_a:.4g} is within {z:.2f} standard errors of 0, so no lift "
+        "can be excluded yet (Fieller); read the difference's sequence")
 
 
 def sequential_test(
@@ -299,20 +373,15 @@ def sequential_test(
     w = float(half_width(v, tau, log_c))
     cs_low, cs_high = result.diff - w, result.diff + w
 
-    lift = _lift_parts(result, baseline)
-    lift_low = lift_high = None
-    if lift is not None and lift[1] > 0:
-        scale = abs(baseline if baseline is not None else result.mean_a)
-        lw = float(half_width(lift[1], tau / scale, log_c))
-        lift_low, lift_high = lift[0] - lw, lift[0] + lw
+    lift_low, lift_high, lift_note = _lift_sequence(result, baseline, w)
 
     fraction = horizon_variance(result, horizon) / v if horizon else None
     decision, explanation = _decide(p, alpha, within, lower_is_better, fraction, horizon, w, result)
     return SequentialResult(
         tau=tau, tau_source=source, alpha=alpha, log_threshold=log_c, horizon_users_per_arm=horizon,
         information_fraction=fraction, always_valid_p=p, cs_low=cs_low, cs_high=cs_high,
-        lift_cs_low=lift_low, lift_cs_high=lift_high, decision=decision, explanation=explanation,
-        timeline=timeline,
+        lift_cs_low=lift_low, lift_cs_high=lift_high, lift_cs_note=lift_note, decision=decision,
+        explanation=explanation, timeline=timeline,
     )
 
 
