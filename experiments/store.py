@@ -2,7 +2,8 @@
 
 The store lives under ``<data_dir>/experiments/``::
 
-    state.json                    current configs, per-experiment version numbers, global version, kill switch
+    state.json                    current configs, per-experiment version numbers, global version, kill switch,
+                                  every salt ever saved (never reused)
     versions/<name>/v0001.yaml    every version of every experiment, as it was saved (never rewritten)
     audit.jsonl                   one JSON line per change: time, actor, action, experiment, version, change
 
@@ -205,8 +206,13 @@ class ExperimentStore:
         return {h["version"]: int(h["config"].get("phase", 1)) for h in self.history(name)}
 
     def salts_used(self, state: dict | None = None) -> dict[str, str]:
-        """Every salt the store's experiments hold or have held -> the (first) experiment that used it."""
+        """Every salt the store's experiments hold or have held -> the (first) experiment that used it.
+
+        ``state.json`` keeps this register (``salts``) so a write does not re-read every version file; a store
+        written before it existed gets it from the current configs and the saved versions, once."""
         state = self._read_state() if state is None else state
+        if "salts" in state:
+            return dict(state["salts"])
         used: dict[str, str] = {}
         for name, entry in sorted(state["experiments"].items()):
             configs = [entry["config"]]
@@ -247,6 +253,9 @@ class ExperimentStore:
             entry = state["experiments"].setdefault(name, {"version": 0})
             entry["version"] = version = int(entry["version"]) + 1
             entry["config"] = saved.model_dump(mode="json")
+            salts = self.salts_used(state)  # the register of every salt ever saved (see salts_used)
+            salts.setdefault(saved.hash_salt, name)
+            state["salts"] = salts
             folder.mkdir(parents=True, exist_ok=True)
             self._inside(folder / f"v{version:04d}.yaml").write_text(
                 yaml.safe_dump({"saved_at": _now_iso(), "actor": actor, "action": action,
