@@ -50,18 +50,29 @@ def ab() -> None:
 @ab.command("create")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @data_dir_option
-@click.option("--replace", is_flag=True, help="save a new version of an existing experiment (same salt)")
-def ab_create(file: Path, data_dir: str | None, replace: bool) -> None:
-    """Create an experiment from a YAML/JSON FILE (validated: weights, targets, layer overlaps)."""
+@click.option("--replace", is_flag=True, help="save a new version of an existing experiment (same salt); new "
+              "variants or weights on one that has run open a new phase")
+@click.option("--rerandomise", is_flag=True, help="with --replace: rotate the salt (users are re-drawn into the "
+              "arms) and open a new phase")
+def ab_create(file: Path, data_dir: str | None, replace: bool, rerandomise: bool) -> None:
+    """Create an experiment from a YAML/JSON FILE (validated: weights, targets, layer overlaps, unique salt).
+
+    Leave `salt` out to get a generated one (recommended); a salt any experiment of the store uses or has used
+    is refused."""
     from experiments.assignment import load_experiment
 
+    if rerandomise and not replace:
+        raise click.UsageError("--rerandomise re-draws an existing experiment: use it with --replace")
     settings, store = _store(data_dir)
     try:
         exp = load_experiment(file)
     except ValueError as exc:
         raise click.ClickException(f"{file}: {exc}") from exc
-    version = _run(lambda: store.create(exp, actor="cli", check_target=_checker(settings), replace=replace))
-    click.echo(f"{exp.name}: version {version} ({exp.status}, traffic {exp.traffic:g}, layer {exp.layer})")
+    version = _run(lambda: store.create(exp, actor="cli", check_target=_checker(settings), replace=replace,
+                                        rerandomise=rerandomise))
+    saved = store.snapshot().get(exp.name)
+    click.echo(f"{exp.name}: version {version} ({saved.status}, traffic {saved.traffic:g}, layer {saved.layer}, "
+               f"salt {saved.salt}, phase {saved.phase})")
 
 
 def _parse_schedule(spec: str) -> list:
@@ -143,7 +154,8 @@ def ab_status(name: str | None, data_dir: str | None, as_json: bool, audit_lines
     exps = [snap.get(name)] if name else list(snap.experiments)
     if name:
         _run(lambda: snap.get(name))
-    rows = [{"name": e.name, "version": snap.versions[e.name], "status": e.status, "layer": e.layer,
+    rows = [{"name": e.name, "version": snap.versions[e.name], "status": e.status, "phase": e.phase,
+             "phase_started_at": e.phase_started_at.isoformat() if e.phase_started_at else None, "layer": e.layer,
              "layer_range": list(e.layer_range), "traffic_now": e.traffic_at(), "holdout": e.holdout,
              "variants": {v.name: f"{v.weight:g} -> {v.target}" for v in e.variants},
              "targeting": e.targeting} for e in exps]
@@ -154,7 +166,8 @@ def ab_status(name: str | None, data_dir: str | None, as_json: bool, audit_lines
         return
     click.echo(f"store version {snap.version}; kill switch {'ON' if snap.kill else 'off'}")
     for r in rows:
-        click.echo(f"- {r['name']} v{r['version']} [{r['status']}] layer {r['layer']} {r['layer_range']} "
+        click.echo(f"- {r['name']} v{r['version']} [{r['status']}] phase {r['phase']} "
+                   f"layer {r['layer']} {r['layer_range']} "
                    f"traffic {r['traffic_now']:g} holdout {r['holdout']:g}; "
                    + ", ".join(f"{k}: {v}" for k, v in r["variants"].items())
                    + (f"; targeting {r['targeting']}" if r["targeting"] else ""))

@@ -21,6 +21,31 @@ Keeping (2) and (3) apart is what makes ramps safe: raising ``traffic`` only mov
 on hash (2); a unit's position on hash (3) never changes, so every unit already included keeps its variant.
 (With a single hash whose range is carved into "in traffic" and arms, ramping would move the arm
 boundaries and reshuffle units that were already exposed, contaminating both arms.)
+
+**Units.** A unit is a user id: an int64 >= 0 (``features.events``). ``canonical_unit_id`` turns every accepted
+spelling into that int before hashing, so ``42``, ``numpy.int64(42)`` and ``"42"`` are one unit everywhere (the
+service, a batch job, an analysis notebook). Spellings that are ambiguous or lossy are refused rather than
+guessed: ``True`` (an int to Python), ``42.0`` (a float id has lost precision above 2**53 and usually means a
+column went float through a missing value), ``"042"``, ``" 42"``, ``"+42"``. Since the hashed text then ends in
+ASCII digits, ``"{prefix}:{digits}"`` splits at its last colon: two (prefix, unit) pairs never hash the same text.
+
+**Salts.** The hashed prefixes are ``"{salt}/traffic"``, ``"{salt}/variant"``, ``"layer/{layer}"`` and
+``HOLDOUT_SALT``. An experiment salt may not be ``"layer"``, start with ``"layer/"`` or be the holdout salt, so
+no experiment hash can coincide with a layer's or the holdout's. Two experiments sharing a salt would assign
+every unit the same position in both (perfectly confounded tests that an SRM check cannot see): the store
+(``experiments.store``) generates a salt when a config has none and refuses one already used by any experiment
+it holds or has held. Generation lives in the store, not here, so that assignment stays a pure function of the
+stored config (an ``Experiment`` without a salt cannot assign).
+
+**Resolution.** A unit's position on a hash is ``bucket / DEFAULT_BUCKETS``: 10,000 positions, 1e-4 apart.
+A weight, traffic share, holdout share or layer bound between two positions would silently round (a weight of
+0.00005 maps to no unit at all; traffic 0.00015 admits 2e-4). Rather than raise the resolution (which would
+change the position of every unit, hence re-randomise every running experiment), ``Experiment`` refuses any
+such value that is not a multiple of 1e-4, and checks exactly, with the very comparisons ``choose_variant``
+makes, that every arm owns at least one position. The mapping itself is unchanged, so every existing
+assignment is identical. Arm boundaries are float cumulative sums, which can land one position off the
+decimal grid (0.1 + 0.2 > 0.3): an arm then owns one position (1e-4 of units) more or less than its weight;
+``Experiment.realised_weights`` gives the exact shares, which is what a sample-ratio check should expect.
 """
 
 from __future__ import annotations
@@ -28,6 +53,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,14 +62,24 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from features.events import MAX_ID
 from infra.settings import EncoreSettings
 from experiments.sequential import SequentialPlan
 
 DEFAULT_BUCKETS = 10_000
 
+# A config value this close to a multiple of 1 / DEFAULT_BUCKETS (in buckets) is on the grid: configs are
+# decimals, and 0.0003 * 10_000 is 2.9999999999999996 in binary.
+GRID_TOLERANCE = 1e-6
+
 # One salt for the long-term holdout across all experiments and layers (see module docstring). Changing it
 # re-draws the holdout population, so it is a constant, not a setting.
 HOLDOUT_SALT = "encore-global-holdout"
+# The layer hashes' prefix ("layer/{layer}"): an experiment salt "layer" would hash "layer/traffic", the line of
+# a layer named "traffic".
+LAYER_PREFIX = "layer"
+
+_CANONICAL_ID_RE = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 
 # A weight sum this close to 1 is accepted; configs are hand-written decimals (0.1 + 0.2 != 0.3).
 WEIGHT_TOLERANCE = 1e-9
@@ -72,6 +108,67 @@ def check_experiment_name(value: str) -> str:
         raise ValueError(f"experiment name {value!r} is invalid: use 1-64 lower-case letters, digits, '.', '_' "
                          "or '-', starting with a letter or digit, without '..' (it names a folder of the store)")
     return value
+
+
+class InvalidUnitId(ValueError):
+    """A value that is not a user id in its one accepted form (see ``canonical_unit_id``)."""
+
+
+def canonical_unit_id(unit_id: object) -> int:
+    """The user id as the int every hash sees: an int (or numpy integer) in [0, 2**63 - 1], or the canonical
+    decimal string of one (``"42"``: what a URL, a Kafka key or a CSV carries). Anything else is refused,
+    because two spellings of one user that hash differently split that user across arms."""
+    if isinstance(unit_id, bool):
+        raise InvalidUnitId(f"unit id {unit_id!r} is a bool, not a user id (ids are integers 0..{MAX_ID})")
+    if isinstance(unit_id, numbers.Integral):
+        value = int(unit_id)
+    elif isinstance(unit_id, str) and _CANONICAL_ID_RE.fullmatch(unit_id):
+        value = int(unit_id)
+    else:
+        raise InvalidUnitId(f"unit id {unit_id!r} is not a user id: give an integer 0..{MAX_ID} or its decimal "
+                            "string without sign, spaces or leading zeros (not 42.0, '042', ' 42' or True)")
+    if not 0 <= value <= MAX_ID:
+        raise InvalidUnitId(f"unit id {unit_id!r} is outside 0..{MAX_ID} (user ids are int64 >= 0)")
+    return value
+
+
+def check_salt(value: str) -> str:
+    """``value`` if no experiment hash made with it can coincide with a layer's or the holdout's."""
+    if value == LAYER_PREFIX or value.startswith(f"{LAYER_PREFIX}/") or value == HOLDOUT_SALT:
+        raise ValueError(f"salt {value!r} is reserved: '{LAYER_PREFIX}', '{LAYER_PREFIX}/...' and "
+                         f"{HOLDOUT_SALT!r} name the layer and holdout hashes")
+    return value
+
+
+def off_grid(value: float) -> bool:
+    """Whether ``value`` falls between two of the hash's positions (it is not a multiple of 1 / DEFAULT_BUCKETS)."""
+    scaled = value * DEFAULT_BUCKETS
+    return abs(scaled - round(scaled)) > GRID_TOLERANCE
+
+
+def _grid_problem(field: str, value: float) -> str | None:
+    if not off_grid(value):
+        return None
+    return (f"{field} {value!r} is not a multiple of {1 / DEFAULT_BUCKETS:g}: assignment places units on "
+            f"{DEFAULT_BUCKETS:,} positions, so it would silently round to {round(value * DEFAULT_BUCKETS)} "
+            f"of them; use a value with at most {len(str(DEFAULT_BUCKETS)) - 1} decimals")
+
+
+def arm_buckets(weights: list[float]) -> list[int]:
+    """How many of the DEFAULT_BUCKETS positions each arm owns, exactly as ``choose_variant`` maps them."""
+    boundaries = []
+    cumulative = 0.0
+    for w in weights[:-1]:
+        cumulative += w  # the same float sums choose_variant makes
+        # the number of positions b with b / N < cumulative; start at the nearest and step to the exact one
+        k = min(DEFAULT_BUCKETS, max(0, math.ceil(cumulative * DEFAULT_BUCKETS)))
+        while k > 0 and not (k - 1) / DEFAULT_BUCKETS < cumulative:
+            k -= 1
+        while k < DEFAULT_BUCKETS and k / DEFAULT_BUCKETS < cumulative:
+            k += 1
+        boundaries.append(k)
+    edges = [0, *boundaries, DEFAULT_BUCKETS]
+    return [max(0, hi - lo) for lo, hi in zip(edges, edges[1:])]
 
 
 class Variant(BaseModel):
@@ -140,7 +237,9 @@ class Experiment(BaseModel):
 
     name: str = Field(description="1-64 lower-case letters, digits, '.', '_', '-'; "
                       "starts with a letter or digit; no '..'", json_schema_extra={"pattern": _EXPERIMENT_NAME_SCHEMA})
-    salt: str = Field(min_length=1, max_length=256)
+    # Optional on input only: the store generates a unique salt when a config omits it, so a stored experiment
+    # always has one (see the module docstring: generation is not assignment's business).
+    salt: str | None = Field(default=None, min_length=1, max_length=256)
     variants: list[Variant] = Field(min_length=1)
     # Experiments in one layer are meant to be mutually exclusive; the layer is carried here so a router can
     # group them. assign() looks at one experiment and does not enforce exclusivity itself.
@@ -161,11 +260,26 @@ class Experiment(BaseModel):
     description: str = Field(default="", max_length=2000)
     # What the test is sized to detect (MDE and/or horizon): sets the sequential test's τ and truncation.
     plan: SequentialPlan | None = None
+    # Set by the store, never by hand: a change of the variants (or of the salt) of an experiment that has run
+    # opens a new phase, because some units change arm then; analysis reads one phase at a time. Ramps,
+    # pauses and resumes keep the phase (units keep their arm). Nothing in assignment reads these two fields.
+    phase: int = Field(default=1, ge=1)
+    phase_started_at: datetime | None = None
 
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
         return check_experiment_name(value)
+
+    @field_validator("salt")
+    @classmethod
+    def _unreserved_salt(cls, value: str | None) -> str | None:
+        return None if value is None else check_salt(value)
+
+    @field_validator("phase_started_at")
+    @classmethod
+    def _aware_phase_start(cls, value: datetime | None) -> datetime | None:
+        return value if value is None or value.tzinfo else value.replace(tzinfo=timezone.utc)
 
     @field_validator("traffic", "holdout")
     @classmethod
@@ -196,7 +310,36 @@ class Experiment(BaseModel):
         for key, values in self.targeting.items():
             if not values:
                 raise ValueError(f"targeting on {key!r} lists no values (it would match nobody)")
+        self._check_resolution()
         return self
+
+    def _check_resolution(self) -> None:
+        """Refuse what the hash's 1e-4 resolution would round silently (see the module docstring)."""
+        values = [(f"weight of variant {v.name!r}", v.weight) for v in self.variants]
+        values += [("traffic", self.traffic), ("holdout", self.holdout),
+                   ("layer_range start", self.layer_range[0]), ("layer_range end", self.layer_range[1])]
+        values += [(f"ramp step traffic at {step.at.isoformat()}", step.traffic) for step in self.ramp]
+        problems = [p for field, value in values if (p := _grid_problem(field, value))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        empty = [v.name for v, n in zip(self.variants, arm_buckets([v.weight for v in self.variants])) if n == 0]
+        if empty:
+            raise ValueError(f"variants {empty} would get no unit at the hash's {DEFAULT_BUCKETS:,} positions; "
+                             "give every arm a weight of at least 0.0001")
+
+    @property
+    def realised_weights(self) -> dict[str, float]:
+        """Variant name -> the exact share of units it gets (a weight, give or take one position of 1e-4)."""
+        counts = arm_buckets([v.weight for v in self.variants])
+        return {v.name: n / DEFAULT_BUCKETS for v, n in zip(self.variants, counts)}
+
+    @property
+    def hash_salt(self) -> str:
+        """The salt the hashes use; an experiment that was never saved to a store may have none yet."""
+        if self.salt is None:
+            raise ValueError(f"experiment {self.name!r} has no salt: save it to the experiment store (which "
+                             "generates a unique one) or set one")
+        return self.salt
 
     def traffic_at(self, now: datetime | None = None) -> float:
         """The traffic share in force at ``now`` (the ramp schedule's last passed step, else ``traffic``)."""
@@ -238,11 +381,12 @@ def bucket(salt: str, unit_id: str | int, buckets: int = DEFAULT_BUCKETS) -> int
     disagree. SHA-256 is identical everywhere and mixes well enough that buckets are uniform and independent
     across salts. The modulo bias of 2**64 mod 10_000 is ~1e-15, i.e. nil.
 
-    Note ``unit_id`` is formatted with ``str()``: the int 42 and the string "42" are the same unit.
+    ``unit_id`` is a user id, hashed in its canonical form (``canonical_unit_id``: the decimal digits of the
+    int), so the int 42 and the string "42" are the same unit, and "042", 42.0 or True are refused.
     """
     if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
         raise ValueError(f"buckets must be a positive int, got {buckets!r}")
-    digest = hashlib.sha256(f"{salt}:{unit_id}".encode()).digest()
+    digest = hashlib.sha256(f"{salt}:{canonical_unit_id(unit_id)}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=False) % buckets
 
 
@@ -264,7 +408,7 @@ def in_traffic(experiment: Experiment, unit_id: str | int, now: datetime | None 
 
     Nested by construction: raising ``traffic`` only adds units, it never drops one.
     """
-    return _unit_interval(f"{experiment.salt}/traffic", unit_id) < experiment.traffic_at(now)
+    return _unit_interval(f"{experiment.hash_salt}/traffic", unit_id) < experiment.traffic_at(now)
 
 
 def in_layer_slice(experiment: Experiment, unit_id: str | int) -> bool:
@@ -272,16 +416,17 @@ def in_layer_slice(experiment: Experiment, unit_id: str | int) -> bool:
     lo, hi = experiment.layer_range
     if lo <= 0.0 and hi >= 1.0:
         return True
-    return lo <= _unit_interval(f"layer/{experiment.layer}", unit_id) < hi
+    return lo <= _unit_interval(f"{LAYER_PREFIX}/{experiment.layer}", unit_id) < hi
 
 
 def choose_variant(experiment: Experiment, unit_id: str | int) -> str:
     """The arm the unit would see if included, from its position on the variant hash.
 
     The weights carve [0, 1) into consecutive intervals in the config's order; the last arm takes any
-    floating-point remainder so that every position maps to some arm.
+    floating-point remainder so that every position maps to some arm. (``arm_buckets`` counts, with the same
+    comparisons, how many positions each arm owns; change both together or neither.)
     """
-    u = _unit_interval(f"{experiment.salt}/variant", unit_id)
+    u = _unit_interval(f"{experiment.hash_salt}/variant", unit_id)
     cumulative = 0.0
     for v in experiment.variants[:-1]:
         cumulative += v.weight

@@ -3,6 +3,11 @@
 Exposures come from the Kafka ``exposures`` topic (the service writes one per response); interactions come
 from the offline store (the system of record, where the users' reactions arrived through Kafka and ingest).
 Pre-experiment behaviour (organic events before the first exposure) feeds CUPED.
+
+**Phases.** A change of an experiment's variants opens a new phase (``experiments.store``): some units changed
+arm, so exposures from different phases are not one experiment. The readout analyses one phase, the current
+one by default. Each exposure names the config version that assigned it (``assignments[].version``); the
+store's history maps versions to phases, so exposures logged before phases existed are placed too.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from features.kafka_io import read_topic
 from features.offline_store import read_interactions
 from infra.settings import EncoreSettings
 from experiments.report import ab_report, render_html, sequential_png
-from experiments.assignment import default_experiment
+from experiments.assignment import Experiment, default_experiment
 
 log = logging.getLogger("encore.report")
 
@@ -36,8 +41,42 @@ def read_exposures(bootstrap: str, topic: str, **options: object) -> pd.DataFram
     return df.drop_duplicates("request_id").reset_index(drop=True)
 
 
-def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str | None = None) -> dict:
-    exp = _experiment(settings)
+def exposure_versions(exposures: pd.DataFrame, name: str) -> pd.Series:
+    """The config version of experiment ``name`` that assigned each exposure (NaN where the row does not say)."""
+    def version(assignments: object) -> float:
+        if isinstance(assignments, (list, tuple)):
+            for a in assignments:
+                if isinstance(a, dict) and a.get("experiment") == name and a.get("version") is not None:
+                    return float(a["version"])
+        return float("nan")
+
+    if "assignments" not in exposures.columns:
+        return pd.Series(float("nan"), index=exposures.index)
+    return exposures["assignments"].map(version)
+
+
+def select_phase(exposures: pd.DataFrame, name: str, phase_of_version: dict[int, int], phase: int) -> pd.DataFrame:
+    """The exposures of experiment ``name`` made in ``phase`` (``phase_of_version``: the store's version -> phase).
+
+    An exposure whose version is unknown (logged without one) can only be placed when the experiment never had
+    another phase; otherwise it is left out rather than mixed into the wrong phase."""
+    if set(phase_of_version.values()) <= {phase} and phase == 1:
+        return exposures  # one phase only: every exposure belongs to it, with or without a version
+    phases = exposure_versions(exposures, name).map(
+        lambda v: phase_of_version.get(int(v)) if v == v else None)  # v == v: not NaN
+    unplaced = int(phases.isna().sum())
+    if unplaced:
+        log.warning("%d exposures of %s name no known config version; left out of the phase %d readout",
+                    unplaced, name, phase)
+    return exposures[phases == phase]
+
+
+def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str | None = None,
+                    phase: int | None = None) -> dict:
+    """The report of the settings' experiment, on its current phase unless ``phase`` names another."""
+    exp, history = _experiment(settings)
+    phase = exp.phase if phase is None else phase
+    analysed = _phase_config(exp, history, phase)
     exposures = read_exposures(bootstrap, settings.topics.exposures, **settings.kafka.client_options())
     if not exposures.empty:
         exposures = exposures[exposures["variant"].notna()]
@@ -45,12 +84,20 @@ def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str 
             exposures = exposures[exposures["experiment"] == exp.name]
     if exposures.empty:
         raise RuntimeError("no exposures with an experiment variant yet: serve recommendations first")
-    interactions = read_interactions(settings.offline_dir)
+    # The pre-period ends at the experiment's first exposure in any phase: behaviour in an earlier phase was
+    # shaped by that phase's arms, and a covariate that depends on the arm would bias CUPED.
     start_ms = int(exposures["timestamp_ms"].min())
+    phase_of_version = {h["version"]: int(h["config"].get("phase", 1)) for h in history}
+    exposures = select_phase(exposures, exp.name, phase_of_version, phase)
+    if exposures.empty:
+        raise RuntimeError(f"no exposures of phase {phase} of {exp.name!r} yet: serve recommendations first")
+    interactions = read_interactions(settings.offline_dir)
     pre = interactions[(interactions["timestamp_ms"] < start_ms) & (interactions["source"] == "organic")]
     report = ab_report(
         exposures, interactions, control="control", window_s=settings.experiment.attribution_window_s,
-        weights=exp.weights, pre_period=pre if not pre.empty else None, name=exp.name, plan=exp.plan,
+        # the exact share of units each arm gets, which the SRM check should expect (see assignment's docstring)
+        weights=analysed.realised_weights, pre_period=pre if not pre.empty else None,
+        name=exp.name if phase == 1 else f"{exp.name} (phase {phase})", plan=exp.plan,
     )
     settings.reports_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -67,18 +114,30 @@ def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str 
                         "decision": t.sequential.decision if t.sequential else None}
              for t in report.tests}
     return {"html": str(html_path), "markdown": markdown, "sequential_png": str(boundary_png), "headline": headline, "tests": lifts,
+            "phase": phase,
             "exposures": int(len(exposures)), "srm_flagged": bool(report.srm.flagged),
             "guardrail_breaches": [t.metric for t in report.guardrail_breaches]}
 
 
-def _experiment(settings: EncoreSettings):  # noqa: ANN202 - experiments.assignment.Experiment
-    """The analysed experiment as the store holds it (weights may have been changed), else the default."""
+def _experiment(settings: EncoreSettings) -> tuple[Experiment, list[dict]]:
+    """The analysed experiment as the store holds it, with its saved versions; else the default, unversioned."""
     from experiments.store import ExperimentStore, NotFound
 
+    store = ExperimentStore(settings.experiments_dir)
     try:
-        return ExperimentStore(settings.experiments_dir).snapshot().get(settings.experiment.name)
+        return store.snapshot().get(settings.experiment.name), store.history(settings.experiment.name)
     except NotFound:
-        return default_experiment(settings)
+        return default_experiment(settings), []
+
+
+def _phase_config(current: Experiment, history: list[dict], phase: int) -> Experiment:
+    """The config in force during ``phase`` (its variants do not change within a phase: the last saved one)."""
+    if phase == current.phase:
+        return current
+    configs = [h["config"] for h in history if int(h["config"].get("phase", 1)) == phase]
+    if not configs:
+        raise ValueError(f"{current.name!r} has no phase {phase} (phases 1..{current.phase})")
+    return Experiment.model_validate(configs[-1])
 
 
 def _headline(report) -> str:  # noqa: ANN001 - experiments.report.ABReport

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 from click.testing import CliRunner
 
-from experiments.assignment import Experiment, RampStep, assign, in_holdout
+from experiments.assignment import Experiment, RampStep, assign, choose_variant, in_holdout
 from experiments.store import Conflict, ExperimentError, ExperimentStore, NotFound, Router, validate_set
 
 
@@ -211,3 +212,223 @@ def test_encore_ab_create_refuses_a_path_as_a_name(tmp_path: Path, monkeypatch: 
         assert r.exit_code != 0 and "experiment name '../../../x' is invalid" in r.output, r.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "a" / "x").exists()
     assert not (data / "experiments" / "state.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- config guards
+
+
+def salted(name: str, **kw: object) -> Experiment:
+    """``exp`` without a salt: the store generates one."""
+    return exp(name, **kw).model_copy(update={"salt": None})
+
+
+@pytest.mark.parametrize("layers", [("ranking", "ranking"), ("ranking", "ui")])
+def test_a_reused_salt_is_refused_in_the_same_layer_and_across_layers(tmp_path: Path,
+                                                                        layers: tuple[str, str]) -> None:
+    store = ExperimentStore(tmp_path)
+    store.create(exp("a", salt="shared", layer=layers[0], layer_range=(0.0, 0.5)))
+    with pytest.raises(ExperimentError, match="salt 'shared' is already used by experiment 'a'"):
+        store.create(exp("b", salt="shared", layer=layers[1], layer_range=(0.5, 1.0)))
+    store.set_status("a", "stopped")  # a stopped experiment's salt stays taken: its users carry its effects
+    with pytest.raises(ExperimentError, match="already used"):
+        store.create(exp("c", salt="shared", layer=layers[1]))
+    assert sorted(store.snapshot().versions) == ["a"]
+
+
+def test_a_draft_may_take_a_new_salt_but_never_a_used_one(tmp_path: Path) -> None:
+    store = ExperimentStore(tmp_path)
+    store.create(exp("a", salt="s-a", layer="ui"))
+    store.create(exp("d", salt="s-d", status="draft"))
+    store.create(exp("d", salt="s-d2", status="draft"), replace=True)
+    with pytest.raises(ExperimentError, match="already used"):
+        store.create(exp("d", salt="s-a", status="draft"), replace=True)
+    with pytest.raises(ExperimentError, match="already used by it"):  # its own earlier salt, too
+        store.create(exp("d", salt="s-d", status="draft"), replace=True)
+    assert store.snapshot().get("d").salt == "s-d2"
+
+
+def test_a_salt_is_generated_when_omitted_and_unique_across_1000_creations(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # 20 stores of 50: generated salts must differ within a store and between deployments (no counter, no clock)
+    salts = []
+    for s in range(20):
+        store = ExperimentStore(tmp_path / f"store{s}")
+        for i in range(50):
+            store.create(salted(f"e{i}", layer=f"l{i}", status="draft"))
+        salts += [e.salt for e in store.snapshot().experiments]
+    assert len(salts) == 1000 and all(s and len(s) == 16 for s in salts) and len(set(salts)) == 1000
+    # a replace that omits the salt keeps the stored one: assignment reads the stored config only
+    before = store.snapshot().get("e7").salt
+    store.create(salted("e7", layer="l7", status="draft", traffic=0.5), replace=True)
+    assert store.snapshot().get("e7").salt == before
+    assert store.audit("e0")[0]["change"]["salt"] == store.snapshot().get("e0").salt
+    # a generated salt that happens to be taken is drawn again, never reused
+    import experiments.store as store_module
+
+    draws = iter([before, "f" * 16])
+    monkeypatch.setattr(store_module, "new_salt", lambda: next(draws))
+    store.create(salted("late", layer="late"))
+    assert store.snapshot().get("late").salt == "f" * 16
+
+
+def test_the_settings_default_experiment_keeps_its_salt_in_the_store(tmp_path: Path) -> None:
+    from experiments.assignment import default_experiment
+    from infra.settings import EncoreSettings
+
+    settings = EncoreSettings(data_dir=tmp_path)
+    store = ExperimentStore(settings.experiments_dir)
+    store.create(default_experiment(settings))
+    stored = store.snapshot().get(settings.experiment.name)
+    assert stored.salt == settings.experiment.salt == "encore-ab-1"
+    assert [assign(stored, u) for u in range(500)] == [assign(default_experiment(settings), u) for u in range(500)]
+    with pytest.raises(ExperimentError, match="already used"):
+        store.create(exp("copy", salt=settings.experiment.salt, layer="ui"))
+
+
+def test_a_weight_change_on_a_running_experiment_opens_a_phase_a_ramp_does_not(tmp_path: Path) -> None:
+    store = ExperimentStore(tmp_path)
+    store.create(exp(traffic=0.2))
+    first = store.snapshot().get("e1")
+    assert first.phase == 1 and first.phase_started_at is not None
+    store.ramp("e1", 0.5)
+    store.set_status("e1", "paused")
+    store.set_status("e1", "running")
+    assert store.snapshot().get("e1").phase == 1  # ramps, pauses, resumes: units keep their arm
+    assert store.snapshot().get("e1").phase_started_at == first.phase_started_at
+    new_weights = [{"name": "control", "weight": 0.3, "target": "popularity"},
+                   {"name": "treatment", "weight": 0.7, "target": "alias:champion"}]
+    second = store.update("e1", variants=new_weights)
+    assert second.phase == 2 and second.phase_started_at > first.phase_started_at
+    assert second.salt == first.salt  # not re-randomised: users whose position stays in their arm keep it
+    switched = sum(choose_variant(first, u) != choose_variant(second, u) for u in range(10_000))
+    assert 1_700 < switched < 2_300  # only the positions in [0.3, 0.5) change arm
+    row = store.audit("e1")[-1]
+    assert row["phase"] == 2 and row["change"]["new_phase"]["reason"] == "variants changed"
+    assert row["change"]["new_phase"]["rerandomised"] is False
+    assert store.phases("e1") == {1: 1, 2: 1, 3: 1, 4: 1, 5: 2}
+    # a replace with new weights is the same change; the phase a config file states is ignored
+    store.create(exp(traffic=0.5, phase=9, variants=[{"name": "control", "weight": 0.5, "target": "popularity"},
+                                                     {"name": "treatment", "weight": 0.5,
+                                                      "target": "alias:champion"}]), replace=True)
+    assert store.snapshot().get("e1").phase == 3
+    with pytest.raises(ExperimentError, match="store sets phase"):
+        store.update("e1", phase=7)
+
+
+def test_a_draft_changes_weights_without_a_phase_and_starts_phase_1_when_it_runs(tmp_path: Path) -> None:
+    store = ExperimentStore(tmp_path)
+    store.create(exp(status="draft"))
+    assert store.snapshot().get("e1").phase_started_at is None
+    store.update("e1", variants=[{"name": "control", "weight": 0.9, "target": "popularity"},
+                                 {"name": "treatment", "weight": 0.1, "target": "alias:champion"}])
+    running = store.set_status("e1", "running")
+    assert running.phase == 1 and running.phase_started_at is not None
+
+
+def test_rerandomising_rotates_the_salt_only_when_asked(tmp_path: Path) -> None:
+    store = ExperimentStore(tmp_path)
+    store.create(exp())
+    first = store.snapshot().get("e1")
+    with pytest.raises(ExperimentError, match="re-randomise explicitly"):
+        store.create(exp(salt="fresh"), replace=True)
+    second = store.update("e1", rerandomise=True)
+    assert second.salt != first.salt and second.phase == 2
+    assert store.audit("e1")[-1]["change"]["new_phase"]["rerandomised"] is True
+    agree = sum(assign(first, u) == assign(second, u) for u in range(10_000))
+    assert 4_700 < agree < 5_300  # an independent draw: half the users keep their arm by chance
+    with pytest.raises(ExperimentError, match="already used by it"):  # a retired salt is never reused
+        store.create(exp(salt=first.salt), replace=True, rerandomise=True)
+    with pytest.raises(ExperimentError, match="already used by experiment 'e1'"):
+        store.create(exp("e2", salt=first.salt, layer="ui"))
+
+
+def test_the_readout_analyses_the_current_phase_only(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from experiments.readout import select_phase
+
+    store = ExperimentStore(tmp_path)
+    store.create(exp())
+    store.ramp("e1", 1.0)
+    store.update("e1", variants=[{"name": "control", "weight": 0.2, "target": "popularity"},
+                                 {"name": "treatment", "weight": 0.8, "target": "alias:champion"}])
+    current = store.snapshot().get("e1")
+    assert current.phase == 2
+
+    def exposure(i: int, version: int | None) -> dict:
+        assignments = [{"experiment": "other", "variant": "x", "version": 3}]
+        if version is not None:
+            assignments.append({"experiment": "e1", "variant": "control", "version": version})
+        return {"request_id": f"r{i}", "user_id": i, "variant": "control", "experiment": "e1",
+                "assignments": assignments, "timestamp_ms": 1_000 + i}
+
+    exposures = pd.DataFrame([exposure(0, 1), exposure(1, 2), exposure(2, 3), exposure(3, 3), exposure(4, None)])
+    phases = store.phases("e1")
+    assert list(select_phase(exposures, "e1", phases, current.phase)["request_id"]) == ["r2", "r3"]
+    assert list(select_phase(exposures, "e1", phases, 1)["request_id"]) == ["r0", "r1"]
+    # before any phase change every exposure is phase 1, with or without a version
+    assert len(select_phase(exposures, "e1", {1: 1, 2: 1}, 1)) == 5
+def test_the_service_the_router_and_assign_hash_a_user_alike(tmp_path: Path) -> None:
+    """The request model hands the router an int; the router, assign() and an analysis reading ids back from
+    strings (a Kafka key, a CSV) place the unit identically."""
+    from experiments.store import ExperimentStore, Router
+    from serving.app import RecommendationRequest
+
+    store = ExperimentStore(tmp_path)
+    store.create(exp("e1"))
+    e1 = store.snapshot().get("e1")
+    router = Router(store.snapshot())
+    for user in (7, 42, 10_000_019):
+        served = RecommendationRequest.model_validate_json(f'{{"user_id": {user}}}').user_id
+        [routed] = router.assign(served)
+        assert routed.variant == assign(e1, user) == assign(e1, str(served))
+    for body in ('{"user_id": "42"}', '{"user_id": 42.5}', '{"user_id": true}'):
+        with pytest.raises(ValidationError):
+            RecommendationRequest.model_validate_json(body)
+    # 42.0 is the integer 42 in JSON Schema (what the OpenAPI spec promises), and it is hashed as 42
+    assert RecommendationRequest.model_validate_json('{"user_id": 42.0}').user_id == 42
+    assert isinstance(RecommendationRequest.model_validate_json('{"user_id": 42.0}').user_id, int)
+
+
+def test_a_store_written_before_the_salt_register_still_refuses_its_salts(tmp_path: Path) -> None:
+    store = ExperimentStore(tmp_path)
+    store.create(exp("a", salt="old-a", layer="ui"))
+    store.update("a", rerandomise=True)  # "old-a" retired into the version files
+    store.create(exp("b", salt="old-b"))
+    state = json.loads(store.state_file.read_text())
+    del state["salts"]
+    state["experiments"]["b"]["config"]["salt"] = state["experiments"]["a"]["config"]["salt"]  # shared, as before
+    store.state_file.write_text(json.dumps(state))
+    assert store.set_status("b", "stopped").status == "stopped"  # a confounded experiment can still be stopped
+    for salt in ("old-a", "old-b", store.snapshot().get("a").salt):
+        with pytest.raises(ExperimentError, match="already used"):
+            store.create(exp("c", salt=salt, layer="c"))
+
+
+def test_encore_ab_create_generates_the_salt_and_replaces_into_a_new_phase(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli.main import main
+
+    monkeypatch.setenv("ENCORE_DATA_DIR", str(tmp_path / "encore"))
+    spec = tmp_path / "exp.yaml"
+    config = {"name": "ranker", "variants": [{"name": "control", "weight": 0.5, "target": "popularity"},
+                                             {"name": "treatment", "weight": 0.5, "target": "popularity"}]}
+    spec.write_text(yaml.safe_dump(config))
+    run = CliRunner().invoke
+    r = run(main, ["ab", "create", str(spec)])
+    assert r.exit_code == 0 and "phase 1" in r.output, r.output
+    salt = r.output.split("salt ")[1].split(",")[0]
+    assert len(salt) == 16
+    config["variants"][0]["weight"], config["variants"][1]["weight"] = 0.2, 0.8
+    spec.write_text(yaml.safe_dump(config))
+    r = run(main, ["ab", "create", str(spec), "--replace"])
+    assert r.exit_code == 0 and f"salt {salt}, phase 2" in r.output, r.output
+    assert run(main, ["ab", "create", str(spec), "--rerandomise"]).exit_code != 0  # only with --replace
+    r = run(main, ["ab", "create", str(spec), "--replace", "--rerandomise"])
+    assert r.exit_code == 0 and "phase 3" in r.output and salt not in r.output, r.output
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**config, "name": "other", "layer": "ui", "salt": salt}))
+    r = run(main, ["ab", "create", str(other)])
+    assert r.exit_code != 0 and "already used by experiment 'ranker'" in r.output, r.output
+    r = run(main, ["ab", "status", "ranker", "--json"])
+    assert json.loads(r.output)["experiments"][0]["phase"] == 3
