@@ -41,6 +41,30 @@ def read_exposures(bootstrap: str, topic: str, **options: object) -> pd.DataFram
     return df.drop_duplicates("request_id").reset_index(drop=True)
 
 
+def exposures_of(exposures: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The exposures in which experiment ``name`` assigned the user, with ``variant`` its arm there.
+
+    An exposure lists every experiment that assigned its user (``assignments``, one per layer); the top-level
+    ``experiment``/``variant`` name only the first, which chooses the model. Reading the top level alone would
+    drop every exposure where another layer's experiment came first. Exposures logged before ``assignments``
+    existed are read from the top level."""
+    def arm(row: pd.Series) -> str | None:
+        assignments = row.get("assignments")
+        if isinstance(assignments, (list, tuple)):
+            for a in assignments:
+                if isinstance(a, dict) and a.get("experiment") == name:
+                    return a.get("variant")
+            return None
+        return row.get("variant") if row.get("experiment", name) == name else None
+
+    if exposures.empty:
+        return exposures
+    variants = exposures.apply(arm, axis=1)
+    out = exposures[variants.notna()].copy()
+    out["variant"], out["experiment"] = variants[variants.notna()], name
+    return out.reset_index(drop=True)
+
+
 def exposure_versions(exposures: pd.DataFrame, name: str) -> pd.Series:
     """The config version of experiment ``name`` that assigned each exposure (NaN where the row does not say)."""
     def version(assignments: object) -> float:
@@ -78,10 +102,7 @@ def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str 
     phase = exp.phase if phase is None else phase
     analysed = _phase_config(exp, history, phase)
     exposures = read_exposures(bootstrap, settings.topics.exposures, **settings.kafka.client_options())
-    if not exposures.empty:
-        exposures = exposures[exposures["variant"].notna()]
-        if "experiment" in exposures.columns:  # other experiments (other layers) share the topic
-            exposures = exposures[exposures["experiment"] == exp.name]
+    exposures = exposures_of(exposures, exp.name)  # other experiments (other layers) share the topic
     if exposures.empty:
         raise RuntimeError("no exposures with an experiment variant yet: serve recommendations first")
     # The pre-period ends at the experiment's first exposure in any phase: behaviour in an earlier phase was

@@ -432,3 +432,29 @@ def test_encore_ab_create_generates_the_salt_and_replaces_into_a_new_phase(tmp_p
     assert r.exit_code != 0 and "already used by experiment 'ranker'" in r.output, r.output
     r = run(main, ["ab", "status", "ranker", "--json"])
     assert json.loads(r.output)["experiments"][0]["phase"] == 3
+
+
+def test_the_readout_keeps_exposures_where_another_layers_experiment_came_first() -> None:
+    """The top-level variant of an exposure is the first assigned experiment's (it picks the model); an
+    experiment of another layer finds its arm in ``assignments``, and only there."""
+    import pandas as pd
+
+    from experiments.readout import exposures_of
+
+    exposures = pd.DataFrame([
+        {"request_id": "r0", "experiment": "ui", "variant": "big",
+         "assignments": [{"experiment": "ui", "variant": "big", "version": 1},
+                         {"experiment": "ranker", "variant": "treatment", "version": 3}]},
+        {"request_id": "r1", "experiment": "ranker", "variant": "control",
+         "assignments": [{"experiment": "ranker", "variant": "control", "version": 3}]},
+        {"request_id": "r2", "experiment": "ui", "variant": "small",
+         "assignments": [{"experiment": "ui", "variant": "small", "version": 1}]},
+        {"request_id": "r3", "experiment": None, "variant": None, "assignments": []},
+    ])
+    ranker = exposures_of(exposures, "ranker")
+    assert list(ranker["request_id"]) == ["r0", "r1"] and list(ranker["variant"]) == ["treatment", "control"]
+    assert set(ranker["experiment"]) == {"ranker"}
+    assert list(exposures_of(exposures, "ui")["variant"]) == ["big", "small"]
+    # exposures logged before `assignments` existed: the top level is all there is
+    old = pd.DataFrame([{"request_id": "r9", "experiment": "ranker", "variant": "control"}])
+    assert list(exposures_of(old, "ranker")["variant"]) == ["control"]
