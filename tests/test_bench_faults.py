@@ -38,9 +38,9 @@ def test_bad_requests_fail_alone_and_the_kill_switch_ignores_a_hung_registry(dri
     assert set(drill["bad_statuses"]) <= {"413", "422", "WriteError", "RemoteProtocolError", "ReadError"}
     assert drill["kill_switch_s"] is not None and drill["kill_switch_s"] <= 2.0
     assert drill["kill_switch_off_s"] is not None and drill["kill_switch_off_s"] <= 2.0
-    # the bench's bar is 5 s; here the bound includes interpreter start-up and imports on a shared 2-core
-    # box (healthz_baseline_s, with MLflow answering, is of the same order), as in the serving tests
-    assert drill["healthz_during_mlflow_outage_s"] is not None and drill["healthz_during_mlflow_outage_s"] < 60
+    # the bench's bar is 5 s (the server listens before the service is imported); here a margin for a loaded
+    # 2-core box, where interpreter start-up and the CLI's imports alone can take seconds
+    assert drill["healthz_during_mlflow_outage_s"] is not None and drill["healthz_during_mlflow_outage_s"] < 15
 
 
 def test_an_online_store_outage_degrades_answers_instead_of_failing_them(drill: dict) -> None:

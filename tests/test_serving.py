@@ -175,8 +175,11 @@ def test_a_service_started_before_the_first_promotion_serves_popularity_until_a_
                                               "--experiment", "none"], settings,
                            endpoint=f"http://127.0.0.1:{port}", env=env)
     try:
+        # live first (/healthz), then built (requests answered), then ready once a model holds the alias
         wait_until(lambda: httpx.get(f"{server.endpoint}/healthz", timeout=1).status_code == 200, timeout_s=120,
                    what="service", proc=server.proc)
+        wait_until(lambda: _post(server.endpoint, user_id=1, k=5).status_code == 200, timeout_s=120,
+                   what="the service built", proc=server.proc)
         assert httpx.get(f"{server.endpoint}/readyz", timeout=5).status_code == 503
         body = _post(server.endpoint, user_id=1, k=5).json()
         assert body["source"] == "popularity" and len(body["items"]) == 5
