@@ -64,13 +64,13 @@ PRIMARY, GUARDRAIL = "listening_time", "skip_rate"
 def experiment(steps: list[float] = STEPS, min_users: int = MIN_USERS, horizon: int = HORIZON,
                alpha: float = ALPHA) -> Experiment:
     """The simulated experiment: before its first step (traffic 0), with the rollout policy and the plan."""
-    return Experiment(
-        name="rollout-sim", salt="rollout-sim", traffic=0.0,
-        variants=[{"name": "control", "weight": 0.5, "target": "alias:champion"},
-                  {"name": "treatment", "weight": 0.5, "target": "version:2"}],
-        plan=SequentialPlan(mde=0.05, relative=True, planned_users_per_arm=horizon, alpha=alpha),
-        rollout={"steps": steps, "min_users_per_step": min_users, "primary_metric": PRIMARY,
-                 "guardrails": [GUARDRAIL], "on_decision": "promote"})
+    return Experiment.model_validate({
+        "name": "rollout-sim", "salt": "rollout-sim", "traffic": 0.0,
+        "variants": [{"name": "control", "weight": 0.5, "target": "alias:champion"},
+                     {"name": "treatment", "weight": 0.5, "target": "version:2"}],
+        "plan": {"mde": 0.05, "relative": True, "planned_users_per_arm": horizon, "alpha": alpha},
+        "rollout": {"steps": steps, "min_users_per_step": min_users, "primary_metric": PRIMARY,
+                    "guardrails": [GUARDRAIL], "on_decision": "promote"}})
 
 
 @dataclass
@@ -111,11 +111,12 @@ def _test(a: tuple[float, float, int], b: tuple[float, float, int]) -> TestResul
     diff = mb - ma
     z = diff / se if se > 0 else math.nan
     q = float(stats.norm.ppf(1 - ALPHA / 2))
-    rel = diff / ma if ma else None
-    se_rel = math.sqrt(vb / ma**2 + mb**2 * va / ma**4) if ma else None
+    rel = rel_low = rel_high = None
+    if ma:
+        rel, se_rel = diff / ma, math.sqrt(vb / ma**2 + mb**2 * va / ma**4)
+        rel_low, rel_high = rel - q * se_rel, rel + q * se_rel
     return TestResult(mean_a=ma, mean_b=mb, diff=diff, ci_low=diff - q * se, ci_high=diff + q * se, rel_lift=rel,
-                      rel_lift_ci_low=None if rel is None else rel - q * se_rel,
-                      rel_lift_ci_high=None if rel is None else rel + q * se_rel,
+                      rel_lift_ci_low=rel_low, rel_lift_ci_high=rel_high,
                       p_value=float(2 * stats.norm.sf(abs(z))) if se > 0 else math.nan, statistic=z,
                       df=float(na + nb - 2), n_a=na, n_b=nb, std_a=sa, std_b=sb, alpha=ALPHA)
 
@@ -158,7 +159,9 @@ def simulate_rollout(rng: np.random.Generator, *, listen_lift: float = 0.0, skip
                      exp: Experiment | None = None) -> Outcome:
     """One rollout, look by look, until an action other than hold/advance (or ``MAX_LOOKS``)."""
     exp = exp or experiment()
-    assert exp.plan is not None
+    plan = exp.plan
+    if plan is None:
+        raise ValueError("the simulated experiment needs a plan (it sets the sequential tests' τ and horizon)")
     arms = {"control": Arm(), "treatment": Arm()}
     history: dict[str, list[tuple[int, TestResult]]] = {PRIMARY: [], GUARDRAIL: []}
     users_in_step, trail = 0, []
@@ -178,7 +181,7 @@ def simulate_rollout(rng: np.random.Generator, *, listen_lift: float = 0.0, skip
             arms[name].add(rng.gamma(LISTEN_SHAPE, scale, n), skips, plays)
         users_in_step += entering
         now = T0 + timedelta(hours=look)
-        report = look_report(arms["control"], arms["treatment"], exp.plan, history, int(now.timestamp() * 1000))
+        report = look_report(arms["control"], arms["treatment"], plan, history, int(now.timestamp() * 1000))
         action = next_action(exp, report, now=now, users_in_step=users_in_step)
     if action.kind not in ("hold", "advance"):
         return Outcome(action.kind, action.from_traffic, MAX_LOOKS, arms["control"].n + arms["treatment"].n, trail)

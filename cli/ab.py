@@ -293,8 +293,8 @@ def ab_rollout(name: str, data_dir: str | None, dry_run: bool, as_json: bool) ->
     except NotFound as exc:
         raise click.ClickException(str(exc)) from exc
     if experiment.rollout is None:
-        raise click.ClickException(f"{name!r} has no rollout policy: add a `rollout:` block (README, "Guarded "
-                                   "rollouts") and save it with `encore ab create FILE --replace`")
+        raise click.ClickException(f"{name!r} has no rollout policy: add a `rollout:` block (README, 'Guarded "
+                                   "rollouts') and save it with `encore ab create FILE --replace`")
     report = None
     if experiment.status == "running" and experiment.traffic_at() > 0:
         try:

@@ -374,7 +374,6 @@ def _decide_treatment(action: RolloutAction, done: AppliedRollout, store: Experi
                       alias: str, treatment: int, actor: str, policy: RolloutPolicy) -> None:
     """Through the promotion gate: ``promote`` moves the champion alias, ``approval`` marks the version."""
     from models.lifecycle.promotion import GateNotPassed, conclude
-    from models.lifecycle.registry import AWAITING_APPROVAL
 
     if registry.alias_version(alias) == treatment:
         # promoted already (a person approved it): control and treatment now serve one model, the test is over
@@ -394,8 +393,7 @@ def _decide_treatment(action: RolloutAction, done: AppliedRollout, store: Experi
         store.set_status(action.experiment, "stopped", actor=actor, note=note_with(action, promoted=treatment))
         done.promoted = True
         done.effects.append(f"v{treatment} promoted to {alias}; experiment stopped")
-    else:
-        assert registry.tags(treatment).get(AWAITING_APPROVAL) == "true"
+    else:  # manual: conclude tagged the version as awaiting approval
         _await(action, done, store, registry, treatment, actor, "approval", result["reason"])
 
 
