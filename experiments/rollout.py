@@ -18,7 +18,9 @@ Two halves, so that a scheduler (a Dagster sensor), the CLI and a simulation sha
 3. The **primary** metric decided worse (sequentially) → ``decide_control`` at any step: ramping a treatment
    known to be worse exposes more users for nothing.
 4. The plan's **horizon** reached on the primary metric (the truncated test is over) → the fixed-horizon
-   readout decides: better and significant at the plan's α → ``decide_treatment``, else ``decide_control``.
+   readout decides: better and significant at the plan's α → ``decide_treatment``, else ``decide_control``
+   (``at_horizon: keep_control`` keeps the control instead: the fixed-horizon test is read after the
+   sequential one was watched, so with it a false promotion may come from either, up to α against α/2).
 5. Before the first step → ``advance`` to it. Below the last step → ``advance`` once the step has
    ``min_users_per_step`` new users (and ``min_hours_per_step``) and every guardrail has a test; else ``hold``.
 6. At the last step: the primary metric's sequential decision ``treatment_better`` → ``decide_treatment``;
@@ -194,6 +196,9 @@ def next_action(experiment: Experiment, report: ABReport | None, *, now: datetim
         return act("decide_control", f"the primary metric is worse at step {step}/{last}: {_describe(primary)}; "
                    "stop the treatment, keep the control", cause={primary.metric: primary})
     if primary is not None and primary.decision == "horizon_reached":
+        if policy.at_horizon == "keep_control":
+            return act("decide_control", f"planned horizon reached without a sequential decision "
+                       f"({_describe(primary)}): keep the control", cause={primary.metric: primary})
         return _at_horizon(act, primary, tests[policy.primary_metric])
 
     if step == 0:

@@ -154,6 +154,13 @@ def test_at_the_planned_horizon_the_fixed_horizon_readout_decides():
     assert flat.test(PRIMARY).sequential.decision == "horizon_reached"
     action = next_action(exp, flat, now=NOW, users_in_step=0)
     assert action.kind == "decide_control" and "horizon" in action.reason
+    # keep_control: a win only the fixed-horizon test sees does not promote (it was read after watching)
+    only_fixed = next(r for seed in range(40) if (r := _report(exp, *_arms(2_500, 2_500, listen_lift=0.07,
+                                                                          seed=100 + seed))).test(PRIMARY)
+                      .sequential.decision == "horizon_reached" and r.test(PRIMARY).result.p_value < 0.05)
+    assert next_action(exp, only_fixed, now=NOW, users_in_step=0).kind == "decide_treatment"
+    keep = exp.model_copy(update={"rollout": exp.rollout.model_copy(update={"at_horizon": "keep_control"})})
+    assert next_action(keep, only_fixed, now=NOW, users_in_step=0).kind == "decide_control"
 
 
 def test_a_rollout_acts_only_on_a_running_experiment():
