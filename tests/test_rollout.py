@@ -312,3 +312,31 @@ def test_a_decided_treatment_passes_the_gate_before_it_becomes_champion(tmp_path
     assert registry.tags(3)["encore.rollout.action"] == "decide_treatment"
     assert float(registry.tags(3)["encore.rollout.metric.listening_time.lift_cs_low"]) > 0
     assert AWAITING_APPROVAL not in registry.tags(3)
+
+
+def test_the_command_prints_the_action_and_applies_it_unless_dry(tmp_path, registry_server, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    _, registry = registry_server
+    monkeypatch.setenv("ENCORE_MLFLOW_TRACKING_URI", registry.tracking_uri)
+    config = experiment().model_dump(mode="json", exclude={"salt", "phase", "phase_started_at"})
+    config["name"] = "ranker-cli"
+    (tmp_path / "exp.json").write_text(json.dumps(config))
+    data = ["--data-dir", str(tmp_path / "encore")]
+    cli = CliRunner()
+    assert cli.invoke(main, ["ab", "create", str(tmp_path / "exp.json"), *data]).exit_code == 0
+    dry = cli.invoke(main, ["ab", "rollout", "ranker-cli", "--dry-run", *data])
+    assert dry.exit_code == 0, dry.output
+    assert "ADVANCE (step 0/4, traffic 0 -> 0.01)" in dry.output and "dry run: nothing changed" in dry.output
+    done = cli.invoke(main, ["ab", "rollout", "ranker-cli", "--json", *data])
+    assert done.exit_code == 0, done.output
+    out = json.loads(done.output.strip().splitlines()[-1])
+    assert out["action"]["kind"] == "advance" and out["applied"]["tagged_versions"][0] == 2
+    status = json.loads(cli.invoke(main, ["ab", "status", "ranker-cli", "--json", *data]).output)
+    assert status["experiments"][0]["traffic_now"] == 0.01 and status["audit"][-1]["actor"] == "rollout"
+    nothing = cli.invoke(main, ["ab", "rollout", "nope", *data])
+    assert nothing.exit_code != 0 and "no experiment named 'nope'" in nothing.output
