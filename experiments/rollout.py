@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
@@ -45,7 +45,7 @@ from pydantic import BaseModel, Field
 from experiments.assignment import Experiment
 from experiments.report import ABReport, MetricTest
 from experiments.rollout_policy import RolloutPolicy
-from experiments.store import Conflict, ExperimentError, ExperimentStore
+from experiments.store import ExperimentError, ExperimentStore
 
 if TYPE_CHECKING:
     from models.lifecycle.registry import Registry
@@ -382,7 +382,7 @@ def _decide_treatment(action: RolloutAction, done: AppliedRollout, store: Experi
 
     if registry.alias_version(alias) == treatment:
         # promoted already (a person approved it): control and treatment now serve one model, the test is over
-        store.set_status(action.experiment, "stopped", actor=actor, note=note_with(action, promoted="already"))
+        store.set_status(action.experiment, "stopped", actor=actor, note=_note_with(action, promoted="already"))
         done.promoted = True
         done.effects.append(f"v{treatment} already holds {alias}: experiment stopped")
         return
@@ -395,7 +395,7 @@ def _decide_treatment(action: RolloutAction, done: AppliedRollout, store: Experi
         _await(action, done, store, registry, treatment, actor, "gate", str(exc))
         return
     if result["promoted"]:
-        store.set_status(action.experiment, "stopped", actor=actor, note=note_with(action, promoted=treatment))
+        store.set_status(action.experiment, "stopped", actor=actor, note=_note_with(action, promoted=treatment))
         done.promoted = True
         done.effects.append(f"v{treatment} promoted to {alias}; experiment stopped")
     else:  # manual: conclude tagged the version as awaiting approval
@@ -413,15 +413,12 @@ def _await(action: RolloutAction, done: AppliedRollout, store: ExperimentStore, 
         return
     registry.set_tags(treatment, {key: what})
     store.record(action.experiment, actor=actor, action=f"rollout-awaiting-{what}",
-                 change=note_with(action, awaiting=what, why=why))
+                 change=_note_with(action, awaiting=what, why=why))
     done.effects.append(f"awaiting {what}: {why}")
 
 
-def note_with(action: RolloutAction, **extra: object) -> dict[str, Any]:
+def _note_with(action: RolloutAction, **extra: object) -> dict[str, Any]:
+    """The action's audit note with what applying it found (promoted, awaiting ...)."""
     note = action.audit_note()
     note["rollout"] |= extra
     return note
-
-
-def now_utc() -> datetime:
-    return datetime.now(timezone.utc)

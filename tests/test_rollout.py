@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from bench.rollouts import GUARDRAIL, PRIMARY, Arm, aa_rates, experiment, look_report, simulate_rollout
 from experiments.assignment import Experiment
-from experiments.rollout import RolloutAction, current_step, next_action, step_progress
+from experiments.rollout import current_step, next_action, step_progress
 from experiments.sequential import SequentialPlan
 from experiments.stats import TestResult
 
