@@ -261,3 +261,83 @@ def ab_plan(data_dir: str | None, mde: float, absolute: bool, metric: str, basel
     p = s.plan
     click.echo(f"plan:\n  mde: {p.mde:g}\n  relative: {str(p.relative).lower()}\n"
                f"  planned_users_per_arm: {p.planned_users_per_arm}\n  alpha: {p.alpha:g}\n  power: {p.power:g}")
+
+
+@ab.command("rollout")
+@click.argument("name")
+@data_dir_option
+@click.option("--dry-run", is_flag=True, help="compute and print the action, change nothing")
+@click.option("--json", "as_json", is_flag=True, help="print the action (and what was done) as one JSON object")
+def ab_rollout(name: str, data_dir: str | None, dry_run: bool, as_json: bool) -> None:
+    """Take the next step of experiment NAME's rollout policy, from its current evidence.
+
+    Reads the current phase's report (exposures from Kafka, interactions from the offline store) and decides
+    one action: advance the ramp to the next step, hold, roll back (SRM, or a guardrail's always-valid test
+    showing harm: the experiment is stopped and the rolled-out alias moved back), or decide (for the
+    treatment: through the promotion gate, automatically or awaiting approval as the policy says; for the
+    control: stop). Prints the action with its reason and statistics, then applies it unless --dry-run; every
+    applied action is in `encore ab status NAME --audit N` and on the model versions' `encore.rollout.*` tags.
+    Run it on a schedule (every few minutes): it is safe to repeat, holds change nothing.
+
+    \b
+    encore ab rollout new-ranker --dry-run
+    encore ab rollout new-ranker
+    """
+    from experiments.readout import read_report
+    from experiments.rollout import RolloutError, apply_action, next_action, step_progress
+    from experiments.store import NotFound
+
+    settings, store = _store(data_dir)
+    try:
+        experiment = store.snapshot().get(name)
+    except NotFound as exc:
+        raise click.ClickException(str(exc)) from exc
+    if experiment.rollout is None:
+        raise click.ClickException(f"{name!r} has no rollout policy: add a `rollout:` block (README, 'Guarded "
+                                   "rollouts') and save it with `encore ab create FILE --replace`")
+    report = None
+    if experiment.status == "running" and experiment.traffic_at() > 0:
+        try:
+            _, report, _ = read_report(settings, running_kafka(settings), name)
+        except RuntimeError as exc:
+            if "no exposures" not in str(exc):
+                raise click.ClickException(str(exc)) from exc
+    policy = experiment.rollout
+    users = sum(report.srm.observed.get(v, 0) for v in (policy.treatment, policy.control)) if report else 0
+    users_in_step, started = step_progress(store, experiment, users)
+    action = next_action(experiment, report, now=datetime.now(timezone.utc), users_in_step=users_in_step,
+                         step_started_at=started)
+    applied = None
+    if not dry_run and action.kind != "hold":
+        from models.lifecycle.registry import Registry
+        from models.lifecycle.tracking import tracking_uri
+
+        try:
+            registry = Registry(tracking_uri(settings), settings.registry)
+        except RuntimeError as exc:
+            raise click.ClickException(f"{exc} (the rollout acts on the model registry; --dry-run needs none)") \
+                from exc
+        try:
+            applied = apply_action(action, store=store, registry=registry, actor="rollout")
+        except RolloutError as exc:
+            raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps({"action": json.loads(action.model_dump_json()), "dry_run": dry_run,
+                               "applied": json.loads(applied.model_dump_json(exclude={"action"})) if applied
+                               else None}))
+        return
+    click.echo(f"{name}: {action.kind.upper()} (step {action.step}/{action.steps}, traffic {action.from_traffic:g}"
+               + (f" -> {action.to_traffic:g}" if action.to_traffic != action.from_traffic else "") + ")")
+    click.echo(f"  why: {action.reason}")
+    if action.srm_p is not None:
+        click.echo(f"  SRM p = {action.srm_p:.3g}; users {action.users} ({action.users_in_step} in this step)")
+    for metric, e in action.evidence.items():
+        cs = f"[{e.cs_low:+.4g}, {e.cs_high:+.4g}]" if e.cs_low is not None and e.cs_high is not None else "–"
+        p = f"{e.always_valid_p:.3g}" if e.always_valid_p is not None else "–"
+        click.echo(f"  {metric}: diff {e.diff:+.4g} {cs}, always-valid p {p}, {e.decision or 'no sequential test'}"
+                   + (" *" if metric in action.statistics else ""))
+    if dry_run:
+        click.echo("  dry run: nothing changed")
+    elif applied is not None:
+        for effect in applied.effects:
+            click.echo(f"  done: {effect}")

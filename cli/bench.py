@@ -91,3 +91,13 @@ def bench_experiments(args: tuple[str, ...]) -> None:
     from bench.experiments import main as run
 
     run(list(args))
+
+
+@bench.command("rollouts", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_rollouts(args: tuple[str, ...]) -> None:
+    """Guarded rollouts by simulation: A/A false rollback/promotion rates against alpha, planted harm rolled back
+    before the ramp passes 5%, a good model decided (see `python -m bench.rollouts -h`)."""
+    from bench.rollouts import main as run
+
+    run(list(args))

@@ -64,6 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from features.events import MAX_ID
 from infra.settings import EncoreSettings
+from experiments.rollout_policy import RolloutPolicy
 from experiments.sequential import SequentialPlan
 
 DEFAULT_BUCKETS = 10_000
@@ -260,6 +261,9 @@ class Experiment(BaseModel):
     description: str = Field(default="", max_length=2000)
     # What the test is sized to detect (MDE and/or horizon): sets the sequential test's τ and truncation.
     plan: SequentialPlan | None = None
+    # A guarded ramp that acts on the experiment's own evidence (``experiments.rollout``): it advances the
+    # traffic through its steps, rolls back on a guardrail's harm or an SRM, and decides at the last step.
+    rollout: RolloutPolicy | None = None
     # Set by the store, never by hand: a change of the variants (or of the salt) of an experiment that has run
     # opens a new phase, because some units change arm then; analysis reads one phase at a time. Ramps,
     # pauses and resumes keep the phase (units keep their arm). Nothing in assignment reads these two fields.
@@ -311,7 +315,31 @@ class Experiment(BaseModel):
             if not values:
                 raise ValueError(f"targeting on {key!r} lists no values (it would match nobody)")
         self._check_resolution()
+        self._check_rollout()
         return self
+
+    def _check_rollout(self) -> None:
+        """A rollout needs its two arms, a pinned treatment and an alias to roll out to."""
+        policy = self.rollout
+        if policy is None:
+            return
+        if self.ramp:
+            # a timed schedule would raise traffic whatever the evidence says: the policy owns the ramp
+            raise ValueError("an experiment with a rollout policy takes no ramp schedule (the policy ramps it)")
+        names = {v.name: v for v in self.variants}
+        missing = [n for n in (policy.treatment, policy.control) if n not in names]
+        if missing:
+            raise ValueError(f"rollout names variants {missing} that the experiment does not have "
+                             f"(it has {sorted(names)})")
+        if not names[policy.treatment].target.startswith("version:"):
+            # an alias can move mid-rollout (a new challenger), and the evidence would then be about two
+            # models; a rollback or promotion must also know exactly which version it acts on
+            raise ValueError(f"the rollout's treatment {policy.treatment!r} must target a pinned "
+                             f"'version:<n>', not {names[policy.treatment].target!r}")
+        control = names[policy.control].target
+        if policy.alias is None and not control.startswith("alias:"):
+            raise ValueError(f"rollout: the control {policy.control!r} targets {control!r}, not an alias; "
+                             "name the alias the treatment is rolled out to (rollout.alias)")
 
     def _check_resolution(self) -> None:
         """Refuse what the hash's 1e-4 resolution would round silently (see the module docstring)."""
@@ -319,6 +347,8 @@ class Experiment(BaseModel):
         values += [("traffic", self.traffic), ("holdout", self.holdout),
                    ("layer_range start", self.layer_range[0]), ("layer_range end", self.layer_range[1])]
         values += [(f"ramp step traffic at {step.at.isoformat()}", step.traffic) for step in self.ramp]
+        if self.rollout is not None:
+            values += [(f"rollout step {i + 1} traffic", share) for i, share in enumerate(self.rollout.steps)]
         problems = [p for field, value in values if (p := _grid_problem(field, value))]
         if problems:
             raise ValueError("; ".join(problems))
@@ -363,6 +393,16 @@ class Experiment(BaseModel):
     def weights(self) -> dict[str, float]:
         """Variant name -> weight, the form ``analysis.srm_check`` expects."""
         return {v.name: v.weight for v in self.variants}
+
+    @property
+    def rollout_alias(self) -> str | None:
+        """The alias the rollout's treatment is rolled out to: the policy's, else the control arm's alias."""
+        policy = self.rollout
+        if policy is None:
+            return None
+        if policy.alias is not None:
+            return policy.alias
+        return self.variant(policy.control).target.removeprefix("alias:")
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:

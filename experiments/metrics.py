@@ -56,6 +56,8 @@ METRICS: dict[str, str] = {
 # Metrics where a smaller value is better; the report flags direction so a 'significant' rise is not
 # mistaken for a win.
 LOWER_IS_BETTER: frozenset[str] = frozenset({"skips", "skip_rate"})
+# Metrics that must not get worse unless a config names others (the report's and a rollout's default).
+DEFAULT_GUARDRAILS: tuple[str, ...] = ("skip_rate",)
 RATE_METRICS: frozenset[str] = frozenset({"like_rate", "likes_per_play", "skip_rate", "hit_rate"})
 # Ratio metrics: (numerator, denominator) per-user columns. An arm's value is Σ numerator / Σ denominator over
 # all its users (as GrowthBook, Statsig and Eppo report them), tested with the delta method

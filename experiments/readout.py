@@ -21,7 +21,8 @@ import pandas as pd
 from features.kafka_io import read_topic
 from features.offline_store import read_interactions
 from infra.settings import EncoreSettings
-from experiments.report import ab_report, render_html, sequential_png
+from experiments.metrics import DEFAULT_GUARDRAILS
+from experiments.report import ABReport, ab_report, render_html, sequential_png
 from experiments.assignment import Experiment, default_experiment
 
 log = logging.getLogger("encore.report")
@@ -95,10 +96,12 @@ def select_phase(exposures: pd.DataFrame, name: str, phase_of_version: dict[int,
     return exposures[phases == phase]
 
 
-def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str | None = None,
-                    phase: int | None = None) -> dict:
-    """The report of the settings' experiment, on its current phase unless ``phase`` names another."""
-    exp, history = _experiment(settings)
+def read_report(settings: EncoreSettings, bootstrap: str, name: str | None = None,
+                phase: int | None = None) -> tuple[Experiment, ABReport, int]:
+    """``(experiment, report, exposures analysed)`` of experiment ``name`` (the settings' experiment by
+    default), on its current phase unless ``phase`` names another. The report watches the experiment's
+    rollout guardrails when it has a rollout policy, else the default guardrails."""
+    exp, history = _experiment(settings, name)
     phase = exp.phase if phase is None else phase
     analysed = _phase_config(exp, history, phase)
     exposures = read_exposures(bootstrap, settings.topics.exposures, **settings.kafka.client_options())
@@ -114,12 +117,22 @@ def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str 
         raise RuntimeError(f"no exposures of phase {phase} of {exp.name!r} yet: serve recommendations first")
     interactions = read_interactions(settings.offline_dir)
     pre = interactions[(interactions["timestamp_ms"] < start_ms) & (interactions["source"] == "organic")]
+    control = exp.rollout.control if exp.rollout is not None else "control"
+    guardrails = exp.rollout.guardrails if exp.rollout is not None else DEFAULT_GUARDRAILS
     report = ab_report(
-        exposures, interactions, control="control", window_s=settings.experiment.attribution_window_s,
+        exposures, interactions, control=control, window_s=settings.experiment.attribution_window_s,
         # the exact share of units each arm gets, which the SRM check should expect (see assignment's docstring)
         weights=analysed.realised_weights, pre_period=pre if not pre.empty else None,
-        name=exp.name if phase == 1 else f"{exp.name} (phase {phase})", plan=exp.plan,
+        name=exp.name if phase == 1 else f"{exp.name} (phase {phase})", plan=exp.plan, guardrails=guardrails,
     )
+    return exp, report, int(len(exposures))
+
+
+def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str | None = None,
+                    phase: int | None = None) -> dict:
+    """The report of the settings' experiment, on its current phase unless ``phase`` names another."""
+    exp, report, n_exposures = read_report(settings, bootstrap, phase=phase)
+    phase = exp.phase if phase is None else phase
     settings.reports_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     html_path = render_html(report, settings.reports_dir / f"ab-{exp.name}-{stamp}.html")
@@ -136,18 +149,22 @@ def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str 
              for t in report.tests}
     return {"html": str(html_path), "markdown": markdown, "sequential_png": str(boundary_png), "headline": headline, "tests": lifts,
             "phase": phase,
-            "exposures": int(len(exposures)), "srm_flagged": bool(report.srm.flagged),
+            "exposures": n_exposures, "srm_flagged": bool(report.srm.flagged),
             "guardrail_breaches": [t.metric for t in report.guardrail_breaches]}
 
 
-def _experiment(settings: EncoreSettings) -> tuple[Experiment, list[dict]]:
-    """The analysed experiment as the store holds it, with its saved versions; else the default, unversioned."""
+def _experiment(settings: EncoreSettings, name: str | None = None) -> tuple[Experiment, list[dict]]:
+    """The analysed experiment as the store holds it, with its saved versions; else, for the settings'
+    experiment, the default, unversioned (another name must be in the store)."""
     from experiments.store import ExperimentStore, NotFound
 
     store = ExperimentStore(settings.experiments_dir)
+    wanted = name or settings.experiment.name
     try:
-        return store.snapshot().get(settings.experiment.name), store.history(settings.experiment.name)
+        return store.snapshot().get(wanted), store.history(wanted)
     except NotFound:
+        if wanted != settings.experiment.name:
+            raise
         return default_experiment(settings), []
 
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from scipy import stats
 
 from experiments.metrics import (
+    DEFAULT_GUARDRAILS,
     LOWER_IS_BETTER,
     METRICS,
     PRE_PERIOD_COVARIATE,
@@ -175,7 +176,7 @@ def ab_report(
     pre_period: pd.DataFrame | None = None,
     alpha: float = 0.05,
     name: str = "experiment",
-    guardrails: Sequence[str] = ("skip_rate",),
+    guardrails: Sequence[str] = DEFAULT_GUARDRAILS,
     plan: SequentialPlan | None = None,
 ) -> ABReport:
     """Full analysis of one experiment: SRM, per-arm summaries and per-metric tests against ``control``.

@@ -260,16 +260,30 @@ class ExperimentStore:
             self._inside(folder / f"v{version:04d}.yaml").write_text(
                 yaml.safe_dump({"saved_at": _now_iso(), "actor": actor, "action": action,
                                 "config": entry["config"]}, sort_keys=False), encoding="utf-8")
-        with open(self._inside(self.audit_file), "a", encoding="utf-8") as fh:
-            row = {"time": _now_iso(), "actor": actor, "action": action, "experiment": name, "version": version,
-                   "store_version": state["version"], "change": change}
-            if saved is not None:
-                row["phase"] = saved.phase
-            fh.write(json.dumps(row, default=str) + "\n")
+        row = {"time": _now_iso(), "actor": actor, "action": action, "experiment": name, "version": version,
+               "store_version": state["version"], "change": change}
+        if saved is not None:
+            row["phase"] = saved.phase
+        self._append_audit(row)
         tmp = self._inside(self.state_file.with_suffix(".tmp"))
         tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
         os.replace(tmp, self._inside(self.state_file))
         return state["version"]
+
+    def _append_audit(self, row: dict) -> None:
+        with open(self._inside(self.audit_file), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, default=str) + "\n")
+
+    def record(self, name: str, *, actor: str, action: str, change: dict) -> None:
+        """An audit line about ``name`` that changes no config (an action taken elsewhere, e.g. in the model
+        registry, on the experiment's behalf). The store's version stays: readers have nothing to reload."""
+        with self._locked() as state:
+            if name not in state["experiments"]:
+                raise NotFound(f"no experiment named {name!r}")
+            entry = state["experiments"][name]
+            self._append_audit({"time": _now_iso(), "actor": actor, "action": action, "experiment": name,
+                                "version": int(entry["version"]), "store_version": int(state["version"]),
+                                "change": change, "phase": int(entry["config"].get("phase", 1))})
 
     def _settle(self, state: dict, current: Experiment | None, proposed: Experiment, *,
                 rerandomise: bool) -> tuple[Experiment, dict]:
@@ -341,11 +355,12 @@ class ExperimentStore:
             return state["experiments"][experiment.name]["version"]
 
     def update(self, name: str, *, actor: str = "cli", action: str = "update",
-               check_target: TargetChecker | None = None, rerandomise: bool = False,
+               check_target: TargetChecker | None = None, rerandomise: bool = False, note: dict | None = None,
                **changes: object) -> Experiment:
         """Apply field changes (status, traffic, ramp, variants, ...) to an experiment as a new version.
 
-        New variants on an experiment that has run open a new phase; ``rerandomise`` also rotates the salt."""
+        New variants on an experiment that has run open a new phase; ``rerandomise`` also rotates the salt.
+        ``note`` is added to the audit line's change (why the change was made, e.g. a rollout's evidence)."""
         if {"phase", "phase_started_at"} & changes.keys():
             raise ExperimentError("the store sets phase and phase_started_at (change the variants, or "
                                   "re-randomise, to open a new phase)")
@@ -360,16 +375,17 @@ class ExperimentStore:
                 proposed = Experiment.model_validate({**current.model_dump(), **changes})
             except ValueError as exc:
                 raise ExperimentError(str(exc)) from exc
-            updated, note = self._settle(state, current, proposed, rerandomise=rerandomise)
+            updated, settled = self._settle(state, current, proposed, rerandomise=rerandomise)
             validate_set(self._others(state, name) + [updated], check_target)
             self._commit(state, actor=actor, action=action, name=name,
                          change={k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v)
-                                 for k, v in changes.items()} | {"status_before": current.status} | note,
+                                 for k, v in changes.items()} | {"status_before": current.status} | settled
+                         | (note or {}),
                          saved=updated)
             return updated
 
     def ramp(self, name: str, traffic: float | None = None, schedule: list[RampStep] | None = None,
-             *, actor: str = "cli") -> Experiment:
+             *, actor: str = "cli", note: dict | None = None) -> Experiment:
         changes: dict = {}
         if traffic is not None:
             current = self.snapshot().get(name)
@@ -381,10 +397,11 @@ class ExperimentStore:
             changes["ramp"] = [s.model_dump() for s in schedule]
         if not changes:
             raise ExperimentError("ramp needs a traffic share or a schedule")
-        return self.update(name, actor=actor, action="ramp", **changes)
+        return self.update(name, actor=actor, action="ramp", note=note, **changes)
 
-    def set_status(self, name: str, status: str, *, actor: str = "cli") -> Experiment:
-        return self.update(name, actor=actor, action=status if status != "running" else "resume", status=status)
+    def set_status(self, name: str, status: str, *, actor: str = "cli", note: dict | None = None) -> Experiment:
+        return self.update(name, actor=actor, action=status if status != "running" else "resume", note=note,
+                           status=status)
 
     def set_kill(self, on: bool, *, actor: str = "cli", reason: str = "") -> int:
         with self._locked() as state:
