@@ -203,6 +203,9 @@ class KillOut(BaseModel):
 class CreatedOut(BaseModel):
     name: str
     version: int = Field(description="the experiment's version: 1, or the next one with replace=true")
+    salt: str = Field(description="the salt in force: the config's, the one kept by a replace, or generated")
+    phase: int = Field(description="the analysis phase: a new one when a replace changed the variants of an "
+                                   "experiment that has run, or re-randomised it")
 
 
 class AuditEntry(BaseModel):
@@ -1102,9 +1105,15 @@ def _admin_routes(app: FastAPI, settings: EncoreSettings, service: Recommendatio
 
     @app.post("/admin/experiments", status_code=201, response_model=CreatedOut,
               responses={**auth, **conflict, **invalid})
-    def create_experiment(exp: Experiment, replace: bool = False, actor: str = Depends(admin)) -> dict:
-        version = apply(lambda: store.create(exp, actor=actor, check_target=check(), replace=replace))  # type: ignore[union-attr]
-        return {"name": exp.name, "version": version}
+    def create_experiment(exp: Experiment, replace: bool = False, rerandomise: bool = False,
+                          actor: str = Depends(admin)) -> dict:
+        """``replace``: save a new version of an existing experiment; ``rerandomise`` (with it): rotate its salt,
+        which re-draws every user's arm and opens a new phase. A config without a salt gets a generated one,
+        returned here."""
+        version = apply(lambda: store.create(exp, actor=actor, check_target=check(), replace=replace,  # type: ignore[union-attr]
+                                             rerandomise=rerandomise))
+        saved = store.snapshot().get(exp.name)  # type: ignore[union-attr]
+        return {"name": exp.name, "version": version, "salt": saved.salt, "phase": saved.phase}
 
     @app.get("/admin/experiments/{name}", response_model=ExperimentDetail, responses={**auth, **unknown})
     def get_experiment(name: str, actor: str = Depends(admin)) -> dict:

@@ -247,6 +247,28 @@ def test_admin_api_manages_experiments_with_a_token(platform):
         assert http.post("/admin/experiments/nope/stop", headers=auth).status_code == 404
 
 
+def test_admin_api_returns_the_generated_salt_and_rerandomises_into_a_new_phase(platform):
+    _, _, server = platform
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    config = {"name": "salted", "layer": "salted",
+              "variants": [{"name": "a", "weight": 0.5, "target": "popularity"},
+                           {"name": "b", "weight": 0.5, "target": "popularity"}]}
+    with httpx.Client(base_url=server.endpoint, timeout=20) as http:
+        first = http.post("/admin/experiments", json=config, headers=auth)
+        assert first.status_code == 201, first.text
+        created = first.json()
+        assert len(created["salt"]) == 16 and created["phase"] == 1 and created["version"] == 1
+        kept = http.post("/admin/experiments", params={"replace": "true"}, headers=auth,
+                         json={**config, "description": "same arms"}).json()
+        assert kept["salt"] == created["salt"] and kept["phase"] == 1  # no new arms, no new draw: same phase
+        redrawn = http.post("/admin/experiments", params={"replace": "true", "rerandomise": "true"}, headers=auth,
+                            json=config).json()
+        assert redrawn["salt"] != created["salt"] and redrawn["phase"] == 2
+        detail = http.get("/admin/experiments/salted", headers=auth).json()
+        assert detail["salt"] == redrawn["salt"] and detail["phase"] == 2
+        assert http.post("/admin/experiments/salted/stop", headers=auth).status_code == 200
+
+
 def test_admin_changes_are_audited_under_the_actor_of_the_token(platform):
     settings, _, server = platform
     as_ = {actor: {"Authorization": f"Bearer {token}"} for actor, token in {**NAMED_TOKENS, "admin": TOKEN}.items()}
