@@ -42,6 +42,11 @@ def read_exposures(bootstrap: str, topic: str, **options: object) -> pd.DataFram
     return df.drop_duplicates("request_id").reset_index(drop=True)
 
 
+def _assignment_of(assignments: list | tuple, name: str) -> dict | None:
+    """Experiment ``name``'s entry in an exposure's ``assignments`` (one per experiment), or None."""
+    return next((a for a in assignments if isinstance(a, dict) and a.get("experiment") == name), None)
+
+
 def exposures_of(exposures: pd.DataFrame, name: str) -> pd.DataFrame:
     """The exposures in which experiment ``name`` assigned the user, with ``variant`` its arm there.
 
@@ -52,10 +57,8 @@ def exposures_of(exposures: pd.DataFrame, name: str) -> pd.DataFrame:
     def arm(row: pd.Series) -> str | None:
         assignments = row.get("assignments")
         if isinstance(assignments, (list, tuple)):
-            for a in assignments:
-                if isinstance(a, dict) and a.get("experiment") == name:
-                    return a.get("variant")
-            return None
+            mine = _assignment_of(assignments, name)
+            return mine.get("variant") if mine else None
         return row.get("variant") if row.get("experiment", name) == name else None
 
     if exposures.empty:
@@ -69,11 +72,8 @@ def exposures_of(exposures: pd.DataFrame, name: str) -> pd.DataFrame:
 def exposure_versions(exposures: pd.DataFrame, name: str) -> pd.Series:
     """The config version of experiment ``name`` that assigned each exposure (NaN where the row does not say)."""
     def version(assignments: object) -> float:
-        if isinstance(assignments, (list, tuple)):
-            for a in assignments:
-                if isinstance(a, dict) and a.get("experiment") == name and a.get("version") is not None:
-                    return float(a["version"])
-        return float("nan")
+        mine = _assignment_of(assignments, name) if isinstance(assignments, (list, tuple)) else None
+        return float(mine["version"]) if mine and mine.get("version") is not None else float("nan")
 
     if "assignments" not in exposures.columns:
         return pd.Series(float("nan"), index=exposures.index)

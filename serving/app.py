@@ -97,6 +97,11 @@ log = logging.getLogger("encore.serving")
 _HISTORY_FIELDS = ("item_ids", "event_types", "timestamps_ms")
 
 
+def _empty_history() -> dict[str, list]:
+    """The history of a user the online store has nothing for (or cannot be read for)."""
+    return {f: [] for f in _HISTORY_FIELDS}
+
+
 # ============================================================================ API models
 
 
@@ -404,7 +409,7 @@ class HistoryReader:
         out: dict[int, dict[str, list]] = {}
         for uid, (_, values) in zip(user_ids, rows):
             if not values:
-                out[uid] = {"item_ids": [], "event_types": [], "timestamps_ms": []}
+                out[uid] = _empty_history()
                 continue
             out[uid] = {
                 "item_ids": list(values["item_ids"].int64_list_val.val) if "item_ids" in values else [],
@@ -786,7 +791,7 @@ class Recommendations:
         histories = self.history.read(users)
         degraded = histories is None
         if histories is None:  # no history to score or exclude: popularity for all, marked degraded
-            histories = {u: {"item_ids": [], "event_types": [], "timestamps_ms": []} for u in users}
+            histories = {u: _empty_history() for u in users}
             self.degraded_answers.inc(len(reqs))
         default_target = self.models.default_target
         results: list[tuple[list[tuple[int, float]], str, int | None] | None] = [None] * len(reqs)
