@@ -283,30 +283,15 @@ def ab_rollout(name: str, data_dir: str | None, dry_run: bool, as_json: bool) ->
     encore ab rollout new-ranker --dry-run
     encore ab rollout new-ranker
     """
-    from experiments.readout import read_report
-    from experiments.rollout import RolloutError, apply_action, next_action, step_progress
+    from experiments.readout import observe_rollout
+    from experiments.rollout import RolloutError, apply_action
     from experiments.store import NotFound
 
     settings, store = _store(data_dir)
     try:
-        experiment = store.snapshot().get(name)
-    except NotFound as exc:
+        _, _, action = observe_rollout(settings, lambda: running_kafka(settings), name, store=store)
+    except (NotFound, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
-    if experiment.rollout is None:
-        raise click.ClickException(f"{name!r} has no rollout policy: add a `rollout:` block (README, 'Guarded "
-                                   "rollouts') and save it with `encore ab create FILE --replace`")
-    report = None
-    if experiment.status == "running" and experiment.traffic_at() > 0:
-        try:
-            _, report, _ = read_report(settings, running_kafka(settings), name)
-        except RuntimeError as exc:
-            if "no exposures" not in str(exc):
-                raise click.ClickException(str(exc)) from exc
-    policy = experiment.rollout
-    users = sum(report.srm.observed.get(v, 0) for v in (policy.treatment, policy.control)) if report else 0
-    users_in_step, started = step_progress(store, experiment, users)
-    action = next_action(experiment, report, now=datetime.now(timezone.utc), users_in_step=users_in_step,
-                         step_started_at=started)
     applied = None
     if not dry_run and action.kind != "hold":
         from models.lifecycle.registry import Registry

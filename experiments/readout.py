@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
 
@@ -24,6 +26,10 @@ from infra.settings import EncoreSettings
 from experiments.metrics import DEFAULT_GUARDRAILS
 from experiments.report import ABReport, ab_report, render_html, sequential_png
 from experiments.assignment import Experiment, default_experiment
+
+if TYPE_CHECKING:
+    from experiments.rollout import RolloutAction
+    from experiments.store import ExperimentStore
 
 log = logging.getLogger("encore.report")
 
@@ -126,6 +132,36 @@ def read_report(settings: EncoreSettings, bootstrap: str, name: str | None = Non
         name=exp.name if phase == 1 else f"{exp.name} (phase {phase})", plan=exp.plan, guardrails=guardrails,
     )
     return exp, report, int(len(exposures))
+
+
+def observe_rollout(settings: EncoreSettings, bootstrap: str | Callable[[], str], name: str, *, now: datetime | None = None,
+                    store: ExperimentStore | None = None) -> tuple[Experiment, ABReport | None, RolloutAction]:
+    """``(experiment, report, next action)`` of experiment ``name``'s rollout, from its real sources: the
+    current phase's report (None while the experiment is not running or has no exposure yet), the step's
+    progress from the store's audit log, and ``experiments.rollout.next_action`` on both. Reads only: the
+    CLI (``encore ab rollout``), the Dagster sensor and assets, and the closed-loop simulation all decide
+    through this one function, then act through ``experiments.rollout.apply_action``."""
+    from experiments.rollout import next_action, step_progress
+    from experiments.store import ExperimentStore
+
+    store = store or ExperimentStore(settings.experiments_dir)
+    experiment = store.snapshot().get(name)
+    if experiment.rollout is None:
+        raise ValueError(f"{name!r} has no rollout policy: add a `rollout:` block and save it with "
+                         "`encore ab create FILE --replace`")
+    report = None
+    if experiment.status == "running" and experiment.traffic_at() > 0:
+        try:
+            _, report, _ = read_report(settings, bootstrap() if callable(bootstrap) else bootstrap, name)
+        except RuntimeError as exc:
+            if "no exposures" not in str(exc):
+                raise
+    policy = experiment.rollout
+    users = sum(report.srm.observed.get(v, 0) for v in (policy.treatment, policy.control)) if report else 0
+    users_in_step, started = step_progress(store, experiment, users)
+    action = next_action(experiment, report, now=now or datetime.now(timezone.utc), users_in_step=users_in_step,
+                         step_started_at=started)
+    return experiment, report, action
 
 
 def build_ab_report(settings: EncoreSettings, bootstrap: str, tracking_uri: str | None = None,

@@ -27,8 +27,9 @@ Two halves, so that a scheduler (a Dagster sensor), the CLI and a simulation sha
    still running → ``hold``.
 
 Rollback is ``status: stopped`` in the store (the serving control plane re-reads the store within about a
-second and never waits on MLflow) and, where the rolled-out alias had already moved to the treatment's
-version, the alias back to the version it replaced. ``decide_treatment`` goes through the existing promotion
+second and never waits on MLflow) and every alias that points at the treatment's version (the rolled-out
+alias if it had already moved there; ``challenger`` where the training pipeline registered it) back to the
+version it replaced. ``decide_treatment`` goes through the existing promotion
 path (``models.lifecycle.promotion.conclude``), which refuses a version without a passing gate verdict.
 """
 
@@ -108,7 +109,8 @@ class AppliedRollout(BaseModel):
     action: RolloutAction
     effects: list[str] = Field(default_factory=list, description="each side effect, in order")
     tagged_versions: list[int] = Field(default_factory=list)
-    alias_restored_to: int | None = None
+    alias_restored_to: int | None = Field(default=None, description="where the rolled-out alias went back to")
+    restored_aliases: dict[str, int] = Field(default_factory=dict, description="every alias moved back: version")
     promoted: bool = False
     awaiting: str | None = Field(default=None, description="'approval' or 'gate' when a decided treatment waits")
 
@@ -345,8 +347,8 @@ def apply_action(action: RolloutAction, *, store: ExperimentStore, registry: Reg
             versions.setdefault(registry.resolve(control), "control")
         except (LookupError, ValueError):
             pass  # the control names nothing resolvable any more: the treatment's tags still carry the evidence
-    if done.alias_restored_to is not None:
-        versions.setdefault(done.alias_restored_to, "restored")
+    for restored in done.restored_aliases.values():
+        versions.setdefault(restored, "restored")
     for version, role in versions.items():
         registry.set_tags(version, _tags(action, role))
         done.tagged_versions.append(version)
@@ -356,23 +358,28 @@ def apply_action(action: RolloutAction, *, store: ExperimentStore, registry: Reg
 
 def _restore_alias(action: RolloutAction, done: AppliedRollout, store: ExperimentStore, registry: Registry,
                    alias: str, treatment: int, actor: str) -> None:
-    """Where ``alias`` already points at the treatment's version, move it back to the version it replaced."""
-    if registry.alias_version(alias) != treatment:
-        return
-    moves = [e for e in registry.audit_log() if e["alias"] == alias and e["to"] == treatment]
-    previous = moves[-1].get("from") if moves else None
-    if previous is None or int(previous) == treatment:
+    """Every alias that points at the treatment's version now (the rolled-out ``alias`` if it was already
+    promoted, ``challenger`` where the pipeline registered the version) goes back to the version it replaced,
+    as the registry's audit log records it; an alias with no earlier version stays, and the audit says so."""
+    log = registry.audit_log()
+    for name in sorted(set(registry.aliases_of(treatment)) | ({alias} if registry.alias_version(alias) == treatment
+                                                                else set())):
+        moves = [e for e in log if e["alias"] == name and e["to"] == treatment]
+        previous = moves[-1].get("from") if moves else None
+        if previous is None or int(previous) == treatment:
+            store.record(action.experiment, actor=actor, action="rollout-alias", change={
+                "alias": name, "version": treatment, "restored": None,
+                "reason": "the alias has no earlier version in the registry's audit log to go back to"})
+            done.effects.append(f"alias {name} stays on v{treatment}: no earlier version recorded")
+            continue
+        registry.set_alias(name, int(previous), reason=f"rollout {action.experiment}: {action.reason}", actor=actor,
+                           action="rollback")
         store.record(action.experiment, actor=actor, action="rollout-alias", change={
-            "alias": alias, "version": treatment, "restored": None,
-            "reason": "the alias has no earlier version in the registry's audit log to go back to"})
-        done.effects.append(f"alias {alias} stays on v{treatment}: no earlier version recorded")
-        return
-    registry.set_alias(alias, int(previous), reason=f"rollout {action.experiment}: {action.reason}", actor=actor,
-                       action="rollback")
-    store.record(action.experiment, actor=actor, action="rollout-alias", change={
-        "alias": alias, "from": treatment, "to": int(previous), "reason": action.reason})
-    done.alias_restored_to = int(previous)
-    done.effects.append(f"alias {alias}: v{treatment} -> v{previous}")
+            "alias": name, "from": treatment, "to": int(previous), "reason": action.reason})
+        if name == alias or done.alias_restored_to is None:
+            done.alias_restored_to = int(previous)
+        done.restored_aliases[name] = int(previous)
+        done.effects.append(f"alias {name}: v{treatment} -> v{previous}")
 
 
 def _decide_treatment(action: RolloutAction, done: AppliedRollout, store: ExperimentStore, registry: Registry,

@@ -255,7 +255,11 @@ def test_a_rollback_stops_the_treatment_moves_the_alias_back_and_tags_both_versi
     with pytest.raises(Exception, match="stale rollout action"):
         apply_action(clean, store=store, registry=registry)  # computed at 1%, the store is at 5% now
 
-    # meanwhile the version was made champion by hand; then its guardrail is harmed
+    # the pipeline had registered v2 as challenger (after v1); meanwhile it was made champion by hand; then its
+    # guardrail is harmed: both aliases go back to the versions they replaced
+    challenger = settings.registry.challenger_alias
+    registry.set_alias(challenger, 1, reason="registered", actor="test")
+    registry.set_alias(challenger, 2, reason="registered", actor="test")
     registry.set_alias(champion, 2, reason="early promotion by hand", actor="test", action="promote")
     exp = store.snapshot().get(exp.name)
     harmed = next_action(exp, _report(exp, *_arms(800, 800, skip_p=(0.30, 0.40), seed=2)), now=NOW,
@@ -265,6 +269,7 @@ def test_a_rollback_stops_the_treatment_moves_the_alias_back_and_tags_both_versi
 
     assert store.snapshot().get(exp.name).status == "stopped"  # what serving reads within a second
     assert registry.alias_version(champion) == 1 and applied.alias_restored_to == 1
+    assert applied.restored_aliases == {challenger: 1, champion: 1} and registry.alias_version(challenger) == 1
     assert registry.audit_log()[-1] | {"at_ms": 0} == registry.audit_log()[-1] | {
         "alias": champion, "from": 2, "to": 1, "action": "rollback", "actor": "rollout", "at_ms": 0}
     for version, role in ((2, "treatment"), (1, "restored")):
@@ -275,7 +280,7 @@ def test_a_rollback_stops_the_treatment_moves_the_alias_back_and_tags_both_versi
         assert float(tags[f"{TAG_PREFIX}metric.skip_rate.lift_cs_low"]) > 0
         assert tags[f"{TAG_PREFIX}role"] in (role, "control")
         assert any(k.startswith(f"{TAG_PREFIX}log.") for k in tags)
-    stopped, moved = store.audit(exp.name)[-2:]
+    stopped, _, moved = store.audit(exp.name)[-3:]
     assert stopped["action"] == "stopped" and stopped["change"]["status"] == "stopped"
     assert stopped["change"]["rollout"]["reason"] == harmed.reason
     assert stopped["change"]["rollout"]["statistics"]["skip_rate"]["always_valid_p"] <= 0.05

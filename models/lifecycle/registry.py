@@ -179,6 +179,10 @@ class Registry:
     def champion_version(self) -> int | None:
         return self.alias_version(self.names.champion_alias)
 
+    def aliases_of(self, version: int) -> list[str]:
+        """The aliases that point at ``version`` now (sorted)."""
+        return sorted(self.client.get_model_version(self.name, str(version)).aliases)
+
     def resolve(self, target: str) -> int:
         """The version a serving target names: ``alias:<a>`` (where the alias points now) or ``version:<n>``."""
         kind, _, value = target.partition(":")
