@@ -51,11 +51,13 @@ def instance_yaml(settings: EncoreSettings) -> str:
 
 def run_job(settings: EncoreSettings, job_name: str, instance: dg.DagsterInstance | None = None, *,
             resources: dict[str, Any] | None = None, run_config: dict[str, Any] | None = None,
-            log_level: str = "INFO", raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+            log_level: str = "INFO", raise_on_error: bool = True,
+            partition_key: str | None = None) -> dg.ExecuteInProcessResult:
     """Run ``job_name`` of the code location in this process with exactly ``settings``.
 
     ``resources`` add to (or replace) the ``encore`` resource, e.g. an explicit MLflow endpoint; ``run_config``
-    is the job's own (op configs); ``log_level`` is the console logger's."""
+    is the job's own (op configs); ``log_level`` is the console logger's; ``partition_key`` runs one partition
+    of a partitioned job (a rollout's experiment)."""
     from orchestration.definitions import defs
     from orchestration.resources import encore_resource
 
@@ -68,4 +70,5 @@ def run_job(settings: EncoreSettings, job_name: str, instance: dg.DagsterInstanc
         # Dagster's console logger narrates every engine event at DEBUG; assets' own logs are INFO.
         run_config={**(run_config or {}), "loggers": {"console": {"config": {"log_level": log_level}}}},
         raise_on_error=raise_on_error,
+        partition_key=partition_key,
     )

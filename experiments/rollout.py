@@ -21,8 +21,9 @@ Two halves, so that a scheduler (a Dagster sensor), the CLI and a simulation sha
    readout decides: better and significant at the plan's α → ``decide_treatment``, else ``decide_control``
    (``at_horizon: keep_control`` keeps the control instead: the fixed-horizon test is read after the
    sequential one was watched, so with it a false promotion may come from either, up to α against α/2).
-5. Before the first step → ``advance`` to it. Below the last step → ``advance`` once the step has
-   ``min_users_per_step`` new users (and ``min_hours_per_step``) and every guardrail has a test; else ``hold``.
+5. Before the first step → ``advance`` to it. Below the last step → ``advance`` once the step has its
+   ``min_users_per_step`` new users (one number, or one per step), lasted ``min_hours_per_step``, and every
+   guardrail has a test; else ``hold``.
 6. At the last step: the primary metric's sequential decision ``treatment_better`` → ``decide_treatment``;
    still running → ``hold``.
 
@@ -206,7 +207,7 @@ def next_action(experiment: Experiment, report: ABReport | None, *, now: datetim
     if step == 0:
         return act("advance", f"start the ramp at step 1/{last} (traffic {policy.steps[0]:g})", to=policy.steps[0])
     if step < last:
-        waiting = _step_waits(policy, tests, users_in_step, now, step_started_at)
+        waiting = _step_waits(policy, step, tests, users_in_step, now, step_started_at)
         nxt = policy.steps[step]
         if waiting:
             return act("hold", f"hold at step {step}/{last} (traffic {traffic:g}): " + "; ".join(waiting))
@@ -235,7 +236,7 @@ def _at_horizon(act: Any, primary: MetricEvidence, test: MetricTest) -> RolloutA
                f"p = {primary.fixed_p:.3g}, {_describe(primary)}): keep the control", cause={primary.metric: primary})
 
 
-def _step_waits(policy: RolloutPolicy, tests: dict[str, MetricTest], users_in_step: int, now: datetime,
+def _step_waits(policy: RolloutPolicy, step: int, tests: dict[str, MetricTest], users_in_step: int, now: datetime,
                 started: datetime | None) -> list[str]:
     """What the current step still waits for (empty: it may advance)."""
     waits = []
@@ -243,8 +244,9 @@ def _step_waits(policy: RolloutPolicy, tests: dict[str, MetricTest], users_in_st
     if untested:
         # a guardrail that cannot be tested yet cannot clear the step
         waits.append(f"guardrails {untested} have no sequential test yet")
-    if users_in_step < policy.min_users_per_step:
-        waits.append(f"{users_in_step} of {policy.min_users_per_step} users in this step")
+    needed = policy.min_users_for(step)
+    if users_in_step < needed:
+        waits.append(f"{users_in_step} of {needed} users in this step")
     if policy.min_hours_per_step is not None:
         hours = (now - started).total_seconds() / 3600 if started is not None else 0.0
         if hours < policy.min_hours_per_step:

@@ -33,8 +33,9 @@ class RolloutPolicy(BaseModel):
 
     # strict, as every share of a config: JSON true or "0.5" is refused rather than read as 1.0 or 0.5
     steps: list[Annotated[float, Field(strict=True)]] = Field(min_length=1, description="traffic shares, strictly increasing, in (0, 1]")
-    min_users_per_step: int = Field(ge=1, description="users (all arms) that must enter during a step before "
-                                    "the next one")
+    min_users_per_step: Annotated[int, Field(ge=1)] | list[Annotated[int, Field(ge=1)]] = Field(
+        description="users (all arms) that must enter during a step before the next: one number for every step, "
+        "or one per step before the last (a later step, at more traffic, can ask for more)")
     min_hours_per_step: float | None = Field(default=None, gt=0, description="and hours a step must last "
                                              "(weekday/weekend and time-of-day effects), if set")
     primary_metric: str = Field(description="the metric whose sequential decision ends the rollout")
@@ -65,6 +66,11 @@ class RolloutPolicy(BaseModel):
             raise ValueError(f"rollout steps must strictly increase, got {steps}")
         return steps
 
+    def min_users_for(self, step: int) -> int:
+        """The users step ``step`` (1-based, before the last) must see before the next."""
+        m = self.min_users_per_step
+        return m if isinstance(m, int) else m[step - 1]
+
     @field_validator("primary_metric")
     @classmethod
     def _primary(cls, name: str) -> str:
@@ -78,6 +84,14 @@ class RolloutPolicy(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"guardrails are listed twice: {names}")
         return names
+
+    @model_validator(mode="after")
+    def _one_minimum_per_step(self) -> RolloutPolicy:
+        m = self.min_users_per_step
+        if isinstance(m, list) and len(m) != len(self.steps) - 1:
+            raise ValueError(f"min_users_per_step lists {len(m)} minimums for {len(self.steps)} steps: give one per "
+                             f"step before the last ({len(self.steps) - 1}), or one number for all")
+        return self
 
     @model_validator(mode="after")
     def _two_arms(self) -> RolloutPolicy:

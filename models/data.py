@@ -191,14 +191,18 @@ def build_sequences(df: pd.DataFrame, vocab: ItemVocab | None = None) -> UserSeq
     )
 
 
-TARGET_RULES = ("positive", "all")
+# ``negative`` (skips, dislikes and unfinished listens as targets) is the label bug this module's docstring warns
+# about, kept as a recipe switch on purpose: it trains the planted harmful model of the closed-loop rollout drill
+# (``bench.rollout_loop``), a real model that recommends what users skip.
+TARGET_RULES = ("positive", "all", "negative")
 
 
 def with_targets(seqs: UserSequences, rule: str) -> UserSequences:
-    """The next-item targets: ``positive`` events (the platform's rule) or ``all`` events (the papers')."""
+    """The next-item targets: ``positive`` events (the platform's rule), ``all`` events (the papers'), or the
+    ``negative`` ones (a planted label bug, for drills only)."""
     if rule not in TARGET_RULES:
         raise ValueError(f"unknown target rule {rule!r} (expected one of {TARGET_RULES})")
-    target = seqs.positive if rule == "positive" else np.ones(seqs.num_events, dtype=bool)
+    target = {"positive": seqs.positive, "negative": ~seqs.positive}.get(rule, np.ones(seqs.num_events, dtype=bool))
     return replace(seqs, target=target)
 
 

@@ -15,13 +15,15 @@ from infra.settings import EncoreSettings, child_env
 log = logging.getLogger("encore.serving")
 
 
-def start_server(settings: EncoreSettings, kafka: str, mlflow_uri: str) -> ManagedProcess:
-    """``encore serve`` as a real HTTP server in its own process, tracked like the other services."""
+def start_server(settings: EncoreSettings, kafka: str, mlflow_uri: str, *, experiment: str = "default") -> ManagedProcess:
+    """``encore serve`` as a real HTTP server in its own process, tracked like the other services;
+    ``experiment`` is its ``--experiment`` (``default`` seeds the settings' two-arm test, ``store`` serves the
+    experiment store as it is)."""
     port = settings.serve.port or free_port()
     # The server runs with exactly this run's settings (tests and callers may have built them in code).
     env = child_env(settings.model_copy(update={"kafka_bootstrap": kafka, "mlflow_tracking_uri": mlflow_uri}),
                     settings.run_dir / "serve-settings.yaml")
-    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--experiment", "default"]
+    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--experiment", experiment]
     server = spawn_service("serve", cmd, settings, endpoint=f"http://127.0.0.1:{port}", env=env)
     try:
         wait_until(lambda: httpx.get(f"{server.endpoint}/readyz", timeout=1).status_code == 200, timeout_s=120,

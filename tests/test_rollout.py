@@ -96,6 +96,17 @@ def test_before_the_first_step_the_ramp_starts_and_a_clean_step_advances_once_it
     assert ready.evidence[GUARDRAIL].always_valid_p > 0.05 and ready.srm_p > 0.001
 
 
+def test_each_step_can_ask_for_its_own_number_of_users():
+    per_step = _at(0.05, min_users_per_step=[100, 2_000, 5_000])
+    report = _report(per_step, *_arms(600, 600))
+    assert next_action(_at(0.01, min_users_per_step=[100, 2_000, 5_000]), report, now=NOW,
+                       users_in_step=150).kind == "advance"
+    held = next_action(per_step, report, now=NOW, users_in_step=1_500)
+    assert held.kind == "hold" and "1500 of 2000 users" in held.reason
+    with pytest.raises(ValidationError, match="one per step before the last"):
+        _at(0.05, min_users_per_step=[100, 2_000])
+
+
 def test_a_step_also_waits_for_its_hours():
     exp = _at(0.05, min_hours_per_step=24)
     report = _report(exp, *_arms(2_000, 2_000, seed=1))
