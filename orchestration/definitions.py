@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import dagster as dg
 
-from orchestration.assets import experiments, ingest, studies, training
-from orchestration.jobs import ab_report_job, distributed_training_job, ingest_job, scaling_job, training_job
+from orchestration.assets import experiments, ingest, rollouts, studies, training
+from orchestration.jobs import (
+    ab_report_job,
+    distributed_training_job,
+    ingest_job,
+    rollout_job,
+    scaling_job,
+    training_job,
+)
 from orchestration.resources import EncoreResource, FeastResource, KafkaResource, MLflowResource
-from orchestration.sensors import ingest_on_lag, nightly_retrain, retrain_on_new_events
+from orchestration.sensors import ingest_on_lag, nightly_retrain, retrain_on_new_events, rollout_sensor
 
 defs = dg.Definitions(
     assets=[
@@ -17,11 +24,12 @@ defs = dg.Definitions(
         training.champion_model, training.distributed_trained_model,
         studies.scaling_study,
         experiments.exposures_topic, experiments.ab_report,
+        rollouts.experiment_store, rollouts.rollout_guard, rollouts.rollout_step,
     ],
     asset_checks=[ingest.offline_schema, ingest.freshness, training.promotion_gate],
-    jobs=[ingest_job, training_job, scaling_job, ab_report_job, distributed_training_job],
+    jobs=[ingest_job, training_job, scaling_job, ab_report_job, distributed_training_job, rollout_job],
     schedules=[nightly_retrain],
-    sensors=[retrain_on_new_events, ingest_on_lag],
+    sensors=[retrain_on_new_events, ingest_on_lag, rollout_sensor],
     resources={
         "encore": EncoreResource(),
         "kafka": KafkaResource(),

@@ -4,6 +4,7 @@ import dagster as dg
 
 from orchestration.assets.experiments import ab_report
 from orchestration.assets.ingest import ingested_interactions
+from orchestration.assets.rollouts import rollout_guard, rollout_step
 from orchestration.assets.studies import scaling_study
 from orchestration.assets.training import (
     champion_model,
@@ -36,4 +37,11 @@ ab_report_job = dg.define_asset_job("ab_report_job", selection=[ab_report], desc
 distributed_training_job = dg.define_asset_job(
     "distributed_training_job", selection=[training_dataset, distributed_trained_model],
     description="snapshot → torchrun (DistributedModelParallel), launched through Dagster Pipes",
+)
+
+
+rollout_job = dg.define_asset_job(
+    "rollout_job", selection=[rollout_guard, rollout_step],  # partitioned as they are: one experiment a run
+    description="one tick of an experiment's guarded rollout (partition: the experiment): guard (rolls back on "
+                "SRM or a harmed guardrail; blocking checks srm, guardrails) → step (advance / decide)",
 )

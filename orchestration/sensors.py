@@ -3,16 +3,22 @@
 - ``ingest_on_lag`` watches the interactions topic's consumer lag and launches ``ingest_job``; its cursor (kept
   by Dagster) holds the end offsets it last launched for, so one backlog launches one run.
 - ``retrain_on_new_events`` launches ``training_job`` once ``promotion.retrain_after_events`` new events
-  reached the offline store; ``nightly_retrain`` does it on a clock. All start stopped: an operator turns
-  them on in the UI.
+  reached the offline store; ``nightly_retrain`` does it on a clock.
+- ``rollout_sensor`` watches the experiment store: for each running experiment with a ``rollout:`` policy it
+  keeps a partition of ``rollout_job`` and launches a run when the rollout's next action is not a hold. The
+  run key names the state the action was computed on, so one state launches one run.
+
+All start stopped: an operator turns them on in the UI.
 """
 
 import json
+from datetime import datetime, timezone
 
 import dagster as dg
 
 from orchestration.assets.ingest import topic_lag
-from orchestration.jobs import training_job
+from orchestration.assets.rollouts import rollout_partitions
+from orchestration.jobs import rollout_job, training_job
 from orchestration.resources import EncoreResource, KafkaResource
 
 
@@ -58,3 +64,57 @@ def retrain_on_new_events(context: dg.SensorEvaluationContext, encore: EncoreRes
         return dg.SkipReason(f"{new} new events since the last retrain (< {settings.promotion.retrain_after_events})")
     context.update_cursor(str(events))
     return dg.RunRequest(run_key=f"events-{events}", tags={"encore/trigger": f"{new} new events"})
+
+
+def rollout_run_key(name: str, phase: int, version: int, kind: str, from_traffic: float,
+                    now: datetime | None = None) -> str:
+    """The run key of a rollout action: the experiment's phase, its store version, the action and the traffic it
+    was computed at. ``decide_treatment`` adds the UTC hour: a treatment awaiting approval or a passing gate
+    changes nothing in the store, so its run is retried once an hour rather than never."""
+    key = f"{name}:p{phase}:v{version}:{kind}:{from_traffic:g}"
+    if kind == "decide_treatment":
+        key += ":" + (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H")
+    return key
+
+
+@dg.sensor(job=rollout_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
+           description="a sensor on experiment state: one rollout_job run per experiment whose rollout "
+                       "should act (advance, roll back, decide); holds are skipped with their reason")
+def rollout_sensor(context: dg.SensorEvaluationContext, encore: EncoreResource, kafka: KafkaResource):
+    from experiments.readout import observe_rollout
+    from experiments.store import ExperimentStore
+
+    settings = encore.settings()
+    store = ExperimentStore(settings.experiments_dir)
+    snapshot = store.snapshot()
+    names = [e.name for e in snapshot.experiments if e.rollout is not None and e.status == "running"]
+    if not names:
+        return dg.SkipReason("no running experiment has a rollout policy")
+    try:
+        bootstrap = kafka.resolve(settings)
+    except Exception as exc:  # noqa: BLE001 - a broker that is down is a reason to skip, not to crash
+        return dg.SkipReason(f"Kafka not reachable: {exc}")
+    known = set(context.instance.get_dynamic_partitions(rollout_partitions.name))
+    new = [n for n in names if n not in known]
+    partitions = [rollout_partitions.build_add_request(new)] if new else []
+    requests, waits = [], []
+    for name in names:
+        try:
+            _, _, action = observe_rollout(settings, bootstrap, name, store=store)
+        except Exception as exc:  # noqa: BLE001 - one experiment's unreadable evidence must not stop the others
+            context.log.warning(f"{name}: cannot observe the rollout: {exc}")
+            waits.append(f"{name}: cannot observe the rollout: {exc}")
+            continue
+        if action.kind == "hold":
+            waits.append(f"{name}: {action.reason}")
+            continue
+        requests.append(dg.RunRequest(
+            run_key=rollout_run_key(name, action.phase, snapshot.versions.get(name, 0), action.kind,
+                                    action.from_traffic, action.at),
+            partition_key=name,
+            tags={"encore/rollout-action": action.kind, "encore/experiment": name}))
+    if requests:
+        for wait in waits:
+            context.log.info(wait)
+        return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=partitions)
+    return dg.SensorResult(skip_reason=dg.SkipReason("; ".join(waits)), dynamic_partitions_requests=partitions)

@@ -5,6 +5,8 @@
                  distributed_trained_model (torchrun through Dagster Pipes)
     studies      scaling_study (sweep of sizes / data fractions, power-law fits)
     experiments  exposures_topic (Kafka) + ingested_interactions └─ ab_report
+    rollouts     experiment_store + exposures_topic + ingested_interactions └─ rollout_guard ─ rollout_step
+                 (partitioned by experiment; blocking checks srm, guardrails on rollout_guard)
 
 Each asset is a thin wrapper: the business logic is in plain functions of ``features``, ``models`` and
 ``experiments`` that the assets call.
