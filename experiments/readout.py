@@ -153,8 +153,9 @@ def observe_rollout(settings: EncoreSettings, bootstrap: str | Callable[[], str]
     if experiment.status == "running" and experiment.traffic_at() > 0:
         try:
             _, report, _ = read_report(settings, bootstrap() if callable(bootstrap) else bootstrap, name)
-        except RuntimeError as exc:
-            if "no exposures" not in str(exc):
+        except (RuntimeError, ValueError) as exc:
+            # no exposure yet, or an arm without users (a small first step): no evidence yet, the rule holds
+            if "no exposures" not in str(exc) and "no exposed users" not in str(exc):
                 raise
     policy = experiment.rollout
     users = sum(report.srm.observed.get(v, 0) for v in (policy.treatment, policy.control)) if report else 0

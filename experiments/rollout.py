@@ -15,8 +15,10 @@ Two halves, so that a scheduler (a Dagster sensor), the CLI and a simulation sha
 2. A **guardrail** whose sequential test decides ``treatment_worse`` → ``rollback``. The test is always valid
    (``experiments.sequential``), so reading it at every tick, however often, keeps its error ≤ α. The report's
    fixed-horizon guardrail flag is *not* used: read continuously it would fire on noise.
-3. The **primary** metric decided worse (sequentially) → ``decide_control`` at any step: ramping a treatment
-   known to be worse exposes more users for nothing.
+3. The **primary** metric decided worse (sequentially) → ``rollback`` at any step, as a harmed guardrail: the
+   treatment is shown to hurt what the experiment exists to improve, so ramping it exposes more users for
+   nothing and no alias should keep pointing at it. (A treatment merely *not shown better* keeps the control
+   without touching the aliases: ``decide_control``, below.)
 4. The plan's **horizon** reached on the primary metric (the truncated test is over) → the fixed-horizon
    readout decides: better and significant at the plan's α → ``decide_treatment``, else ``decide_control``
    (``at_horizon: keep_control`` keeps the control instead: the fixed-horizon test is read after the
@@ -40,7 +42,7 @@ import json
 import math
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import BaseModel, Field
 
@@ -196,8 +198,9 @@ def next_action(experiment: Experiment, report: ABReport | None, *, now: datetim
 
     primary = evidence.get(policy.primary_metric)
     if primary is not None and primary.decision == "treatment_worse":
-        return act("decide_control", f"the primary metric is worse at step {step}/{last}: {_describe(primary)}; "
-                   "stop the treatment, keep the control", cause={primary.metric: primary})
+        return act("rollback", f"the primary metric is harmed at step {step}/{last} (traffic {traffic:g}): "
+                   f"{_describe(primary)}: the confidence sequence excludes 0 on the harmful side; stop the "
+                   "treatment", cause={primary.metric: primary})
     if primary is not None and primary.decision == "horizon_reached":
         if policy.at_horizon == "keep_control":
             return act("decide_control", f"planned horizon reached without a sequential decision "
@@ -304,14 +307,15 @@ def _tags(action: RolloutAction, role: str) -> dict[str, str]:
     return out
 
 
-def apply_action(action: RolloutAction, *, store: ExperimentStore, registry: Registry,
+def apply_action(action: RolloutAction, *, store: ExperimentStore, registry: Registry | Callable[[], Registry],
                  actor: str = "rollout") -> AppliedRollout:
     """Carry ``action`` out (see the module docstring); ``hold`` does nothing and writes nothing.
 
     The action must still describe the stored experiment (running, same phase, same traffic): an action
     computed before someone else changed the experiment is refused (RolloutError), not applied to a state it
     was not computed on. The store is changed first, so a rollback stops the treatment before any call to the
-    registry (which may be slow or down)."""
+    registry (which may be slow or down); ``registry`` may be a function that connects to it, called only after
+    the store has changed, so a registry that cannot be reached never delays a stop."""
     done = AppliedRollout(action=action)
     if action.kind == "hold":
         return done
@@ -335,13 +339,16 @@ def apply_action(action: RolloutAction, *, store: ExperimentStore, registry: Reg
     elif action.kind in ("rollback", "decide_control"):
         store.set_status(action.experiment, "stopped", actor=actor, note=note)
         done.effects.append("experiment stopped")
+        registry = registry() if callable(registry) else registry
         if action.kind == "rollback":
             _restore_alias(action, done, store, registry, alias, treatment, actor)
     else:
+        registry = registry() if callable(registry) else registry
         _decide_treatment(action, done, store, registry, alias, treatment, actor, policy)
         if done.awaiting and done.effects[-1].startswith("still awaiting"):
             return done  # nothing changed since the last tick: no new tags either
 
+    registry = registry() if callable(registry) else registry
     versions = {treatment: "treatment"}
     control = experiment.variant(policy.control).target
     if ":" in control:

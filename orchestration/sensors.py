@@ -69,12 +69,11 @@ def retrain_on_new_events(context: dg.SensorEvaluationContext, encore: EncoreRes
 def rollout_run_key(name: str, phase: int, version: int, kind: str, from_traffic: float,
                     now: datetime | None = None) -> str:
     """The run key of a rollout action: the experiment's phase, its store version, the action and the traffic it
-    was computed at. ``decide_treatment`` adds the UTC hour: a treatment awaiting approval or a passing gate
-    changes nothing in the store, so its run is retried once an hour rather than never."""
-    key = f"{name}:p{phase}:v{version}:{kind}:{from_traffic:g}"
-    if kind == "decide_treatment":
-        key += ":" + (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H")
-    return key
+    was computed at, and the UTC hour: a run that changed nothing (a treatment awaiting approval or a passing
+    gate; a run that failed, e.g. with MLflow unreachable) is retried once an hour rather than never, and one
+    state launches at most one run an hour."""
+    hour = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H")
+    return f"{name}:p{phase}:v{version}:{kind}:{from_traffic:g}:{hour}"
 
 
 @dg.sensor(job=rollout_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,

@@ -149,10 +149,11 @@ def test_the_last_step_decides_on_the_primary_metric_and_earlier_steps_do_not():
     assert next_action(_at(0.5), undecided, now=NOW, users_in_step=10).kind == "hold"
 
 
-def test_a_worse_primary_metric_keeps_the_control_at_any_step():
+def test_a_worse_primary_metric_rolls_back_at_any_step():
     report = _report(_at(0.05), *_arms(8_000, 8_000, listen_lift=-0.2, seed=6))
     action = next_action(_at(0.05), report, now=NOW, users_in_step=10)
-    assert action.kind == "decide_control" and action.to_traffic == 0.0
+    assert action.kind == "rollback" and action.to_traffic == 0.0 and "primary metric is harmed" in action.reason
+    assert set(action.statistics) == {PRIMARY}
 
 
 def test_at_the_planned_horizon_the_fixed_horizon_readout_decides():

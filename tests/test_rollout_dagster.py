@@ -108,7 +108,7 @@ def test_the_sensor_requests_a_run_per_acting_rollout_and_skips_holds_with_their
             result = rollout_sensor(ctx)
         assert isinstance(result, dg.SensorResult)
         [request] = result.run_requests
-        assert request.partition_key == "ramp-start" and request.run_key == "ramp-start:p1:v1:advance:0"
+        assert request.partition_key == "ramp-start" and request.run_key.startswith("ramp-start:p1:v1:advance:0:")
         assert request.tags == {"encore/rollout-action": "advance", "encore/experiment": "ramp-start"}
         [add] = result.dynamic_partitions_requests
         assert add.partitions_def_name == "rollouts" and sorted(add.partition_keys) == ["ramp-start", "ramp-wait"]
@@ -130,11 +130,12 @@ def test_the_sensor_requests_a_run_per_acting_rollout_and_skips_holds_with_their
     assert isinstance(skipped, dg.SkipReason) and skipped.skip_message.startswith("Kafka not reachable")
 
 
-def test_a_decided_treatment_is_retried_hourly_and_every_other_state_runs_once():
+def test_one_state_launches_at_most_one_run_an_hour():
     from orchestration.sensors import rollout_run_key
 
     at = datetime(2026, 3, 1, 12, 34, tzinfo=timezone.utc)
-    assert rollout_run_key("x", 2, 7, "advance", 0.05, at) == "x:p2:v7:advance:0.05"
+    assert rollout_run_key("x", 2, 7, "advance", 0.05, at) == "x:p2:v7:advance:0.05:2026-03-01T12"
+    assert rollout_run_key("x", 2, 8, "advance", 0.05, at) != rollout_run_key("x", 2, 7, "advance", 0.05, at)
     assert rollout_run_key("x", 2, 7, "decide_treatment", 0.5, at) == "x:p2:v7:decide_treatment:0.5:2026-03-01T12"
 
 

@@ -9,8 +9,8 @@ partition per experiment (``DynamicPartitionsDefinition("rollouts")``, filled by
 action is a rollback (SRM, or a guardrail's sequential test deciding ``treatment_worse``), applies it at once:
 the guard's own response waits on nothing downstream. Its two checks are blocking, so a failed one stops the
 run before ``rollout_step``: SRM and harmed guardrails block every advance and promotion. ``rollout_step``
-re-observes (fresh evidence) and applies what it finds through ``experiments.rollout.apply_action``, which
-refuses an action computed on a state that changed since (``RolloutError``). Both act as ``actor="dagster"``
+applies the guard's action through ``experiments.rollout.apply_action``, which refuses an action computed on
+a state that changed since (``RolloutError``; the next tick decides again). Both act as ``actor="dagster"``
 in the store's audit log and on the model versions' ``encore.rollout.*`` tags.
 """
 
@@ -53,7 +53,8 @@ experiment_store = dg.AssetSpec(
         dg.AssetCheckSpec("srm", asset="rollout_guard", blocking=True,
                           description="no sample ratio mismatch between the arms (else no comparison holds)"),
         dg.AssetCheckSpec("guardrails", asset="rollout_guard", blocking=True,
-                          description="no guardrail's always-valid sequential test decides treatment_worse"),
+                          description="no guardrail's (nor the primary metric's) always-valid sequential test "
+                                      "decides treatment_worse"),
     ],
 )
 def rollout_guard(context: dg.AssetExecutionContext, encore: EncoreResource, kafka: KafkaResource,
@@ -77,8 +78,10 @@ def rollout_guard(context: dg.AssetExecutionContext, encore: EncoreResource, kaf
     meta: dict = {}
     if action.kind == "rollback":
         try:
-            done = apply_action(action, store=store, registry=Registry(mlflow_server.resolve(settings),
-                                                                        settings.registry), actor=ACTOR)
+            # the registry is connected to only after the store stopped the treatment: MLflow being down
+            # never delays the stop
+            done = apply_action(action, store=store, registry=lambda: Registry(mlflow_server.resolve(settings),
+                                                                                settings.registry), actor=ACTOR)
         except RolloutError as exc:  # the store changed since the observation: the next tick sees the new state
             context.log.warning(str(exc))
             meta["rollback_refused"] = dg.MetadataValue.text(str(exc))
@@ -100,24 +103,22 @@ def rollout_guard(context: dg.AssetExecutionContext, encore: EncoreResource, kaf
 
 
 @dg.asset(partitions_def=rollout_partitions, kinds={"mlflow"}, group_name=ROLLOUTS)
-def rollout_step(context: dg.AssetExecutionContext, encore: EncoreResource, kafka: KafkaResource,
-                 mlflow_server: MLflowResource, rollout_guard: dict) -> dg.MaterializeResult[dict]:
-    """Runs only when the guard's blocking checks passed. Re-observes the evidence and applies the action:
-    advance the traffic to the next step, decide for the treatment (the promotion gate moves the alias, or the
-    version awaits approval or a passing gate) or for the control (stop); a hold changes nothing. A rollback
-    that the fresh evidence calls for (the guard saw none) is applied too."""
-    from experiments.readout import observe_rollout
-    from experiments.rollout import RolloutError, apply_action
+def rollout_step(context: dg.AssetExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
+                 rollout_guard: dict) -> dg.MaterializeResult[dict]:
+    """Runs only when the guard's blocking checks passed. Applies the guard's action: advance the traffic to
+    the next step, decide for the treatment (the promotion gate moves the alias, or the version awaits approval
+    or a passing gate) or for the control (stop); a hold changes nothing. The action is the guard's, not a
+    second reading of the evidence: ``apply_action`` refuses it if the experiment changed in between (the run
+    then fails, and the next tick decides on the new state)."""
+    from experiments.rollout import RolloutAction, RolloutError, apply_action
     from experiments.store import ExperimentStore
     from models.lifecycle.registry import Registry
 
     settings = encore.settings()
     name = context.partition_key
     store = ExperimentStore(settings.experiments_dir)
-    experiment, _, action = observe_rollout(settings, kafka.resolve(settings), name, store=store)
-    guarded = rollout_guard["action"]["kind"]
-    if guarded != action.kind:
-        context.log.info(f"{name}: the guard saw {guarded}, the evidence now says {action.kind}")
+    experiment = store.snapshot().get(name)
+    action = RolloutAction.model_validate(rollout_guard["action"])
     meta = _action_metadata(action)
     applied = None
     if action.kind != "hold":
@@ -161,7 +162,9 @@ def _srm_check(report: "ABReport | None") -> dg.AssetCheckResult:
 
 
 def _guardrails_check(action: "RolloutAction", guardrails: list[str]) -> dg.AssetCheckResult:
-    watched = {m: action.evidence[m] for m in guardrails if m in action.evidence}
+    """Fails when a guardrail, or the primary metric (which the rule guards as well), is shown harmed."""
+    watched = {m: action.evidence[m] for m in dict.fromkeys(guardrails + list(action.statistics))
+               if m in action.evidence}
     harmed = [m for m, e in watched.items() if e.decision == "treatment_worse"]
     untested = [m for m in guardrails if m not in watched or watched[m].decision is None]
     if harmed:
@@ -194,6 +197,7 @@ def _action_metadata(action: "RolloutAction") -> dict:
         "traffic": action.from_traffic,
         "to_traffic": action.to_traffic,
         "phase": action.phase,
+        "action_json": dg.MetadataValue.json(action.model_dump(mode="json")),
     }
     if action.srm_p is not None:
         meta["srm_p"] = _num(action.srm_p)
