@@ -3,8 +3,8 @@
     encore bench rollout-loop [--data-dir DIR] [--users 2000] [--seed 0]
 
 Everything is the platform's own road, really running: the synthetic history replayed into the embedded Kafka
-broker, ingested by Dagster's ``ingest_job`` into Feast, three models trained by Dagster's ``training_job`` into
-the MLflow registry, ``encore serve`` as a real HTTP server reading the experiment store, simulated users (the
+broker, ingested by Dagster's ``ingest_job`` into Feast, two models trained by Dagster's ``training_job`` into
+the MLflow registry (and a third planted there), ``encore serve`` as a real HTTP server reading the experiment store, simulated users (the
 ``MusicWorld``) calling it and reacting, their events back through Kafka and ``ingest_job``, and each look of the
 rollout taken by Dagster's ``rollout_job`` (the run the ``rollout_sensor`` launches): ``rollout_guard`` (the
 report, SRM and guardrails as blocking checks, a rollback at once) then ``rollout_step`` (advance, or decide and
@@ -15,17 +15,18 @@ The models:
 - **v1**, the champion before the drill: the default recipe stopped after one epoch (a weaker model).
 - **v2**, the good challenger: the default recipe trained in full; the offline gate passes it against v1, and
   since promotion waits for a person (``promotion.mode: manual``) it is not champion until the rollout decides.
-- **v3**, the planted harm: the same recipe with the label inverted (``targets: negative``: it learns to predict
-  what users skip), registered last, so it holds ``challenger`` (taken from v2).
+- **v3**, the planted harm: v2 with its item vocabulary shuffled (an export bug: a loadable, fast, confident model
+  that recommends items unrelated to each user's taste), registered last, so it holds ``challenger`` (taken
+  from v2).
 
 Two rollouts, one after the other, each a two-arm experiment (control ``alias:champion``, treatment
 ``version:N``) with the policy ``STEPS`` 1% → 5% → 25% → 50%, ``MIN_USERS`` new users per step, primary metric
 ``hit_rate`` and guardrail ``skip_rate``:
 
-1. **harmful** (v3 against v1): the bar is a rollback before the ramp passes 5%, with every alias that held v3
-   (``challenger``) back on the version it replaced;
-2. **good** (v2 against v1): the bar is the ramp to 50%, a decision for the treatment, the gate, and v2 as
-   ``champion``.
+1. **good** (v2 against the champion v1): the bar is the ramp to 50%, a decision for the treatment, the gate,
+   and v2 as ``champion``;
+2. **harmful** (v3 against the new champion v2): the bar is a rollback before the ramp passes 5%, with every
+   alias that held v3 (``challenger``) back on the version it replaced.
 
 A *tick* is a simulated hour: a share ``ARRIVALS`` of the world's users arrive, each makes ``REQUESTS`` requests
 and reacts to what is served; then ``ingest_job`` and ``rollout_job`` run. The timeline records each tick's
@@ -53,7 +54,7 @@ from infra.settings import EncoreSettings
 log = logging.getLogger("encore.bench.rollout_loop")
 
 STEPS = [0.01, 0.05, 0.25, 0.5]
-MIN_USERS = [10, 80, 150]  # new users (both arms) each step must see before the next
+MIN_USERS = [10, 60, 150]  # new users (both arms) each step must see before the next
 ARRIVALS = 0.25  # share of the world's users that arrive in a tick
 REQUESTS = 2  # requests per arriving user per tick
 MAX_TICKS = 24
@@ -90,21 +91,19 @@ def loop_settings(data_dir: Path, users: int, seed: int) -> EncoreSettings:
         data_dir=data_dir,
         simulator={"users": users, "seed": 7 + seed},
         promotion={"mode": "manual"},
-        # the planted harm's offline metric is judged on its own (inverted) targets; the gate is not the
-        # rollout's concern, the drill's models only need to be registered
-        experiment={"attribution_window_s": 3600},
     )
 
 
 def train_models(settings: EncoreSettings, instance: Any, tracking: str, say: Callable[[str], None]) -> dict:
-    """v1 (one epoch, then champion by hand: the platform's state before the drill), v2 (full), v3 (harm)."""
+    """v1 (one epoch, then champion by hand: the platform's state before the drill) and v2 (the full recipe),
+    both by Dagster's ``training_job``; v3 planted from v2 (``plant_harm``)."""
     from cli.models import run_training
     from models.lifecycle.promotion import promote
     from models.lifecycle.registry import Registry
 
     registry = Registry(tracking, settings.registry)
     out = {}
-    for role, overrides in (("weak", {"epochs": 1}), ("good", {}), ("harmful", {"targets": "negative"})):
+    for role, overrides in (("weak", {"epochs": 1}), ("good", {})):
         t0 = time.monotonic()
         s = settings.model_copy(update={"train": settings.train.model_copy(
             update={"overrides": {**settings.train.overrides, **overrides}})})
@@ -116,7 +115,40 @@ def train_models(settings: EncoreSettings, instance: Any, tracking: str, say: Ca
         say(f"{role} model: v{summary['version']} ({out[role]['seconds']} s; gate {summary.get('gate_reason')})")
         if role == "weak":
             promote(registry, out[role]["version"], reason="the champion before the drill", actor="drill")
+    out["harmful"] = {"version": plant_harm(settings, tracking, out["good"]["version"]),
+                      "planted_from": out["good"]["version"]}
+    say(f"harmful model: v{out['harmful']['version']} (v{out['good']['version']} with its item vocabulary shuffled)")
     return out
+
+
+def plant_harm(settings: EncoreSettings, tracking: str, good_version: int, seed: int = 0) -> int:
+    """Register the good model with its item vocabulary shuffled: an export bug (ids written in another order
+    than the one trained on) that leaves a loadable, fast, confident model recommending items unrelated to each
+    user's taste. Registered like any version (``challenger`` moves to it), tagged as planted."""
+    from mlflow import MlflowClient
+    import pandas as pd
+
+    from models.data import ItemVocab
+    from models.lifecycle.registry import Registry
+
+    registry = Registry(tracking, settings.registry)
+    recommender, _ = registry.load(version=good_version)
+    recommender.vocab = ItemVocab(np.random.default_rng(seed).permutation(recommender.vocab.raw_ids))
+    import mlflow
+
+    from models.lifecycle.tracking import TRAINING, experiment_name
+
+    # the training pipeline's MLflow experiment, where every registered version's run lives
+    mlflow.set_tracking_uri(tracking)
+    experiment_id = mlflow.set_experiment(experiment_name(settings.mlflow_experiment, TRAINING)).experiment_id
+    client = MlflowClient(tracking)
+    run = client.create_run(experiment_id, run_name=f"planted-harm-from-v{good_version}")
+    sample = [int(i) for i in recommender.vocab.decode(list(range(1, min(len(recommender.vocab), 5) + 1)))]
+    example = pd.DataFrame({"item_ids": [sample], "event_types": [["listen"] * len(sample)],
+                            "timestamps_ms": [[1_700_000_000_000 + 60_000 * i for i in range(len(sample))]]})
+    reg = registry.register(recommender, run_id=run.info.run_id, metrics={}, input_example=example, tags={
+        "encore.drill": f"planted harm: version {good_version} with its item vocabulary shuffled"})
+    return int(reg.version)
 
 
 def _experiment(name: str, treatment: int) -> Any:  # noqa: ANN401 - experiments.assignment.Experiment
@@ -301,6 +333,55 @@ def run(data_dir: Path, *, users: int, seed: int, say: Callable[[str], None]) ->
     return {"summary": summary, "harmful": harmful, "good": good}
 
 
+def timeline_png(result: dict, path: Path) -> Path:
+    """Both rollouts side by side: traffic by tick with each action marked, and the primary metric's and the
+    guardrail's lift with their confidence sequences (the band a decision waits for to leave 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [("good", result["good"]), ("harmful", result["harmful"])]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex="col")
+    marks = {"advance": ("^", "tab:blue"), "hold": (".", "grey"), "rollback": ("X", "tab:red"),
+             "decide_treatment": ("*", "tab:green"), "decide_control": ("s", "tab:orange")}
+    for col, (label, run) in enumerate(runs):
+        ticks = run["timeline"]
+        x = [t["tick"] for t in ticks]
+        top, bottom = axes[0][col], axes[1][col]
+        top.step(x, [t["traffic"] for t in ticks], where="post", color="black", lw=1)
+        for kind, (marker, colour) in marks.items():  # each tick's action, at the traffic it was taken at
+            at = [(t["tick"], t["traffic"]) for t in ticks if t["action"] == kind]
+            if at:
+                top.scatter(*zip(*at), marker=marker, color=colour, s=80 if marker in "X*" else 30, zorder=3,
+                            label=kind)
+        top.legend(fontsize=8, loc="upper left")
+        top.axhline(0.05, color="tab:red", lw=0.6, ls=":")  # the harm bar: rolled back before the ramp passes 5%
+        top.set_title(f"{label}: v{run['treatment']} ({run['final_action']})")
+        top.set_ylabel("traffic share")
+        lifts = [abs(t[f"{k}_lift"]) for t in ticks for k in ("primary", "guardrail") if t[f"{k}_lift"] is not None]
+        cap = max([1.0, *lifts]) * 1.3  # a band with an endpoint far off (few users) is drawn up to here
+        for metric, key, colour in ((PRIMARY, "primary", "tab:blue"), (GUARDRAIL, "guardrail", "tab:red")):
+            pts = [(t["tick"], t[f"{key}_lift"], *t[f"{key}_cs"]) for t in ticks if t[f"{key}_lift"] is not None]
+            if not pts:
+                continue
+            px, lift, lo, hi = zip(*pts)
+            bottom.plot(px, lift, color=colour, marker="o", ms=3, label=f"{metric} lift")
+            band = [(a, max(b, -1.0), min(c, cap)) for a, b, c in zip(px, lo, hi) if b is not None and c is not None]
+            if band:
+                bx, blo, bhi = zip(*band)
+                bottom.fill_between(bx, blo, bhi, color=colour, alpha=0.15)
+        bottom.axhline(0, color="black", lw=0.6)
+        bottom.set_ylim(-1.05, cap)
+        bottom.set_xlabel("tick (simulated hour)")
+        bottom.set_ylabel("relative lift, confidence sequence")
+        bottom.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     import tempfile
 
@@ -309,7 +390,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=int, default=2000, help="users of the simulated world")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the timelines (JSON) and a plot here")
+    parser.add_argument("--replot", type=Path, default=None, metavar="DIR",
+                        help="only redraw DIR/rollout-loop.png from DIR/rollout-loop.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        print(timeline_png(json.loads((args.replot / "rollout-loop.json").read_text()),
+                           args.replot / "rollout-loop.png"))
+        return
     logging.basicConfig(level=logging.WARNING)
     say = lambda m: print(m, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
@@ -317,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "rollout-loop.json").write_text(json.dumps(result, indent=1, default=str))
+        timeline_png(result, args.out / "rollout-loop.png")
     print(json.dumps(result["summary"], default=str))
 
 

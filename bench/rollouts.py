@@ -18,16 +18,16 @@ report analyses them (a mean; a ratio of sums with delta-method variance). The p
 
 Figures (shares of ``runs`` with Clopper–Pearson 95% intervals):
 
-- ``aa``: no difference between the arms, ``runs`` rollouts. ``false_rollback_rate`` (SRM or a guardrail's
-  harm), ``false_promotion_rate`` (decided for the treatment: sequentially, or by the fixed-horizon readout at
-  the horizon), ``false_action_rate`` (either), against ``alpha``. Deciding for the control is not an action
-  on the models (the champion stays), so it is not a false action.
-- ``aa_keep_control_at_horizon``: the same with the policy's ``at_horizon: keep_control`` (no fixed-horizon
-  readout after the watched sequential test).
+- ``aa``: no difference between the arms, ``runs`` rollouts under the default policy (``at_horizon:
+  keep_control``). ``false_rollback_rate`` (SRM, or a guardrail or the primary metric shown harmed),
+  ``false_promotion_rate`` (decided for the treatment), ``false_action_rate`` (either), against ``alpha``.
+  Keeping the control is not an action on the models (the champion stays), so it is not a false action.
+- ``aa_fixed_readout_at_horizon``: the same with ``at_horizon: fixed_readout`` (the fixed-horizon readout
+  decides at the horizon, after the watched sequential test).
 - ``harm`` (``runs // 2``): the treatment raises the skip probability to 0.33 (+10%): ``rolled_back_by_5pct``
   is the share rolled back before the ramp passes 5% (at step 1 or 2), the issue's bar.
 - ``good`` (``runs // 2``): the treatment lifts listening time by 5% (the MDE): the share decided for the
-  treatment, with either horizon rule.
+  treatment, with either horizon rule (``decided_for_treatment``: the default; ``fixed_readout_at_horizon``).
 
 The last stdout line is one JSON object.
 """
@@ -65,7 +65,7 @@ PRIMARY, GUARDRAIL = "listening_time", "skip_rate"
 
 
 def experiment(steps: list[float] = STEPS, min_users: int = MIN_USERS, horizon: int = HORIZON,
-               alpha: float = ALPHA, at_horizon: str = "fixed_readout") -> Experiment:
+               alpha: float = ALPHA, at_horizon: str = "keep_control") -> Experiment:
     """The simulated experiment: before its first step (traffic 0), with the rollout policy and the plan."""
     return Experiment.model_validate({
         "name": "rollout-sim", "salt": "rollout-sim", "traffic": 0.0,
@@ -218,11 +218,11 @@ def run_bench(runs: int = 400, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     aa = [simulate_rollout(rng) for _ in range(runs)]
-    keep = experiment(at_horizon="keep_control")
-    aa_keep = [simulate_rollout(rng, exp=keep) for _ in range(runs)]
+    fixed = experiment(at_horizon="fixed_readout")
+    aa_fixed = [simulate_rollout(rng, exp=fixed) for _ in range(runs)]
     harm = [simulate_rollout(rng, skip_p_treatment=0.33) for _ in range(max(10, runs // 2))]
     good = [simulate_rollout(rng, listen_lift=0.05) for _ in range(max(10, runs // 2))]
-    good_keep = [simulate_rollout(rng, listen_lift=0.05, exp=keep) for _ in range(max(10, runs // 2))]
+    good_fixed = [simulate_rollout(rng, listen_lift=0.05, exp=fixed) for _ in range(max(10, runs // 2))]
     rolled_back = [o.kind == "rollback" for o in harm]
     return {
         "bench": "rollouts",
@@ -231,14 +231,14 @@ def run_bench(runs: int = 400, seed: int = 0) -> dict:
                    "primary": PRIMARY, "guardrails": [GUARDRAIL], "max_looks": MAX_LOOKS},
         "runs": runs,
         "aa": aa_rates(aa),
-        "aa_keep_control_at_horizon": aa_rates(aa_keep),
+        "aa_fixed_readout_at_horizon": aa_rates(aa_fixed),
         "harm": {"skip_p": [SKIP_P, 0.33], "rolled_back": _share(rolled_back),
                  "rolled_back_by_5pct": _share([o.kind == "rollback" and o.traffic <= 0.05 for o in harm]),
                  "median_users_at_rollback": float(np.median([o.users for o in harm if o.kind == "rollback"]))
                  if any(rolled_back) else None, "outcomes": _kinds(harm)},
         "good": {"listening_time_lift": 0.05, "decided_for_treatment": _share(
             [o.kind == "decide_treatment" for o in good]), "outcomes": _kinds(good),
-                 "keep_control_at_horizon": _share([o.kind == "decide_treatment" for o in good_keep])},
+                 "fixed_readout_at_horizon": _share([o.kind == "decide_treatment" for o in good_fixed])},
         "seconds": round(time.perf_counter() - t0, 1),
     }
 

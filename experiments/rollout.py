@@ -12,10 +12,12 @@ Two halves, so that a scheduler (a Dagster sensor), the CLI and a simulation sha
 
 1. **SRM** flagged → ``rollback``: the arms' split is broken, so no comparison can be trusted, the guardrails'
    included, and the safe state is the one before the experiment.
-2. A **guardrail** whose sequential test decides ``treatment_worse`` → ``rollback``. The test is always valid
-   (``experiments.sequential``), so reading it at every tick, however often, keeps its error ≤ α. The report's
+2. A **guardrail** whose sequential test decides ``treatment_worse`` at α/H → ``rollback``, where H counts the
+   metrics a rollback watches (the guardrails and the primary): a Bonferroni split, so the harm side's false
+   rollbacks stay within about α/2 and the promotion side's within α/2. The test is always valid
+   (``experiments.sequential``), so reading it at every tick, however often, keeps its error within its share. The report's
    fixed-horizon guardrail flag is *not* used: read continuously it would fire on noise.
-3. The **primary** metric decided worse (sequentially) → ``rollback`` at any step, as a harmed guardrail: the
+3. The **primary** metric decided worse (sequentially, at α/H) → ``rollback`` at any step, as a harmed guardrail: the
    treatment is shown to hurt what the experiment exists to improve, so ramping it exposes more users for
    nothing and no alias should keep pointing at it. (A treatment merely *not shown better* keeps the control
    without touching the aliases: ``decide_control``, below.)
@@ -76,6 +78,7 @@ class MetricEvidence(BaseModel):
     lift_cs_low: float | None
     lift_cs_high: float | None
     decision: str | None = Field(description="the sequential decision (experiments.sequential.Decision)")
+    alpha: float | None = Field(default=None, description="the sequential test's α (the plan's)")
     lower_is_better: bool
 
 
@@ -133,7 +136,15 @@ def _evidence(test: MetricTest) -> MetricEvidence:
         always_valid_p=q.always_valid_p if q else None, cs_low=q.cs_low if q else None,
         cs_high=q.cs_high if q else None, lift_cs_low=q.lift_cs_low if q else None,
         lift_cs_high=q.lift_cs_high if q else None, decision=q.decision if q else None,
-        lower_is_better=test.lower_is_better)
+        alpha=q.alpha if q else None, lower_is_better=test.lower_is_better)
+
+
+def _harmed(e: MetricEvidence, watched: int) -> bool:
+    """Shown harmed at the rollout's share of α: the sequential test decided ``treatment_worse`` with an
+    always-valid p ≤ α / ``watched`` (Bonferroni over the metrics a rollback watches: the guardrails and the
+    primary), so the chance of any false rollback stays about α/2, however many guardrails there are."""
+    return (e.decision == "treatment_worse" and e.always_valid_p is not None and e.alpha is not None
+            and e.always_valid_p <= e.alpha / max(1, watched))
 
 
 def _tests(report: ABReport, policy: RolloutPolicy) -> dict[str, MetricTest]:
@@ -189,15 +200,15 @@ def next_action(experiment: Experiment, report: ABReport | None, *, now: datetim
         counts = ", ".join(f"{k}={v}" for k, v in report.srm.observed.items())
         return act("rollback", f"sample ratio mismatch (p = {report.srm.p_value:.2g} < {report.srm.threshold:g}; "
                    f"users {counts}): the split is broken, so no comparison can be trusted; stop the treatment")
-    harmed = {m: evidence[m] for m in policy.guardrails
-              if m in evidence and evidence[m].decision == "treatment_worse"}
+    watched = len(dict.fromkeys([*policy.guardrails, policy.primary_metric]))
+    harmed = {m: evidence[m] for m in policy.guardrails if m in evidence and _harmed(evidence[m], watched)}
     if harmed:
         return act("rollback", "guardrail harmed at step "
                    f"{step}/{last} (traffic {traffic:g}): " + "; ".join(map(_describe, harmed.values()))
                    + ": the confidence sequence excludes 0 on the harmful side; stop the treatment", cause=harmed)
 
     primary = evidence.get(policy.primary_metric)
-    if primary is not None and primary.decision == "treatment_worse":
+    if primary is not None and _harmed(primary, watched):
         return act("rollback", f"the primary metric is harmed at step {step}/{last} (traffic {traffic:g}): "
                    f"{_describe(primary)}: the confidence sequence excludes 0 on the harmful side; stop the "
                    "treatment", cause={primary.metric: primary})

@@ -45,10 +45,11 @@ class RolloutPolicy(BaseModel):
         default="approval", description="promote: a treatment decided better goes through the promotion gate "
         "and becomes champion; approval: it is marked as awaiting `encore models promote`")
     at_horizon: Literal["fixed_readout", "keep_control"] = Field(
-        default="fixed_readout", description="at the plan's horizon without a sequential decision: "
-        "fixed_readout lets the fixed-horizon test decide (more power; but it is read after the sequential test "
-        "was watched, so a false promotion can come from either: up to α in all, against α/2); keep_control "
-        "keeps the control (a false promotion only from the sequential test: at most α/2)")
+        default="keep_control", description="at the plan's horizon without a sequential decision: keep_control "
+        "keeps the control (a false promotion only from the sequential test, at most α/2: with the harm side's "
+        "α/2, the rollout's false actions stay within α); fixed_readout lets the fixed-horizon test decide (more "
+        "power at the planned size, but it is read after the sequential test was watched, so false promotions "
+        "can reach α and false actions about 1.5 α)")
     treatment: str = "treatment"
     control: str = "control"
     alias: str | None = Field(

@@ -191,18 +191,14 @@ def build_sequences(df: pd.DataFrame, vocab: ItemVocab | None = None) -> UserSeq
     )
 
 
-# ``negative`` (skips, dislikes and unfinished listens as targets) is the label bug this module's docstring warns
-# about, kept as a recipe switch on purpose: it trains the planted harmful model of the closed-loop rollout drill
-# (``bench.rollout_loop``), a real model that recommends what users skip.
-TARGET_RULES = ("positive", "all", "negative")
+TARGET_RULES = ("positive", "all")
 
 
 def with_targets(seqs: UserSequences, rule: str) -> UserSequences:
-    """The next-item targets: ``positive`` events (the platform's rule), ``all`` events (the papers'), or the
-    ``negative`` ones (a planted label bug, for drills only)."""
+    """The next-item targets: ``positive`` events (the platform's rule) or ``all`` events (the papers')."""
     if rule not in TARGET_RULES:
         raise ValueError(f"unknown target rule {rule!r} (expected one of {TARGET_RULES})")
-    target = {"positive": seqs.positive, "negative": ~seqs.positive}.get(rule, np.ones(seqs.num_events, dtype=bool))
+    target = seqs.positive if rule == "positive" else np.ones(seqs.num_events, dtype=bool)
     return replace(seqs, target=target)
 
 

@@ -158,7 +158,7 @@ def test_a_worse_primary_metric_rolls_back_at_any_step():
 
 def test_at_the_planned_horizon_the_fixed_horizon_readout_decides():
     plan = SequentialPlan(mde=0.05, planned_users_per_arm=2_000)
-    exp = _at(0.5).model_copy(update={"plan": plan})
+    exp = _at(0.5, at_horizon="fixed_readout").model_copy(update={"plan": plan})
     win = _report(exp, *_arms(2_500, 2_500, listen_lift=0.12, seed=7))
     assert win.test(PRIMARY).sequential.decision in ("horizon_reached", "treatment_better")
     assert next_action(exp, win, now=NOW, users_in_step=0).kind == "decide_treatment"

@@ -6,7 +6,7 @@ partition per experiment (``DynamicPartitionsDefinition("rollouts")``, filled by
     experiment_store ───────┘    └─ rollout_step  (advance; decide: promotion through the gate, alias move)
 
 ``rollout_guard`` reads the experiment's evidence (``experiments.readout.observe_rollout``) and, when the
-action is a rollback (SRM, or a guardrail's sequential test deciding ``treatment_worse``), applies it at once:
+action is a rollback (SRM, or a guardrail or the primary shown harmed by its sequential test), applies it at once:
 the guard's own response waits on nothing downstream. Its two checks are blocking, so a failed one stops the
 run before ``rollout_step``: SRM and harmed guardrails block every advance and promotion. ``rollout_step``
 applies the guard's action through ``experiments.rollout.apply_action``, which refuses an action computed on
@@ -165,10 +165,11 @@ def _guardrails_check(action: "RolloutAction", guardrails: list[str]) -> dg.Asse
     """Fails when a guardrail, or the primary metric (which the rule guards as well), is shown harmed."""
     watched = {m: action.evidence[m] for m in dict.fromkeys(guardrails + list(action.statistics))
                if m in action.evidence}
-    harmed = [m for m, e in watched.items() if e.decision == "treatment_worse"]
+    # the rule's own verdict (experiments.rollout: treatment_worse at the rollout's share of α), not a re-reading
+    harmed = list(action.statistics) if action.kind == "rollback" else []
     untested = [m for m in guardrails if m not in watched or watched[m].decision is None]
     if harmed:
-        description = "harmed (sequential test decides treatment_worse): " + ", ".join(harmed)
+        description = "harmed (sequential test decides treatment_worse at the rollout's α share): " + ", ".join(harmed)
     elif watched:
         description = "no guardrail harmed" + (f"; not tested yet: {', '.join(untested)}" if untested else "")
     else:
