@@ -107,7 +107,7 @@ def bench_rollouts(args: tuple[str, ...]) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_rollout_loop(args: tuple[str, ...]) -> None:
     """Closed-loop rollout drill through the real platform: a good model ramps to 50% and becomes champion, a
-    planted harmful one is rolled back, each look a Dagster rollout_job run (see `python -m bench.rollout_loop -h`)."""
-    from bench.rollout_loop import main as run
+    planted harmful one is rolled back, each look a Dagster rollout_job run (see `encore bench rollout-loop -h`)."""
+    from cli.rollout_drill import main as run
 
     run(list(args))

@@ -357,3 +357,28 @@ def test_the_command_prints_the_action_and_applies_it_unless_dry(tmp_path, regis
     assert status["experiments"][0]["traffic_now"] == 0.01 and status["audit"][-1]["actor"] == "rollout"
     nothing = cli.invoke(main, ["ab", "rollout", "nope", *data])
     assert nothing.exit_code != 0 and "no experiment named 'nope'" in nothing.output
+
+
+def test_the_closed_loop_drill_states_a_valid_rollout_and_plots_its_timelines(tmp_path):
+    """The drill itself runs for minutes (``encore bench rollout-loop``); its experiment and its plot are checked
+    here so that a change of the policy's rules cannot leave the drill's config behind unnoticed."""
+    from dataclasses import asdict
+
+    from cli.rollout_drill import MIN_USERS, STEPS, Tick, _experiment, timeline_png
+
+    exp = _experiment("drill-x", 3)
+    assert exp.rollout.steps == STEPS and exp.rollout.min_users_for(2) == MIN_USERS[1]
+    assert exp.variant("treatment").target == "version:3" and exp.rollout_alias == "champion"
+
+    def tick(i: int, traffic: float, action: str) -> dict:
+        return asdict(Tick(tick=i, traffic=traffic, requests=10, treatment_requests=5, treatment_fallbacks=0,
+                           users={"all": 10 * i, "in_step": i}, action=action, reason="", to_traffic=traffic,
+                           primary_lift=0.1 * i, primary_cs=(None, None), guardrail_lift=-0.1,
+                           guardrail_cs=(-0.3, 0.1),
+                           checks={"srm": True, "guardrails": action != "rollback"}, aliases={"champion": 1}))
+    result = {"good": {"treatment": 2, "final_action": "decide_treatment",
+                       "timeline": [tick(0, 0.0, "advance"), tick(1, 0.01, "hold"), tick(2, 0.5, "decide_treatment")]},
+              "harmful": {"treatment": 3, "final_action": "rollback",
+                          "timeline": [tick(0, 0.0, "advance"), tick(1, 0.05, "rollback")]}}
+    png = timeline_png(result, tmp_path / "t.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

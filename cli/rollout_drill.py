@@ -51,7 +51,7 @@ import numpy as np
 
 from infra.settings import EncoreSettings
 
-log = logging.getLogger("encore.bench.rollout_loop")
+log = logging.getLogger("encore.rollout_drill")
 
 STEPS = [0.01, 0.05, 0.25, 0.5]
 MIN_USERS = [10, 60, 150]  # new users (both arms) each step must see before the next
@@ -125,28 +125,25 @@ def plant_harm(settings: EncoreSettings, tracking: str, good_version: int, seed:
     """Register the good model with its item vocabulary shuffled: an export bug (ids written in another order
     than the one trained on) that leaves a loadable, fast, confident model recommending items unrelated to each
     user's taste. Registered like any version (``challenger`` moves to it), tagged as planted."""
-    from mlflow import MlflowClient
     import pandas as pd
 
     from models.data import ItemVocab
     from models.lifecycle.registry import Registry
+    from models.lifecycle.tracking import TRAINING, experiment_name, training_run
 
     registry = Registry(tracking, settings.registry)
     recommender, _ = registry.load(version=good_version)
     recommender.vocab = ItemVocab(np.random.default_rng(seed).permutation(recommender.vocab.raw_ids))
-    import mlflow
-
-    from models.lifecycle.tracking import TRAINING, experiment_name
-
-    # the training pipeline's MLflow experiment, where every registered version's run lives
-    mlflow.set_tracking_uri(tracking)
-    experiment_id = mlflow.set_experiment(experiment_name(settings.mlflow_experiment, TRAINING)).experiment_id
-    client = MlflowClient(tracking)
-    run = client.create_run(experiment_id, run_name=f"planted-harm-from-v{good_version}")
+    # a run in the training pipeline's MLflow experiment, where every registered version's run lives
+    with training_run(tracking, experiment_name(settings.mlflow_experiment, TRAINING),
+                      run_name=f"planted-harm-from-v{good_version}", params={"planted_from": good_version},
+                      tags={"encore.drill": "planted harm"}, system_metrics=False,
+                      artifact_root=settings.mlflow_dir / "artifacts") as run:
+        run_id = run.info.run_id
     sample = [int(i) for i in recommender.vocab.decode(list(range(1, min(len(recommender.vocab), 5) + 1)))]
     example = pd.DataFrame({"item_ids": [sample], "event_types": [["listen"] * len(sample)],
                             "timestamps_ms": [[1_700_000_000_000 + 60_000 * i for i in range(len(sample))]]})
-    reg = registry.register(recommender, run_id=run.info.run_id, metrics={}, input_example=example, tags={
+    reg = registry.register(recommender, run_id=run_id, metrics={}, input_example=example, tags={
         "encore.drill": f"planted harm: version {good_version} with its item vocabulary shuffled"})
     return int(reg.version)
 
