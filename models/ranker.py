@@ -1,0 +1,344 @@
+"""What the rankers share: features -> units, a DLRM baseline, the multi-task loss, training and evaluation.
+
+A ranker scores the candidates of one request. Each example (``models.ranking_data``) becomes a set of
+*units*, vectors of width d that the backbone lets interact:
+
+    units = [ dense_1 .. dense_m | item | history | user ]              # [B, m + 3, d]
+
+    item     = E_item[candidate item]                                   # sparse, one id
+    history  = mean_{j in last L items before t} E_item[j]              # the same table, mean-pooled bag
+    user     = E_user[user_id mod U]                                    # hashed: new users share rows
+    dense    = reshape( MLP( standardise(f) ), (m, d) )                 # the "bottom MLP"
+    f        = [ log1p(history length), log1p(seconds since the user's last event),
+                 log1p(events of the item before t), rank in the slate (-1: sampled) ]
+
+Every input is point-in-time: the history is ``events[hist_start:hist_end]`` (strictly before t) and the
+item's popularity counts only events strictly before t, never the request's own reactions. The item and
+history share one table so that "the candidate resembles what the user just played" is a dot product the
+interaction layers can see. The rank is a position feature (the logged slate's position bias); a server
+scoring unranked candidates sets it to one fixed value.
+
+Backbones map units to one logit per task: ``models.wukong.Wukong`` or ``DLRM`` below. The loss is the mean
+over tasks of the binary cross-entropy of each label (like, skip, engaged, ...).
+
+Evaluation: per task, AUC over all test examples and GAUC, the AUC within each request averaged with weights
+= the request's example count, over the requests that have both classes (a request with only negatives says
+nothing about the order inside it). Two scorers computed from data alone give the floor: ``popularity``
+(the item's event count before t) and ``random``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+
+from models.ranking_data import RankingExamples, _count_before
+from models.wukong import Wukong, WukongConfig, mlp
+
+SPARSE_KEYS: tuple[str, ...] = ("item_id", "history", "user_id")
+DENSE_FEATURES: tuple[str, ...] = ("log_history_length", "log_seconds_since_last", "log_item_popularity", "rank")
+BACKBONES: tuple[str, ...] = ("wukong", "dlrm")
+
+
+@dataclass
+class RankerConfig:
+    """Feature encoder + backbone sizes. The Wukong fields are ignored by ``dlrm``."""
+
+    backbone: str = "wukong"
+    dim: int = 16  # d
+    item_buckets: int = 1024  # item ids are taken modulo this
+    user_buckets: int = 1024
+    history_len: int = 20  # L
+    dense_units: int = 2  # m
+    layers: int = 2
+    fmb_units: int = 4
+    lcb_units: int = 4
+    fmb_rank: int | None = 4
+    mlp_hidden: int = 64
+    dropout: float = 0.0
+
+    @property
+    def num_units(self) -> int:
+        return self.dense_units + len(SPARSE_KEYS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Features (numpy, point-in-time, computed once per example set)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RankingFeatures:
+    """Model inputs of N examples: ids, the last-L history (left-aligned, padded), raw dense features."""
+
+    item: np.ndarray  # [N] int64
+    user: np.ndarray  # [N] int64
+    history: np.ndarray  # [N, L] int64, the most recent L items before t, oldest first, left-padded
+    history_mask: np.ndarray  # [N, L] bool
+    dense: np.ndarray  # [N, len(DENSE_FEATURES)] float32
+
+    def __len__(self) -> int:
+        return len(self.item)
+
+
+def item_popularity_before(examples: RankingExamples) -> np.ndarray:
+    """[N] events of each example's item with timestamp strictly before its t, all users, own request excluded.
+
+    One sort of the events by (item, time) answers every example: the count of events sorting before
+    (item, t) minus those before (item, -inf). A reaction of the example's own request stamped before t (clock
+    skew) is subtracted too, so the label never leaks into the feature."""
+    ev, ex = examples.events, examples.examples
+    ev_item = ev["item_id"].to_numpy(np.int64)
+    ev_ts = ev["timestamp_ms"].to_numpy(np.int64)
+    order = np.lexsort((ev_ts, ev_item))
+    item = ex["item_id"].to_numpy(np.int64)
+    t = ex["t_ms"].to_numpy(np.int64)
+    before_t = _count_before(ev_item[order], ev_ts[order], item, t)
+    before_all = _count_before(ev_item[order], ev_ts[order], item, np.full(len(item), np.iinfo(np.int64).min))
+    count = before_t - before_all
+    own = ev[ev["request_id"].notna()][["request_id", "item_id", "timestamp_ms"]]
+    keyed = ex[["request_id", "item_id", "t_ms"]].reset_index().dropna(subset=["request_id"])
+    hits = keyed.merge(own, on=["request_id", "item_id"])
+    hits = hits[hits["timestamp_ms"] < hits["t_ms"]]
+    return count - np.bincount(hits["index"].to_numpy(np.int64), minlength=len(ex))
+
+
+def ranking_features(examples: RankingExamples, history_len: int) -> RankingFeatures:
+    """Vectorised features of every example (no per-example Python loop)."""
+    ex = examples.examples
+    start, end = examples.hist_start, examples.hist_end
+    ev_item = examples.events["item_id"].to_numpy(np.int64)
+    ev_ts = examples.events["timestamp_ms"].to_numpy(np.int64)
+    if not len(ev_item):  # no events at all: every history is empty
+        ev_item, ev_ts = np.zeros(1, np.int64), np.zeros(1, np.int64)
+    idx = end[:, None] - history_len + np.arange(history_len)  # [N, L]: the last L positions before end
+    mask = idx >= start[:, None]
+    history = np.where(mask, ev_item[idx.clip(0, len(ev_item) - 1)], 0)
+
+    t = ex["t_ms"].to_numpy(np.int64)
+    length = end - start
+    last_ts = ev_ts[(end - 1).clip(0, len(ev_ts) - 1)]
+    since = np.where(length > 0, (t - last_ts) / 1000.0, 0.0).clip(0)  # no history: 0 (its length says so)
+    dense = np.stack(
+        [np.log1p(length), np.log1p(since), np.log1p(item_popularity_before(examples)), ex["rank"].to_numpy()],
+        axis=1,
+    ).astype(np.float32)
+    return RankingFeatures(
+        item=ex["item_id"].to_numpy(np.int64), user=ex["user_id"].to_numpy(np.int64),
+        history=history.astype(np.int64), history_mask=mask, dense=dense,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoder, DLRM, Ranker
+# ----------------------------------------------------------------------------------------------------------
+
+
+class FeatureEncoder(nn.Module):
+    """RankingFeatures rows -> units [B, m + 3, d]: dense units first, then item, history, user."""
+
+    dense_mean: torch.Tensor
+    dense_std: torch.Tensor
+
+    def __init__(self, cfg: RankerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = EmbeddingBagCollection(
+            tables=[
+                EmbeddingBagConfig(name="item", num_embeddings=cfg.item_buckets, embedding_dim=cfg.dim,
+                                   feature_names=["item_id", "history"], pooling=PoolingType.MEAN),
+                EmbeddingBagConfig(name="user", num_embeddings=cfg.user_buckets, embedding_dim=cfg.dim,
+                                   feature_names=["user_id"], pooling=PoolingType.MEAN),
+            ],
+            device=torch.device("cpu"),
+        )
+        n_dense = len(DENSE_FEATURES)
+        # Train-set statistics, set by train_ranker: the raw features differ in scale by orders of magnitude.
+        self.register_buffer("dense_mean", torch.zeros(n_dense))
+        self.register_buffer("dense_std", torch.ones(n_dense))
+        self.bottom = mlp([n_dense, cfg.mlp_hidden, cfg.dense_units * cfg.dim], cfg.dropout)
+
+    def sparse(self, f: RankingFeatures, rows: np.ndarray) -> KeyedJaggedTensor:
+        """One KJT: a one-id bag per candidate item and per user, a variable bag per history."""
+        c = self.cfg
+        mask = f.history_mask[rows]
+        history = f.history[rows][mask] % c.item_buckets  # row-major: each row's valid items, in order
+        values = np.concatenate([f.item[rows] % c.item_buckets, history, f.user[rows] % c.user_buckets])
+        ones = np.ones(len(rows), np.int64)
+        lengths = np.concatenate([ones, mask.sum(1), ones])
+        return KeyedJaggedTensor.from_lengths_sync(
+            keys=list(SPARSE_KEYS), values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
+        )
+
+    def forward(self, f: RankingFeatures, rows: np.ndarray) -> torch.Tensor:
+        B, d = len(rows), self.cfg.dim
+        pooled = self.embeddings(self.sparse(f, rows)).to_dict()  # key -> [B, d]; an empty history is zeros
+        sparse = torch.stack([pooled[k] for k in SPARSE_KEYS], dim=1)  # [B, 3, d]
+        dense = (torch.from_numpy(f.dense[rows]) - self.dense_mean) / self.dense_std  # [B, 4]
+        dense = self.bottom(dense).view(B, self.cfg.dense_units, d)  # [B, m, d]
+        return torch.cat([dense, sparse], dim=1)  # [B, m + 3, d]
+
+
+class DLRM(nn.Module):
+    """DLRM (Naumov et al., 2019): pairwise dot products of the units + the dense units -> top MLP.
+
+        z = [ flatten(dense units) | <x_i, x_j> for i < j ]      # [B, m d + n (n - 1) / 2]
+        logits = MLP_top(z)                                      # [B, num_tasks]
+
+    The bottom MLP (dense features -> dense units) lives in the shared FeatureEncoder."""
+
+    pairs_i: torch.Tensor
+    pairs_j: torch.Tensor
+
+    def __init__(self, num_units: int, dense_units: int, dim: int, hidden: int, num_tasks: int, dropout: float = 0.0):
+        super().__init__()
+        self.dense_units = dense_units
+        i, j = torch.triu_indices(num_units, num_units, offset=1)
+        self.register_buffer("pairs_i", i, persistent=False)
+        self.register_buffer("pairs_j", j, persistent=False)
+        width = dense_units * dim + len(i)
+        self.top = mlp([width, hidden, hidden, num_tasks], dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dots = (x @ x.transpose(1, 2))[:, self.pairs_i, self.pairs_j]  # [B, n (n - 1) / 2]
+        z = torch.cat([x[:, : self.dense_units].flatten(1), dots], dim=1)
+        return self.top(z)  # [B, num_tasks]
+
+
+def build_backbone(cfg: RankerConfig, num_tasks: int) -> nn.Module:
+    if cfg.backbone == "wukong":
+        return Wukong(WukongConfig(
+            dim=cfg.dim, num_units=cfg.num_units, layers=cfg.layers, fmb_units=cfg.fmb_units,
+            lcb_units=cfg.lcb_units, fmb_rank=cfg.fmb_rank, mlp_hidden=cfg.mlp_hidden, dropout=cfg.dropout,
+            num_tasks=num_tasks,
+        ))
+    if cfg.backbone == "dlrm":
+        return DLRM(cfg.num_units, cfg.dense_units, cfg.dim, cfg.mlp_hidden, num_tasks, cfg.dropout)
+    raise ValueError(f"backbone must be one of {BACKBONES}, got {cfg.backbone!r}")
+
+
+class Ranker(nn.Module):
+    """Encoder + backbone + multi-task BCE: one logit per task (``tasks`` names the label columns)."""
+
+    def __init__(self, cfg: RankerConfig, tasks: Sequence[str]):
+        super().__init__()
+        self.cfg = cfg
+        self.tasks = tuple(tasks)
+        self.encoder = FeatureEncoder(cfg)
+        self.backbone = build_backbone(cfg, len(self.tasks))
+        self.train_losses: list[float] = []  # mean loss of each epoch, filled by train_ranker
+
+    def forward(self, f: RankingFeatures, rows: np.ndarray) -> torch.Tensor:
+        return self.backbone(self.encoder(f, rows))  # [B, num_tasks]
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean over tasks and examples of BCE(logit, label); labels [B, num_tasks] in {0, 1}."""
+        return F.binary_cross_entropy_with_logits(logits, labels)
+
+    @torch.no_grad()
+    def predict(self, examples: RankingExamples, batch_size: int = 4096) -> np.ndarray:
+        """[N, num_tasks] probabilities."""
+        self.eval()
+        f = ranking_features(examples, self.cfg.history_len)
+        out = [torch.sigmoid(self(f, np.arange(begin, min(begin + batch_size, len(f))))).numpy()
+               for begin in range(0, len(f), batch_size)]
+        return np.concatenate(out) if out else np.empty((0, len(self.tasks)), np.float32)
+
+
+def _labels(examples: RankingExamples, tasks: Sequence[str]) -> np.ndarray:
+    missing = [t for t in tasks if t not in examples.examples]
+    if missing:
+        raise ValueError(f"tasks {missing} are not label columns; the examples have {examples.labels}")
+    return examples.examples[list(tasks)].to_numpy(np.float32)
+
+
+def train_ranker(
+    examples_train: RankingExamples,
+    cfg: RankerConfig,
+    tasks: Sequence[str] = ("engaged", "like", "skip"),
+    *,
+    epochs: int = 5,
+    batch_size: int = 256,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> Ranker:
+    """Adam on the multi-task BCE, shuffled mini-batches, deterministic given ``seed``."""
+    torch.manual_seed(seed)
+    ranker = Ranker(cfg, tasks)
+    f = ranking_features(examples_train, cfg.history_len)
+    labels = torch.from_numpy(_labels(examples_train, tasks))
+    with torch.no_grad():
+        ranker.encoder.dense_mean.copy_(torch.from_numpy(f.dense.mean(0)))
+        ranker.encoder.dense_std.copy_(torch.from_numpy(f.dense.std(0)).clamp_min(1e-3))
+    opt = torch.optim.Adam(ranker.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        ranker.train()
+        total, seen = 0.0, 0
+        order = rng.permutation(len(f))
+        for begin in range(0, len(order), batch_size):
+            rows = order[begin : begin + batch_size]
+            loss = ranker.loss(ranker(f, rows), labels[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, seen = total + loss.item() * len(rows), seen + len(rows)
+        ranker.train_losses.append(total / max(seen, 1))
+    return ranker
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC; NaN when only one class is present (undefined, not 0.5)."""
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
+def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
+    """AUC per group (request), averaged with weights = group size, over groups with both classes."""
+    frame = pd.DataFrame({"y": np.asarray(labels), "s": np.asarray(scores), "g": np.asarray(groups)})
+    total, weight = 0.0, 0
+    for _, part in frame.groupby("g", sort=False):
+        value = auc(part["y"].to_numpy(), part["s"].to_numpy())
+        if not math.isnan(value):
+            total, weight = total + value * len(part), weight + len(part)
+    return total / weight if weight else float("nan")
+
+
+def _metrics(examples: RankingExamples, scores: np.ndarray, tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+    """scores [N, T] (one column per task) or [N] (one score for every task)."""
+    labels = _labels(examples, tasks)
+    groups = examples.examples["request_id"].astype(str).to_numpy()
+    out = {}
+    for k, task in enumerate(tasks):
+        s = scores[:, k] if scores.ndim == 2 else scores
+        out[task] = {"auc": auc(labels[:, k], s), "gauc": gauc(labels[:, k], s, groups)}
+    return out
+
+
+def evaluate_ranker(
+    ranker: Ranker, examples_test: RankingExamples, seed: int = 0
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{scorer: {task: {"auc", "gauc"}}} for the ranker (``"model"``), ``"popularity"`` and ``"random"``."""
+    tasks = ranker.tasks
+    n = len(examples_test)
+    return {
+        "model": _metrics(examples_test, ranker.predict(examples_test), tasks),
+        "popularity": _metrics(examples_test, item_popularity_before(examples_test).astype(np.float64), tasks),
+        "random": _metrics(examples_test, np.random.default_rng(seed).random(n), tasks),
+    }
