@@ -64,6 +64,16 @@ def bench_quality(args: tuple[str, ...]) -> None:
     run(list(args))
 
 
+@bench.command("ranking", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_ranking(args: tuple[str, ...]) -> None:
+    """Rankers (Wukong, DLRM) on held-out later requests: per task AUC/GAUC vs popularity and random, shown items
+    only and with sampled negatives (see `python -m bench.ranking -h`)."""
+    from bench.ranking import main as run
+
+    run(list(args))
+
+
 @bench.command("train-speed", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_train_speed(args: tuple[str, ...]) -> None:

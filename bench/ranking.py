@@ -1,0 +1,272 @@
+"""Ranking benchmark: train the rankers (Wukong, the DLRM baseline) on point-in-time ranking examples and
+report per task AUC and GAUC on a later, held-out period, next to the popularity and random floors.
+
+Datasets
+--------
+* ``simulator`` (default): a ``features.simulator.MusicWorld`` (``--users``, the other sizes from
+  ``infra.settings.SimulatorSettings``) generates its organic history. Then a *logging policy* serves
+  ``--requests`` slates of ``--slate`` items, one request every ``--spacing-s`` seconds after the history, each
+  to a user drawn uniformly; the user reacts through ``world.respond`` (a top-down cascade). Each slate is
+  drawn without replacement from ``(1 - explore) * popularity + explore * uniform`` (``--explore``, popularity
+  = the item's share of the organic history). Why a mix: a ranker only learns about the items it has seen
+  shown, so a purely popular policy would leave the tail of the catalogue without a single labelled example,
+  and a purely uniform one would show mostly items nobody wants (few positives, unlike any production log).
+  The exposures and reactions go through ``models.ranking_data.build_ranking_examples`` with
+  ``--negatives`` sampled negatives per request. Tasks: ``engaged``, ``like``, ``skip``.
+* ``ml-100k`` (or another MovieLens set) with ``--data-dir``: the raw ratings (user, item, rating, time) go
+  through ``ratings_examples``: one example per rating, labels ``like`` (rating >= 4) and ``dislike``
+  (rating <= 2). There are no requests, so GAUC groups the examples by user.
+
+Protocol: a temporal split. The last ``--test-share`` of the requests (simulator) or ratings (MovieLens) by
+time are the test set; on the simulator the train set also drops the requests of the last ``--window-s``
+seconds before the cutoff (their reactions could land after it). Each ``--model`` is trained with
+``models.ranker.train_ranker`` and scored with ``evaluate_ranker``.
+
+Shown only vs all: the sampled negatives carry rank -1, a value no shown item has, and the rank is a model
+feature, so a ranker separates them perfectly and the "all" figures are inflated by easy pairs. The
+``shown`` figures (slate items only: the ranker's real job, reordering what retrieval offered) are the
+honest ones. MovieLens has one subset, ``all``.
+
+Seeds (``--seeds 0,1,2``): on the simulator a seed drives the logging policy, the user choice, the sampled
+negatives and the model's initialisation and batch order (the world itself is fixed by its settings); on
+MovieLens only the model. Each metric is reported per seed and as mean and sd (sample sd, null for one seed).
+The LAST line printed is one JSON object: ``bench``, ``dataset``, ``models``, ``tasks``, ``seeds``,
+``metrics`` ({subset: {scorer: {task: {auc|gauc: {mean, sd, per_seed}}}}}, scorers = the models +
+``popularity`` + ``random``), ``counts`` (per seed: train/test examples, positive rates), ``seconds`` and
+``argv``. Undefined values (a task with one class) are null.
+
+    python -m bench.ranking --seeds 0,1,2
+    python -m bench.ranking --dataset ml-100k --data-dir ../shared/data/ml-100k --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SIM_TASKS: tuple[str, ...] = ("engaged", "like", "skip")
+RATING_TASKS: tuple[str, ...] = ("like", "dislike")
+T0_MS = 1_700_000_000_000  # the simulator's history ends here (fixed: runs are reproducible)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="simulator", choices=["simulator", "ml-100k", "ml-1m", "ml-20m", "ml-25m"])
+    ap.add_argument("--data-dir", "--dataset-dir", dest="data_dir", type=Path, default=None,
+                    help="the MovieLens folder (holding u.data, ratings.dat or ratings.csv)")
+    ap.add_argument("--config", default=None,
+                    help="accepted for symmetry with the other benches; the ranker sizes are RankerConfig's defaults")
+    ap.add_argument("--model", action="append", choices=["wukong", "dlrm"], default=None,
+                    help="repeatable; default both")
+    ap.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--test-share", type=float, default=0.3)
+    # simulator
+    ap.add_argument("--users", type=int, default=400)
+    ap.add_argument("--items", type=int, default=None, help="default: SimulatorSettings'")
+    ap.add_argument("--requests", type=int, default=6000)
+    ap.add_argument("--slate", type=int, default=10)
+    ap.add_argument("--negatives", type=int, default=4, help="sampled negatives per request")
+    ap.add_argument("--explore", type=float, default=0.5, help="uniform share of the logging policy")
+    ap.add_argument("--spacing-s", type=int, default=60, help="seconds between two requests")
+    ap.add_argument("--window-s", type=int, default=3600, help="reaction attribution window")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = ap.parse_args(argv)
+    args.seed_list = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    args.models = args.model or ["wukong", "dlrm"]
+    if not args.seed_list:
+        ap.error("--seeds needs at least one seed")
+    if args.dataset != "simulator" and args.data_dir is None:
+        ap.error(f"--dataset {args.dataset} needs --data-dir")
+    if not 0 < args.test_share < 1:
+        ap.error("--test-share must be in (0, 1)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def simulator_log(world, args: argparse.Namespace, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:  # noqa: ANN001
+    """(interactions = organic history + reactions, exposures) of the logging policy, seeded."""
+    from experiments.metrics import EXPOSURE_COLUMNS
+
+    history = world.history_frame(end_ms=T0_MS)
+    n_items = world.settings.items
+    pop = np.bincount(history["item_id"].to_numpy(np.int64), minlength=n_items).astype(np.float64)
+    p = (1 - args.explore) * pop / pop.sum() + args.explore / n_items
+    rng = np.random.default_rng([seed, 1])
+    slate = min(args.slate, n_items)
+    exposures, reactions = [], []
+    for n in range(args.requests):
+        user = int(rng.integers(world.settings.users))
+        items = rng.choice(n_items, size=slate, replace=False, p=p).tolist()
+        request, now = f"s{seed}-r{n}", T0_MS + args.spacing_s * 1000 * (n + 1)
+        exposures.append({"request_id": request, "user_id": user, "variant": "logging", "timestamp_ms": now,
+                          "items": items})
+        reactions += [e.model_dump() for e in world.respond(user, items, request_id=request, variant="logging",
+                                                            now_ms=now)]
+    interactions = pd.concat([history, pd.DataFrame(reactions)], ignore_index=True)
+    return interactions, pd.DataFrame(exposures, columns=list(EXPOSURE_COLUMNS))
+
+
+def read_ratings(dataset: str, data_dir: Path) -> pd.DataFrame:
+    """The raw ratings: ``user_id, item_id, timestamp_ms, rating`` (times shifted as the loaders shift them)."""
+    from features.datasets import MOVIELENS_SHIFT_MS, movielens_files
+
+    files = movielens_files(dataset, data_dir)
+    raw = files.ratings_bytes()
+    sep = files.separator
+    if sep == "::":
+        raw, sep = raw.replace(b"::", b"\t"), "\t"
+    frame = pd.read_csv(io.BytesIO(raw), sep=sep, header=None, names=["user_id", "item_id", "rating", "ts"],
+                        skiprows=1 if files.header else 0, engine="c",
+                        dtype={"user_id": np.int64, "item_id": np.int64, "rating": np.float64, "ts": np.int64})
+    frame["timestamp_ms"] = frame["ts"] * 1000 + MOVIELENS_SHIFT_MS
+    return frame[["user_id", "item_id", "timestamp_ms", "rating"]]
+
+
+def _split(examples, share: float, gap_ms: int):  # noqa: ANN001, ANN202 - RankingExamples
+    """Last ``share`` of the requests (distinct times) by time -> test."""
+    t = np.sort(examples.examples["t_ms"].unique())
+    cutoff = int(t[min(int(len(t) * (1 - share)), len(t) - 1)])
+    return examples.split_by_time(cutoff, gap_ms=gap_ms)
+
+
+def _subset(examples, source: str):  # noqa: ANN001, ANN202
+    ex = examples.examples
+    return replace(examples, examples=ex[ex["source"] == source].reset_index(drop=True))
+
+
+def _counts(train, test, tasks) -> dict:  # noqa: ANN001
+    out: dict = {}
+    for name, part in (("train", train), ("test", test)):
+        ex = part.examples
+        out[name] = {"examples": len(ex), "by_source": {k: int(v) for k, v in ex["source"].value_counts().items()},
+                     "positive_rate": {t: _num(ex[t].mean()) for t in tasks}}
+        if "sampled" in set(ex["source"]):
+            shown = ex[ex["source"] == "shown"]
+            out[name]["positive_rate_shown"] = {t: _num(shown[t].mean()) for t in tasks}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _num(value: float) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else round(value, 4)
+
+
+def _summary(values: list[float | None]) -> dict:
+    ok = [v for v in values if v is not None]
+    return {"mean": round(float(np.mean(ok)), 4) if ok else None,
+            "sd": round(float(np.std(ok, ddof=1)), 4) if len(ok) > 1 else None, "per_seed": values}
+
+
+def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: ANN001
+    """{subset: {scorer: {task: {auc, gauc}}}}, counts and seconds of one seed."""
+    from models.ranker import RankerConfig, evaluate_ranker, train_ranker
+    from models.ranking_data import build_ranking_examples, ratings_examples
+
+    started = time.perf_counter()
+    if args.dataset == "simulator":
+        interactions, exposures = simulator_log(world, args, seed)
+        examples = build_ranking_examples(interactions, exposures, window_s=args.window_s,
+                                          sampled_negatives=args.negatives, catalogue=np.arange(world.settings.items),
+                                          seed=seed)
+        train, test = _split(examples, args.test_share, args.window_s * 1000)
+        tasks = SIM_TASKS
+        subsets = {"all": test, "shown": _subset(test, "shown")}
+    else:
+        examples = ratings_examples(read_ratings(args.dataset, args.data_dir))
+        # No requests: GAUC groups by user (the events carry no request ids, so nothing else reads this).
+        examples.examples["request_id"] = "u" + examples.examples["user_id"].astype(str)
+        train, test = _split(examples, args.test_share, 0)
+        tasks = RATING_TASKS
+        subsets = {"all": test}
+    data_s = time.perf_counter() - started
+
+    metrics: dict = {name: {} for name in subsets}
+    train_s: dict[str, float] = {}
+    for model in args.models:
+        began = time.perf_counter()
+        ranker = train_ranker(train, RankerConfig(backbone=model), tasks, epochs=args.epochs,
+                              batch_size=args.batch_size, lr=args.lr, seed=seed)
+        train_s[model] = round(time.perf_counter() - began, 2)
+        for name, part in subsets.items():
+            scored = evaluate_ranker(ranker, part, seed=seed)
+            metrics[name][model] = scored["model"]
+            metrics[name].setdefault("popularity", scored["popularity"])
+            metrics[name].setdefault("random", scored["random"])
+    return {"metrics": metrics, "counts": _counts(train, test, tasks), "tasks": tasks,
+            "seconds": {"data": round(data_s, 2), "train": train_s, "total": round(time.perf_counter() - started, 2)}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    world = None
+    if args.dataset == "simulator":
+        from features.simulator import MusicWorld
+        from infra.settings import SimulatorSettings
+
+        sizes = {"users": args.users} | ({"items": args.items} if args.items else {})
+        world = MusicWorld(SimulatorSettings(**sizes))
+
+    runs = []
+    for seed in args.seed_list:
+        run = run_seed(args, seed, world)
+        runs.append(run)
+        print(json.dumps({"seed": seed, "seconds": run["seconds"]}), file=sys.stderr, flush=True)
+
+    tasks = runs[0]["tasks"]
+    scorers = [*args.models, "popularity", "random"]
+    metrics = {
+        subset: {
+            scorer: {
+                task: {m: _summary([_num(r["metrics"][subset][scorer][task][m]) for r in runs]) for m in ("auc", "gauc")}
+                for task in tasks
+            }
+            for scorer in scorers
+        }
+        for subset in runs[0]["metrics"]
+    }
+    out = {
+        "bench": "ranking",
+        "dataset": args.dataset,
+        "config": args.config,
+        "models": args.models,
+        "tasks": list(tasks),
+        "seeds": args.seed_list,
+        "metrics": metrics,
+        "counts": {"per_seed": [r["counts"] for r in runs]},
+        "seconds": {"total": round(time.perf_counter() - started, 2), "per_seed": [r["seconds"] for r in runs]},
+        "settings": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "test_share", "threads")}
+        | ({k: getattr(args, k) for k in ("users", "items", "requests", "slate", "negatives", "explore", "spacing_s",
+                                          "window_s")} if args.dataset == "simulator" else {}),
+        "argv": list(sys.argv[1:] if argv is None else argv),
+    }
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
