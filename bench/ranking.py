@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
                                           "window_s")} if args.dataset == "simulator" else {}),
         "argv": list(sys.argv[1:] if argv is None else argv),
     }
+    if world is not None:
+        out["settings"]["items"] = world.settings.items  # the default resolved
     print(json.dumps(out))
     return out
 
