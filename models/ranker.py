@@ -29,7 +29,6 @@ nothing about the order inside it). Two scorers computed from data alone give th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,7 +40,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from models.ranking_data import RankingExamples, _count_before
+from models.ranking_data import RankingExamples, count_before
 from models.wukong import Wukong, WukongConfig, mlp
 
 SPARSE_KEYS: tuple[str, ...] = ("item_id", "history", "user_id")
@@ -102,8 +101,8 @@ def item_popularity_before(examples: RankingExamples) -> np.ndarray:
     order = np.lexsort((ev_ts, ev_item))
     item = ex["item_id"].to_numpy(np.int64)
     t = ex["t_ms"].to_numpy(np.int64)
-    before_t = _count_before(ev_item[order], ev_ts[order], item, t)
-    before_all = _count_before(ev_item[order], ev_ts[order], item, np.full(len(item), np.iinfo(np.int64).min))
+    before_t = count_before(ev_item[order], ev_ts[order], item, t)
+    before_all = count_before(ev_item[order], ev_ts[order], item, np.full(len(item), np.iinfo(np.int64).min))
     count = before_t - before_all
     own = ev[ev["request_id"].notna()][["request_id", "item_id", "timestamp_ms"]]
     keyed = ex[["request_id", "item_id", "t_ms"]].reset_index().dropna(subset=["request_id"])
@@ -310,14 +309,21 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
-    """AUC per group (request), averaged with weights = group size, over groups with both classes."""
-    frame = pd.DataFrame({"y": np.asarray(labels), "s": np.asarray(scores), "g": np.asarray(groups)})
-    total, weight = 0.0, 0
-    for _, part in frame.groupby("g", sort=False):
-        value = auc(part["y"].to_numpy(), part["s"].to_numpy())
-        if not math.isnan(value):
-            total, weight = total + value * len(part), weight + len(part)
-    return total / weight if weight else float("nan")
+    """AUC per group (request), averaged with weights = group size, over groups with both classes.
+
+    Vectorised as Mann–Whitney within each group: AUC_g = (Σ ranks of the positives − P(P+1)/2) / (P·N), with
+    ties at their average rank, which is what ``roc_auc_score`` gives per group, without a loop over groups."""
+    frame = pd.DataFrame({"y": np.asarray(labels, dtype=np.float64), "s": np.asarray(scores, dtype=np.float64),
+                          "g": np.asarray(groups)})
+    frame["rp"] = frame.groupby("g", sort=False)["s"].rank(method="average") * frame["y"]
+    per = frame.groupby("g", sort=False).agg(n=("y", "size"), pos=("y", "sum"), rp=("rp", "sum"))
+    neg = per["n"] - per["pos"]
+    both = (per["pos"] > 0) & (neg > 0)
+    if not both.any():
+        return float("nan")
+    per, neg = per[both], neg[both]
+    value = (per["rp"] - per["pos"] * (per["pos"] + 1) / 2) / (per["pos"] * neg)
+    return float((value * per["n"]).sum() / per["n"].sum())
 
 
 def _metrics(examples: RankingExamples, scores: np.ndarray, tasks: Sequence[str]) -> dict[str, dict[str, float]]:

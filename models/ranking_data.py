@@ -177,7 +177,7 @@ def _events_table(interactions: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _count_before(ev_user: np.ndarray, ev_ts: np.ndarray, q_user: np.ndarray, q_ts: np.ndarray) -> np.ndarray:
+def count_before(ev_user: np.ndarray, ev_ts: np.ndarray, q_user: np.ndarray, q_ts: np.ndarray) -> np.ndarray:
     """For each query, how many events sort before (q_user, q_ts) in (user, time) order, ties excluded.
 
     Events must be sorted by (user, time). Because they are, that count is also the *position* in the events
@@ -202,8 +202,8 @@ def _history_bounds(events: pd.DataFrame, users: np.ndarray, t_ms: np.ndarray) -
     ev_user = events["user_id"].to_numpy(np.int64)
     ev_ts = events["timestamp_ms"].to_numpy(np.int64)
     users = np.asarray(users, np.int64)
-    start = _count_before(ev_user, ev_ts, users, np.full(len(users), np.iinfo(np.int64).min))
-    end = _count_before(ev_user, ev_ts, users, np.asarray(t_ms, np.int64))
+    start = count_before(ev_user, ev_ts, users, np.full(len(users), np.iinfo(np.int64).min))
+    end = count_before(ev_user, ev_ts, users, np.asarray(t_ms, np.int64))
     return start, end
 
 
