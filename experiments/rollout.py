@@ -350,16 +350,15 @@ def apply_action(action: RolloutAction, *, store: ExperimentStore, registry: Reg
     elif action.kind in ("rollback", "decide_control"):
         store.set_status(action.experiment, "stopped", actor=actor, note=note)
         done.effects.append("experiment stopped")
-        registry = registry() if callable(registry) else registry
-        if action.kind == "rollback":
-            _restore_alias(action, done, store, registry, alias, treatment, actor)
-    else:
-        registry = registry() if callable(registry) else registry
+    # connected to only now, after the store changed: a registry that is down never delays a stop or a ramp
+    registry = registry() if callable(registry) else registry
+    if action.kind == "rollback":
+        _restore_alias(action, done, store, registry, alias, treatment, actor)
+    elif action.kind == "decide_treatment":
         _decide_treatment(action, done, store, registry, alias, treatment, actor, policy)
         if done.awaiting and done.effects[-1].startswith("still awaiting"):
             return done  # nothing changed since the last tick: no new tags either
 
-    registry = registry() if callable(registry) else registry
     versions = {treatment: "treatment"}
     control = experiment.variant(policy.control).target
     if ":" in control:
