@@ -358,6 +358,39 @@ class Recommender:
                 out[lo + r] = [(int(i), float(s)) for i, s in zip(raw, vals[b][ok])]
         return out
 
+    def score_candidates(
+        self,
+        histories: Sequence[Mapping[str, Any]],
+        candidates: Sequence[Sequence[int]],
+        *,
+        now_ms: int | None = None,
+    ) -> list[np.ndarray | None]:
+        """ARGUS ranking: P(positive reaction | history, candidate) for each raw candidate id of each history.
+
+        The history is encoded once (the user state u after its last event, at the request time) and the
+        feedback head scores every candidate against u: m candidates cost one forward pass plus m head rows.
+        Returns, per history, float32 probabilities aligned with its candidates (NaN for an item the model
+        does not know), or None when the history has no known item (no user state: the caller keeps the
+        retrieval order)."""
+        if self.model.feedback_head is None:
+            raise ValueError("this model has no feedback head (trained with feedback_weight = 0): it cannot rank")
+        if len(candidates) != len(histories):
+            raise ValueError(f"{len(histories)} histories but {len(candidates)} candidate lists")
+        out: list[np.ndarray | None] = [None] * len(histories)
+        rows, users, _ = self.user_embeddings(histories, now_ms)
+        if not rows:
+            return out
+        idx = [self.vocab.encode(np.asarray(candidates[r], np.int64).reshape(-1)) for r in rows]
+        lengths = [len(i) for i in idx]
+        flat = torch.from_numpy(np.concatenate(idx)) if idx else torch.zeros(0, dtype=torch.int64)
+        with torch.inference_mode():
+            u = users.repeat_interleave(torch.tensor(lengths), dim=0)  # [M, D]: each candidate's user state
+            p = torch.sigmoid(self.model.feedback_logits(u, self.item_matrix[flat])).numpy()  # [M]
+        p = np.where(np.concatenate(idx) > 0, p, np.nan).astype(np.float32) if len(p) else p.astype(np.float32)
+        for r, part in zip(rows, np.split(p, np.cumsum(lengths)[:-1])):
+            out[r] = part
+        return out
+
     def _ann_top_k(self, user: torch.Tensor, seen: np.ndarray, k: int) -> list[tuple[int, float]]:
         """Approximate top-k by inner product; over-fetch by the history length, then drop seen items."""
         seen_set = set(int(i) for i in seen)

@@ -867,6 +867,28 @@ def test_recommend_semantics(seqs):
     assert {100, 101} <= {i for i, _ in with_seen}
 
 
+def test_score_candidates_is_the_feedback_head_on_one_history_pass(seqs):
+    rec = Recommender(tiny_model("hstu", num_items=len(seqs.vocab), feedback=True), seqs.vocab)
+    h = {"item_ids": [100, 101, 102], "event_types": ["listen", "skip", "like"], "timestamps_ms": [T0_MS, T0_MS + 5, T0_MS + 9]}
+    empty = {"item_ids": [999999], "event_types": ["listen"], "timestamps_ms": [T0_MS]}
+    out = rec.score_candidates([h, empty, h], [[103, 104, 424242], [103], []], now_ms=T0_MS + 60_000)
+    assert out[1] is None  # no known item: no user state, the caller keeps the retrieval order
+    assert out[2] is not None and len(out[2]) == 0
+    p = out[0]
+    assert p.shape == (3,) and np.isnan(p[2]) and np.all((p[:2] > 0) & (p[:2] < 1))
+    # the same as the head on the user state recommend() uses, candidate by candidate
+    rows, users, _ = rec.user_embeddings([h], T0_MS + 60_000)
+    for j, item in enumerate([103, 104]):
+        e = rec.item_matrix[torch.from_numpy(rec.vocab.encode([item]))]
+        with torch.inference_mode():
+            assert abs(torch.sigmoid(rec.model.feedback_logits(users, e)).item() - p[j]) < 1e-6
+    # scores do not depend on the other candidates or histories of the batch
+    alone = rec.score_candidates([h], [[104]], now_ms=T0_MS + 60_000)[0]
+    assert abs(alone[0] - p[1]) < 1e-6
+    with pytest.raises(ValueError, match="no feedback head"):
+        Recommender(tiny_model("hstu", num_items=len(seqs.vocab)), seqs.vocab).score_candidates([h], [[103]])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # distributed (DistributedModelParallel, 2 processes on gloo)
 # ----------------------------------------------------------------------------------------------------------
