@@ -89,6 +89,16 @@ WEIGHT_TOLERANCE = 1e-9
 # such as "popularity". Kept loose on purpose: the router, not this module, decides which targets exist.
 POPULARITY = "popularity"  # the built-in most-popular baseline
 _TARGET_RE = re.compile(r"^(alias:[A-Za-z0-9_.-]+|version:[1-9][0-9]*|[a-z][a-z0-9_-]*)$")
+# A ranker is always a registry target (of ``registry.ranker_model_name``): there is no baseline ranker.
+_RANKER_RE = re.compile(r"^(alias:[A-Za-z0-9_.-]+|version:[1-9][0-9]*)$")
+# Serving keeps retrievers and rankers in one pool of loaded models; a ranker's key carries this prefix so the
+# two registries' "alias:champion" stay apart (``ranker_key``).
+RANKER_KEY_PREFIX = "ranker/"
+
+
+def ranker_key(target: str) -> str:
+    """The model-pool key of a ranker target: ``alias:champion`` -> ``ranker/alias:champion``."""
+    return RANKER_KEY_PREFIX + target
 
 # An experiment's name is a folder of the store (``versions/<name>/``), a URL path segment of the admin API and
 # a label in exposures and reports: lower-case letters, digits, '.', '_' and '-', at most 64 characters,
@@ -181,6 +191,11 @@ class Variant(BaseModel):
     # the validators are the rule; the schema extras state it to clients (the weights also sum to 1)
     weight: float = Field(strict=True, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})
     target: str = Field(json_schema_extra={"pattern": _TARGET_RE.pattern})
+    ranker: str | None = Field(
+        default=None, json_schema_extra={"pattern": _RANKER_RE.pattern},
+        description="the ranker that reranks this arm's retrieved candidates (a target of the rankers' registered "
+                    "model, e.g. 'alias:champion'); none: the retriever's order (serve.ranker is for requests "
+                    "outside experiments)")
 
     @field_validator("weight")
     @classmethod
@@ -198,6 +213,14 @@ class Variant(BaseModel):
                 f"target {value!r} is not 'alias:<name>', 'version:<positive int>' or a baseline name "
                 "such as 'popularity'"
             )
+        return value
+
+    @field_validator("ranker")
+    @classmethod
+    def _ranker_form(cls, value: str | None) -> str | None:
+        if value is not None and not _RANKER_RE.match(value):
+            raise ValueError(f"ranker {value!r} is not 'alias:<name>' or 'version:<positive int>' of the rankers' "
+                             "registered model")
         return value
 
 

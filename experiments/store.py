@@ -63,12 +63,21 @@ from pathlib import Path
 
 import yaml
 
-from experiments.assignment import POPULARITY, Experiment, RampStep, assign, check_experiment_name
+from experiments.assignment import (
+    POPULARITY,
+    RANKER_KEY_PREFIX,
+    Experiment,
+    RampStep,
+    assign,
+    check_experiment_name,
+    ranker_key,
+)
 from infra.settings import EncoreSettings
 
 BASELINES = frozenset({POPULARITY})
 
-TargetChecker = Callable[[str], str | None]  # target -> problem (None when the target exists)
+# target -> problem (None when the target exists); a ranker's target arrives as its pool key (``ranker_key``)
+TargetChecker = Callable[[str], str | None]
 
 
 class ExperimentError(ValueError):
@@ -98,10 +107,19 @@ class Snapshot:
 
 
 def registry_target_checker(settings: EncoreSettings, tracking_uri: str) -> TargetChecker:
-    """Checks ``alias:``/``version:`` targets against the settings' registered model in the MLflow registry."""
+    """Checks ``alias:``/``version:`` targets against the settings' registered model in the MLflow registry, and
+    rankers' targets (``ranker/alias:...``) against the rankers' registered model."""
     from models.lifecycle.registry import Registry
 
-    return Registry(tracking_uri, settings.registry).target_problem
+    retrievers = Registry(tracking_uri, settings.registry)
+    rankers = Registry(tracking_uri, settings.registry.for_rankers())
+
+    def check(target: str) -> str | None:
+        if target.startswith(RANKER_KEY_PREFIX):
+            return rankers.target_problem(target.removeprefix(RANKER_KEY_PREFIX))
+        return retrievers.target_problem(target)
+
+    return check
 
 
 def validate_set(experiments: list[Experiment], check_target: TargetChecker | None = None) -> None:
@@ -126,6 +144,13 @@ def validate_set(experiments: list[Experiment], check_target: TargetChecker | No
                 problem = check_target(v.target)
                 if problem:
                     problems.append(f"{e.name}/{v.name}: {problem}")
+            if v.ranker is not None and v.target == POPULARITY:
+                problems.append(f"{e.name}/{v.name}: a ranker reranks a retriever's candidates; the "
+                                f"{POPULARITY!r} baseline has none (drop the ranker or name a model target)")
+            elif v.ranker is not None and check_target is not None and e.status in ("running", "paused", "draft"):
+                problem = check_target(ranker_key(v.ranker))
+                if problem:
+                    problems.append(f"{e.name}/{v.name}: ranker {problem}")
     if problems:
         raise ExperimentError("; ".join(problems))
 
@@ -423,6 +448,7 @@ class Assignment:
     variant: str
     version: int
     target: str
+    ranker: str | None = None  # the variant's ranker target (of the rankers' registered model), if it names one
 
 
 class Router:
@@ -446,9 +472,16 @@ class Router:
             variant = assign(e, unit_id, context, now)
             if variant is not None:
                 taken.add(e.layer)
-                out.append(Assignment(e.name, variant, self.snapshot.versions.get(e.name, 0),
-                                      e.variant(variant).target))
+                arm = e.variant(variant)
+                out.append(Assignment(e.name, variant, self.snapshot.versions.get(e.name, 0), arm.target, arm.ranker))
         return out
 
     def targets(self) -> set[str]:
-        return {v.target for e in self.running for v in e.variants}
+        """The models the running experiments need: retriever targets and rankers' pool keys (``ranker_key``)."""
+        return set().union(*(models_of(e) for e in self.running))
+
+
+def models_of(experiment: Experiment) -> set[str]:
+    """The models an experiment's arms need: each retriever target and each ranker's pool key."""
+    return {v.target for v in experiment.variants} | {
+        ranker_key(v.ranker) for v in experiment.variants if v.ranker is not None}

@@ -203,6 +203,9 @@ class RegistrySettings(_Group):
     defaults are the names existing registries hold."""
 
     model_name: str = Field(default="encore-recommender", min_length=1)
+    ranker_model_name: str = Field(default="encore-ranker", min_length=1,
+                                   description="the registered model of the rankers (the cascade's second stage); "
+                                               "the same two aliases, gate and audit trail as the retrievers'")
     challenger_alias: str = Field(default="challenger", min_length=1, description="every new version gets it")
     champion_alias: str = Field(default="champion", min_length=1, description="the version serving loads (the "
                                 "default model and the default experiment's treatment) and the gate compares to")
@@ -211,7 +214,13 @@ class RegistrySettings(_Group):
     def _distinct_aliases(self) -> "RegistrySettings":
         if self.challenger_alias == self.champion_alias:
             raise ValueError("challenger_alias and champion_alias must differ")
+        if self.ranker_model_name == self.model_name:
+            raise ValueError("ranker_model_name and model_name must differ: rankers and retrievers are promoted apart")
         return self
+
+    def for_rankers(self) -> "RegistrySettings":
+        """The same names with the rankers' registered model: what a ``Registry`` of rankers is built with."""
+        return self.model_copy(update={"model_name": self.ranker_model_name})
 
 
 class ServeSettings(_Group):
@@ -237,6 +246,16 @@ class ServeSettings(_Group):
                                   description="MLflow client retries per registry request of the service (the "
                                               "next model poll retries anyway)")
     max_batch: int = Field(default=64, ge=1, le=4096, description="most requests scored in one micro-batch")
+    ranker: str | None = Field(default=None, pattern=r"^(alias:[A-Za-z0-9_.-]+|version:[1-9][0-9]*)$",
+                               description="the ranker (a target of registry.ranker_model_name, e.g. "
+                                           "'alias:champion') that reranks the retriever's candidates for requests "
+                                           "outside any experiment arm that names its own; none: retrieval only")
+    retrieval_k: int = Field(default=200, ge=1, le=10_000,
+                             description="candidates the retriever hands to the ranker (the cascade's K)")
+    cascade_weights: dict[Literal["feedback", "retrieval"], float] = Field(
+        default_factory=lambda: {"feedback": 1.0, "retrieval": 0.0},
+        description="the cascade's final score: the weighted sum of the ranker's heads (feedback = P(positive "
+                    "reaction)) and the retriever's cosine score")
     torch_threads: int = Field(default=1, ge=1, description="intra-op threads of the serving process")
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024,
                                 description="largest request body accepted; a larger one is answered 413 "
@@ -247,6 +266,13 @@ class ServeSettings(_Group):
         "'degraded', /readyz 503, until a probe reads the store again")
     online_probe_s: float = Field(default=1.0, gt=0, le=300,
                                   description="how often a degraded replica probes the online store to recover")
+
+    @model_validator(mode="after")
+    def _some_cascade_weight(self) -> "ServeSettings":
+        weights = self.cascade_weights
+        if any(w != w or abs(w) == float("inf") for w in weights.values()) or not any(weights.values()):
+            raise ValueError(f"serve.cascade_weights {weights} must be finite and not all zero (no order)")
+        return self
 
     @model_validator(mode="after")
     def _distinct_admin_actors(self) -> "ServeSettings":

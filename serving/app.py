@@ -77,8 +77,9 @@ from features.feature_repo import feature_store
 from features.ingest import HISTORY_FEATURES
 from features.kafka_io import make_producer
 from features.offline_store import OfflineStore
+from serving.cascade import rerank
 from infra.settings import EncoreSettings
-from experiments.assignment import POPULARITY, Experiment, RampStep
+from experiments.assignment import POPULARITY, RANKER_KEY_PREFIX, Experiment, RampStep, ranker_key
 from experiments.store import (
     Conflict,
     ExperimentError,
@@ -86,6 +87,7 @@ from experiments.store import (
     NotFound,
     Router,
     Snapshot,
+    models_of,
     registry_target_checker,
 )
 
@@ -162,6 +164,8 @@ class RecommendationResponse(BaseModel):
     experiment: str | None
     assignments: list[AssignmentOut]
     model_version: int | None
+    ranker_version: int | None = Field(default=None, description="version of the ranker (registry.ranker_model_name) "
+                                       "that reranked the retriever's candidates; null: retrieval order")
     source: str = Field(description="'model' or 'popularity' (cold start, baseline arm, or degraded)")
     degraded: bool = Field(description="true when the online store could not be read: the answer is popularity, "
                                        "without the user's history (nothing seen is excluded)")
@@ -317,10 +321,13 @@ def _warm_up(recommender: Any) -> None:
 
 
 class ModelPool:
-    """One ModelHolder per target any running experiment (or the default) needs."""
+    """One ModelHolder per target any running experiment (or the default) needs: retrievers by their target
+    (``alias:champion``), rankers by their pool key (``ranker/alias:champion``, from the rankers' registry)."""
 
-    def __init__(self, registry: Registry, default_target: str, max_history: int) -> None:
+    def __init__(self, registry: Registry, default_target: str, max_history: int,
+                 rankers: Registry | None = None) -> None:
         self.registry, self.default_target, self.max_history = registry, default_target, max_history
+        self.rankers = rankers
         self.holders: dict[str, ModelHolder] = {}
         self.lock = threading.Lock()
         self.tried: set[str] = set()  # targets whose load was attempted at least once (loaded or not)
@@ -330,7 +337,7 @@ class ModelPool:
         for target in sorted(t for t in targets if ":" in t):
             if target in self.holders:
                 continue
-            holder = ModelHolder(self.registry, target, self.max_history)
+            holder = self._holder(target)
             try:
                 holder.load()
             except Exception as exc:  # noqa: BLE001 - requests fall back to the default model meanwhile
@@ -355,8 +362,21 @@ class ModelPool:
                 else:
                     self.last_error = None
 
+    def _holder(self, key: str) -> ModelHolder:
+        if key.startswith(RANKER_KEY_PREFIX):
+            if self.rankers is None:
+                raise ValueError(f"{key}: this service has no rankers' registry")
+            return ModelHolder(self.rankers, key.removeprefix(RANKER_KEY_PREFIX), self.max_history)
+        return ModelHolder(self.registry, key, self.max_history)
+
     def get(self, target: str) -> LoadedModel | None:
         holder = self.holders.get(target) or self.holders.get(self.default_target)
+        return holder.current if holder else None
+
+    def get_ranker(self, target: str) -> LoadedModel | None:
+        """The loaded ranker of a rankers' registry target; None (retrieval order) while it is not loaded. No
+        fallback to another ranker: an arm's exposures must never say one ranker when another ranked them."""
+        holder = self.holders.get(ranker_key(target))
         return holder.current if holder else None
 
     @property
@@ -375,7 +395,7 @@ def model_pool(settings: EncoreSettings, tracking_uri: str) -> ModelPool:
     from models.lifecycle.registry import Registry
 
     return ModelPool(Registry(tracking_uri, settings.registry), f"alias:{settings.registry.champion_alias}",
-                     settings.ingest.history_length)
+                     settings.ingest.history_length, rankers=Registry(tracking_uri, settings.registry.for_rankers()))
 
 
 # ============================================================================ Feast
@@ -533,6 +553,18 @@ class _Job:
     enqueued: float = field(default_factory=time.perf_counter)  # queue wait counts in the latency metric
 
 
+@dataclass(frozen=True)
+class _Scored:
+    """A request's items as a model answered them: the retriever's version, and the ranker's when one reranked
+    them (with its P per item, which the exposure logs)."""
+
+    items: list[tuple[int, float]]
+    version: int | None
+    ranker_version: int | None = None
+    ranker_scores: list[float] | None = None
+    source: str = "model"
+
+
 @dataclass(slots=True)
 class _Answer:
     """One request's answer, ready to send: the response body and the exposure to log when it is sent."""
@@ -578,6 +610,8 @@ class Recommendations:
         self.requests = Counter("encore_requests_total", "recommendation requests", ["variant", "source"],
                                 registry=self.registry)
         self.failures = Counter("encore_request_failures_total", "requests answered 503", registry=self.registry)
+        self.ranker_failures = Counter("encore_ranker_failures_total", "answers left in retrieval order because "
+                                       "their ranker failed", registry=self.registry)
         self.degraded_answers = Counter("encore_degraded_answers_total", "answers from popularity because the "
                                         "online store could not be read", registry=self.registry)
         Gauge("encore_online_store_up", "1 when the online store reads within its deadline, 0 while degraded",
@@ -646,9 +680,9 @@ class Recommendations:
                 in_force = {e.name: e for e in self.router.running}
                 kept, versions = [], dict(snap.versions)
                 for e in snap.experiments:
-                    if e.status == "running" and {v.target for v in e.variants} & missing:
+                    if e.status == "running" and models_of(e) & missing:
                         old = in_force.get(e.name)
-                        if old is not None and not {v.target for v in old.variants} & missing:
+                        if old is not None and not models_of(old) & missing:
                             kept.append(old)
                             versions[e.name] = current.versions[e.name]
                         else:
@@ -672,13 +706,18 @@ class Recommendations:
         """One pass of the model thread: load what is missing (the default target, the running experiments'
         and the held-back ones'), check the aliases for moves, then put held-back experiments in force."""
         with self._models_lock:
-            self.models.ensure({self.models.default_target} | self.router.targets() | self._pending)
+            self.models.ensure({self.models.default_target} | self.router.targets() | self._pending
+                               | self._default_ranker_keys())
             self.models.refresh()
         for target, holder in self.models.holders.items():
             if holder.current:
                 self.model_version.labels(target).set(holder.current.version)
         if self._pending:
             self.reload_experiments()
+
+    def _default_ranker_keys(self) -> set[str]:
+        ranker = self.settings.serve.ranker
+        return {ranker_key(ranker)} if ranker else set()
 
     def _watch_experiments(self) -> None:
         while not self._stop.wait(self.settings.serve.experiments_poll_s):
@@ -794,10 +833,10 @@ class Recommendations:
             histories = {u: _empty_history() for u in users}
             self.degraded_answers.inc(len(reqs))
         default_target = self.models.default_target
-        results: list[tuple[list[tuple[int, float]], str, int | None] | None] = [None] * len(reqs)
+        results: list[_Scored | None] = [None] * len(reqs)
 
-        # one forward pass per (model, exclude_seen) group
-        groups: dict[tuple[int, bool], tuple[LoadedModel, list[int]]] = {}
+        # one forward pass per (retriever, ranker, exclude_seen) group
+        groups: dict[tuple[int, int, bool], tuple[LoadedModel, LoadedModel | None, list[int]]] = {}
         for i, (r, a) in enumerate(zip(reqs, assignments)):
             if i in failed:
                 continue
@@ -807,12 +846,20 @@ class Recommendations:
             loaded = self.models.get(target)
             if loaded is None:
                 continue
-            groups.setdefault((id(loaded), r.exclude_seen), (loaded, []))[1].append(i)
-        for (_, exclude_seen), (loaded, idx) in groups.items():
-            def forward(part: list[int], loaded: LoadedModel = loaded, exclude_seen: bool = exclude_seen) -> list:
-                return loaded.recommender.recommend([histories[reqs[i].user_id] for i in part],
-                                                    k=max(reqs[i].k for i in part), exclude_seen=exclude_seen,
-                                                    now_ms=now_ms)
+            # an experiment's arm names its ranker (or none: retrieval order); serve.ranker is for the rest
+            ranker_target = a[0].ranker if a else self.settings.serve.ranker
+            ranker = self.models.get_ranker(ranker_target) if ranker_target else None
+            groups.setdefault((id(loaded), id(ranker), r.exclude_seen), (loaded, ranker, []))[2].append(i)
+        for (_, _, exclude_seen), (loaded, ranker, idx) in groups.items():
+            def forward(part: list[int], loaded: LoadedModel = loaded, ranker: LoadedModel | None = ranker,
+                        exclude_seen: bool = exclude_seen) -> list[_Scored]:
+                hs = [histories[reqs[i].user_id] for i in part]
+                k = max(reqs[i].k for i in part)
+                depth = max(k, self.settings.serve.retrieval_k) if ranker is not None else k
+                recs = loaded.recommender.recommend(hs, k=depth, exclude_seen=exclude_seen, now_ms=now_ms)
+                if ranker is None:
+                    return [_Scored(items[: reqs[i].k], loaded.version) for i, items in zip(part, recs)]
+                return self._rerank(ranker, loaded, hs, recs, [reqs[i].k for i in part], now_ms)
 
             try:
                 scored = [(idx, forward(idx))]
@@ -825,9 +872,9 @@ class Recommendations:
                     except Exception as exc:  # noqa: BLE001 - this request fails alone
                         failed[i] = exc
             for part, recs in scored:
-                for i, items in zip(part, recs):
-                    if items:  # an empty answer (no known item in the history) falls back to popularity
-                        results[i] = (items[: reqs[i].k], "model", loaded.version)
+                for i, answer in zip(part, recs):
+                    if answer.items:  # an empty answer (no known item in the history) falls back to popularity
+                        results[i] = answer
 
         out: list[_Answer | Exception] = []
         for i, r in enumerate(reqs):
@@ -841,7 +888,23 @@ class Recommendations:
                 out.append(exc)
         return out
 
-    def _answer(self, r: RecommendationRequest, a: tuple, result: tuple | None, history: dict[str, list],
+    def _rerank(self, ranker: LoadedModel, retriever: LoadedModel, histories: list[dict[str, list]],
+                recs: list[list[tuple[int, float]]], ks: list[int], now_ms: int) -> list[_Scored]:
+        """The cascade's second stage for one pass. A ranker that fails leaves the retriever's order (the answer
+        says no ranker ranked it, and ``encore_ranker_failures_total`` counts it) rather than failing requests
+        the retriever has answered."""
+        try:
+            ranked = rerank(ranker.recommender, histories, recs, k=ks, weights=self.settings.serve.cascade_weights,
+                            now_ms=now_ms)
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.exception("ranker version %d failed on %d requests; answering in retrieval order",
+                          ranker.version, len(recs))
+            self.ranker_failures.inc(len(recs))
+            return [_Scored(items[:k], retriever.version) for items, k in zip(recs, ks)]
+        return [_Scored(r.items, retriever.version, ranker.version if r.ranker_scores is not None else None,
+                        r.ranker_scores) for r in ranked]
+
+    def _answer(self, r: RecommendationRequest, a: tuple, result: _Scored | None, history: dict[str, list],
                 now_ms: int, degraded: bool = False) -> _Answer:
         if result is None:
             seen = set(history["item_ids"]) if r.exclude_seen else set()
@@ -851,20 +914,23 @@ class Recommendations:
                     items.append((item, score))
                     if len(items) == r.k:
                         break
-            result = (items, POPULARITY, None)
-        items, source, version = result
+            result = _Scored(items, None, source=POPULARITY)
+        items, source, version = result.items, result.source, result.version
         variant = a[0].variant if a else None
         doc = {
             "request_id": uuid.uuid4().hex, "user_id": r.user_id, "items": [it for it, _ in items],
             "scores": [round(s, 6) for _, s in items], "variant": variant,
             "experiment": a[0].experiment if a else None,
             "assignments": [{"experiment": x.experiment, "variant": x.variant, "version": x.version} for x in a],
-            "model_version": version, "source": source, "degraded": degraded,
+            "model_version": version, "ranker_version": result.ranker_version, "source": source,
+            "degraded": degraded,
         }
         body = json.dumps(doc, separators=(",", ":")).encode()
         # the exposure carries the serving time; analysis attributes later interactions to it
         exposure = {k: v for k, v in doc.items() if k != "scores"}
         exposure["timestamp_ms"] = now_ms
+        if result.ranker_scores is not None:  # what placed each item: the ranker's P, aligned with items
+            exposure["ranker_scores"] = [round(p, 4) for p in result.ranker_scores]
         if r.context:
             exposure["context"] = r.context
         return _Answer(body, str(r.user_id).encode(), json.dumps(exposure, separators=(",", ":")).encode(),

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -317,6 +318,54 @@ def _exposures_tagged(svc, settings, tag: str, expected: int, timeout_s: float =
         rows = read()
     time.sleep(1.0)
     return read()
+
+
+def test_an_arm_with_a_ranker_reranks_the_retrievers_top_k_and_its_exposures_name_the_ranker(platform):
+    import mlflow
+
+    settings, svc, server = platform
+    client = MlflowClient(svc.mlflow_uri)
+    mlflow.set_tracking_uri(svc.mlflow_uri)
+    rankers = settings.registry.ranker_model_name
+    champion = client.get_model_version_by_alias(MODEL, "champion")  # the default recipe has the ARGUS head
+    ranker = mlflow.register_model(champion.source, rankers)
+    client.set_registered_model_alias(rankers, "champion", ranker.version)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    arms = [{"name": "retrieval", "weight": 0.5, "target": "alias:champion"},
+            {"name": "cascade", "weight": 0.5, "target": "alias:champion", "ranker": "alias:champion"}]
+    exp = {"name": "cascade-test", "salt": "cascade-1", "layer": "cascade", "variants": arms}
+    tag = uuid.uuid4().hex
+    with httpx.Client(base_url=server.endpoint, timeout=20) as http:
+        bad = {**exp, "variants": [{**arms[1], "weight": 1.0, "ranker": "alias:nope"}]}
+        r = http.post("/admin/experiments", json=bad, headers=auth)
+        assert r.status_code == 422 and "ranker" in r.text and rankers in r.text, r.text
+        popular = {**exp, "variants": [{**arms[1], "weight": 1.0, "target": "popularity"}]}
+        assert http.post("/admin/experiments", json=popular, headers=auth).status_code == 422
+        assert http.post("/admin/experiments", json=exp, headers=auth).status_code == 201
+        try:
+            # the experiment is held back until the service has tried its models (the ranker is new to it)
+            _within(30, lambda: _post(server.endpoint, user_id=0).json()["experiment"] == "cascade-test",
+                    "the cascade experiment in force")
+            bodies = [_post(server.endpoint, user_id=u, k=5, context={"run": tag}).json()
+                      for u in range(settings.simulator.users)]
+        finally:
+            assert http.post("/admin/experiments/cascade-test/stop", headers=auth).status_code == 200
+    by_arm: dict[str, list[dict]] = {}
+    for b in bodies:
+        if b["source"] == "model":
+            by_arm.setdefault(b["variant"], []).append(b)
+    assert by_arm.get("cascade") and by_arm.get("retrieval"), {a: len(v) for a, v in by_arm.items()}
+    assert {b["ranker_version"] for b in by_arm["cascade"]} == {int(ranker.version)}
+    assert {b["ranker_version"] for b in by_arm["retrieval"]} == {None}
+    for b in by_arm["cascade"]:
+        assert len(b["items"]) == 5 and b["scores"] == sorted(b["scores"], reverse=True)
+        assert all(0.0 <= s <= 1.0 for s in b["scores"])  # feedback weight 1: the score is the ranker's P
+    exposures = {e["request_id"]: e for e in _exposures_tagged(svc, settings, tag, len(bodies))}
+    for b in by_arm["cascade"]:
+        e = exposures[b["request_id"]]
+        assert e["ranker_version"] == int(ranker.version)
+        assert np.allclose(e["ranker_scores"], b["scores"], atol=1e-4)  # what placed each item
+    assert all("ranker_scores" not in exposures[b["request_id"]] for b in by_arm["retrieval"])
 
 
 def test_an_oversized_request_fails_alone_and_exposures_are_logged_exactly_for_200_answers(platform):
