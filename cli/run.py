@@ -107,6 +107,10 @@ def run_end_to_end(settings: EncoreSettings, *, progress: bool = True) -> dict:
                                       for k in ("consumed", "written", "dlq")}
         ab = run_job(settings, "ab_report_job", instance).output_for_node("ab_report")
         summary["ab_report"] = {k: ab[k] for k in ("html", "headline", "tests", "srm_flagged", "guardrail_breaches")}
+
+        # 5. the ranking stage: the A/B test's served slates and their reactions fine-tune the champion's ARGUS
+        # head into a ranker, gated and registered (a blocked gate is an outcome, not a failed run)
+        summary["ranker"] = ranker_summary(run_job(settings, "ranking_job", instance, raise_on_error=False))
         summary["mlflow_uri"] = mlflow_uri
     summary["wall_s"] = round(time.monotonic() - t0, 1)
     (settings.reports_dir).mkdir(parents=True, exist_ok=True)
@@ -120,6 +124,26 @@ def _materialization(result: dg.ExecuteInProcessResult, asset: str) -> dict:
         if mat.asset_key == dg.AssetKey(asset):
             return {k: v.value for k, v in mat.metadata.items()}
     raise KeyError(f"no materialization of {asset}")
+
+
+def ranker_summary(result: dg.ExecuteInProcessResult) -> dict:
+    """What ``ranking_job`` did: the ranker's test AUC beside the head it started from, its version and the gate."""
+    out: dict = {"success": result.success}
+    try:
+        ev = result.output_for_node("ranker_evaluation")["evaluation"]
+        out.update(task=ev["task"], auc=ev["ranker"]["auc"], base_auc=ev["base"]["auc"],
+                   popularity_auc=ev["popularity"]["auc"], test_examples=ev["examples"])
+        out["version"] = result.output_for_node("registered_ranker")["version"]
+    except Exception:  # noqa: BLE001 - a step before these failed: its error is the story
+        pass
+    gate = [e for e in result.get_asset_check_evaluations() if e.check_name == "ranker_gate"]
+    if gate:
+        out["gate"] = gate[0].description or ("passed" if gate[0].passed else "blocked")
+        out["promoted"] = bool(gate[0].passed and result.success)
+    failures = [e.message for e in result.all_events if e.is_step_failure]
+    if failures:
+        out["error"] = failures[0]
+    return out
 
 
 def format_summary(summary: dict, settings: EncoreSettings) -> str:
@@ -139,6 +163,7 @@ def format_summary(summary: dict, settings: EncoreSettings) -> str:
         f"{summary['ab_traffic']['errors']} errors, {summary['ab_traffic']['events']} feedback events",
         f"A/B result                 {summary['ab_report']['headline']}",
         f"A/B report                 {summary['ab_report']['html']}",
+        f"ranker                     {_ranker_line(summary.get('ranker', {}))}",
         f"run summary                {settings.reports_dir / 'last_run.json'}",
         f"wall time                  {summary['wall_s']} s",
         "",
@@ -146,3 +171,10 @@ def format_summary(summary: dict, settings: EncoreSettings) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _ranker_line(r: dict) -> str:
+    if "auc" not in r:
+        return f"not trained ({r.get('error', 'see the ranking_job run in Dagster')})"
+    return (f"v{r.get('version', '?')}  {r['task']} AUC {r['auc']:.4f} (pre-trained head {r['base_auc']:.4f}, "
+            f"popularity {r['popularity_auc']:.4f}); gate: {r.get('gate', 'not run')}")

@@ -308,6 +308,32 @@ class ServeSettings(_Group):
         return data
 
 
+class RankingSettings(_Group):
+    """The ranking stage's training (``ranking_job``): examples from the exposures log (every served item with
+    the reactions it drew), the champion retriever's ARGUS feedback head fine-tuned on them, gated on the later
+    share of requests, registered under ``registry.ranker_model_name``."""
+
+    task: Literal["engaged", "like"] = Field(
+        default="engaged", description="the reaction the ranker predicts (and the cascade ranks by): engaged = "
+        "any positive reaction (a listen, like, playlist add), like = a like")
+    test_share: float = Field(default=0.3, gt=0.0, lt=1.0, description="the latest share of requests, by time, "
+                              "held out for the gate")
+    epochs: int = Field(default=20, ge=1, description="most epochs of fine-tuning; the last tenth of the training "
+                        "period by time chooses how many")
+    lr: float = Field(default=1e-3, gt=0.0, description="the feedback head's learning rate")
+    encoder_lr: float = Field(default=0.0, ge=0.0, description="0 keeps the pre-trained encoder frozen (seconds "
+                              "of fine-tuning); > 0 fine-tunes it too, at this rate")
+    batch_size: int = Field(default=512, ge=1)
+    margin: float = Field(default=0.0, ge=0.0, description="AUC a challenger ranker must add to the champion's")
+    label_wait_s: int = Field(default=0, ge=0, description="a served slate's reactions count as complete this "
+                              "long after it was served; later slates are left out of the data set (their missing "
+                              "reactions would read as negatives). 0 suits the simulator, whose users react at "
+                              "once; with real users set it to how long reactions take to arrive (e.g. 600)")
+    min_examples: int = Field(default=200, ge=1, description="fewer shown items with reactions than this in the "
+                              "training period: the job fails and says so rather than fit noise")
+    seed: int = 0
+
+
 class ExperimentSettings(_Group):
     """The default two-arm A/B test run by `make run`."""
 
@@ -357,6 +383,7 @@ class EncoreSettings(BaseSettings):
     promotion: PromotionSettings = PromotionSettings()
     scaling: ScalingSettings = ScalingSettings()
     serve: ServeSettings = ServeSettings()
+    ranking: RankingSettings = RankingSettings()
     experiment: ExperimentSettings = ExperimentSettings()
 
     _reveal_backend = field_serializer("mlflow_backend_store_uri", when_used="json")(staticmethod(_reveal))

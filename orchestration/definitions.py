@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dagster as dg
 
-from orchestration.assets import experiments, ingest, rollouts, studies, training
+from orchestration.assets import experiments, ingest, ranking, rollouts, studies, training
 from orchestration.jobs import (
     ab_report_job,
     distributed_training_job,
     ingest_job,
+    ranking_job,
     rollout_job,
     scaling_job,
     training_job,
@@ -25,9 +26,12 @@ defs = dg.Definitions(
         studies.scaling_study,
         experiments.exposures_topic, experiments.ab_report,
         rollouts.experiment_store, rollouts.rollout_guard, rollouts.rollout_step,
+        ranking.ranking_dataset, ranking.trained_ranker, ranking.ranker_evaluation, ranking.registered_ranker,
+        ranking.champion_ranker,
     ],
-    asset_checks=[ingest.offline_schema, ingest.freshness, training.promotion_gate],
-    jobs=[ingest_job, training_job, scaling_job, ab_report_job, distributed_training_job, rollout_job],
+    asset_checks=[ingest.offline_schema, ingest.freshness, training.promotion_gate, ranking.ranker_gate],
+    jobs=[ingest_job, training_job, scaling_job, ab_report_job, distributed_training_job, rollout_job,
+          ranking_job],
     schedules=[nightly_retrain],
     sensors=[retrain_on_new_events, ingest_on_lag, rollout_sensor],
     resources={

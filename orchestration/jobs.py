@@ -4,6 +4,13 @@ import dagster as dg
 
 from orchestration.assets.experiments import ab_report
 from orchestration.assets.ingest import ingested_interactions
+from orchestration.assets.ranking import (
+    champion_ranker,
+    ranker_evaluation,
+    ranking_dataset,
+    registered_ranker,
+    trained_ranker,
+)
 from orchestration.assets.rollouts import rollout_guard, rollout_step
 from orchestration.assets.studies import scaling_study
 from orchestration.assets.training import (
@@ -44,4 +51,12 @@ rollout_job = dg.define_asset_job(
     "rollout_job", selection=[rollout_guard, rollout_step],  # partitioned as they are: one experiment a run
     description="one tick of an experiment's guarded rollout (partition: the experiment): guard (rolls back on "
                 "SRM or a harmed guardrail; blocking checks srm, guardrails) → step (advance / decide)",
+)
+
+
+ranking_job = dg.define_asset_job(
+    "ranking_job",
+    selection=[ranking_dataset, trained_ranker, ranker_evaluation, registered_ranker, champion_ranker],
+    description="served slates + reactions → fine-tune the champion's ARGUS head → evaluate → register "
+                "(encore-ranker @challenger) → ranker gate → @champion",
 )

@@ -65,7 +65,20 @@ def test_runs_are_recorded_in_the_dagster_instance(platform):
     settings, _ = platform
     with dg.DagsterInstance.from_config(str(settings.dagster_home)) as instance:
         jobs = [r.job_name for r in instance.get_runs()]
-    assert sorted(jobs) == sorted(["ingest_job", "training_job", "ingest_job", "ab_report_job"])
+    assert sorted(jobs) == sorted(["ingest_job", "training_job", "ingest_job", "ab_report_job", "ranking_job"])
+
+
+def test_the_ab_tests_slates_train_a_ranker_that_is_gated_and_registered(platform):
+    settings, summary = platform
+    ranker = summary["ranker"]
+    assert ranker["test_examples"] > 0 and 0.0 <= ranker["auc"] <= 1.0, ranker
+    client = MlflowClient(f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}")
+    version = client.get_model_version(settings.registry.ranker_model_name, str(ranker["version"]))
+    assert version.tags["base_version"] == "1" and version.tags["task"] == settings.ranking.task
+    assert version.tags["gate.passed"] in ("true", "false") and ranker["gate"]
+    # the gate's verdict decides the alias: promoted exactly when it passed
+    aliases = client.get_registered_model(settings.registry.ranker_model_name).aliases
+    assert (aliases.get("champion") == str(ranker["version"])) == (version.tags["gate.passed"] == "true")
 
 
 def test_no_service_outlives_the_run(platform):

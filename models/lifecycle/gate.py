@@ -158,3 +158,36 @@ def decide(report: dict[str, Any], promotion: Any, *, champion_version: int | No
     return GateDecision(passed=not reasons, metric=f"{split}_{metric}", challenger_value=value,
                         champion_version=champion_version, champion_value=champion_value,
                         popularity_value=None if pop is None else float(pop), checks=checks, reasons=reasons)
+
+
+def decide_ranker(report: dict[str, Any], *, margin: float = 0.0, champion_version: int | None = None,
+                  champion_value: float | None = None) -> GateDecision:
+    """The rankers' gate on a ranker's test report (``ranker``/``base``/``popularity`` AUCs of one task).
+
+    A fine-tuned ranker must not be worse than the pre-trained head it started from (else the fine-tuning
+    only added a version), must beat the popularity order, and must beat the champion ranker re-scored on the
+    same examples by ``margin``. AUC, not GAUC, decides: a small test period has few requests with both a
+    positive and a negative, and GAUC over those few is noisy; GAUC is reported beside it."""
+    value = float(report.get("ranker", {}).get("auc", math.nan))
+    base = report.get("base", {}).get("auc")
+    pop = report.get("popularity", {}).get("auc")
+    checks: dict[str, bool] = {}
+    reasons: list[str] = []
+
+    def check(name: str, ok: bool, why: str) -> None:
+        checks[name] = bool(ok)
+        if not ok:
+            reasons.append(why)
+
+    check("finite", bool(report.get("finite_scores")) and value == value, "non-finite scores or AUC (NaN)")
+    if base is not None and base == base:
+        check("beats_base", value >= base, f"test AUC {value:.4f} is below the pre-trained head's {base:.4f}")
+    if pop is not None and pop == pop:
+        check("beats_popularity", value > pop, f"test AUC {value:.4f} does not beat the popularity order {pop:.4f}")
+    if champion_value is not None:
+        check("beats_champion", value > champion_value + margin,
+              f"test AUC {value:.4f} does not beat champion ranker v{champion_version} {champion_value:.4f} "
+              f"by margin {margin}")
+    return GateDecision(passed=not reasons, metric=f"test_{report.get('task', '')}_auc", challenger_value=value,
+                        champion_version=champion_version, champion_value=champion_value,
+                        popularity_value=None if pop is None else float(pop), checks=checks, reasons=reasons)

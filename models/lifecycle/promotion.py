@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
-from models.lifecycle.gate import GateDecision, decide, evaluate_recommender
+from models.lifecycle.gate import GateDecision, decide, decide_ranker, evaluate_recommender
 from models.lifecycle.registry import AWAITING_APPROVAL, GATE_CHECKS, GATE_PASSED, GATE_REASON, Registry
 
 _log = logging.getLogger("encore.promotion")
@@ -55,6 +55,30 @@ def judge(registry: Registry, version: int, report: dict[str, Any], dataset: str
     registry.set_tags(version, {GATE_PASSED: str(decision.passed).lower(), GATE_REASON: decision.summary,
                                 GATE_CHECKS: json.dumps(decision.checks)})
     log.info(f"promotion gate for v{version}: {decision.summary}")
+    return decision
+
+
+def judge_ranker(registry: Registry, version: int, report: dict[str, Any], rescore: Callable[[Any], float], *,
+                 margin: float = 0.0, log: Any = _log) -> GateDecision:
+    """The rankers' gate for ``version`` of the rankers' registry (``report``: its test AUCs beside the head it
+    started from and popularity; ``rescore``: a loaded ranker -> its AUC on the same test examples, used on the
+    champion ranker). The verdict is written to the version's tags, as :func:`judge` does for retrievers."""
+    champion = registry.champion_version()
+    if champion == version:
+        champion = None
+    champion_value = None
+    if champion is not None:
+        try:
+            champ, _ = registry.load(version=champion)
+            champion_value = float(rescore(champ))
+            log.info(f"champion ranker v{champion} re-scored on the same test examples: AUC {champion_value:.4f}")
+        except Exception as exc:  # noqa: BLE001 - fall back to the champion's registered metric
+            log.warning(f"could not re-score champion ranker v{champion} ({exc}); using its registered AUC")
+            champion_value = registry.version_metric(champion, "ranker_auc") or 0.0
+    decision = decide_ranker(report, margin=margin, champion_version=champion, champion_value=champion_value)
+    registry.set_tags(version, {GATE_PASSED: str(decision.passed).lower(), GATE_REASON: decision.summary,
+                                GATE_CHECKS: json.dumps(decision.checks)})
+    log.info(f"ranker gate for v{version}: {decision.summary}")
     return decision
 
 

@@ -1,0 +1,273 @@
+"""The ranking group: from what was served and how users reacted to a promoted ranker.
+
+    exposures_topic + ingested_interactions
+        └─ ranking_dataset  (snapshot: exposures + interactions; shown items with reactions, split by time)
+             └─ trained_ranker  (the champion retriever's ARGUS feedback head, fine-tuned, in an MLflow run)
+                  └─ ranker_evaluation  (AUC / GAUC / logloss on the later requests: fine-tuned, pre-trained,
+                       │                   popularity)
+                       └─ registered_ranker  (registry.ranker_model_name, alias challenger)  [blocking check:
+                            │                  ranker_gate]
+                            └─ champion_ranker  (auto: alias champion; manual: awaits a person)
+
+Why these examples: a ranker reorders what retrieval offered, so it learns from the slates the service
+actually served (``models.ranking_data.build_ranking_examples``: each served item, labelled by the reactions
+that carry its request id within the attribution window). Why fine-tune the retriever: ARGUS pre-trains one
+model on whole histories with both tasks (next item, feedback), then the feedback head is tuned on ranking
+examples; the pre-trained checkpoint is the registry's champion retriever, named in the ranker's tags.
+
+The gate compares on the held-out later requests: the fine-tuned ranker must beat the head it started from,
+the popularity order, and the current champion ranker re-scored on the same examples.
+"""
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from orchestration.assets.experiments import exposures_topic
+from orchestration.assets.ingest import ingested_interactions
+from orchestration.resources import EncoreResource, KafkaResource, MLflowResource
+
+RANKING = "ranking"
+EXPOSURE_COLUMNS = ("request_id", "user_id", "timestamp_ms", "items", "model_version", "ranker_version")
+INTERACTION_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "timestamp_ms", "played_ratio", "request_id")
+
+
+def ranking_split(dataset: dict):  # noqa: ANN201 - (RankingExamples, RankingExamples)
+    """(train, test) ranking examples of a ``ranking_dataset`` value, rebuilt from its snapshot files (cheap
+    and deterministic, so no pickled frames travel between assets)."""
+    from models.ranking_data import build_ranking_examples
+
+    interactions = pd.read_parquet(dataset["interactions"])
+    exposures = pd.read_parquet(dataset["exposures"])
+    exposures = exposures[exposures["timestamp_ms"] <= dataset["labels_complete_ms"]]
+    examples = build_ranking_examples(interactions, exposures, window_s=dataset["window_s"])
+    # No gap before the cutoff: the snapshot already holds every reaction of the training requests (the label
+    # wait above saw to that), and the test requests' labels never enter training.
+    return examples.split_by_time(dataset["cutoff_ms"])
+
+
+@dg.asset(deps=[exposures_topic, ingested_interactions], kinds={"kafka", "parquet"}, group_name=RANKING)
+def ranking_dataset(context: dg.AssetExecutionContext, encore: EncoreResource, kafka: KafkaResource) -> dict:
+    """A snapshot of the exposures log and the interactions, and the time split of the ranking examples they
+    make: training on the earlier requests, the gate's test on the latest ``ranking.test_share``."""
+    from experiments.readout import read_exposures
+    from features.offline_store import read_interactions
+
+    settings = encore.settings()
+    exposures = read_exposures(kafka.resolve(settings), settings.topics.exposures)
+    if exposures.empty or "items" not in exposures:
+        raise dg.Failure("no exposures yet: a ranker learns from served slates and their reactions. Serve traffic "
+                         "first (`make run`'s A/B test does) and ingest its interactions")
+    exposures = exposures[[c for c in EXPOSURE_COLUMNS if c in exposures]]
+    interactions = read_interactions(settings.offline_dir, columns=list(INTERACTION_COLUMNS))
+    window_s = settings.experiment.attribution_window_s
+    labels_complete_ms = int(time.time() * 1000) - settings.ranking.label_wait_s * 1000
+    times = np.sort(exposures["timestamp_ms"].to_numpy(np.int64))
+    times = times[times <= labels_complete_ms]
+    if not len(times):
+        raise dg.Failure(f"no served slate is older than ranking.label_wait_s = {settings.ranking.label_wait_s} s: "
+                         "their reactions may still be on the way; try again later")
+    cutoff_ms = int(times[min(int(len(times) * (1 - settings.ranking.test_share)), len(times) - 1)])
+
+    digest = hashlib.sha256(
+        pd.util.hash_pandas_object(exposures[["request_id"]], index=False).values.tobytes()
+        + pd.util.hash_pandas_object(interactions[["event_id"]], index=False).values.tobytes()
+    ).hexdigest()[:16]
+    out = settings.root / "datasets" / f"ranking-{digest}"
+    out.mkdir(parents=True, exist_ok=True)
+    exposures.to_parquet(out / "exposures.parquet", index=False)
+    interactions.to_parquet(out / "interactions.parquet", index=False)
+    info = {"snapshot": digest, "exposures": str(out / "exposures.parquet"),
+            "interactions": str(out / "interactions.parquet"), "cutoff_ms": cutoff_ms, "window_s": window_s,
+            "labels_complete_ms": labels_complete_ms}
+    train, test = ranking_split(info)
+    task = settings.ranking.task
+    counts = {"requests": int(len(exposures)), "train_examples": len(train), "test_examples": len(test),
+              f"train_{task}_rate": float(train.examples[task].mean()) if len(train) else float("nan"),
+              f"test_{task}_rate": float(test.examples[task].mean()) if len(test) else float("nan")}
+    info.update(counts)
+    context.add_output_metadata({
+        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in counts.items()},
+        "snapshot": digest, "task": task,
+        "cutoff": pd.Timestamp(cutoff_ms, unit="ms", tz="UTC").isoformat(),
+        "dir": dg.MetadataValue.path(str(out)),
+        "dagster/row_count": len(train) + len(test),
+    })
+    return info
+
+
+@dg.asset(kinds={"pytorch", "mlflow"}, group_name=RANKING)
+def trained_ranker(context: dg.AssetExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
+                   ranking_dataset: dict) -> dict:
+    """Fine-tune the champion retriever's ARGUS feedback head on the training period's shown items, inside an
+    MLflow run; the pre-trained version is recorded as the ranker's base."""
+    from models.argus_ranker import fine_tune_ranker
+    from models.lifecycle import tracking
+    from models.lifecycle.registry import Registry
+    from models.lifecycle.tracking import experiment_name, training_run
+
+    settings = encore.settings()
+    r = settings.ranking
+    train, _ = ranking_split(ranking_dataset)
+    if len(train) < r.min_examples:
+        raise dg.Failure(f"{len(train)} training examples (ranking.min_examples = {r.min_examples}): serve more "
+                         "traffic before training a ranker")
+    uri = mlflow_server.resolve(settings)
+    base, base_version = Registry(uri, settings.registry).load(alias=settings.registry.champion_alias)
+    if base.model.feedback_head is None:
+        raise dg.Failure(f"champion retriever v{base_version} has no feedback head (a recipe with "
+                         "feedback_weight 0): train an ARGUS recipe first, the ranker fine-tunes its head")
+    name = f"ranker-{ranking_dataset['snapshot']}-{int(time.time())}"
+    params = {"task": r.task, "epochs": r.epochs, "lr": r.lr, "encoder_lr": r.encoder_lr, "batch_size": r.batch_size,
+              "seed": r.seed,
+              "base_version": base_version, "train_examples": len(train),
+              "dataset_snapshot": ranking_dataset["snapshot"]}
+    with training_run(uri, experiment_name(settings.mlflow_experiment, tracking.TRAINING), run_name=name,
+                      params=params, tags={"model": "argus-ranker", "dataset_snapshot": ranking_dataset["snapshot"],
+                                           "base_version": str(base_version), "dagster_run_id": context.run.run_id},
+                      artifact_root=settings.mlflow_dir / "artifacts") as run:
+        t0 = time.perf_counter()
+        ranker = fine_tune_ranker(base, train, task=r.task, epochs=r.epochs, lr=r.lr, encoder_lr=r.encoder_lr,
+                                  batch_size=r.batch_size, seed=r.seed)
+        wall_s = time.perf_counter() - t0
+    ranker.metadata.update({"ranker_task": r.task, "base_version": base_version})
+    out = ranker.save(settings.root / "models" / name / "ranker")
+    context.add_output_metadata({"task": r.task, "base_version": base_version, "train_examples": len(train),
+                                 "wall_s": round(wall_s, 2), "mlflow_run_id": run.info.run_id,
+                                 "dir": dg.MetadataValue.path(str(out))})
+    return {"dir": str(out), "run_id": run.info.run_id, "base_version": base_version, "task": r.task,
+            "dataset": ranking_dataset}
+
+
+def ranker_report(ranker, base, test, task: str) -> dict:  # noqa: ANN001 - Recommender, Recommender, RankingExamples
+    """AUC, GAUC (per request) and logloss of the task on the test examples: the fine-tuned ranker, the head it
+    started from, and the popularity order (the item's events before the request); plus how many it scored."""
+    from models.argus_ranker import score_examples
+    from models.ranker import auc, gauc, item_popularity_before
+
+    labels = test.examples[task].to_numpy(np.float64)
+    groups = test.examples["request_id"].astype(str).to_numpy()
+    scores = {"ranker": score_examples(ranker, test), "base": score_examples(base, test)}
+    known = np.isfinite(scores["ranker"])  # unknown items / histories: the cascade keeps them unranked
+    scores["popularity"] = item_popularity_before(test).astype(np.float64)
+    report: dict = {"task": task, "examples": int(len(labels)), "scored": int(known.sum()),
+                    "positive_rate": float(labels[known].mean()) if known.any() else float("nan")}
+    for who, s in scores.items():
+        y, s = labels[known], np.asarray(s, np.float64)[known]
+        report[who] = {"auc": auc(y, s), "gauc": gauc(y, s, groups[known])}
+        if who != "popularity":
+            p = np.clip(s, 1e-7, 1 - 1e-7)
+            report[who]["logloss"] = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if len(y) else math.nan
+    report["finite_scores"] = bool(np.isfinite(scores["ranker"][known]).all())
+    return report
+
+
+@dg.asset(kinds={"pytorch"}, group_name=RANKING)
+def ranker_evaluation(context: dg.AssetExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
+                      trained_ranker: dict) -> dict:
+    """The fine-tuned ranker on the later requests, beside the pre-trained head it started from and popularity."""
+    from models.lifecycle.registry import Registry
+    from models.recommender import Recommender
+
+    settings = encore.settings()
+    ranker = Recommender.load(Path(trained_ranker["dir"]))
+    base, _ = Registry(mlflow_server.resolve(settings), settings.registry).load(version=trained_ranker["base_version"])
+    _, test = ranking_split(trained_ranker["dataset"])
+    if not len(test):
+        raise dg.Failure("no test examples after the cutoff: serve more traffic (or lower ranking.test_share)")
+    report = ranker_report(ranker, base, test, trained_ranker["task"])
+    path = Path(trained_ranker["dir"]).parent / "evaluation.json"
+    path.write_text(json.dumps(report, indent=2))
+    rows = ["| scorer | AUC | GAUC | logloss |", "|---|---|---|---|"] + [
+        f"| {who} | {report[who]['auc']:.4f} | {report[who]['gauc']:.4f} | {report[who].get('logloss', math.nan):.4f} |"
+        for who in ("ranker", "base", "popularity")]
+    context.add_output_metadata({"task": report["task"], "test_examples": report["examples"],
+                                 "scored": report["scored"], "auc": round(report["ranker"]["auc"], 4),
+                                 "base_auc": round(report["base"]["auc"], 4),
+                                 "metrics": dg.MetadataValue.md("\n".join(rows)),
+                                 "report": dg.MetadataValue.path(str(path))})
+    return {**trained_ranker, "evaluation": report}
+
+
+@dg.asset(kinds={"mlflow"}, group_name=RANKING)
+def registered_ranker(context: dg.AssetExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
+                      ranker_evaluation: dict) -> dict:
+    """A new version of the rankers' registered model (``registry.ranker_model_name``), alias challenger, tagged
+    with its task, its base retriever version and its test metrics."""
+    from models.lifecycle.registry import Registry
+    from models.recommender import Recommender
+    from orchestration.assets.training import _input_example
+
+    settings = encore.settings()
+    uri = mlflow_server.resolve(settings)
+    rec = Recommender.load(Path(ranker_evaluation["dir"]))
+    report = ranker_evaluation["evaluation"]
+    metrics = {f"{who}_{k}": v for who in ("ranker", "base", "popularity") for k, v in report[who].items()}
+    ds = ranker_evaluation["dataset"]
+    reg = Registry(uri, settings.registry.for_rankers()).register(
+        rec, run_id=ranker_evaluation["run_id"], metrics=metrics,
+        tags={"model": "argus-ranker", "task": ranker_evaluation["task"],
+              "base_version": str(ranker_evaluation["base_version"]), "dataset_snapshot": ds["snapshot"],
+              "dagster_run_id": context.run.run_id},
+        input_example=_input_example(rec),
+    )
+    context.add_output_metadata({"version": reg.version, "run_id": reg.run_id, "name": reg.name,
+                                 "alias": settings.registry.challenger_alias})
+    return {"version": reg.version, "run_id": reg.run_id, "evaluation": report, "dataset": ds,
+            "task": ranker_evaluation["task"]}
+
+
+@dg.asset_check(asset=registered_ranker, blocking=True,
+                description="the fine-tuned ranker beats the head it started from and the popularity order on the "
+                            "later requests (AUC), and the champion ranker re-scored on the same examples")
+def ranker_gate(context: dg.AssetCheckExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
+                registered_ranker: dict) -> dg.AssetCheckResult:
+    from models.lifecycle.promotion import judge_ranker
+    from models.lifecycle.registry import Registry
+
+    settings = encore.settings()
+    _, test = ranking_split(registered_ranker["dataset"])
+    registry = Registry(mlflow_server.resolve(settings), settings.registry.for_rankers())
+
+    def rescore(champion) -> float:  # noqa: ANN001 - a Recommender
+        from models.argus_ranker import score_examples
+        from models.ranker import auc
+
+        s = score_examples(champion, test)
+        known = np.isfinite(s)
+        return auc(test.examples[registered_ranker["task"]].to_numpy()[known], s[known])
+
+    decision = judge_ranker(registry, registered_ranker["version"], registered_ranker["evaluation"], rescore,
+                            margin=settings.ranking.margin, log=context.log)
+    rows = ["| check | passed |", "|---|---|"] + [f"| {k} | {'yes' if v else '**no**'} |"
+                                                  for k, v in decision.checks.items()]
+    return dg.AssetCheckResult(passed=decision.passed, description=decision.summary,
+                               metadata={"reason": dg.MetadataValue.text(decision.summary),
+                                         "checks": dg.MetadataValue.md("\n".join(rows)),
+                                         "version": registered_ranker["version"],
+                                         "auc": decision.challenger_value})
+
+
+@dg.asset(kinds={"mlflow"}, group_name=RANKING)
+def champion_ranker(context: dg.AssetExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
+                    registered_ranker: dict) -> dict:
+    """Runs only when the blocking ``ranker_gate`` passed. ``promotion.mode`` auto: the challenger ranker gets
+    the champion alias (what ``ranker: alias:champion`` serves); manual: it waits for a person."""
+    from models.lifecycle.promotion import GateNotPassed, conclude
+    from models.lifecycle.registry import Registry
+
+    settings = encore.settings()
+    registry = Registry(mlflow_server.resolve(settings), settings.registry.for_rankers())
+    try:
+        outcome = conclude(registry, registered_ranker["version"], settings.promotion.mode)
+    except GateNotPassed as exc:
+        raise dg.Failure(str(exc)) from exc
+    context.log.info(outcome["reason"])
+    context.add_output_metadata({**outcome, "mode": settings.promotion.mode})
+    return outcome
