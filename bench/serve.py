@@ -47,6 +47,7 @@ class DriveResult:
     error_samples: list[str] = field(default_factory=list)
     sources: dict[str, int] = field(default_factory=dict)
     model_versions: dict[str, int] = field(default_factory=dict)
+    ranker_versions: dict[str, int] = field(default_factory=dict)
 
 
 async def _request(conn: _Conn, raw: bytes, timeout_s: float) -> tuple[int, bytes]:
@@ -133,6 +134,8 @@ async def _drive(url: str, rate: float, duration_s: float, warmup_s: float, bodi
             result.sources[doc["source"]] = result.sources.get(doc["source"], 0) + 1
             mv = str(doc.get("model_version"))
             result.model_versions[mv] = result.model_versions.get(mv, 0) + 1
+            rv = str(doc.get("ranker_version"))
+            result.ranker_versions[rv] = result.ranker_versions.get(rv, 0) + 1
         if i >= measure_from:
             result.latencies_ms.append(elapsed_ms)
 
@@ -193,6 +196,7 @@ def drive(url: str, *, rate: float = 200.0, duration_s: float = 20.0, warmup_s: 
     if inspect:
         out["sources"] = res.sources
         out["model_versions"] = res.model_versions
+        out["ranker_versions"] = res.ranker_versions
     return out
 
 
@@ -219,14 +223,15 @@ def driver_result(proc: subprocess.Popen, timeout_s: float = 600) -> dict:
 # --------------------------------------------------------------------------------------------- the bench
 
 
-def has_champion(settings) -> bool:  # noqa: ANN001 - infra.settings.EncoreSettings
+def has_champion(settings, *, rankers: bool = False) -> bool:  # noqa: ANN001 - infra.settings.EncoreSettings
     if not (settings.feast_dir / "online.db").is_file():
         return False
     from models.lifecycle.registry import Registry
     from models.lifecycle.tracking import tracking_uri
 
+    names = settings.registry.for_rankers() if rankers else settings.registry
     try:
-        return Registry(tracking_uri(settings), settings.registry).champion_version() is not None
+        return Registry(tracking_uri(settings), names).champion_version() is not None
     except Exception:  # noqa: BLE001 - no registry, no model, no alias: all mean "build it"
         return False
 
@@ -241,10 +246,16 @@ def build_platform(settings) -> None:  # noqa: ANN001 - infra.settings.EncoreSet
 
 
 def run_bench(settings, *, url: str | None = None, rate: float = 200.0, duration_s: float = 20.0,  # noqa: ANN001
-              warmup_s: float = 3.0, cold_share: float = 0.05, k: int = 10, log=print) -> dict:  # noqa: ANN001
-    """Serve the champion of ``settings``' data dir (building the platform first if needed) and drive it."""
+              warmup_s: float = 3.0, cold_share: float = 0.05, k: int = 10, cascade: bool = False,
+              log=print) -> dict:  # noqa: ANN001
+    """Serve the champion of ``settings``' data dir (building the platform first if needed) and drive it.
+
+    ``cascade``: every request goes through the cascade (no experiment; ``serve.ranker`` = the champion ranker:
+    the retriever's top ``serve.retrieval_k`` reranked, top k answered); without it the settings' default
+    experiment runs as ``encore serve`` starts it (half the requests on the popularity baseline)."""
     users = settings.simulator.users
-    kwargs = dict(rate=rate, duration_s=duration_s, warmup_s=warmup_s, users=users, cold_share=cold_share, k=k)
+    kwargs = dict(rate=rate, duration_s=duration_s, warmup_s=warmup_s, users=users, cold_share=cold_share, k=k,
+                  inspect=cascade)
     if url:
         return driver_result(spawn_driver(url, **kwargs))
     from infra.services import EmbeddedServices
@@ -253,8 +264,16 @@ def run_bench(settings, *, url: str | None = None, rate: float = 200.0, duration
     if not has_champion(settings):
         log(f"no champion model in {settings.root}: building the platform (encore run) first")
         build_platform(settings)
+    experiment = "default"
+    if cascade:
+        if not has_champion(settings, rankers=True):
+            raise RuntimeError(f"no champion ranker in {settings.root}: `encore run` trains one (its ranking_job); "
+                               "see its summary for the ranker gate's verdict")
+        settings = settings.model_copy(update={"serve": settings.serve.model_copy(
+            update={"ranker": f"alias:{settings.registry.champion_alias}"})})
+        experiment = "none"
     with EmbeddedServices(settings) as svc:
-        server = start_server(settings, svc.kafka_bootstrap, svc.mlflow_uri)
+        server = start_server(settings, svc.kafka_bootstrap, svc.mlflow_uri, experiment=experiment)
         try:
             log(f"service on {server.endpoint}; driving {rate:g} req/s for {warmup_s:g}+{duration_s:g}s "
                 "from a separate process")

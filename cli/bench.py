@@ -30,8 +30,10 @@ def bench() -> None:
 @click.option("--warmup", "warmup_s", type=float, default=3.0, show_default=True, help="unmeasured seconds first")
 @click.option("--cold-share", type=float, default=0.05, show_default=True, help="share of unknown (cold) users")
 @click.option("-k", "k", type=int, default=10, show_default=True)
+@click.option("--cascade", is_flag=True, help="every request through the cascade: the retriever's top "
+              "serve.retrieval_k reranked by the champion ranker (no experiment)")
 def bench_serve(data_dir: str | None, url: str | None, rate: float, duration_s: float, warmup_s: float,
-                cold_share: float, k: int) -> None:
+                cold_share: float, k: int, cascade: bool) -> None:
     """Load-test POST /v1/recommendations from a separate process: qps, p50/p99 latency, errors."""
     from bench.serve import run_bench
 
@@ -42,7 +44,7 @@ def bench_serve(data_dir: str | None, url: str | None, rate: float, duration_s: 
         raise click.ClickException("in the production profile `bench serve` only drives a running service: "
                                    "pass --url (it never builds a platform against production stores)")
     result = run_bench(settings, url=url, rate=rate, duration_s=duration_s, warmup_s=warmup_s,
-                       cold_share=cold_share, k=k, log=lambda m: click.echo(m, err=True))
+                       cold_share=cold_share, k=k, cascade=cascade, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(result))
 
 
@@ -121,3 +123,13 @@ def bench_rollout_loop(args: tuple[str, ...]) -> None:
     from cli.rollout_drill import main as run
 
     run(list(args))
+
+
+@bench.command("cascade-loop", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_cascade_loop(args: tuple[str, ...]) -> None:
+    """Closed loop for the ranking stage through the real platform: an A/B of the cascade (retrieval → the
+    ARGUS ranker trained by ranking_job) against retrieval alone (see `encore bench cascade-loop -h`)."""
+    from cli.cascade_drill import main as run
+
+    raise SystemExit(run(list(args)))

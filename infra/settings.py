@@ -253,9 +253,10 @@ class ServeSettings(_Group):
     retrieval_k: int = Field(default=200, ge=1, le=10_000,
                              description="candidates the retriever hands to the ranker (the cascade's K)")
     cascade_weights: dict[Literal["feedback", "retrieval"], float] = Field(
-        default_factory=lambda: {"feedback": 1.0, "retrieval": 0.0},
-        description="the cascade's final score: the weighted sum of the ranker's heads (feedback = P(positive "
-                    "reaction)) and the retriever's cosine score")
+        default_factory=lambda: {"feedback": 1.0, "retrieval": 1.0},
+        description="the cascade's final score: w_feedback * log P(positive reaction | shown) from the ranker + "
+                    "w_retrieval * the retriever's logit (cosine / its training temperature); 1 and 1 rank by "
+                    "P(picks it) x P(likes it | shown), see serving/cascade.py")
     torch_threads: int = Field(default=1, ge=1, description="intra-op threads of the serving process")
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024,
                                 description="largest request body accepted; a larger one is answered 413 "
@@ -329,6 +330,9 @@ class RankingSettings(_Group):
                               "long after it was served; later slates are left out of the data set (their missing "
                               "reactions would read as negatives). 0 suits the simulator, whose users react at "
                               "once; with real users set it to how long reactions take to arrive (e.g. 600)")
+    sampled_negatives: int = Field(default=20, ge=0, description="catalogue items drawn per training request as "
+                                   "negatives (never the gate's test examples, which are the served items only): "
+                                   "the cascade asks the ranker about a top-200, most of which no slate showed")
     min_examples: int = Field(default=200, ge=1, description="fewer shown items with reactions than this in the "
                               "training period: the job fails and says so rather than fit noise")
     seed: int = 0

@@ -77,7 +77,7 @@ from features.feature_repo import feature_store
 from features.ingest import HISTORY_FEATURES
 from features.kafka_io import make_producer
 from features.offline_store import OfflineStore
-from serving.cascade import rerank
+from serving.cascade import rerank, retrieval_temperature
 from infra.settings import EncoreSettings
 from experiments.assignment import POPULARITY, RANKER_KEY_PREFIX, Experiment, RampStep, ranker_key
 from experiments.store import (
@@ -895,7 +895,7 @@ class Recommendations:
         the retriever has answered."""
         try:
             ranked = rerank(ranker.recommender, histories, recs, k=ks, weights=self.settings.serve.cascade_weights,
-                            now_ms=now_ms)
+                            temperature=retrieval_temperature(retriever.recommender), now_ms=now_ms)
         except Exception:  # noqa: BLE001 - see the docstring
             log.exception("ranker version %d failed on %d requests; answering in retrieval order",
                           ranker.version, len(recs))

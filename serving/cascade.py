@@ -1,17 +1,23 @@
 """The cascade's second stage: rerank a retriever's top-K with a ranker and keep the top k.
 
-    candidates = retriever.recommend(history, k=K)                 # (item, cosine) x K, seen items excluded
-    p_c        = ranker.score_candidates(history, candidates)      # P(positive reaction | history, c)
-    score_c    = w_feedback * p_c + w_retrieval * cosine_c         # serve.cascade_weights
-    answer     = top k of the candidates by score_c                # ties keep the retriever's order
+    candidates = retriever.recommend(history, k=K)                  # (item, cosine) x K, seen items excluded
+    p_c        = ranker.score_candidates(history, candidates)       # P(positive reaction | history, shown c)
+    score_c    = w_feedback * log p_c + w_retrieval * cosine_c / T  # serve.cascade_weights; T = the retriever's
+    answer     = top k of the candidates by score_c                 # training temperature; ties keep its order
 
-Why a weighted sum of the heads: the ranker's probability is what the cascade exists for (default weights
-feedback 1, retrieval 0), but an operator may keep some of the retriever's opinion, and a ranker with more
-heads (p(like), expected played ratio) adds terms here, not a new code path.
+Why log p plus the retriever's logit: the retriever's cosine / T is its log-softmax over the catalogue up to a
+constant, log P(the user picks c next), and the ranker's p is P(a positive reaction | c shown). With both
+weights at 1 (the default) the cascade orders by the product P(picks c) x P(likes c | shown): the ranker
+corrects the retriever where reactions say it is wrong, and the retriever keeps the ranker from promoting
+items it has no evidence on. A ranker trained on served slates has seen few items from deep in a top-200, so
+its p alone (weights feedback 1, retrieval 0) extrapolates there; the closed-loop A/B
+(``encore bench cascade-loop``) measured that order losing listening time against retrieval alone.
 
-A candidate the ranker does not know (an item newer than the ranker) scores p = 0: it goes below every item
-the ranker vouches for, but stays in the list. A history the ranker knows nothing of (no item in its
-vocabulary) gets no ranking at all: the retriever's order stands, and the answer says so (no ranker version).
+A candidate the ranker does not know (an item newer than the ranker) keeps the retriever's logit alone
+(log p = 0 would flatter it, so it takes just under the lowest log p of its list): it stays in the list but goes below
+items of equal retrieval score that the ranker vouches for. A history the ranker knows nothing of (no item in
+its vocabulary) gets no ranking at all: the retriever's order stands, and the answer says so (no ranker
+version).
 """
 
 from __future__ import annotations
@@ -39,10 +45,12 @@ def rerank(
     *,
     k: Sequence[int],
     weights: Mapping[str, float],
+    temperature: float = 0.05,
     now_ms: int | None = None,
 ) -> list[Ranked]:
     """Each history's candidates (the retriever's (item, cosine) list) reordered by the blended score, cut to
-    its own ``k``. One ranker call for the whole micro-batch."""
+    its own ``k``; ``temperature``: the retriever's (``retrieval_temperature``). One ranker call for the whole
+    micro-batch."""
     ids = [[item for item, _ in c] for c in candidates]
     probs = ranker.score_candidates(histories, ids, now_ms=now_ms)
     w_fb, w_ret = float(weights.get("feedback", 0.0)), float(weights.get("retrieval", 0.0))
@@ -51,9 +59,21 @@ def rerank(
         if p is None or not len(cands):
             out.append(Ranked(list(cands)[:keep], None))
             continue
-        p = np.nan_to_num(np.asarray(p, np.float64), nan=0.0)
-        cosine = np.array([s for _, s in cands], np.float64)
-        score = w_fb * p + w_ret * cosine
+        p = np.asarray(p, np.float64)
+        log_p = np.log(np.clip(p, 1e-6, 1.0))
+        known = np.isfinite(p)
+        log_p = np.where(known, log_p, log_p[known].min() - 1e-6 if known.any() else 0.0)  # just below the worst known
+        logit = np.array([s for _, s in cands], np.float64) / temperature
+        score = w_fb * log_p + w_ret * logit
         order = np.argsort(-score, kind="stable")[:keep]  # stable: ties keep the retriever's order
-        out.append(Ranked([(cands[j][0], float(score[j])) for j in order], [float(p[j]) for j in order]))
+        out.append(Ranked([(cands[j][0], float(score[j])) for j in order],
+                          [float(np.nan_to_num(p[j], nan=0.0)) for j in order]))
     return out
+
+
+def retrieval_temperature(retriever: Any, default: float = 0.05) -> float:
+    """The softmax temperature the retriever was trained at (its saved recipe), which turns its cosine into a
+    logit; the platform's recipes all train at 0.05."""
+    config = (getattr(retriever, "metadata", None) or {}).get("train_config") or {}
+    value = config.get("temperature")
+    return float(value) if value else default

@@ -28,22 +28,57 @@ def _history(items: list[int]) -> dict:
             "timestamps_ms": [T0_MS + 1000 * i for i in range(len(items))]}
 
 
-def test_rerank_orders_by_the_rankers_probability_and_cuts_to_k(ranker):
+def test_rerank_orders_by_the_blend_of_log_p_and_the_retrievers_logit_and_cuts_to_k(ranker):
     h = _history([100, 101, 102])
-    cands = [(i, 1.0 - 0.01 * n) for n, i in enumerate(range(103, 123))]  # the retriever's order, 20 candidates
-    (out,) = rerank(ranker, [h], [cands], k=[5], weights={"feedback": 1.0, "retrieval": 0.0}, now_ms=T0_MS + 10_000)
-    p = ranker.score_candidates([h], [[i for i, _ in cands]], now_ms=T0_MS + 10_000)[0]
-    best = np.argsort(-p, kind="stable")[:5]
-    assert [i for i, _ in out.items] == [cands[j][0] for j in best]
-    assert np.allclose([s for _, s in out.items], p[best]) and np.allclose(out.ranker_scores, p[best])
+    cands = [(i, 0.5 - 0.01 * n) for n, i in enumerate(range(103, 123))]  # the retriever's order, 20 candidates
+    now = T0_MS + 10_000
+    p = ranker.score_candidates([h], [[i for i, _ in cands]], now_ms=now)[0].astype(np.float64)
+    cosine = np.array([c for _, c in cands])
+    for w_fb, w_ret in ((1.0, 0.0), (1.0, 1.0), (0.5, 2.0)):
+        (out,) = rerank(ranker, [h], [cands], k=[5], weights={"feedback": w_fb, "retrieval": w_ret},
+                        temperature=0.05, now_ms=now)
+        score = w_fb * np.log(p) + w_ret * cosine / 0.05
+        best = np.argsort(-score, kind="stable")[:5]
+        assert [i for i, _ in out.items] == [cands[j][0] for j in best]
+        assert np.allclose([s for _, s in out.items], score[best]) and np.allclose(out.ranker_scores, p[best])
     # all weight on the retriever: its own order comes back
-    (same,) = rerank(ranker, [h], [cands], k=[5], weights={"feedback": 0.0, "retrieval": 1.0}, now_ms=T0_MS + 10_000)
+    (same,) = rerank(ranker, [h], [cands], k=[5], weights={"feedback": 0.0, "retrieval": 1.0}, now_ms=now)
     assert [i for i, _ in same.items] == [i for i, _ in cands[:5]]
 
 
-def test_unknown_candidates_go_last_and_an_unknown_history_keeps_the_retrieval_order(ranker):
-    cands = [(999_999, 0.9), (103, 0.8), (104, 0.7)]  # the first is newer than the ranker
+def test_unknown_candidates_go_below_equals_and_an_unknown_history_keeps_the_retrieval_order(ranker):
+    cands = [(999_999, 0.8), (103, 0.8), (104, 0.8)]  # the first is newer than the ranker; equal retrieval scores
     out = rerank(ranker, [_history([100]), _history([888_888])], [cands, cands], k=[3, 2],
-                 weights={"feedback": 1.0}, now_ms=T0_MS + 10_000)
+                 weights={"feedback": 1.0, "retrieval": 1.0}, now_ms=T0_MS + 10_000)
     assert out[0].items[-1][0] == 999_999 and out[0].ranker_scores[-1] == 0.0
     assert out[1].ranker_scores is None and out[1].items == cands[:2]  # no user state: nothing reranked
+
+
+def test_the_retrievers_temperature_comes_from_its_recipe(ranker):
+    from serving.cascade import retrieval_temperature
+
+    assert retrieval_temperature(ranker) == 0.05  # no saved recipe: the platform's
+    ranker.metadata["train_config"] = {"temperature": 0.1}
+    try:
+        assert retrieval_temperature(ranker) == 0.1
+    finally:
+        ranker.metadata.pop("train_config")
+
+
+def _report(ranker: float, base: float, pop: float) -> dict:
+    return {"task": "engaged", "finite_scores": True, "ranker": {"auc": ranker}, "base": {"auc": base},
+            "popularity": {"auc": pop}}
+
+
+def test_the_ranker_gate_wants_the_base_head_popularity_and_the_champion_beaten():
+    from models.lifecycle.gate import decide_ranker
+
+    ok = decide_ranker(_report(0.70, 0.65, 0.60))
+    assert ok.passed and set(ok.checks) == {"finite", "beats_base", "beats_popularity"}
+    worse_than_base = decide_ranker(_report(0.64, 0.65, 0.60))
+    assert not worse_than_base.passed and "pre-trained head" in worse_than_base.summary
+    assert not decide_ranker(_report(0.70, 0.65, 0.72)).passed  # popularity orders better
+    champ = decide_ranker(_report(0.70, 0.65, 0.60), margin=0.01, champion_version=3, champion_value=0.695)
+    assert not champ.passed and "champion ranker v3" in champ.summary
+    assert decide_ranker(_report(0.70, 0.65, 0.60), champion_version=3, champion_value=0.69).passed
+    assert not decide_ranker({**_report(float("nan"), 0.65, 0.60)}).passed

@@ -40,16 +40,25 @@ INTERACTION_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "timestam
 
 def ranking_split(dataset: dict):  # noqa: ANN201 - (RankingExamples, RankingExamples)
     """(train, test) ranking examples of a ``ranking_dataset`` value, rebuilt from its snapshot files (cheap
-    and deterministic, so no pickled frames travel between assets)."""
-    from models.ranking_data import build_ranking_examples
+    and deterministic, so no pickled frames travel between assets). Training requests carry
+    ``sampled_negatives`` catalogue items each; the test examples are the served items only (what the gate
+    measures is how the ranker orders what was shown, not how easily it rejects random items)."""
+    from dataclasses import replace
+
+    from models.ranking_data import SHOWN, build_ranking_examples
 
     interactions = pd.read_parquet(dataset["interactions"])
     exposures = pd.read_parquet(dataset["exposures"])
     exposures = exposures[exposures["timestamp_ms"] <= dataset["labels_complete_ms"]]
-    examples = build_ranking_examples(interactions, exposures, window_s=dataset["window_s"])
+    negatives = int(dataset.get("sampled_negatives", 0))
+    examples = build_ranking_examples(interactions, exposures, window_s=dataset["window_s"],
+                                      sampled_negatives=negatives, seed=int(dataset.get("seed", 0)),
+                                      catalogue=np.unique(interactions["item_id"].to_numpy()) if negatives else None)
     # No gap before the cutoff: the snapshot already holds every reaction of the training requests (the label
     # wait above saw to that), and the test requests' labels never enter training.
-    return examples.split_by_time(dataset["cutoff_ms"])
+    train, test = examples.split_by_time(dataset["cutoff_ms"])
+    shown = test.examples["source"].to_numpy() == SHOWN
+    return train, replace(test, examples=test.examples[shown].reset_index(drop=True))
 
 
 @dg.asset(deps=[exposures_topic, ingested_interactions], kinds={"kafka", "parquet"}, group_name=RANKING)
@@ -85,7 +94,8 @@ def ranking_dataset(context: dg.AssetExecutionContext, encore: EncoreResource, k
     interactions.to_parquet(out / "interactions.parquet", index=False)
     info = {"snapshot": digest, "exposures": str(out / "exposures.parquet"),
             "interactions": str(out / "interactions.parquet"), "cutoff_ms": cutoff_ms, "window_s": window_s,
-            "labels_complete_ms": labels_complete_ms}
+            "labels_complete_ms": labels_complete_ms, "sampled_negatives": settings.ranking.sampled_negatives,
+            "seed": settings.ranking.seed}
     train, test = ranking_split(info)
     task = settings.ranking.task
     counts = {"requests": int(len(exposures)), "train_examples": len(train), "test_examples": len(test),
@@ -115,9 +125,10 @@ def trained_ranker(context: dg.AssetExecutionContext, encore: EncoreResource, ml
     settings = encore.settings()
     r = settings.ranking
     train, _ = ranking_split(ranking_dataset)
-    if len(train) < r.min_examples:
-        raise dg.Failure(f"{len(train)} training examples (ranking.min_examples = {r.min_examples}): serve more "
-                         "traffic before training a ranker")
+    shown = int((train.examples["source"] == "shown").sum())
+    if shown < r.min_examples:
+        raise dg.Failure(f"{shown} served items in the training period (ranking.min_examples = {r.min_examples}): "
+                         "serve more traffic before training a ranker")
     uri = mlflow_server.resolve(settings)
     base, base_version = Registry(uri, settings.registry).load(alias=settings.registry.champion_alias)
     if base.model.feedback_head is None:
