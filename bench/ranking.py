@@ -20,7 +20,9 @@ Datasets
 Protocol: a temporal split. The last ``--test-share`` of the requests (simulator) or ratings (MovieLens) by
 time are the test set; on the simulator the train set also drops the requests of the last ``--window-s``
 seconds before the cutoff (their reactions could land after it). Each ``--model`` is trained with
-``models.ranker.train_ranker`` and scored with ``evaluate_ranker``.
+``models.ranker.train_ranker`` (``wukong``, ``dlrm``) or ``models.hstu_ranker.train_hstu_ranker`` (``hstu``: the
+HSTU target-aware ranker over the interleaved item/action history, a request's candidates scored together with
+M-FALCON) and scored with ``evaluate_ranker``.
 
 Shown only vs all: the sampled negatives carry rank -1, a value no shown item has, and the rank is a model
 feature, so a ranker separates them perfectly and the "all" figures are inflated by easy pairs. The
@@ -65,8 +67,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the MovieLens folder (holding u.data, ratings.dat or ratings.csv)")
     ap.add_argument("--config", default=None,
                     help="accepted for symmetry with the other benches; the ranker sizes are RankerConfig's defaults")
-    ap.add_argument("--model", action="append", choices=["wukong", "dlrm"], default=None,
-                    help="repeatable; default both")
+    ap.add_argument("--model", action="append", choices=["wukong", "dlrm", "hstu"], default=None,
+                    help="repeatable; default wukong and dlrm")
+    ap.add_argument("--history-events", type=int, default=None,
+                    help="hstu only: events of history read (default: HSTURankerConfig's, 50)")
     ap.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=256)
@@ -180,6 +184,7 @@ def _summary(values: list[float | None]) -> dict:
 
 def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: ANN001
     """{subset: {scorer: {task: {auc, gauc}}}}, counts and seconds of one seed."""
+    from models.hstu_ranker import HSTURankerConfig, train_hstu_ranker
     from models.ranker import RankerConfig, evaluate_ranker, train_ranker
     from models.ranking_data import build_ranking_examples, ratings_examples
 
@@ -205,8 +210,15 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
     train_s: dict[str, float] = {}
     for model in args.models:
         began = time.perf_counter()
-        ranker = train_ranker(train, RankerConfig(backbone=model), tasks, epochs=args.epochs,
-                              batch_size=args.batch_size, lr=args.lr, seed=seed)
+        if model == "hstu":
+            cfg = HSTURankerConfig()
+            if args.history_events is not None:
+                cfg = replace(cfg, history_events=args.history_events)
+            ranker = train_hstu_ranker(train, cfg, tasks, epochs=args.epochs, batch_size=args.batch_size,
+                                       lr=args.lr, seed=seed)
+        else:
+            ranker = train_ranker(train, RankerConfig(backbone=model), tasks, epochs=args.epochs,
+                                  batch_size=args.batch_size, lr=args.lr, seed=seed)
         train_s[model] = round(time.perf_counter() - began, 2)
         for name, part in subsets.items():
             scored = evaluate_ranker(ranker, part, seed=seed)
@@ -266,6 +278,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if world is not None:
         out["settings"]["items"] = world.settings.items  # the default resolved
+    if "hstu" in args.models:
+        from models.hstu_ranker import HSTURankerConfig
+
+        out["settings"]["history_events"] = args.history_events or HSTURankerConfig().history_events
     print(json.dumps(out))
     return out
 

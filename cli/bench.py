@@ -76,6 +76,16 @@ def bench_ranking(args: tuple[str, ...]) -> None:
     run(list(args))
 
 
+@bench.command("mfalcon", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_mfalcon(args: tuple[str, ...]) -> None:
+    """HSTU ranker: one request's candidates scored with M-FALCON (history K/V once, candidates in one batch) vs one
+    forward per candidate, on one thread: time, speedup, max score difference (`encore bench mfalcon --help`)."""
+    from bench.mfalcon import main as run
+
+    run(list(args))
+
+
 @bench.command("train-speed", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_train_speed(args: tuple[str, ...]) -> None:

@@ -113,10 +113,7 @@ class HSTUBlock(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         B, h, dqk, dv = offsets.numel() - 1, cfg.heads, cfg.attn_dim, cfg.linear_dim
-
-        # LayerNorm without affine parameters (eps 1e-6), as in the reference: the projection that follows is affine.
-        uvqk = F.silu(self.uvqk(F.layer_norm(x, (cfg.dim,), eps=LN_EPS)))  # [N, h*(2dv+2dqk)]
-        u, v, q, k = uvqk.split([h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+        u, v, q, k = self.project(x)  # [N, h*dv] x 2, [N, h*dqk] x 2
 
         # Attention needs a dense [B, n, ...] layout; pad only up to this batch's longest sequence.
         def pad(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -130,8 +127,23 @@ class HSTUBlock(nn.Module):
         attn = F.silu(scores) * causal_over_n  # = SiLU(scores) / max_len * causal, one pass: [B, h, n, n]
         attn_out = torch.einsum("bhnm,bmhd->bnhd", attn, vp).reshape(B, n, h * dv)
         attn_out = torch.ops.fbgemm.dense_to_jagged(attn_out, [offsets], x.shape[0])[0]  # [N, h*dv]; N given: no host sync
+        return self.output(x, u, attn_out)
 
-        gated = u * F.layer_norm(attn_out, (h * dv,), eps=LN_EPS)  # [N, h*dv]
+    # The two halves around the attention, shared with callers that arrange the attention differently
+    # (models.hstu_ranker's M-FALCON: candidates attend to a cached history): same weights, same math.
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """U, V, Q, K = split(SiLU(LayerNorm(x) @ W_uvqk)): [..., D] -> [..., h*dv] x 2, [..., h*dqk] x 2."""
+        cfg = self.cfg
+        h, dqk, dv = cfg.heads, cfg.attn_dim, cfg.linear_dim
+        # LayerNorm without affine parameters (eps 1e-6), as in the reference: the projection that follows is affine.
+        uvqk = F.silu(self.uvqk(F.layer_norm(x, (cfg.dim,), eps=LN_EPS)))  # [..., h*(2dv+2dqk)]
+        return uvqk.split([h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+
+    def output(self, x: torch.Tensor, u: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """y = x + W_o(dropout(U * LayerNorm(A V))): x [..., D], u and attn_out [..., h*dv] -> [..., D]."""
+        cfg = self.cfg
+        gated = u * F.layer_norm(attn_out, (cfg.heads * cfg.linear_dim,), eps=LN_EPS)  # [..., h*dv]
         return x + self.out(F.dropout(gated, p=cfg.dropout, training=self.training))
 
 
