@@ -18,6 +18,10 @@ The platform's own road, really running, nothing by hand between the stages:
 5. ``ingest_job`` and the A/B report (``experiments.readout.read_report``): like rate and listening time per
    arm, Welch / delta-method tests with Benjamini–Hochberg correction across the report's metrics, SRM.
 
+Before the A/B, ``paired_replay`` shows the same users both policies' slates with common random numbers (the
+simulator's reactions, offline): the effect the A/B is looking for, free of between-user variance, which says
+how many users an A/B needs to resolve it.
+
 The bar: the cascade beats retrieval alone on like rate and listening time, significant after correction,
 with no SRM. The LAST stdout line is one JSON object (``bench: cascade-loop``): the ranker's offline figures,
 each metric's arm means, lift, interval and adjusted p, the SRM p, requests and errors, and seconds per stage.
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import httpx
+import numpy as np
 
 from infra.settings import EncoreSettings
 
@@ -45,9 +50,11 @@ METRICS = ("like_rate", "listening_time", "hit_rate", "skip_rate")
 BAR = ("like_rate", "listening_time")
 
 
-def drill_settings(data_dir: Path, users: int, requests: int, seed: int) -> EncoreSettings:
-    """The default world at ``users`` users, each making ``requests`` requests per traffic phase."""
-    return EncoreSettings(data_dir=data_dir, simulator={"users": users, "seed": 7 + seed},
+def drill_settings(data_dir: Path, users: int, requests: int, seed: int, quality_weight: float = 0.0) -> EncoreSettings:
+    """The default world at ``users`` users (tracks' hidden quality at ``quality_weight``), each making
+    ``requests`` requests per traffic phase."""
+    return EncoreSettings(data_dir=data_dir,
+                          simulator={"users": users, "seed": 7 + seed, "quality_weight": quality_weight},
                           experiment={"users": users, "requests_per_user": requests,
                                       "salt": f"cascade-drill-warmup-{seed}"})
 
@@ -82,6 +89,59 @@ def _metric_row(report: Any, metric: str) -> dict:
             "significant": t.significant}
 
 
+def paired_replay(settings: EncoreSettings, tracking: str, *, users: int, requests: int, seed: int = 0) -> dict:
+    """The same users, the same random draws, both policies: the effect the A/B is looking for, without the
+    between-user variance an A/B has to average out.
+
+    For ``users`` users (histories: the offline store's last ``ingest.history_length`` events, as serving reads
+    them), each policy's top 10 (retrieval alone; the cascade with the champion ranker) is shown ``requests``
+    times to the simulator with common random numbers (``MusicWorld.respond(rng_key=...)``). Per user, likes
+    and listening time per request; the paired difference, relative to retrieval, with a 95% bootstrap interval
+    over users. This is offline evaluation on the simulator's known reaction model, not an experiment."""
+    from features.offline_store import read_interactions
+    from features.simulator import MusicWorld
+    from models.lifecycle.registry import Registry
+    from serving.cascade import rerank, retrieval_temperature
+
+    world = MusicWorld(settings.simulator)
+    retriever, _ = Registry(tracking, settings.registry).load(alias=settings.registry.champion_alias)
+    ranker, _ = Registry(tracking, settings.registry.for_rankers()).load(alias=settings.registry.champion_alias)
+    ids = list(world.users)[:users]
+    ev = read_interactions(settings.offline_dir, columns=["user_id", "item_id", "event_type", "timestamp_ms"])
+    ev = ev[ev["user_id"].isin(ids)]
+    n = settings.ingest.history_length
+    hist = {int(u): {"item_ids": g["item_id"].tolist()[-n:], "event_types": g["event_type"].tolist()[-n:],
+                     "timestamps_ms": g["timestamp_ms"].tolist()[-n:]} for u, g in ev.groupby("user_id")}
+    ids = [u for u in ids if u in hist]
+    now_ms = int(time.time() * 1000)
+    histories = [hist[u] for u in ids]
+    recs = retriever.recommend(histories, k=settings.serve.retrieval_k, now_ms=now_ms)
+    cascade = rerank(ranker, histories, recs, k=[10] * len(ids), weights=settings.serve.cascade_weights,
+                     temperature=retrieval_temperature(retriever), now_ms=now_ms)
+    slates = {"retrieval": [[i for i, _ in r[:10]] for r in recs], "cascade": [[i for i, _ in c.items] for c in cascade]}
+    per_user = {}
+    for policy, lists in slates.items():
+        likes, listening = np.zeros(len(ids)), np.zeros(len(ids))
+        for j, (u, items) in enumerate(zip(ids, lists)):
+            for r in range(requests):
+                events = world.respond(u, items, request_id=f"replay-{policy}", variant=policy, now_ms=now_ms,
+                                       rng_key=f"replay-{seed}-{u}-{r}")
+                likes[j] += sum(str(getattr(e.event_type, "value", e.event_type)) == "like" for e in events)
+                listening[j] += sum(float(e.played_ratio or 0.0) for e in events)
+        per_user[policy] = {"like_rate": likes / requests, "listening_time": listening / requests}
+    rng = np.random.default_rng(seed)
+    boot = rng.integers(0, len(ids), size=(2000, len(ids)))
+    out: dict[str, Any] = {"users": len(ids), "requests_per_user": requests}
+    for metric in ("like_rate", "listening_time"):
+        a, b = per_user["retrieval"][metric], per_user["cascade"][metric]
+        base = a[boot].mean(1)
+        lifts = np.divide(b[boot].mean(1), base, out=np.full(len(base), np.nan), where=base > 0) - 1
+        lift = float(b.mean() / a.mean() - 1) if a.mean() > 0 else None  # none: retrieval drew no like at all
+        ci = [float(np.nanquantile(lifts, q)) for q in (0.025, 0.975)] if np.isfinite(lifts).any() else [None, None]
+        out[metric] = {"retrieval": float(a.mean()), "cascade": float(b.mean()), "lift": lift, "lift_ci": ci}
+    return out
+
+
 def run_cascade_loop(settings: EncoreSettings, *, seed: int = 0, say: Callable[[str], None] = print) -> dict:
     from cli.jobs import dagster_instance, run_job
     from cli.run import closed_loop, ranker_summary
@@ -93,6 +153,7 @@ def run_cascade_loop(settings: EncoreSettings, *, seed: int = 0, say: Callable[[
 
     seconds: dict[str, float] = {}
     out: dict[str, Any] = {"bench": "cascade-loop", "users": settings.simulator.users,
+                           "quality_weight": settings.simulator.quality_weight,
                            "requests_per_user": settings.experiment.requests_per_user, "seed": seed}
     t_all = time.monotonic()
     with EmbeddedServices(settings) as svc:
@@ -122,6 +183,11 @@ def run_cascade_loop(settings: EncoreSettings, *, seed: int = 0, say: Callable[[
                 out["bar_met"] = False
                 out["why"] = "the ranker was not promoted, so there is no cascade to test"
                 return out
+            t0 = time.monotonic()
+            out["paired_replay"] = paired_replay(settings, mlflow_uri, users=settings.simulator.users,
+                                                 requests=settings.experiment.requests_per_user, seed=seed)
+            seconds["paired_replay"] = round(time.monotonic() - t0, 1)
+            say(f"paired replay: {json.dumps(out['paired_replay'])} ({seconds['paired_replay']} s)")
 
             t0 = time.monotonic()
             store = ExperimentStore(settings.experiments_dir)
@@ -158,11 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=1000, help="simulated users (each arrives in both traffic phases)")
     ap.add_argument("--requests", type=int, default=4, help="requests per user per traffic phase")
     ap.add_argument("--seed", type=int, default=0, help="the world's seed (7 + seed) and the experiment's salt")
+    ap.add_argument("--quality-weight", type=float, default=1.0,
+                    help="tracks' hidden quality in reactions (simulator.quality_weight). 0 is the default world, "
+                         "where reactions follow the choice model alone and a reaction-trained ranker has "
+                         "nothing to add to a next-item retriever")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="encore-cascade-") as tmp:
         data_dir = args.data_dir or Path(tmp) / "encore"
-        settings = drill_settings(data_dir, args.users, args.requests, args.seed)
+        settings = drill_settings(data_dir, args.users, args.requests, args.seed, args.quality_weight)
         result = run_cascade_loop(settings, seed=args.seed, say=lambda s: print(s, file=sys.stderr, flush=True))
     result["argv"] = sys.argv[1:] if argv is None else argv
     print(json.dumps(result, default=str))

@@ -19,13 +19,19 @@ _uri = click.option("--tracking-uri", "uri", envvar="ENCORE_MLFLOW_TRACKING_URI"
                     help="MLflow tracking URI (default: settings, the running embedded server, or the sqlite file)")
 
 
-def _registry(settings: EncoreSettings, explicit: str | None = None):  # noqa: ANN202 - models.lifecycle Registry
-    """The settings' registered model, found by the lifecycle room's tracking-URI rule."""
+_rankers = click.option("--rankers", is_flag=True,
+                         help="the rankers' registered model (registry.ranker_model_name) instead of the retrievers'")
+
+
+def _registry(settings: EncoreSettings, explicit: str | None = None,  # noqa: ANN202 - models.lifecycle Registry
+              rankers: bool = False):
+    """The settings' registered model (or the rankers'), found by the lifecycle room's tracking-URI rule."""
     from models.lifecycle.registry import Registry
     from models.lifecycle.tracking import tracking_uri
 
     try:
-        return Registry(tracking_uri(settings, explicit), settings.registry)
+        return Registry(tracking_uri(settings, explicit), settings.registry.for_rankers() if rankers
+                        else settings.registry)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -106,18 +112,21 @@ def models_train(data_dir: str | None, recipe: str, epochs: int, dim: int, seed:
 @models_group.command("list")
 @data_dir_option
 @_uri
-@click.option("--metric", default=None, help="metric column (default: the gate's, e.g. test_ndcg@10)")
+@click.option("--metric", default=None, help="metric column (default: the gate's, e.g. test_ndcg@10; "
+              "ranker_auc with --rankers)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def models_list(data_dir: str | None, uri: str | None, metric: str | None, as_json: bool) -> None:
+@_rankers
+def models_list(data_dir: str | None, uri: str | None, metric: str | None, as_json: bool, rankers: bool) -> None:
     """Every version of the registered model with its aliases, metric, data snapshot and gate verdict."""
     settings = settings_for(data_dir)
-    metric = metric or f"{settings.promotion.split}_{settings.promotion.metric}"
-    rows = _registry(settings, uri).versions(metric)
+    metric = metric or ("ranker_auc" if rankers else f"{settings.promotion.split}_{settings.promotion.metric}")
+    registry = _registry(settings, uri, rankers)
+    rows = registry.versions(metric)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        click.echo(f"no registered versions of {settings.registry.model_name} yet")
+        click.echo(f"no registered versions of {registry.name} yet")
         return
     click.echo(f"{'version':>7}  {'aliases':<22} {'model':<7} {metric:>14}  {'gate':<7} {'created':<16}  snapshot")
     for r in rows:
@@ -135,14 +144,15 @@ def models_list(data_dir: str | None, uri: str | None, metric: str | None, as_js
 @data_dir_option
 @_uri
 @click.option("--reason", default="promoted by hand", show_default=True, help="recorded in the audit trail")
-def models_promote(version: int, data_dir: str | None, uri: str | None, reason: str) -> None:
+@_rankers
+def models_promote(version: int, data_dir: str | None, uri: str | None, reason: str, rankers: bool) -> None:
     """Move @champion to VERSION (manual mode, or overriding the gate); recorded in the audit trail."""
     from models.lifecycle.promotion import promote
     from models.lifecycle.registry import NotRegistered
 
     settings = settings_for(data_dir)
     try:
-        entry = promote(_registry(settings, uri), version, reason=reason)
+        entry = promote(_registry(settings, uri, rankers), version, reason=reason)
     except NotRegistered as exc:
         raise click.ClickException(f"cannot promote version {version}: {exc}") from exc
     if entry["action"] == "noop":
@@ -155,13 +165,14 @@ def models_promote(version: int, data_dir: str | None, uri: str | None, reason: 
 @data_dir_option
 @_uri
 @click.option("--reason", default="rolled back by hand", show_default=True, help="recorded in the audit trail")
-def models_rollback(data_dir: str | None, uri: str | None, reason: str) -> None:
+@_rankers
+def models_rollback(data_dir: str | None, uri: str | None, reason: str, rankers: bool) -> None:
     """Give @champion back to the version that held it before the current one."""
     from models.lifecycle.promotion import rollback
 
     settings = settings_for(data_dir)
     try:
-        entry = rollback(_registry(settings, uri), reason=reason)
+        entry = rollback(_registry(settings, uri, rankers), reason=reason)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"@{entry['alias']}: v{entry['from']} -> v{entry['to']} (rollback, by {entry['actor']})")
@@ -170,12 +181,13 @@ def models_rollback(data_dir: str | None, uri: str | None, reason: str) -> None:
 @models_group.command("audit")
 @data_dir_option
 @_uri
-def models_audit(data_dir: str | None, uri: str | None) -> None:
+@_rankers
+def models_audit(data_dir: str | None, uri: str | None, rankers: bool) -> None:
     """Every alias move, oldest first: when, which alias, from and to which version, who and why."""
     import pandas as pd
 
     settings = settings_for(data_dir)
-    for e in _registry(settings, uri).audit_log():
+    for e in _registry(settings, uri, rankers).audit_log():
         when = pd.Timestamp(e["at_ms"], unit="ms").strftime("%Y-%m-%d %H:%M:%S")
         click.echo(f"{when}  @{e['alias']:<10} v{e['from']} -> v{e['to']}  {e.get('action', 'set'):<8} "
                    f"{e.get('actor', '?')}: {e['reason']}")

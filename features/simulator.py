@@ -42,6 +42,13 @@ come only from listens with high ``z``, dislikes only from skips with low ``z``.
 z = 2-4 and a random track around z = -0.5, so the history is ~65% listens, ~25% skips, ~9% likes and
 ~1% dislikes, while a random slate is mostly skipped.
 
+Hidden quality (``SimulatorSettings.quality_weight``, 0 by default). Each track also has a quality q ~ N(0, 1)
+that no choice depends on: reactions to a play use ``z + quality_weight * q``. Without it (the default) a
+reaction is a function of the same score that drives the choice, so the reactions teach nothing that the
+choices do not, and a next-item model is already the best ranker a reaction-trained one could be. With it, as
+with real catchy-but-disappointing tracks, only reactions reveal part of what a user will enjoy: the world
+in which a feedback-trained ranking stage can add to retrieval.
+
 Determinism. The history depends only on the seed and the settings, never on ``end_ms``: ``end_ms`` only
 places the timeline, and event ids (``sim-{seed}-{user}-{seq}``) do not contain time, so replaying the
 same world twice produces the same ids and deduplicates downstream. ``respond`` is a pure function of
@@ -63,7 +70,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -77,7 +84,7 @@ _TABLE_MAX_ITEMS = 4096  # precomputed context table up to (4096 + G) x 4096 flo
 _CELLS_PER_BLOCK = 1 << 22  # users x items cells per generation block: ~16 MB per float32 buffer
 
 # Independent random streams: changing how, say, history is generated must not reshuffle the catalog.
-_STREAM_CATALOG, _STREAM_USERS, _STREAM_HISTORY, _STREAM_RESPOND = 1, 2, 3, 4
+_STREAM_CATALOG, _STREAM_USERS, _STREAM_HISTORY, _STREAM_RESPOND, _STREAM_QUALITY = 1, 2, 3, 4, 5
 
 # Event type codes used internally by the vectorised generator (order matters only here).
 _LISTEN, _SKIP, _LIKE, _DISLIKE = 0, 1, 2, 3
@@ -119,6 +126,8 @@ class WorldParams:
     like_max: float = 0.5
     dislike_mid: float = 1.5
     dislike_max: float = 0.2
+    # hidden track quality: reactions to a play use z + quality_weight * quality[track]; choices never see it
+    quality_weight: float = 0.0
 
     @classmethod
     def non_sequential(cls) -> WorldParams:
@@ -136,6 +145,7 @@ class Catalog:
     vectors: np.ndarray  # (I, d) float32, unit norm
     log_popularity: np.ndarray  # (I,) float32, log of a power law, max 0
     length_s: np.ndarray  # (I,) float32, track length in seconds
+    quality: np.ndarray | None = None  # (I,) float32 ~ N(0, 1), hidden: moves reactions, never choices
 
 
 @dataclass(frozen=True)
@@ -165,8 +175,11 @@ class MusicWorld:
 
     def __init__(self, settings: SimulatorSettings | None = None, params: WorldParams | None = None) -> None:
         self.settings = settings or SimulatorSettings()
-        self.params = params or WorldParams()
-        self.catalog = _make_catalog(self.settings, self.params, self._rng(_STREAM_CATALOG))
+        self.params = params or WorldParams(quality_weight=self.settings.quality_weight)
+        catalog = _make_catalog(self.settings, self.params, self._rng(_STREAM_CATALOG))
+        # A stream of its own: a world without quality draws exactly what it drew before quality existed.
+        quality = self._rng(_STREAM_QUALITY).normal(size=self.settings.items).astype(np.float32)
+        self.catalog = replace(catalog, quality=quality)
         self.listeners = _make_listeners(self.settings, self.params, self.catalog, self._rng(_STREAM_USERS))
         self._truth = _Truth.build(self.catalog, self.listeners, self.params)
         self._history: _History | None = None  # generated lazily, once
@@ -275,7 +288,7 @@ class MusicWorld:
         for rank, item in enumerate(slate):
             prev = int(context[-1]) if context else -1
             log_p, mean, scale = self._truth.next_log_probs(user_id, base, prev)
-            z = (log_p[item] - mean) / scale
+            z = (log_p[item] - mean) / scale + self.params.quality_weight * float(self.catalog.quality[item])
             kind, ratio = _react(np.array([z]), rng, self.params)
             kind_code, played = int(kind[0]), float(ratio[0])
             clock_ms += int(1000 * (self.catalog.length_s[item] * played + rng.uniform(1, 4)))
@@ -593,6 +606,8 @@ def _generate_block(ids: np.ndarray, settings: SimulatorSettings, truth: _Truth,
                 prob = weights_e[users, choice] / total  # judged within the session's genre
             log_mean = mean_logit - (top + np.log(total))  # mean log explore-probability over the catalog
             z = (np.log(np.maximum(prob, 1e-30)) - log_mean) / scale
+            if params.quality_weight:  # reactions to the chosen track, never the choice itself
+                z = z + params.quality_weight * catalog.quality[choice]
             kind, ratio = _react(z, rng, params)
             items[:, s, step], kinds[:, s, step], ratios[:, s, step] = choice, kind, ratio
             prev = choice  # from now on the context row is the track just played

@@ -126,6 +126,9 @@ class SimulatorSettings(_Group):
     events_per_session: int = Field(default=12, ge=1)
     days: int = Field(default=30, ge=1, description="span of simulated history, ending 'now'")
     seed: int = 7
+    quality_weight: float = Field(default=0.0, ge=0.0, description="how much each track's hidden quality moves "
+                                  "reactions to it (choices never see it; see features/simulator.py); 0: "
+                                  "reactions follow the choice model alone")
 
 
 class IngestSettings(_Group):
