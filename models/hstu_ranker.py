@@ -73,7 +73,7 @@ from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from features.events import EVENT_TYPE_CODES
 from models.data import NUM_EVENT_TYPES
 from models.hstu import HSTU, BiasLookup, HSTUConfig, bucketize_time_gap
-from models.ranking_data import RankingExamples
+from models.ranking_data import RankingExamples, task_labels
 from models.wukong import mlp
 
 EMBEDDING_KEYS: tuple[str, ...] = ("history_item", "candidate_item", "action", "rank")
@@ -382,13 +382,6 @@ class RequestGroups:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _labels(examples: RankingExamples, tasks: Sequence[str]) -> np.ndarray:
-    missing = [t for t in tasks if t not in examples.examples]
-    if missing:
-        raise ValueError(f"tasks {missing} are not label columns; the examples have {examples.labels}")
-    return examples.examples[list(tasks)].to_numpy(np.float32)
-
-
 def train_hstu_ranker(
     examples: RankingExamples,
     cfg: HSTURankerConfig | None = None,
@@ -403,7 +396,7 @@ def train_hstu_ranker(
     deterministic given ``seed``."""
     torch.manual_seed(seed)
     model = HSTURanker(cfg or HSTURankerConfig(), tasks)
-    labels = torch.from_numpy(_labels(examples, tasks))
+    labels = torch.from_numpy(task_labels(examples, tasks))
     groups = RequestGroups.build(examples, model.cfg.history_events)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     rng = np.random.default_rng(seed)

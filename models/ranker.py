@@ -40,7 +40,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from models.ranking_data import RankingExamples, count_before
+from models.ranking_data import RankingExamples, count_before, task_labels
 from models.wukong import Wukong, WukongConfig, mlp
 
 SPARSE_KEYS: tuple[str, ...] = ("item_id", "history", "user_id")
@@ -253,13 +253,6 @@ class Ranker(nn.Module):
         return np.concatenate(out) if out else np.empty((0, len(self.tasks)), np.float32)
 
 
-def _labels(examples: RankingExamples, tasks: Sequence[str]) -> np.ndarray:
-    missing = [t for t in tasks if t not in examples.examples]
-    if missing:
-        raise ValueError(f"tasks {missing} are not label columns; the examples have {examples.labels}")
-    return examples.examples[list(tasks)].to_numpy(np.float32)
-
-
 def train_ranker(
     examples_train: RankingExamples,
     cfg: RankerConfig,
@@ -274,7 +267,7 @@ def train_ranker(
     torch.manual_seed(seed)
     ranker = Ranker(cfg, tasks)
     f = ranking_features(examples_train, cfg.history_len)
-    labels = torch.from_numpy(_labels(examples_train, tasks))
+    labels = torch.from_numpy(task_labels(examples_train, tasks))
     with torch.no_grad():
         ranker.encoder.dense_mean.copy_(torch.from_numpy(f.dense.mean(0)))
         ranker.encoder.dense_std.copy_(torch.from_numpy(f.dense.std(0)).clamp_min(1e-3))
@@ -328,7 +321,7 @@ def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
 
 def _metrics(examples: RankingExamples, scores: np.ndarray, tasks: Sequence[str]) -> dict[str, dict[str, float]]:
     """scores [N, T] (one column per task) or [N] (one score for every task)."""
-    labels = _labels(examples, tasks)
+    labels = task_labels(examples, tasks)
     groups = examples.examples["request_id"].astype(str).to_numpy()
     out = {}
     for k, task in enumerate(tasks):

@@ -286,6 +286,14 @@ def _history_cut(events: pd.DataFrame, requests: pd.DataFrame) -> np.ndarray:
     return np.where(np.isnan(own_first), t, np.minimum(t, np.nan_to_num(own_first))).astype(np.int64)
 
 
+def task_labels(examples: RankingExamples, tasks: Sequence[str]) -> np.ndarray:
+    """[N, len(tasks)] float32 labels of the named tasks; ValueError naming the tasks that are not labels."""
+    missing = [t for t in tasks if t not in examples.examples]
+    if missing:
+        raise ValueError(f"tasks {missing} are not label columns; the examples have {examples.labels}")
+    return examples.examples[list(tasks)].to_numpy(np.float32)
+
+
 def build_ranking_examples(
     interactions: pd.DataFrame,
     exposures: pd.DataFrame,

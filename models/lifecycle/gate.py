@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -125,13 +125,8 @@ class GateDecision:
         return (f"passed: {self.metric} {self.challenger_value:.4f} beats champion v{self.champion_version} "
                 f"{self.champion_value:.4f}")
 
-def decide(report: dict[str, Any], promotion: Any, *, champion_version: int | None = None,
-           champion_value: float | None = None) -> GateDecision:
-    """Apply ``PromotionSettings`` to a challenger's evaluation report (and the champion's metric)."""
-    metric, split = promotion.metric, promotion.split
-    value = float(report.get(split, {}).get(metric, math.nan))
-    pop = report.get(f"popularity_{split}", {}).get(metric)
-    s = report.get("sanity", {})
+def _checklist() -> tuple[dict[str, bool], list[str], Callable[[str, bool, str], None]]:
+    """(checks, reasons, check): ``check(name, ok, why)`` records each check and the reason of each failure."""
     checks: dict[str, bool] = {}
     reasons: list[str] = []
 
@@ -140,6 +135,17 @@ def decide(report: dict[str, Any], promotion: Any, *, champion_version: int | No
         if not ok:
             reasons.append(why)
 
+    return checks, reasons, check
+
+
+def decide(report: dict[str, Any], promotion: Any, *, champion_version: int | None = None,
+           champion_value: float | None = None) -> GateDecision:
+    """Apply ``PromotionSettings`` to a challenger's evaluation report (and the champion's metric)."""
+    metric, split = promotion.metric, promotion.split
+    value = float(report.get(split, {}).get(metric, math.nan))
+    pop = report.get(f"popularity_{split}", {}).get(metric)
+    s = report.get("sanity", {})
+    checks, reasons, check = _checklist()
     check("finite", s.get("finite_params", 0) == 1 and s.get("finite_scores", 0) == 1 and value == value,
           f"non-finite weights, scores or {metric} (NaN)")
     check("score_distribution", s.get("score_std", 0.0) >= promotion.min_score_std,
@@ -171,14 +177,7 @@ def decide_ranker(report: dict[str, Any], *, margin: float = 0.0, champion_versi
     value = float(report.get("ranker", {}).get("auc", math.nan))
     base = report.get("base", {}).get("auc")
     pop = report.get("popularity", {}).get("auc")
-    checks: dict[str, bool] = {}
-    reasons: list[str] = []
-
-    def check(name: str, ok: bool, why: str) -> None:
-        checks[name] = bool(ok)
-        if not ok:
-            reasons.append(why)
-
+    checks, reasons, check = _checklist()
     check("finite", bool(report.get("finite_scores")) and value == value, "non-finite scores or AUC (NaN)")
     if base is not None and base == base:
         check("beats_base", value >= base, f"test AUC {value:.4f} is below the pre-trained head's {base:.4f}")
