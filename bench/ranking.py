@@ -37,8 +37,20 @@ The LAST line printed is one JSON object: ``bench``, ``dataset``, ``models``, ``
 ``popularity`` + ``random``), ``counts`` (per seed: train/test examples, positive rates), ``seconds`` and
 ``argv``. Undefined values (a task with one class) are null.
 
+ARGUS (``--model argus``, MovieLens only; ``bench.argus_ranking`` has the protocol): the ``--config`` recipe
+(default ``argus-ml100k``) pre-trained on the ratings before the cutoff, its feedback head scored unchanged
+(``argus_pretrained``: today's head) and fine-tuned per task on the training period's examples (``argus``,
+``models.argus_ranker``); then the cascade, the pre-trained model's top ``--retrieve`` reranked by the
+fine-tuned p(like). Its JSON adds ``cascade`` (HR@10 and NDCG@10 over each user's movies rated >= 4 after the
+cutoff, retrieval alone and reranked) and ``differences`` (fine-tuned minus pre-trained AUC and GAUC per task,
+reranked minus retrieval HR@10 and NDCG@10, each with its 95% interval over seeds and users resampled). The
+last line also carries, for the first ``--model``, ``auc``, ``gauc`` and ``logloss`` per task (means over
+seeds), and, with ARGUS, ``hr@10`` and ``ndcg@10`` of the reranked top list; ``wall_s`` is the whole run.
+
     python -m bench.ranking --seeds 0,1,2
     python -m bench.ranking --dataset ml-100k --data-dir ../shared/data/ml-100k --seeds 0,1,2
+    python -m bench.ranking --dataset ml-100k --data-dir ../shared/data/ml-100k --model argus --config argus-ml100k \
+        --seeds 0,1,2,3,4
 """
 
 from __future__ import annotations
@@ -66,8 +78,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--data-dir", "--dataset-dir", dest="data_dir", type=Path, default=None,
                     help="the MovieLens folder (holding u.data, ratings.dat or ratings.csv)")
     ap.add_argument("--config", default=None,
-                    help="accepted for symmetry with the other benches; the ranker sizes are RankerConfig's defaults")
-    ap.add_argument("--model", action="append", choices=["wukong", "dlrm", "hstu"], default=None,
+                    help="the recipe ARGUS pre-trains (default argus-ml100k); the Wukong, DLRM and HSTU ranker sizes "
+                         "are their configs' defaults")
+    ap.add_argument("--model", action="append", choices=["wukong", "dlrm", "hstu", "argus"], default=None,
                     help="repeatable; default wukong and dlrm")
     ap.add_argument("--history-events", type=int, default=None,
                     help="hstu only: events of history read (default: HSTURankerConfig's, 50)")
@@ -86,6 +99,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--spacing-s", type=int, default=60, help="seconds between two requests")
     ap.add_argument("--window-s", type=int, default=3600, help="reaction attribution window")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    # ARGUS
+    ap.add_argument("--pretrain-epochs", type=int, default=None, help="cap on the recipe's epochs (default: the recipe's)")
+    ap.add_argument("--ft-epochs", type=int, default=20, help="most fine-tuning epochs (validation picks the number)")
+    ap.add_argument("--ft-lr", type=float, default=1e-3, help="the feedback head's fine-tuning learning rate")
+    ap.add_argument("--ft-encoder-lr", type=float, default=0.0, help="> 0: fine-tune the encoder too, at this rate")
+    ap.add_argument("--ft-batch-size", type=int, default=512)
+    ap.add_argument("--ft-valid-share", type=float, default=0.1,
+                    help="the last share of the training examples that chooses the fine-tuning epochs")
+    ap.add_argument("--retrieve", type=int, default=200, help="retrieval's list that the cascade reranks")
+    ap.add_argument("--bootstrap", type=int, default=2000, help="resamples of seeds and users for the intervals")
     args = ap.parse_args(argv)
     args.seed_list = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     args.models = args.model or ["wukong", "dlrm"]
@@ -95,6 +118,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--dataset {args.dataset} needs --data-dir")
     if not 0 < args.test_share < 1:
         ap.error("--test-share must be in (0, 1)")
+    if "argus" in args.models:
+        if args.dataset == "simulator":
+            ap.error("--model argus needs ratings (a MovieLens --dataset): its cascade's targets are rated movies")
+        args.config = args.config or "argus-ml100k"
     return args
 
 
@@ -176,6 +203,7 @@ def _num(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 4)
 
 
+
 def _summary(values: list[float | None]) -> dict:
     ok = [v for v in values if v is not None]
     return {"mean": round(float(np.mean(ok)), 4) if ok else None,
@@ -184,6 +212,7 @@ def _summary(values: list[float | None]) -> dict:
 
 def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: ANN001
     """{subset: {scorer: {task: {auc, gauc}}}}, counts and seconds of one seed."""
+    from bench.argus_ranking import logloss
     from models.hstu_ranker import HSTURankerConfig, train_hstu_ranker
     from models.ranker import RankerConfig, evaluate_ranker, train_ranker
     from models.ranking_data import build_ranking_examples, ratings_examples
@@ -208,8 +237,16 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
 
     metrics: dict = {name: {} for name in subsets}
     train_s: dict[str, float] = {}
+    argus = None
     for model in args.models:
         began = time.perf_counter()
+        if model == "argus":
+            from bench.argus_ranking import run_argus_seed
+
+            argus = run_argus_seed(args, seed, examples, train, test, tasks)
+            train_s[model] = round(time.perf_counter() - began, 2)
+            metrics["all"].update(argus["metrics"])
+            continue
         if model == "hstu":
             cfg = HSTURankerConfig()
             if args.history_events is not None:
@@ -222,11 +259,31 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
         train_s[model] = round(time.perf_counter() - began, 2)
         for name, part in subsets.items():
             scored = evaluate_ranker(ranker, part, seed=seed)
+            for task, p in zip(tasks, ranker.predict(part).T):
+                scored["model"][task]["logloss"] = logloss(part.examples[task].to_numpy(), p)
             metrics[name][model] = scored["model"]
             metrics[name].setdefault("popularity", scored["popularity"])
             metrics[name].setdefault("random", scored["random"])
-    return {"metrics": metrics, "counts": _counts(train, test, tasks), "tasks": tasks,
-            "seconds": {"data": round(data_s, 2), "train": train_s, "total": round(time.perf_counter() - started, 2)}}
+    for name, part in subsets.items():  # the floors, from the data alone
+        if "popularity" not in metrics[name]:
+            scored = _floors(part, tasks, seed)
+            metrics[name]["popularity"], metrics[name]["random"] = scored["popularity"], scored["random"]
+    counts = _counts(train, test, tasks)
+    if argus is not None:
+        counts["argus_scorable"] = round(argus["scorable"], 4)
+        counts["argus_fine_tune_epochs"] = argus["fine_tune_epochs"]
+    return {"metrics": metrics, "counts": counts, "tasks": tasks, "argus": argus, "test": test,
+            "seconds": {"data": round(data_s, 2), "train": train_s, "total": round(time.perf_counter() - started, 2),
+                        **({"argus": argus["seconds"]} if argus else {})}}
+
+
+def _floors(part, tasks, seed: int) -> dict:  # noqa: ANN001
+    """The popularity and random scorers (``evaluate_ranker``'s floors), for a run without Wukong or DLRM."""
+    from models.ranker import item_popularity_before, task_metrics
+
+    n = len(part)
+    return {"popularity": task_metrics(part, item_popularity_before(part).astype(np.float64), tasks),
+            "random": task_metrics(part, np.random.default_rng(seed).random(n), tasks)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -250,17 +307,20 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps({"seed": seed, "seconds": run["seconds"]}), file=sys.stderr, flush=True)
 
     tasks = runs[0]["tasks"]
-    scorers = [*args.models, "popularity", "random"]
+    scorers = [m for model in args.models for m in ((model, "argus_pretrained") if model == "argus" else (model,))]
+    scorers += ["popularity", "random"]
+
+    def summary(subset: str, scorer: str, task: str, metric: str) -> dict:
+        return _summary([_num(r["metrics"][subset][scorer][task].get(metric, math.nan)) for r in runs])
+
     metrics = {
         subset: {
-            scorer: {
-                task: {m: _summary([_num(r["metrics"][subset][scorer][task][m]) for r in runs]) for m in ("auc", "gauc")}
-                for task in tasks
-            }
+            scorer: {task: {m: summary(subset, scorer, task, m) for m in ("auc", "gauc", "logloss")} for task in tasks}
             for scorer in scorers
         }
         for subset in runs[0]["metrics"]
     }
+    primary = metrics["all"][scorers[0]]
     out = {
         "bench": "ranking",
         "dataset": args.dataset,
@@ -268,12 +328,28 @@ def main(argv: list[str] | None = None) -> dict:
         "models": args.models,
         "tasks": list(tasks),
         "seeds": args.seed_list,
+        "primary": scorers[0],
+        **{m: {task: primary[task][m]["mean"] for task in tasks} for m in ("auc", "gauc", "logloss")},
         "metrics": metrics,
+    }
+    if "argus" in args.models:
+        from bench.argus_ranking import cascade_summary, differences
+
+        argus_runs = [r["argus"] for r in runs]
+        out["cascade"] = cascade_summary(argus_runs) if "like" in tasks else None
+        if out["cascade"] is not None:
+            out["hr@10"] = out["cascade"]["hr@10_reranked"]["mean"]
+            out["ndcg@10"] = out["cascade"]["ndcg@10_reranked"]["mean"]
+        out["differences"] = differences(argus_runs, runs[0]["test"], tasks, draws=args.bootstrap)
+    out |= {
         "counts": {"per_seed": [r["counts"] for r in runs]},
         "seconds": {"total": round(time.perf_counter() - started, 2), "per_seed": [r["seconds"] for r in runs]},
+        "wall_s": round(time.perf_counter() - started, 2),
         "settings": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "test_share", "threads")}
         | ({k: getattr(args, k) for k in ("users", "items", "requests", "slate", "negatives", "explore", "spacing_s",
-                                          "window_s")} if args.dataset == "simulator" else {}),
+                                          "window_s")} if args.dataset == "simulator" else {})
+        | ({k: getattr(args, k) for k in ("pretrain_epochs", "ft_epochs", "ft_lr", "ft_encoder_lr", "ft_batch_size",
+                                          "ft_valid_share", "retrieve", "bootstrap")} if "argus" in args.models else {}),
         "argv": list(sys.argv[1:] if argv is None else argv),
     }
     if world is not None:

@@ -69,8 +69,9 @@ def bench_quality(args: tuple[str, ...]) -> None:
 @bench.command("ranking", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_ranking(args: tuple[str, ...]) -> None:
-    """Rankers (Wukong, DLRM) on held-out later requests: per task AUC/GAUC vs popularity and random, shown items
-    only and with sampled negatives (see `python -m bench.ranking -h`)."""
+    """Rankers (Wukong, DLRM, ARGUS fine-tuned) on held-out later requests: per task AUC/GAUC/logloss vs popularity
+    and random, shown items only and with sampled negatives; ARGUS adds the retrieval -> rerank cascade's HR@10 and
+    NDCG@10 (see `python -m bench.ranking -h`)."""
     from bench.ranking import main as run
 
     run(list(args))

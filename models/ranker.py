@@ -319,7 +319,7 @@ def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     return float((value * per["n"]).sum() / per["n"].sum())
 
 
-def _metrics(examples: RankingExamples, scores: np.ndarray, tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+def task_metrics(examples: RankingExamples, scores: np.ndarray, tasks: Sequence[str]) -> dict[str, dict[str, float]]:
     """scores [N, T] (one column per task) or [N] (one score for every task)."""
     labels = task_labels(examples, tasks)
     groups = examples.examples["request_id"].astype(str).to_numpy()
@@ -337,7 +337,7 @@ def evaluate_ranker(
     tasks = ranker.tasks
     n = len(examples_test)
     return {
-        "model": _metrics(examples_test, ranker.predict(examples_test), tasks),
-        "popularity": _metrics(examples_test, item_popularity_before(examples_test).astype(np.float64), tasks),
-        "random": _metrics(examples_test, np.random.default_rng(seed).random(n), tasks),
+        "model": task_metrics(examples_test, ranker.predict(examples_test), tasks),
+        "popularity": task_metrics(examples_test, item_popularity_before(examples_test).astype(np.float64), tasks),
+        "random": task_metrics(examples_test, np.random.default_rng(seed).random(n), tasks),
     }

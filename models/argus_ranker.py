@@ -1,0 +1,416 @@
+"""ARGUS as the ranking stage: the pre-trained feedback head, fine-tuned on point-in-time ranking examples.
+
+ARGUS (Yandex Music) pre-trains one transformer over event tokens that each encode (context, item, feedback):
+the item id, the reaction to it (``event_types``: like / listen / dislike ...) and, through HSTU's time bias,
+when it happened. Pre-training has two tasks on full histories: the next item (retrieval) and the reaction to
+a given next item (the feedback head, ``models.recommender.FeedbackHead``). The ranking stage then asks the
+feedback head a narrower question on a short list of candidates: *will this user like this item, now?* This
+module fine-tunes the head for that question, on the ranking examples of ``models.ranking_data``:
+
+    u      = encoder(history before t, event types, timestamps; query time t)   # user state, [D], unit norm
+    p(y=1) = sigmoid(FeedbackHead(u, e_item))                                   # y = the task's label
+    loss   = BCE(p, y)                                                          # over the training examples
+
+Why fine-tune rather than use the pre-trained head as it is. The pre-training label is the platform's
+"positive reaction" rule (on MovieLens: rating >= 3, ``models.data.positive_mask``), and its examples are the
+next positions of training windows, where a rating given in the same second as the target sits in the
+history. A ranker is asked about another label (``like``: rating >= 4) at a request time, with a history that
+ends strictly before it (the point-in-time rule of ``models.ranking_data``). Fine-tuning trains the head on
+exactly the examples it will be asked about.
+
+Protocol (``fine_tune_ranker``):
+
+* Histories are point-in-time: example i's history is ``examples.events[hist_start:hist_end]`` (events strictly
+  before its ``t_ms``) with their event types and timestamps, the query time is ``t_ms``, items the model does
+  not know are dropped and the last ``max_len`` events kept: exactly what ``Recommender.score_candidates``
+  reads at serving time, so the states trained on are the states served.
+* Examples whose candidate is unknown to the vocabulary, or whose history holds no known item (no user
+  state), are skipped in training; ``score_examples`` gives them NaN.
+* Validation is carved from the training period: the last ``valid_share`` of the examples by time. The head
+  is fine-tuned on the earlier examples for up to ``epochs`` epochs; the epoch with the best validation AUC
+  sets the budget, and the head is then fine-tuned again from the pre-trained weights on all the examples for
+  that many epochs (the most recent examples matter most in a time-ordered split: they are not left out).
+* By default only the head moves (``encoder_lr = 0``): the encoder's states are computed once and the
+  fine-tuning costs seconds. ``encoder_lr > 0`` also fine-tunes the encoder (positions, event types, the HSTU
+  blocks; never the item table, which retrieval shares) with that smaller learning rate, re-encoding every
+  history at every step.
+
+Cost: the distinct requests (history, query time) are encoded, not the examples: MovieLens users give many
+ratings in one second, and those share one history. Requests whose window starts at the user's first event
+(histories up to ``max_len`` events) are read off one causal pass over the user's history: position k's state
+in that pass *is* the state of the history of its first k + 1 events queried at the time of the next event
+(HSTU's attention at position k reads only events <= k, and its time bias measures gaps from position k's
+query time), so it serves every request whose query time is that next event's. Longer histories, and requests
+at other times, get a window of their own.
+
+The result is a new ``Recommender`` (same artefact: config.json, vocab.json, state_dict.pt) whose feedback
+head predicts the task; ``metadata["ranker_task"]`` names it and ``metadata["ranker_fine_tune"]`` holds the
+settings, the chosen epoch count and the validation curve.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from features.events import EVENT_TYPE_CODES
+from models.data import jagged_features
+from models.ranker import auc
+from models.ranking_data import RankingExamples
+from models.recommender import Recommender, SequentialRecommender
+
+TOKENS_PER_BATCH = 32_768  # events per encoder batch (passes are batched by length: little padding)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which histories to encode: the requests and the passes that serve them
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestPlan:
+    """The user states a set of examples needs, and the encoder passes that compute them.
+
+    A *request* is a distinct (history, query time); a *pass* is one causal window over known events
+    ``known[lo:hi]`` whose last position is queried at ``pass_query`` (earlier positions at the next event's
+    time, as in serving). Request r's state is position ``req_pos[r]`` of pass ``req_pass[r]``."""
+
+    example_request: np.ndarray  # [N] request of each example, -1: its history holds no known item
+    example_item: np.ndarray  # [N] dense index of each example's candidate, 0: unknown to the vocabulary
+    known_items: np.ndarray  # [K] dense item index of each known event (events the vocabulary knows)
+    known_types: np.ndarray  # [K] event code
+    known_ts: np.ndarray  # [K] seconds
+    pass_lo: np.ndarray  # [P]
+    pass_hi: np.ndarray  # [P]
+    pass_query: np.ndarray  # [P] seconds: the query time of each pass's last position
+    req_pass: np.ndarray  # [R]
+    req_pos: np.ndarray  # [R]
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.req_pass)
+
+    @property
+    def scorable(self) -> np.ndarray:
+        """[N] examples with a user state and a known candidate."""
+        return (self.example_request >= 0) & (self.example_item > 0)
+
+    def pass_batches(self, order: np.ndarray | None = None, tokens: int = TOKENS_PER_BATCH) -> list[np.ndarray]:
+        """Passes in batches of about ``tokens`` events, similar lengths together (``order``: the passes to
+        batch, default all); the batches in length order."""
+        passes = np.arange(len(self.pass_lo)) if order is None else np.asarray(order)
+        lengths = (self.pass_hi - self.pass_lo)[passes]
+        passes = passes[np.argsort(lengths, kind="stable")]
+        lengths = np.sort(lengths, kind="stable")
+        batches, lo = [], 0
+        while lo < len(passes):
+            # the batch pads to its longest (last) pass: fill it up to the token budget at that length
+            hi = lo + 1
+            while hi < len(passes) and (hi - lo + 1) * lengths[hi] <= tokens:
+                hi += 1
+            batches.append(passes[lo:hi])
+            lo = hi
+        return batches
+
+
+def plan_requests(recommender: Recommender, examples: RankingExamples) -> RequestPlan:
+    """The requests of ``examples`` and the passes that encode them (see the module docstring)."""
+    max_len = recommender.config.max_len
+    events = examples.events
+    dense = recommender.vocab.encode(events["item_id"].to_numpy(np.int64))
+    known = dense > 0
+    codes = events["event_type"].map(EVENT_TYPE_CODES).fillna(0).to_numpy(np.int64)  # unknown names -> 0, as serving
+    ts_s = events["timestamp_ms"].to_numpy(np.int64) // 1000
+    before = np.concatenate([[0], np.cumsum(known)])  # before[i]: known events among events[:i]
+
+    ex = examples.examples
+    lo = before[examples.hist_start]
+    hi = before[examples.hist_end]
+    query = ex["t_ms"].to_numpy(np.int64) // 1000
+    item = recommender.vocab.encode(ex["item_id"].to_numpy(np.int64))
+    has_state = hi > lo
+    keys = np.stack([lo, hi, query], axis=1)[has_state]
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True) if len(keys) else (np.zeros((0, 3), np.int64), np.zeros(0, np.int64))
+    example_request = np.full(len(ex), -1, np.int64)
+    example_request[has_state] = inverse.reshape(-1)
+    r_lo, r_hi, r_q = uniq[:, 0], uniq[:, 1], uniq[:, 2]
+    k = r_hi - r_lo
+    known_ts = ts_s[known]
+
+    # One prefix pass per history start, over its first P known events (P = its longest history that fits).
+    short = k <= max_len
+    starts = pd.DataFrame({"lo": r_lo[short], "k": k[short], "q": r_q[short]})
+    first = starts.sort_values(["lo", "k", "q"], ascending=[True, False, True]).drop_duplicates("lo")
+    p_lo, p_len, p_query = (first[c].to_numpy(np.int64) for c in ("lo", "k", "q"))
+    which = np.searchsorted(p_lo, r_lo).clip(0, max(len(p_lo) - 1, 0))
+    length = p_len[which] if len(p_lo) else np.zeros(len(k), np.int64)
+    next_ts = known_ts[np.minimum(r_lo + k, len(known_ts) - 1)] if len(known_ts) else np.zeros(len(k), np.int64)
+    shared = short & np.where(k < length, r_q == next_ts, (k == length) & (r_q == p_query[which] if len(p_lo) else False))
+
+    # Everything else: a window of its own, its last max_len known events.
+    alone = np.flatnonzero(~shared)
+    a_lo = r_hi[alone] - np.minimum(k[alone], max_len)
+    pass_lo = np.concatenate([p_lo, a_lo])
+    pass_hi = np.concatenate([p_lo + p_len, r_hi[alone]])
+    pass_query = np.concatenate([p_query, r_q[alone]])
+    req_pass = np.where(shared, which, 0)
+    req_pos = k - 1
+    req_pass[alone] = len(p_lo) + np.arange(len(alone))
+    req_pos[alone] = r_hi[alone] - a_lo - 1
+    return RequestPlan(
+        example_request=example_request, example_item=item,
+        known_items=dense[known], known_types=codes[known], known_ts=known_ts,
+        pass_lo=pass_lo, pass_hi=pass_hi, pass_query=pass_query, req_pass=req_pass, req_pos=req_pos,
+    )
+
+
+def encode_passes(model: SequentialRecommender, plan: RequestPlan, passes: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """(states [R', D], their request ids [R']) of the requests served by ``passes``, with autograd as the
+    caller's mode has it (the caller sets train or eval mode)."""
+    lo, hi = plan.pass_lo[passes], plan.pass_hi[passes]
+    lengths = hi - lo
+    idx = np.repeat(lo - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(int(lengths.sum()))
+    last = np.cumsum(lengths) - 1
+    query = plan.known_ts[np.minimum(idx + 1, len(plan.known_ts) - 1)]  # each position: the next event's time
+    query[last] = plan.pass_query[passes]  # the last: the request's time
+    lengths_t = torch.from_numpy(lengths.astype(np.int64))
+    features = jagged_features(torch.from_numpy(plan.known_items[idx]), torch.from_numpy(plan.known_types[idx]), lengths_t)
+    h = model(features, torch.from_numpy(plan.known_ts[idx]), torch.from_numpy(query))  # [N, D]
+    # the requests these passes serve, and where each one's state sits in h
+    local = np.full(len(plan.pass_lo), -1, np.int64)
+    local[passes] = np.arange(len(passes))
+    requests = np.flatnonzero(local[plan.req_pass] >= 0)
+    start = np.r_[0, np.cumsum(lengths)[:-1]]
+    rows = start[local[plan.req_pass[requests]]] + plan.req_pos[requests]
+    return h[torch.from_numpy(rows)], requests
+
+
+@dataclass
+class RequestStates:
+    """The user state of every request of a plan, under one encoder (no gradient)."""
+
+    plan: RequestPlan
+    states: torch.Tensor  # [R, D]
+
+
+def encode_requests(recommender: Recommender, examples: RankingExamples, plan: RequestPlan | None = None) -> RequestStates:
+    """Every request's state under ``recommender``'s encoder, as ``score_candidates`` computes it."""
+    plan = plan if plan is not None else plan_requests(recommender, examples)
+    states = torch.zeros(plan.num_requests, recommender.config.dim)
+    model = recommender.model.eval()
+    with torch.inference_mode():
+        for batch in plan.pass_batches():
+            h, requests = encode_passes(model, plan, batch)
+            states[torch.from_numpy(requests)] = h
+    return RequestStates(plan, states)
+
+
+def score_examples(recommender: Recommender, examples: RankingExamples, states: RequestStates | None = None) -> np.ndarray:
+    """[N] the feedback head's probability for each example (NaN: unknown candidate or no known history).
+
+    ``states``: ``encode_requests`` of these examples under this recommender's encoder (e.g. the pre-trained
+    model's, when only the head was fine-tuned: ``same_encoder``), to skip encoding them again."""
+    states = states if states is not None else encode_requests(recommender, examples)
+    plan = states.plan
+    out = np.full(len(plan.example_request), np.nan, np.float32)
+    rows = np.flatnonzero(plan.scorable)
+    if len(rows):
+        with torch.inference_mode():
+            u = states.states[torch.from_numpy(plan.example_request[rows])]
+            e = recommender.item_matrix[torch.from_numpy(plan.example_item[rows])]
+            out[rows] = torch.sigmoid(recommender.model.feedback_logits(u, e)).numpy()
+    return out
+
+
+def same_encoder(a: Recommender, b: Recommender) -> bool:
+    """Whether two models compute the same user states (every weight but the feedback head's is equal)."""
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa if not k.startswith("feedback_head."))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fine-tuning
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _labels(examples: RankingExamples, task: str) -> np.ndarray:
+    if task not in examples.examples:
+        raise ValueError(f"task {task!r} is not a label column; the examples have {examples.labels}")
+    labels = examples.examples[task].to_numpy(np.float64)
+    if np.isnan(labels).any() or not np.isin(labels, (0.0, 1.0)).all():
+        raise ValueError(f"task {task!r} must be a 0/1 label for every example")
+    return labels.astype(np.float32)
+
+
+def _validation_rows(examples: RankingExamples, rows: np.ndarray, share: float) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, valid): valid = ``rows`` at or after the time that leaves ``share`` of them later (the last part of
+    the training period); empty when ``share`` is 0 or one side would hold a single class."""
+    if share <= 0 or len(rows) < 2:
+        return rows, rows[:0]
+    t = examples.examples["t_ms"].to_numpy(np.int64)[rows]
+    cut = np.quantile(t, 1.0 - share, method="lower")
+    fit, valid = rows[t < cut], rows[t >= cut]
+    return (fit, valid) if len(fit) and len(valid) else (rows, rows[:0])
+
+
+class _Tuner:
+    """One fine-tuning run from the pre-trained weights: the model copy, its optimiser, its epochs."""
+
+    def __init__(self, recommender: Recommender, plan: RequestPlan, labels: np.ndarray, *, lr: float,
+                 encoder_lr: float, weight_decay: float, batch_size: int, seed: int,
+                 states: torch.Tensor | None):
+        self.model = copy.deepcopy(recommender.model)
+        self.items = recommender.item_matrix  # frozen: the item table is never fine-tuned
+        self.plan, self.labels, self.batch_size = plan, torch.from_numpy(labels), batch_size
+        self.tune_encoder = encoder_lr > 0
+        head = list(self.model.feedback_head.parameters())
+        groups = [{"params": head, "lr": lr}]
+        if self.tune_encoder:
+            table = {id(p) for p in self.model.embeddings.parameters()}
+            encoder = [p for n, p in self.model.named_parameters()
+                       if not n.startswith("feedback_head.") and (id(p) not in table or "event_type" in n)]
+            groups.append({"params": encoder, "lr": encoder_lr})
+            for n, p in self.model.embeddings.named_parameters():
+                p.requires_grad_("event_type" in n)
+        else:
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(n.startswith("feedback_head."))
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.states = states  # frozen encoder: every request's state, computed once
+
+    def _loss(self, u: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        e = self.items[torch.from_numpy(self.plan.example_item[rows])]
+        logits = self.model.feedback_logits(u, e)
+        return F.binary_cross_entropy_with_logits(logits, self.labels[torch.from_numpy(rows)])
+
+    def _step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def epoch(self, rows: np.ndarray) -> float:
+        """One pass over the examples ``rows``; the mean training loss."""
+        total = 0.0
+        if not self.tune_encoder:
+            order = rows[torch.randperm(len(rows), generator=self.generator).numpy()]
+            for lo in range(0, len(order), self.batch_size):
+                batch = order[lo : lo + self.batch_size]
+                loss = self._loss(self.states[torch.from_numpy(self.plan.example_request[batch])], batch)
+                self._step(loss)
+                total += float(loss.detach()) * len(batch)
+            return total / max(len(rows), 1)
+        # Encoder too: each step encodes a batch of passes and trains on the examples of their requests.
+        self.model.train()
+        by_request = pd.Series(rows).groupby(self.plan.example_request[rows]).apply(np.asarray)
+        passes = np.unique(self.plan.req_pass[by_request.index.to_numpy()])
+        batches = self.plan.pass_batches(passes, tokens=self.batch_size * 16)
+        for b in torch.randperm(len(batches), generator=self.generator).tolist():
+            u, requests = encode_passes(self.model, self.plan, batches[b])
+            present = np.isin(requests, by_request.index.to_numpy())
+            requests, u = requests[present], u[torch.from_numpy(present)]
+            ex = by_request.loc[requests]
+            counts = ex.map(len).to_numpy()
+            batch = np.concatenate(ex.to_list())
+            loss = self._loss(u.repeat_interleave(torch.from_numpy(counts), dim=0), batch)
+            self._step(loss)
+            total += float(loss.detach()) * len(batch)
+        self.model.eval()
+        return total / max(len(rows), 1)
+
+    def scores(self, rows: np.ndarray) -> np.ndarray:
+        """Probabilities of the examples ``rows`` under the current weights."""
+        if not len(rows):
+            return np.zeros(0, np.float32)
+        self.model.eval()
+        with torch.inference_mode():
+            if self.tune_encoder:
+                requests = np.unique(self.plan.example_request[rows])
+                states = torch.zeros(self.plan.num_requests, self.model.cfg.dim)
+                for batch in self.plan.pass_batches(np.unique(self.plan.req_pass[requests])):
+                    h, served = encode_passes(self.model, self.plan, batch)
+                    states[torch.from_numpy(served)] = h
+            else:
+                states = self.states
+            u = states[torch.from_numpy(self.plan.example_request[rows])]
+            e = self.items[torch.from_numpy(self.plan.example_item[rows])]
+            return torch.sigmoid(self.model.feedback_logits(u, e)).numpy()
+
+
+def fine_tune_ranker(
+    recommender: Recommender,
+    examples: RankingExamples,
+    *,
+    task: str = "like",
+    epochs: int = 20,
+    lr: float = 1e-3,
+    batch_size: int = 512,
+    seed: int = 0,
+    encoder_lr: float = 0.0,
+    weight_decay: float = 0.0,
+    valid_share: float = 0.1,
+    states: RequestStates | None = None,
+) -> Recommender:
+    """A copy of ``recommender`` whose feedback head predicts ``task`` (a 0/1 label column of ``examples``),
+    fine-tuned with BCE on the examples (see the module docstring for the protocol).
+
+    ``epochs``: the most epochs validation may choose; ``lr``: the head's AdamW learning rate; ``encoder_lr``:
+    0 keeps the encoder frozen, > 0 fine-tunes it too at that rate; ``valid_share``: the last share of the
+    examples by time that chooses the epoch count (0: no validation, all ``epochs`` on everything);
+    ``states``: ``encode_requests(recommender, examples)`` if already computed (the frozen-encoder case)."""
+    if recommender.model.feedback_head is None:
+        raise ValueError("this model has no feedback head (trained with feedback_weight = 0): it cannot rank")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    labels = _labels(examples, task)
+    tune_encoder = encoder_lr > 0
+    if states is None:
+        states = encode_requests(recommender, examples) if not tune_encoder else RequestStates(plan_requests(recommender, examples), torch.zeros(0))
+    plan = states.plan
+    rows = np.flatnonzero(plan.scorable)
+    if not len(rows):
+        raise ValueError("no example has both a known candidate and a history with a known item")
+    fit, valid = _validation_rows(examples, rows, valid_share)
+    settings = {"lr": lr, "encoder_lr": encoder_lr, "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed}
+    cached = None if tune_encoder else states.states
+
+    def tuner() -> _Tuner:
+        return _Tuner(recommender, plan, labels, states=cached, **settings)
+
+    curve: list[dict[str, float]] = []
+    chosen = epochs
+    if len(valid):
+        first = tuner()
+        before = auc(labels[valid], first.scores(valid))
+        for epoch in range(1, epochs + 1):
+            loss = first.epoch(fit)
+            curve.append({"epoch": epoch, "train_loss": loss, "valid_auc": auc(labels[valid], first.scores(valid))})
+        best = max(curve, key=lambda r: (-math.inf if math.isnan(r["valid_auc"]) else r["valid_auc"]))  # first of equals
+        chosen = int(best["epoch"])
+    final = tuner()
+    for _ in range(chosen):
+        final.epoch(rows)
+    metadata: dict[str, Any] = {
+        **recommender.metadata,
+        "ranker_task": task,
+        "ranker_fine_tune": {
+            **settings, "max_epochs": epochs, "epochs": chosen, "valid_share": valid_share,
+            "encoder": "fine-tuned" if tune_encoder else "frozen", "examples": int(len(rows)),
+            "skipped_examples": int(len(labels) - len(rows)), "valid_examples": int(len(valid)),
+            "valid_auc_pretrained": before if len(valid) else None, "valid_curve": curve,
+        },
+    }
+    for p in final.model.parameters():
+        p.requires_grad_(True)
+    return Recommender(final.model, recommender.vocab, metadata)
+
+
+__all__ = ["RequestPlan", "RequestStates", "encode_requests", "fine_tune_ranker", "plan_requests", "same_encoder",
+           "score_examples"]
