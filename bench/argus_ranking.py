@@ -172,7 +172,7 @@ def cascade_gains(pre, ranker, examples, test, cutoff_ms: int, retrieve: int) ->
 
 def run_argus_seed(args, seed: int, examples, train, test, tasks) -> dict[str, Any]:  # noqa: ANN001
     """Pre-train, fine-tune and score one seed; the per-example scores and per-user gains for the intervals."""
-    from models.argus_ranker import encode_requests, fine_tune_ranker, same_encoder, score_examples
+    from models.argus_ranker import encode_requests, fine_tune_ranker, score_examples
     from models.ranker import auc, gauc
 
     timing: dict[str, float] = {}
@@ -195,7 +195,7 @@ def run_argus_seed(args, seed: int, examples, train, test, tasks) -> dict[str, A
         ranker = fine_tune_ranker(pre, train, task=task, epochs=args.ft_epochs, lr=args.ft_lr, batch_size=args.ft_batch_size,
                                   seed=seed, encoder_lr=args.ft_encoder_lr, valid_share=args.ft_valid_share,
                                   states=None if args.ft_encoder_lr > 0 else train_states)
-        states = test_states if same_encoder(pre, ranker) else None
+        states = test_states if pre.same_encoder(ranker) else None
         scores[FINE_TUNED][task] = _filled(score_examples(ranker, test, states), fill)
         rankers[task] = ranker
         chosen[task] = ranker.metadata["ranker_fine_tune"]["epochs"]

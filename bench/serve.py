@@ -247,15 +247,16 @@ def build_platform(settings) -> None:  # noqa: ANN001 - infra.settings.EncoreSet
 
 def run_bench(settings, *, url: str | None = None, rate: float = 200.0, duration_s: float = 20.0,  # noqa: ANN001
               warmup_s: float = 3.0, cold_share: float = 0.05, k: int = 10, cascade: bool = False,
-              log=print) -> dict:  # noqa: ANN001
+              no_experiment: bool = False, log=print) -> dict:  # noqa: ANN001
     """Serve the champion of ``settings``' data dir (building the platform first if needed) and drive it.
 
     ``cascade``: every request goes through the cascade (no experiment; ``serve.ranker`` = the champion ranker:
-    the retriever's top ``serve.retrieval_k`` reranked, top k answered); without it the settings' default
-    experiment runs as ``encore serve`` starts it (half the requests on the popularity baseline)."""
+    the retriever's top ``serve.retrieval_k`` reranked, top k answered); ``no_experiment``: every request on the
+    champion retriever alone (the cascade's baseline); neither: the settings' default experiment runs as
+    ``encore serve`` starts it (half the requests on the popularity baseline)."""
     users = settings.simulator.users
     kwargs = dict(rate=rate, duration_s=duration_s, warmup_s=warmup_s, users=users, cold_share=cold_share, k=k,
-                  inspect=cascade)
+                  inspect=cascade or no_experiment)
     if url:
         return driver_result(spawn_driver(url, **kwargs))
     from infra.services import EmbeddedServices
@@ -264,7 +265,7 @@ def run_bench(settings, *, url: str | None = None, rate: float = 200.0, duration
     if not has_champion(settings):
         log(f"no champion model in {settings.root}: building the platform (encore run) first")
         build_platform(settings)
-    experiment = "default"
+    experiment = "none" if no_experiment else "default"
     if cascade:
         if not has_champion(settings, rankers=True):
             raise RuntimeError(f"no champion ranker in {settings.root}: `encore run` trains one (its ranking_job); "

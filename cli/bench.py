@@ -32,8 +32,10 @@ def bench() -> None:
 @click.option("-k", "k", type=int, default=10, show_default=True)
 @click.option("--cascade", is_flag=True, help="every request through the cascade: the retriever's top "
               "serve.retrieval_k reranked by the champion ranker (no experiment)")
+@click.option("--no-experiment", is_flag=True, help="every request on the champion retriever alone (no experiment, "
+              "no ranker): the cascade's baseline")
 def bench_serve(data_dir: str | None, url: str | None, rate: float, duration_s: float, warmup_s: float,
-                cold_share: float, k: int, cascade: bool) -> None:
+                cold_share: float, k: int, cascade: bool, no_experiment: bool) -> None:
     """Load-test POST /v1/recommendations from a separate process: qps, p50/p99 latency, errors."""
     from bench.serve import run_bench
 
@@ -44,7 +46,8 @@ def bench_serve(data_dir: str | None, url: str | None, rate: float, duration_s: 
         raise click.ClickException("in the production profile `bench serve` only drives a running service: "
                                    "pass --url (it never builds a platform against production stores)")
     result = run_bench(settings, url=url, rate=rate, duration_s=duration_s, warmup_s=warmup_s,
-                       cold_share=cold_share, k=k, cascade=cascade, log=lambda m: click.echo(m, err=True))
+                       cold_share=cold_share, k=k, cascade=cascade, no_experiment=no_experiment,
+                       log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(result))
 
 

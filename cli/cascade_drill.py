@@ -1,6 +1,6 @@
 """Closed loop for the ranking stage: the cascade (retrieval → ARGUS ranker) against retrieval alone, A/B.
 
-    encore bench cascade-loop [--data-dir DIR] [--users 1000] [--requests 4] [--seed 0]
+    encore bench cascade-loop [--data-dir DIR] [--users 2500] [--requests 8] [--seed 0] [--quality-weight 1]
 
 The platform's own road, really running, nothing by hand between the stages:
 
@@ -21,6 +21,11 @@ The platform's own road, really running, nothing by hand between the stages:
 Before the A/B, ``paired_replay`` shows the same users both policies' slates with common random numbers (the
 simulator's reactions, offline): the effect the A/B is looking for, free of between-user variance, which says
 how many users an A/B needs to resolve it.
+
+The world: ``--quality-weight`` (default 1) gives each track a hidden quality that moves reactions but never
+choices (``features/simulator.py``). At 0, the platform's default world, a reaction is a function of the same
+score that draws the choices, which the retriever already learns: a reaction-trained ranker has nothing to add
+there, and the loop measures it level.
 
 The bar: the cascade beats retrieval alone on like rate and listening time, significant after correction,
 with no SRM. The LAST stdout line is one JSON object (``bench: cascade-loop``): the ranker's offline figures,
@@ -221,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="encore bench cascade-loop", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, default=None, help="the platform's data dir (default: a temporary one)")
-    ap.add_argument("--users", type=int, default=1000, help="simulated users (each arrives in both traffic phases)")
-    ap.add_argument("--requests", type=int, default=4, help="requests per user per traffic phase")
+    ap.add_argument("--users", type=int, default=2500, help="simulated users (each arrives in both traffic phases)")
+    ap.add_argument("--requests", type=int, default=8, help="requests per user per traffic phase")
     ap.add_argument("--seed", type=int, default=0, help="the world's seed (7 + seed) and the experiment's salt")
     ap.add_argument("--quality-weight", type=float, default=1.0,
                     help="tracks' hidden quality in reactions (simulator.quality_weight). 0 is the default world, "

@@ -216,7 +216,7 @@ def score_examples(recommender: Recommender, examples: RankingExamples, states: 
     """[N] the feedback head's probability for each example (NaN: unknown candidate or no known history).
 
     ``states``: ``encode_requests`` of these examples under this recommender's encoder (e.g. the pre-trained
-    model's, when only the head was fine-tuned: ``same_encoder``), to skip encoding them again."""
+    model's, when only the head was fine-tuned: ``Recommender.same_encoder``), to skip encoding them again."""
     states = states if states is not None else encode_requests(recommender, examples)
     plan = states.plan
     out = np.full(len(plan.example_request), np.nan, np.float32)
@@ -227,12 +227,6 @@ def score_examples(recommender: Recommender, examples: RankingExamples, states: 
             e = recommender.item_matrix[torch.from_numpy(plan.example_item[rows])]
             out[rows] = torch.sigmoid(recommender.model.feedback_logits(u, e)).numpy()
     return out
-
-
-def same_encoder(a: Recommender, b: Recommender) -> bool:
-    """Whether two models compute the same user states (every weight but the feedback head's is equal)."""
-    sa, sb = a.model.state_dict(), b.model.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa if not k.startswith("feedback_head."))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,5 +406,4 @@ def fine_tune_ranker(
     return Recommender(final.model, recommender.vocab, metadata)
 
 
-__all__ = ["RequestPlan", "RequestStates", "encode_requests", "fine_tune_ranker", "plan_requests", "same_encoder",
-           "score_examples"]
+__all__ = ["RequestPlan", "RequestStates", "encode_requests", "fine_tune_ranker", "plan_requests", "score_examples"]

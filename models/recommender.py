@@ -334,12 +334,28 @@ class Recommender:
         ``now_ms`` (or a history's ``request_ms``) is the request time HSTU's time bias measures gaps from;
         without it the last event's time is used.
         """
+        return self.retrieve(histories, k, exclude_seen, now_ms=now_ms, batch_size=batch_size)[0]
+
+    def retrieve(
+        self,
+        histories: Sequence[Mapping[str, Any]],
+        k: int = 10,
+        exclude_seen: bool = True,
+        *,
+        now_ms: int | None = None,
+        batch_size: int = 256,
+    ) -> tuple[list[list[tuple[int, float]]], list[torch.Tensor | None]]:
+        """``recommend``'s answer and each history's user state [D] (None: no known item), which a ranker
+        sharing this model's encoder reuses instead of encoding the history again (``feedback_probs``)."""
         out: list[list[tuple[int, float]]] = [[] for _ in histories]
+        states: list[torch.Tensor | None] = [None] * len(histories)
         for lo in range(0, len(histories), batch_size):
             chunk = histories[lo : lo + batch_size]
             rows, users, seen = self.user_embeddings(chunk, now_ms)
             if not rows:
                 continue
+            for b, r in enumerate(rows):
+                states[lo + r] = users[b]
             if self.index is not None:
                 for b, r in enumerate(rows):
                     out[lo + r] = self._ann_top_k(users[b], seen[b] if exclude_seen else np.zeros(0, np.int64), k)
@@ -355,8 +371,8 @@ class Recommender:
             for b, r in enumerate(rows):
                 ok = np.isfinite(vals[b])
                 raw = self.vocab.decode(idx[b][ok]) if ok.any() else np.zeros(0, np.int64)
-                out[lo + r] = [(int(i), float(s)) for i, s in zip(raw, vals[b][ok])]
-        return out
+                out[lo + r] = list(zip(raw.tolist(), vals[b][ok].tolist()))
+        return out, states
 
     def score_candidates(
         self,
@@ -380,16 +396,30 @@ class Recommender:
         rows, users, _ = self.user_embeddings(histories, now_ms)
         if not rows:
             return out
-        idx = [self.vocab.encode(np.asarray(candidates[r], np.int64).reshape(-1)) for r in rows]
-        lengths = [len(i) for i in idx]
-        flat = torch.from_numpy(np.concatenate(idx)) if idx else torch.zeros(0, dtype=torch.int64)
-        with torch.inference_mode():
-            u = users.repeat_interleave(torch.tensor(lengths), dim=0)  # [M, D]: each candidate's user state
-            p = torch.sigmoid(self.model.feedback_logits(u, self.item_matrix[flat])).numpy()  # [M]
-        p = np.where(np.concatenate(idx) > 0, p, np.nan).astype(np.float32) if len(p) else p.astype(np.float32)
-        for r, part in zip(rows, np.split(p, np.cumsum(lengths)[:-1])):
-            out[r] = part
+        for r, p in zip(rows, self.feedback_probs(users, [candidates[r] for r in rows])):
+            out[r] = p
         return out
+
+    def feedback_probs(self, users: torch.Tensor, candidates: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """The feedback head on given user states [B, D], one candidate list per row: P(positive) per raw id
+        (NaN for an item this model does not know). The states must come from this model's encoder, or from
+        one with the same weights (a ranker whose encoder was frozen while its head was fine-tuned)."""
+        idx = [self.vocab.encode(np.asarray(c, np.int64).reshape(-1)) for c in candidates]
+        lengths = [len(i) for i in idx]
+        flat = np.concatenate(idx) if idx else np.zeros(0, np.int64)
+        with torch.inference_mode():
+            u = users.repeat_interleave(torch.tensor(lengths, dtype=torch.int64), dim=0)  # [M, D]: per candidate
+            p = torch.sigmoid(self.model.feedback_logits(u, self.item_matrix[torch.from_numpy(flat)])).numpy()
+        p = np.where(flat > 0, p, np.nan).astype(np.float32)
+        return np.split(p, np.cumsum(lengths)[:-1]) if lengths else []
+
+    def same_encoder(self, other: "Recommender") -> bool:
+        """Whether ``other`` computes the same user states as this model: the same vocabulary and every weight
+        but the feedback head's equal (a ranker fine-tuned with its encoder frozen, against its base)."""
+        if list(self.vocab.raw_ids) != list(other.vocab.raw_ids) or self.config != other.config:
+            return False
+        a, b = self.model.state_dict(), other.model.state_dict()
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if not k.startswith("feedback_head."))
 
     def _ann_top_k(self, user: torch.Tensor, seen: np.ndarray, k: int) -> list[tuple[int, float]]:
         """Approximate top-k by inner product; over-fetch by the history length, then drop seen items."""

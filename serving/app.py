@@ -597,6 +597,7 @@ class Recommendations:
         self.router = Router(static if static is not None else Snapshot())
         self.producer = make_producer(kafka_bootstrap, linger_ms=20, **settings.kafka.client_options())
         self.popular: list[tuple[int, float]] = []
+        self._shared_encoders: dict[tuple[int, int], bool] = {}  # (retriever, ranker version) -> same encoder
         self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
@@ -856,10 +857,10 @@ class Recommendations:
                 hs = [histories[reqs[i].user_id] for i in part]
                 k = max(reqs[i].k for i in part)
                 depth = max(k, self.settings.serve.retrieval_k) if ranker is not None else k
-                recs = loaded.recommender.recommend(hs, k=depth, exclude_seen=exclude_seen, now_ms=now_ms)
+                recs, states = loaded.recommender.retrieve(hs, k=depth, exclude_seen=exclude_seen, now_ms=now_ms)
                 if ranker is None:
                     return [_Scored(items[: reqs[i].k], loaded.version) for i, items in zip(part, recs)]
-                return self._rerank(ranker, loaded, hs, recs, [reqs[i].k for i in part], now_ms)
+                return self._rerank(ranker, loaded, hs, recs, states, [reqs[i].k for i in part], now_ms)
 
             try:
                 scored = [(idx, forward(idx))]
@@ -889,13 +890,15 @@ class Recommendations:
         return out
 
     def _rerank(self, ranker: LoadedModel, retriever: LoadedModel, histories: list[dict[str, list]],
-                recs: list[list[tuple[int, float]]], ks: list[int], now_ms: int) -> list[_Scored]:
+                recs: list[list[tuple[int, float]]], states: list, ks: list[int], now_ms: int) -> list[_Scored]:
         """The cascade's second stage for one pass. A ranker that fails leaves the retriever's order (the answer
         says no ranker ranked it, and ``encore_ranker_failures_total`` counts it) rather than failing requests
         the retriever has answered."""
         try:
+            shared = self._shares_encoder(retriever, ranker)
             ranked = rerank(ranker.recommender, histories, recs, k=ks, weights=self.settings.serve.cascade_weights,
-                            temperature=retrieval_temperature(retriever.recommender), now_ms=now_ms)
+                            temperature=retrieval_temperature(retriever.recommender), now_ms=now_ms,
+                            states=states if shared else None)
         except Exception:  # noqa: BLE001 - see the docstring
             log.exception("ranker version %d failed on %d requests; answering in retrieval order",
                           ranker.version, len(recs))
@@ -903,6 +906,16 @@ class Recommendations:
             return [_Scored(items[:k], retriever.version) for items, k in zip(recs, ks)]
         return [_Scored(r.items, retriever.version, ranker.version if r.ranker_scores is not None else None,
                         r.ranker_scores) for r in ranked]
+
+    def _shares_encoder(self, retriever: LoadedModel, ranker: LoadedModel) -> bool:
+        """Whether the ranker computes the retriever's user states (its encoder was frozen while its head was
+        fine-tuned: the default): then the cascade encodes each history once. Compared once per pair of
+        registry versions (a version's weights never change)."""
+        key = (retriever.version, ranker.version)
+        if key not in self._shared_encoders:
+            shared = retriever.recommender.same_encoder(ranker.recommender)
+            self._shared_encoders = {**self._shared_encoders, key: shared}  # replaced whole: readers never lock
+        return self._shared_encoders[key]
 
     def _answer(self, r: RecommendationRequest, a: tuple, result: _Scored | None, history: dict[str, list],
                 now_ms: int, degraded: bool = False) -> _Answer:

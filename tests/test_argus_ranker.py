@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from models.argus_ranker import encode_requests, fine_tune_ranker, plan_requests, same_encoder, score_examples
+from models.argus_ranker import encode_requests, fine_tune_ranker, plan_requests, score_examples
 from models.data import ItemVocab
 from models.ranker import auc
 from models.ranking_data import ratings_examples
@@ -65,7 +65,7 @@ def test_fine_tuning_learns_a_task_the_unchanged_head_does_not_know() -> None:
     assert tuned.metadata["ranker_task"] == "like" and meta["encoder"] == "frozen"
     assert 1 <= meta["epochs"] <= 15 and len(meta["valid_curve"]) == 15 and meta["valid_examples"] > 0
     # only the head moved: the pre-trained model is untouched and the user states are the same
-    assert same_encoder(rec, tuned) and not torch.equal(rec.model.feedback_head.mlp[0].weight,
+    assert rec.same_encoder(tuned) and not torch.equal(rec.model.feedback_head.mlp[0].weight,
                                                         tuned.model.feedback_head.mlp[0].weight)
 
 
@@ -74,7 +74,7 @@ def test_the_encoder_can_be_fine_tuned_too() -> None:
     train, _ = time_split(ratings_examples(synthetic_ratings(users=20, per_user=10)))
     tuned = fine_tune_ranker(rec, train, task="dislike", epochs=2, encoder_lr=1e-3, seed=0)
     assert tuned.metadata["ranker_task"] == "dislike" and tuned.metadata["ranker_fine_tune"]["encoder"] == "fine-tuned"
-    assert not same_encoder(rec, tuned)
+    assert not rec.same_encoder(tuned)
     # the item table (retrieval's) is never fine-tuned
     assert torch.equal(rec.item_matrix, tuned.item_matrix)
 

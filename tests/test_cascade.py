@@ -54,6 +54,32 @@ def test_unknown_candidates_go_below_equals_and_an_unknown_history_keeps_the_ret
     assert out[1].ranker_scores is None and out[1].items == cands[:2]  # no user state: nothing reranked
 
 
+def test_a_ranker_sharing_the_retrievers_encoder_reuses_its_states_and_scores_the_same(ranker):
+    import copy
+
+    import torch
+
+    h = [_history([100, 101, 102]), _history([888_888]), _history([103])]
+    now = T0_MS + 10_000
+    recs, states = ranker.retrieve(h, k=15, now_ms=now)
+    assert states[1] is None and recs[1] == []  # no known item: no state, no answer
+    tuned = Recommender(copy.deepcopy(ranker.model), ranker.vocab)
+    with torch.no_grad():
+        tuned.model.feedback_head.mlp[-1].bias.add_(0.5)  # a head fine-tuned, the encoder as it was
+    assert ranker.same_encoder(tuned)
+    w = {"feedback": 1.0, "retrieval": 1.0}
+    reused = rerank(tuned, h, recs, k=[5] * 3, weights=w, now_ms=now, states=states)
+    encoded = rerank(tuned, h, recs, k=[5] * 3, weights=w, now_ms=now)
+    for a, b in zip(reused, encoded):
+        assert [i for i, _ in a.items] == [i for i, _ in b.items]
+        assert (a.ranker_scores is None) == (b.ranker_scores is None)
+        if a.ranker_scores is not None:
+            assert np.allclose(a.ranker_scores, b.ranker_scores, atol=1e-6)
+    with torch.no_grad():
+        tuned.model.pos_emb.weight.add_(0.1)  # an encoder fine-tuned too: states differ, none to share
+    assert not ranker.same_encoder(tuned)
+
+
 def test_the_retrievers_temperature_comes_from_its_recipe(ranker):
     from serving.cascade import retrieval_temperature
 
