@@ -86,6 +86,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="hstu only: events of history read (default: HSTURankerConfig's, 50)")
     ap.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--size", default=None,
+                    help="wukong/dlrm sizes as key=value,... over RankerConfig's defaults, e.g. "
+                         "dim=32,layers=4,fmb_units=8,lcb_units=8,fmb_rank=8,mlp_hidden=128 (a size sweep)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--test-share", type=float, default=0.3)
@@ -210,11 +213,27 @@ def _summary(values: list[float | None]) -> dict:
             "sd": round(float(np.std(ok, ddof=1)), 4) if len(ok) > 1 else None, "per_seed": values}
 
 
+def ranker_config(backbone: str, size: str | None):  # noqa: ANN201 - models.ranker.RankerConfig
+    """RankerConfig's defaults with ``--size`` overrides (``key=value,...``; ints, ``none`` for fmb_rank)."""
+    from dataclasses import fields
+
+    from models.ranker import RankerConfig
+
+    known = {f.name for f in fields(RankerConfig)} - {"backbone"}
+    changes: dict = {}
+    for part in filter(None, (size or "").split(",")):
+        key, _, value = part.partition("=")
+        if key not in known:
+            raise SystemExit(f"--size: unknown key {key!r} (known: {sorted(known)})")
+        changes[key] = None if value.lower() == "none" else (float(value) if key == "dropout" else int(value))
+    return RankerConfig(backbone=backbone, **changes)
+
+
 def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: ANN001
     """{subset: {scorer: {task: {auc, gauc}}}}, counts and seconds of one seed."""
     from bench.argus_ranking import logloss
     from models.hstu_ranker import HSTURankerConfig, train_hstu_ranker
-    from models.ranker import RankerConfig, evaluate_ranker, train_ranker
+    from models.ranker import evaluate_ranker, train_ranker
     from models.ranking_data import build_ranking_examples, ratings_examples
 
     started = time.perf_counter()
@@ -254,7 +273,7 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
             ranker = train_hstu_ranker(train, cfg, tasks, epochs=args.epochs, batch_size=args.batch_size,
                                        lr=args.lr, seed=seed)
         else:
-            ranker = train_ranker(train, RankerConfig(backbone=model), tasks, epochs=args.epochs,
+            ranker = train_ranker(train, ranker_config(model, args.size), tasks, epochs=args.epochs,
                                   batch_size=args.batch_size, lr=args.lr, seed=seed)
         train_s[model] = round(time.perf_counter() - began, 2)
         for name, part in subsets.items():
@@ -345,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
         "counts": {"per_seed": [r["counts"] for r in runs]},
         "seconds": {"total": round(time.perf_counter() - started, 2), "per_seed": [r["seconds"] for r in runs]},
         "wall_s": round(time.perf_counter() - started, 2),
-        "settings": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "test_share", "threads")}
+        "settings": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "test_share", "threads", "size")}
         | ({k: getattr(args, k) for k in ("users", "items", "requests", "slate", "negatives", "explore", "spacing_s",
                                           "window_s")} if args.dataset == "simulator" else {})
         | ({k: getattr(args, k) for k in ("pretrain_epochs", "ft_epochs", "ft_lr", "ft_encoder_lr", "ft_batch_size",

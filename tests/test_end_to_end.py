@@ -95,12 +95,17 @@ def test_the_cascade_serves_under_load_and_the_paired_replay_reads_its_effect(pl
     assert promoted.exit_code == 0, promoted.output
     listed = CliRunner().invoke(main, ["models", "list", *args])
     assert "@champion" in listed.output and "ranker_auc" in listed.output, listed.output
-    result = run_bench(settings, rate=20, duration_s=3, warmup_s=1, cascade=True, log=lambda m: None)
+    cascade = settings.model_copy(update={"serve": settings.serve.model_copy(update={"ranker": "alias:champion"})})
+    with EmbeddedServices(settings) as svc:
+        server = start_server(cascade, svc.kafka_bootstrap, svc.mlflow_uri, experiment="none")
+        try:
+            result = run_bench(cascade, url=server.endpoint, rate=20, duration_s=3, warmup_s=1, cascade=True)
+        finally:
+            server.stop()
+        replay = paired_replay(settings, svc.mlflow_uri, users=40, requests=2)
     assert result["errors"] == 0 and result["measured"] > 0, result
     # every answer from a model was reranked by the champion ranker (cold users get popularity, no ranker)
     assert set(result["ranker_versions"]) <= {str(version), "None"} and result["ranker_versions"].get(str(version))
-    with EmbeddedServices(settings) as svc:
-        replay = paired_replay(settings, svc.mlflow_uri, users=40, requests=2)
     assert replay["users"] > 0
     m = replay["listening_time"]  # likes may be too rare at this size for a lift; listening never is
     assert m["retrieval"] > 0 and m["lift_ci"][0] <= m["lift"] <= m["lift_ci"][1]

@@ -333,7 +333,8 @@ def test_an_arm_with_a_ranker_reranks_the_retrievers_top_k_and_its_exposures_nam
     auth = {"Authorization": f"Bearer {TOKEN}"}
     arms = [{"name": "retrieval", "weight": 0.5, "target": "alias:champion"},
             {"name": "cascade", "weight": 0.5, "target": "alias:champion", "ranker": "alias:champion"}]
-    exp = {"name": "cascade-test", "salt": "cascade-1", "layer": "cascade", "variants": arms}
+    # the first layer by name chooses the model (and the ranker): sort before every layer other tests leave running
+    exp = {"name": "cascade-test", "salt": "cascade-1", "layer": "a0-cascade", "variants": arms}
     tag = uuid.uuid4().hex
     with httpx.Client(base_url=server.endpoint, timeout=20) as http:
         bad = {**exp, "variants": [{**arms[1], "weight": 1.0, "ranker": "alias:nope"}]}
