@@ -159,8 +159,13 @@ def test_the_main_job_runs_end_to_end_in_the_production_profile(production_platf
     assert not list(root.rglob("*.db")) and not list(root.rglob("online.db"))
     assert redis_keys(redis_server, production_platform["redis_db"]) > 0
     dagster_db = production_platform["overrides"]["dagster"]["postgres_url"].rsplit("/", 1)[1]
-    statuses = postgres_server.psql(dagster_db, "SELECT status FROM runs").split()
-    assert statuses and set(statuses) == {"SUCCESS"} and len(statuses) >= 4  # ingest, train, ingest, report
+    runs = [row.split(":") for row in postgres_server.psql(dagster_db, "SELECT pipeline_name || ':' || status FROM runs").split()]
+    # ingest, train, ingest, report succeed; the ranking job trains and evaluates a ranker, and its run fails only
+    # when the ranker gate (a blocking check) blocked it, which at this tiny size it may
+    ranker = summary["ranker"]
+    assert "auc" in ranker and ranker.get("gate"), ranker
+    allowed = {"ranking_job": {"SUCCESS", "FAILURE"} if ranker["gate"].startswith("blocked") else {"SUCCESS"}}
+    assert len(runs) >= 5 and all(status in allowed.get(job, {"SUCCESS"}) for job, status in runs), runs
     feast_db = production_platform["overrides"]["feast"]["registry"].rsplit("/", 1)[1]
     assert int(postgres_server.psql(feast_db, "SELECT count(*) FROM feature_views")) >= 3
 
