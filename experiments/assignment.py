@@ -63,7 +63,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from features.events import MAX_ID
-from infra.settings import EncoreSettings
+from infra.settings import RANKER_TARGET_PATTERN, EncoreSettings
 from experiments.rollout_policy import RolloutPolicy
 from experiments.sequential import SequentialPlan
 
@@ -89,8 +89,7 @@ WEIGHT_TOLERANCE = 1e-9
 # such as "popularity". Kept loose on purpose: the router, not this module, decides which targets exist.
 POPULARITY = "popularity"  # the built-in most-popular baseline
 _TARGET_RE = re.compile(r"^(alias:[A-Za-z0-9_.-]+|version:[1-9][0-9]*|[a-z][a-z0-9_-]*)$")
-# A ranker is always a registry target (of ``registry.ranker_model_name``): there is no baseline ranker.
-_RANKER_RE = re.compile(r"^(alias:[A-Za-z0-9_.-]+|version:[1-9][0-9]*)$")
+_RANKER_RE = re.compile(RANKER_TARGET_PATTERN)  # rankers are registry targets only (infra.settings says why)
 # Serving keeps retrievers and rankers in one pool of loaded models; a ranker's key carries this prefix so the
 # two registries' "alias:champion" stay apart (``ranker_key``).
 RANKER_KEY_PREFIX = "ranker/"

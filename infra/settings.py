@@ -54,6 +54,9 @@ def _reveal_all(secrets: dict[str, SecretStr]) -> dict[str, str]:
 # The actor of the single ``serve.admin_token`` (named tokens are ``serve.admin_tokens``); actor names are
 # written to the experiment audit log as ``api:<name>``.
 ADMIN_ACTOR = "admin"
+# A ranker is always a registry target of registry.ranker_model_name (there is no baseline ranker): the one rule
+# for serve.ranker and for an experiment arm's ranker.
+RANKER_TARGET_PATTERN = r"^(alias:[A-Za-z0-9_.-]+|version:[1-9][0-9]*)$"
 _ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -249,7 +252,7 @@ class ServeSettings(_Group):
                                   description="MLflow client retries per registry request of the service (the "
                                               "next model poll retries anyway)")
     max_batch: int = Field(default=64, ge=1, le=4096, description="most requests scored in one micro-batch")
-    ranker: str | None = Field(default=None, pattern=r"^(alias:[A-Za-z0-9_.-]+|version:[1-9][0-9]*)$",
+    ranker: str | None = Field(default=None, pattern=RANKER_TARGET_PATTERN,
                                description="the ranker (a target of registry.ranker_model_name, e.g. "
                                            "'alias:champion') that reranks the retriever's candidates for requests "
                                            "outside any experiment arm that names its own; none: retrieval only")

@@ -380,6 +380,7 @@ class Recommender:
         candidates: Sequence[Sequence[int]],
         *,
         now_ms: int | None = None,
+        states: Sequence[torch.Tensor | None] | None = None,
     ) -> list[np.ndarray | None]:
         """ARGUS ranking: P(positive reaction | history, candidate) for each raw candidate id of each history.
 
@@ -387,13 +388,20 @@ class Recommender:
         feedback head scores every candidate against u: m candidates cost one forward pass plus m head rows.
         Returns, per history, float32 probabilities aligned with its candidates (NaN for an item the model
         does not know), or None when the history has no known item (no user state: the caller keeps the
-        retrieval order)."""
+        retrieval order).
+
+        ``states``: each history's user state from ``retrieve`` of a model with this encoder (``same_encoder``),
+        so the histories are not encoded a second time."""
         if self.model.feedback_head is None:
             raise ValueError("this model has no feedback head (trained with feedback_weight = 0): it cannot rank")
         if len(candidates) != len(histories):
             raise ValueError(f"{len(histories)} histories but {len(candidates)} candidate lists")
         out: list[np.ndarray | None] = [None] * len(histories)
-        rows, users, _ = self.user_embeddings(histories, now_ms)
+        if states is None:
+            rows, users, _ = self.user_embeddings(histories, now_ms)
+        else:
+            rows = [r for r, u in enumerate(states) if u is not None]
+            users = torch.stack([states[r] for r in rows]) if rows else None
         if not rows:
             return out
         for r, p in zip(rows, self.feedback_probs(users, [candidates[r] for r in rows])):

@@ -55,17 +55,7 @@ def rerank(
     when the ranker shares the retriever's encoder (``Recommender.same_encoder``): the ranker then scores
     them without encoding the histories a second time."""
     ids = [[item for item, _ in c] for c in candidates]
-    if states is None:
-        probs = ranker.score_candidates(histories, ids, now_ms=now_ms)
-    else:
-        import torch
-
-        rows = [r for r, u in enumerate(states) if u is not None]
-        probs = [None] * len(histories)
-        if rows:
-            users = torch.stack([states[r] for r in rows])
-            for r, p in zip(rows, ranker.feedback_probs(users, [ids[r] for r in rows])):
-                probs[r] = p
+    probs = ranker.score_candidates(histories, ids, now_ms=now_ms, states=states)
     w_fb, w_ret = float(weights.get("feedback", 0.0)), float(weights.get("retrieval", 0.0))
     out: list[Ranked] = []
     for cands, p, keep in zip(candidates, probs, k):

@@ -159,12 +159,14 @@ def trained_ranker(context: dg.AssetExecutionContext, encore: EncoreResource, ml
 def ranker_report(ranker, base, test, task: str) -> dict:  # noqa: ANN001 - Recommender, Recommender, RankingExamples
     """AUC, GAUC (per request) and logloss of the task on the test examples: the fine-tuned ranker, the head it
     started from, and the popularity order (the item's events before the request); plus how many it scored."""
-    from models.argus_ranker import score_examples
+    from models.argus_ranker import encode_requests, score_examples
     from models.ranker import auc, gauc, item_popularity_before
 
     labels = test.examples[task].to_numpy(np.float64)
     groups = test.examples["request_id"].astype(str).to_numpy()
-    scores = {"ranker": score_examples(ranker, test), "base": score_examples(base, test)}
+    # a head fine-tuned on a frozen encoder reads its base's user states: encode the test requests once
+    states = encode_requests(base, test) if base.same_encoder(ranker) else None
+    scores = {"ranker": score_examples(ranker, test, states), "base": score_examples(base, test, states)}
     known = np.isfinite(scores["ranker"])  # unknown items / histories: the cascade keeps them unranked
     scores["popularity"] = item_popularity_before(test).astype(np.float64)
     report: dict = {"task": task, "examples": int(len(labels)), "scored": int(known.sum()),
