@@ -36,26 +36,14 @@ def judge(registry: Registry, version: int, report: dict[str, Any], dataset: str
     metrics older versions were registered with come from older data; if it cannot be re-scored, its
     registered metric stands in. The verdict is written to the version's tags. ``log`` takes ``info`` and
     ``warning`` calls (a Dagster context's log, or a logger)."""
-    champion = registry.champion_version()
-    if champion == version:  # judged again after its own promotion: nothing to beat
-        champion = None
-    champion_value = None
-    if champion is not None:
-        try:
-            champ, _ = registry.load(version=champion)
-            champ_report = evaluate_recommender(champ, pd.read_parquet(dataset), sample_users=8)
-            champion_value = champ_report[promotion.split].get(promotion.metric)
-            log.info(f"champion v{champion} re-scored on {Path(dataset).name}")
-        except Exception as exc:  # noqa: BLE001 - fall back to the champion's registered metric
-            log.warning(f"could not re-score champion v{champion} ({exc}); using its registered metric")
-            champion_value = registry.version_metric(champion, f"{promotion.split}_{promotion.metric}")
-        if champion_value is None:
-            champion_value = 0.0
+    def rescore(champ: Any) -> float | None:
+        champ_report = evaluate_recommender(champ, pd.read_parquet(dataset), sample_users=8)
+        return champ_report[promotion.split].get(promotion.metric)
+
+    champion, champion_value = _rescored_champion(registry, version, rescore,
+                                                  f"{promotion.split}_{promotion.metric}", log)
     decision = decide(report, promotion, champion_version=champion, champion_value=champion_value)
-    registry.set_tags(version, {GATE_PASSED: str(decision.passed).lower(), GATE_REASON: decision.summary,
-                                GATE_CHECKS: json.dumps(decision.checks)})
-    log.info(f"promotion gate for v{version}: {decision.summary}")
-    return decision
+    return _record_verdict(registry, version, decision, "promotion gate", log)
 
 
 def judge_ranker(registry: Registry, version: int, report: dict[str, Any], rescore: Callable[[Any], float], *,
@@ -63,22 +51,34 @@ def judge_ranker(registry: Registry, version: int, report: dict[str, Any], resco
     """The rankers' gate for ``version`` of the rankers' registry (``report``: its test AUCs beside the head it
     started from and popularity; ``rescore``: a loaded ranker -> its AUC on the same test examples, used on the
     champion ranker). The verdict is written to the version's tags, as :func:`judge` does for retrievers."""
-    champion = registry.champion_version()
-    if champion == version:
-        champion = None
-    champion_value = None
-    if champion is not None:
-        try:
-            champ, _ = registry.load(version=champion)
-            champion_value = float(rescore(champ))
-            log.info(f"champion ranker v{champion} re-scored on the same test examples: AUC {champion_value:.4f}")
-        except Exception as exc:  # noqa: BLE001 - fall back to the champion's registered metric
-            log.warning(f"could not re-score champion ranker v{champion} ({exc}); using its registered AUC")
-            champion_value = registry.version_metric(champion, "ranker_auc") or 0.0
+    champion, champion_value = _rescored_champion(registry, version, rescore, "ranker_auc", log)
     decision = decide_ranker(report, margin=margin, champion_version=champion, champion_value=champion_value)
+    return _record_verdict(registry, version, decision, "ranker gate", log)
+
+
+def _rescored_champion(registry: Registry, version: int, rescore: Callable[[Any], float | None],
+                       registered_metric: str, log: Any) -> tuple[int | None, float | None]:
+    """(champion version, its metric on the challenger's data) for a gate; (None, None) when there is no other
+    champion (none yet, or ``version`` judged again after its own promotion). A champion that cannot be
+    re-scored is read from its ``registered_metric``; a metric missing either way counts as 0."""
+    champion = registry.champion_version()
+    if champion is None or champion == version:
+        return None, None
+    try:
+        champ, _ = registry.load(version=champion)
+        value = rescore(champ)
+        log.info(f"champion v{champion} re-scored on the challenger's data: {value}")
+    except Exception as exc:  # noqa: BLE001 - fall back to the champion's registered metric
+        log.warning(f"could not re-score champion v{champion} ({exc}); using its registered metric")
+        value = registry.version_metric(champion, registered_metric)
+    return champion, 0.0 if value is None else float(value)
+
+
+def _record_verdict(registry: Registry, version: int, decision: GateDecision, gate: str, log: Any) -> GateDecision:
+    """Write a gate's verdict to the version's tags (what ``conclude`` and ``encore models list`` read)."""
     registry.set_tags(version, {GATE_PASSED: str(decision.passed).lower(), GATE_REASON: decision.summary,
                                 GATE_CHECKS: json.dumps(decision.checks)})
-    log.info(f"ranker gate for v{version}: {decision.summary}")
+    log.info(f"{gate} for v{version}: {decision.summary}")
     return decision
 
 
