@@ -16,7 +16,8 @@ import click
 from cli.ab import ab as ab_group
 from cli.bench import bench as bench_group
 from cli.common import data_dir_option, running_kafka, settings_for, setup_logging, wait_forever
-from cli.models import models_group, study_group
+from cli.models import models_group
+from cli.study import study_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

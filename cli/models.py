@@ -1,4 +1,4 @@
-"""``encore models ...`` and ``encore study ...``: the model lifecycle from the command line.
+"""``encore models ...``: the model lifecycle from the command line.
 
 ``encore models train`` launches the same Dagster ``training_job`` as the UI (same definitions, same
 instance under the data dir, so the run and the gate's verdict show up in the UI); ``list``, ``promote``,
@@ -191,30 +191,3 @@ def models_audit(data_dir: str | None, uri: str | None, rankers: bool) -> None:
         when = pd.Timestamp(e["at_ms"], unit="ms").strftime("%Y-%m-%d %H:%M:%S")
         click.echo(f"{when}  @{e['alias']:<10} v{e['from']} -> v{e['to']}  {e.get('action', 'set'):<8} "
                    f"{e.get('actor', '?')}: {e['reason']}")
-
-
-@click.group("study")
-def study_group() -> None:
-    """Studies run as their own Dagster jobs."""
-
-
-@study_group.command("scaling")
-@data_dir_option
-@click.option("--dims", default=None, help="comma-separated widths (default: settings scaling.dims)")
-@click.option("--fractions", default=None, help="comma-separated data fractions (default: settings)")
-@click.option("--epochs", type=int, default=None)
-def study_scaling(data_dir: str | None, dims: str | None, fractions: str | None, epochs: int | None) -> None:
-    """Train a sweep of model sizes / data fractions and fit power laws (the Dagster scaling_job)."""
-    from cli.jobs import run_job
-
-    settings = settings_for(data_dir)
-    scaling = settings.scaling.model_copy(update={k: v for k, v in {
-        "dims": [int(d) for d in dims.split(",")] if dims else None,
-        "data_fractions": [float(f) for f in fractions.split(",")] if fractions else None,
-        "epochs": epochs}.items() if v is not None})
-    settings = settings.model_copy(update={"scaling": scaling})
-    result = run_job(settings, "scaling_job", raise_on_error=False)
-    if not result.success:
-        raise click.ClickException("scaling_job failed (see the run in the Dagster UI)")
-    study = result.output_for_node("scaling_study")
-    click.echo(study["points_markdown"] + "\n\n" + study["fits_markdown"] + f"\n\nplot: {study['plot']}")

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -194,13 +194,50 @@ class PromotionSettings(_Group):
 
 
 class ScalingSettings(_Group):
-    """The scaling study sweep (its own Dagster job; keep it small on CPU)."""
+    """The scaling study (``encore study scaling``; Dagster ``scaling_corpus`` → ``scaling_point`` partitions →
+    ``scaling_laws``). The defaults are the short profile: it runs on 2 CPU cores in under an hour on a simulated
+    world of its own; ``SCALING_PROFILES["full"]`` is the GPU-sized one (``--profile full``)."""
 
-    dims: list[int] = Field(default=[8, 16, 32], min_length=2)
-    blocks: int = Field(default=1, ge=1)
-    data_fractions: list[float] = Field(default=[1.0], min_length=1)
-    epochs: int = Field(default=2, ge=1)
-    model: Literal["hstu", "sasrec"] = "hstu"
+    name: str = Field(default="short", min_length=1, pattern=r"^[a-z0-9_-]+$",
+                      description="the study's name: its MLflow runs are tagged with it, its files live under "
+                                  "studies/scaling/<name>/")
+    dataset: str = Field(default="simulator", min_length=1,
+                         description="what the points train on: simulator (a world of world_users users, "
+                                     "generated here, the same on every machine), platform (the offline store's "
+                                     "interactions), or a data set name of features.datasets read from dataset_dir")
+    dataset_dir: Path | None = None
+    world_users: int = Field(default=3000, ge=10, description="users of the simulated world (dataset: simulator)")
+    backbones: list[str] = Field(default=["hstu", "sasrec", "gpt", "llama", "hstu-no-rab", "hstu-softmax",
+                                          "hstu-no-gating"], min_length=1,
+                                 description="models.scaling.BACKBONES: hstu, sasrec, gpt, llama and HSTU ablations")
+    sizes: list[str] = Field(default=["d8b1", "d16b1", "d24b2", "d32b2", "d48b3"], min_length=3,
+                             description="model sizes, d<width>b<blocks>: non-embedding N over 1.5+ orders")
+    data_fractions: list[float] = Field(default=[0.25, 0.5, 1.0], min_length=1,
+                                        description="shares of the users the fraction_backbones also train on")
+    fraction_backbones: list[str] = Field(default=["hstu"], description="backbones swept over data_fractions too "
+                                          "(for L(D), the L(N, D) surface and the compute-optimal frontier)")
+    seeds: list[int] = Field(default=[0, 1], min_length=1)
+    epochs: int = Field(default=3, ge=1, description="epochs of every point (no early stop)")
+    recipe: str = Field(default="default", min_length=1, description="the recipe every point starts from")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="recipe keys for every point, e.g. "
+                                      "{device: cuda, max_len: 200}")
+
+    @field_validator("data_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f <= 1 for f in v):
+            raise ValueError("data_fractions must lie in (0, 1]")
+        return v
+
+
+# Named presets of the scaling study (``encore study scaling --profile``): keys of ScalingSettings.
+SCALING_PROFILES: dict[str, dict[str, Any]] = {
+    "short": {},  # the defaults
+    "full": {"name": "full", "world_users": 30000, "sizes": ["d16b1", "d32b2", "d64b2", "d96b4", "d128b4", "d192b6",
+                                                             "d256b8"],
+             "data_fractions": [0.125, 0.25, 0.5, 1.0], "seeds": [0, 1, 2], "epochs": 10,
+             "overrides": {"device": "cuda", "batch_size": 512}},
+}
 
 
 class RegistrySettings(_Group):

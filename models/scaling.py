@@ -1,24 +1,29 @@
-"""Scaling study: train a sweep of model sizes and data fractions, fit power laws, plot them.
+"""Scaling study: the points of a sweep (backbone x size x data fraction x seed), each trained and measured alone.
 
-For each data fraction f (a deterministic subset of users) and each width d, one model is trained with the
-settings' recipe. Each point records
+A study is a grid of :class:`PointSpec`; each point is one training run of the settings' recipe with the
+backbone's switches, width ``d`` and ``b`` blocks, on a fraction of the users, for a fixed number of epochs,
+and records
 
-- N: trainable parameters (embedding tables included: at these sizes they dominate, as in HSTU's tables),
-- C: training compute ~ 6 * N * tokens, tokens = history positions processed over all epochs,
-- evaluation loss: the *full* softmax cross-entropy of the held-out (validation) target over the whole
-  catalogue at temperature T (exact, not sampled, so points are comparable), and test NDCG@10.
+- N: non-embedding parameters (encoder + heads; Kaplan et al. state their laws in these: the item table
+  grows with the catalogue, not with the model's capacity to model sequences), and all parameters,
+- D: training tokens, the history positions processed over all epochs (each window's inputs),
+- C ~ 6 N D, the training compute,
+- the evaluation loss: the *exact* full-catalogue softmax cross-entropy of every user's held-out (validation)
+  target at temperature T, and test NDCG@10 / HR@10.
 
-Fits are power laws y = a * x^b by least squares in log-log space (``log y = log a + b log x``), reported
-with R^2; with only a handful of CPU-sized points a saturating form (y = E + A x^-alpha) is not identifiable.
+Every point is evaluated on *all* users' held-out targets, whatever fraction of users it trained on: a
+sequential model has no user table, a history is only its input, so the evaluation set (and the catalogue it
+ranks) is the same for every point and differences in loss are differences of the models. Points are
+independent and named by their spec (:meth:`PointSpec.key`), so a sweep is resumable one point at a time
+(the Dagster ``scaling_point`` partitions). The fits live in ``models.scaling_laws``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
+import re
 import time
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -26,7 +31,165 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from models.data import build_sequences, iterate_batches
+from models.data import build_sequences, iterate_batches, with_targets
+
+# The backbones a study compares, as recipe switches over the settings' recipe. The HSTU ablations remove one
+# ingredient of the published block each (the large-recommendation-models study's question: where does HSTU's
+# scaling come from?).
+BACKBONES: dict[str, dict[str, Any]] = {
+    "hstu": {"model": "hstu"},
+    "sasrec": {"model": "sasrec"},
+    "gpt": {"model": "gpt"},
+    "llama": {"model": "llama"},
+    "hstu-no-rab": {"model": "hstu", "hstu_rab": False},
+    "hstu-softmax": {"model": "hstu", "hstu_attention": "softmax"},
+    "hstu-no-gating": {"model": "hstu", "hstu_gating": False},
+}
+
+_SIZE = re.compile(r"^d(\d+)b(\d+)$")
+_KEY = re.compile(r"^(?P<backbone>[a-z0-9-]+?)-d(?P<dim>\d+)b(?P<blocks>\d+)-f(?P<fraction>[0-9.]+)"
+                  r"-e(?P<epochs>\d+)-s(?P<seed>\d+)$")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """``"d32b2"`` -> (width 32, 2 blocks)."""
+    m = _SIZE.match(size)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise ValueError(f"size {size!r}: expected d<width>b<blocks>, e.g. d32b2")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    """One point of a sweep; its key names it everywhere (Dagster partition, MLflow run, points file)."""
+
+    backbone: str
+    dim: int
+    blocks: int
+    fraction: float
+    epochs: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.backbone}-d{self.dim}b{self.blocks}-f{self.fraction:g}-e{self.epochs}-s{self.seed}"
+
+    @property
+    def size(self) -> str:
+        return f"d{self.dim}b{self.blocks}"
+
+    @classmethod
+    def from_key(cls, key: str) -> "PointSpec":
+        m = _KEY.match(key)
+        if not m or m.group("backbone") not in BACKBONES:
+            raise ValueError(f"not a scaling point key: {key!r} (expected <backbone>-d<w>b<n>-f<fraction>-e<epochs>"
+                             f"-s<seed>, backbone one of {sorted(BACKBONES)})")
+        return cls(backbone=m.group("backbone"), dim=int(m.group("dim")), blocks=int(m.group("blocks")),
+                   fraction=float(m.group("fraction")), epochs=int(m.group("epochs")), seed=int(m.group("seed")))
+
+
+def grid(scaling: Any) -> list[PointSpec]:
+    """The points of the settings' study (``ScalingSettings``): every backbone at every size on all the data,
+    and the ``fraction_backbones`` also at every smaller data fraction (the L(N, D) surface and the
+    compute-optimal frontier need both axes; the backbone comparison needs only N)."""
+    unknown = sorted(set(scaling.backbones) - set(BACKBONES))
+    if unknown:
+        raise ValueError(f"unknown backbones {unknown}: choose from {sorted(BACKBONES)}")
+    sizes = [parse_size(s) for s in scaling.sizes]
+    points = []
+    for backbone in scaling.backbones:
+        fractions = scaling.data_fractions if backbone in scaling.fraction_backbones else [max(scaling.data_fractions)]
+        for fraction in sorted(set(fractions)):
+            for dim, blocks in sizes:
+                for seed in scaling.seeds:
+                    points.append(PointSpec(backbone, dim, blocks, float(fraction), scaling.epochs, seed))
+    return points
+
+
+def non_embedding_params(model: torch.nn.Module) -> int:
+    """Parameters outside the item / event-type / position tables."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if not (name.startswith("embeddings.") or name.startswith("pos_emb.")))
+
+
+@torch.inference_mode()
+def eval_loss(model: Any, seqs: Any, examples: Any, temperature: float, batch_size: int = 256) -> float:
+    """Mean full-catalogue softmax cross-entropy of the held-out targets (cosine logits / T)."""
+    model.eval()
+    items = model.all_item_embeddings()
+    total, n = 0.0, 0
+    for batch in iterate_batches(seqs, examples, batch_size):
+        h = model(batch.features, batch.timestamps, batch.query_timestamps)
+        user, target = h[batch.rank_mask], batch.target_ids[batch.rank_mask]
+        logits = user @ items.T / temperature  # [targets, V + 1]
+        logits[:, 0] = -math.inf  # padding is never a candidate
+        total += float(F.cross_entropy(logits, target, reduction="sum"))
+        n += len(target)
+    return total / max(n, 1)
+
+
+def user_fraction(df: pd.DataFrame, fraction: float, seed: int = 0) -> pd.DataFrame:
+    """The events of a deterministic ``fraction`` of the users. Subsets are nested: each fraction's users
+    include every smaller fraction's (one permutation, cut at different lengths), so D grows by adding data."""
+    if fraction >= 1.0:
+        return df
+    users = np.random.default_rng(seed).permutation(np.sort(df["user_id"].unique()))
+    keep = users[: max(2, int(round(len(users) * fraction)))]
+    return df[df["user_id"].isin(keep)]
+
+
+def point_recipe(spec: PointSpec, recipe: str, overrides: dict[str, Any] | None = None) -> Any:
+    """The resolved ``TrainConfig`` of a point: the study's recipe, its overrides, the backbone's switches and
+    the point's size. The backbone alone is measured (next-item loss only, one head, no early stop)."""
+    from models.recipe import resolve_recipe
+
+    return resolve_recipe(recipe, **{**(overrides or {}), **BACKBONES[spec.backbone], "dim": spec.dim,
+                                     "blocks": spec.blocks, "epochs": spec.epochs, "seed": spec.seed,
+                                     "heads": 1, "feedback_weight": 0.0, "patience": 0})
+
+
+def run_point(df: pd.DataFrame, spec: PointSpec, recipe: str, overrides: dict[str, Any] | None = None,
+              *, subset_seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Train one point on ``spec.fraction`` of the users of ``df``; measure it on every user (see the module
+    docstring). Returns the point's record (plain JSON types)."""
+    from models.evaluate import rank_targets, split_metrics
+    from models.train import make_split, train
+
+    cfg = point_recipe(spec, recipe, overrides)
+    part = user_fraction(df, spec.fraction, seed=subset_seed)
+    t0 = time.perf_counter()
+    # the whole catalogue, so the vocabulary (and what evaluation ranks) is the same at every fraction
+    result = train(part, cfg, progress=progress, catalogue=np.sort(df["item_id"].unique()))
+    train_s = time.perf_counter() - t0
+    seqs = with_targets(build_sequences(df, vocab=result.vocab), cfg.targets)
+    split = make_split(seqs, cfg)
+    test = split_metrics(rank_targets(result.model, seqs, split.test, batch_size=cfg.eval_batch_size),
+                         len(result.vocab), feedback=False)
+    n = non_embedding_params(result.model)
+    # input positions of the training windows (a window's last event is only a target), every epoch run
+    tokens = int(result.extra["train_tokens"]) * len(result.history)
+    return {
+        **asdict(spec), "key": spec.key, "size": spec.size,
+        "params": n, "params_all": int(result.num_params), "tokens": tokens, "compute": 6.0 * n * tokens,
+        "events": len(part), "users": int(part["user_id"].nunique()),
+        "eval_loss": eval_loss(result.model, seqs, split.valid, cfg.temperature),
+        "ndcg@10": float(test["ndcg@10"]), "hr@10": float(test["hr@10"]),
+        "best_epoch": int(result.best_epoch), "train_s": train_s, "wall_s": time.perf_counter() - t0,
+    }
+
+
+def run_points(df: pd.DataFrame, specs: Sequence[PointSpec], recipe: str, overrides: dict[str, Any] | None = None,
+               *, log: Callable[[str], None] = print, on_point: Callable[[dict], None] | None = None) -> list[dict]:
+    """Several points in this process, in order (the bench's road; Dagster runs one partition per point)."""
+    points = []
+    for i, spec in enumerate(specs, 1):
+        point = run_point(df, spec, recipe, overrides)
+        log(f"[{i}/{len(specs)}] {spec.key}: N={point['params']} D={point['tokens']} "
+            f"loss={point['eval_loss']:.4f} ndcg@10={point['ndcg@10']:.4f} ({point['wall_s']:.0f} s)")
+        points.append(point)
+        if on_point is not None:
+            on_point(point)
+    return points
 
 
 def power_law_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
@@ -43,135 +206,32 @@ def power_law_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
             "points": int(ok.sum())}
 
 
-@torch.inference_mode()
-def eval_loss(model: Any, seqs: Any, examples: Any, temperature: float, batch_size: int = 256) -> float:
-    """Mean full-catalogue softmax cross-entropy of the held-out targets (cosine logits / T)."""
-    model.eval()
-    items = model.all_item_embeddings()
-    total, n = 0.0, 0
-    for batch in iterate_batches(seqs, examples, batch_size):
-        h = model(batch.features, batch.timestamps, batch.query_timestamps)
-        user, target = h[batch.rank_mask], batch.target_ids[batch.rank_mask]
-        logits = user @ items.T / temperature
-        logits[:, 0] = -math.inf
-        total += float(F.cross_entropy(logits, target, reduction="sum"))
-        n += len(target)
-    return total / max(n, 1)
+CORPUS_COLUMNS = ["user_id", "item_id", "event_type", "timestamp_ms", "played_ratio"]
 
 
-def user_fraction(df: pd.DataFrame, fraction: float, seed: int = 0) -> pd.DataFrame:
-    if fraction >= 1.0:
-        return df
-    users = np.sort(df["user_id"].unique())
-    keep = np.random.default_rng(seed).choice(users, size=max(2, int(round(len(users) * fraction))), replace=False)
-    return df[df["user_id"].isin(keep)]
+def load_corpus(settings: Any) -> pd.DataFrame:
+    """The events a study trains on (``scaling.dataset``, see ``ScalingSettings``), in time order per user."""
+    sc = settings.scaling
+    if sc.dataset == "simulator":
+        from features.simulator import MusicWorld
 
+        df = MusicWorld(settings.simulator.model_copy(update={"users": sc.world_users})).history_frame()
+    elif sc.dataset == "platform":
+        from pathlib import Path
 
-def sweep(df: pd.DataFrame, base: Any, dims: Sequence[int], fractions: Sequence[float],
-          log: Callable[[str], None] = print, on_point: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train one model per (fraction, dim) from the ``TrainConfig`` ``base``; returns one row per point."""
-    from models.train import make_split, train
+        from features.feature_repo import interactions_source
+        from features.offline_store import read_interactions
 
-    points = []
-    for fraction in fractions:
-        part = user_fraction(df, fraction, seed=base.seed)
-        for dim in dims:
-            cfg = base.replace(dim=int(dim), patience=0)
-            t0 = time.perf_counter()
-            result = train(part, cfg, progress=False)
-            seqs = build_sequences(part, vocab=result.vocab)
-            split = make_split(seqs, cfg)
-            # input events of the training windows (each window's last event is only a target), every epoch
-            tokens = int(result.extra["train_tokens"]) * len(result.history)
-            point = {
-                "fraction": float(fraction), "dim": int(dim), "params": int(result.num_params),
-                "compute": 6.0 * result.num_params * tokens, "tokens": tokens, "events": len(part),
-                "eval_loss": eval_loss(result.model, seqs, split.valid, cfg.temperature),
-                "ndcg@10": float(result.test_metrics.get("ndcg@10", math.nan)),
-                "hr@10": float(result.test_metrics.get("hr@10", math.nan)),
-                "wall_s": time.perf_counter() - t0,
-            }
-            log(f"scaling point fraction={fraction} dim={dim}: params={point['params']} "
-                f"eval_loss={point['eval_loss']:.4f} ndcg@10={point['ndcg@10']:.4f}")
-            points.append(point)
-            if on_point is not None:
-                on_point(point)
-    return points
+        df = read_interactions(Path(interactions_source(settings).path), columns=CORPUS_COLUMNS)
+        if df.empty:
+            raise ValueError("scaling.dataset is platform but the offline store holds no interactions yet: "
+                             "replay and ingest first (encore run, or encore ingest)")
+    else:
+        from features.datasets import DATASETS, load_frame
 
-
-def fit_all(points: list[dict]) -> dict[str, dict[str, float]]:
-    x_params = [p["params"] for p in points]
-    x_compute = [p["compute"] for p in points]
-    return {
-        "eval_loss~params": power_law_fit(x_params, [p["eval_loss"] for p in points]),
-        "eval_loss~compute": power_law_fit(x_compute, [p["eval_loss"] for p in points]),
-        "ndcg@10~params": power_law_fit(x_params, [p["ndcg@10"] for p in points]),
-        "ndcg@10~compute": power_law_fit(x_compute, [p["ndcg@10"] for p in points]),
-    }
-
-
-def plot(points: list[dict], fits: dict[str, dict[str, float]], path: Path) -> Path:
-    from models.plots import _save, plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4))
-    for ax, (y, x) in zip(axes, (("eval_loss", "params"), ("ndcg@10", "compute"))):
-        for fraction in sorted({p["fraction"] for p in points}):
-            pts = [p for p in points if p["fraction"] == fraction]
-            ax.scatter([p[x] for p in pts], [p[y] for p in pts], label=f"data {fraction:g}")
-        fit = fits[f"{y}~{x}"]
-        if fit["b"] == fit["b"]:
-            xs = np.geomspace(min(p[x] for p in points), max(p[x] for p in points), 50)
-            ax.plot(xs, fit["a"] * xs ** fit["b"], "k--", label=f"{fit['a']:.3g}·x^{fit['b']:.3f} (R²={fit['r2']:.2f})")
-        ax.set(xscale="log", yscale="log", xlabel=x, ylabel=y, title=f"{y} vs {x}")
-        ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def run_study(df: pd.DataFrame, train_settings: Any, scaling: Any, *, out_dir: Path, tracking_uri: str | None,
-              experiment: str, artifact_root: Path | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The whole study: sweep, fits, plot, files under ``out_dir``, and one MLflow run (a child run per point)."""
-    from models.lifecycle.tracking import study_run
-    from models.recipe import recipe_from_settings
-
-    # the backbone alone (next-item loss only), whatever task the platform's recipe adds: the fits are of its loss
-    base = recipe_from_settings(train_settings, model=scaling.model, blocks=scaling.blocks, epochs=scaling.epochs,
-                                heads=1, feedback_weight=0.0)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    params = {"dims": list(scaling.dims), "fractions": list(scaling.data_fractions), "model": scaling.model,
-              "blocks": scaling.blocks, "epochs": scaling.epochs}
-    with (study_run(tracking_uri, experiment, run_name=f"scaling-{scaling.model}", params=params,
-                    artifact_root=artifact_root) if tracking_uri else contextlib.nullcontext()) as run:
-
-        def on_point(point: dict) -> None:
-            if run is not None:
-                run.log_point(f"d{point['dim']}-f{point['fraction']:g}",
-                              {"dim": point["dim"], "fraction": point["fraction"]},
-                              {k: v for k, v in point.items() if k not in ("dim", "fraction")})
-
-        points = sweep(df, base, scaling.dims, scaling.data_fractions, log=log, on_point=on_point)
-        fits = fit_all(points)
-        pd.DataFrame(points).to_csv(out_dir / "points.csv", index=False)
-        (out_dir / "fits.json").write_text(json.dumps(fits, indent=2))
-        png = plot(points, fits, out_dir / "scaling.png")
-        if run is not None:
-            run.log_result({f"{k.replace('~', '_vs_')}_{m}": v for k, f in fits.items()
-                            for m, v in f.items() if m in ("b", "r2")}, out_dir, "scaling")
-    return {"points": points, "fits": fits, "plot": str(png), "run_id": run.run_id if run is not None else "",
-            "dir": str(out_dir), "fits_markdown": _fits_md(fits), "points_markdown": _points_md(points)}
-
-
-def _fits_md(fits: dict[str, dict[str, float]]) -> str:
-    lines = ["| fit | a | exponent b | R² | points |", "|---|---|---|---|---|"]
-    for k, f in fits.items():
-        lines.append(f"| {k} | {f['a']:.4g} | {f['b']:.4f} | {f['r2']:.3f} | {f['points']} |")
-    return "\n".join(lines)
-
-
-def _points_md(points: list[dict]) -> str:
-    lines = ["| data | dim | params | compute | eval loss | NDCG@10 | s |", "|---|---|---|---|---|---|---|"]
-    for p in points:
-        lines.append(f"| {p['fraction']:g} | {p['dim']} | {p['params']} | {p['compute']:.3g} | {p['eval_loss']:.4f} "
-                     f"| {p['ndcg@10']:.4f} | {p['wall_s']:.1f} |")
-    return "\n".join(lines)
+        if sc.dataset not in DATASETS:
+            raise ValueError(f"scaling.dataset {sc.dataset!r}: use simulator, platform or one of {sorted(DATASETS)}")
+        if sc.dataset_dir is None:
+            raise ValueError(f"scaling.dataset {sc.dataset!r} needs scaling.dataset_dir (its files' folder)")
+        df = load_frame(sc.dataset, sc.dataset_dir)
+    return df[CORPUS_COLUMNS].sort_values(["user_id", "timestamp_ms"], kind="stable").reset_index(drop=True)

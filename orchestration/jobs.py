@@ -12,7 +12,7 @@ from orchestration.assets.ranking import (
     trained_ranker,
 )
 from orchestration.assets.rollouts import rollout_guard, rollout_step
-from orchestration.assets.studies import scaling_study
+from orchestration.assets.studies import scaling_corpus, scaling_laws, scaling_point
 from orchestration.assets.training import (
     champion_model,
     distributed_trained_model,
@@ -34,8 +34,15 @@ training_job = dg.define_asset_job(
 )
 
 
-scaling_job = dg.define_asset_job("scaling_job", selection=[training_dataset, scaling_study],
-                                  description="scaling study: sweep of model sizes and data fractions, power-law fits")
+# The scaling study in three jobs: a run of the partitioned one trains one point (encore study scaling, or
+# "materialise all partitions" in the UI, runs them all; points already trained are kept).
+scaling_plan_job = dg.define_asset_job("scaling_plan_job", selection=[scaling_corpus],
+                                       description="scaling study: freeze its events and add the grid's points "
+                                                   "as scaling_point partitions")
+scaling_point_job = dg.define_asset_job("scaling_point_job", selection=[scaling_point],
+                                        description="scaling study: train and measure one point (partition)")
+scaling_fit_job = dg.define_asset_job("scaling_fit_job", selection=[scaling_laws],
+                                      description="scaling study: fit the trained points' laws, plots to MLflow")
 
 
 ab_report_job = dg.define_asset_job("ab_report_job", selection=[ab_report], description="analyse the A/B test")

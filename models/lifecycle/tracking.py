@@ -3,7 +3,8 @@
 - :func:`tracking_uri` is the one rule for finding MLflow (explicit, configured, running, the sqlite file);
 - :func:`experiment_name`: one experiment per pipeline, ``<mlflow_experiment>-training``, ``-scaling``, ``-ab``;
 - :func:`training_run` / :func:`log_epoch`: the run open while a model trains (the registry finishes it);
-- :func:`study_run`: a parent run with one child run per point of a study (the scaling sweep);
+- :func:`log_study_point` / :func:`log_study_result`: a study's points, one run each, and its fits (the scaling
+  study), tagged with the study's name;
 - :func:`log_ab_report`: one run per A/B report, with the HTML, the JSON and the lifts.
 
 Metric names with ``@`` are logged with ``_at_`` (``hr@10`` -> ``hr_at_10``): MLflow allows no ``@``.
@@ -98,33 +99,33 @@ def log_epoch(row: dict[str, Any], step: int) -> None:
     mlflow.log_metrics(numeric_metrics({k: v for k, v in row.items() if k != "epoch"}), step=step)
 
 
-class StudyRun:
-    """The parent run of a study (see :func:`study_run`)."""
+STUDY_TAG = "encore.study"  # the study a scaling run belongs to
+POINT_TAG = "encore.study.point"  # a point's key (models.scaling.PointSpec.key); absent on the fits' run
 
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
 
-    def log_point(self, run_name: str, params: dict[str, Any], metrics: dict[str, Any]) -> None:
-        """One point of the sweep, as a child run."""
-        with mlflow.start_run(run_name=run_name, nested=True):
-            mlflow.log_params({k: _param(v) for k, v in params.items()})
-            mlflow.log_metrics(numeric_metrics(metrics))
+def log_study_point(tracking_uri: str, experiment: str, *, study: str, key: str, params: dict[str, Any],
+                    metrics: dict[str, Any], artifact_root: Path | None = None) -> str:
+    """One point of a study as its own run (points are trained one Dagster partition at a time, possibly on
+    different days): named by its key, tagged with the study. Returns the run id."""
+    use_experiment(tracking_uri, experiment, artifact_root)
+    with mlflow.start_run(run_name=key, tags={STUDY_TAG: study, POINT_TAG: key}) as run:
+        mlflow.log_params({k: _param(v) for k, v in params.items()})
+        mlflow.log_metrics(numeric_metrics(metrics))
+        mlflow.set_tag("git_revision", git_revision())
+        return run.info.run_id
 
-    def log_result(self, metrics: dict[str, Any], folder: Path, artifact_path: str) -> None:
-        """The study's own numbers (fits) and its output files."""
+
+def log_study_result(tracking_uri: str, experiment: str, *, study: str, params: dict[str, Any],
+                     metrics: dict[str, Any], folder: Path, artifact_path: str,
+                     artifact_root: Path | None = None) -> str:
+    """A study's fits: their numbers, and the folder of tables and plots as artefacts. Returns the run id."""
+    use_experiment(tracking_uri, experiment, artifact_root)
+    with mlflow.start_run(run_name=f"{study}-fits", tags={STUDY_TAG: study}) as run:
+        mlflow.log_params({k: _param(v) for k, v in params.items()})
         mlflow.log_metrics(numeric_metrics(metrics))
         mlflow.log_artifacts(str(folder), artifact_path)
-
-
-@contextmanager
-def study_run(tracking_uri: str, experiment: str, *, run_name: str, params: dict[str, Any],
-              artifact_root: Path | None = None) -> Iterator[StudyRun]:
-    """A parent run open while a study sweeps; ended (failed, on an exception) when the block exits."""
-    use_experiment(tracking_uri, experiment, artifact_root)
-    with mlflow.start_run(run_name=run_name) as run:
-        mlflow.log_params({k: _param(v) for k, v in params.items()})
         mlflow.set_tag("git_revision", git_revision())
-        yield StudyRun(run.info.run_id)
+        return run.info.run_id
 
 
 def log_ab_report(tracking_uri: str, experiment: str, *, run_name: str, html: Path, report: dict,

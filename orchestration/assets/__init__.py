@@ -3,7 +3,8 @@
     ingest       interactions_topic (Kafka, observable) └─ ingested_interactions (offline store + Feast online)
     training     training_dataset ─ trained_model ─ evaluation ─ registered_model ─ champion_model;
                  distributed_trained_model (torchrun through Dagster Pipes)
-    studies      scaling_study (sweep of sizes / data fractions, power-law fits)
+    studies      scaling_corpus ─ scaling_point (a partition per backbone x size x data x seed) ─ scaling_laws
+                 (saturating power-law fits with intervals, compute-optimal frontier, plots)
     experiments  exposures_topic (Kafka) + ingested_interactions └─ ab_report
     rollouts     experiment_store + exposures_topic + ingested_interactions └─ rollout_guard ─ rollout_step
                  (partitioned by experiment; blocking checks srm, guardrails on rollout_guard)
