@@ -207,6 +207,9 @@ def power_law_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
 
 
 CORPUS_COLUMNS = ["user_id", "item_id", "event_type", "timestamp_ms", "played_ratio"]
+# The simulated world's history ends here, not "now": the same settings give the same corpus on every day and
+# machine, so the points of a study trained on different days stay comparable (and are not retrained).
+SIMULATED_END_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 
 def load_corpus(settings: Any) -> pd.DataFrame:
@@ -215,7 +218,8 @@ def load_corpus(settings: Any) -> pd.DataFrame:
     if sc.dataset == "simulator":
         from features.simulator import MusicWorld
 
-        df = MusicWorld(settings.simulator.model_copy(update={"users": sc.world_users})).history_frame()
+        df = MusicWorld(settings.simulator.model_copy(update={"users": sc.world_users})).history_frame(
+            end_ms=SIMULATED_END_MS)
     elif sc.dataset == "platform":
         from pathlib import Path
 

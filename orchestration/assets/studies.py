@@ -104,7 +104,7 @@ def scaling_laws(context: dg.AssetExecutionContext, encore: EncoreResource, mlfl
     from models.lifecycle.tracking import SCALING, experiment_name, log_study_result
     from models.plots import md_image
     from models.scaling import grid
-    from models.scaling_laws import summarise, to_markdown, write_plots
+    from models.scaling_laws import plot_all, summarise, to_markdown
 
     settings = encore.settings()
     corpus = corpus_info(settings)
@@ -121,7 +121,7 @@ def scaling_laws(context: dg.AssetExecutionContext, encore: EncoreResource, mlfl
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(points)
     report = to_markdown(summary)
-    plots = write_plots(points, summary, out)
+    plots = plot_all(points, out)
     pd.DataFrame(points).to_csv(out / "points.csv", index=False)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     (out / "report.md").write_text(report)
@@ -165,11 +165,9 @@ def summary_metrics(summary: dict) -> dict[str, float]:
     """The headline numbers of a summary, flat, for MLflow (each backbone's exponent, R², extrapolation error)."""
     out: dict[str, float] = {}
     for backbone, b in summary.get("backbones", {}).items():
-        fit = b.get("loss_vs_params", {})
-        for k in ("alpha", "r2"):
-            if isinstance(fit.get(k), (int, float)):
-                out[f"{backbone}_{k}"] = float(fit[k])
-        ext = b.get("extrapolation", {})
-        if isinstance(ext.get("relative_error"), (int, float)):
-            out[f"{backbone}_extrapolation_error"] = float(ext["relative_error"])
+        fit, ext = b.get("L_N") or {}, b.get("extrapolation") or {}
+        for name, value in (("alpha", fit.get("alpha")), ("E", fit.get("E")), ("r2_log", fit.get("r2_log")),
+                            ("extrapolation_rel_error", ext.get("rel_error"))):
+            if isinstance(value, (int, float)):
+                out[f"{backbone}_{name}"] = float(value)
     return out
