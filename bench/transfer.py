@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(message, file=sys.stderr, flush=True)
 
     frames = load_domains(args.data_dir, args.max_users)
-    log(f"loaded {', '.join(f'{k}: {len(v)} events' for k, v in frames.items())} in {time.perf_counter() - started:.1f} s")
+    loaded = ", ".join(f"{k}: {len(v)} events" for k, v in frames.items())
+    log(f"loaded {loaded} in {time.perf_counter() - started:.1f} s")
     corpus = three_domain_corpus(frames, target="beauty", target_share=args.target_share, seed=0)
     rows = run_transfer(corpus, args.size_list, args.seeds, args.fraction, args.recipe,
                         pretrain_epochs=args.pretrain_epochs, finetune_epochs=args.finetune_epochs,

@@ -208,8 +208,10 @@ class TransferRow:
     best_epoch: int
     epochs: int  # epochs run
     steps: int
+    windows: int  # training windows of an epoch (one per user unless a history is longer than max_len)
     wall_s: float
-    epoch_s: float  # mean training seconds of an epoch (validation aside)
+    step_s: float  # mean seconds of a training step: a full epoch takes ~ step_s * ceil(windows / batch_size)
+    valid_s: float  # mean seconds an epoch spent after its steps (validation, test logging)
     params: int
     non_embedding_params: int
     tokens: int  # history positions processed, all epochs
@@ -230,13 +232,19 @@ def size_label(size: Mapping[str, Any]) -> str:
 
 
 def _row(size: str, arm: str, seed: int, result: Any, warm: WarmStartReport | None = None) -> TransferRow:
-    tokens = int(result.extra["train_tokens"]) * len(result.history)  # as models.scaling counts them
+    # history positions processed: an epoch's inputs per full epoch (as models.scaling counts them), pro rata
+    # for an epoch cut short by max_steps (an epoch is ceil(windows / batch_size) steps)
+    windows, steps = int(result.extra["train_windows"]), int(result.extra["steps"])
+    steps_per_epoch = -(-windows // result.config.batch_size)
+    tokens = round(int(result.extra["train_tokens"]) * steps / steps_per_epoch)
     n = non_embedding_params(result.model)
+    train_s = [h["train_s"] for h in result.history]
     return TransferRow(
         size=size, arm=arm, seed=seed,
         hr10=float(result.test_metrics.get("hr@10", np.nan)), ndcg10=float(result.test_metrics.get("ndcg@10", np.nan)),
-        best_epoch=int(result.best_epoch), epochs=len(result.history), steps=int(result.extra["steps"]),
-        wall_s=float(result.wall_s), epoch_s=float(np.mean([h["train_s"] for h in result.history])),
+        best_epoch=int(result.best_epoch), epochs=len(result.history), steps=steps, windows=windows,
+        wall_s=float(result.wall_s), step_s=float(sum(train_s) / max(steps, 1)),
+        valid_s=float(np.mean([h["epoch_s"] - h["train_s"] for h in result.history])),
         params=int(result.num_params), non_embedding_params=n, tokens=tokens, compute=6.0 * n * tokens,
         items=int(result.model.cfg.num_items), warm_start=warm, ranked=result.ranked.get("test"),
     )
@@ -280,20 +288,22 @@ def run_transfer(
         t0 = time.perf_counter()
         pre = train(corpus.pretrain, pre_cfg, progress=False, max_steps=pretrain_max_steps)
         assert pre is not None  # one process
-        rows.append(_row(label, "pretrain", pretrain_seed, pre))
-        log(f"transfer {label}: pre-trained in {time.perf_counter() - t0:.1f} s, {rows[-1].epochs} epochs "
-            f"({rows[-1].epoch_s:.1f} s each), N={rows[-1].non_embedding_params} non-embedding, "
-            f"C={rows[-1].compute:.3g}, test hr@10 {rows[-1].hr10:.4f}")
+        p = _row(label, "pretrain", pretrain_seed, pre)
+        rows.append(p)
+        log(f"transfer {label}: pre-trained in {time.perf_counter() - t0:.1f} s, {p.epochs} epochs, {p.steps} steps "
+            f"of {p.step_s:.3f} s, {p.valid_s:.1f} s validating per epoch; N={p.non_embedding_params} non-embedding, "
+            f"C={p.compute:.3g}, test hr@10 {p.hr10:.4f}")
         for seed in seeds:
             cfg = resolve_recipe(recipe, **{**common, **size, "seed": seed, "patience": 0,
                                             **({"epochs": finetune_epochs} if finetune_epochs else {})})
             warm = WarmStart(pre.model, pre.vocab)
             tuned = train(frame, cfg, progress=False, catalogue=corpus.target_items, init=warm)
             scratch = train(frame, cfg, progress=False, catalogue=corpus.target_items)
-            assert tuned is not None and scratch is not None
-            rows += [_row(label, "finetune", seed, tuned, warm.report), _row(label, "scratch", seed, scratch)]
+            report = warm.report
+            assert tuned is not None and scratch is not None and report is not None  # one process; init ran
+            rows += [_row(label, "finetune", seed, tuned, report), _row(label, "scratch", seed, scratch)]
             log(f"transfer {label} seed {seed}: fine-tuned hr@10 {tuned.test_metrics['hr@10']:.4f} ndcg@10 "
-                f"{tuned.test_metrics['ndcg@10']:.4f} ({warm.report.unseen} of {warm.report.items} items unseen in "
+                f"{tuned.test_metrics['ndcg@10']:.4f} ({report.unseen} of {report.items} items unseen in "
                 f"pre-training) vs scratch hr@10 {scratch.test_metrics['hr@10']:.4f} ndcg@10 "
                 f"{scratch.test_metrics['ndcg@10']:.4f}")
     return rows

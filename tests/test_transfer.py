@@ -9,10 +9,10 @@ import torch
 
 from bench.transfer import paired_gains, parse_size
 from features.datasets import AMAZON_END_MS, EVENT_COLUMNS
-from models.data import ItemVocab
+from models.data import ItemVocab, build_sequences
 from models.recipe import resolve_recipe
 from models.recommender import build_model
-from models.train import train
+from models.train import make_split, train
 from models.transfer import (ITEM_TABLE, DOMAIN_STRIDE, WarmStart, copy_pretrained, finetune_frame, qualify,
                              run_transfer, three_domain_corpus, unqualify)
 
@@ -134,6 +134,17 @@ def test_train_hook_is_called_once_and_changes_nothing_unused(corpus):
         assert torch.equal(looked.model.state_dict()[key], value), key
 
 
+def test_pretraining_cut_short_counts_the_tokens_it_processed(corpus):
+    rows = run_transfer(corpus, [{"dim": 8}], [0], 0.5, "hstu-beauty", pretrain_epochs=1, finetune_epochs=1,
+                        pretrain_max_steps=2, overrides={k: v for k, v in TINY.items() if k != "dim"},
+                        log=lambda _: None)
+    pre, full = rows[0], -(-rows[0].windows // 16)
+    assert pre.steps == 2 < full
+    cfg = resolve_recipe("hstu-beauty", **TINY)
+    inputs = make_split(build_sequences(corpus.pretrain), cfg).train.num_inputs  # one full epoch's tokens
+    assert pre.tokens == round(inputs * 2 / full) < inputs
+
+
 def test_run_transfer_end_to_end_with_paired_gains(corpus):
     sizes = [parse_size("dim=8"), parse_size("dim=12")]
     logs: list[str] = []
@@ -153,6 +164,7 @@ def test_run_transfer_end_to_end_with_paired_gains(corpus):
     pre = [r for r in rows if r.arm == "pretrain"]
     assert pre[0].non_embedding_params < pre[1].non_embedding_params and all(r.compute > 0 for r in pre)
     assert 6 * pre[0].non_embedding_params * pre[0].tokens == pre[0].compute
+    assert pre[0].steps == -(-pre[0].windows // 16)  # one full epoch of batches of 16
 
     stats = paired_gains(rows, draws=500)
     assert stats["sizes"] == ["dim=8", "dim=12"]
