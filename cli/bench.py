@@ -69,6 +69,16 @@ def bench_quality(args: tuple[str, ...]) -> None:
     run(list(args))
 
 
+@bench.command("transfer", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_transfer(args: tuple[str, ...]) -> None:
+    """Pre-train on three Amazon domains, fine-tune on Beauty, against Beauty from scratch: paired HR@10/NDCG@10
+    gains per model size with 95% intervals (see `python -m bench.transfer -h`)."""
+    from bench.transfer import main as run
+
+    run(list(args))
+
+
 @bench.command("ranking", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_ranking(args: tuple[str, ...]) -> None:

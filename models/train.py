@@ -467,6 +467,7 @@ def train(
     catalogue: np.ndarray | None = None,
     strategy: StepStrategy | None = None,
     max_steps: int | None = None,
+    init: Callable[[SequentialRecommender, ItemVocab], None] | None = None,
 ) -> TrainResult | None:
     """Train ``cfg.model`` on an events DataFrame (or prebuilt sequences); returns the best-validation model.
 
@@ -476,6 +477,11 @@ def train(
     ``models.distributed.ShardedSteps`` every rank runs this loop and only rank 0 returns the result (the
     others None). ``on_epoch(epoch, record)`` is called on every rank with the epoch's record.
     ``max_steps``: stop after that many steps (the epoch it ends counts as the last one).
+    ``init(model, vocab)``: called once on the freshly initialised model (on the CPU, with the run's item
+    vocabulary: dense row i is item ``vocab.raw_ids[i - 1]``) before the train module and optimiser are made,
+    to start from other weights, e.g. a pre-trained model's (``models.transfer.warm_start``). It changes
+    parameter values in place, never shapes. A run resumed from a checkpoint then loads the checkpoint's
+    weights over it.
     """
     cfg = cfg or resolve_recipe(BASE_RECIPE)
     strategy = strategy if strategy is not None else SingleProcess(resolve_device(cfg.device))
@@ -495,6 +501,8 @@ def train(
     # every CPU step reallocates the same large activations: keep them (models/cpu_memory.py)
     retain_freed_memory(strategy.device.type, enabled=cfg.retain_cpu_memory)
     model = build_model(cfg.model_config(len(seqs.vocab)))
+    if init is not None:
+        init(model, seqs.vocab)
     num_items = model.cfg.num_items
     feedback = model.feedback_head is not None  # the ARGUS head: its AUC joins each split's metrics
     num_params = sum(p.numel() for p in model.parameters())  # before sharding, which leaves each rank its rows
