@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 ENCORE := $(VENV)/bin/encore
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast ui clean bench-ingest help
+.PHONY: install run test test-fast ui scaling clean bench-ingest help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -23,6 +23,9 @@ test-fast: install  ## unit tests only
 
 ui: install  ## Dagster + MLflow UIs on the local data dir
 	@$(ENCORE) ui
+
+scaling: install  ## the scaling study's short profile (2 CPU cores, under an hour; docs/scaling.md)
+	@$(ENCORE) study scaling --profile short
 
 clean:  ## stop leftover services and delete the local data dir
 	-@$(ENCORE) services stop 2>/dev/null

@@ -206,11 +206,11 @@ class ScalingSettings(_Group):
                                      "generated here, the same on every machine), platform (the offline store's "
                                      "interactions), or a data set name of features.datasets read from dataset_dir")
     dataset_dir: Path | None = None
-    world_users: int = Field(default=3000, ge=10, description="users of the simulated world (dataset: simulator)")
+    world_users: int = Field(default=2000, ge=10, description="users of the simulated world (dataset: simulator)")
     backbones: list[str] = Field(default=["hstu", "sasrec", "gpt", "llama", "hstu-no-rab", "hstu-softmax",
                                           "hstu-no-gating"], min_length=1,
                                  description="models.scaling.BACKBONES: hstu, sasrec, gpt, llama and HSTU ablations")
-    sizes: list[str] = Field(default=["d8b1", "d16b1", "d24b2", "d32b2", "d48b3"], min_length=3,
+    sizes: list[str] = Field(default=["d8b1", "d16b1", "d24b2", "d32b2", "d48b2"], min_length=3,
                              description="model sizes, d<width>b<blocks>: non-embedding N over 1.5+ orders")
     data_fractions: list[float] = Field(default=[0.25, 0.5, 1.0], min_length=1,
                                         description="shares of the users the fraction_backbones also train on")

@@ -197,17 +197,26 @@ def mean_by_x(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     return ux, np.bincount(inv, weights=np.asarray(y, np.float64).ravel()) / np.bincount(inv)
 
 
-def _units(rows: Sequence[Point], group: str) -> tuple[str, list[list[Point]]]:
-    """What a replicate resamples: whole seeds when there are two or more, else single points."""
-    seeds = sorted({r[group] for r in rows}, key=str)
-    if len(seeds) >= 2:
-        return "seeds", [[r for r in rows if r[group] == s] for s in seeds]
-    return "points", [[r] for r in rows]
+def _cells(rows: Sequence[Point], x_key: str, group: str) -> tuple[str, list[list[Point]]]:
+    """The strata a replicate resamples. With two or more seeds at every x, each x's seeds are drawn with
+    replacement on their own (a stratified bootstrap: seed noise is independent from one size to the next, and k
+    seeds at m sizes give about C(2k-1, k)^m distinct replicates where drawing whole seeds gives C(2k-1, k), 3 for
+    k = 2); otherwise one stratum of all points, drawn with replacement."""
+    by_x: dict[Any, list[Point]] = {}
+    for r in rows:
+        by_x.setdefault(r[x_key], []).append(r)
+    if by_x and all(len({r[group] for r in c}) >= 2 for c in by_x.values()):
+        return "seeds within sizes", [sorted(c, key=lambda r: str(r[group])) for _, c in sorted(by_x.items())]
+    return "points", [list(rows)]
 
 
-def _refit(units: list[list[Point]], pick: np.ndarray, x_key: str, y_key: str,
+def _draw(cells: list[list[Point]], rng: np.random.Generator) -> list[np.ndarray]:
+    return [rng.integers(0, len(c), len(c)) for c in cells]
+
+
+def _refit(cells: list[list[Point]], picks: list[np.ndarray], x_key: str, y_key: str,
            fitter: Callable[..., PowerLawFit]) -> PowerLawFit:
-    rows = [r for i in pick for r in units[i]]
+    rows = [c[i] for c, pick in zip(cells, picks) for i in pick]
     return fitter(*mean_by_x([r[x_key] for r in rows], [r[y_key] for r in rows]))
 
 
@@ -215,19 +224,18 @@ def bootstrap(points: Sequence[Point], *, x_key: str = "params", y_key: str = "e
               n_boot: int = 1000, seed: int = 0, predict_at: Sequence[float] = (),
               fitter: Callable[..., PowerLawFit] = fit_power_law) -> BootstrapResult:
     """Percentile intervals (2.5 / 97.5) of alpha, E, A and of L at ``predict_at``, from ``n_boot`` refits on
-    seeds drawn with replacement (points drawn with replacement when there is one seed); each replicate
-    averages y over its drawn seeds at every x, like the point fit. Deterministic given ``seed``.
-
-    With k seeds there are only C(2k-1, k) distinct replicates (10 for k = 3): the intervals are coarse then.
+    each size's seeds drawn with replacement (points drawn with replacement when a size has one seed; see
+    ``_cells``); each replicate averages y over its drawn seeds at every x, like the point fit. Deterministic
+    given ``seed``. With two seeds a size the intervals are still coarse: cite those of three or more.
     """
     rows = list(points)
     full = fitter(*mean_by_x([r[x_key] for r in rows], [r[y_key] for r in rows]))
-    kind, units = _units(rows, group)
+    kind, cells = _cells(rows, x_key, group)
     rng = np.random.default_rng(seed)
     xs = np.asarray(predict_at, np.float64)
     params, preds, saturating = [], [], 0
     for _ in range(n_boot):
-        f = _refit(units, rng.integers(0, len(units), len(units)), x_key, y_key, fitter)
+        f = _refit(cells, _draw(cells, rng), x_key, y_key, fitter)
         if f.form == "none" or not math.isfinite(f.alpha):
             continue
         params.append((f.alpha, f.E, f.A))
@@ -261,30 +269,27 @@ class AlphaDifference:
 def compare_alpha(points_a: Sequence[Point], points_b: Sequence[Point], *, names: tuple[str, str] = ("a", "b"),
                   x_key: str = "params", y_key: str = "eval_loss", group: str = "seed", n_boot: int = 1000,
                   seed: int = 0, fitter: Callable[..., PowerLawFit] = fit_power_law) -> AlphaDifference:
-    """alpha(a) - alpha(b) with a percentile interval. Paired by seed when the two share two or more seeds
-    (each replicate draws seeds once and refits both on them: a seed's luck shared by both cancels), else
-    the two are resampled independently."""
+    """alpha(a) - alpha(b) with a percentile interval. Paired when both have the same seeds at each size (rank):
+    each replicate draws each size's seeds once and refits both on them, so a seed's luck shared by both cancels;
+    else the two are resampled independently."""
     a, b = list(points_a), list(points_b)
     fa = fitter(*mean_by_x([r[x_key] for r in a], [r[y_key] for r in a]))
     fb = fitter(*mean_by_x([r[x_key] for r in b], [r[y_key] for r in b]))
+    kind_a, ca = _cells(a, x_key, group)
+    kind_b, cb = _cells(b, x_key, group)
+    # paired: the same sizes (by rank) hold the same seeds in both, so one draw picks the same seeds for both
+    paired = (kind_a == kind_b == "seeds within sizes" and len(ca) == len(cb)
+              and all([r[group] for r in u] == [r[group] for r in v] for u, v in zip(ca, cb)))
     common = sorted({r[group] for r in a} & {r[group] for r in b}, key=str)
     rng = np.random.default_rng(seed)
     diffs = []
-    if len(common) >= 2:
-        ua = [[r for r in a if r[group] == s] for s in common]
-        ub = [[r for r in b if r[group] == s] for s in common]
-        for _ in range(n_boot):
-            pick = rng.integers(0, len(common), len(common))
-            diffs.append(_refit(ua, pick, x_key, y_key, fitter).alpha - _refit(ub, pick, x_key, y_key, fitter).alpha)
-    else:
-        _, ua = _units(a, group)
-        _, ub = _units(b, group)
-        for _ in range(n_boot):
-            da = _refit(ua, rng.integers(0, len(ua), len(ua)), x_key, y_key, fitter).alpha
-            diffs.append(da - _refit(ub, rng.integers(0, len(ub), len(ub)), x_key, y_key, fitter).alpha)
+    for _ in range(n_boot):
+        pa = _draw(ca, rng)
+        pb = pa if paired else _draw(cb, rng)
+        diffs.append(_refit(ca, pa, x_key, y_key, fitter).alpha - _refit(cb, pb, x_key, y_key, fitter).alpha)
     d = np.asarray(diffs, np.float64)
     return AlphaDifference(a=names[0], b=names[1], diff=fa.alpha - fb.alpha, interval=_interval(d),
-                           paired=len(common) >= 2, common_seeds=len(common), n_ok=int(np.isfinite(d).sum()))
+                           paired=paired, common_seeds=len(common), n_ok=int(np.isfinite(d).sum()))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_pure_power_law_fallback():
 def test_bootstrap_over_seeds_contains_the_truth_and_is_deterministic():
     rows = [p for p in grid(backbones=(("hstu", ALPHA),), seeds=(0, 1, 2, 3, 4)) if p["tokens"] == 1e9]
     a = bootstrap(rows, n_boot=200, seed=3, predict_at=[1e7, 1e8])
-    assert a.resampled == "seeds" and a.n_ok == 200 and a.fit.form == "saturating"
+    assert a.resampled == "seeds within sizes" and a.n_ok == 200 and a.fit.form == "saturating"
     assert a.alpha.contains(ALPHA) and a.alpha.hi - a.alpha.lo < 0.1
     assert a.E.contains(E + B * 1e9 ** -BETA)  # at fixed D the asymptote is E + B / D^beta
     assert a.predict[1].contains(float(law(1e8, 1e9))) and a.predict_x == (1e7, 1e8)
