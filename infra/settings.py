@@ -200,7 +200,7 @@ class ScalingSettings(_Group):
     blocks: int = Field(default=1, ge=1)
     data_fractions: list[float] = Field(default=[1.0], min_length=1)
     epochs: int = Field(default=2, ge=1)
-    model: Literal["hstu", "sasrec"] = "hstu"
+    model: Literal["hstu", "sasrec", "gpt", "llama"] = "hstu"
 
 
 class RegistrySettings(_Group):
