@@ -100,7 +100,10 @@ class HSTURankerConfig:
     def hstu(self) -> HSTUConfig:
         return HSTUConfig(dim=self.dim, blocks=self.blocks, heads=self.heads, attn_dim=self.attn_dim,
                           linear_dim=self.linear_dim, max_len=self.max_len, dropout=self.dropout,
-                          num_time_buckets=self.num_time_buckets)
+                          num_time_buckets=self.num_time_buckets,
+                          # the published block only: M-FALCON (encode_history / encode_candidates) implements its
+                          # SiLU attention with relative bias and U gating, not the HSTU ablations
+                          rab=True, attention="silu", gating=True)
 
 
 @dataclass

@@ -4,7 +4,8 @@ A recipe is a YAML file under ``models/configs/``. ``base.yaml`` states every ke
 every other recipe starts from another with ``base: <name or path>`` and states only what it changes (a
 dataset's protocol, a larger size, the synthetic world's learning rate), so each value has exactly one
 default and a variant reads as a diff. The classes that receive a recipe (``TrainConfig`` here,
-``models.recommender.ModelConfig``, ``HSTUConfig``, ``SASRecConfig``) declare no defaults of their own.
+``models.recommender.ModelConfig``, ``HSTUConfig``, ``SASRecConfig``, ``GPTConfig``, ``LlamaConfig``) declare no
+defaults of their own.
 
 Every road that trains resolves its recipe through ``resolve_recipe``: the Dagster training assets, ``encore
 train``, distributed training (``python -m models.distributed``), the scaling study and the benches. The
@@ -26,7 +27,8 @@ from typing import Any
 
 import yaml
 
-from models.recommender import ModelConfig
+from models.hstu import ATTENTIONS
+from models.recommender import MODELS, ModelConfig
 
 RECIPE_DIR = Path(__file__).parent / "configs"
 BASE_RECIPE = "base"
@@ -85,6 +87,9 @@ class TrainConfig:
     ffn_dim: int
     dropout: float
     num_time_buckets: int
+    hstu_rab: bool
+    hstu_attention: str
+    hstu_gating: bool
     # objective
     negatives: int
     temperature: float
@@ -160,12 +165,15 @@ class TrainConfig:
             ffn_dim=self.ffn_dim,
             dropout=self.dropout,
             num_time_buckets=self.num_time_buckets,
+            hstu_rab=self.hstu_rab,
+            hstu_attention=self.hstu_attention,
+            hstu_gating=self.hstu_gating,
             feedback_head=self.feedback_weight > 0,
             event_types=self.event_types,
         )
 
 
-CHOICES = {"model": ("hstu", "sasrec"), "targets": ("positive", "all"), "split": ("loo", "temporal"),
+CHOICES = {"model": MODELS, "hstu_attention": ATTENTIONS, "targets": ("positive", "all"), "split": ("loo", "temporal"),
            "seen_filter": ("history", "window"), "autocast": ("auto", "bf16", "off")}
 AT_LEAST = {"max_len": 2, "dim": 4, "blocks": 1, "heads": 1, "attn_dim": 0, "linear_dim": 0, "ffn_dim": 0,
             "num_time_buckets": 1, "negatives": 1, "feedback_weight": 0.0, "batch_size": 1, "weight_decay": 0.0,
@@ -183,6 +191,8 @@ def _violations(cfg: TrainConfig) -> list[tuple[str, str]]:
         out.append(("betas", "expected two values in [0, 1)"))
     if cfg.dim % cfg.heads:
         out.append(("heads", f"must divide dim ({cfg.dim})"))
+    elif cfg.model == "llama" and (cfg.dim // cfg.heads) % 2:
+        out.append(("heads", f"llama's rotary embedding needs an even dim // heads ({cfg.dim // cfg.heads})"))
     return out
 
 

@@ -4,14 +4,15 @@
 
     e_i   = EmbeddingCollection[item](item_id_i), e'_i = EmbeddingCollection[event_type](type_i)
     x_i   = sqrt(D) * (e_i + e'_i) + P[pos_i]               # then dropout; e'_i only with cfg.event_types
-    h     = encoder(x)                                      # HSTU or SASRec, causal, jagged [N, D]
+    h     = encoder(x)                                      # HSTU, SASRec, GPT or Llama: causal, jagged [N, D]
     u_i   = h_i / |h_i|                                     # user state after event i
     score = u_i . (e_j / |e_j|)                             # cosine with every item j
 
 The event type (listen / skip / like ...) is part of each history token: the ARGUS recipe keeps negative
 feedback in the history as context. ``event_types = False`` reads items only, as the published HSTU and
-SASRec setups do (their MovieLens protocol ignores the ratings). The optional feedback head predicts the
-reaction to a *given* next item.
+SASRec setups do (their MovieLens protocol ignores the ratings). P is a learned position table, except for an
+encoder that places positions itself (``learned_positions = False`` on its class: Llama's rotary embedding),
+which gets no table at all. The optional feedback head predicts the reaction to a *given* next item.
 
 ``Recommender`` is what the online service and the MLflow pyfunc (``models/lifecycle/pyfunc.py``) load:
 config.json + vocab.json + state_dict.pt (plain tensors: ``torch.load(weights_only=True)``, no pickle).
@@ -33,7 +34,9 @@ from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
 from features.events import EVENT_TYPE_CODES
 from models.data import FEATURE_KEYS, NUM_EVENT_TYPES, ItemVocab, batch_from_histories, jagged_positions
+from models.gpt import GPT, GPTConfig
 from models.hstu import HSTU, HSTUConfig
+from models.llama import Llama, LlamaConfig, swiglu_width
 from models.sasrec import SASRec, SASRecConfig
 
 FORMAT_VERSION = 1
@@ -42,6 +45,15 @@ FORMAT_VERSION = 1
 TABLE_DIM_MULTIPLE = 4
 # Below this catalogue size the exact matrix product beats any index (800 items: ~0.05 ms per user).
 ANN_MIN_ITEMS = 200_000
+# The encoders behind ``ModelConfig.model``: one forward signature, (x [N, D], offsets, timestamps,
+# query_timestamps) -> [N, D]. An encoder class may say ``learned_positions = False`` when it places positions
+# itself; without the attribute it reads the shared learned position table (HSTU and SASRec do).
+ENCODERS: dict[str, type[nn.Module]] = {"hstu": HSTU, "sasrec": SASRec, "gpt": GPT, "llama": Llama}
+MODELS = tuple(ENCODERS)
+# What a saved model lacking the HSTU ablation keys was: they came after the published HSTU, which is all an
+# older Encore could train, so such a config means exactly these values (and they mean nothing to the other
+# backbones). A fact about old files, not a recipe default: it must not follow base.yaml if that ever changes.
+PUBLISHED_HSTU = {"hstu_rab": True, "hstu_attention": "silu", "hstu_gating": True}
 
 
 def ann_index(items: np.ndarray, m: int = 32, ef_search: int = 128):  # noqa: ANN201 - a faiss index
@@ -59,7 +71,7 @@ class ModelConfig:
     """The model's part of a recipe (``models.recipe.TrainConfig.model_config``) plus the catalogue size; saved
     with every model. No defaults here: ``models/configs/base.yaml`` holds them."""
 
-    model: str  # hstu | sasrec
+    model: str  # hstu | sasrec | gpt | llama
     num_items: int  # V; dense item indices are 1..V, 0 is padding
     max_len: int
     dim: int
@@ -67,11 +79,24 @@ class ModelConfig:
     heads: int
     attn_dim: int  # HSTU d_qk per head; 0 = dim // heads
     linear_dim: int  # HSTU d_v per head; 0 = dim // heads
-    ffn_dim: int  # SASRec FFN width; 0 = dim
+    ffn_dim: int  # MLP width of SASRec / GPT / Llama; 0 = each one's own: D, 4 D, swiglu_width(D) (~8 D / 3)
     dropout: float
     num_time_buckets: int
+    hstu_rab: bool  # HSTU ablations (models.hstu): relative attention bias,
+    hstu_attention: str  # silu (pointwise, published) | softmax,
+    hstu_gating: bool  # and U gating
     feedback_head: bool  # ARGUS: P(positive reaction | history, next item)
     event_types: bool  # add the event-type embedding to each history token
+
+    def encoder_class(self) -> type[nn.Module]:
+        if self.model not in ENCODERS:
+            raise ValueError(f"unknown model {self.model!r} (expected one of {', '.join(MODELS)})")
+        return ENCODERS[self.model]
+
+    @property
+    def learned_positions(self) -> bool:
+        """Whether the inputs get the learned position table (every encoder but one that declares otherwise)."""
+        return getattr(self.encoder_class(), "learned_positions", True)
 
     def encoder(self) -> nn.Module:
         per_head = self.dim // self.heads
@@ -86,6 +111,9 @@ class ModelConfig:
                     max_len=self.max_len,
                     dropout=self.dropout,
                     num_time_buckets=self.num_time_buckets,
+                    rab=self.hstu_rab,
+                    attention=self.hstu_attention,
+                    gating=self.hstu_gating,
                 )
             )
         if self.model == "sasrec":
@@ -99,11 +127,19 @@ class ModelConfig:
                     dropout=self.dropout,
                 )
             )
-        raise ValueError(f"unknown model {self.model!r} (expected hstu or sasrec)")
+        if self.model == "gpt":
+            return GPT(GPTConfig(dim=self.dim, blocks=self.blocks, heads=self.heads,
+                                 ffn_dim=self.ffn_dim or 4 * self.dim, max_len=self.max_len, dropout=self.dropout))
+        if self.model == "llama":
+            return Llama(LlamaConfig(dim=self.dim, blocks=self.blocks, heads=self.heads,
+                                     ffn_dim=self.ffn_dim or swiglu_width(self.dim), max_len=self.max_len,
+                                     dropout=self.dropout))
+        raise ValueError(f"unknown model {self.model!r} (expected one of {', '.join(MODELS)})")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
+        d = {**PUBLISHED_HSTU, **d}  # only the ablation keys may be missing: see PUBLISHED_HSTU
         missing = sorted(known - set(d))
         if missing:  # a model saved by a version of Encore older than one of these keys: retrain it
             raise ValueError(f"saved model config lacks {missing}: it was saved by an older Encore; retrain it")
@@ -162,15 +198,19 @@ class SequentialRecommender(nn.Module):
             ],
             device=torch.device("cpu"),
         )
-        self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
+        # No table at all for an encoder that places positions itself: no weights that nothing reads. The others
+        # create it here, before the encoder, so their initialisation draws from the RNG in the same order.
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim) if cfg.learned_positions else None
         # The reference initialises positions differently per family: a truncated normal of std sqrt(1/D), which
         # its HSTU then overwrites with Xavier-normal (HSTU.reset_params re-initialises every parameter outside the
-        # blocks and the item table), while its SASRec keeps it.
-        if cfg.model == "hstu":
-            nn.init.xavier_normal_(self.pos_emb.weight)
-        else:
-            std = math.sqrt(1.0 / cfg.dim)
-            nn.init.trunc_normal_(self.pos_emb.weight, std=std, a=-2 * std, b=2 * std)
+        # blocks and the item table), while its SASRec keeps it. GPT takes SASRec's: the same inputs as SASRec,
+        # so the two differ in their block stacks only.
+        if self.pos_emb is not None:
+            if cfg.model == "hstu":
+                nn.init.xavier_normal_(self.pos_emb.weight)
+            else:
+                std = math.sqrt(1.0 / cfg.dim)
+                nn.init.trunc_normal_(self.pos_emb.weight, std=std, a=-2 * std, b=2 * std)
         self.input_dropout = nn.Dropout(cfg.dropout)
         self.encoder = cfg.encoder()
         self.feedback_head = FeedbackHead(cfg.dim) if cfg.feedback_head else None
@@ -186,14 +226,16 @@ class SequentialRecommender(nn.Module):
         items = emb["item_id"]
         lengths = items.lengths()
         offsets = items.offsets()
-        # position of each event inside its own sequence: 0, 1, ..., len-1 (counted from the start, so a
-        # later event never changes an earlier position: causality holds for the embeddings too)
-        _, pos = jagged_positions(offsets, lengths)
         d = self.cfg.dim
         tokens = items.values()[:, :d]  # [N, D] (the table may be stored wider: see table_dim)
         if self.cfg.event_types:
             tokens = tokens + emb["event_type"].values()[:, :d]
-        x = math.sqrt(d) * tokens + self.pos_emb(pos)
+        x = math.sqrt(d) * tokens
+        if self.pos_emb is not None:
+            # position of each event inside its own sequence: 0, 1, ..., len-1 (counted from the start, so a
+            # later event never changes an earlier position: causality holds for the embeddings too)
+            _, pos = jagged_positions(offsets, lengths)
+            x = x + self.pos_emb(pos)
         x = self.input_dropout(x)  # [N, D]
         h = self.encoder(x, offsets, timestamps, query_timestamps)  # [N, D]
         return _l2(h)
@@ -211,7 +253,19 @@ class SequentialRecommender(nn.Module):
 
     def all_item_embeddings(self) -> torch.Tensor:
         """[V + 1, D]; row 0 is padding and must be masked by callers."""
-        return self.item_embeddings(torch.arange(self.cfg.num_items + 1, device=self.pos_emb.weight.device))
+        device = next(self.encoder.parameters()).device  # the encoder always has weights; pos_emb may not exist
+        return self.item_embeddings(torch.arange(self.cfg.num_items + 1, device=device))
+
+    def non_embedding_params(self) -> int:
+        """Parameters outside the embedding tables: the encoder (HSTU's relative attention bias included: it is
+        part of each block) and the heads; not the item, event-type or position tables.
+
+        Scaling laws are stated in this count (Kaplan et al., 2020, "N excludes embeddings"): the tables grow
+        with the catalogue and the history length rather than with the model's capacity to compute, and at
+        recommender sizes they dominate the total (``TrainResult.num_params`` counts everything)."""
+        tables = [m for m in (self.embeddings, self.pos_emb) if m is not None]
+        skip = {id(p) for m in tables for p in m.parameters()}
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
     def feedback_logits(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         if self.feedback_head is None:

@@ -1169,7 +1169,8 @@ elif sys.argv[1] == "declined":  # a GPU trainer, or a config with retain_cpu_me
     assert not retain_freed_memory("cuda") and not retain_freed_memory("cpu", enabled=False)
 torch.manual_seed(0)
 B, n = 128, 200  # an ML-1M batch for HSTU-large: [128, 2, 200, 200] attention maps, 40 MB each
-model = HSTU(HSTUConfig(dim=50, blocks=1, heads=2, attn_dim=25, linear_dim=25, max_len=200, dropout=0.2, num_time_buckets=128))
+model = HSTU(HSTUConfig(dim=50, blocks=1, heads=2, attn_dim=25, linear_dim=25, max_len=200, dropout=0.2, num_time_buckets=128,
+                         rab=True, attention="silu", gating=True))
 x = torch.randn(B * n, 50, requires_grad=True)
 offsets = torch.arange(0, B * n + 1, n)
 t = torch.arange(B * n) * 60
