@@ -106,12 +106,6 @@ def grid(scaling: Any) -> list[PointSpec]:
     return points
 
 
-def non_embedding_params(model: torch.nn.Module) -> int:
-    """Parameters outside the item / event-type / position tables."""
-    return sum(p.numel() for name, p in model.named_parameters()
-               if not (name.startswith("embeddings.") or name.startswith("pos_emb.")))
-
-
 @torch.inference_mode()
 def eval_loss(model: Any, seqs: Any, examples: Any, temperature: float, batch_size: int = 256) -> float:
     """Mean full-catalogue softmax cross-entropy of the held-out targets (cosine logits / T)."""
@@ -165,7 +159,7 @@ def run_point(df: pd.DataFrame, spec: PointSpec, recipe: str, overrides: dict[st
     split = make_split(seqs, cfg)
     test = split_metrics(rank_targets(result.model, seqs, split.test, batch_size=cfg.eval_batch_size),
                          len(result.vocab), feedback=False)
-    n = non_embedding_params(result.model)
+    n = result.model.non_embedding_params()
     # input positions of the training windows (a window's last event is only a target), every epoch run
     tokens = int(result.extra["train_tokens"]) * len(result.history)
     return {

@@ -186,11 +186,6 @@ class WarmStart:
         self.report = copy_pretrained(model, vocab, self.source, self.source_vocab)
 
 
-def non_embedding_params(model: SequentialRecommender) -> int:
-    """Parameters outside the EmbeddingCollection (encoder, positions, heads): the N of C ~ 6 N tokens."""
-    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(EMBEDDING_PREFIX))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The experiment
 # ----------------------------------------------------------------------------------------------------------
@@ -237,7 +232,7 @@ def _row(size: str, arm: str, seed: int, result: Any, warm: WarmStartReport | No
     windows, steps = int(result.extra["train_windows"]), int(result.extra["steps"])
     steps_per_epoch = -(-windows // result.config.batch_size)
     tokens = round(int(result.extra["train_tokens"]) * steps / steps_per_epoch)
-    n = non_embedding_params(result.model)
+    n = result.model.non_embedding_params()
     train_s = [h["train_s"] for h in result.history]
     return TransferRow(
         size=size, arm=arm, seed=seed,
@@ -310,4 +305,4 @@ def run_transfer(
 
 
 __all__ = ["ARMS", "Corpus", "DOMAIN_STRIDE", "TransferRow", "WarmStart", "WarmStartReport", "copy_pretrained",
-           "finetune_frame", "non_embedding_params", "qualify", "run_transfer", "three_domain_corpus", "unqualify"]
+           "finetune_frame", "qualify", "run_transfer", "three_domain_corpus", "unqualify"]
