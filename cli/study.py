@@ -37,7 +37,7 @@ def study_group() -> None:
               help="a preset grid: short (the defaults: 2 CPU cores, under an hour) or full (GPU-sized)")
 @click.option("--name", default=None, help="the study's name (its files and MLflow tag); default: the profile's")
 @click.option("--backbones", default=None, help="comma-separated, of hstu, sasrec, gpt, llama, hstu-no-rab, "
-              "hstu-softmax, hstu-no-gating")
+              "hstu-softmax, hstu-no-gating, argus")
 @click.option("--sizes", default=None, help="comma-separated d<width>b<blocks>, e.g. d8b1,d16b1,d32b2")
 @click.option("--fractions", default=None, help="comma-separated data fractions in (0, 1]")
 @click.option("--seeds", default=None, help="comma-separated seeds")
@@ -52,10 +52,8 @@ def study_scaling(data_dir: str | None, profile: str | None, name: str | None, b
     with bootstrap intervals, check the largest size's prediction, fit L(N, D) and the compute-optimal
     frontier; the report, tables and plots go to MLflow (experiment <mlflow_experiment>-scaling), to the
     scaling_laws asset in the Dagster UI and to studies/scaling/<name>/fits/ under the data dir."""
-    from tqdm import tqdm
-
-    from cli.jobs import dagster_instance, run_job
-    from orchestration.assets.studies import corpus_info, point_file
+    from infra.services import EmbeddedServices
+    from models.lifecycle.tracking import tracking_uri
 
     try:
         settings = study_settings(
@@ -64,10 +62,30 @@ def study_scaling(data_dir: str | None, profile: str | None, name: str | None, b
             dataset_dir=dataset_dir)
     except ValueError as e:  # pydantic's ValidationError is one
         raise click.BadParameter(str(e)) from e
+    try:
+        uri = tracking_uri(settings, file_fallback=False)
+    except RuntimeError:
+        uri = None
+    if uri:
+        _scaling(settings, uri, fit_only)
+    else:  # nothing running: bring the embedded MLflow server up for this command
+        with EmbeddedServices(settings) as svc:
+            _scaling(settings, svc.mlflow_uri, fit_only)
+
+
+def _scaling(settings: EncoreSettings, uri: str, fit_only: bool) -> None:
+    """The study's three jobs on the data dir's instance, every point not trained yet (see the module docstring)."""
+    from tqdm import tqdm
+
+    from cli.jobs import dagster_instance, run_job
+    from orchestration.assets.studies import corpus_info, point_file
+    from orchestration.resources import MLflowResource
+
     instance = dagster_instance(settings)
+    mlflow = {"mlflow_server": MLflowResource(tracking_uri=uri)}
     t0 = time.monotonic()
     if not fit_only:
-        if not run_job(settings, "scaling_plan_job", instance, raise_on_error=False).success:
+        if not run_job(settings, "scaling_plan_job", instance, resources=mlflow, raise_on_error=False).success:
             raise click.ClickException("scaling_plan_job failed (see the run in the Dagster UI)")
         corpus = corpus_info(settings)
         done = {k for k in corpus["points"] if point_file(settings, k).exists()
@@ -77,12 +95,12 @@ def study_scaling(data_dir: str | None, profile: str | None, name: str | None, b
                    f"({corpus['dataset']}), {len(done)} already trained, {len(todo)} to train", err=True)
         failed = []
         for key in tqdm(todo, desc="scaling points", unit="point"):
-            if not run_job(settings, "scaling_point_job", instance, partition_key=key, log_level="WARNING",
-                           raise_on_error=False).success:
+            if not run_job(settings, "scaling_point_job", instance, resources=mlflow, partition_key=key,
+                           log_level="WARNING", raise_on_error=False).success:
                 failed.append(key)
         if failed:
             click.echo(f"{len(failed)} points failed (first: {failed[0]}); see their runs in the Dagster UI", err=True)
-    result = run_job(settings, "scaling_fit_job", instance, raise_on_error=False)
+    result = run_job(settings, "scaling_fit_job", instance, resources=mlflow, raise_on_error=False)
     if not result.success:
         raise click.ClickException("scaling_fit_job failed (see the run in the Dagster UI)")
     laws = result.output_for_node("scaling_laws")

@@ -208,8 +208,9 @@ class ScalingSettings(_Group):
     dataset_dir: Path | None = None
     world_users: int = Field(default=2000, ge=10, description="users of the simulated world (dataset: simulator)")
     backbones: list[str] = Field(default=["hstu", "sasrec", "gpt", "llama", "hstu-no-rab", "hstu-softmax",
-                                          "hstu-no-gating"], min_length=1,
-                                 description="models.scaling.BACKBONES: hstu, sasrec, gpt, llama and HSTU ablations")
+                                          "hstu-no-gating", "argus"], min_length=1,
+                                 description="models.scaling.BACKBONES: hstu, sasrec, gpt, llama, HSTU ablations and "
+                                             "argus (HSTU with the feedback task)")
     sizes: list[str] = Field(default=["d8b1", "d16b1", "d24b2", "d32b2", "d48b2"], min_length=3,
                              description="model sizes, d<width>b<blocks>: non-embedding N over 1.5+ orders")
     data_fractions: list[float] = Field(default=[0.25, 0.5, 1.0], min_length=1,

@@ -9,7 +9,8 @@ and records
 - D: training tokens, the history positions processed over all epochs (each window's inputs),
 - C ~ 6 N D, the training compute,
 - the evaluation loss: the *exact* full-catalogue softmax cross-entropy of every user's held-out (validation)
-  target at temperature T, and test NDCG@10 / HR@10.
+  target at temperature T, and test NDCG@10 / HR@10;
+- with ARGUS's feedback task (backbone ``argus``): the held-out log loss and AUC of P(positive | next item).
 
 Every point is evaluated on *all* users' held-out targets, whatever fraction of users it trained on: a
 sequential model has no user table, a history is only its input, so the evaluation set (and the catalogue it
@@ -44,6 +45,8 @@ BACKBONES: dict[str, dict[str, Any]] = {
     "hstu-no-rab": {"model": "hstu", "hstu_rab": False},
     "hstu-softmax": {"model": "hstu", "hstu_attention": "softmax"},
     "hstu-no-gating": {"model": "hstu", "hstu_gating": False},
+    # ARGUS: HSTU with its second task, P(positive reaction | history, next item); its feedback loss is fitted too
+    "argus": {"model": "hstu", "feedback_weight": 0.5},
 }
 
 _SIZE = re.compile(r"^d(\d+)b(\d+)$")
@@ -134,19 +137,19 @@ def user_fraction(df: pd.DataFrame, fraction: float, seed: int = 0) -> pd.DataFr
 
 def point_recipe(spec: PointSpec, recipe: str, overrides: dict[str, Any] | None = None) -> Any:
     """The resolved ``TrainConfig`` of a point: the study's recipe, its overrides, the backbone's switches and
-    the point's size. The backbone alone is measured (next-item loss only, one head, no early stop)."""
+    the point's size. One head, no early stop, and the next-item task alone unless the backbone adds ARGUS's."""
     from models.recipe import resolve_recipe
 
-    return resolve_recipe(recipe, **{**(overrides or {}), **BACKBONES[spec.backbone], "dim": spec.dim,
-                                     "blocks": spec.blocks, "epochs": spec.epochs, "seed": spec.seed,
-                                     "heads": 1, "feedback_weight": 0.0, "patience": 0})
+    return resolve_recipe(recipe, **{**(overrides or {}), "heads": 1, "feedback_weight": 0.0, "patience": 0,
+                                     **BACKBONES[spec.backbone], "dim": spec.dim, "blocks": spec.blocks,
+                                     "epochs": spec.epochs, "seed": spec.seed})
 
 
 def run_point(df: pd.DataFrame, spec: PointSpec, recipe: str, overrides: dict[str, Any] | None = None,
               *, subset_seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """Train one point on ``spec.fraction`` of the users of ``df``; measure it on every user (see the module
     docstring). Returns the point's record (plain JSON types)."""
-    from models.evaluate import rank_targets, split_metrics
+    from models.evaluate import auc, rank_targets, split_metrics
     from models.train import make_split, train
 
     cfg = point_recipe(spec, recipe, overrides)
@@ -160,6 +163,12 @@ def run_point(df: pd.DataFrame, spec: PointSpec, recipe: str, overrides: dict[st
     test = split_metrics(rank_targets(result.model, seqs, split.test, batch_size=cfg.eval_batch_size),
                          len(result.vocab), feedback=False)
     n = result.model.non_embedding_params()
+    feedback = {}
+    if result.model.feedback_head is not None:  # ARGUS: the second task's held-out log loss and AUC
+        ranked = rank_targets(result.model, seqs, split.valid, batch_size=cfg.eval_batch_size)
+        logits, labels = torch.from_numpy(ranked.feedback_logits), torch.from_numpy(ranked.feedback_labels).double()
+        feedback = {"feedback_loss": float(F.binary_cross_entropy_with_logits(logits, labels)),
+                    "feedback_auc": float(auc(ranked.feedback_logits, ranked.feedback_labels))}
     # input positions of the training windows (a window's last event is only a target), every epoch run
     tokens = int(result.extra["train_tokens"]) * len(result.history)
     return {
@@ -168,7 +177,7 @@ def run_point(df: pd.DataFrame, spec: PointSpec, recipe: str, overrides: dict[st
         "events": len(part), "users": int(part["user_id"].nunique()),
         "eval_loss": eval_loss(result.model, seqs, split.valid, cfg.temperature),
         "ndcg@10": float(test["ndcg@10"]), "hr@10": float(test["hr@10"]),
-        "best_epoch": int(result.best_epoch), "train_s": train_s, "wall_s": time.perf_counter() - t0,
+        **feedback, "best_epoch": int(result.best_epoch), "train_s": train_s, "wall_s": time.perf_counter() - t0,
     }
 
 

@@ -570,8 +570,23 @@ def summarise(points: Sequence[Point], *, reference: str = "hstu", n_boot: int =
             if name != reference:
                 comparisons.append(compare_alpha(ref_rows, _near_max(rows, "tokens"), names=(reference, name),
                                                  n_boot=n_boot, seed=seed).to_dict())
+    # ARGUS's second task: does its held-out feedback log loss follow a power law in N too?
+    feedback = {name: feedback_summary(rows, n_boot=n_boot, seed=seed) for name, rows in sorted(by_bb.items())
+                if all(r.get("feedback_loss") is not None for r in rows)}
     return _jsonable({"reference": reference, "n_boot": n_boot, "seed": seed, "r2_threshold": r2_threshold,
-                      "r2_on": "log L", "backbones": backbones, "comparisons": comparisons})
+                      "r2_on": "log L", "backbones": backbones, "comparisons": comparisons, "feedback": feedback})
+
+
+def feedback_summary(rows: Sequence[Point], *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The feedback task's log loss against N at the largest data size: fit, bootstrap of alpha, extrapolation."""
+    at_d = _near_max(rows, "tokens")
+    x, y = [r["params"] for r in at_d], [r["feedback_loss"] for r in at_d]
+    fit = fit_power_law(*mean_by_x(x, y))
+    boot = bootstrap(at_d, y_key="feedback_loss", n_boot=n_boot, seed=seed)
+    return {"L_N": fit.to_dict(), "alpha": boot.to_dict()["alpha"], "extrapolation": extrapolation_check(x, y).to_dict(),
+            "by_size": [{"params": n, "feedback_loss": float(np.mean([r["feedback_loss"] for r in at_d if r["params"] == n])),
+                         "feedback_auc": float(np.mean([r.get("feedback_auc", math.nan) for r in at_d if r["params"] == n]))}
+                        for n in sorted(set(x))]}
 
 
 def _f(v: Any, fmt: str = ".4g") -> str:
@@ -623,6 +638,14 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
             out.append(f"| {c['b']} | {_f(c['diff'], '+.4f')} | [{_f(c['interval']['lo'], '+.4f')}, "
                        f"{_f(c['interval']['hi'], '+.4f')}] | {'yes' if c['paired'] else 'no'} | "
                        f"{c['common_seeds']} |")
+    for name, fb in (summary.get("feedback") or {}).items():
+        f, ci, e = fb["L_N"], fb["alpha"], fb["extrapolation"]
+        out += ["", f"{name}: the feedback task's held-out log loss L_fb(N) = E + A·N^-α", "",
+                "| form | E | A | α | α 95% CI | R² (log L) | extrapolation error | AUC by size |",
+                "|---|---|---|---|---|---|---|---|",
+                f"| {f['form']} | {_f(f['E'])} | {_f(f['A'])} | {_f(f['alpha'])} | [{_f(ci['lo'])}, {_f(ci['hi'])}] | "
+                f"{_f(f['r2_log'], '.3f')} | {_f(None if e['rel_error'] is None else 100 * e['rel_error'], '+.2f')}% | "
+                + ", ".join(_f(b["feedback_auc"], ".3f") for b in fb["by_size"]) + " |"]
     return "\n".join(out) + "\n"
 
 

@@ -161,3 +161,16 @@ def test_summarise_markdown_and_plots(tmp_path):
                           "isoflop_sasrec"}
     for p in paths.values():
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+def test_feedback_loss_of_a_two_task_backbone_is_fitted_too():
+    points = grid(backbones=(("hstu", ALPHA), ("argus", ALPHA)))
+    for p in points:
+        if p["backbone"] == "argus":  # the feedback task's own law: 0.4 + 2 N^-0.2
+            p["feedback_loss"], p["feedback_auc"] = 0.4 + 2.0 * p["params"] ** -0.2, 0.7
+    summary = summarise(points, n_boot=60)
+    assert set(summary["feedback"]) == {"argus"}  # only backbones whose every point has the task
+    fb = summary["feedback"]["argus"]
+    assert abs(fb["L_N"]["alpha"] - 0.2) < 0.01 and abs(fb["extrapolation"]["rel_error"]) < 1e-3
+    assert fb["alpha"]["lo"] <= 0.2 + 1e-3 and fb["by_size"][0]["feedback_auc"] == pytest.approx(0.7)
+    assert "argus: the feedback task's held-out log loss" in to_markdown(summary)
