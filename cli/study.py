@@ -6,6 +6,7 @@ stop it and run it again, it goes on where it stopped), then ``scaling_laws``.""
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -81,6 +82,8 @@ def _scaling(settings: EncoreSettings, uri: str, fit_only: bool) -> None:
     from orchestration.assets.studies import corpus_info, point_file
     from orchestration.resources import MLflowResource
 
+    # stdout is the study's report: not a "View run" line per point (MLflow prints them on every run's end)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     instance = dagster_instance(settings)
     mlflow = {"mlflow_server": MLflowResource(tracking_uri=uri)}
     t0 = time.monotonic()

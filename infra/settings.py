@@ -206,19 +206,21 @@ class ScalingSettings(_Group):
                                      "generated here, the same on every machine), platform (the offline store's "
                                      "interactions), or a data set name of features.datasets read from dataset_dir")
     dataset_dir: Path | None = None
-    world_users: int = Field(default=2000, ge=10, description="users of the simulated world (dataset: simulator)")
+    world_users: int = Field(default=2500, ge=10, description="users of the simulated world (dataset: simulator); a "
+                             "fifth are held out of training as every point's evaluation set")
     backbones: list[str] = Field(default=["hstu", "sasrec", "gpt", "llama", "hstu-no-rab", "hstu-softmax",
                                           "hstu-no-gating", "argus"], min_length=1,
                                  description="models.scaling.BACKBONES: hstu, sasrec, gpt, llama, HSTU ablations and "
                                              "argus (HSTU with the feedback task)")
-    sizes: list[str] = Field(default=["d8b1", "d16b1", "d24b2", "d32b2", "d48b2"], min_length=3,
+    sizes: list[str] = Field(default=["d16b1", "d24b2", "d32b2", "d48b2", "d64b3"], min_length=3,
                              description="model sizes, d<width>b<blocks>: non-embedding N over 1.5+ orders")
     data_fractions: list[float] = Field(default=[0.25, 0.5, 1.0], min_length=1,
                                         description="shares of the users the fraction_backbones also train on")
     fraction_backbones: list[str] = Field(default=["hstu"], description="backbones swept over data_fractions too "
                                           "(for L(D), the L(N, D) surface and the compute-optimal frontier)")
     seeds: list[int] = Field(default=[0, 1], min_length=1)
-    epochs: int = Field(default=3, ge=1, description="epochs of every point (no early stop)")
+    epochs: int = Field(default=4, ge=1, description="epochs of every point (no early stop; the best validation "
+                        "epoch's weights are measured)")
     recipe: str = Field(default="default", min_length=1, description="the recipe every point starts from")
     overrides: dict[str, Any] = Field(default_factory=dict, description="recipe keys for every point, e.g. "
                                       "{device: cuda, max_len: 200}")

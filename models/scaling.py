@@ -8,13 +8,15 @@ and records
   grows with the catalogue, not with the model's capacity to model sequences), and all parameters,
 - D: training tokens, the history positions processed over all epochs (each window's inputs),
 - C ~ 6 N D, the training compute,
-- the evaluation loss: the *exact* full-catalogue softmax cross-entropy of every user's held-out (validation)
-  target at temperature T, and test NDCG@10 / HR@10;
+- the evaluation loss: the *exact* full-catalogue softmax cross-entropy of the held-out users' next events at
+  temperature T, and NDCG@10 / HR@10 of their last events;
 - with ARGUS's feedback task (backbone ``argus``): the held-out log loss and AUC of P(positive | next item).
 
-Every point is evaluated on *all* users' held-out targets, whatever fraction of users it trained on: a
-sequential model has no user table, a history is only its input, so the evaluation set (and the catalogue it
-ranks) is the same for every point and differences in loss are differences of the models. Points are
+Every point is evaluated on the same held-out users (``HELDOUT_SHARE`` of them, never trained on by any point),
+whatever fraction of the others it trained on: a sequential model has no user table, a history is only its
+input, so the evaluation set (and the catalogue it ranks) is the same for every point and differences in loss
+are differences of the models. The loss reads every next event of each held-out user's last ``max_len + 1``
+(tens of targets per user, so its noise is small); NDCG@10 and HR@10 rank each held-out user's last event. Points are
 independent and named by their spec (:meth:`PointSpec.key`), so a sweep is resumable one point at a time
 (the Dagster ``scaling_point`` partitions). The fits live in ``models.scaling_laws``.
 """
@@ -109,20 +111,56 @@ def grid(scaling: Any) -> list[PointSpec]:
     return points
 
 
+HELDOUT_SHARE = 0.2  # of the users: never trained on by any point, the evaluation set of all of them
+HELDOUT_SEED = 12345  # the held-out users are the same for every point of every study on the same corpus
+
+
+def split_users(df: pd.DataFrame, share: float = HELDOUT_SHARE, seed: int = HELDOUT_SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the training users' events, the held-out users' events): a fixed draw of ``share`` of the users."""
+    users = np.random.default_rng(seed).permutation(np.sort(df["user_id"].unique()))
+    held = df["user_id"].isin(users[: max(1, int(round(len(users) * share)))])
+    return df[~held], df[held]
+
+
+def heldout_windows(seqs: Any, max_len: int) -> Any:
+    """Each held-out user's last ``max_len + 1`` events as one window whose every positive target counts: the
+    loss is measured on about ``max_len`` next events per user (a low-noise estimate), not on one."""
+    from models.data import Examples, RANK_ALL_POSITIVES
+
+    end = seqs.offsets[1:]
+    start = np.maximum(seqs.offsets[:-1], end - (max_len + 1))
+    keep = end - start >= 2
+    start, end = start[keep], end[keep]
+    return Examples(start, end, np.full(len(start), RANK_ALL_POSITIVES, np.int64), start + 1, start.copy())
+
+
 @torch.inference_mode()
-def eval_loss(model: Any, seqs: Any, examples: Any, temperature: float, batch_size: int = 256) -> float:
-    """Mean full-catalogue softmax cross-entropy of the held-out targets (cosine logits / T)."""
+def eval_loss(model: Any, seqs: Any, examples: Any, temperature: float, batch_size: int = 256) -> dict[str, float]:
+    """Mean full-catalogue softmax cross-entropy of every ranked target of ``examples`` (cosine logits / T) and,
+    with ARGUS's feedback head, the mean log loss and AUC of P(positive | history, next item) on the same
+    positions."""
+    from models.evaluate import auc
+
     model.eval()
-    items = model.all_item_embeddings()
-    total, n = 0.0, 0
+    items = model.all_item_embeddings()  # [V + 1, D]
+    total, n, fb_logits, fb_labels = 0.0, 0, [], []
     for batch in iterate_batches(seqs, examples, batch_size):
-        h = model(batch.features, batch.timestamps, batch.query_timestamps)
+        h = model(batch.features, batch.timestamps, batch.query_timestamps)  # [N, D]
         user, target = h[batch.rank_mask], batch.target_ids[batch.rank_mask]
         logits = user @ items.T / temperature  # [targets, V + 1]
         logits[:, 0] = -math.inf  # padding is never a candidate
         total += float(F.cross_entropy(logits, target, reduction="sum"))
         n += len(target)
-    return total / max(n, 1)
+        if model.feedback_head is not None:
+            fb = batch.feedback_mask
+            fb_logits.append(model.feedback_logits(h[fb], items[batch.target_ids[fb]]).float())
+            fb_labels.append(batch.target_positive[fb])
+    out = {"eval_loss": total / max(n, 1), "eval_targets": float(n)}
+    if fb_logits:
+        logits, labels = torch.cat(fb_logits), torch.cat(fb_labels)
+        out["feedback_loss"] = float(F.binary_cross_entropy_with_logits(logits, labels.float()))
+        out["feedback_auc"] = float(auc(logits.numpy(), labels.numpy()))
+    return out
 
 
 def user_fraction(df: pd.DataFrame, fraction: float, seed: int = 0) -> pd.DataFrame:
@@ -147,37 +185,32 @@ def point_recipe(spec: PointSpec, recipe: str, overrides: dict[str, Any] | None 
 
 def run_point(df: pd.DataFrame, spec: PointSpec, recipe: str, overrides: dict[str, Any] | None = None,
               *, subset_seed: int = 0, progress: bool = False) -> dict[str, Any]:
-    """Train one point on ``spec.fraction`` of the users of ``df``; measure it on every user (see the module
-    docstring). Returns the point's record (plain JSON types)."""
-    from models.evaluate import auc, rank_targets, split_metrics
+    """Train one point on ``spec.fraction`` of the training users of ``df``; measure it on the held-out users
+    (``split_users``; see the module docstring). Returns the point's record (plain JSON types)."""
+    from models.evaluate import rank_targets, split_metrics
     from models.train import make_split, train
 
     cfg = point_recipe(spec, recipe, overrides)
-    part = user_fraction(df, spec.fraction, seed=subset_seed)
+    train_users, heldout = split_users(df)
+    part = user_fraction(train_users, spec.fraction, seed=subset_seed)
     t0 = time.perf_counter()
     # the whole catalogue, so the vocabulary (and what evaluation ranks) is the same at every fraction
     result = train(part, cfg, progress=progress, catalogue=np.sort(df["item_id"].unique()))
     train_s = time.perf_counter() - t0
-    seqs = with_targets(build_sequences(df, vocab=result.vocab), cfg.targets)
-    split = make_split(seqs, cfg)
-    test = split_metrics(rank_targets(result.model, seqs, split.test, batch_size=cfg.eval_batch_size),
-                         len(result.vocab), feedback=False)
+    seqs = with_targets(build_sequences(heldout, vocab=result.vocab), cfg.targets)
+    losses = eval_loss(result.model, seqs, heldout_windows(seqs, cfg.max_len), cfg.temperature,
+                       batch_size=cfg.eval_batch_size)
+    test = split_metrics(rank_targets(result.model, seqs, make_split(seqs, cfg).test, batch_size=cfg.eval_batch_size),
+                         len(result.vocab), feedback=False)  # each held-out user's last event, whole catalogue
     n = result.model.non_embedding_params()
-    feedback = {}
-    if result.model.feedback_head is not None:  # ARGUS: the second task's held-out log loss and AUC
-        ranked = rank_targets(result.model, seqs, split.valid, batch_size=cfg.eval_batch_size)
-        logits, labels = torch.from_numpy(ranked.feedback_logits), torch.from_numpy(ranked.feedback_labels).double()
-        feedback = {"feedback_loss": float(F.binary_cross_entropy_with_logits(logits, labels)),
-                    "feedback_auc": float(auc(ranked.feedback_logits, ranked.feedback_labels))}
     # input positions of the training windows (a window's last event is only a target), every epoch run
     tokens = int(result.extra["train_tokens"]) * len(result.history)
     return {
         **asdict(spec), "key": spec.key, "size": spec.size,
         "params": n, "params_all": int(result.num_params), "tokens": tokens, "compute": 6.0 * n * tokens,
-        "events": len(part), "users": int(part["user_id"].nunique()),
-        "eval_loss": eval_loss(result.model, seqs, split.valid, cfg.temperature),
-        "ndcg@10": float(test["ndcg@10"]), "hr@10": float(test["hr@10"]),
-        **feedback, "best_epoch": int(result.best_epoch), "train_s": train_s, "wall_s": time.perf_counter() - t0,
+        "events": len(part), "users": int(part["user_id"].nunique()), "heldout_users": int(heldout["user_id"].nunique()),
+        **losses, "ndcg@10": float(test["ndcg@10"]), "hr@10": float(test["hr@10"]),
+        "best_epoch": int(result.best_epoch), "train_s": train_s, "wall_s": time.perf_counter() - t0,
     }
 
 

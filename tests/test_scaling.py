@@ -84,7 +84,7 @@ def test_scaling_study_end_to_end_through_the_cli(tmp_path, monkeypatch):
     assert [p["dim"] for p in hstu] == [4, 8, 16] and hstu[0]["params"] < hstu[1]["params"] < hstu[2]["params"]
     assert all(p["params"] < p["params_all"] and p["compute"] == 6.0 * p["params"] * p["tokens"] for p in points)
     half = next(p for p in points if p["key"] == "hstu-d8b1-f0.5-e1-s0")
-    assert half["tokens"] < hstu[1]["tokens"] and half["users"] == 30
+    assert half["tokens"] < hstu[1]["tokens"] and half["users"] == 24 and half["heldout_users"] == 12
     assert all(p["eval_loss"] > 0 and 0 <= p["ndcg@10"] <= 1 for p in points)
     summary = json.loads((study / "fits" / "summary.json").read_text())
     assert set(summary["backbones"]) == {"hstu", "sasrec"}
