@@ -239,7 +239,7 @@ SCALING_PROFILES: dict[str, dict[str, Any]] = {
     "full": {"name": "full", "world_users": 30000, "sizes": ["d16b1", "d32b2", "d64b2", "d96b4", "d128b4", "d192b6",
                                                              "d256b8"],
              "data_fractions": [0.125, 0.25, 0.5, 1.0], "seeds": [0, 1, 2], "epochs": 10,
-             "overrides": {"device": "cuda", "batch_size": 512}},
+             "overrides": {"batch_size": 512}},  # device: the recipe's auto (a GPU where there is one)
 }
 
 
