@@ -106,14 +106,15 @@ def ingest(data_dir: str | None, follow: bool, partitions: str) -> None:
         import signal
         import threading
 
-        from features.ingest import Ingestor
+        from features.ingest import make_ingestor
 
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         parts = [int(p) for p in partitions.split(",") if p.strip()]
-        with Ingestor(settings, bootstrap, partitions=parts) as worker:
-            click.echo(f"ingest worker on {bootstrap} → {settings.offline_dir}; Ctrl-C stops it")
+        with make_ingestor(settings, bootstrap, partitions=parts) as worker:
+            target = settings.offline_dir if settings.offline.backend == "parquet" else "the Iceberg table"
+            click.echo(f"ingest worker on {bootstrap} → {target}; Ctrl-C stops it")
             report = worker.run(stop=stop, on_batch=lambda b: click.echo(
                 f"offsets {b.first_offset}..{b.last_offset}: {b.written} stored, {b.duplicates} duplicate, "
                 f"{b.dlq} DLQ"))

@@ -41,7 +41,7 @@ from kafka import KafkaProducer
 from features.events import InteractionEvent, InvalidEvent, parse_event
 from features.feature_repo import feature_store, user_stats_dir, write_online
 from features.kafka_io import CommitFailed, PartitionConsumer, RawMessage, dlq_payload, make_producer
-from features.offline_store import DATA_ERRORS, OfflineStore, StagedEvent
+from features.offline_store import DATA_ERRORS, OfflineStore, StagedEvent, WriteResult
 from infra.settings import EncoreSettings
 
 log = logging.getLogger("encore.ingest")
@@ -92,7 +92,7 @@ class Ingestor:
         self.settings = settings
         self.bootstrap = bootstrap
         self.topic = settings.topics.interactions
-        self.offline = OfflineStore(settings.offline_dir)
+        self.offline = self._open_offline()
         self.store = store or feature_store(settings)
         # Histories of this worker's users, as last pushed. Kafka keys events by user and the worker owns
         # its partitions statically, so no other process writes these users while it runs.
@@ -119,6 +119,15 @@ class Ingestor:
         self._dirty_items: set[int] = set()
         self._dirty_users: set[int] = set()
         self._stats_pushed_at = 0.0
+
+    # ---- the backend seam: features/iceberg_ingest.py overrides these three for the Iceberg table
+
+    def _open_offline(self) -> OfflineStore:
+        return OfflineStore(self.settings.offline_dir)
+
+    def _store(self, staged: list[StagedEvent], messages: list[RawMessage]) -> WriteResult:
+        """Write a batch's valid events to the system of record (``messages``: the whole batch)."""
+        return self.offline.write(staged) if staged else WriteResult(0, 0, frozenset(), ())
 
     def _new_consumer(self) -> PartitionConsumer:
         return PartitionConsumer(self.bootstrap, self.settings.ingest.group_id, self.topic, self._partitions,
@@ -210,8 +219,8 @@ class Ingestor:
         rep.valid = len(staged)
         t1 = time.monotonic()
         # Offline first: the system of record.
+        result = self._store(staged, messages)
         if staged:
-            result = self.offline.write(staged)
             rep.written, rep.duplicates = result.written, result.duplicates
             by_offset = {(m.partition, m.offset): m for m in messages}
             for s, reason in result.rejected:  # passed validation, but the store cannot hold it
@@ -450,6 +459,15 @@ def _merge_history(current: dict[str, list], new: list[InteractionEvent], n: int
     }
 
 
+def make_ingestor(settings: EncoreSettings, bootstrap: str, **kwargs: object) -> Ingestor:
+    """The worker of the configured offline backend (``offline.backend``)."""
+    if settings.offline.backend == "iceberg":
+        from features.iceberg_ingest import IcebergIngestor  # imports this module: not at the top
+
+        return IcebergIngestor(settings, bootstrap, **kwargs)  # type: ignore[arg-type]
+    return Ingestor(settings, bootstrap, **kwargs)  # type: ignore[arg-type]
+
+
 def ingest(settings: EncoreSettings, bootstrap: str, **run_kwargs: object) -> IngestReport:
-    with Ingestor(settings, bootstrap) as ingestor:
+    with make_ingestor(settings, bootstrap) as ingestor:
         return ingestor.run(**run_kwargs)  # type: ignore[arg-type]
