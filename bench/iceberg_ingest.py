@@ -26,6 +26,7 @@ is one JSON object.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -60,6 +61,7 @@ def worker_main(partitions: list[int], report_path: Path) -> None:
     from infra.settings import load_settings
 
     settings = load_settings()
+    faulthandler.register(signal.SIGUSR1)  # a stuck worker's stacks, on demand, in its log
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -91,11 +93,13 @@ class Zygote:
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.iceberg_ingest", "--zygote"], cwd=ROOT,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._lock = threading.Lock()  # one request and its answer at a time (the drill restarts from threads)
 
     def spawn(self, index: int, config: Path, report: Path, log_path: Path) -> int:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{index}\t{config}\t{report}\t{log_path}\n")
-        return int(self.proc.stdout.readline())
+        with self._lock:
+            self.proc.stdin.write(f"{index}\t{config}\t{report}\t{log_path}\n")
+            return int(self.proc.stdout.readline())
 
     def close(self) -> None:
         self.proc.terminate()
@@ -344,8 +348,16 @@ def drill(root: Path, *, workers: int = 3, kills: int = 2, rate: float = 600, us
             try:
                 for _ in range(kills):
                     base = own.offsets(parts)[w.index]
-                    wait_for(lambda: own.offsets(parts)[w.index] > base, 180,
-                             f"worker {w.index} to commit a batch", every_s=0.05)
+                    try:
+                        wait_for(lambda: not w.alive() or own.offsets(parts)[w.index] > base, 60,
+                                 f"worker {w.index} to commit a batch", every_s=0.05)
+                        if not w.alive():
+                            raise RuntimeError(f"worker {w.index} exited on its own; see {w.dir}")
+                    except TimeoutError:
+                        if w.alive():
+                            os.kill(w.pid, signal.SIGUSR1)  # type: ignore[arg-type] - its stacks, to its log
+                            time.sleep(0.5)
+                        raise
                     time.sleep(rng.uniform(0.0, 0.4))
                     w.kill()
                     table = own.offsets(parts)[w.index]
@@ -381,6 +393,8 @@ def drill(root: Path, *, workers: int = 3, kills: int = 2, rate: float = 600, us
             reports = [w.stop() for w in pool]
             orphans = watch.uncommitted_files()
         finally:
+            producer.stop_event.set()
+            producer.join(timeout=60)
             for w in pool:
                 w.ensure_dead()
             watch.close()

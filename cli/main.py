@@ -17,6 +17,7 @@ from cli.ab import ab as ab_group
 from cli.bench import bench as bench_group
 from cli.common import data_dir_option, running_kafka, settings_for, setup_logging, wait_forever
 from cli.models import models_group
+from cli.offline import offline_group
 from cli.study import study_group
 
 
@@ -331,7 +332,7 @@ def ui(data_dir: str | None, dagster_port: int) -> None:
             stop_pid(proc.pid)
 
 
-for group in (bench_group, ab_group, models_group, study_group):
+for group in (bench_group, ab_group, models_group, offline_group, study_group):
     main.add_command(group)
 
 if __name__ == "__main__":

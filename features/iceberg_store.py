@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import CommitFailedException, NamespaceAlreadyExistsError, TableAlreadyExistsError
 from pyiceberg.expressions import And, GreaterThanOrEqual, In, LessThan
@@ -61,7 +61,7 @@ from pyiceberg.transforms import DayTransform
 from pyiceberg.types import BinaryType, FloatType, IntegerType, LongType, NestedField, StringType, TimestamptzType
 
 from features.events import POSITIVE_TYPES
-from features.offline_store import DAY_MS, SCHEMA, StagedEvent, _pandas_dtype, _table
+from features.offline_store import DAY_MS, SCHEMA, StagedEvent, _table
 from infra.settings import EncoreSettings, OfflineSettings
 
 log = logging.getLogger("encore.iceberg")
@@ -114,7 +114,14 @@ def _table_properties(cfg: OfflineSettings) -> dict[str, str]:
         # each commit writes a new metadata.json; keep a few, not all
         "write.metadata.delete-after-commit.enabled": "true",
         "write.metadata.previous-versions-max": "20",
+        # pyiceberg would retry a conflicting append itself, re-basing it on the other writer's snapshot
+        # without looking at the offsets that snapshot recorded: that would let a fenced writer store its
+        # batch. Conflicts come back to ``append_batch``, which checks the offsets again before retrying.
+        COMMIT_RETRIES: "0",
     }
+
+
+COMMIT_RETRIES = "commit.retry.num-retries"
 
 
 class Fenced(RuntimeError):
@@ -161,15 +168,19 @@ def _ensure_table(catalog: SqlCatalog, namespace: str, name: str, schema: Schema
                   properties: dict[str, str]) -> Table:
     try:
         catalog.create_namespace(namespace)
-    except NamespaceAlreadyExistsError:
+    except (NamespaceAlreadyExistsError, IntegrityError):  # the SQL catalog raises the latter on a race
         pass
     ident = f"{namespace}.{name}"
     if catalog.table_exists(ident):
-        return catalog.load_table(ident)
+        table = catalog.load_table(ident)
+        if table.properties.get(COMMIT_RETRIES) != properties[COMMIT_RETRIES]:  # a table made elsewhere
+            _commit_with_retry(table, lambda t: t.transaction().set_properties(
+                **{COMMIT_RETRIES: properties[COMMIT_RETRIES]}).commit_transaction(), 10)
+        return table
     try:
         kwargs = {"partition_spec": spec} if spec is not None else {}
         return catalog.create_table(ident, schema=schema, properties=properties, **kwargs)
-    except TableAlreadyExistsError:  # another worker created it between our check and our create
+    except (TableAlreadyExistsError, IntegrityError):  # another worker created it after our check
         return catalog.load_table(ident)
 
 
@@ -188,6 +199,7 @@ class IcebergStore:
 
     def recorded_offsets(self, group: str, topic: str, partitions: Iterable[int]) -> dict[int, int | None]:
         """Next offset to read per partition, from the newest snapshot that carries it (None: none does)."""
+        self.table.refresh()
         return recorded_offsets(self.table, group, topic, partitions)
 
     # ------------------------------------------------------------------ writes
@@ -221,7 +233,6 @@ class IcebergStore:
                 if attempt == self.cfg.commit_retries:
                     raise
                 time.sleep(random.uniform(0.005, 0.05) * min(attempt + 1, 8))  # de-synchronise the writers
-                self.table.refresh()
         raise AssertionError("unreachable")
 
     def append_dlq(self, records: list[dict]) -> None:
@@ -313,14 +324,8 @@ def read_interactions(table: Table, columns: Sequence[str] | None = None, where:
     sql = (f"SELECT {select} FROM events {'WHERE ' + where if where else ''} "
            "QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY kafka_partition, kafka_offset) = 1 "
            "ORDER BY user_id, timestamp_ms, event_id")
-    with duckdb.connect() as con:
-        df = con.execute(sql).df()
-    for c in cols:  # the Parquet store's dtypes (DuckDB answers microseconds in the session's time zone)
-        if c == "event_timestamp":
-            df[c] = pd.to_datetime(df[c], utc=True).astype("datetime64[ms, UTC]")
-        else:
-            df[c] = df[c].astype(_pandas_dtype(c))
-    return df
+    with duckdb.connect() as con:  # the same engine and query as the Parquet store's reader: the same dtypes
+        return con.execute(sql).df()
 
 
 def dlq_records(table: Table) -> pd.DataFrame:
