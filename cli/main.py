@@ -107,13 +107,13 @@ def ingest(data_dir: str | None, follow: bool, partitions: str) -> None:
         import signal
         import threading
 
-        from features.ingest import make_ingestor
+        from features.ingest import Ingestor
 
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         parts = [int(p) for p in partitions.split(",") if p.strip()]
-        with make_ingestor(settings, bootstrap, partitions=parts) as worker:
+        with Ingestor(settings, bootstrap, partitions=parts) as worker:
             target = settings.offline_dir if settings.offline.backend == "parquet" else "the Iceberg table"
             click.echo(f"ingest worker on {bootstrap} → {target}; Ctrl-C stops it")
             report = worker.run(stop=stop, on_batch=lambda b: click.echo(

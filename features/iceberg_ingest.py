@@ -1,9 +1,11 @@
-"""The ingest worker of the Iceberg backend (``offline.backend: iceberg``): ``Ingestor`` with the table as its
-system of record and the table's snapshots as the record of consumed Kafka offsets.
+"""The Iceberg backend of ingest (``offline.backend: iceberg``): the ``Ingestor`` of features/ingest.py with the
+table as its system of record and the table's snapshots as the record of consumed Kafka offsets.
 
-Why a subclass through three seams (``_open_offline``, ``_store``, ``_new_consumer``) rather than a second
-loop: validation, the DLQ, the online push and the stats pushes are the same in both backends; only where a
-batch is stored and where a partition resumes differ.
+Why a backend object behind three calls (``open``, ``resume``, ``store``; ``ParquetBackend`` is the default)
+rather than a second worker loop: validation, the DLQ, the online push and the stats pushes are the same in
+both backends; only where a batch is stored and where a partition resumes differ. The ``Ingestor`` picks
+its backend from the settings, so ``encore ingest``, the Dagster ingest asset and the benchmarks run either.
+(This module does not import features/ingest.py: the ``ingestor`` arguments are typed ``Any``.)
 
 Per batch (compare ``features/ingest.py``):
 
@@ -31,12 +33,12 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from confluent_kafka import TopicPartition as RdPartition
 
 from features.events import InvalidEvent
 from features.iceberg_store import Fenced, IcebergStore
-from features.ingest import Ingestor
 from features.kafka_io import PartitionConsumer, RawMessage
 from features.offline_store import DATA_ERRORS, StagedEvent, WriteResult, _table
 
@@ -66,35 +68,29 @@ class IcebergOffline:
         self.store.close()
 
 
-class IcebergIngestor(Ingestor):
-    offline: IcebergOffline  # type: ignore[assignment]
+class IcebergBackend:
+    """``ParquetBackend``'s three steps (features/ingest.py) on the Iceberg tables."""
 
-    def _open_offline(self) -> IcebergOffline:  # type: ignore[override]
+    def __init__(self) -> None:
         self.expected: dict[int, int | None] = {}  # partition -> next offset the table holds, as we know it
-        return IcebergOffline(IcebergStore(self.settings))
 
-    def _new_consumer(self) -> PartitionConsumer:
-        consumer = super()._new_consumer()
-        try:
-            self._seek_to_table(consumer, consumer.partitions)
-        except BaseException:
-            consumer.close()
-            raise
-        return consumer
+    def open(self, ingestor: Any) -> IcebergOffline:
+        return IcebergOffline(IcebergStore(ingestor.settings))
 
-    def _seek_to_table(self, consumer: PartitionConsumer, partitions: list[int]) -> None:
-        """Resume each partition from the table's record (partitions it has none for: the group's committed
+    def resume(self, ingestor: Any, consumer: PartitionConsumer) -> None:
+        """Seek each owned partition to the table's record (partitions it has none for: the group's committed
         offset, else the beginning)."""
-        group = self.settings.ingest.group_id
-        recorded = self.offline.store.recorded_offsets(group, self.topic, partitions)
+        group = ingestor.settings.ingest.group_id
+        recorded = ingestor.offline.store.recorded_offsets(group, ingestor.topic, consumer.partitions)
         self.expected.update(recorded)
-        positions = [RdPartition(self.topic, p, o) if o is not None else RdPartition(self.topic, p)
+        positions = [RdPartition(ingestor.topic, p, o) if o is not None else RdPartition(ingestor.topic, p)
                      for p, o in recorded.items()]
         consumer._consumer.assign(positions)  # noqa: SLF001 - re-assign with explicit start offsets
-        log.info("resuming %s from the table's offsets %s", self.topic, recorded)
+        log.info("resuming %s from the table's offsets %s", ingestor.topic, recorded)
 
-    def _store(self, staged: list[StagedEvent], messages: list[RawMessage]) -> WriteResult:
-        owned = set(self.consumer.partitions)
+    def store(self, ingestor: Any, staged: list[StagedEvent], messages: list[RawMessage]) -> WriteResult:
+        offline: IcebergOffline = ingestor.offline
+        owned = set(ingestor.consumer.partitions)
         foreign = {m.partition for m in messages} - owned
         if foreign:  # cannot happen with an assigned consumer; never record offsets for them if it does
             raise RuntimeError(f"batch holds partitions {sorted(foreign)} this worker does not own")
@@ -104,43 +100,44 @@ class IcebergIngestor(Ingestor):
         unique: dict[str, StagedEvent] = {}
         for s in staged:  # first delivery of each id inside the batch
             unique.setdefault(s.event.event_id, s)
-        keep = self._isolate_unstorable(list(unique.values()), messages)
+        keep = _isolate_unstorable(ingestor, list(unique.values()), messages)
         try:
-            self.offline.store.append_dlq(self.offline.pending_dlq)  # before the offsets that move past them
-            self.offline.pending_dlq.clear()
-            self.offline.store.append_batch(keep, consumed, group=self.settings.ingest.group_id, topic=self.topic,
-                                            expected=self.expected)
+            offline.store.append_dlq(offline.pending_dlq)  # before the offsets that move past them
+            offline.pending_dlq.clear()
+            offline.store.append_batch(keep, consumed, group=ingestor.settings.ingest.group_id, topic=ingestor.topic,
+                                       expected=self.expected)
         except Fenced as fenced:
             # Another writer stored (some of) these offsets: ours are stale. Drop the batch, resume where the
             # table says, and forget cached histories (that writer may have moved them).
             log.warning("fenced: %s; seeking to the table's offsets", fenced)
-            self.offline.pending_dlq.clear()
-            self.history_cache.clear()
-            self._seek_to_table(self.consumer, list(owned))
+            offline.pending_dlq.clear()
+            ingestor.history_cache.clear()
+            self.resume(ingestor, ingestor.consumer)
             return WriteResult(0, len(staged), frozenset(), ())
         except BaseException:
-            self.offline.pending_dlq.clear()  # the batch is redelivered and rejected again
+            offline.pending_dlq.clear()  # the batch is redelivered and rejected again
             raise
         self.expected.update(consumed)
         return WriteResult(len(keep), len(staged) - len(unique), frozenset(unique), (),
                            tuple(s.event for s in keep))
 
-    def _isolate_unstorable(self, staged: list[StagedEvent], messages: list[RawMessage]) -> list[StagedEvent]:
-        """Events Arrow cannot hold go to the DLQ (before the commit, so their record is never lost) and
-        the rest are stored; the normal case builds one table and pays nothing more."""
+
+def _isolate_unstorable(ingestor: Any, staged: list[StagedEvent], messages: list[RawMessage]) -> list[StagedEvent]:
+    """Events Arrow cannot hold go to the DLQ (before the commit, so their record is never lost) and the
+    rest are stored; the normal case builds one table and pays nothing more."""
+    try:
+        _table(staged, 0)
+        return staged
+    except DATA_ERRORS:
+        pass
+    by_offset = {(m.partition, m.offset): m for m in messages}
+    keep = []
+    for s in staged:
         try:
-            _table(staged, 0)
-            return staged
-        except DATA_ERRORS:
-            pass
-        by_offset = {(m.partition, m.offset): m for m in messages}
-        keep = []
-        for s in staged:
-            try:
-                _table([s], 0)
-                keep.append(s)
-            except DATA_ERRORS as exc:
-                reason = f"the offline store cannot hold this event: {type(exc).__name__}: {str(exc)[:300]}"
-                self._dead_letter(by_offset[(s.partition, s.offset)],
+            _table([s], 0)
+            keep.append(s)
+        except DATA_ERRORS as exc:
+            reason = f"the offline store cannot hold this event: {type(exc).__name__}: {str(exc)[:300]}"
+            ingestor._dead_letter(by_offset[(s.partition, s.offset)],  # noqa: SLF001 - the Ingestor's DLQ path
                                   InvalidEvent(reason=reason, error_type="store_rejected"))
-        return keep
+    return keep

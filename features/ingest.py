@@ -92,7 +92,8 @@ class Ingestor:
         self.settings = settings
         self.bootstrap = bootstrap
         self.topic = settings.topics.interactions
-        self.offline = self._open_offline()
+        self.backend = offline_backend(settings)
+        self.offline = self.backend.open(self)
         self.store = store or feature_store(settings)
         # Histories of this worker's users, as last pushed. Kafka keys events by user and the worker owns
         # its partitions statically, so no other process writes these users while it runs.
@@ -120,18 +121,15 @@ class Ingestor:
         self._dirty_users: set[int] = set()
         self._stats_pushed_at = 0.0
 
-    # ---- the backend seam: features/iceberg_ingest.py overrides these three for the Iceberg table
-
-    def _open_offline(self) -> OfflineStore:
-        return OfflineStore(self.settings.offline_dir)
-
-    def _store(self, staged: list[StagedEvent], messages: list[RawMessage]) -> WriteResult:
-        """Write a batch's valid events to the system of record (``messages``: the whole batch)."""
-        return self.offline.write(staged) if staged else WriteResult(0, 0, frozenset(), ())
-
     def _new_consumer(self) -> PartitionConsumer:
-        return PartitionConsumer(self.bootstrap, self.settings.ingest.group_id, self.topic, self._partitions,
-                                 **self.settings.kafka.client_options())
+        consumer = PartitionConsumer(self.bootstrap, self.settings.ingest.group_id, self.topic, self._partitions,
+                                     **self.settings.kafka.client_options())
+        try:
+            self.backend.resume(self, consumer)
+        except BaseException:
+            consumer.close()
+            raise
+        return consumer
 
     def close(self) -> None:
         closers = [self.producer.close, self.offline.close, *(lock.close for lock in self._locks)]
@@ -219,7 +217,7 @@ class Ingestor:
         rep.valid = len(staged)
         t1 = time.monotonic()
         # Offline first: the system of record.
-        result = self._store(staged, messages)
+        result = self.backend.store(self, staged, messages)
         if staged:
             rep.written, rep.duplicates = result.written, result.duplicates
             by_offset = {(m.partition, m.offset): m for m in messages}
@@ -394,6 +392,29 @@ class Ingestor:
             self._stats_pushed_at = time.monotonic()
 
 
+class ParquetBackend:
+    """Where a batch is stored and where a partition resumes: Parquet files + the event-id index
+    (``offline.backend: parquet``, the default). ``features/iceberg_ingest.py`` is the Iceberg one."""
+
+    def open(self, ingestor: Ingestor) -> OfflineStore:
+        return OfflineStore(ingestor.settings.offline_dir)
+
+    def resume(self, ingestor: Ingestor, consumer: PartitionConsumer) -> None:
+        """Nothing to do: the consumer starts at the group's committed offsets (else the beginning)."""
+
+    def store(self, ingestor: Ingestor, staged: list[StagedEvent], messages: list[RawMessage]) -> WriteResult:
+        """Store a batch's valid events (``messages``: the whole batch, invalid ones included)."""
+        return ingestor.offline.write(staged) if staged else WriteResult(0, 0, frozenset(), ())
+
+
+def offline_backend(settings: EncoreSettings):  # noqa: ANN201 - ParquetBackend or IcebergBackend
+    if settings.offline.backend == "iceberg":
+        from features.iceberg_ingest import IcebergBackend  # pyiceberg is imported only when it is used
+
+        return IcebergBackend()
+    return ParquetBackend()
+
+
 HISTORY_COLUMNS = ("item_ids", "event_types", "timestamps_ms", "played_ratios")
 STATS_SLICE = 1000  # users and items whose stats one batch pushes at most while traffic flows
 
@@ -459,15 +480,6 @@ def _merge_history(current: dict[str, list], new: list[InteractionEvent], n: int
     }
 
 
-def make_ingestor(settings: EncoreSettings, bootstrap: str, **kwargs: object) -> Ingestor:
-    """The worker of the configured offline backend (``offline.backend``)."""
-    if settings.offline.backend == "iceberg":
-        from features.iceberg_ingest import IcebergIngestor  # imports this module: not at the top
-
-        return IcebergIngestor(settings, bootstrap, **kwargs)  # type: ignore[arg-type]
-    return Ingestor(settings, bootstrap, **kwargs)  # type: ignore[arg-type]
-
-
 def ingest(settings: EncoreSettings, bootstrap: str, **run_kwargs: object) -> IngestReport:
-    with make_ingestor(settings, bootstrap) as ingestor:
+    with Ingestor(settings, bootstrap) as ingestor:
         return ingestor.run(**run_kwargs)  # type: ignore[arg-type]

@@ -25,7 +25,7 @@ from features.iceberg_store import (
     remove_orphan_files,
 )
 from features.offline_store import OfflineStore, StagedEvent, read_interactions
-from infra.settings import EncoreSettings
+from infra.settings import EncoreSettings, OfflineSettings
 
 GROUP, TOPIC = "encore-ingest", "interactions"
 DAY0 = int(datetime(2026, 11, 2, tzinfo=timezone.utc).timestamp() * 1000)
@@ -202,6 +202,43 @@ def test_the_offline_group_is_typed_and_set_from_the_environment(monkeypatch):
         EncoreSettings(**prod)
     monkeypatch.setenv("ENCORE_OFFLINE__CATALOG_URL", "postgresql+psycopg://u:p@h/iceberg")
     assert EncoreSettings(**prod).offline.catalog_uri(Path("/x")).startswith("postgresql+psycopg://")
+
+
+@pytest.mark.integration
+def test_the_ingestor_on_the_iceberg_backend_stores_dead_letters_and_resumes_from_the_table(broker):
+    from features.feature_repo import feature_store
+    from features.ingest import HISTORY_FEATURES, Ingestor
+    from features.kafka_io import make_producer
+
+    settings, bootstrap = broker
+    shared = settings.root / "shared"
+    settings = settings.model_copy(update={"offline": OfflineSettings(
+        backend="iceberg", catalog_url=f"sqlite:///{shared / 'catalog.sqlite'}", warehouse=str(shared / "warehouse"))})
+    now = int(time.time() * 1000) - 60_000
+    events = [InteractionEvent(event_id=f"i{i}", user_id=i % 9, item_id=i % 13, event_type="listen",
+                               timestamp_ms=now + i, played_ratio=0.5) for i in range(200)]
+    producer = make_producer(bootstrap)
+    for k, e in enumerate(events):
+        producer.send(settings.topics.interactions, key=b"k", value=e.to_json_bytes())
+        if k in (10, 100, 150):
+            producer.send(settings.topics.interactions, key=b"k", value=b"{not json")
+    producer.send(settings.topics.interactions, key=b"k", value=events[3].to_json_bytes())  # a producer retry
+    producer.flush()
+    producer.close()
+
+    with Ingestor(settings, bootstrap) as worker:
+        report = worker.run(idle_ms=1000)
+    # the re-sent event is in the same batch: the batch keeps its first delivery
+    assert (report.consumed, report.written, report.duplicates, report.dlq) == (204, 200, 1, 3)
+    store = IcebergStore(settings)
+    assert store.recorded_offsets(settings.ingest.group_id, settings.topics.interactions, [0]) == {0: 204}
+    assert store.dlq_records()["error_type"].tolist() == ["not_json"] * 3
+    assert len(raw_ids(store)) == len(store.read()) == 200
+    online = feature_store(settings, apply=False).get_online_features(HISTORY_FEATURES, [{"user_id": 7}]).to_dict()
+    assert online["item_ids"][0] == [e.item_id for e in events if e.user_id == 7]
+    # a second worker resumes at the table's offset: nothing is read twice
+    with Ingestor(settings, bootstrap) as worker:
+        assert worker.run(idle_ms=1000).consumed == 0
 
 
 @pytest.mark.integration
