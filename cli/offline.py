@@ -56,7 +56,12 @@ def maintain(data_dir: str | None, days: int | None, dry_run: bool) -> None:
     try:
         compacted = compact(store.table, window_days=days or cfg.compaction_days, retries=cfg.commit_retries)
         expired = expire_snapshots(store.table, older_than_s=cfg.snapshot_retention_s)
+        expired += expire_snapshots(store.dlq, older_than_s=cfg.snapshot_retention_s)
         orphans = remove_orphan_files(store.table, grace_s=cfg.orphan_grace_s, dry_run=dry_run)
+        dlq_orphans = remove_orphan_files(store.dlq, grace_s=cfg.orphan_grace_s, dry_run=dry_run)
+        orphans.deleted += dlq_orphans.deleted
+        orphans.kept_young += dlq_orphans.kept_young
+        orphans.listed += dlq_orphans.listed
     finally:
         store.close()
     click.echo(json.dumps({"compaction": dataclasses.asdict(compacted), "snapshots_expired": expired,

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from confluent_kafka import TopicPartition as RdPartition
 
 from features.events import InvalidEvent
 from features.iceberg_store import Fenced, IcebergStore
+from features.kafka_io import _RDKAFKA_OPTIONS as RDKAFKA_OPTIONS
 from features.kafka_io import PartitionConsumer, RawMessage
 from features.offline_store import DATA_ERRORS, StagedEvent, WriteResult, _table
 
@@ -71,32 +72,69 @@ class IcebergOffline:
 class IcebergBackend:
     """``ParquetBackend``'s three steps (features/ingest.py) on the Iceberg tables."""
 
+    # The table's offsets are the resume point; Kafka's committed ones are best effort (monitoring only).
+    resumes_from_kafka = False
+
     def __init__(self) -> None:
         self.expected: dict[int, int | None] = {}  # partition -> next offset the table holds, as we know it
 
     def open(self, ingestor: Any) -> IcebergOffline:
         return IcebergOffline(IcebergStore(ingestor.settings))
 
+    def consumer(self, ingestor: Any) -> PartitionConsumer:
+        settings = ingestor.settings
+        if settings.offline.worker_assignment == "group" and not ingestor._partitions:  # noqa: SLF001
+            def positions(partitions: list[int]) -> dict[int, int | None]:
+                ingestor.history_cache.clear()  # another worker may have moved these users' histories
+                return self._positions(ingestor, partitions)
+
+            return GroupConsumer(ingestor.bootstrap, settings.ingest.group_id, ingestor.topic, positions,
+                                 **settings.kafka.client_options())
+        consumer = PartitionConsumer(ingestor.bootstrap, settings.ingest.group_id, ingestor.topic,
+                                     ingestor._partitions, **settings.kafka.client_options())  # noqa: SLF001
+        try:
+            self.resume(ingestor, consumer)
+        except BaseException:
+            consumer.close()
+            raise
+        return consumer
+
+    def _positions(self, ingestor: Any, partitions: list[int]) -> dict[int, int | None]:
+        recorded = ingestor.offline.store.recorded_offsets(ingestor.settings.ingest.group_id, ingestor.topic,
+                                                           partitions)
+        self.expected.update(recorded)
+        log.info("resuming %s from the table's offsets %s", ingestor.topic, recorded)
+        return recorded
+
     def resume(self, ingestor: Any, consumer: PartitionConsumer) -> None:
         """Seek each owned partition to the table's record (partitions it has none for: the group's committed
         offset, else the beginning)."""
-        group = ingestor.settings.ingest.group_id
-        recorded = ingestor.offline.store.recorded_offsets(group, ingestor.topic, consumer.partitions)
-        self.expected.update(recorded)
-        positions = [RdPartition(ingestor.topic, p, o) if o is not None else RdPartition(ingestor.topic, p)
-                     for p, o in recorded.items()]
-        consumer._consumer.assign(positions)  # noqa: SLF001 - re-assign with explicit start offsets
-        log.info("resuming %s from the table's offsets %s", ingestor.topic, recorded)
+        recorded = self._positions(ingestor, consumer.partitions)
+        consumer._consumer.assign(_start_at(ingestor.topic, recorded))  # noqa: SLF001 - explicit start offsets
 
     def store(self, ingestor: Any, staged: list[StagedEvent], messages: list[RawMessage]) -> WriteResult:
         offline: IcebergOffline = ingestor.offline
         owned = set(ingestor.consumer.partitions)
         foreign = {m.partition for m in messages} - owned
-        if foreign:  # cannot happen with an assigned consumer; never record offsets for them if it does
-            raise RuntimeError(f"batch holds partitions {sorted(foreign)} this worker does not own")
+        if foreign:  # revoked while this batch was read (group assignment): their new owner re-reads them
+            log.warning("dropping messages of partitions %s, no longer this worker's", sorted(foreign))
+
+        # A message below the offset the table records for its partition is stored already, whatever the
+        # consumer's position says (e.g. a batch read before a re-seek): drop it, and its DLQ record. Offsets
+        # are recorded only for partitions this worker owns.
+        def new(partition: int, offset: int) -> bool:
+            start = self.expected.get(partition)
+            return partition in owned and (start is None or offset >= start)
+
+        fresh = [m for m in messages if new(m.partition, m.offset)]
+        before = len(staged)
+        staged = [s for s in staged if new(s.partition, s.offset)]
+        offline.pending_dlq[:] = [r for r in offline.pending_dlq if new(r["kafka_partition"], r["kafka_offset"])]
         consumed: dict[int, int] = {}
-        for m in messages:
+        for m in fresh:
             consumed[m.partition] = max(consumed.get(m.partition, -1), m.offset + 1)
+        if not consumed:
+            return WriteResult(0, before, frozenset(), ())
         unique: dict[str, StagedEvent] = {}
         for s in staged:  # first delivery of each id inside the batch
             unique.setdefault(s.event.event_id, s)
@@ -118,8 +156,7 @@ class IcebergBackend:
             offline.pending_dlq.clear()  # the batch is redelivered and rejected again
             raise
         self.expected.update(consumed)
-        return WriteResult(len(keep), len(staged) - len(unique), frozenset(unique), (),
-                           tuple(s.event for s in keep))
+        return WriteResult(len(keep), before - len(unique), frozenset(unique), (), tuple(s.event for s in keep))
 
 
 def _isolate_unstorable(ingestor: Any, staged: list[StagedEvent], messages: list[RawMessage]) -> list[StagedEvent]:
@@ -141,3 +178,44 @@ def _isolate_unstorable(ingestor: Any, staged: list[StagedEvent], messages: list
             ingestor._dead_letter(by_offset[(s.partition, s.offset)],  # noqa: SLF001 - the Ingestor's DLQ path
                                   InvalidEvent(reason=reason, error_type="store_rejected"))
     return keep
+
+
+def _start_at(topic: str, offsets: dict[int, int | None]) -> list[RdPartition]:
+    return [RdPartition(topic, p, o) if o is not None else RdPartition(topic, p) for p, o in offsets.items()]
+
+
+class GroupConsumer(PartitionConsumer):
+    """``PartitionConsumer`` under consumer-group assignment: Kafka decides which partitions this worker
+    owns, and every (re)assignment starts each partition at the offset the table records (``positions``),
+    never at the group's committed one. Until the first assignment (a join takes seconds on tansu) and
+    after a revocation, ``partitions`` is empty and the worker stores nothing."""
+
+    def __init__(self, bootstrap: str, group_id: str, topic: str,
+                 positions: Callable[[list[int]], dict[int, int | None]], **options: object) -> None:
+        from confluent_kafka import Consumer
+
+        self.topic, self._tp, self.partitions = topic, RdPartition, []
+        self._positions = positions
+        conf: dict[str, object] = {
+            "bootstrap.servers": bootstrap, "group.id": group_id, "client.id": f"encore-{group_id}",
+            "enable.auto.commit": False, "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
+            "fetch.max.bytes": 32 * 1024 * 1024, "max.partition.fetch.bytes": 8 * 1024 * 1024,
+            # a dead worker's partitions move after this long (the drill's SIGKILL): seconds, not the default 45
+            "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
+            "logger": logging.getLogger("encore.kafka.rdkafka"),
+        }
+        for name, value in options.items():
+            if name not in RDKAFKA_OPTIONS:
+                raise ValueError(f"unsupported Kafka client option for the ingest consumer: {name}")
+            conf[RDKAFKA_OPTIONS[name]] = value
+        self._consumer = Consumer(conf)
+        self._consumer.subscribe([topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._revoked)
+
+    def _assigned(self, consumer: Any, assigned: list[RdPartition]) -> None:
+        start = self._positions(sorted(tp.partition for tp in assigned))
+        consumer.assign(_start_at(self.topic, start))
+        self.partitions = sorted(start)
+
+    def _revoked(self, consumer: Any, revoked: list[RdPartition]) -> None:
+        self.partitions = []
+        consumer.unassign()

@@ -122,14 +122,7 @@ class Ingestor:
         self._stats_pushed_at = 0.0
 
     def _new_consumer(self) -> PartitionConsumer:
-        consumer = PartitionConsumer(self.bootstrap, self.settings.ingest.group_id, self.topic, self._partitions,
-                                     **self.settings.kafka.client_options())
-        try:
-            self.backend.resume(self, consumer)
-        except BaseException:
-            consumer.close()
-            raise
-        return consumer
+        return self.backend.consumer(self)
 
     def close(self) -> None:
         closers = [self.producer.close, self.offline.close, *(lock.close for lock in self._locks)]
@@ -270,7 +263,7 @@ class Ingestor:
         sign: the group's committed offsets are gone (or went backwards). Then seek to the beginning; the
         offline store's event-id index makes the re-read free of duplicates.
         """
-        if not self._committed:
+        if not self._committed or not self.backend.resumes_from_kafka:
             return False
         try:
             committed = self.consumer.committed()
@@ -396,11 +389,15 @@ class ParquetBackend:
     """Where a batch is stored and where a partition resumes: Parquet files + the event-id index
     (``offline.backend: parquet``, the default). ``features/iceberg_ingest.py`` is the Iceberg one."""
 
+    resumes_from_kafka = True  # the group's committed offsets are the resume point (see _broker_lost_state)
+
     def open(self, ingestor: Ingestor) -> OfflineStore:
         return OfflineStore(ingestor.settings.offline_dir)
 
-    def resume(self, ingestor: Ingestor, consumer: PartitionConsumer) -> None:
-        """Nothing to do: the consumer starts at the group's committed offsets (else the beginning)."""
+    def consumer(self, ingestor: Ingestor) -> PartitionConsumer:
+        """The worker's partitions, from the group's committed offsets (else the beginning)."""
+        return PartitionConsumer(ingestor.bootstrap, ingestor.settings.ingest.group_id, ingestor.topic,
+                                 ingestor._partitions, **ingestor.settings.kafka.client_options())
 
     def store(self, ingestor: Ingestor, staged: list[StagedEvent], messages: list[RawMessage]) -> WriteResult:
         """Store a batch's valid events (``messages``: the whole batch, invalid ones included)."""

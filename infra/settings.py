@@ -134,6 +134,10 @@ class OfflineSettings(_Group):
         default=None, description="where table data and metadata live: a path, or 's3://bucket/prefix' (with "
         "the AWS_* or s3.* settings pyiceberg reads); unset: under data_dir")
     namespace: str = Field(default="encore", min_length=1, pattern=r"^[A-Za-z0-9_]+$")
+    worker_assignment: Literal["static", "group"] = Field(
+        default="static", description="how an Iceberg ingest worker gets its partitions. static: those given "
+        "to it (--partitions; all when none), e.g. by StatefulSet ordinal; group: Kafka's consumer group assigns "
+        "them and moves them on rebalance (each new owner resumes from the offsets the table records)")
     commit_retries: int = Field(default=30, ge=0, description="commit conflicts (another worker committed "
                                 "first) retried per batch before the batch fails and is redelivered")
     target_file_mb: int = Field(default=128, ge=1, description="data file size compaction aims at")

@@ -239,6 +239,78 @@ def test_the_ingestor_on_the_iceberg_backend_stores_dead_letters_and_resumes_fro
     # a second worker resumes at the table's offset: nothing is read twice
     with Ingestor(settings, bootstrap) as worker:
         assert worker.run(idle_ms=1000).consumed == 0
+        # and messages below the table's offset are dropped even when a consumer reads them again
+        from confluent_kafka import TopicPartition
+
+        worker.consumer._consumer.assign([TopicPartition(settings.topics.interactions, 0, 0)])
+        again = worker.run(idle_ms=1000)
+    assert (again.consumed, again.written, again.duplicates) == (204, 0, 201)
+    assert len(raw_ids(store)) == 200 and _scan(store.dlq).num_rows == 3
+
+
+@pytest.mark.integration
+def test_group_assignment_moves_partitions_between_workers_exactly_once(tmp_path):
+    """Consumer-group assignment: a second worker joins (rebalance), then the first leaves (rebalance
+    again); every new owner resumes from the table's offsets, so nothing is lost or stored twice."""
+    import threading
+
+    from features.ingest import Ingestor
+    from features.kafka_io import make_producer
+    from infra.services import EmbeddedServices
+
+    shared = tmp_path / "shared"
+    offline = OfflineSettings(backend="iceberg", catalog_url=f"sqlite:///{shared / 'catalog.sqlite'}",
+                              warehouse=str(shared / "warehouse"), worker_assignment="group")
+    base = EncoreSettings(data_dir=tmp_path / "broker", topics={"partitions": 2}, offline=offline,
+                          ingest={"batch_size": 500, "max_batch_wait_ms": 200, "poll_timeout_ms": 300})
+    now = int(time.time() * 1000) - 60_000
+    with EmbeddedServices(base, with_mlflow=False) as svc:
+        def produce(lo: int, hi: int) -> None:
+            producer = make_producer(svc.kafka_bootstrap)
+            for i in range(lo, hi):
+                e = InteractionEvent(event_id=f"g{i}", user_id=i % 40, item_id=i % 11, event_type="listen",
+                                     timestamp_ms=now + i)
+                producer.send(base.topics.interactions, key=str(e.user_id).encode(), value=e.to_json_bytes())
+            producer.flush()
+            producer.close()
+
+        def start(name: str):  # noqa: ANN202 - (Ingestor, stop event, thread)
+            settings = base.model_copy(update={"data_dir": tmp_path / name, "kafka_bootstrap": svc.kafka_bootstrap})
+            worker, stop = Ingestor(settings, svc.kafka_bootstrap), threading.Event()
+            thread = threading.Thread(target=worker.run, kwargs={"stop": stop, "idle_ms": 300})
+            thread.start()
+            return worker, stop, thread
+
+        store = IcebergStore(base)
+
+        def stored(n: int) -> bool:
+            return len(raw_ids(store)) >= n
+
+        def wait(cond, what: str, timeout_s: float = 60) -> None:  # noqa: ANN001
+            deadline = time.monotonic() + timeout_s
+            while not cond():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                time.sleep(0.2)
+
+        produce(0, 300)
+        a, stop_a, thread_a = start("a")
+        wait(lambda: stored(300), "the first worker")
+        assert a.consumer.partitions == [0, 1]
+        b, stop_b, thread_b = start("b")
+        wait(lambda: len(a.consumer.partitions) == 1 and len(b.consumer.partitions) == 1, "a rebalance")
+        produce(300, 600)
+        wait(lambda: stored(600), "both workers")
+        stop_a.set()
+        thread_a.join()
+        a.close()  # leaves the group: its partition moves to b
+        produce(600, 900)
+        wait(lambda: stored(900) and b.consumer.partitions == [0, 1], "the second worker to take over")
+        stop_b.set()
+        thread_b.join()
+        b.close()
+        ids = raw_ids(store)
+        assert len(ids) == len(set(ids)) == 900
+        assert set(ids) == {f"g{i}" for i in range(900)}
 
 
 @pytest.mark.integration
