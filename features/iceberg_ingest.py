@@ -1,7 +1,7 @@
 """The Iceberg backend of ingest (``offline.backend: iceberg``): the ``Ingestor`` of features/ingest.py with the
 table as its system of record and the table's snapshots as the record of consumed Kafka offsets.
 
-Why a backend object behind three calls (``open``, ``resume``, ``store``; ``ParquetBackend`` is the default)
+Why a backend object behind three calls (``open``, ``consumer``, ``store``; ``ParquetBackend`` is the default)
 rather than a second worker loop: validation, the DLQ, the online push and the stats pushes are the same in
 both backends; only where a batch is stored and where a partition resumes differ. The ``Ingestor`` picks
 its backend from the settings, so ``encore ingest``, the Dagster ingest asset and the benchmarks run either.
@@ -18,11 +18,13 @@ Per batch (compare ``features/ingest.py``):
 4. push online what the snapshot holds (the online store is fed only rows the table accepted);
 5. commit offsets to Kafka, best effort (monitoring reads lag from there; nothing else does).
 
-Ownership: a worker owns the partitions given to it (``partitions``; a StatefulSet ordinal maps to a fixed
-set) and records offsets only for those, because it records only partitions its batch consumed, and its
-consumer is assigned only its own. Two workers that are wrongly given one partition cannot both store a
-batch: the table's offsets are checked against where the writer started inside the atomic commit, and the
-loser is fenced (it seeks to the table's offset and drops its batch).
+Ownership: a worker owns the partitions given to it (``partitions``, e.g. a StatefulSet ordinal's set) or,
+with ``offline.worker_assignment: group``, those the consumer group assigns it (``GroupConsumer``: every
+assignment seeks to the table's offsets). It records offsets only for partitions it owns at commit time,
+and drops messages below the offset the table records. Two workers that both believe they own a
+partition (a wrong assignment, a zombie after a rebalance) cannot both store a batch: the table's offsets
+are checked against where the writer started inside the atomic commit, and the loser is fenced (it seeks
+to the table's offset and drops its batch).
 
 Not here: the Parquet store's per-item counters (item and user stats are aggregated from the table when
 they are pushed), and the recovery from a broker that lost its whole log (tansu's memory storage): offsets
@@ -150,7 +152,11 @@ class IcebergBackend:
             log.warning("fenced: %s; seeking to the table's offsets", fenced)
             offline.pending_dlq.clear()
             ingestor.history_cache.clear()
-            self.resume(ingestor, ingestor.consumer)
+            if isinstance(ingestor.consumer, GroupConsumer):
+                # no assign() outside a rebalance callback; messages below the new offsets are dropped anyway
+                self._positions(ingestor, ingestor.consumer.partitions)
+            else:
+                self.resume(ingestor, ingestor.consumer)
             return WriteResult(0, len(staged), frozenset(), ())
         except BaseException:
             offline.pending_dlq.clear()  # the batch is redelivered and rejected again

@@ -17,6 +17,10 @@ fails a store write is isolated and dead-lettered, so offsets always move past i
 
 A crash before step 4 redelivers the batch; step 2 skips what it already holds and step 3 merges by a
 natural key, so nothing is lost and nothing counts twice.
+
+Where step 2 stores and where a partition resumes is the offline backend's (``offline.backend``):
+``ParquetBackend`` below, or ``features/iceberg_ingest.py``'s ``IcebergBackend``, which commits the batch and
+its offsets in one Iceberg snapshot and resumes from the table instead of from Kafka.
 """
 
 from __future__ import annotations
