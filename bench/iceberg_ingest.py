@@ -113,7 +113,6 @@ class Zygote:
 def zygote_main() -> None:
     import features.ingest  # noqa: F401 - the imports every worker needs, done once
     import features.iceberg_ingest  # noqa: F401
-    import features.iceberg_store  # noqa: F401
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps exited workers: no zombies to wait for
     for line in sys.stdin:

@@ -252,9 +252,9 @@ class IcebergStore:
 
     def counts(self) -> dict[str, int]:
         with duckdb.connect() as con:
-            events = _scan(self.table, ["event_id"])
+            con.register("events", _scan(self.table, ["event_id"]))
             n = con.execute("SELECT count(DISTINCT event_id) FROM events").fetchone()[0]
-            dlq = _scan(self.dlq, ["kafka_partition", "kafka_offset"])  # noqa: F841 - read by DuckDB below
+            con.register("dlq", _scan(self.dlq, ["kafka_partition", "kafka_offset"]))
             m = con.execute("SELECT count(*) FROM (SELECT DISTINCT kafka_partition, kafka_offset FROM dlq)").fetchone()[0]
         return {"events": int(n), "dlq": int(m)}
 
@@ -319,18 +319,18 @@ def read_interactions(table: Table, columns: Sequence[str] | None = None, where:
     """All stored events, deduplicated by event_id (first by Kafka offset), ordered by user and time: the
     same frame as ``offline_store.read_interactions``. ``where`` is a DuckDB predicate on the columns."""
     cols = list(columns) if columns else [f.name for f in SCHEMA]
-    events = _scan(table)  # noqa: F841 - read by DuckDB below
     select = ", ".join(cols)
     sql = (f"SELECT {select} FROM events {'WHERE ' + where if where else ''} "
            "QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY kafka_partition, kafka_offset) = 1 "
            "ORDER BY user_id, timestamp_ms, event_id")
     with duckdb.connect() as con:  # the same engine and query as the Parquet store's reader: the same dtypes
+        con.register("events", _scan(table))
         return con.execute(sql).df()
 
 
 def dlq_records(table: Table) -> pd.DataFrame:
-    dlq = _scan(table)  # noqa: F841 - read by DuckDB below
     with duckdb.connect() as con:
+        con.register("dlq", _scan(table))
         return con.execute("SELECT * FROM dlq QUALIFY row_number() OVER (PARTITION BY kafka_partition, kafka_offset "
                            "ORDER BY recorded_at_ms) = 1 ORDER BY kafka_partition, kafka_offset").df()
 
@@ -345,7 +345,7 @@ def item_stats(table: Table, item_ids: Iterable[int] | None = None, *, window_da
     item_ids = None if item_ids is None else list(item_ids)
     if item_ids is not None and not item_ids:
         return pd.DataFrame(columns=["item_id", "events", "positives", "likes", "skips", "events_7d", "positives_7d"])
-    events = _scan(table, ["event_id", "item_id", "event_type", "timestamp_ms", "kafka_partition", "kafka_offset"],  # noqa: F841
+    events = _scan(table, ["event_id", "item_id", "event_type", "timestamp_ms", "kafka_partition", "kafka_offset"],
                    _ids_filter("item_id", item_ids))
     since_ms = ((now_ms or int(time.time() * 1000)) // DAY_MS - window_days + 1) * DAY_MS
     sql = f"""
@@ -357,6 +357,7 @@ def item_stats(table: Table, item_ids: Iterable[int] | None = None, *, window_da
                count(*) FILTER (WHERE timestamp_ms >= {since_ms} AND event_type IN {POSITIVE_TYPES_SQL}) AS positives_7d
         FROM e GROUP BY item_id ORDER BY item_id"""
     with duckdb.connect() as con:
+        con.register("events", events)
         return con.execute(sql).df()
 
 
@@ -364,7 +365,7 @@ def user_stats(table: Table, user_ids: Iterable[int] | None = None) -> pd.DataFr
     user_ids = None if user_ids is None else list(user_ids)
     if user_ids is not None and not user_ids:
         return pd.DataFrame(columns=["user_id", "events", "positives", "likes", "skips", "last_event_ms"])
-    events = _scan(table, ["event_id", "user_id", "event_type", "timestamp_ms", "kafka_partition", "kafka_offset"],  # noqa: F841
+    events = _scan(table, ["event_id", "user_id", "event_type", "timestamp_ms", "kafka_partition", "kafka_offset"],
                    _ids_filter("user_id", user_ids))
     sql = f"""
         WITH e AS (SELECT * FROM events QUALIFY row_number() OVER (PARTITION BY event_id
@@ -374,6 +375,7 @@ def user_stats(table: Table, user_ids: Iterable[int] | None = None) -> pd.DataFr
                max(timestamp_ms) AS last_event_ms
         FROM e GROUP BY user_id ORDER BY user_id"""
     with duckdb.connect() as con:
+        con.register("events", events)
         return con.execute(sql).df()
 
 

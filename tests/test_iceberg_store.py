@@ -180,6 +180,15 @@ def test_migration_moves_a_parquet_store_counted_and_a_rerun_writes_nothing(tmp_
     got = store.read().drop(columns=["ingested_at_ms"])
     pd.testing.assert_frame_equal(got, expected)
     assert store.dlq_records()["kafka_offset"].tolist() == [40]
+    # the stats ingest pushes, aggregated from the table, equal the Parquet store's counters
+    parquet = OfflineStore(settings.offline_dir)
+    now_ms = DAY0 + 3 * 86_400_000
+    for mine, theirs in ((store.user_stats(), parquet.user_stats()),
+                         (store.item_stats(now_ms=now_ms), parquet.item_stats(now_ms=now_ms)),
+                         (store.user_stats([1, 2]), parquet.user_stats([1, 2]))):
+        pd.testing.assert_frame_equal(mine.reset_index(drop=True), theirs.sort_values(theirs.columns[0])
+                                      .reset_index(drop=True), check_dtype=False)
+    parquet.close()
 
     again = migrate_parquet(settings.offline_dir, store, group=GROUP, topic=TOPIC)
     assert (again.written, again.already_in_table, again.dlq_written, again.offsets) == (0, 50, 0, {})
