@@ -17,6 +17,7 @@ from cli.ab import ab as ab_group
 from cli.bench import bench as bench_group
 from cli.common import data_dir_option, running_kafka, settings_for, setup_logging, wait_forever
 from cli.models import models_group
+from cli.offline import offline_group
 from cli.study import study_group
 
 
@@ -113,7 +114,8 @@ def ingest(data_dir: str | None, follow: bool, partitions: str) -> None:
             signal.signal(sig, lambda *_: stop.set())
         parts = [int(p) for p in partitions.split(",") if p.strip()]
         with Ingestor(settings, bootstrap, partitions=parts) as worker:
-            click.echo(f"ingest worker on {bootstrap} → {settings.offline_dir}; Ctrl-C stops it")
+            target = settings.offline_dir if settings.offline.backend == "parquet" else "the Iceberg table"
+            click.echo(f"ingest worker on {bootstrap} → {target}; Ctrl-C stops it")
             report = worker.run(stop=stop, on_batch=lambda b: click.echo(
                 f"offsets {b.first_offset}..{b.last_offset}: {b.written} stored, {b.duplicates} duplicate, "
                 f"{b.dlq} DLQ"))
@@ -330,7 +332,7 @@ def ui(data_dir: str | None, dagster_port: int) -> None:
             stop_pid(proc.pid)
 
 
-for group in (bench_group, ab_group, models_group, study_group):
+for group in (bench_group, ab_group, models_group, offline_group, study_group):
     main.add_command(group)
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ fails a store write is isolated and dead-lettered, so offsets always move past i
 
 A crash before step 4 redelivers the batch; step 2 skips what it already holds and step 3 merges by a
 natural key, so nothing is lost and nothing counts twice.
+
+Where step 2 stores and where a partition resumes is the offline backend's (``offline.backend``):
+``ParquetBackend`` below, or ``features/iceberg_ingest.py``'s ``IcebergBackend``, which commits the batch and
+its offsets in one Iceberg snapshot and resumes from the table instead of from Kafka.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from kafka import KafkaProducer
 from features.events import InteractionEvent, InvalidEvent, parse_event
 from features.feature_repo import feature_store, user_stats_dir, write_online
 from features.kafka_io import CommitFailed, PartitionConsumer, RawMessage, dlq_payload, make_producer
-from features.offline_store import DATA_ERRORS, OfflineStore, StagedEvent
+from features.offline_store import DATA_ERRORS, OfflineStore, StagedEvent, WriteResult
 from infra.settings import EncoreSettings
 
 log = logging.getLogger("encore.ingest")
@@ -92,7 +96,8 @@ class Ingestor:
         self.settings = settings
         self.bootstrap = bootstrap
         self.topic = settings.topics.interactions
-        self.offline = OfflineStore(settings.offline_dir)
+        self.backend = offline_backend(settings)
+        self.offline = self.backend.open(self)
         self.store = store or feature_store(settings)
         # Histories of this worker's users, as last pushed. Kafka keys events by user and the worker owns
         # its partitions statically, so no other process writes these users while it runs.
@@ -121,8 +126,7 @@ class Ingestor:
         self._stats_pushed_at = 0.0
 
     def _new_consumer(self) -> PartitionConsumer:
-        return PartitionConsumer(self.bootstrap, self.settings.ingest.group_id, self.topic, self._partitions,
-                                 **self.settings.kafka.client_options())
+        return self.backend.consumer(self)
 
     def close(self) -> None:
         closers = [self.producer.close, self.offline.close, *(lock.close for lock in self._locks)]
@@ -210,8 +214,8 @@ class Ingestor:
         rep.valid = len(staged)
         t1 = time.monotonic()
         # Offline first: the system of record.
+        result = self.backend.store(self, staged, messages)
         if staged:
-            result = self.offline.write(staged)
             rep.written, rep.duplicates = result.written, result.duplicates
             by_offset = {(m.partition, m.offset): m for m in messages}
             for s, reason in result.rejected:  # passed validation, but the store cannot hold it
@@ -263,7 +267,7 @@ class Ingestor:
         sign: the group's committed offsets are gone (or went backwards). Then seek to the beginning; the
         offline store's event-id index makes the re-read free of duplicates.
         """
-        if not self._committed:
+        if not self._committed or not self.backend.resumes_from_kafka:
             return False
         try:
             committed = self.consumer.committed()
@@ -383,6 +387,33 @@ class Ingestor:
                 push_item_stats(self.store, stats)
         if not (self._dirty_items or self._dirty_users):
             self._stats_pushed_at = time.monotonic()
+
+
+class ParquetBackend:
+    """Where a batch is stored and where a partition resumes: Parquet files + the event-id index
+    (``offline.backend: parquet``, the default). ``features/iceberg_ingest.py`` is the Iceberg one."""
+
+    resumes_from_kafka = True  # the group's committed offsets are the resume point (see _broker_lost_state)
+
+    def open(self, ingestor: Ingestor) -> OfflineStore:
+        return OfflineStore(ingestor.settings.offline_dir)
+
+    def consumer(self, ingestor: Ingestor) -> PartitionConsumer:
+        """The worker's partitions, from the group's committed offsets (else the beginning)."""
+        return PartitionConsumer(ingestor.bootstrap, ingestor.settings.ingest.group_id, ingestor.topic,
+                                 ingestor._partitions, **ingestor.settings.kafka.client_options())
+
+    def store(self, ingestor: Ingestor, staged: list[StagedEvent], messages: list[RawMessage]) -> WriteResult:
+        """Store a batch's valid events (``messages``: the whole batch, invalid ones included)."""
+        return ingestor.offline.write(staged) if staged else WriteResult(0, 0, frozenset(), ())
+
+
+def offline_backend(settings: EncoreSettings):  # noqa: ANN201 - ParquetBackend or IcebergBackend
+    if settings.offline.backend == "iceberg":
+        from features.iceberg_ingest import IcebergBackend  # pyiceberg is imported only when it is used
+
+        return IcebergBackend()
+    return ParquetBackend()
 
 
 HISTORY_COLUMNS = ("item_ids", "event_types", "timestamps_ms", "played_ratios")

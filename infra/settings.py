@@ -119,6 +119,46 @@ class DagsterSettings(_Group):
     _reveal_url = field_serializer("postgres_url", when_used="json")(staticmethod(_reveal))
 
 
+class OfflineSettings(_Group):
+    """Where the offline store (the system of record) lives and in which format.
+
+    parquet: files plus a SQLite event-id index under ``data_dir`` (one host: SQLite is unsafe on a network
+    filesystem). iceberg: an Apache Iceberg table behind a SQL catalog, which ingest workers on several hosts
+    append to (see features/iceberg_store.py); only the catalog and the warehouse are shared."""
+
+    backend: Literal["parquet", "iceberg"] = "parquet"
+    catalog_url: SecretStr | None = Field(
+        default=None, description="SQLAlchemy URL of the Iceberg SQL catalog, e.g. 'postgresql+psycopg://user:"
+        "password@host:5432/iceberg'; unset: a SQLite file under data_dir (one host only)")
+    warehouse: str | None = Field(
+        default=None, description="where table data and metadata live: a path, or 's3://bucket/prefix' (with "
+        "the AWS_* or s3.* settings pyiceberg reads); unset: under data_dir")
+    namespace: str = Field(default="encore", min_length=1, pattern=r"^[A-Za-z0-9_]+$")
+    worker_assignment: Literal["static", "group"] = Field(
+        default="static", description="how an Iceberg ingest worker gets its partitions. static: those given "
+        "to it (--partitions; all when none), e.g. by StatefulSet ordinal; group: Kafka's consumer group assigns "
+        "them and moves them on rebalance (each new owner resumes from the offsets the table records)")
+    commit_retries: int = Field(default=30, ge=0, description="commit conflicts (another worker committed "
+                                "first) retried per batch before the batch fails and is redelivered")
+    target_file_mb: int = Field(default=128, ge=1, description="data file size compaction aims at")
+    compaction_days: int = Field(default=2, ge=1, description="the dedup/compaction window: the last N event "
+                                 "days are rewritten (duplicate event_ids dropped, small files merged)")
+    snapshot_retention_s: int = Field(default=3600, ge=0, description="snapshots older than this are expired "
+                                      "(those that carry a partition's newest Kafka offsets are kept)")
+    orphan_grace_s: int = Field(default=3600, ge=60, description="unreferenced files younger than this are "
+                                "kept by orphan cleanup (a writer may be about to commit them)")
+
+    _reveal_url = field_serializer("catalog_url", when_used="json")(staticmethod(_reveal))
+
+    def catalog_uri(self, root: Path) -> str:
+        if self.catalog_url is not None:
+            return self.catalog_url.get_secret_value()
+        return f"sqlite:///{root / 'offline' / 'iceberg' / 'catalog.sqlite'}"
+
+    def warehouse_uri(self, root: Path) -> str:
+        return self.warehouse or str(root / "offline" / "iceberg" / "warehouse")
+
+
 class SimulatorSettings(_Group):
     """Size and seed of the synthetic music-streaming world (the default data)."""
 
@@ -428,6 +468,7 @@ class EncoreSettings(BaseSettings):
     topics: TopicSettings = TopicSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     ingest: IngestSettings = IngestSettings()
+    offline: OfflineSettings = OfflineSettings()
     train: TrainSettings = TrainSettings()
     registry: RegistrySettings = RegistrySettings()
     promotion: PromotionSettings = PromotionSettings()
@@ -451,6 +492,8 @@ class EncoreSettings(BaseSettings):
             "ENCORE_FEAST__REGISTRY": self.feast.registry,
             "ENCORE_DAGSTER__POSTGRES_URL": self.dagster.postgres_url,
         }
+        if self.offline.backend == "iceberg":  # a SQLite catalog is one host's: name a shared one
+            required["ENCORE_OFFLINE__CATALOG_URL"] = self.offline.catalog_url
         missing = [name for name, value in required.items() if not value]
         if missing:
             raise ValueError("profile 'production' starts no embedded services; set " + ", ".join(missing)
