@@ -253,4 +253,7 @@ def test_the_published_defaults_and_the_new_names_in_every_recipe_road() -> None
     with pytest.raises(ValueError, match="even dim // heads"):
         resolve_recipe(BASE_RECIPE, model="llama", dim=24, heads=8)  # head width 3: no rotary pairs
     assert resolve_recipe(BASE_RECIPE, hstu_gating="false").hstu_gating is False  # text from the environment
-    assert [ScalingSettings(model=m).model for m in ("gpt", "llama")] == ["gpt", "llama"]
+    from models.scaling import grid, point_recipe
+
+    points = grid(ScalingSettings(backbones=["gpt", "llama"], sizes=["d8b1", "d16b1", "d32b2"], seeds=[0]))
+    assert {point_recipe(p, BASE_RECIPE).model for p in points} == {"gpt", "llama"}  # the scaling study's road
