@@ -77,7 +77,7 @@ def models_group() -> None:
 
 @models_group.command("train")
 @data_dir_option
-@click.option("--recipe", default="", help="hstu, sasrec, argus, a models/configs name, or a YAML path "
+@click.option("--recipe", default="", help="hstu, sasrec, argus, gpt, llama, a models/configs name, or a YAML path "
                                            "(default: the settings' train.recipe)")
 @click.option("--epochs", type=int, default=0, help="override the epoch count")
 @click.option("--dim", type=int, default=0, help="override the model width")
