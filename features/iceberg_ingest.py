@@ -41,8 +41,7 @@ from confluent_kafka import TopicPartition as RdPartition
 
 from features.events import InvalidEvent
 from features.iceberg_store import Fenced, IcebergStore
-from features.kafka_io import _RDKAFKA_OPTIONS as RDKAFKA_OPTIONS
-from features.kafka_io import PartitionConsumer, RawMessage
+from features.kafka_io import PartitionConsumer, RawMessage, ingest_consumer_config
 from features.offline_store import DATA_ERRORS, StagedEvent, WriteResult, _table
 
 log = logging.getLogger("encore.ingest.iceberg")
@@ -202,18 +201,9 @@ class GroupConsumer(PartitionConsumer):
 
         self.topic, self._tp, self.partitions = topic, RdPartition, []
         self._positions = positions
-        conf: dict[str, object] = {
-            "bootstrap.servers": bootstrap, "group.id": group_id, "client.id": f"encore-{group_id}",
-            "enable.auto.commit": False, "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
-            "fetch.max.bytes": 32 * 1024 * 1024, "max.partition.fetch.bytes": 8 * 1024 * 1024,
-            # a dead worker's partitions move after this long (the drill's SIGKILL): seconds, not the default 45
-            "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
-            "logger": logging.getLogger("encore.kafka.rdkafka"),
-        }
-        for name, value in options.items():
-            if name not in RDKAFKA_OPTIONS:
-                raise ValueError(f"unsupported Kafka client option for the ingest consumer: {name}")
-            conf[RDKAFKA_OPTIONS[name]] = value
+        # a dead worker's partitions move after this long (the drill's SIGKILL): seconds, not the default 45
+        conf = ingest_consumer_config(bootstrap, group_id, options, **{"session.timeout.ms": 6000,
+                                                                       "heartbeat.interval.ms": 1000})
         self._consumer = Consumer(conf)
         self._consumer.subscribe([topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._revoked)
 

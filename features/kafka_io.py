@@ -63,6 +63,29 @@ _RDKAFKA_OPTIONS = {
 }
 
 
+def ingest_consumer_config(bootstrap: str, group_id: str, options: dict[str, object],
+                           **extra: object) -> dict[str, object]:
+    """librdkafka configuration of an ingest consumer: manual offsets, large fetches, the settings' client
+    options (kafka-python names, mapped) and ``extra`` librdkafka keys on top."""
+    conf: dict[str, object] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group_id,
+        "client.id": f"encore-{group_id}",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "fetch.max.bytes": 32 * 1024 * 1024,
+        "max.partition.fetch.bytes": 8 * 1024 * 1024,
+        "logger": logging.getLogger("encore.kafka.rdkafka"),
+        **extra,
+    }
+    for name, value in options.items():
+        if name not in _RDKAFKA_OPTIONS:
+            raise ValueError(f"unsupported Kafka client option for the ingest consumer: {name}")
+        conf[_RDKAFKA_OPTIONS[name]] = value
+    return conf
+
+
 class CommitFailed(RuntimeError):
     """The broker refused an offset commit: the batch will be redelivered (and deduplicated)."""
 
@@ -86,21 +109,7 @@ class PartitionConsumer:
 
         self.topic = topic
         self._tp = RdPartition
-        conf: dict[str, object] = {
-            "bootstrap.servers": bootstrap,
-            "group.id": group_id,
-            "client.id": f"encore-{group_id}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "fetch.max.bytes": 32 * 1024 * 1024,
-            "max.partition.fetch.bytes": 8 * 1024 * 1024,
-            "logger": logging.getLogger("encore.kafka.rdkafka"),
-        }
-        for name, value in options.items():
-            if name not in _RDKAFKA_OPTIONS:
-                raise ValueError(f"unsupported Kafka client option for the ingest consumer: {name}")
-            conf[_RDKAFKA_OPTIONS[name]] = value
+        conf = ingest_consumer_config(bootstrap, group_id, options)
         self._consumer = Consumer(conf)
         try:
             if not partitions:
