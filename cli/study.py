@@ -5,7 +5,6 @@ stop it and run it again, it goes on where it stopped), then ``scaling_laws``.""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -79,7 +78,7 @@ def _scaling(settings: EncoreSettings, uri: str, fit_only: bool) -> None:
     from tqdm import tqdm
 
     from cli.jobs import dagster_instance, run_job
-    from orchestration.assets.studies import corpus_info, point_file
+    from orchestration.assets.studies import collect_points, corpus_info
     from orchestration.resources import MLflowResource
 
     # stdout is the study's report: not a "View run" line per point (MLflow prints them on every run's end)
@@ -91,11 +90,11 @@ def _scaling(settings: EncoreSettings, uri: str, fit_only: bool) -> None:
         if not run_job(settings, "scaling_plan_job", instance, resources=mlflow, raise_on_error=False).success:
             raise click.ClickException("scaling_plan_job failed (see the run in the Dagster UI)")
         corpus = corpus_info(settings)
-        done = {k for k in corpus["points"] if point_file(settings, k).exists()
-                and json.loads(point_file(settings, k).read_text()).get("corpus") == corpus["digest"]}
-        todo = [k for k in corpus["points"] if k not in done]
+        trained, missing, stale = collect_points(settings, corpus["digest"])
+        untrained = set(missing) | set(stale)  # stale: trained on another corpus
+        todo = [k for k in corpus["points"] if k in untrained]
         click.echo(f"study {settings.scaling.name}: {len(corpus['points'])} points on {corpus['events']:,} events "
-                   f"({corpus['dataset']}), {len(done)} already trained, {len(todo)} to train", err=True)
+                   f"({corpus['dataset']}), {len(trained)} already trained, {len(todo)} to train", err=True)
         failed = []
         for key in tqdm(todo, desc="scaling points", unit="point"):
             if not run_job(settings, "scaling_point_job", instance, resources=mlflow, partition_key=key,

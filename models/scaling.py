@@ -117,8 +117,7 @@ HELDOUT_SEED = 12345  # the held-out users are the same for every point of every
 
 def split_users(df: pd.DataFrame, share: float = HELDOUT_SHARE, seed: int = HELDOUT_SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(the training users' events, the held-out users' events): a fixed draw of ``share`` of the users."""
-    users = np.random.default_rng(seed).permutation(np.sort(df["user_id"].unique()))
-    held = df["user_id"].isin(users[: max(1, int(round(len(users) * share)))])
+    held = df["user_id"].isin(drawn_users(df, share, seed, at_least=1))
     return df[~held], df[held]
 
 
@@ -168,9 +167,14 @@ def user_fraction(df: pd.DataFrame, fraction: float, seed: int = 0) -> pd.DataFr
     include every smaller fraction's (one permutation, cut at different lengths), so D grows by adding data."""
     if fraction >= 1.0:
         return df
+    return df[df["user_id"].isin(drawn_users(df, fraction, seed, at_least=2))]
+
+
+def drawn_users(df: pd.DataFrame, share: float, seed: int, *, at_least: int) -> np.ndarray:
+    """The first ``share`` (at least ``at_least``) of one seeded permutation of the users: draws of one seed are
+    nested, a smaller share's users among a larger one's."""
     users = np.random.default_rng(seed).permutation(np.sort(df["user_id"].unique()))
-    keep = users[: max(2, int(round(len(users) * fraction)))]
-    return df[df["user_id"].isin(keep)]
+    return users[: max(at_least, int(round(len(users) * share)))]
 
 
 def point_recipe(spec: PointSpec, recipe: str, overrides: dict[str, Any] | None = None) -> Any:

@@ -107,23 +107,28 @@ def log_study_point(tracking_uri: str, experiment: str, *, study: str, key: str,
                     metrics: dict[str, Any], artifact_root: Path | None = None) -> str:
     """One point of a study as its own run (points are trained one Dagster partition at a time, possibly on
     different days): named by its key, tagged with the study. Returns the run id."""
-    use_experiment(tracking_uri, experiment, artifact_root)
-    with mlflow.start_run(run_name=key, tags={STUDY_TAG: study, POINT_TAG: key}) as run:
-        mlflow.log_params({k: _param(v) for k, v in params.items()})
-        mlflow.log_metrics(numeric_metrics(metrics))
-        mlflow.set_tag("git_revision", git_revision())
-        return run.info.run_id
+    return _log_study_run(tracking_uri, experiment, run_name=key, tags={STUDY_TAG: study, POINT_TAG: key},
+                          params=params, metrics=metrics, artifact_root=artifact_root)
 
 
 def log_study_result(tracking_uri: str, experiment: str, *, study: str, params: dict[str, Any],
                      metrics: dict[str, Any], folder: Path, artifact_path: str,
                      artifact_root: Path | None = None) -> str:
     """A study's fits: their numbers, and the folder of tables and plots as artefacts. Returns the run id."""
+    return _log_study_run(tracking_uri, experiment, run_name=f"{study}-fits", tags={STUDY_TAG: study},
+                          params=params, metrics=metrics, artifacts=(folder, artifact_path),
+                          artifact_root=artifact_root)
+
+
+def _log_study_run(tracking_uri: str, experiment: str, *, run_name: str, tags: dict[str, str],
+                   params: dict[str, Any], metrics: dict[str, Any], artifacts: tuple[Path, str] | None = None,
+                   artifact_root: Path | None = None) -> str:
     use_experiment(tracking_uri, experiment, artifact_root)
-    with mlflow.start_run(run_name=f"{study}-fits", tags={STUDY_TAG: study}) as run:
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
         mlflow.log_params({k: _param(v) for k, v in params.items()})
         mlflow.log_metrics(numeric_metrics(metrics))
-        mlflow.log_artifacts(str(folder), artifact_path)
+        if artifacts is not None:
+            mlflow.log_artifacts(str(artifacts[0]), artifacts[1])
         mlflow.set_tag("git_revision", git_revision())
         return run.info.run_id
 
