@@ -433,6 +433,20 @@ def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
     return torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
 
 
+def to_padded(x: torch.Tensor, offsets: torch.Tensor, max_len: int) -> tuple[torch.Tensor, int]:
+    """Jagged [N, D] -> right-padded [B, n, D] with n = the batch's longest sequence (checked against max_len)."""
+    lengths = offsets[1:] - offsets[:-1]
+    n = int(lengths.max()) if lengths.numel() else 0
+    if n > max_len:
+        raise ValueError(f"sequence of length {n} exceeds max_len {max_len}")
+    return torch.ops.fbgemm.jagged_to_padded_dense(x, [offsets], [n], 0.0), n
+
+
+def to_jagged(x: torch.Tensor, offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """Right-padded [B, n, D] -> jagged [N, D], dropping the padded positions (N given: no host sync)."""
+    return torch.ops.fbgemm.dense_to_jagged(x, [offsets], total)[0]
+
+
 def jagged_positions(offsets: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each of the N jagged values: (its sequence [N], its position in that sequence [N], from 0)."""
     row = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths)

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm.* jagged ops)
+
+from models.data import to_jagged, to_padded
 
 INIT_STD = 0.02  # GPT-2's weight scale
 
@@ -44,20 +45,6 @@ class GPTConfig:
     ffn_dim: int  # F, the MLP width (resolved: never 0 here)
     max_len: int
     dropout: float  # attention weights, and each residual branch's output
-
-
-def to_padded(x: torch.Tensor, offsets: torch.Tensor, max_len: int) -> tuple[torch.Tensor, int]:
-    """Jagged [N, D] -> right-padded [B, n, D] with n = the batch's longest sequence (checked against max_len)."""
-    lengths = offsets[1:] - offsets[:-1]
-    n = int(lengths.max()) if lengths.numel() else 0
-    if n > max_len:
-        raise ValueError(f"sequence of length {n} exceeds max_len {max_len}")
-    return torch.ops.fbgemm.jagged_to_padded_dense(x, [offsets], [n], 0.0), n
-
-
-def to_jagged(x: torch.Tensor, offsets: torch.Tensor, total: int) -> torch.Tensor:
-    """Right-padded [B, n, D] -> jagged [N, D], dropping the padded positions (N given: no host sync)."""
-    return torch.ops.fbgemm.dense_to_jagged(x, [offsets], total)[0]
 
 
 def gpt2_init(module: nn.Module, blocks: int) -> None:

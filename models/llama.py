@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.gpt import gpt2_init, to_jagged, to_padded
+from models.data import to_jagged, to_padded
+from models.gpt import gpt2_init
 
 RMS_EPS = 1e-6
 ROPE_THETA = 10_000.0  # Llama's rotary base

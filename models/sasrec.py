@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-import fbgemm_gpu  # noqa: F401
+
+from models.data import to_jagged, to_padded
 
 
 @dataclass
@@ -112,14 +113,11 @@ class SASRec(nn.Module):
         query_timestamps: torch.Tensor | None = None,  # unused
     ) -> torch.Tensor:
         lengths = offsets[1:] - offsets[:-1]
-        n = int(lengths.max()) if lengths.numel() else 0
-        if n > self.cfg.max_len:
-            raise ValueError(f"sequence of length {n} exceeds max_len {self.cfg.max_len}")
-        xd = torch.ops.fbgemm.jagged_to_padded_dense(x, [offsets], [n], 0.0)  # [B, n, D]
+        xd, n = to_padded(x, offsets, self.cfg.max_len)  # [B, n, D]
         valid = (torch.arange(n, device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1).to(x.dtype)
         for block in self.blocks:
             xd = block(xd, valid)
-        return torch.ops.fbgemm.dense_to_jagged(xd, [offsets], x.shape[0])[0]  # [N, D]; N given: no host sync
+        return to_jagged(xd, offsets, x.shape[0])  # [N, D]
 
 
 __all__ = ["SASRec", "SASRecBlock", "SASRecConfig", "CausalSelfAttention", "PointWiseFeedForward"]
