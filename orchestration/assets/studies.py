@@ -104,7 +104,7 @@ def scaling_laws(context: dg.AssetExecutionContext, encore: EncoreResource, mlfl
     from models.lifecycle.tracking import SCALING, experiment_name, log_study_result
     from models.plots import md_image
     from models.scaling import grid
-    from models.scaling_laws import plot_all, summarise, to_markdown
+    from models.scaling_laws import plot_all, summarise, to_markdown, write_summary
 
     settings = encore.settings()
     corpus = corpus_info(settings)
@@ -123,7 +123,7 @@ def scaling_laws(context: dg.AssetExecutionContext, encore: EncoreResource, mlfl
     report = to_markdown(summary)
     plots = plot_all(points, out)
     pd.DataFrame(points).to_csv(out / "points.csv", index=False)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    write_summary(summary, out / "summary.json")
     (out / "report.md").write_text(report)
     run_id = ""
     uri = mlflow_server.resolve(settings)
