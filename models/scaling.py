@@ -207,8 +207,7 @@ def run_point(df: pd.DataFrame, spec: PointSpec, recipe: str, overrides: dict[st
     test = split_metrics(rank_targets(result.model, seqs, make_split(seqs, cfg).test, batch_size=cfg.eval_batch_size),
                          len(result.vocab), feedback=False)  # each held-out user's last event, whole catalogue
     n = result.model.non_embedding_params()
-    # input positions of the training windows (a window's last event is only a target), every epoch run
-    tokens = int(result.extra["train_tokens"]) * len(result.history)
+    tokens = result.tokens_processed()  # input positions of the training windows, every epoch run
     return {
         **asdict(spec), "key": spec.key, "size": spec.size,
         "params": n, "params_all": int(result.num_params), "tokens": tokens, "compute": 6.0 * n * tokens,

@@ -82,6 +82,14 @@ class TrainResult:
     ranked: dict[str, RankedTargets] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def tokens_processed(self) -> int:
+        """History positions the training steps fed the model (the D of C ~ 6 N D): an epoch's inputs
+        (``train_tokens``) per full epoch, pro rata for an epoch cut short by ``max_steps`` (an epoch is
+        ceil(windows / batch_size) steps, ``models.data.batch_rows``)."""
+        windows, steps = int(self.extra["train_windows"]), int(self.extra["steps"])
+        steps_per_epoch = -(-windows // self.config.batch_size)
+        return round(int(self.extra["train_tokens"]) * steps / steps_per_epoch)
+
     def recommender(self) -> Recommender:
         return Recommender(self.model, self.vocab, metadata={"train_config": asdict(self.config), "best_epoch": self.best_epoch, "test_metrics": self.test_metrics})
 

@@ -227,11 +227,8 @@ def size_label(size: Mapping[str, Any]) -> str:
 
 
 def _row(size: str, arm: str, seed: int, result: Any, warm: WarmStartReport | None = None) -> TransferRow:
-    # history positions processed: an epoch's inputs per full epoch (as models.scaling counts them), pro rata
-    # for an epoch cut short by max_steps (an epoch is ceil(windows / batch_size) steps)
     windows, steps = int(result.extra["train_windows"]), int(result.extra["steps"])
-    steps_per_epoch = -(-windows // result.config.batch_size)
-    tokens = round(int(result.extra["train_tokens"]) * steps / steps_per_epoch)
+    tokens = result.tokens_processed()
     n = result.model.non_embedding_params()
     train_s = [h["train_s"] for h in result.history]
     return TransferRow(
