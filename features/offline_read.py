@@ -56,7 +56,7 @@ def read_interactions(settings: EncoreSettings, columns: Sequence[str] | None = 
 
         table = load_table(settings)
         if table is None:
-            return _empty(columns)
+            return empty_frame(columns)
         return read_table(table, columns=columns, where=where, snapshot_id=snapshot_id)
     if snapshot_id is not None:
         raise ValueError("the Parquet offline store has no snapshots (snapshot_id needs offline.backend: iceberg)")
@@ -67,20 +67,9 @@ def training_events(settings: EncoreSettings, snapshot_id: int | None = None,
                     cutoff_ms: int | None = None) -> pd.DataFrame:
     """The training set built in process: ``TRAINING_COLUMNS`` of every event up to ``cutoff_ms`` (event time,
     inclusive; None: all) in the snapshot. ``features.spark_training.spark_training_events`` builds the same
-    rows with Spark."""
+    rows with Spark; ``features.training_set.build_training_set`` picks one of the two."""
     where = f"timestamp_ms <= {int(cutoff_ms)}" if cutoff_ms is not None else None
     return read_interactions(settings, columns=TRAINING_COLUMNS, where=where, snapshot_id=snapshot_id)
-
-
-def build_training_set(settings: EncoreSettings, snapshot_id: int | None = None,
-                       cutoff_ms: int | None = None) -> pd.DataFrame:
-    """The training set by the engine the settings choose (``offline.training_engine``): ``training_events``
-    in this process, or Spark (``features.spark_training``). Both give the same rows."""
-    if settings.offline.training_engine == "spark":
-        from features.spark_training import spark_training_events
-
-        return spark_training_events(settings, snapshot_id, cutoff_ms)
-    return training_events(settings, snapshot_id, cutoff_ms)
 
 
 def describe_snapshot(settings: EncoreSettings) -> dict:
@@ -226,7 +215,7 @@ def export_snapshot(settings: EncoreSettings, snapshot_id: int) -> Path:
     return folder
 
 
-def _empty(columns: Sequence[str] | None) -> pd.DataFrame:
+def empty_frame(columns: Sequence[str] | None) -> pd.DataFrame:
     """The Parquet reader's frame for a store without files (typed, no rows)."""
     cols = list(columns) if columns else SCHEMA.names
     return pd.DataFrame({c: pd.Series(dtype=offline_store._pandas_dtype(c)) for c in cols})

@@ -74,9 +74,9 @@ def spark_training_events(settings: EncoreSettings, snapshot_id: int | None = No
 
     files, order, _ = snapshot_files(settings, snapshot_id)
     if not files:
-        from features.offline_read import _empty
+        from features.offline_read import empty_frame
 
-        return _empty(TRAINING_COLUMNS)
+        return empty_frame(TRAINING_COLUMNS)
     spark = spark or SparkSession.getActiveSession()
     own = spark is None  # a session somebody else started is theirs to stop
     spark = spark or spark_session(settings.offline.spark_master)

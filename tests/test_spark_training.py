@@ -100,7 +100,7 @@ def test_spark_reads_the_parquet_store_the_same_way(tmp_path, spark):
 
 
 def test_the_training_set_is_built_by_the_engine_the_settings_choose(tmp_path, spark):
-    from features.offline_read import build_training_set  # what the training_dataset asset calls
+    from features.training_set import build_training_set  # what the training_dataset asset calls
 
     base = iceberg_settings(tmp_path)
     store = IcebergStore(base)

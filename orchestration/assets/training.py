@@ -22,7 +22,8 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from features.offline_read import build_training_set, describe_snapshot, export_snapshot
+from features.offline_read import describe_snapshot, export_snapshot
+from features.training_set import build_training_set
 from orchestration.assets.ingest import ingested_interactions
 from orchestration.resources import EncoreResource, FeastResource, MLflowResource
 
