@@ -225,10 +225,10 @@ def ab_plan(data_dir: str | None, mde: float, absolute: bool, metric: str, basel
         raise click.BadParameter("--baseline-mean and --baseline-sd go together")
     baseline_from_store = baseline_mean is None
     if baseline_from_store:
-        from features.offline_store import read_interactions
+        from features.offline_read import read_interactions
 
         settings = settings_for(data_dir)
-        events = read_interactions(settings.offline_dir)
+        events = read_interactions(settings)
         if "source" in events.columns:
             events = events[events["source"] == "organic"]
         if events.empty:

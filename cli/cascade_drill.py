@@ -103,7 +103,7 @@ def paired_replay(settings: EncoreSettings, tracking: str, *, users: int, reques
     times to the simulator with common random numbers (``MusicWorld.respond(rng_key=...)``). Per user, likes
     and listening time per request; the paired difference, relative to retrieval, with a 95% bootstrap interval
     over users. This is offline evaluation on the simulator's known reaction model, not an experiment."""
-    from features.offline_store import read_interactions
+    from features.offline_read import read_interactions
     from features.simulator import MusicWorld
     from models.lifecycle.registry import Registry
     from serving.cascade import rerank, retrieval_temperature
@@ -112,7 +112,7 @@ def paired_replay(settings: EncoreSettings, tracking: str, *, users: int, reques
     retriever, _ = Registry(tracking, settings.registry).load(alias=settings.registry.champion_alias)
     ranker, _ = Registry(tracking, settings.registry.for_rankers()).load(alias=settings.registry.champion_alias)
     ids = list(world.users)[:users]
-    ev = read_interactions(settings.offline_dir, columns=["user_id", "item_id", "event_type", "timestamp_ms"])
+    ev = read_interactions(settings, columns=["user_id", "item_id", "event_type", "timestamp_ms"])
     ev = ev[ev["user_id"].isin(ids)]
     n = settings.ingest.history_length
     hist = {int(u): {"item_ids": g["item_id"].tolist()[-n:], "event_types": g["event_type"].tolist()[-n:],

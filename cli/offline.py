@@ -48,20 +48,15 @@ def migrate_to_iceberg(data_dir: str | None, source: Path | None, no_offsets: bo
 @click.option("--dry-run", is_flag=True, help="list orphan files without deleting them")
 def maintain(data_dir: str | None, days: int | None, dry_run: bool) -> None:
     """Compact recent day partitions (dropping duplicate event ids), expire old snapshots, remove orphans."""
-    from features.iceberg_store import IcebergStore, compact, expire_snapshots, remove_orphan_files
+    from features.iceberg_store import IcebergStore, compact, expire_store_snapshots, remove_store_orphans
 
     settings = settings_for(data_dir)
     cfg = settings.offline
     store = IcebergStore(settings)
     try:
         compacted = compact(store.table, window_days=days or cfg.compaction_days, retries=cfg.commit_retries)
-        expired = expire_snapshots(store.table, older_than_s=cfg.snapshot_retention_s)
-        expired += expire_snapshots(store.dlq, older_than_s=cfg.snapshot_retention_s)
-        orphans = remove_orphan_files(store.table, grace_s=cfg.orphan_grace_s, dry_run=dry_run)
-        dlq_orphans = remove_orphan_files(store.dlq, grace_s=cfg.orphan_grace_s, dry_run=dry_run)
-        orphans.deleted += dlq_orphans.deleted
-        orphans.kept_young += dlq_orphans.kept_young
-        orphans.listed += dlq_orphans.listed
+        expired = expire_store_snapshots(store, older_than_s=cfg.snapshot_retention_s)
+        orphans = remove_store_orphans(store, grace_s=cfg.orphan_grace_s, dry_run=dry_run)
     finally:
         store.close()
     click.echo(json.dumps({"compaction": dataclasses.asdict(compacted), "snapshots_expired": expired,

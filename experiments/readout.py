@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import pandas as pd
 
 from features.kafka_io import read_topic
-from features.offline_store import read_interactions
+from features.offline_read import read_interactions
 from infra.settings import EncoreSettings
 from experiments.metrics import DEFAULT_GUARDRAILS
 from experiments.report import ABReport, ab_report, render_html, sequential_png
@@ -121,7 +121,7 @@ def read_report(settings: EncoreSettings, bootstrap: str, name: str | None = Non
     exposures = select_phase(exposures, exp.name, phase_of_version, phase)
     if exposures.empty:
         raise RuntimeError(f"no exposures of phase {phase} of {exp.name!r} yet: serve recommendations first")
-    interactions = read_interactions(settings.offline_dir)
+    interactions = read_interactions(settings)
     pre = interactions[(interactions["timestamp_ms"] < start_ms) & (interactions["source"] == "organic")]
     control = exp.rollout.control if exp.rollout is not None else "control"
     guardrails = exp.rollout.guardrails if exp.rollout is not None else DEFAULT_GUARDRAILS

@@ -28,6 +28,7 @@ from feast.infra.registry.sql import SqlRegistryConfig
 from feast.repo_config import RegistryConfig, RepoConfig
 from feast.types import Array, Float32, Int64, String
 
+from features.offline_read import feast_source_dir
 from infra.settings import EncoreSettings
 
 PROJECT = "encore"
@@ -48,9 +49,11 @@ COUNT_FIELDS = (
 
 
 def interactions_source(settings: EncoreSettings) -> FileSource:
+    # the Parquet store, or with offline.backend iceberg the Parquet export of the snapshot last trained on
+    # (Feast has no Iceberg offline store; see features/offline_read.py)
     return FileSource(
         name="interactions",
-        path=str(settings.offline_dir),
+        path=str(feast_source_dir(settings)),
         timestamp_field="event_timestamp",
         description="validated interaction events, partitioned by event date (system of record)",
     )

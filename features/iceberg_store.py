@@ -308,24 +308,77 @@ def _arrow(staged: Sequence[StagedEvent], now_ms: int | None = None) -> pa.Table
 # ---------------------------------------------------------------------------------------------- reads
 
 
-def _scan(table: Table, columns: Sequence[str] | None = None, row_filter=None) -> pa.Table:  # noqa: ANN001
-    """The table's current snapshot as Arrow (through pyiceberg, so any warehouse pyiceberg reads works)."""
-    table.refresh()
+def _scan(table: Table, columns: Sequence[str] | None = None, row_filter=None,  # noqa: ANN001
+          snapshot_id: int | None = None) -> pa.Table:
+    """One snapshot of the table as Arrow (through pyiceberg, so any warehouse pyiceberg reads works): the
+    current one after a refresh, or ``snapshot_id`` (a pinned read: what a training set names)."""
+    if snapshot_id is None:
+        table.refresh()
     kwargs = {"row_filter": row_filter} if row_filter is not None else {}
+    if snapshot_id is not None:
+        kwargs["snapshot_id"] = snapshot_id
     return table.scan(selected_fields=tuple(columns) if columns else ("*",), **kwargs).to_arrow()
 
 
-def read_interactions(table: Table, columns: Sequence[str] | None = None, where: str | None = None) -> pd.DataFrame:
+# Which copy of a duplicated event_id readers keep: the first stored, by Kafka partition and offset (the
+# Spark builder, features/spark_training.py, orders the same way so both keep the same row).
+DEDUP_ORDER = ("kafka_partition", "kafka_offset")
+
+
+def read_interactions(table: Table, columns: Sequence[str] | None = None, where: str | None = None,
+                      snapshot_id: int | None = None) -> pd.DataFrame:
     """All stored events, deduplicated by event_id (first by Kafka offset), ordered by user and time: the
-    same frame as ``offline_store.read_interactions``. ``where`` is a DuckDB predicate on the columns."""
+    same frame as ``offline_store.read_interactions``. ``where`` is a DuckDB predicate on the columns;
+    ``snapshot_id`` reads that snapshot instead of the current one."""
     cols = list(columns) if columns else [f.name for f in SCHEMA]
     select = ", ".join(cols)
     sql = (f"SELECT {select} FROM events {'WHERE ' + where if where else ''} "
-           "QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY kafka_partition, kafka_offset) = 1 "
+           f"QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY {', '.join(DEDUP_ORDER)}) = 1 "
            "ORDER BY user_id, timestamp_ms, event_id")
     with duckdb.connect() as con:  # the same engine and query as the Parquet store's reader: the same dtypes
-        con.register("events", _scan(table))
+        con.register("events", _scan(table, snapshot_id=snapshot_id))
         return con.execute(sql).df()
+
+
+def load_table(settings: EncoreSettings, name: str = INTERACTIONS) -> Table | None:
+    """The table for reading, or None before any worker created it (a reader never creates or alters it,
+    unlike ``IcebergStore``)."""
+    catalog = open_catalog(settings)
+    ident = f"{settings.offline.namespace}.{name}"
+    try:
+        return catalog.load_table(ident) if catalog.table_exists(ident) else None
+    finally:
+        catalog.engine.dispose()  # the table keeps its own FileIO; no catalog connection stays open
+
+
+def snapshot_offsets(table: Table, snapshot_id: int, group: str, topic: str) -> dict[int, int]:
+    """Next Kafka offset per partition as of ``snapshot_id``: the newest value each partition's key has in
+    that snapshot or an older one (offsets only ever move forward, so this is what the snapshot holds)."""
+    target = table.metadata.snapshot_by_id(snapshot_id)
+    if target is None:
+        raise KeyError(f"snapshot {snapshot_id} is not in the table (expired?)")
+    prefix = f"{OFFSET_PREFIX}.{group}.{topic}."
+    found: dict[int, int] = {}
+    older = [s for s in table.metadata.snapshots if (s.sequence_number or 0) <= (target.sequence_number or 0)]
+    for snap in sorted(older, key=lambda s: s.sequence_number or 0, reverse=True):
+        props = snap.summary.additional_properties if snap.summary is not None else {}
+        for key, value in props.items():
+            if key.startswith(prefix):
+                found.setdefault(int(key.removeprefix(prefix)), int(value))
+    return dict(sorted(found.items()))
+
+
+def data_files(table: Table, snapshot_id: int) -> list[str]:
+    """The data files of one snapshot, as scan planning lists them (what an engine without the Iceberg
+    runtime, e.g. Spark's plain Parquet reader, must read to see exactly that snapshot). Refuses a
+    snapshot with delete files: a plain Parquet reader would not apply them (our writers never make any:
+    appends and whole-file overwrites only)."""
+    out = []
+    for task in table.scan(snapshot_id=snapshot_id).plan_files():
+        if task.delete_files:
+            raise NotImplementedError(f"{task.file.file_path} has delete files; read it with an Iceberg engine")
+        out.append(task.file.file_path)
+    return sorted(out)
 
 
 def dlq_records(table: Table) -> pd.DataFrame:
@@ -551,6 +604,24 @@ def remove_orphan_files(table: Table, *, grace_s: float, dry_run: bool = False) 
             fs.delete_file(info.path)
         report.deleted.append(path)
     return report
+
+
+def expire_store_snapshots(store: IcebergStore, *, older_than_s: float) -> int:
+    """``expire_snapshots`` on both tables of a store (interactions and the DLQ ledger)."""
+    return sum(expire_snapshots(t, older_than_s=older_than_s, retries=store.cfg.commit_retries)
+               for t in (store.table, store.dlq))
+
+
+def remove_store_orphans(store: IcebergStore, *, grace_s: float, dry_run: bool = False) -> OrphanReport:
+    """``remove_orphan_files`` on both tables of a store, one report."""
+    total = OrphanReport()
+    for table in (store.table, store.dlq):
+        r = remove_orphan_files(table, grace_s=grace_s, dry_run=dry_run)
+        total.listed += r.listed
+        total.referenced += r.referenced
+        total.deleted += r.deleted
+        total.kept_young += r.kept_young
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- migration

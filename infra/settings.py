@@ -147,6 +147,12 @@ class OfflineSettings(_Group):
                                       "(those that carry a partition's newest Kafka offsets are kept)")
     orphan_grace_s: int = Field(default=3600, ge=60, description="unreferenced files younger than this are "
                                 "kept by orphan cleanup (a writer may be about to commit them)")
+    training_engine: Literal["inprocess", "spark"] = Field(
+        default="inprocess", description="what builds the training set from the offline store's snapshot. "
+        "inprocess: DuckDB in the Dagster step; spark: a Spark job (features/spark_training.py; needs a Java "
+        "runtime), the same rows")
+    spark_master: str = Field(default="local[*]", description="the Spark master the spark engine submits to, "
+                              "e.g. 'local[4]' or 'spark://host:7077'")
 
     _reveal_url = field_serializer("catalog_url", when_used="json")(staticmethod(_reveal))
 

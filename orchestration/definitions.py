@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from orchestration.assets import experiments, ingest, ranking, rollouts, studies, training
+from orchestration.assets import experiments, ingest, maintenance, ranking, rollouts, studies, training
 from orchestration.jobs import (
     ab_report_job,
     distributed_training_job,
@@ -15,10 +15,17 @@ from orchestration.jobs import (
     scaling_fit_job,
     scaling_plan_job,
     scaling_point_job,
+    table_maintenance_job,
     training_job,
 )
 from orchestration.resources import EncoreResource, FeastResource, KafkaResource, MLflowResource
-from orchestration.sensors import ingest_on_lag, nightly_retrain, retrain_on_new_events, rollout_sensor
+from orchestration.sensors import (
+    ingest_on_lag,
+    nightly_retrain,
+    retrain_on_new_events,
+    rollout_sensor,
+    table_maintenance_schedule,
+)
 
 defs = dg.Definitions(
     assets=[
@@ -30,11 +37,12 @@ defs = dg.Definitions(
         rollouts.experiment_store, rollouts.rollout_guard, rollouts.rollout_step,
         ranking.ranking_dataset, ranking.trained_ranker, ranking.ranker_evaluation, ranking.registered_ranker,
         ranking.champion_ranker,
+        maintenance.compacted_interactions, maintenance.expired_snapshots, maintenance.removed_orphan_files,
     ],
     asset_checks=[ingest.offline_schema, ingest.freshness, training.promotion_gate, ranking.ranker_gate],
     jobs=[ingest_job, training_job, scaling_plan_job, scaling_point_job, scaling_fit_job, ab_report_job, distributed_training_job, rollout_job,
-          ranking_job],
-    schedules=[nightly_retrain],
+          ranking_job, table_maintenance_job],
+    schedules=[nightly_retrain, table_maintenance_schedule],
     sensors=[retrain_on_new_events, ingest_on_lag, rollout_sensor],
     resources={
         "encore": EncoreResource(),

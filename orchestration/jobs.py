@@ -4,6 +4,7 @@ import dagster as dg
 
 from orchestration.assets.experiments import ab_report
 from orchestration.assets.ingest import ingested_interactions
+from orchestration.assets.maintenance import compacted_interactions, expired_snapshots, removed_orphan_files
 from orchestration.assets.ranking import (
     champion_ranker,
     ranker_evaluation,
@@ -66,4 +67,11 @@ ranking_job = dg.define_asset_job(
     selection=[ranking_dataset, trained_ranker, ranker_evaluation, registered_ranker, champion_ranker],
     description="served slates + reactions → fine-tune the champion's ARGUS head → evaluate → register "
                 "(encore-ranker @challenger) → ranker gate → @champion",
+)
+
+
+table_maintenance_job = dg.define_asset_job(
+    "table_maintenance_job", selection=[compacted_interactions, expired_snapshots, removed_orphan_files],
+    description="Iceberg offline store upkeep: compact recent days (dropping duplicate event ids) → expire old "
+                "snapshots → delete orphan files",
 )

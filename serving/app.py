@@ -76,7 +76,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from features.feature_repo import feature_store
 from features.ingest import HISTORY_FEATURES
 from features.kafka_io import make_producer
-from features.offline_store import OfflineStore
+from features.offline_read import item_stats as offline_item_stats
 from serving.cascade import rerank, retrieval_temperature
 from infra.settings import EncoreSettings
 from experiments.assignment import POPULARITY, RANKER_KEY_PREFIX, Experiment, RampStep, ranker_key
@@ -746,11 +746,7 @@ class Recommendations:
             self._models_wanted.wait(self.settings.serve.model_poll_s)
 
     def refresh_popularity(self) -> None:
-        store = OfflineStore(self.settings.offline_dir)
-        try:
-            stats = store.item_stats()
-        finally:
-            store.close()
+        stats = offline_item_stats(self.settings)
         stats = stats.sort_values(["positives", "events", "item_id"], ascending=[False, False, True])
         total = max(int(stats["positives"].sum()), 1)
         self.popular = [(int(i), float(p) / total) for i, p in zip(stats["item_id"], stats["positives"])]

@@ -29,6 +29,12 @@ COPY infra/docker/dagster.yaml /opt/dagster/dagster_home/dagster.yaml
 COPY infra/docker/workspace.yaml /opt/dagster/workspace.yaml
 # The instance config is read-only; Dagster writes its scratch files (.telemetry, .nux) under DAGSTER_HOME.
 RUN chown encore:encore /opt/dagster/dagster_home
+# A Java runtime for the Spark training-set builder (offline.training_engine: spark; Spark's local mode runs
+# in the step's process, or the step submits to offline.spark_master). Not version-pinned, as in the base.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
+ && rm -rf /var/lib/apt/lists/*
 USER 10001:10001
 
 EXPOSE 3000 4000

@@ -13,11 +13,9 @@ import json
 import time
 
 import dagster as dg
-import pyarrow.parquet as pq
 
 from features.ingest import ingest
 from features.kafka_io import committed_offsets, end_offsets
-from features.offline_store import SCHEMA
 from orchestration.resources import EncoreResource, KafkaResource
 
 INGEST = "ingest"
@@ -96,30 +94,24 @@ def ingested_interactions(context: dg.AssetExecutionContext, encore: EncoreResou
 
 
 @dg.asset_check(asset="ingested_interactions", blocking=True,
-                description="every stored Parquet file has the offline schema (names and types)")
+                description="every stored Parquet file (or the Iceberg table) has the offline schema")
 def offline_schema(encore: EncoreResource) -> dg.AssetCheckResult:
-    settings = encore.settings()
-    bad = []
-    files = sorted(settings.offline_dir.glob("date=*/*.parquet"))
-    for f in files[-200:]:  # the newest files; older ones were checked when they were written
-        schema = pq.read_schema(f)
-        if not schema.remove_metadata().equals(SCHEMA):
-            bad.append(f.name)
-    return dg.AssetCheckResult(passed=not bad, metadata={"files_checked": min(len(files), 200),
+    from features.offline_read import schema_mismatches
+
+    checked, bad = schema_mismatches(encore.settings())  # the newest files; older ones were checked when written
+    return dg.AssetCheckResult(passed=not bad, metadata={"files_checked": checked,
                                                          "mismatched": dg.MetadataValue.json(bad[:20])})
 
 
 @dg.asset_check(asset="ingested_interactions",
                 description="the latest ingested event is recent and the consumer keeps up")
 def freshness(encore: EncoreResource, kafka: KafkaResource) -> dg.AssetCheckResult:
-    import duckdb
+    from features.offline_read import last_ingested_ms
 
     settings = encore.settings()
-    files = sorted(settings.offline_dir.glob("date=*/*.parquet"), key=lambda f: f.stat().st_mtime)
-    if not files:
+    last_ms = last_ingested_ms(settings)
+    if last_ms is None:
         return dg.AssetCheckResult(passed=False, metadata={"reason": "nothing ingested yet"})
-    with duckdb.connect() as con:
-        last_ms = con.execute(f"SELECT max(ingested_at_ms) FROM read_parquet('{files[-1]}')").fetchone()[0]
     age_s = time.time() - last_ms / 1000
     try:
         lag = topic_lag(kafka.resolve(settings), settings.topics.interactions, settings.ingest.group_id,

@@ -66,7 +66,7 @@ def ranking_dataset(context: dg.AssetExecutionContext, encore: EncoreResource, k
     """A snapshot of the exposures log and the interactions, and the time split of the ranking examples they
     make: training on the earlier requests, the gate's test on the latest ``ranking.test_share``."""
     from experiments.readout import read_exposures
-    from features.offline_store import read_interactions
+    from features.offline_read import read_interactions
 
     settings = encore.settings()
     exposures = read_exposures(kafka.resolve(settings), settings.topics.exposures)
@@ -74,7 +74,7 @@ def ranking_dataset(context: dg.AssetExecutionContext, encore: EncoreResource, k
         raise dg.Failure("no exposures yet: a ranker learns from served slates and their reactions. Serve traffic "
                          "first (`make run`'s A/B test does) and ingest its interactions")
     exposures = exposures[[c for c in EXPOSURE_COLUMNS if c in exposures]]
-    interactions = read_interactions(settings.offline_dir, columns=list(INTERACTION_COLUMNS))
+    interactions = read_interactions(settings, columns=list(INTERACTION_COLUMNS))
     window_s = settings.experiment.attribution_window_s
     labels_complete_ms = int(time.time() * 1000) - settings.ranking.label_wait_s * 1000
     times = np.sort(exposures["timestamp_ms"].to_numpy(np.int64))

@@ -22,7 +22,8 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from features.offline_store import read_interactions
+from features.offline_read import describe_snapshot, export_snapshot
+from features.training_set import build_training_set
 from orchestration.assets.ingest import ingested_interactions
 from orchestration.resources import EncoreResource, FeastResource, MLflowResource
 
@@ -70,16 +71,15 @@ def _feature_view_versions(store) -> dict[str, str]:  # noqa: ANN001
 
 @dg.asset(deps=[ingested_interactions], kinds={"feast", "duckdb", "parquet"}, group_name=TRAINING)
 def training_dataset(context: dg.AssetExecutionContext, encore: EncoreResource, feast: FeastResource) -> dict:
-    """A content-addressed snapshot of Feast's offline store (the ``interactions`` source), so every model
+    """A content-addressed snapshot of the offline store (Feast's ``interactions`` source), so every model
     names the exact data it saw: snapshot digest, Kafka offset range per partition, the offline-store files
-    it read and the versions of the Feast feature views."""
+    it read and the versions of the Feast feature views; with the Iceberg backend also the table snapshot id
+    it read (pinned: workers may append meanwhile) and the Kafka offsets that snapshot records."""
     settings = encore.settings()
-    from features.feature_repo import interactions_source
-
     store = feast.store(settings)
-    root = Path(interactions_source(settings).path)  # the FileSource behind Feast's offline store
-    df = read_interactions(root, columns=["event_id", "user_id", "item_id", "event_type", "timestamp_ms",
-                                          "played_ratio", "kafka_partition", "kafka_offset"])
+    described = describe_snapshot(settings)
+    snapshot_id = described.get("snapshot_id")
+    df = build_training_set(settings, snapshot_id)  # DuckDB here or Spark, as offline.training_engine says
     if df.empty:
         raise dg.Failure("the offline store holds no interactions yet: replay data and ingest first")
     digest = hashlib.sha256(pd.util.hash_pandas_object(df[["event_id"]], index=False).values.tobytes()).hexdigest()[:16]
@@ -88,21 +88,31 @@ def training_dataset(context: dg.AssetExecutionContext, encore: EncoreResource, 
     if not out.exists():
         df.to_parquet(out, index=False)
     offsets = {str(p): [int(g.kafka_offset.min()), int(g.kafka_offset.max())] for p, g in df.groupby("kafka_partition")}
-    files = sorted(str(f.relative_to(root)) for f in root.glob("date=*/*.parquet"))
+    files = described["files"]
     views = _feature_view_versions(store)
-    manifest = {"snapshot": digest, "source": str(root), "files": files, "offset_ranges": offsets,
+    manifest = {"snapshot": digest, "source": described["source"], "files": files, "offset_ranges": offsets,
                 "feature_views": views, "events": len(df)}
+    lineage = {}
+    if snapshot_id is not None:  # an Iceberg snapshot: what a reader needs to read exactly this state again
+        lineage = {"backend": described["backend"], "snapshot_id": snapshot_id, "location": described["location"],
+                   "committed_at_ms": described["committed_at_ms"], "kafka_offsets": described["kafka_offsets"],
+                   "engine": settings.offline.training_engine}
+        manifest.update(lineage)
+        export_snapshot(settings, snapshot_id)  # Feast's interactions FileSource follows the trained snapshot
     out.with_suffix(".manifest.json").write_text(json.dumps(manifest, indent=2))
     info = {"path": str(out), "snapshot": digest, "events": len(df), "users": int(df.user_id.nunique()),
             "items": int(df.item_id.nunique()), "offset_ranges": offsets, "feature_views": views,
-            "files": len(files)}
+            "files": len(files), **({"snapshot_id": snapshot_id} if snapshot_id is not None else {})}
     context.add_output_metadata({
-        **{k: v for k, v in info.items() if k not in ("offset_ranges", "feature_views", "path")},
+        **{k: v for k, v in info.items() if k not in ("offset_ranges", "feature_views", "path", "snapshot_id")},
         "offset_ranges": dg.MetadataValue.json(offsets),
         "feature_views": dg.MetadataValue.json(views),
         "path": dg.MetadataValue.path(str(out)),
         "manifest": dg.MetadataValue.path(str(out.with_suffix(".manifest.json"))),
         "dagster/row_count": len(df),
+        # a 64-bit id: text, since Dagster's UI reads integer metadata as 32-bit GraphQL ints
+        **({"snapshot_id": str(snapshot_id), "kafka_offsets": dg.MetadataValue.json(lineage["kafka_offsets"]),
+            "engine": lineage["engine"]} if lineage else {}),
     })
     return info
 
