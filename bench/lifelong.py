@@ -61,13 +61,16 @@ class UnknownRecipe(ValueError):
     """A config name that is neither a shipped recipe nor a YAML file."""
 
 
-def resolve_config(name: str, *, seed: int, epochs: int | None, window: int, recent: int) -> Any:
-    """The recipe ``name`` under the bench's protocol (see the module docstring); a ``TrainConfig``."""
+def resolve_config(name: str, *, seed: int, epochs: int | None, window: int, recent: int,
+                   overrides: dict[str, str] | None = None) -> Any:
+    """The recipe ``name`` with ``overrides`` (``--set``) under the bench's protocol (see the module docstring); a
+    ``TrainConfig``."""
     from models.recipe import recipe_names, recipe_path, resolve_recipe
 
     if name not in recipe_names() and not (Path(name).suffix and recipe_path(name).exists()):
         raise UnknownRecipe(f"no recipe {name!r}: not in models/configs/ ({', '.join(recipe_names())}) nor a YAML file")
-    cfg = resolve_recipe(name, seed=seed, **({"epochs": epochs} if epochs is not None else {}))
+    fixed = {"seed": seed, **({"epochs": epochs} if epochs is not None else {})}
+    cfg = resolve_recipe(name, **{**(overrides or {}), **fixed})
     max_len = recent if cfg.model in LIFELONG_MODELS else window
     return cfg.replace(max_len=max_len, split="loo", validation=True, seen_filter="history", targets="positive")
 
@@ -100,16 +103,14 @@ def versus(gains: dict[str, np.ndarray], base: dict[str, np.ndarray], oracle_lea
 
 
 def run(size: WorldSize, configs: Sequence[str], seeds: Sequence[int], *, epochs: int | None = None,
-        window: int = 200, recent: int = 50, baseline: str = "hstu", world_seed: int = 0, draws: int = BOOTSTRAP,
+        window: int = 200, recent: int = 50, baseline: str = "hstu", world_seed: int = 0,
+        overrides: dict[str, str] | None = None, draws: int = BOOTSTRAP,
         log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """The whole bench (module docstring); returns the JSON object."""
-    import torch
-
     from models.data import build_sequences
     from models.train import train
 
     t0 = time.perf_counter()
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
     params = LifelongParams(seed=world_seed, users=size.users, min_events=size.min_events, max_events=size.max_events)
     world = LifelongWorld(params)
     frame = world.history_frame()
@@ -125,7 +126,8 @@ def run(size: WorldSize, configs: Sequence[str], seeds: Sequence[int], *, epochs
     gains: dict[str, dict[str, np.ndarray]] = {}
     for name in configs:
         try:
-            cfgs = [resolve_config(name, seed=s, epochs=epochs, window=window, recent=recent) for s in seeds]
+            cfgs = [resolve_config(name, seed=s, epochs=epochs, window=window, recent=recent, overrides=overrides)
+                    for s in seeds]
         except UnknownRecipe as e:
             skipped[name] = str(e)
             log(f"skipping {name}: {e}")
@@ -134,6 +136,7 @@ def run(size: WorldSize, configs: Sequence[str], seeds: Sequence[int], *, epochs
         for cfg in cfgs:
             t = time.perf_counter()
             result = train(seqs, cfg, progress=False)
+            assert result is not None  # one process: the result is always returned
             ranked = result.ranked["test"]
             if not np.array_equal(ranked.event, targets.event):
                 raise RuntimeError(f"{name} ranked other test targets than the oracle report's: not the same protocol")
@@ -153,12 +156,24 @@ def run(size: WorldSize, configs: Sequence[str], seeds: Sequence[int], *, epochs
             figures[name][f"vs_{baseline}"] = versus(g, gains[baseline], lead, rng, draws)
     return {"world": asdict(params), "events": int(events), "items": int(world.num_items),
             "targets": int(len(targets.user)), "window": window, "recent": recent, "epochs": epochs,
+            "overrides": overrides or {},
             "oracle": oracle, "configs": figures, "baseline": baseline, "skipped": skipped, "seeds": list(seeds),
             "wall_s": round(time.perf_counter() - t0, 2)}
 
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, str]:
+    """``["lr=0.002", "batch_size=32"]`` -> {"lr": "0.002", ...} (the recipe reads text as each key's type)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set takes key=value, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -173,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--window", type=int, default=200, help="max_len of the window models (hstu, sasrec, ...)")
     ap.add_argument("--recent", type=int, default=50, help="max_len of the lifelong models: recent raw events")
     ap.add_argument("--baseline", default="hstu", help="the config the others are compared with")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe key for every config, e.g. --set lr=0.002 (repeatable; max_len is the bench's)")
     ap.add_argument("--world-seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -181,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      max_events=args.max_events or base.max_events)
     out = run(size, [c.strip() for c in args.configs.split(",") if c.strip()], _ints(args.seeds), epochs=args.epochs,
               window=args.window, recent=args.recent, baseline=args.baseline, world_seed=args.world_seed,
-              log=lambda m: print(m, file=sys.stderr, flush=True))
+              overrides=_overrides(args.set), log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(out))
     return out
 

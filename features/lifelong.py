@@ -228,7 +228,7 @@ class LifelongWorld:
         on it, never which events happen."""
         end_ms = 1_767_225_600_000 if end_ms is None else int(end_ms)
         users = list(range(self.num_users)) if users is None else [int(u) for u in users]
-        parts = {k: [] for k in ("user", "seq", "item", "type", "ratio", "ts")}
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("user", "seq", "item", "type", "ratio", "ts")}
         for u in users:
             h = self.history(u)
             parts["user"].append(np.full(len(h.item), u, np.int64))
@@ -600,6 +600,18 @@ def oracle_report(world: LifelongWorld, frame: pd.DataFrame, windows: Sequence[i
         name, r = best_of(ranks, prefix)
         out[prefix] = {**figures(r), "shrinkage": float(name.partition("@")[2])}
     out["popularity"] = figures(ranks["popularity"])
+    full = gains(ranks["full"])[f"ndcg@{K}"]
+    rng = np.random.default_rng(0)
     for w in windows:
-        out[f"lead_ndcg@{K}_over_window_{w}"] = round(out["full"][f"ndcg@{K}"] - out[f"window_{w}"][f"ndcg@{K}"], 4)
+        lead = full - gains(best_of(ranks, f"window_{w}")[1])[f"ndcg@{K}"]  # (T,) paired by user
+        out[f"lead_ndcg@{K}_over_window_{w}"] = round(float(lead.mean()), 4)
+        out[f"lead_ndcg@{K}_over_window_{w}_ci"] = [round(float(x), 4) for x in _bootstrap_ci(lead, rng)]
     return out
+
+
+def _bootstrap_ci(values: np.ndarray, rng: np.random.Generator, draws: int = 2000) -> tuple[float, float]:
+    """95% interval of the mean of ``values`` (T,) over users resampled with replacement."""
+    n = len(values)
+    means = (rng.multinomial(n, np.full(n, 1.0 / n), size=draws) @ values) / n  # (draws,)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
