@@ -65,8 +65,8 @@ filtered out (``seen_filter: history``, the platform's default; the target itsel
 
 Cost: one user's history is a handful of vectorised numpy passes over its events (~6 ms per 10k events):
 1,000 users x 10k-20k events take ~8 s (the DataFrame of their 14M events ~14 s more: string ids), a
-100k-event user 0.14 s. Users draw from their own
-random streams ``(seed, stream, user)``, so a user's history does not depend on how many users the world has.
+100k-event user 0.14 s. Users draw from their own random streams ``(seed, stream, user)``, so a user's history
+does not depend on how many users the world has.
 Event ids are ``life-{seed}-{user}-{seq}`` (no time in them, as in ``MusicWorld``).
 """
 
