@@ -157,3 +157,13 @@ def bench_cascade_loop(args: tuple[str, ...]) -> None:
     from cli.cascade_drill import main as run
 
     raise SystemExit(run(list(args)))
+
+
+@bench.command("lifelong", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_lifelong(args: tuple[str, ...]) -> None:
+    """Lifelong world (users with 10k+ events): the full-history oracle's lead over a 200-event window, then
+    recipes (hstu, vista, ...) trained on it, paired by seed and user against hstu (see `python -m bench.lifelong -h`)."""
+    from bench.lifelong import main as run
+
+    run(list(args))
