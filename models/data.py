@@ -271,6 +271,26 @@ def _train_windows(seqs: UserSequences, cut: np.ndarray, max_len: int) -> Exampl
     return Examples(start, end, np.full(len(start), RANK_ALL_POSITIVES, np.int64), start + 1, begin)
 
 
+def tile_windows(train: Examples, max_len: int) -> Examples:
+    """Every training event of each window's user, not only the latest ``max_len + 1``: the events
+    ``[history_from, end)`` of each row cut into consecutive windows of up to ``max_len + 1`` events that overlap
+    by one event (the last target of a window is the first input of the next), so every event but each
+    user's first is a target exactly once.
+
+    Why: a user with 10,000 events gives the recent-window recipe one window of 201, and the rest of the history
+    never trains anything (recipe ``train_windows: all``; the lifelong world, ``features/lifelong.py``). The
+    newest window of each user is the one ``_train_windows`` builds; the older ones end where it starts.
+    """
+    step = max_len  # a window of max_len + 1 events has max_len targets
+    spans = np.maximum(train.end - train.history_from - 1, 0)  # targets available per user
+    counts = np.where(spans > 0, -(-spans // step), 0)  # windows per user (ceil)
+    row = np.repeat(np.arange(len(train)), counts)
+    k = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)  # 0 = newest window
+    end = train.end[row] - k * step
+    start = np.maximum(train.history_from[row], end - (max_len + 1))
+    return Examples(start, end, np.full(len(start), RANK_ALL_POSITIVES, np.int64), start + 1, train.history_from[row])
+
+
 def _eval_windows(seqs: UserSequences, rank_at: np.ndarray, stop: np.ndarray, max_len: int) -> Examples:
     """Rank the event at ``rank_at`` given the ``max_len`` events before it; feedback-score ``[rank_at, stop)``.
 

@@ -111,6 +111,7 @@ class TrainConfig:
     seed: int
     # data
     split: str
+    train_windows: str
     validation: bool
     seen_filter: str
     test_fraction: float
@@ -173,7 +174,7 @@ class TrainConfig:
         )
 
 
-CHOICES = {"model": MODELS, "hstu_attention": ATTENTIONS, "targets": ("positive", "all"), "split": ("loo", "temporal"),
+CHOICES = {"model": MODELS, "hstu_attention": ATTENTIONS, "targets": ("positive", "all"), "split": ("loo", "temporal"), "train_windows": ("last", "all"),
            "seen_filter": ("history", "window"), "autocast": ("auto", "bf16", "off")}
 AT_LEAST = {"max_len": 2, "dim": 4, "blocks": 1, "heads": 1, "attn_dim": 0, "linear_dim": 0, "ffn_dim": 0,
             "num_time_buckets": 1, "negatives": 1, "feedback_weight": 0.0, "batch_size": 1, "weight_decay": 0.0,

@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.data import Split, UserSequences, batch_rows, build_sequences, leave_one_out, make_batch, temporal_split, with_targets
+from models.data import (Split, UserSequences, batch_rows, build_sequences, leave_one_out, make_batch, temporal_split,
+                         tile_windows, with_targets)
 from models.data import Batch, ItemVocab, jagged_positions
 from models.cpu_memory import retain_freed_memory
 from models.evaluate import RankedTargets, evaluate, rank_targets, split_metrics
@@ -285,6 +286,8 @@ def make_split(seqs: UserSequences, cfg: TrainConfig) -> Split:
         raise ValueError("validation: false is the papers' leave-one-out protocol; it needs split: loo")
     else:
         split = temporal_split(seqs, cfg.max_len, test_fraction=cfg.test_fraction, valid_fraction=cfg.valid_fraction)
+    if cfg.train_windows == "all":
+        split = Split(tile_windows(split.train, cfg.max_len), split.valid, split.test)
     if cfg.seen_filter == "window":
         split = Split(split.train, split.valid.seen_in_window_only(), split.test.seen_in_window_only())
     return split

@@ -20,6 +20,7 @@ from models.data import (
     leave_one_out,
     make_batch,
     temporal_split,
+    tile_windows,
     with_targets,
 )
 from torchrec import KeyedJaggedTensor
@@ -141,6 +142,20 @@ def test_leave_one_out_targets_are_last_positives(seqs):
     b = make_batch(seqs, split.train)
     assert bool(b.target_positive[b.rank_mask].all())
     assert int(b.rank_mask.sum()) < int(b.lengths.sum())  # skips are in the history but not targets
+
+
+def test_tiled_windows_make_every_training_event_a_target_once(seqs):
+    split = leave_one_out(seqs, max_len=4)
+    tiled = tile_windows(split.train, max_len=4)
+    assert ((tiled.end - 1 - tiled.start) <= 4).all() and ((tiled.end - tiled.start) >= 2).all()
+    for lo, end in zip(split.train.history_from.tolist(), split.train.end.tolist()):
+        mine = tiled.history_from == lo
+        targets = sorted(i for s, e in zip(tiled.start[mine], tiled.end[mine]) for i in range(s + 1, e))
+        assert targets == list(range(lo + 1, end))  # each event after the user's first, once, up to the cut
+    newest = tiled.subset(np.isin(tiled.end, split.train.end))
+    assert sorted(newest.start.tolist()) == sorted(split.train.start.tolist())  # the newest = the recipe's window
+    recipe = dataclasses.replace(resolve_recipe(BASE_RECIPE), max_len=4, train_windows="all")
+    assert len(make_split(seqs, recipe).train) == len(tiled)
 
 
 def test_all_events_are_targets_under_the_papers_protocol(seqs):
