@@ -419,6 +419,11 @@ class Batch:
     def max_length(self) -> int:
         return int(self.lengths.max()) if self.lengths.numel() else 0
 
+    def older_inputs(self) -> tuple[KeyedJaggedTensor, torch.Tensor] | tuple[()]:
+        """The model's extra inputs when the batch carries older prefixes (VISTA), else none: so the call
+        ``model(features, timestamps, query_timestamps, *batch.older_inputs())`` is unchanged for other models."""
+        return (self.older, self.older_timestamps) if self.older is not None else ()
+
     def to(self, device: torch.device | str) -> "Batch":
         moved = {k: (v.to(device) if v is not None else None) for k, v in self.__dict__.items()}
         return Batch(**moved)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
@@ -337,7 +338,12 @@ def _event_codes(types: Sequence[Any] | None, n: int) -> np.ndarray:
         return np.full(n, EVENT_TYPE_CODES["listen"], np.int64)
     if len(types) != n:
         raise ValueError("event_types must have one entry per item_id")
-    return np.array([EVENT_TYPE_CODES.get(t, 0) if isinstance(t, str) else int(t) for t in types], np.int64)
+    if isinstance(types, np.ndarray) and types.dtype.kind in "iu":
+        return types.astype(np.int64)
+    # each distinct value once: a lifelong history has 10^4-10^5 events but a handful of types
+    which, distinct = pd.factorize(pd.Series(list(types), dtype=object), use_na_sentinel=False)
+    codes = np.array([EVENT_TYPE_CODES.get(t, 0) if isinstance(t, str) else int(t) for t in distinct], np.int64)
+    return codes[which] if len(distinct) else np.zeros(0, np.int64)
 
 
 class Recommender:

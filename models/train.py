@@ -219,8 +219,7 @@ class RecommenderTrain(nn.Module):
         global count, so the terms of all ranks add up to the single-process mean over the whole batch."""
         if not isinstance(negatives, NegativeDraw):
             negatives = self.draw_negatives(batch.batch_size, batch.max_length, negatives)
-        user = self.model(batch.features, batch.timestamps, batch.query_timestamps, batch.older,
-                          batch.older_timestamps)  # [N, D]
+        user = self.model(batch.features, batch.timestamps, batch.query_timestamps, *batch.older_inputs())  # [N, D]
         rank = batch.rank_mask  # [N] positions whose next event is a ranked target
         pos_ids = batch.target_ids[rank]  # [M]
         # each ranked position's negatives, addressed by (window in the global batch, position in the window)
