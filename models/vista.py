@@ -152,6 +152,21 @@ class Summary:
     def cat(summaries: list["Summary"]) -> "Summary":
         return Summary(torch.cat([s.tokens for s in summaries]), torch.cat([s.last_time for s in summaries]))
 
+    def to_bytes(self) -> list[bytes]:
+        """One record per user: the K x D tokens in fp16, then T as int64 (2 K D + 8 bytes)."""
+        return [self.tokens[b].detach().to(torch.float16).numpy().tobytes() + np.int64(self.last_time[b]).tobytes()
+                for b in range(len(self.last_time))]
+
+    @staticmethod
+    def from_bytes(records: list[bytes], tokens: int, dim: int) -> "Summary":
+        """Inverse of ``to_bytes``: tokens back in float32 (fp16 precision)."""
+        if any(len(r) != 2 * tokens * dim + 8 for r in records):
+            raise ValueError(f"summary records must be {2 * tokens * dim + 8} bytes for K={tokens}, D={dim}")
+        t = np.stack([np.frombuffer(r, np.float16, tokens * dim).reshape(tokens, dim).astype(np.float32) for r in records]) \
+            if records else np.zeros((0, tokens, dim), np.float32)
+        return Summary(torch.from_numpy(t), torch.tensor([int(np.frombuffer(r, np.int64, 1, offset=2 * tokens * dim)[0])
+                                                          for r in records], dtype=torch.int64))
+
 
 def time_features(t: torch.Tensor) -> torch.Tensor:
     """[M] int64 seconds -> [M, 6]: sin and cos of the phase within a day, a week and a year."""

@@ -16,7 +16,7 @@ from models.data import ItemVocab, build_sequences, leave_one_out, make_batch, o
 from models.recipe import resolve_recipe
 from models.recommender import ModelConfig, Recommender, build_model
 from models.train import train
-from models.vista import Summariser, SummariserConfig, SummaryState, state_bytes, summarise_events
+from models.vista import Summariser, SummariserConfig, Summary, SummaryState, state_bytes, summarise_events
 
 T0_S = 1_600_000_000
 YEAR_S = 365 * 86_400
@@ -103,6 +103,13 @@ def test_state_is_fixed_size_and_round_trips(summariser) -> None:
     b = summarise_events(summariser, [more[0]] * 2, [more[1]] * 2, [more[2]] * 2, state=state)
     torch.testing.assert_close(a.pooled, b.pooled, atol=2e-3, rtol=2e-3)
     assert torch.equal(a.count, torch.tensor([15, 10_005]))
+    # the tokens, as the online store keeps them: K x D fp16 + T, also constant in history length
+    summary = summariser.summarise(state)
+    tokens = summary.to_bytes()
+    assert [len(r) for r in tokens] == [2 * K * D + 8] * 2
+    again = Summary.from_bytes(tokens, K, D)
+    torch.testing.assert_close(again.tokens, summary.tokens, atol=2e-3, rtol=2e-3)
+    assert torch.equal(again.last_time, summary.last_time)
 
 
 def test_summariser_version_is_stable_and_follows_the_weights(summariser) -> None:
