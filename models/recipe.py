@@ -184,8 +184,8 @@ class TrainConfig:
 CHOICES = {"model": MODELS, "hstu_attention": ATTENTIONS, "targets": ("positive", "all"), "split": ("loo", "temporal"),
            "seen_filter": ("history", "window"), "autocast": ("auto", "bf16", "off")}
 AT_LEAST = {"max_len": 2, "dim": 4, "blocks": 1, "heads": 1, "attn_dim": 0, "linear_dim": 0, "ffn_dim": 0,
-            "num_time_buckets": 1, "vista_tokens": 1, "vista_train_older": 0, "negatives": 1, "feedback_weight": 0.0, "batch_size": 1, "weight_decay": 0.0,
-            "epochs": 1, "patience": 0, "eval_every": 1, "log_test_every": 0, "eval_batch_size": 1,
+            "num_time_buckets": 1, "vista_tokens": 1, "vista_train_older": 0, "negatives": 1, "feedback_weight": 0.0,
+            "batch_size": 1, "weight_decay": 0.0, "epochs": 1, "patience": 0, "eval_every": 1, "log_test_every": 0, "eval_batch_size": 1,
             "lr": 0.0}  # lr 0 is allowed on purpose: weights that never move (a control in tests and studies)
 
 

@@ -479,6 +479,7 @@ class Recommender:
                                  f"{self.config.vista_tokens}, {self.config.dim})")
             summary.tokens[b] = one.tokens[0].to(summary.tokens.dtype)
             summary.last_time[b] = one.last_time[0]
+            summary.count[b] = one.count[0]
         return summary
 
     def recommend(

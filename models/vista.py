@@ -32,11 +32,12 @@ extra keys, the summary tokens, projected by each block's own W_uvqk (cross-atte
 and values only, the blocks do not rewrite them, so serving can read them from a cache as they are):
 
     scores = [Q K_s^T + b_k + rab_t(t_query - T)  |  Q K_r^T + rab(i - j, t_query - t_j)]   # [n, K + n]
-    A      = SiLU(scores) / (max_len + K) * [1 ... 1 | causal]                              # or causal softmax
+    A      = SiLU(scores) / (max_len + K) * [n > 0 ... n > 0 | causal]                      # or causal softmax
     y      = x + W_o(U * LN(A [V_s; V_r]))
 
 Every recent position sees all K tokens (they summarise events before the window: no future leaks) and the
-recent events up to itself. The output is the user state after each position, scored against every item by
+recent events up to itself. A user with nothing before the window (n = 0) has no tokens to see: the blocks
+then compute what HSTU's would. The output is the user state after each position, scored against every item by
 cosine exactly as ``models.recommender.SequentialRecommender`` does for the other families.
 
 What is cached: the *state* (``SummaryState``: P in fp16, log Z in fp32, T, n: ``STATE_BYTES``) is what an
@@ -142,30 +143,33 @@ def state_bytes(tokens: int, dim: int) -> int:
 
 @dataclass
 class Summary:
-    """What the downstream model reads for B users: the summary tokens and the time of the latest summarised
-    event (its time gap to each query gets a learned bias). The online store's feature (K x D fp16 + T)."""
+    """What the downstream model reads for B users: the summary tokens, the time of the latest summarised event
+    (its gap to each query gets a learned bias) and how many events they summarise (0: no tokens to attend to,
+    the user has no history before the window). The online store's feature (K x D fp16 + T + n)."""
 
     tokens: torch.Tensor  # [B, K, D]
     last_time: torch.Tensor  # [B] int64 seconds
+    count: torch.Tensor  # [B] int64 events summarised
 
     @staticmethod
     def cat(summaries: list["Summary"]) -> "Summary":
-        return Summary(torch.cat([s.tokens for s in summaries]), torch.cat([s.last_time for s in summaries]))
+        return Summary(*(torch.cat([getattr(s, f) for s in summaries]) for f in ("tokens", "last_time", "count")))
 
     def to_bytes(self) -> list[bytes]:
-        """One record per user: the K x D tokens in fp16, then T as int64 (2 K D + 8 bytes)."""
-        return [self.tokens[b].detach().to(torch.float16).numpy().tobytes() + np.int64(self.last_time[b]).tobytes()
-                for b in range(len(self.last_time))]
+        """One record per user: the K x D tokens in fp16, then T and n as int64 (2 K D + 16 bytes)."""
+        return [self.tokens[b].detach().to(torch.float16).numpy().tobytes()
+                + np.array([int(self.last_time[b]), int(self.count[b])], np.int64).tobytes() for b in range(len(self.count))]
 
     @staticmethod
     def from_bytes(records: list[bytes], tokens: int, dim: int) -> "Summary":
         """Inverse of ``to_bytes``: tokens back in float32 (fp16 precision)."""
-        if any(len(r) != 2 * tokens * dim + 8 for r in records):
-            raise ValueError(f"summary records must be {2 * tokens * dim + 8} bytes for K={tokens}, D={dim}")
+        size = 2 * tokens * dim
+        if any(len(r) != size + 16 for r in records):
+            raise ValueError(f"summary records must be {size + 16} bytes for K={tokens}, D={dim}")
         t = np.stack([np.frombuffer(r, np.float16, tokens * dim).reshape(tokens, dim).astype(np.float32) for r in records]) \
             if records else np.zeros((0, tokens, dim), np.float32)
-        return Summary(torch.from_numpy(t), torch.tensor([int(np.frombuffer(r, np.int64, 1, offset=2 * tokens * dim)[0])
-                                                          for r in records], dtype=torch.int64))
+        tn = np.stack([np.frombuffer(r, np.int64, 2, offset=size) for r in records]) if records else np.zeros((0, 2), np.int64)
+        return Summary(torch.from_numpy(t), torch.from_numpy(tn[:, 0].copy()), torch.from_numpy(tn[:, 1].copy()))
 
 
 def time_features(t: torch.Tensor) -> torch.Tensor:
@@ -264,7 +268,7 @@ class Summariser(nn.Module):
         return h + self.mlp(h)
 
     def summarise(self, state: SummaryState) -> Summary:
-        return Summary(self.tokens(state), state.last_time)
+        return Summary(self.tokens(state), state.last_time, state.count)
 
     def table_parameters(self) -> list[nn.Parameter]:
         """The item and event-type tables (no weight decay: rows a batch does not touch must not shrink)."""
@@ -322,9 +326,12 @@ class VistaEncoder(nn.Module):
             time_bucket = bucketize_time_gap(tq.unsqueeze(2) - t.unsqueeze(1), cfg.num_time_buckets)  # [B, n, n]
             # the tokens' time: the latest summarised event (gap[b, i] = query time of i - T_b)
             token_bucket = bucketize_time_gap(tq - summary.last_time[:, None], cfg.num_time_buckets)  # [B, n]
-        # every token is visible to every position; recent keys j <= i; 1 / (max_len + K): the widest row's keys
-        mask = torch.cat([torch.ones(n, K, device=x.device, dtype=x.dtype),
-                          torch.tril(torch.ones(n, n, device=x.device, dtype=x.dtype))], dim=1) / (cfg.max_len + K)  # [n, K + n]
+        # every token is visible to every position of a user with older events (a user without has no summary:
+        # K constant tokens would only blur the recent events); recent keys j <= i; 1 / (max_len + K): the
+        # widest row's number of keys
+        has_summary = (summary.count > 0).to(x.dtype)[:, None, None, None].expand(B, 1, n, K)  # [B, 1, n, K]
+        causal = torch.tril(torch.ones(n, n, device=x.device, dtype=x.dtype)).expand(B, 1, n, n)  # [B, 1, n, n]
+        mask = torch.cat([has_summary, causal], dim=3) / (cfg.max_len + K)  # [B, 1, n, K + n]
         tokens = summary.tokens.to(x.dtype)  # [B, K, D]
         h, dqk, dv = cfg.heads, cfg.attn_dim, cfg.linear_dim
         for i, block in enumerate(self.blocks):

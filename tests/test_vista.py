@@ -106,10 +106,10 @@ def test_state_is_fixed_size_and_round_trips(summariser) -> None:
     # the tokens, as the online store keeps them: K x D fp16 + T, also constant in history length
     summary = summariser.summarise(state)
     tokens = summary.to_bytes()
-    assert [len(r) for r in tokens] == [2 * K * D + 8] * 2
+    assert [len(r) for r in tokens] == [2 * K * D + 16] * 2
     again = Summary.from_bytes(tokens, K, D)
     torch.testing.assert_close(again.tokens, summary.tokens, atol=2e-3, rtol=2e-3)
-    assert torch.equal(again.last_time, summary.last_time)
+    assert torch.equal(again.last_time, summary.last_time) and torch.equal(again.count, summary.count)
 
 
 def test_summariser_version_is_stable_and_follows_the_weights(summariser) -> None:
@@ -200,6 +200,23 @@ def test_recent_positions_are_causal_and_every_position_sees_the_summary() -> No
     assert ((shifted[first] - base[first]).norm(dim=1) > 1e-7).all()  # small at initialisation, but not 0
     with pytest.raises(ValueError, match="older events"):
         model(batch.features, batch.timestamps, batch.query_timestamps)  # a vista batch without its prefix
+
+
+@torch.no_grad()
+def test_a_user_without_older_events_reads_no_summary() -> None:
+    """Nothing before the window: the K tokens are masked out, so no summariser weight can change the answer."""
+    model = _model()
+    rec = Recommender(model, VOCAB)
+    rng = np.random.default_rng(4)
+    short, long = random_events(rng, 10), random_events(rng, 40)  # max_len 12: only the second has older events
+    hs = [_history(VOCAB.raw_ids[e[0] - 1], e[1], e[2]) for e in (short, long)]
+    _, before, _ = rec.user_embeddings(hs)
+    with torch.no_grad():
+        for p in model.summariser.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    _, after, _ = rec.user_embeddings(hs)
+    torch.testing.assert_close(after[0], before[0], atol=1e-6, rtol=0)
+    assert not torch.allclose(after[1], before[1], atol=1e-4)
 
 
 @torch.no_grad()
