@@ -49,6 +49,11 @@ derive the tokens. ``Summariser.version()`` fingerprints the weights that produc
 The summariser owns its item and event-type tables (it does not read the downstream model's): a summary
 depends on the summariser's weights alone, so its version is the hash of one module, and a refresh job needs
 only that module.
+
+Training reads each window's older events from the batch (``models.data.make_batch(..., older_events=)``;
+recipe key ``vista_train_older`` caps how many); evaluation and ``Recommender.user_embeddings`` summarise the
+whole history. The sharded trainer (``models.distributed``) builds no older prefixes yet: the model refuses
+such batches rather than train without its summary.
 """
 
 from __future__ import annotations
