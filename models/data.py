@@ -10,6 +10,9 @@ Vocabulary of the pipeline (all arrays are numpy until a ``Batch`` is built):
 * ``make_batch`` turns a handful of windows into a ``Batch``: a ``KeyedJaggedTensor`` (keys ``item_id`` and
   ``event_type``) with lengths + flat values, and jagged per-position targets. Models pad only to the longest
   window *in the batch*, inside their attention, with FBGEMM's jagged ops.
+* A model that summarises what came before its window (VISTA, ``models.vista``) asks ``make_batch`` for each
+  window's *older prefix* too (``older_events``): the user's events ``[offsets[u], start)``, found from the
+  window's start alone, as a second ``KeyedJaggedTensor`` (``Batch.older``). Other batches do not carry it.
 
 Which events are in the history and which are targets (the ARGUS recipe):
 
@@ -425,6 +428,8 @@ class Batch:
     seen_rows: torch.Tensor | None = None  # [S] ranked-window number of each already-seen item (evaluation)
     seen_items: torch.Tensor | None = None  # [S] item index of each already-seen item
     window_ids: torch.Tensor | None = None  # [B] each window's place in its global batch (None: 0..B-1)
+    older: KeyedJaggedTensor | None = None  # keys FEATURE_KEYS, stride B: each window's events before its start
+    older_timestamps: torch.Tensor | None = None  # [M] int64 seconds of each older event
 
     @property
     def batch_size(self) -> int:
@@ -433,6 +438,11 @@ class Batch:
     @property
     def max_length(self) -> int:
         return int(self.lengths.max()) if self.lengths.numel() else 0
+
+    def older_inputs(self) -> tuple[KeyedJaggedTensor, torch.Tensor] | tuple[()]:
+        """The model's extra inputs when the batch carries older prefixes (VISTA), else none: so the call
+        ``model(features, timestamps, query_timestamps, *batch.older_inputs())`` is unchanged for other models."""
+        return (self.older, self.older_timestamps) if self.older is not None else ()
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {k: (v.to(device) if v is not None else None) for k, v in self.__dict__.items()}
@@ -481,8 +491,21 @@ def _ranges(start: np.ndarray, stop: np.ndarray) -> np.ndarray:
     return base + np.arange(total)
 
 
-def make_batch(seqs: UserSequences, ex: Examples, *, with_seen: bool = False) -> Batch:
-    """Gather the windows ``ex`` into a jagged ``Batch`` (no padding anywhere)."""
+def older_prefix(seqs: UserSequences, start: np.ndarray, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """[B] window starts -> ([B] first, [B] stop): the events of each window's user before the window,
+    ``[offsets[u], start)``, or only the ``limit`` latest of them (0 = all)."""
+    owner = np.searchsorted(seqs.offsets, start, side="right") - 1  # the user whose events contain start
+    first = seqs.offsets[owner]
+    if limit > 0:
+        first = np.maximum(first, start - limit)
+    return first, start
+
+
+def make_batch(seqs: UserSequences, ex: Examples, *, with_seen: bool = False, older_events: int | None = None) -> Batch:
+    """Gather the windows ``ex`` into a jagged ``Batch`` (no padding anywhere).
+
+    ``older_events``: None = no older prefix (every model but VISTA); n >= 0 = ``Batch.older`` holds each
+    window's events before it, the n latest of them (0 = all: ``older_prefix``)."""
     n_inputs = ex.end - 1 - ex.start  # [B]
     idx = _ranges(ex.start, ex.end - 1)  # [N] absolute index of each input event
     tgt = idx + 1  # [N] absolute index of the event each position predicts
@@ -510,6 +533,12 @@ def make_batch(seqs: UserSequences, ex: Examples, *, with_seen: bool = False) ->
         # rows are numbered among the batch's *ranked* windows: the order of h[rank_mask]
         batch.seen_rows = torch.from_numpy(np.repeat(np.arange(len(rank_at)), rank_at - hist_from))
         batch.seen_items = torch.from_numpy(seqs.items[seen_idx])
+    if older_events is not None:
+        first, stop = older_prefix(seqs, ex.start, older_events)
+        old_idx = _ranges(first, stop)  # [M] absolute index of each older event
+        old_len = torch.from_numpy((stop - first).astype(np.int64))
+        batch.older = jagged_features(torch.from_numpy(seqs.items[old_idx]), torch.from_numpy(seqs.event_types[old_idx]), old_len)
+        batch.older_timestamps = torch.from_numpy(seqs.timestamps[old_idx])
     return batch
 
 
@@ -523,13 +552,14 @@ def iterate_batches(
     with_seen: bool = False,
     bucket_by_length: bool = False,
     pool_batches: int = 16,
+    older_events: int | None = None,
 ) -> Iterator[Batch]:
     """Batches of ``ex``. ``bucket_by_length``: sort windows by length within pools of ``pool_batches``
     batches and shuffle the batch order, so that similar-length histories share a batch and the padded
     [B, n, n] attention wastes little work on padding (about 2-3x faster on MovieLens; same data per epoch)."""
     for rows in batch_rows(ex, batch_size, shuffle=shuffle, generator=generator, bucket_by_length=bucket_by_length,
                            pool_batches=pool_batches):
-        yield make_batch(seqs, ex.subset(rows), with_seen=with_seen)
+        yield make_batch(seqs, ex.subset(rows), with_seen=with_seen, older_events=older_events)
 
 
 def batch_rows(

@@ -101,8 +101,10 @@ def rank_targets(
     items = model.all_item_embeddings().to(device)  # [V + 1, D], computed once
     events, ranks, positive, fb_logits, fb_labels = [], [], [], [], []
     for rows in batch_rows(examples, batch_size, bucket_by_length=True):
-        batch = make_batch(seqs, examples.subset(rows), with_seen=True).to(device)
-        h = model(batch.features, batch.timestamps, batch.query_timestamps)  # [N, D]
+        # vista: every event before the window, summarised (0 = no cap: evaluation reads the whole history)
+        older = 0 if model.cfg.reads_older else None
+        batch = make_batch(seqs, examples.subset(rows), with_seen=True, older_events=older).to(device)
+        h = model(batch.features, batch.timestamps, batch.query_timestamps, *batch.older_inputs())  # [N, D]
         user = h[batch.rank_mask]  # [B, D]: exactly one ranked position per window, in row order
         target = batch.target_ids[batch.rank_mask]  # [B]
         scores = user @ items.T  # [B, V + 1]

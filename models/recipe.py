@@ -90,6 +90,8 @@ class TrainConfig:
     hstu_rab: bool
     hstu_attention: str
     hstu_gating: bool
+    vista_tokens: int
+    vista_train_older: int
     # objective
     negatives: int
     temperature: float
@@ -171,14 +173,20 @@ class TrainConfig:
             hstu_gating=self.hstu_gating,
             feedback_head=self.feedback_weight > 0,
             event_types=self.event_types,
+            vista_tokens=self.vista_tokens if self.model == "vista" else 0,  # other models summarise nothing
         )
+
+    def train_older_events(self) -> int | None:
+        """``make_batch``'s ``older_events`` for a training step: None (no older prefix) but for vista, which
+        reads the ``vista_train_older`` latest events before each window (0 = all)."""
+        return self.vista_train_older if self.model == "vista" else None
 
 
 CHOICES = {"model": MODELS, "hstu_attention": ATTENTIONS, "targets": ("positive", "all"), "split": ("loo", "temporal"), "train_windows": ("last", "all"),
            "seen_filter": ("history", "window"), "autocast": ("auto", "bf16", "off")}
 AT_LEAST = {"max_len": 2, "dim": 4, "blocks": 1, "heads": 1, "attn_dim": 0, "linear_dim": 0, "ffn_dim": 0,
-            "num_time_buckets": 1, "negatives": 1, "feedback_weight": 0.0, "batch_size": 1, "weight_decay": 0.0,
-            "epochs": 1, "patience": 0, "eval_every": 1, "log_test_every": 0, "eval_batch_size": 1,
+            "num_time_buckets": 1, "vista_tokens": 1, "vista_train_older": 0, "negatives": 1, "feedback_weight": 0.0,
+            "batch_size": 1, "weight_decay": 0.0, "epochs": 1, "patience": 0, "eval_every": 1, "log_test_every": 0, "eval_batch_size": 1,
             "lr": 0.0}  # lr 0 is allowed on purpose: weights that never move (a control in tests and studies)
 
 

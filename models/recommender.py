@@ -14,6 +14,10 @@ SASRec setups do (their MovieLens protocol ignores the ratings). P is a learned 
 encoder that places positions itself (``learned_positions = False`` on its class: Llama's rotary embedding),
 which gets no table at all. The optional feedback head predicts the reaction to a *given* next item.
 
+VISTA (``model: vista``, ``models.vista``) is the same module with two changes: the encoder is HSTU blocks that
+also attend to K summary tokens, and a ``Summariser`` (``self.summariser``) makes those tokens from every event
+before the ``max_len`` read raw (``Batch.older`` in training and evaluation; a cached summary when serving).
+
 ``Recommender`` is what the online service and the MLflow pyfunc (``models/lifecycle/pyfunc.py``) load:
 config.json + vocab.json + state_dict.pt (plain tensors: ``torch.load(weights_only=True)``, no pickle).
 """
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
@@ -38,6 +43,7 @@ from models.gpt import GPT, GPTConfig
 from models.hstu import HSTU, HSTUConfig
 from models.llama import Llama, LlamaConfig, swiglu_width
 from models.sasrec import SASRec, SASRecConfig
+from models.vista import Summariser, SummariserConfig, Summary, SummaryState, VistaEncoder, summarise_events
 
 FORMAT_VERSION = 1
 # FBGEMM's fused table-batched kernel, which DistributedModelParallel uses for sharded tables, needs a row width
@@ -48,12 +54,14 @@ ANN_MIN_ITEMS = 200_000
 # The encoders behind ``ModelConfig.model``: one forward signature, (x [N, D], offsets, timestamps,
 # query_timestamps) -> [N, D]. An encoder class may say ``learned_positions = False`` when it places positions
 # itself; without the attribute it reads the shared learned position table (HSTU and SASRec do).
-ENCODERS: dict[str, type[nn.Module]] = {"hstu": HSTU, "sasrec": SASRec, "gpt": GPT, "llama": Llama}
+ENCODERS: dict[str, type[nn.Module]] = {"hstu": HSTU, "sasrec": SASRec, "gpt": GPT, "llama": Llama, "vista": VistaEncoder}
 MODELS = tuple(ENCODERS)
 # What a saved model lacking the HSTU ablation keys was: they came after the published HSTU, which is all an
 # older Encore could train, so such a config means exactly these values (and they mean nothing to the other
 # backbones). A fact about old files, not a recipe default: it must not follow base.yaml if that ever changes.
 PUBLISHED_HSTU = {"hstu_rab": True, "hstu_attention": "silu", "hstu_gating": True}
+# A saved model lacking ``vista_tokens`` predates VISTA, so it is not a VISTA model: 0 tokens, nothing summarised.
+BEFORE_VISTA = {"vista_tokens": 0}
 
 
 def ann_index(items: np.ndarray, m: int = 32, ef_search: int = 128):  # noqa: ANN201 - a faiss index
@@ -71,7 +79,7 @@ class ModelConfig:
     """The model's part of a recipe (``models.recipe.TrainConfig.model_config``) plus the catalogue size; saved
     with every model. No defaults here: ``models/configs/base.yaml`` holds them."""
 
-    model: str  # hstu | sasrec | gpt | llama
+    model: str  # hstu | sasrec | gpt | llama | vista
     num_items: int  # V; dense item indices are 1..V, 0 is padding
     max_len: int
     dim: int
@@ -87,6 +95,7 @@ class ModelConfig:
     hstu_gating: bool  # and U gating
     feedback_head: bool  # ARGUS: P(positive reaction | history, next item)
     event_types: bool  # add the event-type embedding to each history token
+    vista_tokens: int  # vista: K summary tokens of the events before the recent max_len (0 for other models)
 
     def encoder_class(self) -> type[nn.Module]:
         if self.model not in ENCODERS:
@@ -98,24 +107,35 @@ class ModelConfig:
         """Whether the inputs get the learned position table (every encoder but one that declares otherwise)."""
         return getattr(self.encoder_class(), "learned_positions", True)
 
-    def encoder(self) -> nn.Module:
+    @property
+    def reads_older(self) -> bool:
+        """Whether the model reads each window's older events (through a summary): VISTA only."""
+        return self.model == "vista"
+
+    def summariser_config(self) -> SummariserConfig:
+        return SummariserConfig(num_items=self.num_items, dim=self.dim, tokens=self.vista_tokens, dropout=self.dropout)
+
+    def hstu_config(self) -> HSTUConfig:
         per_head = self.dim // self.heads
+        return HSTUConfig(
+            dim=self.dim,
+            blocks=self.blocks,
+            heads=self.heads,
+            attn_dim=self.attn_dim or per_head,
+            linear_dim=self.linear_dim or per_head,
+            max_len=self.max_len,
+            dropout=self.dropout,
+            num_time_buckets=self.num_time_buckets,
+            rab=self.hstu_rab,
+            attention=self.hstu_attention,
+            gating=self.hstu_gating,
+        )
+
+    def encoder(self) -> nn.Module:
         if self.model == "hstu":
-            return HSTU(
-                HSTUConfig(
-                    dim=self.dim,
-                    blocks=self.blocks,
-                    heads=self.heads,
-                    attn_dim=self.attn_dim or per_head,
-                    linear_dim=self.linear_dim or per_head,
-                    max_len=self.max_len,
-                    dropout=self.dropout,
-                    num_time_buckets=self.num_time_buckets,
-                    rab=self.hstu_rab,
-                    attention=self.hstu_attention,
-                    gating=self.hstu_gating,
-                )
-            )
+            return HSTU(self.hstu_config())
+        if self.model == "vista":  # HSTU blocks over the recent events, attending to the summary tokens too
+            return VistaEncoder(self.hstu_config(), self.vista_tokens)
         if self.model == "sasrec":
             return SASRec(
                 SASRecConfig(
@@ -139,7 +159,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
-        d = {**PUBLISHED_HSTU, **d}  # only the ablation keys may be missing: see PUBLISHED_HSTU
+        d = {**PUBLISHED_HSTU, **BEFORE_VISTA, **d}  # only these keys may be missing: see their comments
         missing = sorted(known - set(d))
         if missing:  # a model saved by a version of Encore older than one of these keys: retrain it
             raise ValueError(f"saved model config lacks {missing}: it was saved by an older Encore; retrain it")
@@ -206,7 +226,7 @@ class SequentialRecommender(nn.Module):
         # blocks and the item table), while its SASRec keeps it. GPT takes SASRec's: the same inputs as SASRec,
         # so the two differ in their block stacks only.
         if self.pos_emb is not None:
-            if cfg.model == "hstu":
+            if cfg.model in ("hstu", "vista"):  # vista's recent events go through HSTU blocks
                 nn.init.xavier_normal_(self.pos_emb.weight)
             else:
                 std = math.sqrt(1.0 / cfg.dim)
@@ -214,14 +234,22 @@ class SequentialRecommender(nn.Module):
         self.input_dropout = nn.Dropout(cfg.dropout)
         self.encoder = cfg.encoder()
         self.feedback_head = FeedbackHead(cfg.dim) if cfg.feedback_head else None
+        # VISTA's stage 1, created last so that the other families draw their initial weights exactly as before
+        self.summariser = Summariser(cfg.summariser_config()) if cfg.reads_older else None
 
     def forward(
         self,
         features: KeyedJaggedTensor,  # keys item_id, event_type; B sequences, N events
         timestamps: torch.Tensor,  # [N] seconds
         query_timestamps: torch.Tensor,  # [N] seconds at which each position predicts
+        older: KeyedJaggedTensor | None = None,  # vista: each sequence's events before it (B jagged rows)
+        older_timestamps: torch.Tensor | None = None,  # [M] seconds of the older events
+        summary: Summary | None = None,  # vista: the older events already summarised (instead of ``older``)
     ) -> torch.Tensor:
-        """L2-normalised user state after each event: [N, D], aligned with features["item_id"].values()."""
+        """L2-normalised user state after each event: [N, D], aligned with features["item_id"].values().
+
+        A vista model also reads what came before each sequence: its older events (``Batch.older``, summarised
+        here by a full pass, differentiable) or their ``summary`` (``Summariser.summarise`` of a cached state)."""
         emb = self.embeddings(features)  # dict[str, JaggedTensor]
         items = emb["item_id"]
         lengths = items.lengths()
@@ -237,8 +265,23 @@ class SequentialRecommender(nn.Module):
             _, pos = jagged_positions(offsets, lengths)
             x = x + self.pos_emb(pos)
         x = self.input_dropout(x)  # [N, D]
-        h = self.encoder(x, offsets, timestamps, query_timestamps)  # [N, D]
+        if self.summariser is None:
+            h = self.encoder(x, offsets, timestamps, query_timestamps)  # [N, D]
+        else:
+            summary = summary if summary is not None else self.summarise_older(older, older_timestamps)
+            h = self.encoder(x, offsets, timestamps, query_timestamps, summary)  # [N, D]
         return _l2(h)
+
+    def summarise_older(self, older: KeyedJaggedTensor | None, older_timestamps: torch.Tensor | None) -> Summary:
+        """VISTA: the summary of each sequence's older events, from scratch (linear in their number)."""
+        if older is None or older_timestamps is None:
+            raise ValueError("a vista model reads each window's older events: build its batches with "
+                             "make_batch(..., older_events=...) and pass Batch.older, or pass a summary")
+        jt = older.to_dict()
+        items, types = jt["item_id"], jt["event_type"]
+        state = self.summariser.update(self.summariser.init_state(items.lengths().numel()), items.values(),
+                                       types.values(), older_timestamps, items.offsets())
+        return self.summariser.summarise(state)
 
     def item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings of dense item ids [M] -> [M, D], looked up through the EmbeddingCollection
@@ -265,6 +308,7 @@ class SequentialRecommender(nn.Module):
         recommender sizes they dominate the total (``TrainResult.num_params`` counts everything)."""
         tables = [m for m in (self.embeddings, self.pos_emb) if m is not None]
         skip = {id(p) for m in tables for p in m.parameters()}
+        skip |= {id(p) for p in (self.summariser.table_parameters() if self.summariser is not None else [])}
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
     def feedback_logits(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
@@ -294,7 +338,12 @@ def _event_codes(types: Sequence[Any] | None, n: int) -> np.ndarray:
         return np.full(n, EVENT_TYPE_CODES["listen"], np.int64)
     if len(types) != n:
         raise ValueError("event_types must have one entry per item_id")
-    return np.array([EVENT_TYPE_CODES.get(t, 0) if isinstance(t, str) else int(t) for t in types], np.int64)
+    if isinstance(types, np.ndarray) and types.dtype.kind in "iu":
+        return types.astype(np.int64)
+    # each distinct value once: a lifelong history has 10^4-10^5 events but a handful of types
+    which, distinct = pd.factorize(pd.Series(list(types), dtype=object), use_na_sentinel=False)
+    codes = np.array([EVENT_TYPE_CODES.get(t, 0) if isinstance(t, str) else int(t) for t in distinct], np.int64)
+    return codes[which] if len(distinct) else np.zeros(0, np.int64)
 
 
 class Recommender:
@@ -307,6 +356,13 @@ class Recommender:
         self.model = model.eval()
         self.vocab = vocab
         self.metadata = dict(metadata or {})
+        if model.summariser is not None:
+            # ties this model to the summariser that makes its summaries (cached ones must carry the same version)
+            version = model.summariser.version()
+            saved = self.metadata.get("summariser_version")
+            if saved is not None and saved != version:
+                raise ValueError(f"metadata says summariser {saved}, the weights are summariser {version}")
+            self.metadata["summariser_version"] = version
         with torch.inference_mode():
             # Scoring a user is one mat-vec against this cached, normalised item matrix.
             self.item_matrix = model.all_item_embeddings().clone()  # [V + 1, D]
@@ -341,24 +397,53 @@ class Recommender:
         return cls(model.to(device), vocab, config.get("metadata"))
 
     # -- inference --------------------------------------------------------------------------------------
-    def user_embeddings(self, histories: Sequence[Mapping[str, Any]], now_ms: int | None = None):
-        """-> (rows [B'] of histories that had a known item, user vectors [B', D], seen item lists)."""
+    @property
+    def summariser_version(self) -> str | None:
+        """The version of this model's summariser (VISTA), None for a model that summarises nothing."""
+        return self.metadata.get("summariser_version")
+
+    def _encoded(self, h: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A history dict -> its known events, time-sorted: (dense item ids, event codes, ms)."""
+        raw = np.asarray(_get(h, "item_ids", []), np.int64).reshape(-1)
+        n = len(raw)
+        codes = _event_codes(_get(h, "event_types", None), n)
+        ts_ms = np.asarray(_get(h, "timestamps_ms", np.zeros(n)), np.int64).reshape(-1)
+        if len(ts_ms) != n:
+            raise ValueError("timestamps_ms must have one entry per item_id")
+        idx = self.vocab.encode(raw)
+        known = idx > 0  # unknown items (new since training) are ignored
+        idx, codes, ts_ms = idx[known], codes[known], ts_ms[known]
+        order = np.argsort(ts_ms, kind="stable")
+        return idx[order], codes[order], ts_ms[order]
+
+    def summarise(self, histories: Sequence[Mapping[str, Any]], states: SummaryState | None = None) -> SummaryState:
+        """VISTA: fold every known event of each history dict into ``states`` (one row per history; empty states
+        if None): what an incremental refresh of cached summaries runs on the events that arrived since."""
+        if self.model.summariser is None:
+            raise ValueError(f"a {self.config.model} model has no summariser")
+        events = [self._encoded(h) for h in histories]
+        with torch.inference_mode():
+            return summarise_events(self.model.summariser, [e[0] for e in events], [e[1] for e in events],
+                                    [e[2] // 1000 for e in events], states)
+
+    def user_embeddings(self, histories: Sequence[Mapping[str, Any]], now_ms: int | None = None, *,
+                        summaries: Sequence[Summary | SummaryState | None] | None = None):
+        """-> (rows [B'] of histories that had a known item, user vectors [B', D], seen item lists).
+
+        A vista model reads each history's last ``max_len`` events raw and a summary of everything before them:
+        by default summarised here from the history itself (linear in its length); with ``summaries[r]`` (one
+        user's cached ``Summary`` or ``SummaryState``, made by this model's summariser) that summary stands for
+        every event before the last ``max_len`` of history r, whose older events are then not read, so the
+        cost no longer grows with the history."""
         max_len = self.config.max_len
-        rows, items, types, times, queries, seen = [], [], [], [], [], []
+        vista = self.model.summariser is not None
+        if summaries is not None and (not vista or len(summaries) != len(histories)):
+            raise ValueError("summaries: one per history, for a vista model only")
+        rows, items, types, times, queries, seen, older, given = [], [], [], [], [], [], [], []
         for r, h in enumerate(histories):
-            raw = np.asarray(_get(h, "item_ids", []), np.int64).reshape(-1)
-            n = len(raw)
-            codes = _event_codes(_get(h, "event_types", None), n)
-            ts_ms = np.asarray(_get(h, "timestamps_ms", np.zeros(n)), np.int64).reshape(-1)
-            if len(ts_ms) != n:
-                raise ValueError("timestamps_ms must have one entry per item_id")
-            idx = self.vocab.encode(raw)
-            known = idx > 0  # unknown items (new since training) are ignored
-            idx, codes, ts_ms = idx[known], codes[known], ts_ms[known]
+            idx, codes, ts_ms = self._encoded(h)
             if len(idx) == 0:
                 continue  # empty history: the caller falls back to popularity
-            order = np.argsort(ts_ms, kind="stable")
-            idx, codes, ts_ms = idx[order], codes[order], ts_ms[order]
             query_ms = now_ms if now_ms is not None else _get(h, "request_ms", int(ts_ms[-1]))
             rows.append(r)
             seen.append(idx)
@@ -366,13 +451,36 @@ class Recommender:
             types.append(codes[-max_len:])
             times.append(ts_ms[-max_len:] // 1000)
             queries.append(int(query_ms) // 1000)
+            cached = summaries[r] if summaries is not None else None
+            given.append(cached)
+            cut = 0 if cached is not None else max(len(idx) - max_len, 0)  # older events summarised here
+            older.append((idx[:cut], codes[:cut], ts_ms[:cut] // 1000))
         if not rows:
             return [], torch.zeros(0, self.config.dim), []
         batch = batch_from_histories(items, types, times, queries)
         with torch.inference_mode():
-            h = self.model(batch.features, batch.timestamps, batch.query_timestamps)  # [N, D]
+            summary = self._summaries(older, given) if vista else None
+            h = self.model(batch.features, batch.timestamps, batch.query_timestamps, summary=summary)  # [N, D]
             users = h[batch.offsets[1:] - 1]  # state after each user's last event: [B', D]
         return rows, users, seen
+
+    def _summaries(self, older: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                   given: list[Summary | SummaryState | None]) -> Summary:
+        """One batch ``Summary``: each row's given one, or its older events summarised from scratch."""
+        summariser = self.model.summariser
+        state = summarise_events(summariser, [o[0] for o in older], [o[1] for o in older], [o[2] for o in older])
+        summary = summariser.summarise(state)  # [B', K, D]
+        for b, g in enumerate(given):
+            if g is None:
+                continue
+            one = summariser.summarise(g) if isinstance(g, SummaryState) else g
+            if one.tokens.shape != (1, *summary.tokens.shape[1:]):
+                raise ValueError(f"summary of shape {tuple(one.tokens.shape)}; this model reads (1, "
+                                 f"{self.config.vista_tokens}, {self.config.dim})")
+            summary.tokens[b] = one.tokens[0].to(summary.tokens.dtype)
+            summary.last_time[b] = one.last_time[0]
+            summary.count[b] = one.count[0]
+        return summary
 
     def recommend(
         self,
@@ -382,13 +490,15 @@ class Recommender:
         *,
         now_ms: int | None = None,
         batch_size: int = 256,
+        summaries: Sequence[Summary | SummaryState | None] | None = None,
     ) -> list[list[tuple[int, float]]]:
         """Top-k (raw item id, cosine score) per history dict (item_ids, event_types, timestamps_ms).
 
         ``now_ms`` (or a history's ``request_ms``) is the request time HSTU's time bias measures gaps from;
-        without it the last event's time is used.
+        without it the last event's time is used. ``summaries``: a vista model's cached summaries
+        (``user_embeddings``).
         """
-        return self.retrieve(histories, k, exclude_seen, now_ms=now_ms, batch_size=batch_size)[0]
+        return self.retrieve(histories, k, exclude_seen, now_ms=now_ms, batch_size=batch_size, summaries=summaries)[0]
 
     def retrieve(
         self,
@@ -398,6 +508,7 @@ class Recommender:
         *,
         now_ms: int | None = None,
         batch_size: int = 256,
+        summaries: Sequence[Summary | SummaryState | None] | None = None,
     ) -> tuple[list[list[tuple[int, float]]], list[torch.Tensor | None]]:
         """``recommend``'s answer and each history's user state [D] (None: no known item), which a ranker
         sharing this model's encoder reuses instead of encoding the history again (``feedback_probs``)."""
@@ -405,7 +516,8 @@ class Recommender:
         states: list[torch.Tensor | None] = [None] * len(histories)
         for lo in range(0, len(histories), batch_size):
             chunk = histories[lo : lo + batch_size]
-            rows, users, seen = self.user_embeddings(chunk, now_ms)
+            rows, users, seen = self.user_embeddings(
+                chunk, now_ms, summaries=summaries[lo : lo + batch_size] if summaries is not None else None)
             if not rows:
                 continue
             for b, r in enumerate(rows):

@@ -220,7 +220,7 @@ class RecommenderTrain(nn.Module):
         global count, so the terms of all ranks add up to the single-process mean over the whole batch."""
         if not isinstance(negatives, NegativeDraw):
             negatives = self.draw_negatives(batch.batch_size, batch.max_length, negatives)
-        user = self.model(batch.features, batch.timestamps, batch.query_timestamps)  # [N, D]
+        user = self.model(batch.features, batch.timestamps, batch.query_timestamps, *batch.older_inputs())  # [N, D]
         rank = batch.rank_mask  # [N] positions whose next event is a ranked target
         pos_ids = batch.target_ids[rank]  # [M]
         # each ranked position's negatives, addressed by (window in the global batch, position in the window)
@@ -258,6 +258,7 @@ class RecommenderTrain(nn.Module):
 
 def make_optimizer(model: SequentialRecommender, cfg: TrainConfig) -> torch.optim.Optimizer:
     sparse = [p for p in model.embeddings.parameters()]
+    sparse += model.summariser.table_parameters() if model.summariser is not None else []  # vista's own tables
     sparse_ids = {id(p) for p in sparse}
     dense = [p for p in model.parameters() if id(p) not in sparse_ids]
     return torch.optim.AdamW(
@@ -297,7 +298,8 @@ def _config_fingerprint(cfg: TrainConfig) -> str:
     # Everything but the knobs that may legitimately change on resume.
     d = {k: v for k, v in asdict(cfg).items()
          if k not in ("checkpoint_dir", "epochs", "patience", "eval_every", "device", "autocast", "eval_batch_size",
-                      "retain_cpu_memory", "log_test_every")}
+                      "retain_cpu_memory", "log_test_every")
+         and not (k.startswith("vista_") and cfg.model != "vista")}  # keys other models ignore: old checkpoints resume
     return json.dumps(d, sort_keys=True, default=list)
 
 
@@ -413,7 +415,7 @@ class SingleProcess:
                           bucket_by_length=self.cfg.length_bucketing)
 
     def step(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        batch = make_batch(self.seqs, self.split.train.subset(rows)).to(self.device)
+        batch = make_batch(self.seqs, self.split.train.subset(rows), older_events=self.cfg.train_older_events()).to(self.device)
         with autocast(self.cfg.autocast, self.device):
             loss, out = self.task(batch, self.generator)  # the batch's negatives come from the same generator
         self.optimizer.zero_grad(set_to_none=True)
