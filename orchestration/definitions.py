@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from orchestration.assets import experiments, ingest, ranking, rollouts, studies, training
+from orchestration.assets import experiments, ingest, ranking, rollouts, studies, summaries, training
 from orchestration.jobs import (
     ab_report_job,
     distributed_training_job,
@@ -30,6 +30,7 @@ defs = dg.Definitions(
         rollouts.experiment_store, rollouts.rollout_guard, rollouts.rollout_step,
         ranking.ranking_dataset, ranking.trained_ranker, ranking.ranker_evaluation, ranking.registered_ranker,
         ranking.champion_ranker,
+        summaries.user_summaries,
     ],
     asset_checks=[ingest.offline_schema, ingest.freshness, training.promotion_gate, ranking.ranker_gate],
     jobs=[ingest_job, training_job, scaling_plan_job, scaling_point_job, scaling_fit_job, ab_report_job, distributed_training_job, rollout_job,
