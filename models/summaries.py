@@ -31,6 +31,7 @@ key order by construction. A backfill from scratch (a new partition) picks it up
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -211,6 +212,19 @@ def fold_events(summariser: Summariser, state: SummaryState, items: np.ndarray, 
     return SummaryState.cat(out)  # type: ignore[arg-type]
 
 
+def write_online_summaries(store: Any, rows: pd.DataFrame, batch: int = 5_000) -> None:
+    """Write ``rows`` (``SUMMARY_COLUMNS``) to the online ``user_summary`` view, as ingest writes histories.
+    Stamped with the write's time, not the events': Redis keeps a row only over an older one, and a new
+    version's backfill has the same event times as the states it replaces."""
+    from features.feature_repo import write_online
+
+    now = datetime.now(timezone.utc)
+    records = rows.loc[:, list(SUMMARY_COLUMNS)].to_dict("records")
+    for lo in range(0, len(records), batch):
+        write_online(store, "user_summary", "user_id", [{**r, "event_timestamp": now} for r in records[lo: lo + batch]],
+                     "event_timestamp")
+
+
 # ------------------------------------------------------------------------------------------------ serving
 
 
@@ -265,4 +279,4 @@ def serving_states(recommender: Any, histories: Sequence[Mapping[str, Any]], *,
 
 
 __all__ = ["CACHED", "LAGGING", "NOTHING", "STALE", "SUMMARY_COLUMNS", "Boundary", "SummariserMismatch",
-           "fold_events", "known_events", "refresh_summaries", "serving_states"]
+           "fold_events", "known_events", "refresh_summaries", "serving_states", "write_online_summaries"]

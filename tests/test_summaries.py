@@ -263,12 +263,25 @@ def test_the_asset_backfills_a_summariser_version_then_folds_only_new_events(tmp
     reference = from_scratch(rec, events)
     for user, state in states(table).items():
         assert_same(state, reference[user])
-    # online: the same rows, read through the service's reader
+    # online: the same rows, read through the service's reader with the user's history (as ingest wrote it)
+    from datetime import datetime, timezone
+
+    from features.feature_repo import write_online
+
+    history = _history(events, 5)
+    write_online(feature_store(settings, apply=False), "user_history", "user_id", [{
+        "user_id": 5, **history, "played_ratios": [-1.0] * len(history["item_ids"]),
+        "length": len(history["item_ids"]), "event_timestamp": datetime.now(timezone.utc)}], "event_timestamp")
     reader = HistoryReader(settings)
     online = reader.read_summaries([5, 0, 999])
     assert online[2] is None
     assert online[0]["summariser_version"] == version and online[0]["state"] == table.set_index("user_id").state[5]
     assert online[1]["events_summarised"] == 0
+    read = reader.read([5, 0], summary_users=[5])
+    assert "summary" not in read[0] and read[5]["item_ids"] == history["item_ids"]
+    got, marks = serving_states(rec, [read[5]], history_length=settings.ingest.history_length)
+    assert marks == [CACHED]
+    assert_same(got[0], reference[5])
     # offline: the view's snapshots are readable point-in-time through Feast
     store = feature_store(settings, apply=False)
     at = pd.DataFrame({"user_id": [5], "event_timestamp": [pd.Timestamp.now(tz="UTC")]})

@@ -20,7 +20,6 @@ the summaries the champion is serving from); with a champion that reads no summa
 
 import os
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ from orchestration.assets.ingest import ingested_interactions
 from orchestration.resources import EncoreResource, FeastResource, MLflowResource
 
 SUMMARIES = "summaries"
-ONLINE_BATCH = 5_000  # rows per online write
 
 summariser_partitions = dg.DynamicPartitionsDefinition(name="summariser_versions")
 
@@ -92,19 +90,6 @@ def write_table(path: Path, table: pd.DataFrame) -> None:
     os.replace(tmp, path)
 
 
-def push_online(store: Any, rows: pd.DataFrame) -> None:
-    """Write ``rows`` to the online ``user_summary`` view, as ingest writes histories. Stamped with the write's
-    time, not the events': Redis keeps a row only over an older one, and a new version's backfill has the
-    same event times as the states it replaces."""
-    from features.feature_repo import write_online
-
-    now = datetime.now(timezone.utc)
-    records = rows.drop(columns=["event_timestamp"], errors="ignore").to_dict("records")
-    for lo in range(0, len(records), ONLINE_BATCH):
-        part = [{**r, "event_timestamp": now} for r in records[lo: lo + ONLINE_BATCH]]
-        write_online(store, "user_summary", "user_id", part, "event_timestamp")
-
-
 def check_states(table: pd.DataFrame, known_events: pd.Series, *, version: str, record_bytes: int,
                  recent: int) -> tuple[bool, dict[str, int]]:
     """Every state is ``record_bytes`` long and of ``version``; every user with events older than the recent
@@ -138,7 +123,7 @@ def user_summaries(context: dg.AssetExecutionContext, encore: EncoreResource, fe
     from features.feature_repo import interactions_source, user_summary_dir
     from features.ingest import write_snapshot
     from models.lifecycle.registry import Registry
-    from models.summaries import known_events, refresh_summaries
+    from models.summaries import known_events, refresh_summaries, write_online_summaries
     from models.vista import state_bytes
 
     settings = encore.settings()
@@ -167,7 +152,7 @@ def user_summaries(context: dg.AssetExecutionContext, encore: EncoreResource, fe
         write_snapshot(user_summary_dir(settings), stamped)
     online = serves_online(registry, alias)
     if online and len(changed):
-        push_online(feast.store(settings), changed)
+        write_online_summaries(feast.store(settings), changed)
     wall_s = time.perf_counter() - t0
     summariser = rec.model.summariser
     record = state_bytes(summariser.cfg.tokens, summariser.cfg.dim)
