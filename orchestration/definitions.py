@@ -19,6 +19,7 @@ from orchestration.jobs import (
 )
 from orchestration.resources import EncoreResource, FeastResource, KafkaResource, MLflowResource
 from orchestration.sensors import ingest_on_lag, nightly_retrain, retrain_on_new_events, rollout_sensor
+from orchestration.summaries_sensor import summaries_job, summaries_sensor
 
 defs = dg.Definitions(
     assets=[
@@ -34,9 +35,9 @@ defs = dg.Definitions(
     ],
     asset_checks=[ingest.offline_schema, ingest.freshness, training.promotion_gate, ranking.ranker_gate],
     jobs=[ingest_job, training_job, scaling_plan_job, scaling_point_job, scaling_fit_job, ab_report_job, distributed_training_job, rollout_job,
-          ranking_job],
+          ranking_job, summaries_job],
     schedules=[nightly_retrain],
-    sensors=[retrain_on_new_events, ingest_on_lag, rollout_sensor],
+    sensors=[retrain_on_new_events, ingest_on_lag, rollout_sensor, summaries_sensor],
     resources={
         "encore": EncoreResource(),
         "kafka": KafkaResource(),

@@ -240,8 +240,15 @@ def test_the_asset_backfills_a_summariser_version_then_folds_only_new_events(tmp
     _write_offline(settings, events[events.timestamp_ms < cut])
 
     instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("summariser_versions", [version])
     resources = {"encore": encore_resource(settings), "feast": FeastResource(), "mlflow_server": MLflowResource()}
+    # the sensor sees the challenger's new summariser version: a partition and its backfill run
+    from orchestration.summaries_sensor import summaries_sensor
+
+    with dg.build_sensor_context(instance=instance, resources=resources) as ctx:
+        tick = summaries_sensor(ctx)
+    assert [r.partition_keys for r in tick.dynamic_partitions_requests] == [[version]]
+    assert [r.partition_key for r in tick.run_requests] == [version]
+    instance.add_dynamic_partitions("summariser_versions", [version])
 
     def materialise() -> dict:
         result = dg.materialize([user_summaries], partition_key=version, instance=instance, resources=resources)
