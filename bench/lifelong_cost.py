@@ -11,7 +11,8 @@ group, the online store is loaded with that group's rows (``user_history``: the 
 ``user_summary``: the cached state) under the same user ids, and ``bench.serve``'s open-loop driver sends
 ``--rate`` requests/s from a separate process.
 
-Figures: per group p50/p99 latency, the answers' ``summary`` marks (sampled after the load), stored bytes per
+Figures: per group p50/p99 latency (medians over ``--rounds`` rounds, in which the groups alternate, so that
+the box's drift hits each alike; each round's figures too), the answers' ``summary`` marks (sampled after the load), stored bytes per
 user (the state record and the whole online row); the summarisation throughput (events folded per second, one
 thread) beside ``--ingest-rate`` (ingest's measured ~30,000 events/s on the 2-core box) and the time of an
 incremental refresh that folds a few new events per user. The last line printed is one JSON object.
@@ -94,7 +95,8 @@ def summary_marks(url: str, users: int, n: int = 40) -> dict[str, int]:
 
 
 def run(*, users: tuple[int, int, int], items: int, dim: int, tokens: int, max_len: int, rate: float,
-        duration_s: float, warmup_s: float, ingest_rate: float, data_dir: Path | None = None, log=print) -> dict:  # noqa: ANN001
+        duration_s: float, warmup_s: float, rounds: int, ingest_rate: float, data_dir: Path | None = None,
+        log=print) -> dict:  # noqa: ANN001
     import torch
 
     torch.set_num_threads(1)  # the summarisation throughput is one thread's
@@ -149,33 +151,44 @@ def run(*, users: tuple[int, int, int], items: int, dim: int, tokens: int, max_l
         promote(registry, reg.version, reason="lifelong-cost bench", actor="bench")
         store = feature_store(settings)  # applies the views, user_summary included
         server = start_server(settings, svc.kafka_bootstrap, svc.mlflow_uri, experiment="none")
-        out_groups = {}
+        runs: dict[str, list[dict]] = {str(n): [] for n in GROUPS}
         try:
-            for n_events, n_users, g in zip(GROUPS, users, groups):
-                # the group's users under ids 0..n_users-1 (the ids the load driver asks for)
-                ids = np.arange(n_users)
-                mine = later[later["user_id"].isin(g["user_id"].unique())].sort_values("user_id")
-                write_online(store, "user_history", "user_id",
-                             history_rows(pd.concat([g, new[new.user_id.isin(g.user_id.unique())]]),
-                                          settings.ingest.history_length, ids), "event_timestamp")
-                write_online_summaries(store, mine.assign(user_id=ids))
-                log(f"{n_events:,} events/user: driving {rate:g} req/s for {warmup_s:g}+{duration_s:g} s")
-                result = driver_result(spawn_driver(server.endpoint, rate=rate, duration_s=duration_s,
-                                                    warmup_s=warmup_s, users=n_users, cold_share=0.0, k=10,
-                                                    inspect=True))
-                out_groups[str(n_events)] = {
-                    "users": n_users, "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"], "qps": result["qps"],
-                    "errors": result["errors"], "sources": result.get("sources"),
-                    "summary": summary_marks(server.endpoint, n_users),
-                    "state_bytes_per_user": sorted(set(mine["state"].map(len))),
-                    "online_bytes_per_user": float(mine.apply(online_row_bytes, axis=1).mean()),
-                }
+            for round_ in range(rounds):  # the groups alternate: a drift of the box hits every group alike
+                for n_events, n_users, g in zip(GROUPS, users, groups):
+                    # the group's users under ids 0..n_users-1 (the ids the load driver asks for)
+                    ids = np.arange(n_users)
+                    mine = later[later["user_id"].isin(g["user_id"].unique())].sort_values("user_id")
+                    write_online(store, "user_history", "user_id",
+                                 history_rows(pd.concat([g, new[new.user_id.isin(g.user_id.unique())]]),
+                                              settings.ingest.history_length, ids), "event_timestamp")
+                    write_online_summaries(store, mine.assign(user_id=ids))
+                    log(f"round {round_ + 1}, {n_events:,} events/user: driving {rate:g} req/s for "
+                        f"{warmup_s:g}+{duration_s:g} s")
+                    result = driver_result(spawn_driver(server.endpoint, rate=rate, duration_s=duration_s,
+                                                        warmup_s=warmup_s, users=n_users, cold_share=0.0, k=10,
+                                                        inspect=True))
+                    runs[str(n_events)].append({
+                        **{k: result[k] for k in ("p50_ms", "p99_ms", "qps", "errors")},
+                        "sources": result.get("sources"), "summary": summary_marks(server.endpoint, n_users),
+                        "state_bytes_per_user": sorted(set(mine["state"].map(len))),
+                        "online_bytes_per_user": float(mine.apply(online_row_bytes, axis=1).mean())})
         finally:
             server.stop()
+    out_groups = {}
+    for (key, rs), n_users in zip(runs.items(), users):
+        out_groups[key] = {
+            "users": n_users, "p50_ms": round(float(np.median([r["p50_ms"] for r in rs])), 2),
+            "p99_ms": round(float(np.median([r["p99_ms"] for r in rs])), 2), "p99_ms_rounds": [r["p99_ms"] for r in rs],
+            "p50_ms_rounds": [r["p50_ms"] for r in rs], "errors": sum(r["errors"] for r in rs),
+            "summary": {k: sum(r["summary"].get(k, 0) for r in rs) for k in {k for r in rs for k in r["summary"]}},
+            "sources": {k: sum((r["sources"] or {}).get(k, 0) for r in rs)
+                        for k in {k for r in rs for k in (r["sources"] or {})}},
+            "state_bytes_per_user": rs[0]["state_bytes_per_user"], "online_bytes_per_user": rs[0]["online_bytes_per_user"]}
     p99 = [v["p99_ms"] for v in out_groups.values()]
     return {
         "bench": "lifelong-cost", "summariser_version": version, "dim": dim, "tokens": tokens, "max_len": max_len,
-        "items": items, "rate": rate, "duration_s": duration_s, "groups": out_groups,
+        "items": items, "rate": rate, "duration_s": duration_s, "rounds": rounds,
+        "groups": out_groups,
         "p99_spread": round((max(p99) - min(p99)) / min(p99), 3) if p99 and min(p99) > 0 else None,
         "summarise_events_per_s": round(folded / scratch_s, 1), "events_folded": int(folded),
         "incremental_refresh_s": round(incremental_s, 2), "incremental_events_folded": int(later.attrs["events_folded"]),
@@ -193,13 +206,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--max-len", type=int, default=50, help="the recent window read raw")
     p.add_argument("--rate", type=float, default=200.0)
-    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--duration", type=float, default=8.0, help="measured seconds per group and round")
+    p.add_argument("--rounds", type=int, default=2, help="rounds over the three groups (figures: medians)")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--ingest-rate", type=float, default=30_000.0, help="ingest's measured events/s, to compare")
     p.add_argument("--data-dir", type=Path, default=None, help="a fresh directory for the bench's platform")
     a = p.parse_args(argv)
     result = run(users=tuple(a.users), items=a.items, dim=a.dim, tokens=a.tokens, max_len=a.max_len, rate=a.rate,
-                 duration_s=a.duration, warmup_s=a.warmup, ingest_rate=a.ingest_rate, data_dir=a.data_dir,
+                 duration_s=a.duration, warmup_s=a.warmup, rounds=a.rounds, ingest_rate=a.ingest_rate, data_dir=a.data_dir,
                  log=lambda m: print(m, flush=True))
     print(json.dumps(result), flush=True)
 
