@@ -14,7 +14,7 @@ import torch
 from models.data import ItemVocab
 from models.recommender import Recommender, build_model
 from models.recipe import resolve_recipe
-from models.summaries import (CACHED, STALE, SummariserMismatch, known_events, refresh_summaries,
+from models.summaries import (CACHED, LAGGING, STALE, SummariserMismatch, known_events, refresh_summaries,
                               serving_states)
 from models.vista import SummaryState
 from tests.conftest import small_settings
@@ -70,16 +70,27 @@ def assert_same(a: SummaryState, b: SummaryState) -> None:
 # ---------------------------------------------------------------------------------------------------- refresh
 
 
+def _split_inside_ties(rec: Recommender, events: pd.DataFrame) -> pd.DataFrame:
+    """Each user's first events, cut so that the first refresh's summary ends inside a same-millisecond run:
+    its newest summarised event has the same time as the next, unsummarised one."""
+    parts = []
+    for _, g in known_events(rec, events).groupby("user_id"):
+        ms = g.timestamp_ms.to_numpy()
+        ties = [p for p in range(10, len(ms) - 1) if ms[p] == ms[p + 1]]
+        parts.append(g.head(ties[0] + 1 + RECENT) if ties else g.head(len(g) // 2))
+    return pd.concat(parts)
+
+
 def test_an_incremental_refresh_equals_a_summary_from_scratch_over_the_same_events():
     rec, events = vista(), world()
-    # the cut falls inside a same-millisecond run: the first refresh sees part of it, the second the rest
-    tie = events.timestamp_ms.value_counts()
-    cut_ms = int(tie[tie >= 4].index.sort_values()[len(tie[tie >= 4]) // 2])
-    first = events[(events.timestamp_ms < cut_ms) | ((events.timestamp_ms == cut_ms) & (events.item_id < 130))]
+    first = _split_inside_ties(rec, events)
     early = refresh_summaries(rec, first, None, recent=RECENT)
+    cut_ms = int(events.timestamp_ms.quantile(0.8))
     middle = refresh_summaries(rec, events[events.timestamp_ms <= cut_ms], early, recent=RECENT, chunk=16)
     late = refresh_summaries(rec, events, middle, recent=RECENT, chunk=16)  # small chunks: users folded in pieces
     full = refresh_summaries(rec, events, None, recent=RECENT)
+    split = early[early.events_summarised > 0].set_index("user_id").summarised_until_ms
+    assert (split.to_numpy() == [first[first.user_id == u].timestamp_ms.iloc[-RECENT] for u in split.index]).sum() >= 2
     assert late.attrs["events_folded"] < full.attrs["events_folded"]  # the last refresh folded only new events
     assert late.attrs["events_folded"] + middle.attrs["events_folded"] + early.attrs["events_folded"] \
         == full.attrs["events_folded"]
@@ -134,12 +145,30 @@ def test_serving_folds_the_events_the_cache_has_not_seen_and_marks_stale_without
     assert marks == [CACHED, STALE, STALE]
     assert got[1] is None and got[2] is None
     assert_same(got[0], from_scratch(rec, events)[user])  # the cache + the 30 newer older events = everything
+    # a cache whose newest event shares its millisecond with older events it has not summarised: exact too
+    tied = refresh_summaries(rec, _split_inside_ties(rec, events), None, recent=RECENT).set_index("user_id")
+    got4, marks4 = serving_states(rec, [{**_history(events, 4), "summary": tied.loc[4].to_dict()}])
+    assert marks4 == [CACHED]
+    assert_same(got4[0], from_scratch(rec, events)[4])
     # (seen items not excluded: the full history has seen more than the online one)
     with_cache = rec.recommend(hs, k=5, summaries=got, exclude_seen=False)
     assert with_cache[0] != with_cache[1]  # the whole life is not the 200 events the history holds
     exact = rec.recommend([_history(events, user, n=10_000)], k=5, exclude_seen=False)[0]  # every event, one pass
     assert [i for i, _ in with_cache[0]] == [i for i, _ in exact]
     np.testing.assert_allclose([s for _, s in with_cache[0]], [s for _, s in exact], atol=2e-3)
+
+
+def test_a_cache_older_than_the_online_history_reaches_is_used_and_marked_lagging():
+    rec, events = vista(), world()
+    mine = events[events.user_id == 5].sort_values("timestamp_ms")
+    early = refresh_summaries(rec, mine.iloc[:50], None, recent=RECENT).set_index("user_id").loc[5].to_dict()
+    history = _history(events, 5)  # the last 200 of 300 events: the 50 first ones are not in it
+    got, marks = serving_states(rec, [{**history, "summary": early}], history_length=200)
+    assert marks == [LAGGING]
+    # the cache's 42 events plus the history's older ones: the 58 events in between are missing
+    older_in_history = int((rec.vocab.encode(history["item_ids"]) > 0).sum()) - RECENT
+    assert int(got[0].count) == int(early["events_summarised"]) + older_in_history
+    assert serving_states(rec, [{**history, "summary": early}], history_length=1_000)[1] == [CACHED]
 
 
 def test_a_history_behind_the_cache_is_not_read_with_it():
