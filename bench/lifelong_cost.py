@@ -12,8 +12,8 @@ group, the online store is loaded with that group's rows (``user_history``: the 
 ``--rate`` requests/s from a separate process.
 
 Figures: per group p50/p99 latency (medians over ``--rounds`` rounds, in which the groups alternate, so that
-the box's drift hits each alike; each round's figures too), the answers' ``summary`` marks (sampled after the load), stored bytes per
-user (the state record and the whole online row); the summarisation throughput (events folded per second, one
+the box's drift hits each alike; each round's figures too), the answers' ``summary`` marks (sampled after the
+load), stored bytes per user (the state record and the whole online row); the summarisation throughput (events folded per second, one
 thread) beside ``--ingest-rate`` (ingest's measured ~30,000 events/s on the 2-core box) and the time of an
 incremental refresh that folds a few new events per user. The last line printed is one JSON object.
 """
@@ -183,7 +183,8 @@ def run(*, users: tuple[int, int, int], items: int, dim: int, tokens: int, max_l
             "summary": {k: sum(r["summary"].get(k, 0) for r in rs) for k in {k for r in rs for k in r["summary"]}},
             "sources": {k: sum((r["sources"] or {}).get(k, 0) for r in rs)
                         for k in {k for r in rs for k in (r["sources"] or {})}},
-            "state_bytes_per_user": rs[0]["state_bytes_per_user"], "online_bytes_per_user": rs[0]["online_bytes_per_user"]}
+            "state_bytes_per_user": rs[0]["state_bytes_per_user"],
+            "online_bytes_per_user": rs[0]["online_bytes_per_user"]}
     p99 = [v["p99_ms"] for v in out_groups.values()]
     return {
         "bench": "lifelong-cost", "summariser_version": version, "dim": dim, "tokens": tokens, "max_len": max_len,
@@ -191,7 +192,8 @@ def run(*, users: tuple[int, int, int], items: int, dim: int, tokens: int, max_l
         "groups": out_groups,
         "p99_spread": round((max(p99) - min(p99)) / min(p99), 3) if p99 and min(p99) > 0 else None,
         "summarise_events_per_s": round(folded / scratch_s, 1), "events_folded": int(folded),
-        "incremental_refresh_s": round(incremental_s, 2), "incremental_events_folded": int(later.attrs["events_folded"]),
+        "incremental_refresh_s": round(incremental_s, 2),
+        "incremental_events_folded": int(later.attrs["events_folded"]),
         "ingest_events_per_s": ingest_rate, "keeps_up": folded / scratch_s >= ingest_rate,
         "wall_s": round(time.perf_counter() - t_all, 1), "data_dir": str(root),
     }
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", type=Path, default=None, help="a fresh directory for the bench's platform")
     a = p.parse_args(argv)
     result = run(users=tuple(a.users), items=a.items, dim=a.dim, tokens=a.tokens, max_len=a.max_len, rate=a.rate,
-                 duration_s=a.duration, warmup_s=a.warmup, rounds=a.rounds, ingest_rate=a.ingest_rate, data_dir=a.data_dir,
+                 duration_s=a.duration, warmup_s=a.warmup, rounds=a.rounds, ingest_rate=a.ingest_rate,
+                 data_dir=a.data_dir,
                  log=lambda m: print(m, flush=True))
     print(json.dumps(result), flush=True)
 

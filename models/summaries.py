@@ -69,7 +69,7 @@ class Boundary:
         return Boundary(int(row["summarised_until_ms"]), int(row["summarised_until_item"]),
                         str(row["summarised_until_type"]))
 
-    def before(self, ms: int, item: int, type_: str) -> bool:
+    def precedes(self, ms: int, item: int, type_: str) -> bool:
         """Whether the event (ms, item, type) comes after this boundary in key order (is not summarised)."""
         return (ms, item, type_) > (self.ms, self.item, self.type)
 
@@ -247,8 +247,9 @@ def serving_states(recommender: Any, histories: Sequence[Mapping[str, Any]], *,
     rows, records, new = [], [], []
     for r, h in enumerate(histories):
         cached = h.get("summary")
-        if not cached or cached.get("summariser_version") != version or len(cached.get("state", b"")) != state_bytes(k, d):
-            continue
+        if (not cached or cached.get("summariser_version") != version
+                or len(cached.get("state", b"")) != state_bytes(k, d)):
+            continue  # none, another summariser's, or another size: not this model's summary
         raw = np.asarray(h.get("item_ids", []), np.int64)
         ms = np.asarray(h.get("timestamps_ms", []), np.int64)
         types = [str(t) for t in h.get("event_types", [])]
@@ -257,11 +258,12 @@ def serving_states(recommender: Any, histories: Sequence[Mapping[str, Any]], *,
         known = known[np.argsort(ms[known], kind="stable")]  # as user_embeddings orders them
         boundary = Boundary.of(cached)
         cut = max(len(known) - max_len, 0)
-        if cut < len(known) and not boundary.before(int(ms[known[cut]]), int(raw[known[cut]]), types[known[cut]]):
+        first = known[cut] if cut < len(known) else None  # the recent window's oldest event
+        if first is not None and not boundary.precedes(int(ms[first]), int(raw[first]), types[first]):
             continue  # the cache holds events of the recent window (the history lags the cache): not usable
-        older = [j for j in known[:cut] if boundary.before(int(ms[j]), int(raw[j]), types[j])]
+        older = [j for j in known[:cut] if boundary.precedes(int(ms[j]), int(raw[j]), types[j])]
         full = history_length is not None and len(raw) >= history_length
-        lost = full and int(cached["events_summarised"]) > 0 and len(raw) and boundary.before(
+        lost = full and int(cached["events_summarised"]) > 0 and len(raw) and boundary.precedes(
             int(ms[0]), int(raw[0]), types[0])  # the oldest event kept is newer than the boundary: a gap, maybe
         status[r] = LAGGING if lost else CACHED
         rows.append(r)

@@ -129,7 +129,8 @@ def _history(events: pd.DataFrame, user: int, n: int = 200) -> dict:
     """The user's online history: the last n events in the online store's (time, item, type) order."""
     g = events[events.user_id == user].drop_duplicates(["timestamp_ms", "item_id", "event_type"])
     g = g.sort_values(["timestamp_ms", "item_id", "event_type"]).tail(n)
-    return {"item_ids": g.item_id.tolist(), "event_types": g.event_type.tolist(), "timestamps_ms": g.timestamp_ms.tolist()}
+    return {"item_ids": g.item_id.tolist(), "event_types": g.event_type.tolist(),
+            "timestamps_ms": g.timestamp_ms.tolist()}
 
 
 def test_serving_folds_the_events_the_cache_has_not_seen_and_marks_stale_without_a_cache():
