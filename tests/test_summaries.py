@@ -250,7 +250,7 @@ def _write_offline(settings, events: pd.DataFrame, first_offset: int = 0) -> Non
         store.close()
 
 
-def test_the_asset_backfills_a_summariser_version_then_folds_only_new_events(tmp_path, mlflow_run):
+def test_the_asset_backfills_then_folds_only_new_events_and_the_service_answers_from_them(tmp_path, mlflow_run):
     from features.feature_repo import feature_store
     from models.lifecycle.registry import Registry
     from orchestration.assets.summaries import summaries_path, user_summaries
@@ -324,6 +324,31 @@ def test_the_asset_backfills_a_summariser_version_then_folds_only_new_events(tmp
     at = pd.DataFrame({"user_id": [5], "event_timestamp": [pd.Timestamp.now(tz="UTC")]})
     hist = store.get_historical_features(at, ["user_summary:events_summarised"]).to_df()
     assert int(hist.events_summarised[0]) == int(table.set_index("user_id").events_summarised[5])
+
+    # the service, with the VISTA model promoted (its summaries are backfilled, so the tie lets it through)
+    import json
+
+    from experiments.store import Snapshot
+    from infra.services import EmbeddedServices
+    from models.lifecycle.promotion import promote
+    from serving.app import RecommendationRequest, Recommendations
+
+    promote(registry, reg.version, reason="summaries backfilled")
+    write_online(feature_store(settings, apply=False), "user_history", "user_id", [{  # a history, no summary
+        "user_id": 777, **history, "played_ratios": [-1.0] * len(history["item_ids"]),
+        "length": len(history["item_ids"]), "event_timestamp": datetime.now(timezone.utc)}], "event_timestamp")
+    with EmbeddedServices(settings, with_mlflow=False) as svc:
+        service = Recommendations(settings, svc.kafka_bootstrap, uri, static=Snapshot())
+        try:
+            service.load_models()
+            answers = service.serve_batch([RecommendationRequest(user_id=u) for u in (5, 777, 999)])
+        finally:
+            service.close()
+    docs = [json.loads(a.body) for a in answers]
+    assert [(d["source"], d.get("summary")) for d in docs] == [("model", CACHED), ("model", STALE),
+                                                               ("popularity", None)]
+    assert docs[0]["scores"] != docs[1]["scores"]  # the whole life against the 200 events the history holds
+    assert "summary" not in docs[2]  # no model answered it: the body of any non-VISTA answer
 
 
 def test_the_asset_writes_nothing_without_a_vista_model(tmp_path, mlflow_run):
