@@ -51,6 +51,16 @@ def bench_serve(data_dir: str | None, url: str | None, rate: float, duration_s: 
     click.echo(json.dumps(result))
 
 
+@bench.command("lifelong-cost", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_lifelong_cost(args: tuple[str, ...]) -> None:
+    """VISTA's cost bar: serving p50/p99 for users of 200, 10,000 and 100,000 events from cached summaries, bytes
+    per user, summarisation events/s (see `python -m bench.lifelong_cost -h`)."""
+    from bench.lifelong_cost import main as run
+
+    run(list(args))
+
+
 @bench.command("ingest", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_ingest(args: tuple[str, ...]) -> None:

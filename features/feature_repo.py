@@ -13,6 +13,17 @@ so the repo config is built from the one settings object; the objects below are 
   to a Parquet folder (``feast/user_stats/``), the view's batch source, so ``get_historical_features``
   returns point-in-time-correct values for training. A snapshot's timestamp is the latest event time it
   counts, so a training row never sees an event from its future.
+- ``user_summary`` holds a VISTA model's summary of each user's events older than its recent window
+  (``models.summaries``, issue #36): the summariser's *state*, not only the tokens it makes. The tokens are a
+  pure function of the state (``Summariser.summarise``), but only the state can be updated: the refresh
+  (Dagster ``user_summaries``) folds the events that left the recent window since the last refresh into it
+  without re-reading the past, and serving folds the few older events of the online history that the state
+  has not seen yet (those after ``summarised_until_*``), so the summary it scores with is exact whatever the
+  refresh's lag. One row per user, K x D fp16 plus a few numbers whatever the history length, tagged with
+  the summariser version that made it (a model reads only its own version's states). Its batch source is a
+  Parquet snapshot folder (``feast/user_summary/``) stamped with the newest summarised event's time, so
+  offline reads are point-in-time (a training row sees only states of events before it); snapshots of every
+  summariser version share the folder, and readers keep the version they need.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from feast.infra.online_stores.redis import RedisOnlineStoreConfig
 from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig
 from feast.infra.registry.sql import SqlRegistryConfig
 from feast.repo_config import RegistryConfig, RepoConfig
-from feast.types import Array, Float32, Int64, String
+from feast.types import Array, Bytes, Float32, Int64, String
 
 from features.offline_read import feast_source_dir
 from infra.settings import EncoreSettings
@@ -131,6 +142,38 @@ def item_stats_view(settings: EncoreSettings) -> FeatureView:
     )
 
 
+# ---------------------------------------------------------------------------- VISTA summaries (issue #36)
+
+def user_summary_dir(settings: EncoreSettings) -> Path:
+    return settings.feast_dir / "user_summary"
+
+
+def user_summary_push(settings: EncoreSettings) -> PushSource:
+    return _push_source("user_summary", user_summary_dir(settings),
+                        "one Parquet file of refreshed summary states per user_summaries materialisation")
+
+
+def user_summary_view(settings: EncoreSettings) -> FeatureView:
+    return FeatureView(
+        name="user_summary",
+        entities=[user],
+        ttl=timedelta(days=3650),
+        schema=[
+            # SummaryState.to_bytes(): P [K, D] fp16 + log Z [K] fp32 + last time, count int64 (2KD + 4K + 16 B)
+            Field(name="state", dtype=Bytes),
+            Field(name="summariser_version", dtype=String),  # Summariser.version() of the weights that made it
+            Field(name="events_summarised", dtype=Int64),
+            # the key (time, item, type) of the newest summarised event, in the online history's order
+            Field(name="summarised_until_ms", dtype=Int64),
+            Field(name="summarised_until_item", dtype=Int64),
+            Field(name="summarised_until_type", dtype=String),
+        ],
+        source=user_summary_push(settings),
+        online=True,
+        description="a VISTA summariser's state of each user's events before the recent window (models.summaries)",
+    )
+
+
 def repo_config(settings: EncoreSettings) -> RepoConfig:
     """Local: a file registry and a SQLite online store under ``data_dir/feast``. With ``feast.registry`` /
     ``feast.redis`` set (production): Feast's SQL registry (PostgreSQL) shared by every process, and its Redis
@@ -169,7 +212,8 @@ def feature_store(settings: EncoreSettings, *, apply: bool = True) -> FeatureSto
         store.apply(
             [user, item, interactions_source(settings), user_history_push(settings), item_stats_push(settings),
              user_stats_push(settings),
-             user_history_view(settings), item_stats_view(settings), user_stats_view(settings)]
+             user_history_view(settings), item_stats_view(settings), user_stats_view(settings),
+             user_summary_push(settings), user_summary_view(settings)]
         )
     return store
 
@@ -177,7 +221,7 @@ def feature_store(settings: EncoreSettings, *, apply: bool = True) -> FeatureSto
 # ---------------------------------------------------------------------------- the ingest hot path
 
 # Feast type → the ValueProto field that holds it.
-_PROTO_FIELDS = {Int64: "int64_val", String: "string_val", Float32: "float_val",
+_PROTO_FIELDS = {Int64: "int64_val", String: "string_val", Float32: "float_val", Bytes: "bytes_val",
                  Array(Int64): "int64_list_val", Array(String): "string_list_val", Array(Float32): "float_list_val"}
 
 

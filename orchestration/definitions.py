@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from orchestration.assets import experiments, ingest, maintenance, ranking, rollouts, studies, training
+from orchestration.assets import experiments, ingest, maintenance, ranking, rollouts, studies, summaries, training
 from orchestration.jobs import (
     ab_report_job,
     distributed_training_job,
@@ -15,6 +15,7 @@ from orchestration.jobs import (
     scaling_fit_job,
     scaling_plan_job,
     scaling_point_job,
+    summaries_job,
     table_maintenance_job,
     training_job,
 )
@@ -24,6 +25,7 @@ from orchestration.sensors import (
     nightly_retrain,
     retrain_on_new_events,
     rollout_sensor,
+    summaries_sensor,
     table_maintenance_schedule,
 )
 
@@ -38,12 +40,13 @@ defs = dg.Definitions(
         ranking.ranking_dataset, ranking.trained_ranker, ranking.ranker_evaluation, ranking.registered_ranker,
         ranking.champion_ranker,
         maintenance.compacted_interactions, maintenance.expired_snapshots, maintenance.removed_orphan_files,
+        summaries.user_summaries,
     ],
     asset_checks=[ingest.offline_schema, ingest.freshness, training.promotion_gate, ranking.ranker_gate],
     jobs=[ingest_job, training_job, scaling_plan_job, scaling_point_job, scaling_fit_job, ab_report_job, distributed_training_job, rollout_job,
-          ranking_job, table_maintenance_job],
+          ranking_job, table_maintenance_job, summaries_job],
     schedules=[nightly_retrain, table_maintenance_schedule],
-    sensors=[retrain_on_new_events, ingest_on_lag, rollout_sensor],
+    sensors=[retrain_on_new_events, ingest_on_lag, rollout_sensor, summaries_sensor],
     resources={
         "encore": EncoreResource(),
         "kafka": KafkaResource(),

@@ -14,6 +14,7 @@ from orchestration.assets.ranking import (
 )
 from orchestration.assets.rollouts import rollout_guard, rollout_step
 from orchestration.assets.studies import scaling_corpus, scaling_laws, scaling_point
+from orchestration.assets.summaries import user_summaries
 from orchestration.assets.training import (
     champion_model,
     distributed_trained_model,
@@ -74,4 +75,11 @@ table_maintenance_job = dg.define_asset_job(
     "table_maintenance_job", selection=[compacted_interactions, expired_snapshots, removed_orphan_files],
     description="Iceberg offline store upkeep: compact recent days (dropping duplicate event ids) → expire old "
                 "snapshots → delete orphan files",
+)
+
+
+summaries_job = dg.define_asset_job(
+    "summaries_job", selection=[user_summaries],  # partitioned as it is: one summariser version a run
+    description="refresh one summariser version's cached user summaries (partition: the version): a backfill "
+                "the first time, incremental afterwards (blocking check summary_states)",
 )

@@ -8,6 +8,11 @@
   keeps a partition of ``rollout_job`` and launches a run when the rollout's next action is not a hold. The
   run key names the state the action was computed on, so one state launches one run.
 
+- ``summaries_sensor`` reads the ``summariser_version`` tags of the champion and challenger versions (VISTA). A
+  version without a partition yet gets one (``summariser_versions``) and a run: the backfill the promotion gate
+  waits for. Every version gets a run again when ingest has stored a new batch (run key: version + the time of
+  the newest stored batch), each an incremental refresh.
+
 - ``table_maintenance_schedule`` runs ``table_maintenance_job`` hourly on the Iceberg offline store.
 
 All but the maintenance schedule start stopped: an operator turns them on in the UI. Maintenance starts running
@@ -22,8 +27,9 @@ import dagster as dg
 
 from orchestration.assets.ingest import topic_lag
 from orchestration.assets.rollouts import rollout_partitions
-from orchestration.jobs import rollout_job, table_maintenance_job, training_job
-from orchestration.resources import EncoreResource, KafkaResource
+from orchestration.assets.summaries import summariser_partitions
+from orchestration.jobs import rollout_job, summaries_job, table_maintenance_job, training_job
+from orchestration.resources import EncoreResource, KafkaResource, MLflowResource
 
 
 @dg.sensor(job_name="ingest_job", minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.STOPPED,
@@ -127,3 +133,42 @@ def rollout_sensor(context: dg.SensorEvaluationContext, encore: EncoreResource, 
             context.log.info(wait)
         return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=partitions)
     return dg.SensorResult(skip_reason=dg.SkipReason("; ".join(waits)), dynamic_partitions_requests=partitions)
+
+
+def served_summarisers(registry) -> list[str]:  # noqa: ANN001 - models.lifecycle.registry.Registry
+    """The summariser versions of the champion and the challenger (VISTA models only), sorted."""
+    versions = set()
+    for alias in (registry.names.champion_alias, registry.names.challenger_alias):
+        number = registry.alias_version(alias)
+        if number is not None and registry.tags(number).get("summariser_version"):
+            versions.add(registry.tags(number)["summariser_version"])
+    return sorted(versions)
+
+
+def offline_marker(settings) -> str:  # noqa: ANN001 - infra.settings.EncoreSettings
+    """Changes when ingest stores a new batch (either offline backend): the time of the newest stored batch."""
+    from features.offline_read import last_ingested_ms
+
+    newest = last_ingested_ms(settings)
+    return "empty" if newest is None else str(newest)
+
+
+@dg.sensor(job=summaries_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.STOPPED,
+           description="a partition and a backfill for every new summariser version of the champion or the "
+                       "challenger; an incremental refresh of each when the offline store has new events")
+def summaries_sensor(context: dg.SensorEvaluationContext, encore: EncoreResource, mlflow_server: MLflowResource):
+    from models.lifecycle.registry import Registry
+
+    settings = encore.settings()
+    try:
+        versions = served_summarisers(Registry(mlflow_server.resolve(settings), settings.registry))
+    except Exception as exc:  # noqa: BLE001 - a registry that is away is a reason to skip, not to crash
+        return dg.SkipReason(f"registry not readable: {exc}")
+    if not versions:
+        return dg.SkipReason("neither the champion nor the challenger is a vista model")
+    known = set(context.instance.get_dynamic_partitions(summariser_partitions.name))
+    new = [v for v in versions if v not in known]
+    marker = offline_marker(settings)
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=f"{v}:{marker}", partition_key=v) for v in versions],
+        dynamic_partitions_requests=[summariser_partitions.build_add_request(new)] if new else [])

@@ -29,6 +29,14 @@ The online store is the one step a micro-batch shares. Its reads have a deadline
 (``OnlineHistory``): answers come from popularity marked ``"degraded": true`` (exposures too), ``/readyz``
 answers 503, and a probe thread reconnects and leaves degraded mode once the store reads again, no restart.
 
+A VISTA model (one with a summariser, issue #36) reads each user's cached ``user_summary`` row beside the
+``user_history`` row, in the same deadline-bounded read of the same micro-batch (only for the users a VISTA
+model answers: other batches read exactly what they always did). The summary must be of the model's own
+summariser version; the events of the 200-event history that left the model's recent window after the summary
+was refreshed are folded into it (``models.summaries.serving_states``: exact, a few events), so the cost does
+not grow with the user's history. A missing or mismatched summary is never an error: the model summarises
+what the online history holds, and the answer says ``"summary": "stale"`` (``"cached"`` otherwise).
+
 Models come from the MLflow registry by alias or version (``alias:champion``, ``version:3``); a background
 thread watches the aliases and swaps a model in when its alias moves. The new model is loaded and warmed up
 before the swap, which is one reference assignment, so requests in flight finish on the old model and no
@@ -47,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import logging
 import queue
@@ -97,6 +106,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("encore.serving")
 
 _HISTORY_FIELDS = ("item_ids", "event_types", "timestamps_ms")
+_SUMMARY_FIELDS = ("state", "summariser_version", "events_summarised", "summarised_until_ms", "summarised_until_item",
+                   "summarised_until_type")
 
 
 def _empty_history() -> dict[str, list]:
@@ -169,6 +180,11 @@ class RecommendationResponse(BaseModel):
     source: str = Field(description="'model' or 'popularity' (cold start, baseline arm, or degraded)")
     degraded: bool = Field(description="true when the online store could not be read: the answer is popularity, "
                                        "without the user's history (nothing seen is excluded)")
+    summary: str | SkipJsonSchema[None] = Field(
+        default=None, description="VISTA models only (absent otherwise): 'cached' when the user's cached summary "
+                                  "was used, 'lagging' when it was used but may miss events older than the online "
+                                  "history, 'stale' when there was none of the model's summariser version and the "
+                                  "model summarised the online history instead")
 
 
 class RampIn(BaseModel):
@@ -385,6 +401,11 @@ class ModelPool:
         return holder.current if holder else None
 
 
+def _reads_summaries(loaded: LoadedModel | None) -> bool:
+    """Whether a loaded model is a VISTA model (it reads cached summaries)."""
+    return loaded is not None and getattr(loaded.recommender, "summariser_version", None) is not None
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
@@ -411,6 +432,10 @@ class HistoryReader:
         self._EntityKey, self._Value = EntityKey, Value
         self.store = feature_store(settings, apply=False)
         self.view = self.store.get_feature_view("user_history")
+        try:  # a registry applied before VISTA has no user_summary: every VISTA answer is then "stale"
+            self.summary_view = self.store.get_feature_view("user_summary")
+        except Exception:  # noqa: BLE001 - Feast raises its own not-found type per registry backend
+            self.summary_view = None
         self.provider = self.store.provider  # the public path (get_online_features) re-plans on every call
 
     def reconnected(self) -> "HistoryReader":
@@ -422,7 +447,9 @@ class HistoryReader:
         fresh.provider = get_provider(self.store.config)
         return fresh
 
-    def read(self, user_ids: list[int]) -> dict[int, dict[str, list]]:
+    def read(self, user_ids: list[int], summary_users: list[int] | None = None) -> dict[int, dict[str, list]]:
+        """The users' histories; each of ``summary_users`` (VISTA) also gets its cached ``user_summary`` row
+        under ``"summary"`` (None when it has none)."""
         keys = [self._EntityKey(join_keys=["user_id"], entity_values=[self._Value(int64_val=u)]) for u in user_ids]
         rows = self.provider.online_read(config=self.store.config, table=self.view, entity_keys=keys,
                                          requested_features=list(_HISTORY_FIELDS))
@@ -437,6 +464,24 @@ class HistoryReader:
                 "timestamps_ms": (list(values["timestamps_ms"].int64_list_val.val)
                                   if "timestamps_ms" in values else []),
             }
+        if summary_users:
+            for uid, summary in zip(summary_users, self.read_summaries(summary_users)):
+                out[uid] = {**out[uid], "summary": summary}
+        return out
+
+    def read_summaries(self, user_ids: list[int]) -> list[dict[str, Any] | None]:
+        """The users' cached ``user_summary`` rows (``_SUMMARY_FIELDS``), None for a user without one."""
+        if self.summary_view is None:
+            return [None] * len(user_ids)
+        keys = [self._EntityKey(join_keys=["user_id"], entity_values=[self._Value(int64_val=u)]) for u in user_ids]
+        rows = self.provider.online_read(config=self.store.config, table=self.summary_view, entity_keys=keys,
+                                         requested_features=list(_SUMMARY_FIELDS))
+        out: list[dict[str, Any] | None] = []
+        for _, values in rows:
+            if not values or any(f not in values for f in _SUMMARY_FIELDS):
+                out.append(None)
+                continue
+            out.append({f: getattr(values[f], values[f].WhichOneof("val")) for f in _SUMMARY_FIELDS})
         return out
 
     def read_slow(self, user_ids: list[int]) -> dict[int, dict[str, list]]:
@@ -476,13 +521,16 @@ class OnlineHistory:
     def degraded(self) -> bool:
         return self.error is not None
 
-    def read(self, user_ids: list[int]) -> dict[int, dict[str, list]] | None:
-        """The users' histories, or None when the store cannot be read within the deadline (degraded)."""
+    def read(self, user_ids: list[int], summary_users: list[int] | None = None) -> dict[int, dict[str, list]] | None:
+        """The users' histories (with the cached summaries of ``summary_users``, for VISTA models: the same
+        read, the same deadline), or None when the store cannot be read within the deadline (degraded)."""
         with self._lock:
             pool, reader = self._pool, self._reader
         if self.error is not None or pool is None or reader is None:
             return None
         try:
+            if summary_users:
+                return pool.submit(reader.read, user_ids, summary_users).result(timeout=self.timeout_s)
             return pool.submit(reader.read, user_ids).result(timeout=self.timeout_s)
         except FutureTimeout:
             self._degrade(f"a read of {len(user_ids)} users ran past the {self.timeout_s:g} s deadline", pool)
@@ -563,6 +611,7 @@ class _Scored:
     ranker_version: int | None = None
     ranker_scores: list[float] | None = None
     source: str = "model"
+    summary: str | None = None  # VISTA: how its summary was obtained (models.summaries: cached, lagging, stale)
 
 
 @dataclass(slots=True)
@@ -824,7 +873,8 @@ class Recommendations:
                 failed[i] = exc
                 assignments.append(())
         users = sorted({r.user_id for r in reqs})
-        histories = self.history.read(users)
+        vista = self._summary_users(reqs, assignments, failed)
+        histories = self.history.read(users, vista) if vista else self.history.read(users)
         degraded = histories is None
         if histories is None:  # no history to score or exclude: popularity for all, marked degraded
             histories = {u: _empty_history() for u in users}
@@ -853,6 +903,9 @@ class Recommendations:
                 hs = [histories[reqs[i].user_id] for i in part]
                 k = max(reqs[i].k for i in part)
                 depth = max(k, self.settings.serve.retrieval_k) if ranker is not None else k
+                if _reads_summaries(loaded):
+                    return self._forward_vista(loaded, ranker, hs, [reqs[i].k for i in part], depth, exclude_seen,
+                                               now_ms)
                 recs, states = loaded.recommender.retrieve(hs, k=depth, exclude_seen=exclude_seen, now_ms=now_ms)
                 if ranker is None:
                     return [_Scored(items[: reqs[i].k], loaded.version) for i, items in zip(part, recs)]
@@ -884,6 +937,31 @@ class Recommendations:
                 log.exception("answer to user %d failed", r.user_id)
                 out.append(exc)
         return out
+
+    def _summary_users(self, reqs: list[RecommendationRequest], assignments: list[tuple],
+                       failed: dict[int, Exception]) -> list[int]:
+        """The users a VISTA model will answer (their cached summaries are read with their histories)."""
+        users: set[int] = set()
+        for i, (r, a) in enumerate(zip(reqs, assignments)):
+            target = a[0].target if a else self.models.default_target
+            if i not in failed and target != POPULARITY and _reads_summaries(self.models.get(target)):
+                users.add(r.user_id)
+        return sorted(users)
+
+    def _forward_vista(self, loaded: LoadedModel, ranker: LoadedModel | None, hs: list[dict[str, Any]],
+                       ks: list[int], depth: int, exclude_seen: bool, now_ms: int) -> list[_Scored]:
+        """A VISTA model's pass: each user's cached summary (plus the older events it has not seen), or, for a
+        user without a usable one, a summary of the online history, marked stale."""
+        from models.summaries import serving_states
+
+        rec = loaded.recommender
+        states, marks = serving_states(rec, hs, history_length=self.settings.ingest.history_length)
+        recs, users = rec.retrieve(hs, k=depth, exclude_seen=exclude_seen, now_ms=now_ms, summaries=states)
+        if ranker is None:
+            scored = [_Scored(items[:k], loaded.version) for items, k in zip(recs, ks)]
+        else:
+            scored = self._rerank(ranker, loaded, hs, recs, users, ks, now_ms)
+        return [dataclasses.replace(s, summary=m) for s, m in zip(scored, marks)]
 
     def _rerank(self, ranker: LoadedModel, retriever: LoadedModel, histories: list[dict[str, list]],
                 recs: list[list[tuple[int, float]]], states: list, ks: list[int], now_ms: int) -> list[_Scored]:
@@ -934,6 +1012,8 @@ class Recommendations:
             "model_version": version, "ranker_version": result.ranker_version, "source": source,
             "degraded": degraded,
         }
+        if result.summary is not None:  # VISTA answers only: every other body stays as it was
+            doc["summary"] = result.summary
         body = json.dumps(doc, separators=(",", ":")).encode()
         # the exposure carries the serving time; analysis attributes later interactions to it
         exposure = {k: v for k, v in doc.items() if k != "scores"}

@@ -9,6 +9,7 @@ data and the ``PromotionSettings`` into a pass/fail with one human-readable reas
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -190,3 +191,31 @@ def decide_ranker(report: dict[str, Any], *, margin: float = 0.0, champion_versi
     return GateDecision(passed=not reasons, metric=f"test_{report.get('task', '')}_auc", challenger_value=value,
                         champion_version=champion_version, champion_value=champion_value,
                         popularity_value=None if pop is None else float(pop), checks=checks, reasons=reasons)
+
+
+def summaries_check(tags: dict[str, str], backfills: dict[str, dict]) -> tuple[bool, str] | None:
+    """The VISTA tie (issue #36): a version whose model summarises older events (tag ``model`` = vista, or a
+    ``summariser_version`` tag) is served from cached summaries of its own summariser, so it may be promoted
+    only once those are backfilled. ``tags``: the version's tags; ``backfills``: summariser version -> record
+    (``Registry.summary_backfills``). None for a model that reads no summaries; else (passed, why)."""
+    version = tags.get("summariser_version")
+    if version is None and tags.get("model") != "vista":
+        return None
+    if not version:
+        return False, "a vista model without a summariser_version tag: not tied to any cached summaries"
+    if version in backfills:
+        return True, f"summaries of summariser {version} backfilled"
+    if backfills:
+        return False, (f"summariser version mismatch: cached summaries exist for {sorted(backfills)} but not for "
+                       f"this model's summariser {version}: materialise user_summaries partition {version} first")
+    return False, f"no cached summaries of summariser {version}: materialise user_summaries partition {version} first"
+
+
+def with_summaries(decision: GateDecision, check: tuple[bool, str] | None) -> GateDecision:
+    """``decision`` with the ``summaries_check`` result added (unchanged for a model that reads no summaries)."""
+    if check is None:
+        return decision
+    ok, why = check
+    checks = {**decision.checks, "summaries_backfilled": ok}
+    reasons = decision.reasons + ([] if ok else [why])
+    return dataclasses.replace(decision, passed=decision.passed and ok, checks=checks, reasons=reasons)

@@ -6,6 +6,10 @@ recorded verdict: in ``auto`` mode the challenger becomes champion, in ``manual`
 awaiting approval until a person runs ``encore models promote``. :func:`promote` and :func:`rollback` move
 the champion alias by hand (or for the pipeline), each move an audit entry.
 
+A VISTA version is also held to its summaries (``gate.summaries_check``): the gate and :func:`promote` refuse
+one whose summariser version has no completed ``user_summaries`` backfill, or whose backfill is of another
+summariser version, since serving would answer it from summaries it was not trained with (or none).
+
 The Dagster assets ``promotion_gate`` and ``champion_model`` are thin wrappers around these.
 """
 
@@ -18,7 +22,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from models.lifecycle.gate import GateDecision, decide, decide_ranker, evaluate_recommender
+from models.lifecycle.gate import (GateDecision, decide, decide_ranker, evaluate_recommender, summaries_check,
+                                   with_summaries)
 from models.lifecycle.registry import AWAITING_APPROVAL, GATE_CHECKS, GATE_PASSED, GATE_REASON, Registry
 
 _log = logging.getLogger("encore.promotion")
@@ -26,6 +31,10 @@ _log = logging.getLogger("encore.promotion")
 
 class GateNotPassed(RuntimeError):
     """A version without a passing verdict of the promotion gate."""
+
+
+class SummariesNotReady(GateNotPassed):
+    """A VISTA version whose summariser's cached summaries are not backfilled (or are of another version)."""
 
 
 def judge(registry: Registry, version: int, report: dict[str, Any], dataset: str | Path, promotion: Any, *,
@@ -43,6 +52,7 @@ def judge(registry: Registry, version: int, report: dict[str, Any], dataset: str
     champion, champion_value = _rescored_champion(registry, version, rescore,
                                                   f"{promotion.split}_{promotion.metric}", log)
     decision = decide(report, promotion, champion_version=champion, champion_value=champion_value)
+    decision = with_summaries(decision, summaries_check(registry.tags(version), registry.summary_backfills()))
     return _record_verdict(registry, version, decision, "promotion gate", log)
 
 
@@ -101,9 +111,12 @@ def conclude(registry: Registry, version: int, mode: str) -> dict[str, Any]:
 
 def promote(registry: Registry, version: int, *, reason: str, actor: str | None = None) -> dict:
     """Make ``version`` the champion (the gate's auto mode, or a person in manual mode). Raises NotRegistered
-    for a version that does not exist."""
+    for a version that does not exist, SummariesNotReady for a VISTA version without its summaries."""
     champion_alias = registry.names.champion_alias
-    registry.tags(version)  # raises when the version does not exist
+    tags = registry.tags(version)  # raises when the version does not exist
+    tie = summaries_check(tags, registry.summary_backfills())
+    if tie is not None and not tie[0]:  # checked here too: a person's promotion skips the gate
+        raise SummariesNotReady(f"version {version} cannot be champion: {tie[1]}")
     current = registry.champion_version()
     if current == int(version):
         return {"alias": champion_alias, "from": current, "to": current, "action": "noop",

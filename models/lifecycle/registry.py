@@ -9,7 +9,13 @@ Conventions (the names come from the settings' ``registry`` group, ``infra.setti
   audit entry, stored as a tag on the version *and* on the registered model (``audit.<unix_ms>.<alias>``) so
   ``encore models rollback`` can replay the champion history from the registry alone;
 - the promotion gate's verdict is a set of version tags (:data:`GATE_PASSED` ...), written by
-  ``models.lifecycle.promotion`` and read here by :meth:`Registry.versions`.
+  ``models.lifecycle.promotion`` and read here by :meth:`Registry.versions`;
+- a VISTA version is tied to its summariser: :data:`SUMMARISER_VERSION` on the version (set by
+  :meth:`Registry.register` from the model's metadata), and a completed backfill of that summariser's cached
+  states is a tag on the registered model, ``summaries.<summariser version>`` (JSON: users, events, until,
+  when), written by the ``user_summaries`` asset (:meth:`Registry.record_summaries`) once its states are
+  stored. The gate reads both (``gate.summaries_check``). A registry tag rather than a file: the gate already
+  talks to the registry, and every process that can promote sees the same one.
 
 The tag names below are what existing registries hold: renaming one would hide their history.
 """
@@ -44,6 +50,8 @@ GATE_CHECKS = "gate.checks"  # JSON {check: passed}
 AWAITING_APPROVAL = "awaiting_approval"  # manual mode: passed the gate, waits for a person
 AUDIT_PREFIX = "audit."
 METRIC_PREFIX = "metric."
+SUMMARISER_VERSION = "summariser_version"  # a VISTA version: its summariser's Summariser.version()
+SUMMARIES_PREFIX = "summaries."  # registered-model tag per summariser version with a completed backfill
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 PIP_REQUIREMENTS = ["torch==2.13.0", "torchrec==1.8.0", "fbgemm-gpu-cpu==1.8.0", "mlflow", "pandas", "numpy"]
@@ -116,7 +124,9 @@ class Registry:
                 pip_requirements=PIP_REQUIREMENTS,
             )
             version = int(info.registered_model_version)
-        self.set_tags(version, {**tags, "run_id": run_id, "git_revision": git_revision(),
+        summariser = getattr(recommender, "summariser_version", None)  # VISTA: the summaries it must be served with
+        tie = {SUMMARISER_VERSION: summariser} if summariser else {}
+        self.set_tags(version, {**tags, **tie, "run_id": run_id, "git_revision": git_revision(),
                                 **{f"{METRIC_PREFIX}{k}": f"{v:.6f}" for k, v in numeric_metrics(metrics).items()}})
         self.set_alias(self.names.challenger_alias, version, reason=f"registered from run {run_id}",
                        actor="pipeline")
@@ -221,6 +231,21 @@ class Registry:
         self.client.set_registered_model_tag(self.name, key, value)
         log.info("alias %s of %s: %s -> %s (%s)", alias, self.name, previous, version, reason)
         return entry
+
+    def record_summaries(self, summariser_version: str, info: dict[str, Any]) -> None:
+        """Mark the cached summaries of ``summariser_version`` as backfilled (what the promotion gate requires of a
+        VISTA version with that summariser); ``info``: a few numbers about them (users, events, until)."""
+        self.client.set_registered_model_tag(self.name, f"{SUMMARIES_PREFIX}{summariser_version}",
+                                             json.dumps({**info, "at_ms": int(time.time() * 1000)})[:4900])
+
+    def summary_backfills(self) -> dict[str, dict]:
+        """Summariser version -> its backfill record, for every version with a completed backfill."""
+        try:
+            tags = self.client.get_registered_model(self.name).tags
+        except MlflowException:
+            return {}
+        return {k.removeprefix(SUMMARIES_PREFIX): json.loads(v) for k, v in tags.items()
+                if k.startswith(SUMMARIES_PREFIX)}
 
     def audit_log(self) -> list[dict]:
         """Every alias move of the registered model, oldest first."""

@@ -8,6 +8,8 @@
     experiments  exposures_topic (Kafka) + ingested_interactions └─ ab_report
     rollouts     experiment_store + exposures_topic + ingested_interactions └─ rollout_guard ─ rollout_step
                  (partitioned by experiment; blocking checks srm, guardrails on rollout_guard)
+    summaries    ingested_interactions └─ user_summaries (a VISTA summariser's cached states, a partition per
+                 summariser version; blocking check summary_states)
 
 Each asset is a thin wrapper: the business logic is in plain functions of ``features``, ``models`` and
 ``experiments`` that the assets call.
