@@ -178,7 +178,7 @@ def run_argus_seed(args, seed: int, examples, train, test, tasks) -> dict[str, A
     timing: dict[str, float] = {}
     began = time.perf_counter()
     cutoff_ms = int(test.examples["t_ms"].min())
-    pre = pretrain(examples, cutoff_ms, args.config, seed, args.pretrain_epochs)
+    pre = pretrain(examples, cutoff_ms, args.pretrain_recipe, seed, args.pretrain_epochs)
     timing["pretrain"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -194,7 +194,7 @@ def run_argus_seed(args, seed: int, examples, train, test, tasks) -> dict[str, A
         scores[PRETRAINED][task] = _filled(p_pre if task != "dislike" else 1 - p_pre, fill)
         ranker = fine_tune_ranker(pre, train, task=task, epochs=args.ft_epochs, lr=args.ft_lr, batch_size=args.ft_batch_size,
                                   seed=seed, encoder_lr=args.ft_encoder_lr, valid_share=args.ft_valid_share,
-                                  states=None if args.ft_encoder_lr > 0 else train_states)
+                                  states=None if args.ft_encoder_lr > 0 else train_states, side=args.recipe.side_config())
         states = test_states if pre.same_encoder(ranker) else None
         scores[FINE_TUNED][task] = _filled(score_examples(ranker, test, states), fill)
         rankers[task] = ranker

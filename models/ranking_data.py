@@ -69,6 +69,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from features.attributes import ATTRIBUTE_FEATURES
 from features.datasets import rating_feedback
 from features.events import POSITIVE_TYPES
 
@@ -284,6 +285,28 @@ def _history_cut(events: pd.DataFrame, requests: pd.DataFrame) -> np.ndarray:
     own_first = first.reindex(key).to_numpy(np.float64)
     t = requests["t_ms"].to_numpy(np.int64)
     return np.where(np.isnan(own_first), t, np.minimum(t, np.nan_to_num(own_first))).astype(np.int64)
+
+
+def with_attributes(examples: RankingExamples, attributes: pd.DataFrame) -> RankingExamples:
+    """The examples with user and item attribute columns (``features.attributes.ATTRIBUTE_FEATURES``) added:
+    ``attributes`` is one row per example, in order, as of the example's ``t_ms``, as
+    ``features.attributes.historical_attributes`` (platform data, through Feast) or ``attributes_as_of`` (a
+    dataset's files) return it. Attributes are read as of t like every other input, so a ranker never sees a
+    value that was set after the request."""
+    if len(attributes) != len(examples):
+        raise ValueError(f"{len(attributes)} attribute rows for {len(examples)} examples")
+    missing = [c for c in ATTRIBUTE_FEATURES if c not in attributes]
+    if missing:
+        raise ValueError(f"attributes are missing columns {missing}")
+    frame = examples.examples.drop(columns=[c for c in ATTRIBUTE_FEATURES if c in examples.examples])
+    for name in ATTRIBUTE_FEATURES:
+        frame[name] = attributes[name].to_list()
+    return replace(examples, examples=frame)
+
+
+def attribute_entities(examples: RankingExamples) -> pd.DataFrame:
+    """``user_id, item_id, t_ms`` of every example: the entity rows whose attributes it reads."""
+    return examples.examples[["user_id", "item_id", "t_ms"]].reset_index(drop=True)
 
 
 def task_labels(examples: RankingExamples, tasks: Sequence[str]) -> np.ndarray:
