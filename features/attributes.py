@@ -47,6 +47,11 @@ def _stamped(frame: pd.DataFrame, timestamp_ms: int) -> pd.DataFrame:
     return out
 
 
+def attributes_written(settings: EncoreSettings) -> bool:
+    """Whether any attribute row was written to the views (reading them through Feast needs their files)."""
+    return any((settings.feast_dir / f"{view}.parquet").exists() for view in ("user_attributes", "item_attributes"))
+
+
 def write_attributes(store: FeatureStore, settings: EncoreSettings, *, users: pd.DataFrame | None = None,
                      items: pd.DataFrame | None = None, timestamp_ms: int = STATIC_SINCE_MS) -> None:
     """Append attribute rows (valid from ``timestamp_ms``, or their own ``event_timestamp``) to the views'
@@ -76,23 +81,24 @@ def historical_attributes(store: FeatureStore, settings: EncoreSettings, entity:
     ``get_historical_features``; views nothing was written to read as unknown."""
     from features.feature_repo import item_attributes_view, user_attributes_view
 
-    features = [f"{view.name}:{name}"
-                for view, names in ((user_attributes_view(settings), USER_FEATURES),
-                                    (item_attributes_view(settings), ITEM_FEATURES))
-                if _batch_path(view).exists() for name in names]
     out = _unknown(entity)
-    if not features or entity.empty:
+    if entity.empty:
         return out
-    rows = pd.DataFrame({"user_id": entity["user_id"].to_numpy(np.int64), "item_id": entity["item_id"].to_numpy(np.int64),
-                         "event_timestamp": pd.to_datetime(entity["t_ms"].to_numpy(np.int64), unit="ms", utc=True),
-                         "_row": np.arange(len(entity))})
-    got = store.get_historical_features(entity_df=rows, features=features).to_df()
-    # Feast's file (dask) store drops an entity row when every row of a view's entity is later than it,
-    # instead of returning nulls: put the rows back in order, and the dropped ones as unknown.
-    got = got.drop_duplicates("_row").set_index("_row").reindex(np.arange(len(entity)))
-    for name in ATTRIBUTE_FEATURES:
-        if name in got:
-            out[name] = _clean(name, got[name].to_list())
+    t = entity["t_ms"].to_numpy(np.int64)
+    for view, key, names in ((user_attributes_view(settings), "user_id", USER_FEATURES),
+                             (item_attributes_view(settings), "item_id", ITEM_FEATURES)):
+        if not _batch_path(view).exists():
+            continue  # nothing written to this view: unknown
+        # One call per view, over the distinct (entity, t): Feast's file (dask) store answers one row per entity
+        # key and time, and drops an entity row when every row of its entity is later than it instead of
+        # returning nulls (which, with both views in one call, would also lose the other view's values).
+        pairs, inverse = np.unique(np.stack([entity[key].to_numpy(np.int64), t], axis=1), axis=0, return_inverse=True)
+        rows = pd.DataFrame({key: pairs[:, 0], "event_timestamp": pd.to_datetime(pairs[:, 1], unit="ms", utc=True),
+                             "_pair": np.arange(len(pairs))})
+        got = store.get_historical_features(entity_df=rows, features=[f"{view.name}:{n}" for n in names]).to_df()
+        got = got.drop_duplicates("_pair").set_index("_pair").reindex(np.arange(len(pairs)))  # dropped: unknown
+        for name in names:
+            out[name] = _clean(name, got[name].to_numpy(object)[inverse.reshape(-1)].tolist())
     return out
 
 

@@ -300,7 +300,9 @@ def with_attributes(examples: RankingExamples, attributes: pd.DataFrame) -> Rank
         raise ValueError(f"attributes are missing columns {missing}")
     frame = examples.examples.drop(columns=[c for c in ATTRIBUTE_FEATURES if c in examples.examples])
     for name in ATTRIBUTE_FEATURES:
-        frame[name] = attributes[name].to_list()
+        values = attributes[name].to_list()
+        # list columns come back from Parquet as arrays: one type, a list, whichever road they took
+        frame[name] = [list(v) for v in values] if name == "genres" else values
     return replace(examples, examples=frame)
 
 

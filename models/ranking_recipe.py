@@ -116,6 +116,18 @@ class RankingRecipe:
         return str(RANKING_DIR / self.pretrain) if Path(self.pretrain).suffix else self.pretrain
 
 
+def platform_fine_tune(ranking: Any) -> dict[str, Any]:
+    """What the platform's ranker (``ranking_job``) takes from ``ranking.recipe`` (``infra.settings.
+    RankingSettings``): its task and fine-tuning values, under the settings' names; {} without a recipe (the
+    settings' own values, which are the base's). The recipe's side features are not taken: a ranker with them
+    is not served yet (``models.argus_ranker.SideRecommender``)."""
+    if not ranking.recipe:
+        return {}
+    recipe = resolve_ranking_recipe(ranking.recipe)
+    return {"task": recipe.task, "epochs": recipe.ft_epochs, "lr": recipe.ft_lr, "encoder_lr": recipe.ft_encoder_lr,
+            "batch_size": recipe.ft_batch_size}
+
+
 def ranking_recipe_path(name: str) -> Path:
     return RANKING_DIR / f"{name}.yaml"
 
