@@ -47,7 +47,17 @@ reranked minus retrieval HR@10 and NDCG@10, each with its 95% interval over seed
 last line also carries, for the first ``--model``, ``auc``, ``gauc`` and ``logloss`` per task (means over
 seeds), and, with ARGUS, ``hr@10`` and ``ndcg@10`` of the reranked top list; ``wall_s`` is the whole run.
 
+Recipes and features: ``--config NAME`` names a ranking recipe (``models/configs/ranking/NAME.yaml``,
+``models.ranking_recipe``) whose values fill every flag not given (without one: the ranking base, which is the
+flags' values before recipes). ``--attributes`` adds the user and item attributes as of each example's t
+(``features.attributes.attributes_as_of`` over the dataset's ``u.user``/``u.item`` or ``users.dat``/``movies.dat``,
+or the simulator's genres and albums): two more units for Wukong and DLRM, and, for ARGUS, values summed into
+the candidate's token; ``--context`` (ARGUS) adds the request's surface, hour and weekday there too. The JSON
+carries the resolved ``recipe``.
+
     python -m bench.ranking --seeds 0,1,2
+    python -m bench.ranking --dataset ml-100k --data-dir ../shared/data/ml-100k --config wukong --attributes
+    python -m bench.ranking --dataset ml-1m --data-dir DIR --config argus-ml1m --seeds 0,1,2,3,4
     python -m bench.ranking --dataset ml-100k --data-dir ../shared/data/ml-100k --seeds 0,1,2
     python -m bench.ranking --dataset ml-100k --data-dir ../shared/data/ml-100k --model argus --config argus-ml100k \
         --seeds 0,1,2,3,4
@@ -281,6 +291,7 @@ def attach_attributes(examples, args: argparse.Namespace, world=None):  # noqa: 
         items = load_item_attributes(args.dataset, args.data_dir)
         if users is None and items is None:
             raise SystemExit(f"--attributes: no user or item file of {args.dataset} in {args.data_dir}")
+    args.attribute_frames = (users, items)  # the ARGUS cascade reads its candidates' attributes from them
     return with_attributes(examples, attributes_as_of(attribute_entities(examples), users, items))
 
 

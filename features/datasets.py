@@ -58,6 +58,11 @@ Catalogue: ``load_catalogue`` returns the ids of every item the dataset's item f
 ``movies.dat``, ``movies.csv``), so that items nobody rated are candidates too, as in the published
 protocol. Without an item file the catalogue is the items that occur in the events.
 
+Attributes (the rankers' side features): ``load_user_attributes`` reads ``u.user`` (ml-100k) or ``users.dat``
+(ml-1m) into gender, age group and occupation; ``load_item_attributes`` reads ``u.item`` or ``movies.dat`` into
+genres; ``simulator_item_attributes`` gives the simulator's genre and album. One layout for all
+(``USER_ATTRIBUTE_COLUMNS``, ``ITEM_ATTRIBUTE_COLUMNS``): what ``features.feature_repo``'s attribute views hold.
+
 Errors: a missing file raises ``FileNotFoundError`` naming the files looked for, where, and where to get
 them; a malformed line raises ``ValueError`` naming the file and the line number (for parquet, the row).
 """

@@ -306,6 +306,18 @@ def with_attributes(examples: RankingExamples, attributes: pd.DataFrame) -> Rank
     return replace(examples, examples=frame)
 
 
+def candidate_examples(base: RankingExamples, user_id: np.ndarray, item_id: np.ndarray, t_ms: np.ndarray,
+                       source: str = RATED) -> RankingExamples:
+    """Unlabelled examples of given (user, candidate, time) rows over ``base``'s events: each history is the
+    user's events strictly before t, as for every other example. For scoring lists that no log holds (a
+    cascade reranking retrieval's top-k at a cutoff)."""
+    users, t = np.asarray(user_id, np.int64), np.asarray(t_ms, np.int64)
+    start, end = _history_bounds(base.events, users, t)
+    examples = pd.DataFrame({"user_id": users, "item_id": np.asarray(item_id, np.int64), "request_id": None, "t_ms": t,
+                             "rank": NO_RANK, "source": source, "hist_start": start, "hist_end": end})
+    return RankingExamples(examples=examples, events=base.events, labels=())
+
+
 def attribute_entities(examples: RankingExamples) -> pd.DataFrame:
     """``user_id, item_id, t_ms`` of every example: the entity rows whose attributes it reads."""
     return examples.examples[["user_id", "item_id", "t_ms"]].reset_index(drop=True)
