@@ -310,11 +310,16 @@ class SideEmbedding(nn.Module):
         self.cfg = cfg
         self.table = nn.EmbeddingBag(cfg.buckets, dim, mode="sum")
         nn.init.zeros_(self.table.weight)
+        # e_j is a unit vector (components ~ 1/sqrt(D)) and the head multiplies its inputs by sqrt(D) (u * e by
+        # D): a row moving at the head's learning rate would swamp the item within a few steps (measured: the
+        # validation epoch count fell from 20 to 3 and test AUC by 0.015). Scaled, a step moves e'_j as much
+        # as a step of size lr / sqrt(D) would.
+        self.scale = dim**-0.5
 
     def forward(self, bags: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> torch.Tensor:
         values, lengths = rows_of_bags(*bags, rows)
         offsets = np.r_[0, np.cumsum(lengths)[:-1]]
-        return self.table(torch.from_numpy(values), torch.from_numpy(offsets.astype(np.int64)))  # [B, D]
+        return self.scale * self.table(torch.from_numpy(values), torch.from_numpy(offsets.astype(np.int64)))  # [B, D]
 
 
 class SideRecommender(Recommender):
