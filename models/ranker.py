@@ -102,7 +102,7 @@ class RankingFeatures:
     history: np.ndarray  # [N, L] int64, the most recent L items before t, oldest first, left-padded
     history_mask: np.ndarray  # [N, L] bool
     dense: np.ndarray  # [N, len(DENSE_FEATURES)] float32
-    # key -> (values, lengths): the hashed attribute bags of each example (``attribute_bags``); empty: off
+    # key -> (values, lengths): the hashed attribute bags of each example (``attribute_bags``); None: off
     attributes: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
     def __len__(self) -> int:
