@@ -311,9 +311,9 @@ class SideEmbedding(nn.Module):
         self.table = nn.EmbeddingBag(cfg.buckets, dim, mode="sum")
         nn.init.zeros_(self.table.weight)
         # e_j is a unit vector (components ~ 1/sqrt(D)) and the head multiplies its inputs by sqrt(D) (u * e by
-        # D): a row moving at the head's learning rate would swamp the item within a few steps (measured: the
-        # validation epoch count fell from 20 to 3 and test AUC by 0.015). Scaled, a step moves e'_j as much
-        # as a step of size lr / sqrt(D) would.
+        # D): a row moving at the head's learning rate would swamp the item within a few steps (measured on
+        # ML-100K without the scale: every side configuration lost 0.013 test AUC, 3 seeds, and validation
+        # stopped the tuning after as few as 2 epochs). Scaled, a step moves e'_j as a step of lr / sqrt(D) would.
         self.scale = dim**-0.5
 
     def forward(self, bags: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> torch.Tensor:
