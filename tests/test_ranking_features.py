@@ -307,3 +307,21 @@ def test_the_ranking_assets_read_the_attributes_through_feast_point_in_time(tmp_
     # the user's row holds for both requests; the items' rows came after the first request only
     assert train.examples["occupation"].tolist() == ["writer", "writer"]
     assert train.examples["genres"].tolist() == [[], []] and test.examples["genres"].tolist() == [["Jazz"], ["Rock"]]
+
+
+def test_the_ml1m_recipes_run_by_the_same_code_path_on_synthetic_grouplens_files(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    rng = np.random.default_rng(0)
+    ratings = [f"{u}::{i}::{int(rng.integers(1, 6))}::{978_000_000 + u * 50_000 + k * 3_600}"
+               for u in range(1, 31) for k, i in enumerate(rng.choice(np.arange(1, 41), size=15, replace=False))]
+    (tmp_path / "ratings.dat").write_text("\n".join(ratings) + "\n")
+    (tmp_path / "users.dat").write_text("\n".join(f"{u}::{'MF'[u % 2]}::{(1, 18, 25, 35)[u % 4]}::{u % 21}::12345"
+                                                  for u in range(1, 31)) + "\n")
+    (tmp_path / "movies.dat").write_bytes("\n".join(f"{i}::Film {i} (1999)::{'Comedy|Drama' if i % 2 else 'War'}"
+                                                    for i in range(1, 41)).encode("latin-1") + b"\n")
+    for argv in (["--config", "wukong-ml1m", "--epochs", "1"],
+                 ["--config", "argus-ml1m", "--pretrain-epochs", "1", "--ft-epochs", "2", "--bootstrap", "20",
+                  "--retrieve", "10"]):
+        bench_main(["--dataset", "ml-1m", "--data-dir", str(tmp_path), "--seeds", "0", *argv])
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert out["recipe"]["attributes"] and 0 <= out["auc"]["like"] <= 1
+    assert out["settings"]["pretrain_recipe"].endswith("pretrain-argus-ml1m.yaml") and out["settings"]["context"]
