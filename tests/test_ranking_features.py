@@ -23,7 +23,7 @@ from models.argus_ranker import SideConfig, SideRecommender, context_frame, fine
 from models.data import ItemVocab
 from models.ranker import RankerConfig, auc, example_attribute_bags, train_ranker
 from models.ranking_data import attribute_entities, ratings_examples, with_attributes
-from models.ranking_recipe import RankingRecipe, ranking_recipe_names, resolve_ranking_recipe
+from models.ranking_recipe import RankingRecipe, platform_fine_tune, ranking_recipe_names, resolve_ranking_recipe
 from models.recipe import resolve_recipe
 from models.recommender import ModelConfig, Recommender, build_model
 
@@ -239,7 +239,10 @@ def test_the_ranking_recipes_load_and_their_base_is_todays_behaviour() -> None:
     r = RankingSettings()
     assert (r.task, r.epochs, r.lr, r.encoder_lr, r.batch_size) == (base.task, base.ft_epochs, base.ft_lr,
                                                                     base.ft_encoder_lr, base.ft_batch_size)
-    assert r.recipe is None
+    assert r.recipe is None and platform_fine_tune(r) == {}
+    # a recipe named in the settings sets the platform ranker's task and fine-tuning values
+    named = platform_fine_tune(RankingSettings(recipe="argus"))
+    assert named == {"task": "engaged", "epochs": 20, "lr": 1e-3, "encoder_lr": 0.0, "batch_size": 512}
     # context on for the ARGUS recipe only; the ML-1M recipes read users.dat / movies.dat
     assert [n for n, rc in recipes.items() if rc.context] == ["argus", "argus-ml1m"]
     assert all(recipes[n].attributes for n in ("argus-ml1m", "wukong-ml1m", "dlrm-ml1m"))
