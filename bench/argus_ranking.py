@@ -139,7 +139,28 @@ def _filled(p: np.ndarray, fill: float) -> np.ndarray:
     return np.where(np.isnan(p), fill, p).astype(np.float64)
 
 
-def cascade_gains(pre, ranker, examples, test, cutoff_ms: int, retrieve: int) -> dict[str, Any]:  # noqa: ANN001
+def _candidate_scores(ranker, examples, users: list[int], histories: list[dict], candidates: list[list[int]],  # noqa: ANN001
+                      cutoff_ms: int, attribute_frames=None) -> list:  # noqa: ANN001
+    """p(like) of each user's candidates at the cutoff: through ``score_candidates``, as serving does; a ranker
+    with side features scores them as examples instead (their context and attributes read as for the test
+    examples: surface ``organic``, the cutoff's hour and weekday, attributes as of the cutoff)."""
+    from models.argus_ranker import SideRecommender, score_examples
+
+    if not isinstance(ranker, SideRecommender):
+        return ranker.score_candidates(histories, candidates, now_ms=cutoff_ms)
+    from features.attributes import attributes_as_of
+    from models.ranking_data import attribute_entities, candidate_examples, with_attributes
+
+    lengths = [len(c) for c in candidates]
+    rows = candidate_examples(examples, np.repeat(users, lengths), np.concatenate(candidates),
+                              np.full(sum(lengths), cutoff_ms))
+    if ranker.side.cfg.attributes:
+        rows = with_attributes(rows, attributes_as_of(attribute_entities(rows), *attribute_frames))
+    return np.split(score_examples(ranker, rows), np.cumsum(lengths)[:-1])
+
+
+def cascade_gains(pre, ranker, examples, test, cutoff_ms: int, retrieve: int,  # noqa: ANN001
+                  attribute_frames=None) -> dict[str, Any]:  # noqa: ANN001
     """Per cascade user: HR@10 and NDCG@10 of retrieval alone and reranked (see the module docstring)."""
     ex = test.examples
     liked = ex[ex["like"] == 1]
@@ -154,7 +175,7 @@ def cascade_gains(pre, ranker, examples, test, cutoff_ms: int, retrieve: int) ->
     keep = [i for i, r in enumerate(retrieved) if r]  # a history with no known movie has no state
     users, histories, retrieved = [users[i] for i in keep], [histories[i] for i in keep], [retrieved[i] for i in keep]
     candidates = [[i for i, _ in r] for r in retrieved]
-    p_like = ranker.score_candidates(histories, candidates, now_ms=cutoff_ms)
+    p_like = _candidate_scores(ranker, examples, users, histories, candidates, cutoff_ms, attribute_frames)
     ideal = 1.0 / np.log2(np.arange(CASCADE_K) + 2)
     out: dict[str, list[float]] = {f"{m}_{side}": [] for m in ("hr@10", "ndcg@10") for side in ("retrieval", "reranked")}
     out["hr@200"] = []
@@ -178,7 +199,7 @@ def run_argus_seed(args, seed: int, examples, train, test, tasks) -> dict[str, A
     timing: dict[str, float] = {}
     began = time.perf_counter()
     cutoff_ms = int(test.examples["t_ms"].min())
-    pre = pretrain(examples, cutoff_ms, args.config, seed, args.pretrain_epochs)
+    pre = pretrain(examples, cutoff_ms, args.pretrain_recipe, seed, args.pretrain_epochs)
     timing["pretrain"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -194,7 +215,7 @@ def run_argus_seed(args, seed: int, examples, train, test, tasks) -> dict[str, A
         scores[PRETRAINED][task] = _filled(p_pre if task != "dislike" else 1 - p_pre, fill)
         ranker = fine_tune_ranker(pre, train, task=task, epochs=args.ft_epochs, lr=args.ft_lr, batch_size=args.ft_batch_size,
                                   seed=seed, encoder_lr=args.ft_encoder_lr, valid_share=args.ft_valid_share,
-                                  states=None if args.ft_encoder_lr > 0 else train_states)
+                                  states=None if args.ft_encoder_lr > 0 else train_states, side=args.recipe.side_config())
         states = test_states if pre.same_encoder(ranker) else None
         scores[FINE_TUNED][task] = _filled(score_examples(ranker, test, states), fill)
         rankers[task] = ranker
@@ -210,7 +231,8 @@ def run_argus_seed(args, seed: int, examples, train, test, tasks) -> dict[str, A
             y = test.examples[task].to_numpy()
             metrics[name][task] = {"auc": auc(y, by_task[task]), "gauc": gauc(y, by_task[task], groups),
                                    "logloss": logloss(y, by_task[task])}
-    cascade = cascade_gains(pre, rankers["like"], examples, test, cutoff_ms, args.retrieve) if "like" in tasks else None
+    cascade = (cascade_gains(pre, rankers["like"], examples, test, cutoff_ms, args.retrieve,
+                             getattr(args, "attribute_frames", None)) if "like" in tasks else None)
     timing["cascade"] = time.perf_counter() - began
     return {"metrics": metrics, "scores": scores, "cascade": cascade, "scorable": float(test_states.plan.scorable.mean()),
             "fine_tune_epochs": chosen, "seconds": {k: round(v, 2) for k, v in timing.items()}}

@@ -47,7 +47,17 @@ reranked minus retrieval HR@10 and NDCG@10, each with its 95% interval over seed
 last line also carries, for the first ``--model``, ``auc``, ``gauc`` and ``logloss`` per task (means over
 seeds), and, with ARGUS, ``hr@10`` and ``ndcg@10`` of the reranked top list; ``wall_s`` is the whole run.
 
+Recipes and features: ``--config NAME`` names a ranking recipe (``models/configs/ranking/NAME.yaml``,
+``models.ranking_recipe``) whose values fill every flag not given (without one: the ranking base, which is the
+flags' values before recipes). ``--attributes`` adds the user and item attributes as of each example's t
+(``features.attributes.attributes_as_of`` over the dataset's ``u.user``/``u.item`` or ``users.dat``/``movies.dat``,
+or the simulator's genres and albums): two more units for Wukong and DLRM, and, for ARGUS, values summed into
+the candidate's token; ``--context`` (ARGUS) adds the request's surface, hour and weekday there too. The JSON
+carries the resolved ``recipe``.
+
     python -m bench.ranking --seeds 0,1,2
+    python -m bench.ranking --dataset ml-100k --data-dir ../shared/data/ml-100k --config wukong --attributes
+    python -m bench.ranking --dataset ml-1m --data-dir DIR --config argus-ml1m --seeds 0,1,2,3,4
     python -m bench.ranking --dataset ml-100k --data-dir ../shared/data/ml-100k --seeds 0,1,2
     python -m bench.ranking --dataset ml-100k --data-dir ../shared/data/ml-100k --model argus --config argus-ml100k \
         --seeds 0,1,2,3,4
@@ -78,20 +88,26 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--data-dir", "--dataset-dir", dest="data_dir", type=Path, default=None,
                     help="the MovieLens folder (holding u.data, ratings.dat or ratings.csv)")
     ap.add_argument("--config", default=None,
-                    help="the recipe ARGUS pre-trains (default argus-ml100k); the Wukong, DLRM and HSTU ranker sizes "
-                         "are their configs' defaults")
+                    help="a ranking recipe (models/configs/ranking/NAME.yaml: wukong, dlrm, argus, argus-ml1m, ...), "
+                         "whose values the flags below override when given; or, as before recipes, the retrieval "
+                         "recipe ARGUS pre-trains (argus-ml100k), with the ranking base for the rest")
     ap.add_argument("--model", action="append", choices=["wukong", "dlrm", "hstu", "argus"], default=None,
-                    help="repeatable; default wukong and dlrm")
+                    help="repeatable; default: the ranking recipe's model, or wukong and dlrm without one")
+    ap.add_argument("--attributes", action=argparse.BooleanOptionalAction, default=None,
+                    help="user and item attributes as features (default: the recipe's): MovieLens u.user/u.item or "
+                         "users.dat/movies.dat from --data-dir, the simulator's genres and albums")
+    ap.add_argument("--context", action=argparse.BooleanOptionalAction, default=None,
+                    help="argus only: the request context in the candidate's token (default: the recipe's)")
     ap.add_argument("--history-events", type=int, default=None,
                     help="hstu only: events of history read (default: HSTURankerConfig's, 50)")
     ap.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=None, help="default: the recipe's (5)")
     ap.add_argument("--size", default=None,
                     help="wukong/dlrm sizes as key=value,... over RankerConfig's defaults, e.g. "
                          "dim=32,layers=4,fmb_units=8,lcb_units=8,fmb_rank=8,mlp_hidden=128 (a size sweep)")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--test-share", type=float, default=0.3)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (256)")
+    ap.add_argument("--lr", type=float, default=None, help="default: the recipe's (3e-3)")
+    ap.add_argument("--test-share", type=float, default=None, help="default: the recipe's (0.3)")
     # simulator
     ap.add_argument("--users", type=int, default=400)
     ap.add_argument("--items", type=int, default=None, help="default: SimulatorSettings'")
@@ -104,28 +120,58 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     # ARGUS
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="cap on the recipe's epochs (default: the recipe's)")
-    ap.add_argument("--ft-epochs", type=int, default=20, help="most fine-tuning epochs (validation picks the number)")
-    ap.add_argument("--ft-lr", type=float, default=1e-3, help="the feedback head's fine-tuning learning rate")
-    ap.add_argument("--ft-encoder-lr", type=float, default=0.0, help="> 0: fine-tune the encoder too, at this rate")
-    ap.add_argument("--ft-batch-size", type=int, default=512)
-    ap.add_argument("--ft-valid-share", type=float, default=0.1,
+    ap.add_argument("--ft-epochs", type=int, default=None, help="most fine-tuning epochs (validation picks the number)")
+    ap.add_argument("--ft-lr", type=float, default=None, help="the feedback head's fine-tuning learning rate")
+    ap.add_argument("--ft-encoder-lr", type=float, default=None, help="> 0: fine-tune the encoder too, at this rate")
+    ap.add_argument("--ft-batch-size", type=int, default=None)
+    ap.add_argument("--ft-valid-share", type=float, default=None,
                     help="the last share of the training examples that chooses the fine-tuning epochs")
-    ap.add_argument("--retrieve", type=int, default=200, help="retrieval's list that the cascade reranks")
+    ap.add_argument("--retrieve", type=int, default=None, help="retrieval's list that the cascade reranks")
     ap.add_argument("--bootstrap", type=int, default=2000, help="resamples of seeds and users for the intervals")
     args = ap.parse_args(argv)
+    _apply_recipe(ap, args)
     args.seed_list = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    args.models = args.model or ["wukong", "dlrm"]
     if not args.seed_list:
         ap.error("--seeds needs at least one seed")
     if args.dataset != "simulator" and args.data_dir is None:
         ap.error(f"--dataset {args.dataset} needs --data-dir")
     if not 0 < args.test_share < 1:
         ap.error("--test-share must be in (0, 1)")
-    if "argus" in args.models:
-        if args.dataset == "simulator":
-            ap.error("--model argus needs ratings (a MovieLens --dataset): its cascade's targets are rated movies")
-        args.config = args.config or "argus-ml100k"
+    if "argus" in args.models and args.dataset == "simulator":
+        ap.error("--model argus needs ratings (a MovieLens --dataset): its cascade's targets are rated movies")
     return args
+
+
+# The flags a ranking recipe fills when they are not given: flag name -> recipe key.
+_RECIPE_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "test_share": "test_share",
+                 "pretrain_epochs": "pretrain_epochs", "ft_epochs": "ft_epochs", "ft_lr": "ft_lr",
+                 "ft_encoder_lr": "ft_encoder_lr", "ft_batch_size": "ft_batch_size", "ft_valid_share": "ft_valid_share",
+                 "retrieve": "retrieve", "attributes": "attributes", "context": "context"}
+
+
+def _apply_recipe(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Resolve ``--config`` to a ranking recipe (``args.recipe``), the explicit flags on top of it, and fill the
+    flags that were not given from it. A ``--config`` that names no ranking recipe is, as before recipes, the
+    retrieval recipe ARGUS pre-trains."""
+    from models.ranking_recipe import is_ranking_recipe, resolve_ranking_recipe
+
+    ranking = is_ranking_recipe(args.config)
+    overrides = {key: getattr(args, flag) for flag, key in _RECIPE_FLAGS.items()}
+    if args.config and not ranking:
+        overrides["pretrain"] = args.config
+    if args.model and "argus" not in args.model:
+        overrides["context"] = False  # context tokens are ARGUS's: a recipe's switch does not reach the others
+    try:
+        recipe = resolve_ranking_recipe(args.config if ranking else "base",
+                                        **(overrides | ({"model": "argus" if "argus" in args.model else args.model[0]}
+                                                        if args.model else {})))
+    except ValueError as exc:
+        ap.error(str(exc))
+    args.recipe = recipe
+    args.models = args.model or ([recipe.model] if ranking else ["wukong", "dlrm"])
+    for flag, key in _RECIPE_FLAGS.items():
+        setattr(args, flag, getattr(recipe, key))
+    args.pretrain_recipe = recipe.pretrain_recipe()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,20 +259,40 @@ def _summary(values: list[float | None]) -> dict:
             "sd": round(float(np.std(ok, ddof=1)), 4) if len(ok) > 1 else None, "per_seed": values}
 
 
-def ranker_config(backbone: str, size: str | None):  # noqa: ANN201 - models.ranker.RankerConfig
-    """RankerConfig's defaults with ``--size`` overrides (``key=value,...``; ints, ``none`` for fmb_rank)."""
-    from dataclasses import fields
+def ranker_config(backbone: str, size: str | None, recipe=None):  # noqa: ANN001, ANN201 - RankerConfig
+    """The recipe's sizes (default: the ranking base's) for ``backbone``, with ``--size`` overrides
+    (``key=value,...``; ints, ``none`` for fmb_rank)."""
+    from dataclasses import replace as with_backbone
 
-    from models.ranker import RankerConfig
+    from models.ranking_recipe import SIZE_KEYS, resolve_ranking_recipe
 
-    known = {f.name for f in fields(RankerConfig)} - {"backbone"}
+    recipe = recipe if recipe is not None else resolve_ranking_recipe()
     changes: dict = {}
     for part in filter(None, (size or "").split(",")):
         key, _, value = part.partition("=")
-        if key not in known:
-            raise SystemExit(f"--size: unknown key {key!r} (known: {sorted(known)})")
+        if key not in SIZE_KEYS:
+            raise SystemExit(f"--size: unknown key {key!r} (known: {sorted(SIZE_KEYS)})")
         changes[key] = None if value.lower() == "none" else (float(value) if key == "dropout" else int(value))
-    return RankerConfig(backbone=backbone, **changes)
+    return with_backbone(recipe.ranker_config(**changes), backbone=backbone)
+
+
+def attach_attributes(examples, args: argparse.Namespace, world=None):  # noqa: ANN001, ANN201 - RankingExamples
+    """The examples with user and item attributes as of each example's t, read from the dataset's files
+    (MovieLens) or the simulator's catalogue by the same rule Feast applies on platform data
+    (``features.attributes.attributes_as_of``)."""
+    from features.attributes import attributes_as_of
+    from features.datasets import load_item_attributes, load_user_attributes, simulator_item_attributes
+    from models.ranking_data import attribute_entities, with_attributes
+
+    if world is not None:
+        users, items = None, simulator_item_attributes(world.catalog.genre, world.catalog.album)
+    else:
+        users = load_user_attributes(args.dataset, args.data_dir)
+        items = load_item_attributes(args.dataset, args.data_dir)
+        if users is None and items is None:
+            raise SystemExit(f"--attributes: no user or item file of {args.dataset} in {args.data_dir}")
+    args.attribute_frames = (users, items)  # the ARGUS cascade reads its candidates' attributes from them
+    return with_attributes(examples, attributes_as_of(attribute_entities(examples), users, items))
 
 
 def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: ANN001
@@ -242,6 +308,8 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
         examples = build_ranking_examples(interactions, exposures, window_s=args.window_s,
                                           sampled_negatives=args.negatives, catalogue=np.arange(world.settings.items),
                                           seed=seed)
+        if args.attributes:
+            examples = attach_attributes(examples, args, world)
         train, test = _split(examples, args.test_share, args.window_s * 1000)
         tasks = SIM_TASKS
         subsets = {"all": test, "shown": _subset(test, "shown")}
@@ -249,6 +317,8 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
         examples = ratings_examples(read_ratings(args.dataset, args.data_dir))
         # No requests: GAUC groups by user (the events carry no request ids, so nothing else reads this).
         examples.examples["request_id"] = "u" + examples.examples["user_id"].astype(str)
+        if args.attributes:
+            examples = attach_attributes(examples, args)
         train, test = _split(examples, args.test_share, 0)
         tasks = RATING_TASKS
         subsets = {"all": test}
@@ -273,7 +343,7 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
             ranker = train_hstu_ranker(train, cfg, tasks, epochs=args.epochs, batch_size=args.batch_size,
                                        lr=args.lr, seed=seed)
         else:
-            ranker = train_ranker(train, ranker_config(model, args.size), tasks, epochs=args.epochs,
+            ranker = train_ranker(train, ranker_config(model, args.size, args.recipe), tasks, epochs=args.epochs,
                                   batch_size=args.batch_size, lr=args.lr, seed=seed)
         train_s[model] = round(time.perf_counter() - began, 2)
         for name, part in subsets.items():
@@ -364,11 +434,14 @@ def main(argv: list[str] | None = None) -> dict:
         "counts": {"per_seed": [r["counts"] for r in runs]},
         "seconds": {"total": round(time.perf_counter() - started, 2), "per_seed": [r["seconds"] for r in runs]},
         "wall_s": round(time.perf_counter() - started, 2),
-        "settings": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "test_share", "threads", "size")}
+        "recipe": args.recipe.to_dict(),
+        "settings": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "test_share", "threads", "size",
+                                                    "attributes")}
         | ({k: getattr(args, k) for k in ("users", "items", "requests", "slate", "negatives", "explore", "spacing_s",
                                           "window_s")} if args.dataset == "simulator" else {})
         | ({k: getattr(args, k) for k in ("pretrain_epochs", "ft_epochs", "ft_lr", "ft_encoder_lr", "ft_batch_size",
-                                          "ft_valid_share", "retrieve", "bootstrap")} if "argus" in args.models else {}),
+                                          "ft_valid_share", "retrieve", "bootstrap", "context", "pretrain_recipe")}
+           if "argus" in args.models else {}),
         "argv": list(sys.argv[1:] if argv is None else argv),
     }
     if world is not None:

@@ -58,6 +58,11 @@ Catalogue: ``load_catalogue`` returns the ids of every item the dataset's item f
 ``movies.dat``, ``movies.csv``), so that items nobody rated are candidates too, as in the published
 protocol. Without an item file the catalogue is the items that occur in the events.
 
+Attributes (the rankers' side features): ``load_user_attributes`` reads ``u.user`` (ml-100k) or ``users.dat``
+(ml-1m) into gender, age group and occupation; ``load_item_attributes`` reads ``u.item`` or ``movies.dat`` into
+genres; ``simulator_item_attributes`` gives the simulator's genre and album. One layout for all
+(``USER_ATTRIBUTE_COLUMNS``, ``ITEM_ATTRIBUTE_COLUMNS``): what ``features.feature_repo``'s attribute views hold.
+
 Errors: a missing file raises ``FileNotFoundError`` naming the files looked for, where, and where to get
 them; a malformed line raises ``ValueError`` naming the file and the line number (for parquet, the row).
 """
@@ -617,6 +622,135 @@ _CATALOGUE_FILES: dict[str, tuple[list[str], str, str | None]] = {
     "ml-20m": (["movies.csv", "movies.csv.gz"], ",", "movieId,title,genres"),
     "ml-25m": (["movies.csv", "movies.csv.gz"], ",", "movieId,title,genres"),
 }
+
+# ---- user and item attributes (ranking features) ----------------------------------------------------------
+#
+# What the MovieLens side files say about users and movies, read into two frames with one layout for every
+# dataset, so that the Feast views (``features.feature_repo.user_attributes_view`` / ``item_attributes_view``)
+# and the rankers read the same columns whichever file they came from:
+#
+#   users: user_id int64, gender str ("M"/"F"), age int64 (ML-1M's age group: 1, 18, 25, 35, 45, 50, 56),
+#          occupation str
+#   items: item_id int64, genres list[str] (GroupLens' genre names), album str ("" where there is none)
+#
+# ML-100K's ``u.user`` holds the age in years; it is put into ML-1M's groups so that a recipe means the same
+# feature on both. The zip code is left out: thousands of values, most seen once, and a location proxy.
+
+USER_ATTRIBUTE_COLUMNS: tuple[str, ...] = ("user_id", "gender", "age", "occupation")
+ITEM_ATTRIBUTE_COLUMNS: tuple[str, ...] = ("item_id", "genres", "album")
+# ML-1M's age groups (README: 1 "Under 18", 18 "18-24", 25 "25-34", 35 "35-44", 45 "45-49", 50 "50-55", 56 "56+").
+AGE_GROUPS: tuple[int, ...] = (1, 18, 25, 35, 45, 50, 56)
+# ML-100K's u.genre, in the order of u.item's 19 flag columns; ML-1M's movies.dat uses the same names.
+ML100K_GENRES: tuple[str, ...] = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)
+# ML-1M's occupation codes (README), read as names so that a code is not mistaken for a number.
+ML1M_OCCUPATIONS: tuple[str, ...] = (
+    "other", "academic/educator", "artist", "clerical/admin", "college/grad student", "customer service",
+    "doctor/health care", "executive/managerial", "farmer", "homemaker", "K-12 student", "lawyer", "programmer",
+    "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer", "tradesman/craftsman",
+    "unemployed", "writer",
+)
+_USER_FILES: dict[str, list[str]] = {"ml-100k": ["u.user", "u.user.gz"], "ml-1m": ["users.dat", "users.dat.gz"]}
+
+
+def age_group(years: np.ndarray) -> np.ndarray:
+    """Age in years -> ML-1M's age group code (the group's lower bound; 1 for under 18)."""
+    bounds = np.asarray(AGE_GROUPS[1:])
+    return np.asarray(AGE_GROUPS, np.int64)[np.searchsorted(bounds, np.asarray(years, np.int64), side="right")]
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of the non-blank lines; Latin-1, GroupLens' encoding (titles have accents)."""
+    text = _read_bytes(path).decode("latin-1")
+    return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def _parse_users(name: str, path: Path) -> pd.DataFrame:
+    rows = []
+    for line_no, line in _lines(path):
+        fields = line.split("|") if name == "ml-100k" else line.split("::")
+        if len(fields) != 5:
+            raise ValueError(f"{path.name}, line {line_no}: expected 5 fields, got {len(fields)}: {line[:200]!r}")
+        try:
+            if name == "ml-100k":  # user id | age | gender | occupation | zip code
+                user, years, gender, occupation = int(fields[0]), int(fields[1]), fields[2], fields[3]
+                age = int(age_group(np.array([years]))[0])
+            else:  # UserID::Gender::Age::Occupation::Zip-code
+                user, gender, age, code = int(fields[0]), fields[1], int(fields[2]), int(fields[3])
+                occupation = ML1M_OCCUPATIONS[code]
+        except (ValueError, IndexError):
+            raise ValueError(f"{path.name}, line {line_no}: ids, age and occupation code must be integers "
+                             f"(occupation 0..{len(ML1M_OCCUPATIONS) - 1}): {line[:200]!r}") from None
+        if gender not in ("M", "F") or age not in AGE_GROUPS:
+            raise ValueError(f"{path.name}, line {line_no}: gender must be M or F and age one of {AGE_GROUPS}: "
+                             f"{line[:200]!r}")
+        rows.append((user, gender, age, occupation.strip()))
+    return _attribute_frame(path, pd.DataFrame(rows, columns=list(USER_ATTRIBUTE_COLUMNS)), "user_id")
+
+
+def _parse_items(name: str, path: Path) -> pd.DataFrame:
+    rows = []
+    for line_no, line in _lines(path):
+        if name == "ml-100k":  # movie id | title | release date | video release date | IMDb URL | 19 genre flags
+            fields = line.split("|")
+            flags = fields[5:]
+            if len(fields) != 5 + len(ML100K_GENRES) or not fields[0].isdigit() or any(f not in ("0", "1") for f in flags):
+                raise ValueError(f"{path.name}, line {line_no}: expected 'id|title|date|video date|url' and "
+                                 f"{len(ML100K_GENRES)} 0/1 genre flags: {line[:200]!r}")
+            genres = [g for g, f in zip(ML100K_GENRES, flags) if f == "1"]
+        else:  # MovieID::Title::Genres, genres separated by |
+            fields = line.split("::")
+            if len(fields) != 3 or not fields[0].isdigit():
+                raise ValueError(f"{path.name}, line {line_no}: expected 'MovieID::Title::Genres': {line[:200]!r}")
+            genres = [g for g in fields[2].strip().split("|") if g]
+        rows.append((int(fields[0]), genres, ""))
+    return _attribute_frame(path, pd.DataFrame(rows, columns=list(ITEM_ATTRIBUTE_COLUMNS)), "item_id")
+
+
+def _attribute_frame(path: Path, frame: pd.DataFrame, key: str) -> pd.DataFrame:
+    repeated = frame[key].duplicated()
+    if repeated.any():
+        raise ValueError(f"{path.name}: {key} {int(frame[key][repeated].iloc[0])} is listed more than once")
+    return frame.astype({key: np.int64}).sort_values(key, kind="stable").reset_index(drop=True)
+
+
+def load_user_attributes(name: str, data_dir: Path | str) -> pd.DataFrame | None:
+    """Users' demographics (``USER_ATTRIBUTE_COLUMNS``) from ``u.user`` (ml-100k: ``id|age|gender|occupation|zip``)
+    or ``users.dat`` (ml-1m: ``UserID::Gender::Age::Occupation::Zip-code``), plain or gzipped, Latin-1; None for a
+    dataset without a user file or when the file is absent."""
+    _spec(name)
+    if name not in _USER_FILES:
+        return None
+    try:
+        path = _find(name, Path(data_dir).expanduser(), _USER_FILES[name])
+    except FileNotFoundError:
+        return None
+    return _parse_users(name, path)
+
+
+def load_item_attributes(name: str, data_dir: Path | str) -> pd.DataFrame | None:
+    """Movies' genres (``ITEM_ATTRIBUTE_COLUMNS``) from ``u.item`` (ml-100k: 19 genre flags) or ``movies.dat``
+    (ml-1m: ``MovieID::Title::Genres``, ``|``-separated), plain or gzipped, Latin-1; None for a dataset without
+    such a file or when the file is absent. ``album`` is empty: movies have none."""
+    _spec(name)
+    if name not in ("ml-100k", "ml-1m"):
+        return None
+    try:
+        path = _find(name, Path(data_dir).expanduser(), _CATALOGUE_FILES[name][0])
+    except FileNotFoundError:
+        return None
+    return _parse_items(name, path)
+
+
+def simulator_item_attributes(genre: np.ndarray, album: np.ndarray) -> pd.DataFrame:
+    """The simulator's catalogue as item attributes: each track's genre (one, named ``g<k>``) and album
+    (``MusicWorld.catalog.genre`` / ``.album``, indexed by item id). Its listeners have no demographics."""
+    genre, album = np.asarray(genre, np.int64), np.asarray(album, np.int64)
+    return pd.DataFrame({"item_id": np.arange(len(genre), dtype=np.int64),
+                         "genres": [[f"g{g}"] for g in genre], "album": [f"a{a}" for a in album]})
+
 
 # ---- registry ----------------------------------------------------------------------------------------------
 

@@ -13,6 +13,10 @@ so the repo config is built from the one settings object; the objects below are 
   to a Parquet folder (``feast/user_stats/``), the view's batch source, so ``get_historical_features``
   returns point-in-time-correct values for training. A snapshot's timestamp is the latest event time it
   counts, so a training row never sees an event from its future.
+- ``user_attributes`` (gender, age group, occupation) and ``item_attributes`` (genres, album) are the
+  rankers' side features, one Parquet file each (``feast/user_attributes.parquet``, ...), written with the
+  online rows by ``features.attributes.write_attributes``; training reads them with
+  ``get_historical_features`` (``features.attributes.historical_attributes``), serving online.
 - ``user_summary`` holds a VISTA model's summary of each user's events older than its recent window
   (``models.summaries``, issue #36): the summariser's *state*, not only the tokens it makes. The tokens are a
   pure function of the state (``Summariser.summarise``), but only the state can be updated: the refresh
@@ -142,6 +146,50 @@ def item_stats_view(settings: EncoreSettings) -> FeatureView:
     )
 
 
+def user_attributes_push(settings: EncoreSettings) -> PushSource:
+    return _push_source("user_attributes", settings.feast_dir / "user_attributes.parquet",
+                        "user demographics, one row per user and change (features.attributes writes it)")
+
+
+def item_attributes_push(settings: EncoreSettings) -> PushSource:
+    return _push_source("item_attributes", settings.feast_dir / "item_attributes.parquet",
+                        "item genres and albums, one row per item and change (features.attributes writes it)")
+
+
+def user_attributes_view(settings: EncoreSettings) -> FeatureView:
+    """Demographics where the data set has them (MovieLens ``u.user`` / ``users.dat``; the simulator's
+    listeners have none). ttl 0: an attribute stays valid until a newer row replaces it, however old."""
+    return FeatureView(
+        name="user_attributes",
+        entities=[user],
+        ttl=timedelta(0),
+        schema=[
+            Field(name="gender", dtype=String),
+            Field(name="age", dtype=Int64),  # ML-1M's age group (1, 18, 25, 35, 45, 50, 56)
+            Field(name="occupation", dtype=String),
+        ],
+        source=user_attributes_push(settings),
+        online=True,
+        description="user demographics (ranking features; point-in-time correct offline)",
+    )
+
+
+def item_attributes_view(settings: EncoreSettings) -> FeatureView:
+    """Genres (MovieLens ``u.item`` / ``movies.dat``, the simulator's genre) and album (the simulator's)."""
+    return FeatureView(
+        name="item_attributes",
+        entities=[item],
+        ttl=timedelta(0),
+        schema=[
+            Field(name="genres", dtype=Array(String)),
+            Field(name="album", dtype=String),  # "" where there is none
+        ],
+        source=item_attributes_push(settings),
+        online=True,
+        description="item genres and album (ranking features; point-in-time correct offline)",
+    )
+
+
 # ---------------------------------------------------------------------------- VISTA summaries (issue #36)
 
 def user_summary_dir(settings: EncoreSettings) -> Path:
@@ -211,8 +259,9 @@ def feature_store(settings: EncoreSettings, *, apply: bool = True) -> FeatureSto
     if apply:
         store.apply(
             [user, item, interactions_source(settings), user_history_push(settings), item_stats_push(settings),
-             user_stats_push(settings),
+             user_stats_push(settings), user_attributes_push(settings), item_attributes_push(settings),
              user_history_view(settings), item_stats_view(settings), user_stats_view(settings),
+             user_attributes_view(settings), item_attributes_view(settings),
              user_summary_push(settings), user_summary_view(settings)]
         )
     return store

@@ -428,6 +428,10 @@ class RankingSettings(_Group):
     min_examples: int = Field(default=200, ge=1, description="fewer shown items with reactions than this in the "
                               "training period: the job fails and says so rather than fit noise")
     seed: int = 0
+    recipe: str | None = Field(default=None, description="a ranking recipe (models/configs/ranking/NAME.yaml) "
+                               "whose task and fine-tuning values (ft_epochs, ft_lr, ft_encoder_lr, ft_batch_size) "
+                               "replace task, epochs, lr, encoder_lr and batch_size here; unset: these values, "
+                               "which are the ranking base recipe's")
 
 
 class ExperimentSettings(_Group):

@@ -3,7 +3,7 @@
 A ranker scores the candidates of one request. Each example (``models.ranking_data``) becomes a set of
 *units*, vectors of width d that the backbone lets interact:
 
-    units = [ dense_1 .. dense_m | item | history | user ]              # [B, m + 3, d]
+    units = [ dense_1 .. dense_m | item | history | user (| user attrs | item attrs) ]   # [B, m + 3 (+ 2), d]
 
     item     = E_item[candidate item]                                   # sparse, one id
     history  = mean_{j in last L items before t} E_item[j]              # the same table, mean-pooled bag
@@ -11,6 +11,14 @@ A ranker scores the candidates of one request. Each example (``models.ranking_da
     dense    = reshape( MLP( standardise(f) ), (m, d) )                 # the "bottom MLP"
     f        = [ log1p(history length), log1p(seconds since the user's last event),
                  log1p(events of the item before t), rank in the slate (-1: sampled) ]
+    user attrs = mean_{a in gender, age group, occupation} E_attr[hash(a)]       # ``cfg.attributes`` only
+    item attrs = mean_{a in genres, album} E_attr[hash(a)]
+
+The attribute units (``RankerConfig.attributes``) read the example columns ``models.ranking_data.with_attributes``
+adds: user demographics and item genres as of t (Feast ``get_historical_features`` on platform data, the
+dataset's files in the benches). Each value is hashed as ``field=value`` into one shared table, so no vocabulary
+travels with the model and a value first seen at serving time still gets a (shared) row; an unknown value is
+left out of its bag, and an empty bag is the zero vector.
 
 Every input is point-in-time: the history is ``events[hist_start:hist_end]`` (strictly before t) and the
 item's popularity counts only events strictly before t, never the request's own reactions. The item and
@@ -29,6 +37,7 @@ nothing about the order inside it). Two scorers computed from data alone give th
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +53,9 @@ from models.ranking_data import RankingExamples, count_before, task_labels
 from models.wukong import Wukong, WukongConfig, mlp
 
 SPARSE_KEYS: tuple[str, ...] = ("item_id", "history", "user_id")
+ATTRIBUTE_KEYS: tuple[str, ...] = ("user_attributes", "item_attributes")
+USER_ATTRIBUTES: tuple[str, ...] = ("gender", "age", "occupation")
+ITEM_ATTRIBUTES: tuple[str, ...] = ("genres", "album")
 DENSE_FEATURES: tuple[str, ...] = ("log_history_length", "log_seconds_since_last", "log_item_popularity", "rank")
 BACKBONES: tuple[str, ...] = ("wukong", "dlrm")
 
@@ -64,10 +76,16 @@ class RankerConfig:
     fmb_rank: int | None = 4
     mlp_hidden: int = 64
     dropout: float = 0.0
+    attributes: bool = False  # user and item attribute units (the examples must carry them)
+    attribute_buckets: int = 1024  # hashed attribute values share this many rows
+
+    @property
+    def sparse_keys(self) -> tuple[str, ...]:
+        return SPARSE_KEYS + (ATTRIBUTE_KEYS if self.attributes else ())
 
     @property
     def num_units(self) -> int:
-        return self.dense_units + len(SPARSE_KEYS)
+        return self.dense_units + len(self.sparse_keys)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -84,9 +102,61 @@ class RankingFeatures:
     history: np.ndarray  # [N, L] int64, the most recent L items before t, oldest first, left-padded
     history_mask: np.ndarray  # [N, L] bool
     dense: np.ndarray  # [N, len(DENSE_FEATURES)] float32
+    # key -> (values, lengths): the hashed attribute bags of each example (``attribute_bags``); None: off
+    attributes: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
     def __len__(self) -> int:
         return len(self.item)
+
+
+def hash_values(field: str, values: Sequence[object], buckets: int) -> np.ndarray:
+    """Stable hashes of ``field=value`` into [1, buckets) (CRC-32: the same in every process, unlike hash()).
+    Row 0 is never used by a value: it stays free for padding."""
+    return np.asarray([1 + zlib.crc32(f"{field}={v}".encode()) % (buckets - 1) for v in values], np.int64)
+
+
+def _known(value: object) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value)) and value != ""
+
+
+def attribute_bags(frame: pd.DataFrame, fields: Sequence[str], buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, lengths [N]) of one bag per row: the hashed known values of ``fields`` (a list column, e.g.
+    genres, contributes each element). Hashing runs once per distinct value, not once per row."""
+    per_row: list[list[int]] = [[] for _ in range(len(frame))]
+    for field in fields:
+        column = frame[field].to_list()
+        if field == "age":  # an int, or a float after a join through missing values: one spelling, "25"
+            column = [int(v) if _known(v) else None for v in column]
+        flat = [(r, v) for r, value in enumerate(column)
+                for v in (value if isinstance(value, (list, tuple, np.ndarray)) else [value]) if _known(v)]
+        if not flat:
+            continue
+        distinct = sorted({str(v) for _, v in flat})
+        codes = dict(zip(distinct, hash_values(field, distinct, buckets).tolist()))
+        for r, v in flat:
+            per_row[r].append(codes[str(v)])
+    lengths = np.asarray([len(b) for b in per_row], np.int64)
+    values = np.fromiter((v for b in per_row for v in b), np.int64, count=int(lengths.sum()))
+    return values, lengths
+
+
+def example_attribute_bags(examples: RankingExamples, buckets: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The user-attribute and item-attribute bags of every example (``ATTRIBUTE_KEYS``)."""
+    ex = examples.examples
+    missing = [c for c in USER_ATTRIBUTES + ITEM_ATTRIBUTES if c not in ex]
+    if missing:
+        raise ValueError(f"the examples carry no attributes {missing}: add them with "
+                         "models.ranking_data.with_attributes (or turn RankerConfig.attributes off)")
+    return {"user_attributes": attribute_bags(ex, USER_ATTRIBUTES, buckets),
+            "item_attributes": attribute_bags(ex, ITEM_ATTRIBUTES, buckets)}
+
+
+def rows_of_bags(values: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bags of ``rows`` (a batch) out of flat (values, lengths)."""
+    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    n = lengths[rows]
+    idx = np.repeat(starts[rows] - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(int(n.sum()))
+    return values[idx], n
 
 
 def item_popularity_before(examples: RankingExamples) -> np.ndarray:
@@ -111,8 +181,9 @@ def item_popularity_before(examples: RankingExamples) -> np.ndarray:
     return count - np.bincount(hits["index"].to_numpy(np.int64), minlength=len(ex))
 
 
-def ranking_features(examples: RankingExamples, history_len: int) -> RankingFeatures:
-    """Vectorised features of every example (no per-example Python loop)."""
+def ranking_features(examples: RankingExamples, history_len: int, attribute_buckets: int | None = None) -> RankingFeatures:
+    """Vectorised features of every example (no per-example Python loop); ``attribute_buckets``: also the
+    hashed attribute bags (the examples must carry the attribute columns)."""
     ex = examples.examples
     start, end = examples.hist_start, examples.hist_end
     ev_item = examples.events["item_id"].to_numpy(np.int64)
@@ -134,6 +205,7 @@ def ranking_features(examples: RankingExamples, history_len: int) -> RankingFeat
     return RankingFeatures(
         item=ex["item_id"].to_numpy(np.int64), user=ex["user_id"].to_numpy(np.int64),
         history=history.astype(np.int64), history_mask=mask, dense=dense,
+        attributes=example_attribute_bags(examples, attribute_buckets) if attribute_buckets else None,
     )
 
 
@@ -157,6 +229,9 @@ class FeatureEncoder(nn.Module):
                                    feature_names=["item_id", "history"], pooling=PoolingType.MEAN),
                 EmbeddingBagConfig(name="user", num_embeddings=cfg.user_buckets, embedding_dim=cfg.dim,
                                    feature_names=["user_id"], pooling=PoolingType.MEAN),
+                *([EmbeddingBagConfig(name="attribute", num_embeddings=cfg.attribute_buckets, embedding_dim=cfg.dim,
+                                      feature_names=list(ATTRIBUTE_KEYS), pooling=PoolingType.MEAN)]
+                  if cfg.attributes else []),
             ],
             device=torch.device("cpu"),
         )
@@ -171,20 +246,28 @@ class FeatureEncoder(nn.Module):
         c = self.cfg
         mask = f.history_mask[rows]
         history = f.history[rows][mask] % c.item_buckets  # row-major: each row's valid items, in order
-        values = np.concatenate([f.item[rows] % c.item_buckets, history, f.user[rows] % c.user_buckets])
+        values = [f.item[rows] % c.item_buckets, history, f.user[rows] % c.user_buckets]
         ones = np.ones(len(rows), np.int64)
-        lengths = np.concatenate([ones, mask.sum(1), ones])
+        lengths = [ones, mask.sum(1), ones]
+        if c.attributes:
+            if f.attributes is None:
+                raise ValueError("RankerConfig.attributes is on but the features carry no attribute bags")
+            for key in ATTRIBUTE_KEYS:
+                v, n = rows_of_bags(*f.attributes[key], rows)
+                values.append(v)
+                lengths.append(n)
         return KeyedJaggedTensor.from_lengths_sync(
-            keys=list(SPARSE_KEYS), values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
+            keys=list(c.sparse_keys), values=torch.from_numpy(np.concatenate(values)),
+            lengths=torch.from_numpy(np.concatenate(lengths)),
         )
 
     def forward(self, f: RankingFeatures, rows: np.ndarray) -> torch.Tensor:
         B, d = len(rows), self.cfg.dim
         pooled = self.embeddings(self.sparse(f, rows)).to_dict()  # key -> [B, d]; an empty history is zeros
-        sparse = torch.stack([pooled[k] for k in SPARSE_KEYS], dim=1)  # [B, 3, d]
+        sparse = torch.stack([pooled[k] for k in self.cfg.sparse_keys], dim=1)  # [B, 3 (+ 2), d]
         dense = (torch.from_numpy(f.dense[rows]) - self.dense_mean) / self.dense_std  # [B, 4]
         dense = self.bottom(dense).view(B, self.cfg.dense_units, d)  # [B, m, d]
-        return torch.cat([dense, sparse], dim=1)  # [B, m + 3, d]
+        return torch.cat([dense, sparse], dim=1)  # [B, m + 3 (+ 2), d]
 
 
 class DLRM(nn.Module):
@@ -239,6 +322,10 @@ class Ranker(nn.Module):
     def forward(self, f: RankingFeatures, rows: np.ndarray) -> torch.Tensor:
         return self.backbone(self.encoder(f, rows))  # [B, num_tasks]
 
+    @property
+    def _buckets(self) -> int | None:
+        return self.cfg.attribute_buckets if self.cfg.attributes else None
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean over tasks and examples of BCE(logit, label); labels [B, num_tasks] in {0, 1}."""
         return F.binary_cross_entropy_with_logits(logits, labels)
@@ -247,7 +334,7 @@ class Ranker(nn.Module):
     def predict(self, examples: RankingExamples, batch_size: int = 4096) -> np.ndarray:
         """[N, num_tasks] probabilities."""
         self.eval()
-        f = ranking_features(examples, self.cfg.history_len)
+        f = ranking_features(examples, self.cfg.history_len, self._buckets)
         out = [torch.sigmoid(self(f, np.arange(begin, min(begin + batch_size, len(f))))).numpy()
                for begin in range(0, len(f), batch_size)]
         return np.concatenate(out) if out else np.empty((0, len(self.tasks)), np.float32)
@@ -266,7 +353,7 @@ def train_ranker(
     """Adam on the multi-task BCE, shuffled mini-batches, deterministic given ``seed``."""
     torch.manual_seed(seed)
     ranker = Ranker(cfg, tasks)
-    f = ranking_features(examples_train, cfg.history_len)
+    f = ranking_features(examples_train, cfg.history_len, cfg.attribute_buckets if cfg.attributes else None)
     labels = torch.from_numpy(task_labels(examples_train, tasks))
     with torch.no_grad():
         ranker.encoder.dense_mean.copy_(torch.from_numpy(f.dense.mean(0)))

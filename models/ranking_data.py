@@ -69,6 +69,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from features.attributes import ATTRIBUTE_FEATURES
 from features.datasets import rating_feedback
 from features.events import POSITIVE_TYPES
 
@@ -284,6 +285,42 @@ def _history_cut(events: pd.DataFrame, requests: pd.DataFrame) -> np.ndarray:
     own_first = first.reindex(key).to_numpy(np.float64)
     t = requests["t_ms"].to_numpy(np.int64)
     return np.where(np.isnan(own_first), t, np.minimum(t, np.nan_to_num(own_first))).astype(np.int64)
+
+
+def with_attributes(examples: RankingExamples, attributes: pd.DataFrame) -> RankingExamples:
+    """The examples with user and item attribute columns (``features.attributes.ATTRIBUTE_FEATURES``) added:
+    ``attributes`` is one row per example, in order, as of the example's ``t_ms``, as
+    ``features.attributes.historical_attributes`` (platform data, through Feast) or ``attributes_as_of`` (a
+    dataset's files) return it. Attributes are read as of t like every other input, so a ranker never sees a
+    value that was set after the request."""
+    if len(attributes) != len(examples):
+        raise ValueError(f"{len(attributes)} attribute rows for {len(examples)} examples")
+    missing = [c for c in ATTRIBUTE_FEATURES if c not in attributes]
+    if missing:
+        raise ValueError(f"attributes are missing columns {missing}")
+    frame = examples.examples.drop(columns=[c for c in ATTRIBUTE_FEATURES if c in examples.examples])
+    for name in ATTRIBUTE_FEATURES:
+        values = attributes[name].to_list()
+        # list columns come back from Parquet as arrays: one type, a list, whichever road they took
+        frame[name] = [list(v) for v in values] if name == "genres" else values
+    return replace(examples, examples=frame)
+
+
+def candidate_examples(base: RankingExamples, user_id: np.ndarray, item_id: np.ndarray, t_ms: np.ndarray,
+                       source: str = RATED) -> RankingExamples:
+    """Unlabelled examples of given (user, candidate, time) rows over ``base``'s events: each history is the
+    user's events strictly before t, as for every other example. For scoring lists that no log holds (a
+    cascade reranking retrieval's top-k at a cutoff)."""
+    users, t = np.asarray(user_id, np.int64), np.asarray(t_ms, np.int64)
+    start, end = _history_bounds(base.events, users, t)
+    examples = pd.DataFrame({"user_id": users, "item_id": np.asarray(item_id, np.int64), "request_id": None, "t_ms": t,
+                             "rank": NO_RANK, "source": source, "hist_start": start, "hist_end": end})
+    return RankingExamples(examples=examples, events=base.events, labels=())
+
+
+def attribute_entities(examples: RankingExamples) -> pd.DataFrame:
+    """``user_id, item_id, t_ms`` of every example: the entity rows whose attributes it reads."""
+    return examples.examples[["user_id", "item_id", "t_ms"]].reset_index(drop=True)
 
 
 def task_labels(examples: RankingExamples, tasks: Sequence[str]) -> np.ndarray:

@@ -38,14 +38,11 @@ EXPOSURE_COLUMNS = ("request_id", "user_id", "timestamp_ms", "items", "model_ver
 INTERACTION_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "timestamp_ms", "played_ratio", "request_id")
 
 
-def ranking_split(dataset: dict):  # noqa: ANN201 - (RankingExamples, RankingExamples)
-    """(train, test) ranking examples of a ``ranking_dataset`` value, rebuilt from its snapshot files (cheap
-    and deterministic, so no pickled frames travel between assets). Training requests carry
-    ``sampled_negatives`` catalogue items each; the test examples are the served items only (what the gate
-    measures is how the ranker orders what was shown, not how easily it rejects random items)."""
-    from dataclasses import replace
-
-    from models.ranking_data import SHOWN, build_ranking_examples
+def ranking_examples(dataset: dict):  # noqa: ANN201 - RankingExamples
+    """Every ranking example of a ``ranking_dataset`` value, rebuilt from its snapshot files (cheap and
+    deterministic, so no pickled frames travel between assets), with the user and item attributes read for
+    them when the snapshot holds some (``attributes``: one row per example, in this order)."""
+    from models.ranking_data import build_ranking_examples, with_attributes
 
     interactions = pd.read_parquet(dataset["interactions"])
     exposures = pd.read_parquet(dataset["exposures"])
@@ -54,6 +51,36 @@ def ranking_split(dataset: dict):  # noqa: ANN201 - (RankingExamples, RankingExa
     examples = build_ranking_examples(interactions, exposures, window_s=dataset["window_s"],
                                       sampled_negatives=negatives, seed=int(dataset.get("seed", 0)),
                                       catalogue=np.unique(interactions["item_id"].to_numpy()) if negatives else None)
+    if dataset.get("attributes"):
+        examples = with_attributes(examples, pd.read_parquet(dataset["attributes"]))
+    return examples
+
+
+def read_attributes(settings, dataset: dict, out: Path) -> str | None:  # noqa: ANN001 - EncoreSettings
+    """The user and item attributes of every example as of its request time, through Feast
+    ``get_historical_features`` over the ``user_attributes`` / ``item_attributes`` views (the rows serving
+    reads online), kept in the snapshot as ``attributes.parquet``; None when nothing was written to the views."""
+    from features.attributes import attributes_written, historical_attributes
+    from features.feature_repo import feature_store
+    from models.ranking_data import attribute_entities
+
+    if not attributes_written(settings):
+        return None
+    entities = attribute_entities(ranking_examples({**dataset, "attributes": None}))
+    frame = historical_attributes(feature_store(settings), settings, entities)
+    frame.to_parquet(out / "attributes.parquet", index=False)
+    return str(out / "attributes.parquet")
+
+
+def ranking_split(dataset: dict):  # noqa: ANN201 - (RankingExamples, RankingExamples)
+    """(train, test) ranking examples of a ``ranking_dataset`` value (``ranking_examples``). Training requests
+    carry ``sampled_negatives`` catalogue items each; the test examples are the served items only (what the gate
+    measures is how the ranker orders what was shown, not how easily it rejects random items)."""
+    from dataclasses import replace
+
+    from models.ranking_data import SHOWN
+
+    examples = ranking_examples(dataset)
     # No gap before the cutoff: the snapshot already holds every reaction of the training requests (the label
     # wait above saw to that), and the test requests' labels never enter training.
     train, test = examples.split_by_time(dataset["cutoff_ms"])
@@ -96,6 +123,7 @@ def ranking_dataset(context: dg.AssetExecutionContext, encore: EncoreResource, k
             "interactions": str(out / "interactions.parquet"), "cutoff_ms": cutoff_ms, "window_s": window_s,
             "labels_complete_ms": labels_complete_ms, "sampled_negatives": settings.ranking.sampled_negatives,
             "seed": settings.ranking.seed}
+    info["attributes"] = read_attributes(settings, info, out)
     train, test = ranking_split(info)
     task = settings.ranking.task
     counts = {"requests": int(len(exposures)), "train_examples": len(train), "test_examples": len(test),
@@ -121,9 +149,10 @@ def trained_ranker(context: dg.AssetExecutionContext, encore: EncoreResource, ml
     from models.lifecycle import tracking
     from models.lifecycle.registry import Registry
     from models.lifecycle.tracking import experiment_name, training_run
+    from models.ranking_recipe import platform_fine_tune
 
     settings = encore.settings()
-    r = settings.ranking
+    r = settings.ranking.model_copy(update=platform_fine_tune(settings.ranking))
     train, _ = ranking_split(ranking_dataset)
     shown = int((train.examples["source"] == "shown").sum())
     if shown < r.min_examples:
