@@ -72,7 +72,10 @@ def resolve_config(name: str, *, seed: int, epochs: int | None, window: int, rec
     fixed = {"seed": seed, **({"epochs": epochs} if epochs is not None else {})}
     cfg = resolve_recipe(name, **{**(overrides or {}), **fixed})
     max_len = recent if cfg.model in LIFELONG_MODELS else window
-    return cfg.replace(max_len=max_len, split="loo", validation=True, seen_filter="history", targets="positive")
+    # train_windows "all": a user with 10,000 events gives a recent-window recipe one window of its last events;
+    # both kinds of model must train on the whole history, or the bench measures training data, not reading
+    return cfg.replace(max_len=max_len, split="loo", validation=True, seen_filter="history", targets="positive",
+                       train_windows="all")
 
 
 def config_figures(gains: dict[str, np.ndarray], rng: np.random.Generator, draws: int) -> dict[str, Any]:
@@ -104,14 +107,15 @@ def versus(gains: dict[str, np.ndarray], base: dict[str, np.ndarray], oracle_lea
 
 def run(size: WorldSize, configs: Sequence[str], seeds: Sequence[int], *, epochs: int | None = None,
         window: int = 200, recent: int = 50, baseline: str = "hstu", world_seed: int = 0,
-        overrides: dict[str, str] | None = None, draws: int = BOOTSTRAP,
+        overrides: dict[str, str] | None = None, world: dict[str, str] | None = None, draws: int = BOOTSTRAP,
         log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """The whole bench (module docstring); returns the JSON object."""
     from models.data import build_sequences
     from models.train import train
 
     t0 = time.perf_counter()
-    params = LifelongParams(seed=world_seed, users=size.users, min_events=size.min_events, max_events=size.max_events)
+    params = LifelongParams(seed=world_seed, users=size.users, min_events=size.min_events, max_events=size.max_events,
+                            **world_params(world or {}))
     world = LifelongWorld(params)
     frame = world.history_frame()
     log(f"world: {size.users} users, {len(frame):,} events, {world.num_items} items ({time.perf_counter() - t0:.1f} s)")
@@ -176,6 +180,17 @@ def _overrides(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def world_params(pairs: dict[str, str]) -> dict[str, Any]:
+    """``--world`` values typed as ``LifelongParams``' defaults (``{"artists": "300"}`` -> ``{"artists": 300}``)."""
+    defaults = asdict(LifelongParams())
+    own_flags = {"seed", "users", "min_events", "max_events"}  # --world-seed, --users, --min-events, --max-events
+    bad = sorted((set(pairs) - set(defaults)) | (set(pairs) & own_flags))
+    if bad:
+        raise SystemExit(f"--world takes LifelongParams fields (not seed/users/min_events/max_events, which have their "
+                         f"own flags); got {bad}")
+    return {k: type(defaults[k])(v) for k, v in pairs.items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=None, help=f"users of the world (default {DEFAULT_SIZE.users})")
@@ -191,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe key for every config, e.g. --set lr=0.002 (repeatable; max_len is the bench's)")
     ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--world", action="append", default=[], metavar="KEY=VALUE",
+                    help="a LifelongParams field, e.g. --world artists=300 (repeatable): a smaller world for a CPU")
     args = ap.parse_args(argv)
 
     base = SMOKE_SIZE if args.smoke else DEFAULT_SIZE
@@ -198,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      max_events=args.max_events or base.max_events)
     out = run(size, [c.strip() for c in args.configs.split(",") if c.strip()], _ints(args.seeds), epochs=args.epochs,
               window=args.window, recent=args.recent, baseline=args.baseline, world_seed=args.world_seed,
-              overrides=_overrides(args.set), log=lambda m: print(m, file=sys.stderr, flush=True))
+              overrides=_overrides(args.set), world=_overrides(args.world), log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(out))
     return out
 
