@@ -60,6 +60,32 @@ def production_overrides(redis: Redis, pg: Postgres, redis_db: int) -> dict:
     }
 
 
+def test_the_iceberg_catalog_lives_in_postgres_and_hosts_that_share_it_fence_each_other(postgres_server, tmp_path):
+    """The production catalog (#39): PostgreSQL, shared by ingest hosts that share nothing else but the warehouse."""
+    from features.iceberg_store import Fenced, IcebergStore
+    from features.offline_read import read_interactions
+    from tests.test_iceberg_store import GROUP, TOPIC, staged
+
+    database = fresh_database(postgres_server, "iceberg")
+    url = postgres_server.url(database, "postgresql+psycopg")
+
+    def host(name: str) -> EncoreSettings:
+        return EncoreSettings(data_dir=tmp_path / name, offline={
+            "backend": "iceberg", "catalog_url": url, "warehouse": str(tmp_path / "warehouse"), "commit_retries": 5})
+
+    a, b = IcebergStore(host("a")), IcebergStore(host("b"))
+    a.append_batch(staged(range(0, 10), 0), {0: 10}, group=GROUP, topic=TOPIC, expected={0: None})
+    b.append_batch(staged(range(100, 105), 1), {1: 105}, group=GROUP, topic=TOPIC, expected={1: None})
+    assert b.recorded_offsets(GROUP, TOPIC, [0, 1]) == {0: 10, 1: 105}  # each host sees the other's commits
+    with pytest.raises(Fenced):  # a stale writer of partition 0 on the other host stores nothing
+        b.append_batch(staged(range(10, 14), 0), {0: 14}, group=GROUP, topic=TOPIC, expected={0: None})
+    stored = read_interactions(host("reader"), columns=["event_id"])["event_id"]
+    assert sorted(stored) == sorted([f"e{i}" for i in range(10)] + [f"e{i}" for i in range(100, 105)])
+    # the catalog is PostgreSQL's, not a file on either host
+    assert "interactions" in postgres_server.psql(database, "SELECT table_name FROM iceberg_tables")
+    assert not list(tmp_path.glob("*/**/*.sqlite"))
+
+
 def redis_keys(redis: Redis, db: int) -> int:
     return redis_client.Redis(host="127.0.0.1", port=redis.port, password=PASSWORD, db=db).dbsize()
 
