@@ -156,6 +156,11 @@ def production_platform(redis_server, postgres_server, tmp_path_factory):
                 "ENCORE_FEAST__REDIS": overrides["feast"]["redis"],
                 "ENCORE_FEAST__REGISTRY": overrides["feast"]["registry"],
                 "ENCORE_DAGSTER__POSTGRES_URL": overrides["dagster"]["postgres_url"],
+                # the scale-out offline store (#39): Iceberg tables, their catalog on PostgreSQL (the local
+                # profile's tests keep the Parquet store, so both backends run the main job)
+                "ENCORE_OFFLINE__BACKEND": "iceberg",
+                "ENCORE_OFFLINE__CATALOG_URL": postgres_server.url(fresh_database(postgres_server, "iceberg"),
+                                                                   "postgresql+psycopg"),
             })
             # the sizes of the test platform, as a YAML file (the third settings source)
             sizes = small_settings(root / "encore").model_dump(mode="json", include={
@@ -194,6 +199,10 @@ def test_the_main_job_runs_end_to_end_in_the_production_profile(production_platf
     assert len(runs) >= 5 and all(status in allowed.get(job, {"SUCCESS"}) for job, status in runs), runs
     feast_db = production_platform["overrides"]["feast"]["registry"].rsplit("/", 1)[1]
     assert int(postgres_server.psql(feast_db, "SELECT count(*) FROM feature_views")) >= 3
+    # the system of record is the Iceberg table whose catalog PostgreSQL holds; no Parquet store was written
+    iceberg_db = production_platform["env"]["ENCORE_OFFLINE__CATALOG_URL"].rsplit("/", 1)[1]
+    assert "interactions" in postgres_server.psql(iceberg_db, "SELECT table_name FROM iceberg_tables")
+    assert not list(production_platform["settings"].offline_dir.glob("date=*/*.parquet"))
 
 
 def test_the_registry_lives_in_postgres_and_the_same_commands_read_it(production_platform, postgres_server):
