@@ -402,6 +402,13 @@ class Recommender:
         """The version of this model's summariser (VISTA), None for a model that summarises nothing."""
         return self.metadata.get("summariser_version")
 
+    def read_order(self, item_ids: np.ndarray, timestamps_ms: np.ndarray) -> np.ndarray:
+        """Positions of the events this model reads, in the order it reads them: unknown items (new since
+        training) dropped, the rest stably sorted by time. One rule for scoring and for the cached summaries
+        (``models.summaries``), whose exactness depends on both reading the same events in the same order."""
+        known = np.flatnonzero(self.vocab.encode(item_ids) > 0)
+        return known[np.argsort(timestamps_ms[known], kind="stable")]
+
     def _encoded(self, h: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A history dict -> its known events, time-sorted: (dense item ids, event codes, ms)."""
         raw = np.asarray(_get(h, "item_ids", []), np.int64).reshape(-1)
@@ -410,11 +417,8 @@ class Recommender:
         ts_ms = np.asarray(_get(h, "timestamps_ms", np.zeros(n)), np.int64).reshape(-1)
         if len(ts_ms) != n:
             raise ValueError("timestamps_ms must have one entry per item_id")
-        idx = self.vocab.encode(raw)
-        known = idx > 0  # unknown items (new since training) are ignored
-        idx, codes, ts_ms = idx[known], codes[known], ts_ms[known]
-        order = np.argsort(ts_ms, kind="stable")
-        return idx[order], codes[order], ts_ms[order]
+        order = self.read_order(raw, ts_ms)
+        return self.vocab.encode(raw[order]), codes[order], ts_ms[order]
 
     def summarise(self, histories: Sequence[Mapping[str, Any]], states: SummaryState | None = None) -> SummaryState:
         """VISTA: fold every known event of each history dict into ``states`` (one row per history; empty states

@@ -253,9 +253,7 @@ def serving_states(recommender: Any, histories: Sequence[Mapping[str, Any]], *,
         raw = np.asarray(h.get("item_ids", []), np.int64)
         ms = np.asarray(h.get("timestamps_ms", []), np.int64)
         types = [str(t) for t in h.get("event_types", [])]
-        dense = recommender.vocab.encode(raw)
-        known = np.flatnonzero(dense > 0)
-        known = known[np.argsort(ms[known], kind="stable")]  # as user_embeddings orders them
+        known = recommender.read_order(raw, ms)  # the events user_embeddings reads, in its order
         boundary = Boundary.of(cached)
         cut = max(len(known) - max_len, 0)
         first = known[cut] if cut < len(known) else None  # the recent window's oldest event
@@ -268,7 +266,7 @@ def serving_states(recommender: Any, histories: Sequence[Mapping[str, Any]], *,
         status[r] = LAGGING if lost else CACHED
         rows.append(r)
         records.append(cached["state"])
-        new.append((dense[older], np.array([EVENT_TYPE_CODES.get(types[j], 0) for j in older], np.int64),
+        new.append((recommender.vocab.encode(raw[older]), np.array([EVENT_TYPE_CODES.get(types[j], 0) for j in older], np.int64),
                     ms[older] // 1000))
     states: list[SummaryState | None] = [None] * len(histories)
     if rows:
