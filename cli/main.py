@@ -127,6 +127,34 @@ def ingest(data_dir: str | None, follow: bool, partitions: str) -> None:
     click.echo("ingest_job " + ("succeeded" if result.success else "failed"))
 
 
+@main.command()
+@click.argument("source", default="synthetic")
+@data_dir_option
+@click.option("--dataset-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="folder with the dataset's user/item files (u.user and u.item for ml-100k, users.dat and "
+                   "movies.dat for ml-1m)")
+def attributes(source: str, data_dir: str | None, dataset_dir: Path | None) -> None:
+    """Load SOURCE's user and item attributes into Feast (the Dagster attributes_job).
+
+    SOURCE is synthetic (the simulator's genres and albums, the default) or a MovieLens name with
+    --dataset-dir. Only new entities and changed values are written, so loading twice writes nothing.
+    """
+    from cli.jobs import run_job
+
+    settings = settings_for(data_dir)
+    config = {"source": source} | ({"dataset_dir": str(dataset_dir)} if dataset_dir else {})
+    result = run_job(settings, "attributes_job", raise_on_error=False,
+                     run_config={"ops": {"entity_attributes": {"config": config}}})
+    if not result.success:
+        failure = next((e for e in result.all_events if e.is_step_failure), None)
+        reason = failure.step_failure_data.error.message.strip() if failure else "see the run in Dagster"
+        raise click.ClickException(f"attributes_job failed: {reason}")
+    meta = result.asset_materializations_for_node("entity_attributes")[0].metadata
+    click.echo(f"attributes_job succeeded: {meta['users_read'].value} users and {meta['items_read'].value} items "
+               f"read; {meta['user_rows_written'].value} user and {meta['item_rows_written'].value} item rows "
+               "written (new or changed)")
+
+
 # ---------------------------------------------------------------- models
 
 

@@ -1,6 +1,7 @@
 """The end-to-end road, as ``encore run`` (and ``make run``) drives it.
 
-replay → Kafka → Dagster ``ingest_job`` (Feast offline + online) → Dagster ``training_job`` (snapshot →
+replay → Kafka → Dagster ``ingest_job`` (Feast offline + online) and ``attributes_job`` (the tracks' genres
+and albums into Feast, for the rankers) → Dagster ``training_job`` (snapshot →
 TorchRec model → MLflow run + registry → promotion gate) → ``encore serve`` (a real HTTP server) →
 simulated users under a two-arm A/B split call it and react → their feedback returns through Kafka →
 ``ingest_job`` again → ``ab_report_job`` (per-arm metrics with confidence intervals).
@@ -84,8 +85,10 @@ def run_end_to_end(settings: EncoreSettings, *, progress: bool = True) -> dict:
         summary["replayed"] = rep.sent
         log.info("replayed %d events (%.0f/s)", rep.sent, rep.events_per_s)
 
-        # 2. ingest and train through Dagster
+        # 2. ingest (events, and the tracks' genres and albums for the rankers) and train through Dagster
         ing = run_job(settings, "ingest_job", instance)
+        attrs = _materialization(run_job(settings, "attributes_job", instance), "entity_attributes")
+        summary["attributes"] = {k: attrs[k] for k in ("items_read", "item_rows_written")}
         mat = _materialization(ing, "ingested_interactions")
         summary["ingest"] = {k: mat[k] for k in ("consumed", "written", "duplicates", "dlq")}
         tr = run_job(settings, "training_job", instance)
@@ -156,6 +159,8 @@ def format_summary(summary: dict, settings: EncoreSettings) -> str:
         f"events replayed            {summary['replayed']}",
         f"ingested                   {summary['ingest']['written']} stored, {summary['ingest']['dlq']} to DLQ "
         f"(of {summary['ingest']['consumed']} messages)",
+        f"attributes                 {summary['attributes']['items_read']} tracks' genres and albums in Feast "
+        f"({summary['attributes']['item_rows_written']} rows new or changed)",
         f"model                      {m['name']}  v{m['version']}  "
         + "  ".join(f"{k}={t[k]:.4f}" for k in ("hr@10", "ndcg@10", "mrr") if k in t),
         f"promotion                  {m['promotion']}",

@@ -76,6 +76,70 @@ def write_attributes(store: FeatureStore, settings: EncoreSettings, *, users: pd
         write_online(store, view.name, key, records, "event_timestamp")
 
 
+def source_attributes(source: str, settings: EncoreSettings,
+                      dataset_dir: Path | str | None = None) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """(users, items) attribute frames of a replay source (``features.replay.open_source``'s names):
+    ``synthetic`` is the simulator world of ``settings.simulator`` (its tracks' genre and album; its listeners
+    have no demographics), a MovieLens name reads ``u.user``/``u.item`` or ``users.dat``/``movies.dat`` from
+    ``dataset_dir``. A source with no attribute files is an error, not an empty load."""
+    from features.datasets import DATASETS, load_item_attributes, load_user_attributes, simulator_item_attributes
+
+    if source == "synthetic":
+        from features.simulator import MusicWorld
+
+        catalog = MusicWorld(settings.simulator).catalog
+        return None, simulator_item_attributes(catalog.genre, catalog.album)
+    if source not in DATASETS:
+        raise ValueError(f"unknown attribute source {source!r}: use synthetic or one of {sorted(DATASETS)}")
+    if dataset_dir is None:
+        raise ValueError(f"attribute source {source!r} needs the dataset's folder (dataset_dir)")
+    users, items = load_user_attributes(source, dataset_dir), load_item_attributes(source, dataset_dir)
+    if users is None and items is None:
+        raise ValueError(f"{source}: no user or item attribute file in {dataset_dir} "
+                         "(u.user/u.item for ml-100k, users.dat/movies.dat for ml-1m)")
+    return users, items
+
+
+def changed_rows(frame: pd.DataFrame | None, stored: pd.DataFrame | None, key: str,
+                 names: tuple[str, ...]) -> pd.DataFrame | None:
+    """The rows of ``frame`` whose entity is new or whose values differ from the entity's latest stored row:
+    loading the same file twice writes nothing, and a changed value gets a row of its own (valid from the
+    load), so earlier requests keep reading what was true then."""
+    if frame is None or frame.empty or stored is None or stored.empty:
+        return frame
+    latest = stored.sort_values("event_timestamp", kind="stable").drop_duplicates(key, keep="last").set_index(key)
+
+    def same(row: pd.Series) -> bool:
+        if row[key] not in latest.index:
+            return False
+        old = latest.loc[row[key]]
+        return all(_clean(n, [old[n]]) == _clean(n, [row[n]]) for n in names if n in frame)
+
+    keep = [not same(row) for _, row in frame.iterrows()]
+    return frame[np.asarray(keep, bool)]
+
+
+def sync_attributes(store: FeatureStore, settings: EncoreSettings, *, users: pd.DataFrame | None,
+                    items: pd.DataFrame | None, now_ms: int) -> dict[str, int]:
+    """Write what is new or changed in ``users`` / ``items`` (``changed_rows``) to the attribute views: on a
+    view's first load the rows hold from ``STATIC_SINCE_MS`` (a dataset file describes its entities from
+    before any event), later changes from ``now_ms``. Returns the rows written per view."""
+    from features.feature_repo import item_attributes_view, user_attributes_view
+
+    written: dict[str, int] = {}
+    for view, key, names, frame in ((user_attributes_view(settings), "user_id", USER_FEATURES, users),
+                                    (item_attributes_view(settings), "item_id", ITEM_FEATURES, items)):
+        path = _batch_path(view)
+        stored = pd.read_parquet(path) if path.exists() else None
+        rows = changed_rows(frame, stored, key, names)
+        written[view.name] = 0 if rows is None else len(rows)
+        if written[view.name]:
+            since = STATIC_SINCE_MS if stored is None else int(now_ms)
+            kwargs = {"users": rows} if key == "user_id" else {"items": rows}
+            write_attributes(store, settings, timestamp_ms=since, **kwargs)
+    return written
+
+
 def historical_attributes(store: FeatureStore, settings: EncoreSettings, entity: pd.DataFrame) -> pd.DataFrame:
     """``entity`` (``user_id, item_id, t_ms``) with ``ATTRIBUTE_FEATURES`` as of each row's t, through Feast
     ``get_historical_features``; views nothing was written to read as unknown."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dagster as dg
 
-from orchestration.assets import experiments, ingest, maintenance, ranking, rollouts, studies, summaries, training
+from orchestration.assets import attributes, experiments, ingest, maintenance, ranking, rollouts, studies, summaries, training
 from orchestration.jobs import (
     ab_report_job,
+    attributes_job,
     distributed_training_job,
     ingest_job,
     ranking_job,
@@ -31,7 +32,7 @@ from orchestration.sensors import (
 
 defs = dg.Definitions(
     assets=[
-        ingest.interactions_topic, ingest.ingested_interactions,
+        ingest.interactions_topic, ingest.ingested_interactions, attributes.entity_attributes,
         training.training_dataset, training.trained_model, training.evaluation, training.registered_model,
         training.champion_model, training.distributed_trained_model,
         studies.scaling_corpus, studies.scaling_point, studies.scaling_laws,
@@ -43,7 +44,7 @@ defs = dg.Definitions(
         summaries.user_summaries,
     ],
     asset_checks=[ingest.offline_schema, ingest.freshness, training.promotion_gate, ranking.ranker_gate],
-    jobs=[ingest_job, training_job, scaling_plan_job, scaling_point_job, scaling_fit_job, ab_report_job, distributed_training_job, rollout_job,
+    jobs=[ingest_job, attributes_job, training_job, scaling_plan_job, scaling_point_job, scaling_fit_job, ab_report_job, distributed_training_job, rollout_job,
           ranking_job, table_maintenance_job, summaries_job],
     schedules=[nightly_retrain, table_maintenance_schedule],
     sensors=[retrain_on_new_events, ingest_on_lag, rollout_sensor, summaries_sensor],

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from orchestration.assets.attributes import entity_attributes
 from orchestration.assets.experiments import ab_report
 from orchestration.assets.ingest import ingested_interactions
 from orchestration.assets.maintenance import compacted_interactions, expired_snapshots, removed_orphan_files
@@ -27,6 +28,10 @@ from orchestration.assets.training import (
 
 ingest_job = dg.define_asset_job("ingest_job", selection=[ingested_interactions],
                                  description="consume the interactions topic into Feast")
+
+
+attributes_job = dg.define_asset_job("attributes_job", selection=[entity_attributes],
+                                     description="load user and item attributes into Feast (ranker features)")
 
 
 training_job = dg.define_asset_job(

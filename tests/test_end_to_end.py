@@ -34,6 +34,17 @@ def test_every_replayed_event_is_stored_and_bad_ones_go_to_the_dlq(platform):
     assert summary["ingest"]["consumed"] == summary["replayed"] + 3
 
 
+def test_the_tracks_attributes_are_in_feast_for_the_rankers(platform):
+    from features.feature_repo import feature_store
+
+    settings, summary = platform
+    assert summary["attributes"] == {"items_read": settings.simulator.items,
+                                     "item_rows_written": settings.simulator.items}
+    online = feature_store(settings).get_online_features(["item_attributes:genres", "item_attributes:album"],
+                                                         [{"item_id": 0}]).to_dict()
+    assert len(online["genres"][0]) == 1 and online["album"][0].startswith("a")
+
+
 def test_a_model_is_trained_registered_and_promoted(platform):
     settings, summary = platform
     test = summary["model"]["test"]
@@ -65,7 +76,8 @@ def test_runs_are_recorded_in_the_dagster_instance(platform):
     settings, _ = platform
     with dg.DagsterInstance.from_config(str(settings.dagster_home)) as instance:
         jobs = [r.job_name for r in instance.get_runs()]
-    assert sorted(jobs) == sorted(["ingest_job", "training_job", "ingest_job", "ab_report_job", "ranking_job"])
+    assert sorted(jobs) == sorted(["ingest_job", "attributes_job", "training_job", "ingest_job", "ab_report_job",
+                                   "ranking_job"])
 
 
 def test_the_ab_tests_slates_train_a_ranker_that_is_gated_and_registered(platform):
