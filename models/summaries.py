@@ -24,8 +24,11 @@ events of its 200-event history that have key > until (a few, or none) and reads
 is a sum over events (``models.vista``), so folding in pieces, in any grouping, is the same as one pass
 from the empty state; the only loss is the fp16 rounding of P each time a state is stored.
 
-An event that arrives late, with a key at or below ``until``, is not summarised: the state is a prefix of the
-key order by construction. A backfill from scratch (a new partition) picks it up.
+An event that arrives late, with a key at or below ``until``, cannot be folded in: the state is a prefix of the
+key order by construction. A refresh notices it by counting: the user's older events with key <= until must be
+exactly the n the state holds. A user whose count differs (a late event landed inside the summarised prefix)
+is summarised again from the empty state, from all their older events (``attrs["users_resummarised"]``): late
+events cost that user one pass over their history, and are never lost.
 """
 
 from __future__ import annotations
@@ -117,6 +120,13 @@ def refresh_summaries(recommender: Any, events: pd.DataFrame, previous: pd.DataF
     b_type = _lookup(prev, "summarised_until_type", users, NOTHING[2])
     ms, item, typ = ev["timestamp_ms"].to_numpy(), ev["item_id"].to_numpy(), ev["event_type"].to_numpy().astype(str)
     after = (ms > b_ms) | ((ms == b_ms) & ((item > b_item) | ((item == b_item) & (typ > b_type.astype(str)))))
+    # late events: a user whose older events up to the boundary are not the n the state holds starts again
+    covered = pd.Series(older & ~after).groupby(users, sort=False).sum()  # per user: older events <= until
+    held = prev["events_summarised"].reindex(covered.index)  # NaN: no previous row
+    late = covered.index[held.notna().to_numpy() & (covered.to_numpy() != held.fillna(-1).to_numpy())].to_numpy()
+    if len(late):
+        prev = prev.drop(index=late)
+        after = after | np.isin(users, late)
     fold = ev[older & after]
 
     # one state per user that has something to fold: its previous state, or the empty one
@@ -147,7 +157,7 @@ def refresh_summaries(recommender: Any, events: pd.DataFrame, previous: pd.DataF
         "summariser_version": version, "events_summarised": np.zeros(len(fresh), np.int64),
         "summarised_until_ms": np.full(len(fresh), NOTHING[0], np.int64),
         "summarised_until_item": np.full(len(fresh), NOTHING[1], np.int64), "summarised_until_type": NOTHING[2]})
-    kept = previous[~previous["user_id"].isin(fold_users)]
+    kept = previous[~previous["user_id"].isin(fold_users) & ~previous["user_id"].isin(late)]
     parts = [p for p in (kept, folded, empty) if len(p)]
     out = (pd.concat(parts, ignore_index=True) if parts else previous.iloc[:0]).loc[:, list(SUMMARY_COLUMNS)]
     out = out.astype({"user_id": np.int64, "events_summarised": np.int64, "summarised_until_ms": np.int64,
@@ -156,6 +166,7 @@ def refresh_summaries(recommender: Any, events: pd.DataFrame, previous: pd.DataF
         raise ValueError(f"a state record is not {state_bytes(k, d)} bytes (K={k}, D={d})")
     out.attrs["events_folded"] = int(len(fold))
     out.attrs["users_folded"] = int(len(fold_users))
+    out.attrs["users_resummarised"] = int(len(late))
     return out
 
 

@@ -113,6 +113,24 @@ def test_a_refresh_with_nothing_new_changes_nothing_and_folds_nothing():
     pd.testing.assert_frame_equal(again.reset_index(drop=True), full.reset_index(drop=True))
 
 
+def test_a_late_event_inside_the_summarised_prefix_resummarises_its_user_and_is_not_lost():
+    rec, events = vista(), world()
+    full = refresh_summaries(rec, events, None, recent=RECENT)
+    # a late event for user 5 (300 events), older than everything the state summarises, and a known item
+    late_row = pd.DataFrame([(5, 120, "like", T0 - 86_400_000)], columns=events.columns)
+    with_late = pd.concat([events, late_row], ignore_index=True)
+    again = refresh_summaries(rec, with_late, full, recent=RECENT)
+    assert again.attrs["users_resummarised"] == 1 and again.attrs["users_folded"] == 1
+    reference = from_scratch(rec, with_late)
+    assert int(states(again)[5].count) == int(states(full)[5].count) + 1
+    for user, state in states(again).items():
+        assert_same(state, reference[user])  # user 5 from scratch, everyone else untouched
+    others = again[again.user_id != 5].reset_index(drop=True)
+    pd.testing.assert_frame_equal(others, full[full.user_id != 5].reset_index(drop=True))
+    # once caught up, nothing is late any more
+    assert refresh_summaries(rec, with_late, again, recent=RECENT).attrs["users_resummarised"] == 0
+
+
 def test_states_of_another_summariser_version_are_refused():
     events = world()
     old = refresh_summaries(vista(seed=0), events, None, recent=RECENT)

@@ -168,6 +168,7 @@ def user_summaries(context: dg.AssetExecutionContext, encore: EncoreResource, fe
     yield dg.MaterializeResult(metadata={
         "model_version": model_version, "alias": alias, "backfill": previous is None,
         "users": len(table), "users_folded": int(table.attrs.get("users_folded", 0)), "events_folded": folded,
+        "users_resummarised": int(table.attrs.get("users_resummarised", 0)),  # late events inside a summary
         "events_summarised": int(table["events_summarised"].sum()), "rows_changed": len(changed),
         "online": online, "wall_s": round(wall_s, 3), "bytes_per_user": record,
         "events_per_s": round(folded / wall_s, 1) if wall_s > 0 else 0.0,
