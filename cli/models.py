@@ -176,6 +176,8 @@ def models_rollback(data_dir: str | None, uri: str | None, reason: str, rankers:
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"@{entry['alias']}: v{entry['from']} -> v{entry['to']} (rollback, by {entry['actor']})")
+    if entry.get("summaries"):
+        click.echo(f"note: {entry['summaries']}", err=True)
 
 
 @models_group.command("audit")

@@ -231,7 +231,7 @@ def test_the_gate_refuses_a_vista_version_until_its_own_summaries_are_backfilled
     from models.lifecycle.gate import GateDecision, summaries_check, with_summaries
     from models.lifecycle.promotion import SummariesNotReady, promote
 
-    registry = registry_of(mlflow_run, "gate-test")
+    registry = registry_of(mlflow_run, "gate-test", versions=3)
     registry.set_tags(1, {"model": "hstu"})
     registry.set_tags(2, {"model": "vista", "summariser_version": "abc123abc123"})
     assert summaries_check(registry.tags(1), {}) is None  # not a vista model: no such check
@@ -249,6 +249,13 @@ def test_the_gate_refuses_a_vista_version_until_its_own_summaries_are_backfilled
     assert with_summaries(passed, summaries_check(registry.tags(2), registry.summary_backfills())).passed
     assert promote(registry, 2, reason="vista")["to"] == 2
     assert registry.champion_version() == 2
+    # rolling back onto a VISTA version is never refused, and says which summaries to refresh
+    from models.lifecycle.promotion import rollback
+
+    registry.set_tags(3, {"model": "hstu"})
+    promote(registry, 3, reason="back to hstu")
+    entry = rollback(registry, reason="drill")
+    assert entry["to"] == 2 and "user_summaries partition abc123abc123" in entry["summaries"]
 
 
 # ---------------------------------------------------------------------------------------------------- Dagster

@@ -127,10 +127,26 @@ def promote(registry: Registry, version: int, *, reason: str, actor: str | None 
 
 
 def rollback(registry: Registry, *, reason: str = "rollback", actor: str | None = None) -> dict:
-    """Give the champion alias back to the version that held it before the current one."""
+    """Give the champion alias back to the version that held it before the current one.
+
+    A rollback is never refused for want of summaries (it is the way out of a bad champion, and a VISTA model
+    without its cached summaries still answers, from the online history). For a VISTA target the entry's
+    ``summaries`` says what to run: the online ``user_summary`` rows belong to whichever summariser was pushed
+    last, so answers say ``"stale"`` until the target's ``user_summaries`` partition runs again (a backfill
+    first, if it has none)."""
     stack = registry.champion_stack()
     current = registry.champion_version()
     if current is None or len(stack) < 2:
         raise ValueError("nothing to roll back to: there has been at most one champion")
-    return registry.set_alias(registry.names.champion_alias, stack[-2], reason=f"{reason} (from v{current})",
-                              actor=actor, action="rollback")
+    target = stack[-2]
+    entry = registry.set_alias(registry.names.champion_alias, target, reason=f"{reason} (from v{current})",
+                               actor=actor, action="rollback")
+    tags = registry.tags(target)
+    tie = summaries_check(tags, registry.summary_backfills())
+    if tie is not None:
+        version = tags.get("summariser_version", "?")
+        note = (f"v{target} reads summaries of summariser {version}: answers say 'stale' until user_summaries "
+                f"partition {version} runs again and pushes its states online")
+        entry = {**entry, "summaries": note if tie[0] else f"{note} ({tie[1]})"}
+        _log.warning(entry["summaries"])
+    return entry
