@@ -49,13 +49,15 @@ def migrate_to_iceberg(data_dir: str | None, source: Path | None, no_offsets: bo
 def maintain(data_dir: str | None, days: int | None, dry_run: bool) -> None:
     """Compact recent day partitions (dropping duplicate event ids), expire old snapshots, remove orphans."""
     from features.iceberg_store import IcebergStore, compact, expire_store_snapshots, remove_store_orphans
+    from models.lifecycle.registry import pinned_snapshot_ids
 
     settings = settings_for(data_dir)
     cfg = settings.offline
     store = IcebergStore(settings)
     try:
         compacted = compact(store.table, window_days=days or cfg.compaction_days, retries=cfg.commit_retries)
-        expired = expire_store_snapshots(store, older_than_s=cfg.snapshot_retention_s)
+        expired = expire_store_snapshots(store, older_than_s=cfg.snapshot_retention_s,
+                                         keep_ids=pinned_snapshot_ids(settings))
         orphans = remove_store_orphans(store, grace_s=cfg.orphan_grace_s, dry_run=dry_run)
     finally:
         store.close()

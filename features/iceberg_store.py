@@ -531,14 +531,16 @@ def offset_snapshots(table: Table) -> set[int]:
     return set(newest.values())
 
 
-def expire_snapshots(table: Table, *, older_than_s: float, retries: int = 10) -> int:
-    """Expire snapshots older than ``older_than_s``, except the current one and those carrying a partition's
-    newest offsets (the resume point of its worker). Returns how many were expired. Data files stay until
+def expire_snapshots(table: Table, *, older_than_s: float, retries: int = 10,
+                     keep_ids: Iterable[int] = ()) -> int:
+    """Expire snapshots older than ``older_than_s``, except the current one, those carrying a partition's
+    newest offsets (the resume point of its worker) and ``keep_ids`` (the snapshots registered models were
+    trained on: ``Registry.pinned_snapshot_ids``). Returns how many were expired. Data files stay until
     ``remove_orphan_files``: pyiceberg's expiry rewrites metadata only."""
     for attempt in range(retries + 1):
         table.refresh()
         cutoff_ms = int((time.time() - older_than_s) * 1000)
-        keep = offset_snapshots(table)
+        keep = offset_snapshots(table) | {int(i) for i in keep_ids}
         current = table.current_snapshot()
         if current is not None:
             keep.add(current.snapshot_id)
@@ -606,10 +608,12 @@ def remove_orphan_files(table: Table, *, grace_s: float, dry_run: bool = False) 
     return report
 
 
-def expire_store_snapshots(store: IcebergStore, *, older_than_s: float) -> int:
-    """``expire_snapshots`` on both tables of a store (interactions and the DLQ ledger)."""
-    return sum(expire_snapshots(t, older_than_s=older_than_s, retries=store.cfg.commit_retries)
-               for t in (store.table, store.dlq))
+def expire_store_snapshots(store: IcebergStore, *, older_than_s: float, keep_ids: Iterable[int] = ()) -> int:
+    """``expire_snapshots`` on both tables of a store (interactions and the DLQ ledger); ``keep_ids``: the
+    interactions snapshots that must stay."""
+    keep = set(keep_ids)
+    return (expire_snapshots(store.table, older_than_s=older_than_s, retries=store.cfg.commit_retries, keep_ids=keep)
+            + expire_snapshots(store.dlq, older_than_s=older_than_s, retries=store.cfg.commit_retries))
 
 
 def remove_store_orphans(store: IcebergStore, *, grace_s: float, dry_run: bool = False) -> OrphanReport:

@@ -162,6 +162,19 @@ def test_the_training_snapshot_records_its_lineage(tmp_path, backend):
     assert any(offline_read.feast_source_dir(settings).glob(f"date=*/snapshot-{sid}.parquet"))
 
 
+def _register_champion(settings: EncoreSettings, snapshot_id: int) -> None:
+    """A registered model in the data dir's own registry file, its champion tagged with the Iceberg snapshot it
+    was trained on (as ``registered_model`` tags it)."""
+    from mlflow import MlflowClient
+
+    settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}")
+    client.create_registered_model(settings.registry.model_name)
+    mv = client.create_model_version(settings.registry.model_name, "file:///nowhere/model",
+                                     tags={"snapshot_id": str(snapshot_id)})
+    client.set_registered_model_alias(settings.registry.model_name, settings.registry.champion_alias, mv.version)
+
+
 def test_the_maintenance_job_compacts_expires_and_cleans_a_real_table(tmp_path):
     from orchestration.assets.maintenance import compacted_interactions, expired_snapshots, removed_orphan_files
     from orchestration.sensors import table_maintenance_schedule
@@ -173,6 +186,9 @@ def test_the_maintenance_job_compacts_expires_and_cleans_a_real_table(tmp_path):
     batches(store, (range(0, 10), 0), (range(10, 20), 0), (range(20, 30), 1), (range(30, 35), 1))
     store.append_batch([StagedEvent(events(range(5, 6), 0)[0].event, 1, 35)], {1: 36}, group=GROUP, topic=TOPIC,
                        expected={1: 35})  # a producer duplicate of e5
+    # the champion was trained on the first snapshot (no resume point: expiry would drop it otherwise)
+    trained_on = min(store.table.metadata.snapshots, key=lambda s: s.sequence_number).snapshot_id
+    _register_champion(settings, trained_on)
     before = offline_read.read_interactions(settings)
     assert partition_days(store.table)[datetime.fromtimestamp(TODAY_MS / 1000, timezone.utc).date()] == 5
     store.close()
@@ -194,6 +210,8 @@ def test_the_maintenance_job_compacts_expires_and_cleans_a_real_table(tmp_path):
     pd.testing.assert_frame_equal(before[SAME], after[SAME])
     store = IcebergStore(settings)
     assert recorded_offsets(store.table, GROUP, TOPIC, [0, 1]) == {0: 20, 1: 36}  # resume points survive
+    assert trained_on in {s.snapshot_id for s in store.table.metadata.snapshots}  # and the champion's data
+    assert len(offline_read.training_events(settings, trained_on)) == 10
     assert len(store.read()) == len(store.table.scan().to_arrow()) == 35  # the duplicate is gone from the table
     store.close()
 

@@ -36,7 +36,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from models.lifecycle.tracking import git_revision, mlflow_name, numeric_metrics
+from models.lifecycle.tracking import git_revision, mlflow_name, numeric_metrics, tracking_uri
 
 if TYPE_CHECKING:
     from infra.settings import RegistrySettings
@@ -271,6 +271,20 @@ class Registry:
                 stack.append(e["to"])
         return stack
 
+    def pinned_snapshot_ids(self) -> set[int]:
+        """The offline table snapshots (tag ``snapshot_id``, Iceberg only) of the versions that may serve: every
+        version an alias points at, and each version on the champion stack (a rollback may return to it).
+        Snapshot expiry keeps these, so a serving model's data can always be read again."""
+        try:
+            aliases = self.client.get_registered_model(self.name).aliases  # {alias: version}
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":  # no model registered yet: nothing to keep
+                return set()
+            raise  # an unreachable registry must not read as "nothing pinned"
+        versions = {int(v) for v in aliases.values()} | set(self.champion_stack())
+        ids = (self.tags(v).get("snapshot_id", "") for v in sorted(versions))
+        return {int(i) for i in ids if i.strip().lstrip("-").isdigit()}
+
     # ------------------------------------------------------------------------------------------- loading
 
     def download(self, dst: Path, *, alias: str | None = None, version: int | None = None) -> tuple[Path, int]:
@@ -312,3 +326,14 @@ def _float(v: str | None) -> float | None:
 
 def _actor() -> str:
     return os.environ.get("ENCORE_ACTOR") or os.environ.get("USER") or "unknown"
+
+
+def pinned_snapshot_ids(settings: Any) -> set[int]:  # settings: infra.settings.EncoreSettings
+    """``Registry.pinned_snapshot_ids`` of the retrievers' registry of ``settings`` (the registry's file when
+    its server is not running: tags are all it reads); empty when no registry exists anywhere yet. Raises when
+    a configured registry cannot be read: expiring a serving model's snapshot is not undoable."""
+    try:
+        uri = tracking_uri(settings)
+    except RuntimeError:  # no server, no file: no model was ever registered here
+        return set()
+    return Registry(uri, settings.registry).pinned_snapshot_ids()

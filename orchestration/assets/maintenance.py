@@ -1,7 +1,8 @@
 """The maintenance group: upkeep of the Iceberg offline store (``offline.backend: iceberg``).
 
     compacted_interactions  (recent day partitions rewritten: duplicate event_ids dropped, small files merged)
-        └─ expired_snapshots  (old snapshots forgotten, except each partition's resume point)
+        └─ expired_snapshots  (old snapshots forgotten, except each partition's resume point and the
+                               snapshots serving models were trained on)
              └─ removed_orphan_files  (files no snapshot references, older than the grace period, deleted)
 
 Why in this order: compaction leaves the replaced files referenced by older snapshots; expiry drops those
@@ -54,16 +55,19 @@ def compacted_interactions(context: dg.AssetExecutionContext, encore: EncoreReso
 @dg.asset(deps=[compacted_interactions], kinds={"iceberg"}, group_name=MAINTENANCE)
 def expired_snapshots(context: dg.AssetExecutionContext, encore: EncoreResource) -> dict:
     """Expire snapshots older than ``offline.snapshot_retention_s`` on both tables; the snapshots that carry a
-    partition's newest Kafka offsets (where its worker resumes) and the current one stay."""
+    partition's newest Kafka offsets (where its worker resumes), the current one, and those the registry's
+    serving versions were trained on (aliases and the champion stack: ``Registry.pinned_snapshot_ids``) stay."""
     from features.iceberg_store import expire_store_snapshots
+    from models.lifecycle.registry import pinned_snapshot_ids
 
     settings, store = _store(encore)
     try:
-        expired = expire_store_snapshots(store, older_than_s=settings.offline.snapshot_retention_s)
+        pinned = pinned_snapshot_ids(settings)  # the snapshots serving models were trained on
+        expired = expire_store_snapshots(store, older_than_s=settings.offline.snapshot_retention_s, keep_ids=pinned)
         left = len(store.table.metadata.snapshots) + len(store.dlq.metadata.snapshots)
     finally:
         store.close()
-    context.add_output_metadata({"expired": expired, "snapshots_left": left,
+    context.add_output_metadata({"expired": expired, "snapshots_left": left, "pinned_by_models": len(pinned),
                                  "retention_s": settings.offline.snapshot_retention_s})
     return {"expired": expired, "snapshots_left": left}
 

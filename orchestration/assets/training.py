@@ -219,7 +219,9 @@ def registered_model(context: dg.AssetExecutionContext, encore: EncoreResource, 
         tags={"model": evaluation["family"], "dataset_snapshot": ds["snapshot"],
               "offset_ranges": json.dumps(ds["offset_ranges"]), "events": str(ds["events"]),
               "feature_views": json.dumps(ds.get("feature_views", {})), "params": str(evaluation["params"]),
-              "dagster_run_id": context.run_id},
+              "dagster_run_id": context.run_id,
+              # the Iceberg snapshot it read: table maintenance keeps it while the version may serve
+              **({"snapshot_id": str(ds["snapshot_id"])} if ds.get("snapshot_id") is not None else {})},
         input_example=_input_example(rec), artifacts={"evaluation": Path(evaluation["report_dir"])},
     )
     context.add_output_metadata({"version": reg.version, "run_id": reg.run_id,
