@@ -119,6 +119,25 @@ def auc_difference(labels: np.ndarray, a: np.ndarray, b: np.ndarray, user_index:
     return out
 
 
+def seeded_auc_difference(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]],
+                          rng: np.random.Generator, draws: int, chunk: int = 100) -> dict[str, float]:
+    """AUC of a minus b when each seed has its own test examples (the simulator's logging policy is seeded):
+    ``parts`` holds per seed (labels [N_s], a [N_s], b [N_s], user_index [N_s], num_users). Each draw resamples
+    the seeds, and within each seed its users; the difference is the mean over the drawn seeds."""
+    k = len(parts)
+    seed_w = rng.multinomial(k, np.full(k, 1.0 / k), size=draws).astype(float)  # [draws, k]
+    per_draw, at_full = np.empty((draws, k)), np.empty(k)
+    for s, (labels, a, b, user_index, num_users) in enumerate(parts):
+        full = np.ones((1, len(labels)))
+        at_full[s] = (weighted_auc(labels, a, full) - weighted_auc(labels, b, full))[0]
+        user_w = rng.multinomial(num_users, np.full(num_users, 1.0 / num_users), size=draws).astype(float)
+        for lo in range(0, draws, chunk):
+            w = user_w[lo : lo + chunk][:, user_index]
+            per_draw[lo : lo + chunk, s] = weighted_auc(labels, a, w) - weighted_auc(labels, b, w)
+    both = (seed_w * per_draw).sum(axis=1) / k
+    return _interval(both, per_draw.mean(axis=1), seed_w @ at_full / k, float(at_full.mean()))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # One seed
 # ----------------------------------------------------------------------------------------------------------

@@ -105,6 +105,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", default=None,
                     help="wukong/dlrm sizes as key=value,... over RankerConfig's defaults, e.g. "
                          "dim=32,layers=4,fmb_units=8,lcb_units=8,fmb_rank=8,mlp_hidden=128 (a size sweep)")
+    ap.add_argument("--sizes", default=None,
+                    help="a size sweep: several --size values separated by ';'. Every --model trains at each "
+                         "(scorers MODEL@1, MODEL@2, ...) on the same data per seed, and the JSON's by_size holds "
+                         "each size's AUC, its non-embedding parameters, and the paired differences between "
+                         "consecutive sizes and between the models at each size (seeds and users resampled)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (256)")
     ap.add_argument("--lr", type=float, default=None, help="default: the recipe's (3e-3)")
     ap.add_argument("--test-share", type=float, default=None, help="default: the recipe's (0.3)")
@@ -130,6 +135,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--bootstrap", type=int, default=2000, help="resamples of seeds and users for the intervals")
     args = ap.parse_args(argv)
     _apply_recipe(ap, args)
+    if args.size and args.sizes:
+        ap.error("give --size or --sizes, not both")
+    args.size_list = [part.strip() for part in args.sizes.split(";") if part.strip()] if args.sizes else [args.size]
+    if args.sizes and (len(args.size_list) < 2 or any(m in ("argus", "hstu") for m in args.models)):
+        ap.error("--sizes needs at least two sizes and sizes Wukong and DLRM only")
     args.seed_list = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     if not args.seed_list:
         ap.error("--seeds needs at least one seed")
@@ -326,8 +336,11 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
 
     metrics: dict = {name: {} for name in subsets}
     train_s: dict[str, float] = {}
+    primary = subsets["shown" if "shown" in subsets else "all"]
+    sweep: dict[str, dict] = {}  # scorer -> its scores on the primary subset and its size (a --sizes run)
     argus = None
-    for model in args.models:
+    for model, j, size in [(m, j, sz) for m in args.models for j, sz in enumerate(args.size_list)]:
+        scorer = f"{model}@{j + 1}" if len(args.size_list) > 1 else model
         began = time.perf_counter()
         if model == "argus":
             from bench.argus_ranking import run_argus_seed
@@ -343,14 +356,16 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
             ranker = train_hstu_ranker(train, cfg, tasks, epochs=args.epochs, batch_size=args.batch_size,
                                        lr=args.lr, seed=seed)
         else:
-            ranker = train_ranker(train, ranker_config(model, args.size, args.recipe), tasks, epochs=args.epochs,
+            ranker = train_ranker(train, ranker_config(model, size, args.recipe), tasks, epochs=args.epochs,
                                   batch_size=args.batch_size, lr=args.lr, seed=seed)
-        train_s[model] = round(time.perf_counter() - began, 2)
+        train_s[scorer] = round(time.perf_counter() - began, 2)
+        if len(args.size_list) > 1:
+            sweep[scorer] = {"scores": ranker.predict(primary), "params": non_embedding_params(ranker)}
         for name, part in subsets.items():
             scored = evaluate_ranker(ranker, part, seed=seed)
             for task, p in zip(tasks, ranker.predict(part).T):
                 scored["model"][task]["logloss"] = logloss(part.examples[task].to_numpy(), p)
-            metrics[name][model] = scored["model"]
+            metrics[name][scorer] = scored["model"]
             metrics[name].setdefault("popularity", scored["popularity"])
             metrics[name].setdefault("random", scored["random"])
     for name, part in subsets.items():  # the floors, from the data alone
@@ -361,7 +376,8 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
     if argus is not None:
         counts["argus_scorable"] = round(argus["scorable"], 4)
         counts["argus_fine_tune_epochs"] = argus["fine_tune_epochs"]
-    return {"metrics": metrics, "counts": counts, "tasks": tasks, "argus": argus, "test": test,
+    return {"metrics": metrics, "counts": counts, "tasks": tasks, "argus": argus, "test": test, "sweep": sweep,
+            "primary": primary,
             "seconds": {"data": round(data_s, 2), "train": train_s, "total": round(time.perf_counter() - started, 2),
                         **({"argus": argus["seconds"]} if argus else {})}}
 
@@ -373,6 +389,47 @@ def _floors(part, tasks, seed: int) -> dict:  # noqa: ANN001
     n = len(part)
     return {"popularity": task_metrics(part, item_popularity_before(part).astype(np.float64), tasks),
             "random": task_metrics(part, np.random.default_rng(seed).random(n), tasks)}
+
+
+def non_embedding_params(ranker) -> int:  # noqa: ANN001 - models.ranker.Ranker
+    """Parameters outside the embedding tables (bottom MLP and backbone): what a size sweep grows."""
+    return int(sum(p.numel() for n, p in ranker.named_parameters() if not n.startswith("encoder.embeddings.")))
+
+
+def size_sweep(args: argparse.Namespace, runs: list[dict], *, draws: int, seed: int = 0) -> dict:
+    """A ``--sizes`` run's figures on the primary subset (shown items on the simulator) and task (engaged /
+    like): per model, each size's AUC (mean over seeds) and non-embedding parameters; the difference of each
+    size from the one before it and, at each size, between the models, each with a 95% interval that
+    resamples seeds and, within each seed, users (``bench.argus_ranking.seeded_auc_difference``)."""
+    from bench.argus_ranking import seeded_auc_difference
+
+    task = "engaged" if "engaged" in runs[0]["tasks"] else "like"
+    k = list(runs[0]["tasks"]).index(task)
+    rng = np.random.default_rng(seed)
+    parts = []
+    for r in runs:
+        ex = r["primary"].examples
+        users, index = np.unique(ex["user_id"].to_numpy(np.int64), return_inverse=True)
+        parts.append((ex[task].to_numpy(np.float64), index.reshape(-1), len(users)))
+
+    def diff(a: str, b: str) -> dict:
+        return seeded_auc_difference([(y, r["sweep"][a]["scores"][:, k], r["sweep"][b]["scores"][:, k], u, n)
+                                      for (y, u, n), r in zip(parts, runs)], rng, draws)
+
+    sizes = len(args.size_list)
+    out: dict = {"task": task, "subset": "shown" if "shown" in runs[0]["metrics"] else "all",
+                 "sizes": args.size_list, "models": {}}
+    for model in args.models:
+        names = [f"{model}@{j + 1}" for j in range(sizes)]
+        out["models"][model] = {
+            "params": [runs[0]["sweep"][n]["params"] for n in names],
+            "auc": [_summary([_num(r["metrics"][out["subset"]][n][task]["auc"]) for r in runs])["mean"] for n in names],
+            "step": [diff(names[j + 1], names[j]) for j in range(sizes - 1)],  # size j+2 minus size j+1
+        }
+    if len(args.models) == 2:
+        a, b = args.models
+        out[f"{a}_minus_{b}"] = [diff(f"{a}@{j + 1}", f"{b}@{j + 1}") for j in range(sizes)]
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -396,7 +453,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps({"seed": seed, "seconds": run["seconds"]}), file=sys.stderr, flush=True)
 
     tasks = runs[0]["tasks"]
-    scorers = [m for model in args.models for m in ((model, "argus_pretrained") if model == "argus" else (model,))]
+    scorers = [m for model in args.models for m in ((model, "argus_pretrained") if model == "argus" else
+                                                    [f"{model}@{j + 1}" for j in range(len(args.size_list))]
+                                                    if len(args.size_list) > 1 else (model,))]
     scorers += ["popularity", "random"]
 
     def summary(subset: str, scorer: str, task: str, metric: str) -> dict:
@@ -421,6 +480,8 @@ def main(argv: list[str] | None = None) -> dict:
         **{m: {task: primary[task][m]["mean"] for task in tasks} for m in ("auc", "gauc", "logloss")},
         "metrics": metrics,
     }
+    if len(args.size_list) > 1:
+        out["by_size"] = size_sweep(args, runs, draws=args.bootstrap)
     if "argus" in args.models:
         from bench.argus_ranking import cascade_summary, differences
 
@@ -436,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": round(time.perf_counter() - started, 2),
         "recipe": args.recipe.to_dict(),
         "settings": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "test_share", "threads", "size",
-                                                    "attributes")}
+                                                    "sizes", "attributes")}
         | ({k: getattr(args, k) for k in ("users", "items", "requests", "slate", "negatives", "explore", "spacing_s",
                                           "window_s")} if args.dataset == "simulator" else {})
         | ({k: getattr(args, k) for k in ("pretrain_epochs", "ft_epochs", "ft_lr", "ft_encoder_lr", "ft_batch_size",
