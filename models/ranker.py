@@ -21,7 +21,9 @@ travels with the model and a value first seen at serving time still gets a (shar
 left out of its bag, and an empty bag is the zero vector.
 
 Every input is point-in-time: the history is ``events[hist_start:hist_end]`` (strictly before t) and the
-item's popularity counts only events strictly before t, never the request's own reactions. The item and
+item's popularity counts only events strictly before t, never the request's own reactions. Served, the same
+function computes them from the served histories, with the item counts frozen at training time and the history
+length capped at what the online store keeps (``RankerConfig.max_history``): ``models.served_ranker``. The item and
 history share one table so that "the candidate resembles what the user just played" is a dot product the
 interaction layers can see. The rank is a position feature (the logged slate's position bias); a server
 scoring unranked candidates sets it to one fixed value.

@@ -237,7 +237,8 @@ def ranker_scores(ranker: Any, examples: RankingExamples) -> np.ndarray:
 
 def train_served_ranker(recipe: Any, train: RankingExamples, task: str, *, seed: int = 0,
                         max_history: int | None = None, counts_as_of_ms: int | None = None,
-                        hstu: HSTURankerConfig | None = None, metadata: Mapping[str, Any] | None = None) -> ServedRanker:
+                        hstu: HSTURankerConfig | None = None,
+                        metadata: Mapping[str, Any] | None = None) -> ServedRanker:
     """A ``models.ranking_recipe.RankingRecipe`` of a non-ARGUS family trained on ``train`` (the recipe's sizes
     and training values; the HSTU ranker is sized by ``hstu``, default ``HSTURankerConfig()`` as the bench).
 

@@ -337,6 +337,11 @@ def _events_read(model: Any) -> int:
 def _warm_up(recommender: Any) -> None:
     """One throw-away forward pass, so the first real request does not pay for lazy initialisation."""
     try:
+        if not hasattr(recommender, "recommend"):  # a ServedRanker: one request of one candidate (ids are hashed)
+            if not getattr(recommender, "reads_attributes", False):  # (its attribute reader is bound on first use)
+                recommender.score_candidates([{"user_id": 0, "item_ids": [1], "event_types": ["listen"],
+                                               "timestamps_ms": [0]}], [[1]], now_ms=1000)
+            return
         item = int(recommender.vocab.decode([1])[0])
         recommender.recommend([{"item_ids": [item], "event_types": ["listen"], "timestamps_ms": [0]}], k=1)
     except Exception:  # noqa: BLE001 - a warm-up problem must not block serving; real requests will tell
@@ -986,7 +991,8 @@ class Recommendations:
         try:
             shared = self._shares_encoder(retriever, ranker)
             self._bind_ranker_inputs(ranker)
-            histories = [{**h, "user_id": r.user_id, "context": dict(r.context or {})} for h, r in zip(histories, asked)]
+            histories = [{**h, "user_id": r.user_id, "context": dict(r.context or {})}
+                         for h, r in zip(histories, asked)]
             ranked = rerank(ranker.recommender, histories, recs, k=ks, weights=self.settings.serve.cascade_weights,
                             temperature=retrieval_temperature(retriever.recommender), now_ms=now_ms,
                             states=states if shared else None)

@@ -23,6 +23,8 @@ from mlflow import MlflowClient
 from orchestration.resources import EncoreResource, MLflowResource, encore_resource
 from tests.conftest import small_settings
 
+pytestmark = pytest.mark.integration
+
 T0 = 1_700_000_000_000
 USERS, ITEMS = 40, 60
 

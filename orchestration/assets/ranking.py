@@ -242,7 +242,7 @@ def _train_family(context: dg.AssetExecutionContext, settings, uri: str, dataset
             "family": recipe.model}
 
 
-def ranker_report(ranker, base, test, task: str) -> dict:  # noqa: ANN001 - a ranker, Recommender | None, RankingExamples
+def ranker_report(ranker, base, test, task: str) -> dict:  # noqa: ANN001 - any ranker, Recommender | None, examples
     """AUC, GAUC (per request) and logloss of the task on the test examples: the ranker, the head it started
     from (an ARGUS ranker's ``base``; None for the other families, which start from nothing), and the
     popularity order (the item's events before the request); plus how many it scored."""
