@@ -162,6 +162,11 @@ def test_the_cascade_reranks_with_a_served_ranker_and_the_pyfunc_scores_candidat
     ranker = load_artifact(train_served_ranker(resolve_ranking_recipe("hstu", **SIZES), train, "engaged",
                                                hstu=HSTU).save(tmp_path / "h"))
     histories, candidates, now = served_request(examples, seed=3)
+    passes: list[tuple[int, ...]] = []  # M-FALCON: one forward for the micro-batch, each history encoded once
+    hook = ranker.model.register_forward_hook(lambda m, args, out: passes.append(tuple(out.shape)))
+    ranker.score_candidates(histories, candidates, now_ms=now)
+    hook.remove()
+    assert passes == [(10, 6, len(ranker.model.tasks))]  # [requests, candidates, tasks] in one call
     retrieved = [[(i, 0.5 - 0.01 * n) for n, i in enumerate(c)] for c in candidates]
     out = rerank(ranker, histories, retrieved, k=[3] * 10, weights={"feedback": 1.0, "retrieval": 0.0}, now_ms=now)
     p = ranker.score_candidates(histories, candidates, now_ms=now)
