@@ -115,7 +115,7 @@ def paired_replay(settings: EncoreSettings, tracking: str, *, users: int, reques
     ev = read_interactions(settings, columns=["user_id", "item_id", "event_type", "timestamp_ms"])
     ev = ev[ev["user_id"].isin(ids)]
     n = settings.ingest.history_length
-    hist = {int(u): {"item_ids": g["item_id"].tolist()[-n:], "event_types": g["event_type"].tolist()[-n:],
+    hist = {int(u): {"user_id": int(u), "item_ids": g["item_id"].tolist()[-n:], "event_types": g["event_type"].tolist()[-n:],
                      "timestamps_ms": g["timestamp_ms"].tolist()[-n:]} for u, g in ev.groupby("user_id")}
     ids = [u for u in ids if u in hist]
     now_ms = int(time.time() * 1000)

@@ -13,10 +13,15 @@ it. A request at time t reads, per entity, the latest row stamped at or before t
 
 Both return one row per entity row asked, in its order, with the columns ``ATTRIBUTE_FEATURES`` (None / an
 empty list where nothing is known).
+
+Serving reads the same views online (``online_attributes``): the latest row of each user and item, which is
+the as-of-t row for a request at t = now. It returns the same frame, cleaned by the same rule (``_clean``), so
+a ranker's attribute bags are hashed from identical values in training and at serving.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -163,6 +168,29 @@ def historical_attributes(store: FeatureStore, settings: EncoreSettings, entity:
         got = got.drop_duplicates("_pair").set_index("_pair").reindex(np.arange(len(pairs)))  # dropped: unknown
         for name in names:
             out[name] = _clean(name, got[name].to_numpy(object)[inverse.reshape(-1)].tolist())
+    return out
+
+
+def online_attributes(store: FeatureStore, settings: EncoreSettings, user_ids: Sequence[int] | np.ndarray,
+                      item_ids: Sequence[int] | np.ndarray) -> pd.DataFrame:
+    """One row per (user_ids[r], item_ids[r]) with ``ATTRIBUTE_FEATURES``: the latest rows of the Feast online
+    store's ``user_attributes`` / ``item_attributes`` views (what ``write_attributes`` wrote online). One read
+    per view over the distinct ids of the call: a served micro-batch's (user, candidate) pairs repeat users and
+    items many times. Unknown entities (or nothing written) read as unknown, as in ``historical_attributes``."""
+    from features.feature_repo import item_attributes_view, user_attributes_view
+
+    entity = pd.DataFrame({"user_id": np.asarray(user_ids, np.int64), "item_id": np.asarray(item_ids, np.int64)})
+    out = _unknown(entity)
+    if entity.empty:
+        return out
+    for view, key, names in ((user_attributes_view(settings), "user_id", USER_FEATURES),
+                             (item_attributes_view(settings), "item_id", ITEM_FEATURES)):
+        distinct, inverse = np.unique(entity[key].to_numpy(np.int64), return_inverse=True)
+        got = store.get_online_features([f"{view.name}:{n}" for n in names],
+                                        [{key: int(v)} for v in distinct]).to_dict()
+        for name in names:
+            values = got[name]
+            out[name] = _clean(name, [values[i] for i in inverse.reshape(-1)])
     return out
 
 

@@ -403,8 +403,9 @@ class ServeSettings(_Group):
 
 class RankingSettings(_Group):
     """The ranking stage's training (``ranking_job``): examples from the exposures log (every served item with
-    the reactions it drew), the champion retriever's ARGUS feedback head fine-tuned on them, gated on the later
-    share of requests, registered under ``registry.ranker_model_name``."""
+    the reactions it drew), the champion retriever's ARGUS feedback head fine-tuned on them (or, with ``recipe``
+    naming a wukong / dlrm / hstu ranking recipe, that model trained on them), gated on the later share of
+    requests, registered under ``registry.ranker_model_name``."""
 
     task: Literal["engaged", "like"] = Field(
         default="engaged", description="the reaction the ranker predicts (and the cascade ranks by): engaged = "
@@ -428,10 +429,13 @@ class RankingSettings(_Group):
     min_examples: int = Field(default=200, ge=1, description="fewer shown items with reactions than this in the "
                               "training period: the job fails and says so rather than fit noise")
     seed: int = 0
-    recipe: str | None = Field(default=None, description="a ranking recipe (models/configs/ranking/NAME.yaml) "
-                               "whose task and fine-tuning values (ft_epochs, ft_lr, ft_encoder_lr, ft_batch_size) "
-                               "replace task, epochs, lr, encoder_lr and batch_size here; unset: these values, "
-                               "which are the ranking base recipe's")
+    recipe: str | None = Field(default=None, description="a ranking recipe (models/configs/ranking/NAME.yaml). "
+                               "Its model picks the family ranking_job trains and the cascade serves: argus "
+                               "fine-tunes the champion retriever's head, its task and fine-tuning values "
+                               "(ft_epochs, ft_lr, ft_encoder_lr, ft_batch_size) replacing task, epochs, lr, "
+                               "encoder_lr and batch_size here; wukong, dlrm or hstu train that model with the "
+                               "recipe's sizes and training values (and its attributes, read online at serving). "
+                               "Unset: ARGUS with these values, which are the ranking base recipe's")
 
 
 class ExperimentSettings(_Group):

@@ -56,7 +56,8 @@ none) and the user's and item's *attributes* (``SideConfig.attributes``: gender,
 album, as of t: ``models.ranking_data.with_attributes``). The table trains with the head. The history's tokens
 keep the pre-trained encoder's (item, feedback) form: context in them would need pre-training with it, and
 the frozen encoder could not read it. A ranker with side features is a ``SideRecommender``: it scores examples
-(``score_examples``) but is not saved for serving, which passes no request context yet.
+(``score_examples``) but has no saved form yet (its side table), so it is not served; the service does hand
+every ranker its request's context (``serving.app``), which such an artefact would read.
 
 The result is a new ``Recommender`` (same artefact: config.json, vocab.json, state_dict.pt) whose feedback
 head predicts the task; ``metadata["ranker_task"]`` names it and ``metadata["ranker_fine_tune"]`` holds the
@@ -330,8 +331,8 @@ class SideRecommender(Recommender):
         self.side = side.eval()
 
     def save(self, path: str | Path) -> Path:
-        raise NotImplementedError("a ranker with side features is not served yet: serving passes no request "
-                                  "context or attributes to the ranker (SideConfig off for registered rankers)")
+        raise NotImplementedError("an ARGUS ranker with side features has no saved form yet (its side table is "
+                                  "not part of the artefact): SideConfig stays off for registered ARGUS rankers")
 
     def candidate_vectors(self, examples: RankingExamples, rows: np.ndarray, bags: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
         """e'_j of the examples ``rows``: [len(rows), D]."""

@@ -21,7 +21,9 @@ travels with the model and a value first seen at serving time still gets a (shar
 left out of its bag, and an empty bag is the zero vector.
 
 Every input is point-in-time: the history is ``events[hist_start:hist_end]`` (strictly before t) and the
-item's popularity counts only events strictly before t, never the request's own reactions. The item and
+item's popularity counts only events strictly before t, never the request's own reactions. Served, the same
+function computes them from the served histories, with the item counts frozen at training time and the history
+length capped at what the online store keeps (``RankerConfig.max_history``): ``models.served_ranker``. The item and
 history share one table so that "the candidate resembles what the user just played" is a dot product the
 interaction layers can see. The rank is a position feature (the logged slate's position bias); a server
 scoring unranked candidates sets it to one fixed value.
@@ -78,6 +80,10 @@ class RankerConfig:
     dropout: float = 0.0
     attributes: bool = False  # user and item attribute units (the examples must carry them)
     attribute_buckets: int = 1024  # hashed attribute values share this many rows
+    # The history-length feature counts at most this many events (None: all). A served history holds only the
+    # online store's last ``ingest.history_length`` events, so the platform's rankers set that cap: training
+    # then counts what serving can see (``models.served_ranker``).
+    max_history: int | None = None
 
     @property
     def sparse_keys(self) -> tuple[str, ...]:
@@ -181,9 +187,14 @@ def item_popularity_before(examples: RankingExamples) -> np.ndarray:
     return count - np.bincount(hits["index"].to_numpy(np.int64), minlength=len(ex))
 
 
-def ranking_features(examples: RankingExamples, history_len: int, attribute_buckets: int | None = None) -> RankingFeatures:
+def ranking_features(examples: RankingExamples, history_len: int, attribute_buckets: int | None = None, *,
+                     popularity: np.ndarray | None = None, max_history: int | None = None) -> RankingFeatures:
     """Vectorised features of every example (no per-example Python loop); ``attribute_buckets``: also the
-    hashed attribute bags (the examples must carry the attribute columns)."""
+    hashed attribute bags (the examples must carry the attribute columns).
+
+    ``popularity`` [N]: the item's event count to use instead of ``item_popularity_before`` (a server knows
+    only its own users' histories, not every user's events: ``models.served_ranker`` passes counts frozen at
+    training time); ``max_history``: cap of the history-length feature (``RankerConfig.max_history``)."""
     ex = examples.examples
     start, end = examples.hist_start, examples.hist_end
     ev_item = examples.events["item_id"].to_numpy(np.int64)
@@ -196,10 +207,13 @@ def ranking_features(examples: RankingExamples, history_len: int, attribute_buck
 
     t = ex["t_ms"].to_numpy(np.int64)
     length = end - start
+    counted = np.minimum(length, max_history) if max_history is not None else length
     last_ts = ev_ts[(end - 1).clip(0, len(ev_ts) - 1)]
     since = np.where(length > 0, (t - last_ts) / 1000.0, 0.0).clip(0)  # no history: 0 (its length says so)
     dense = np.stack(
-        [np.log1p(length), np.log1p(since), np.log1p(item_popularity_before(examples)), ex["rank"].to_numpy()],
+        [np.log1p(counted), np.log1p(since),
+         np.log1p(item_popularity_before(examples) if popularity is None else np.asarray(popularity, np.float64)),
+         ex["rank"].to_numpy()],
         axis=1,
     ).astype(np.float32)
     return RankingFeatures(
@@ -331,10 +345,12 @@ class Ranker(nn.Module):
         return F.binary_cross_entropy_with_logits(logits, labels)
 
     @torch.no_grad()
-    def predict(self, examples: RankingExamples, batch_size: int = 4096) -> np.ndarray:
-        """[N, num_tasks] probabilities."""
+    def predict(self, examples: RankingExamples, batch_size: int = 4096, *,
+                popularity: np.ndarray | None = None) -> np.ndarray:
+        """[N, num_tasks] probabilities; ``popularity``: see ``ranking_features`` (None: the examples' own)."""
         self.eval()
-        f = ranking_features(examples, self.cfg.history_len, self._buckets)
+        f = ranking_features(examples, self.cfg.history_len, self._buckets, popularity=popularity,
+                             max_history=self.cfg.max_history)
         out = [torch.sigmoid(self(f, np.arange(begin, min(begin + batch_size, len(f))))).numpy()
                for begin in range(0, len(f), batch_size)]
         return np.concatenate(out) if out else np.empty((0, len(self.tasks)), np.float32)
@@ -353,7 +369,8 @@ def train_ranker(
     """Adam on the multi-task BCE, shuffled mini-batches, deterministic given ``seed``."""
     torch.manual_seed(seed)
     ranker = Ranker(cfg, tasks)
-    f = ranking_features(examples_train, cfg.history_len, cfg.attribute_buckets if cfg.attributes else None)
+    f = ranking_features(examples_train, cfg.history_len, cfg.attribute_buckets if cfg.attributes else None,
+                         max_history=cfg.max_history)
     labels = torch.from_numpy(task_labels(examples_train, tasks))
     with torch.no_grad():
         ranker.encoder.dense_mean.copy_(torch.from_numpy(f.dense.mean(0)))

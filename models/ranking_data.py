@@ -318,6 +318,43 @@ def candidate_examples(base: RankingExamples, user_id: np.ndarray, item_id: np.n
     return RankingExamples(examples=examples, events=base.events, labels=())
 
 
+def served_examples(histories: Sequence[dict], user_ids: Sequence[int], candidates: Sequence[Sequence[int]],
+                    t_ms: Sequence[int], rank: int = NO_RANK) -> RankingExamples:
+    """Unlabelled examples of served requests: request r is user ``user_ids[r]`` with the history dict
+    ``histories[r]`` (``item_ids``, ``event_types``, ``timestamps_ms``, oldest first, as the online store keeps
+    it), asked at ``t_ms[r]`` about each of ``candidates[r]`` (examples in request order, candidates in order).
+
+    The events table is built by the same rule as every training set's (``_events_table``: sorted by (user,
+    time), stably) and each history is the user's events strictly before t (``candidate_examples``), so a
+    ranker's features are computed from served histories by the functions that computed them in training.
+    ``rank``: the slate-position feature of every candidate (one fixed value: the server has not placed them)."""
+    if not len(histories) == len(user_ids) == len(candidates) == len(t_ms):
+        raise ValueError("one user id, candidate list and request time per history")
+    first: dict[int, dict] = {}
+    for u, h in zip(user_ids, histories):
+        first.setdefault(int(u), h)  # one user twice in a batch: its events once, or its history would double
+    parts = []
+    for u, h in first.items():
+        items = np.asarray(h.get("item_ids", []), np.int64).reshape(-1)
+        types = list(h.get("event_types") or ["listen"] * len(items))
+        ts = np.asarray(h.get("timestamps_ms", []), np.int64).reshape(-1)
+        if not len(items) == len(types) == len(ts):
+            raise ValueError(f"user {u}: item_ids, event_types and timestamps_ms must have equal lengths")
+        parts.append(pd.DataFrame({"user_id": np.full(len(items), u, np.int64), "item_id": items,
+                                   "event_type": pd.Series(types, dtype=object).astype(str).to_numpy(object),
+                                   "timestamp_ms": ts, "request_id": None}))
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        {c: pd.Series(dtype=d) for c, d in (("user_id", np.int64), ("item_id", np.int64), ("event_type", object),
+                                             ("timestamp_ms", np.int64), ("request_id", object))})
+    base = RankingExamples(examples=pd.DataFrame(), events=_events_table(frame), labels=())
+    sizes = [len(c) for c in candidates]
+    flat = np.fromiter((int(i) for c in candidates for i in c), np.int64, count=int(sum(sizes)))
+    out = candidate_examples(base, np.repeat(np.asarray(user_ids, np.int64), sizes), flat,
+                             np.repeat(np.asarray(t_ms, np.int64), sizes), source=SHOWN)
+    out.examples["rank"] = np.int64(rank)
+    return out
+
+
 def attribute_entities(examples: RankingExamples) -> pd.DataFrame:
     """``user_id, item_id, t_ms`` of every example: the entity rows whose attributes it reads."""
     return examples.examples[["user_id", "item_id", "t_ms"]].reset_index(drop=True)

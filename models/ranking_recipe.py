@@ -12,6 +12,10 @@ retrieval recipe name (``argus-ml100k``) or a YAML file beside the ranking recip
 
 Who reads them: ``encore bench ranking --config NAME`` (flags given explicitly override the recipe) and the
 ranking assets (``ranking.recipe`` in the settings; unset, the settings' own values, which equal the base's).
+On the platform a recipe's ``model`` picks the family ``ranking_job`` trains and the cascade serves: ``argus``
+fine-tunes the champion retriever's feedback head (``platform_fine_tune``), ``wukong`` / ``dlrm`` / ``hstu``
+train that model on the ranking examples with the recipe's sizes and training values
+(``models.served_ranker.train_served_ranker``).
 
     resolve_ranking_recipe("wukong")                       # Wukong, today's sizes and training
     resolve_ranking_recipe("argus", ft_epochs=5)           # ARGUS with context tokens, fewer epochs
@@ -119,8 +123,10 @@ class RankingRecipe:
 def platform_fine_tune(ranking: Any) -> dict[str, Any]:
     """What the platform's ranker (``ranking_job``) takes from ``ranking.recipe`` (``infra.settings.
     RankingSettings``): its task and fine-tuning values, under the settings' names; {} without a recipe (the
-    settings' own values, which are the base's). The recipe's side features are not taken: a ranker with them
-    is not served yet (``models.argus_ranker.SideRecommender``)."""
+    settings' own values, which are the base's). For an ARGUS recipe the side features are not taken: an ARGUS
+    ranker with them is not served yet (``models.argus_ranker.SideRecommender``). A wukong / dlrm / hstu recipe
+    takes its task from here and everything else from the recipe (``models.served_ranker``), its attributes
+    included (read online at serving)."""
     if not ranking.recipe:
         return {}
     recipe = resolve_ranking_recipe(ranking.recipe)

@@ -593,7 +593,10 @@ class Recommender:
 
     def same_encoder(self, other: "Recommender") -> bool:
         """Whether ``other`` computes the same user states as this model: the same vocabulary and every weight
-        but the feedback head's equal (a ranker fine-tuned with its encoder frozen, against its base)."""
+        but the feedback head's equal (a ranker fine-tuned with its encoder frozen, against its base). A ranker
+        of another family (``models.served_ranker.ServedRanker``) never does."""
+        if not isinstance(other, Recommender):
+            return False
         if list(self.vocab.raw_ids) != list(other.vocab.raw_ids) or self.config != other.config:
             return False
         a, b = self.model.state_dict(), other.model.state_dict()

@@ -314,10 +314,10 @@ class ModelHolder:
         if version == self.refused_version:
             return False  # keep what we have
         recommender, version = self.registry.load(version=version)
-        if recommender.config.max_len > self.max_history:
+        if _events_read(recommender) > self.max_history:
             self.refused_version = version
             raise ModelDoesNotFit(
-                f"{self.registry.name} version {version} ({self.target}) reads {recommender.config.max_len} events "
+                f"{self.registry.name} version {version} ({self.target}) reads {_events_read(recommender)} events "
                 f"per user (max_len) but the online store keeps {self.max_history} (ingest.history_length): refused; "
                 "raise ENCORE_INGEST__HISTORY_LENGTH (and re-ingest) or serve a model trained with a shorter max_len")
         _warm_up(recommender)
@@ -327,9 +327,21 @@ class ModelHolder:
         return True
 
 
+def _events_read(model: Any) -> int:
+    """The most events per user a loaded model reads: a Recommender's ``max_len``, a ServedRanker's
+    ``events_read`` (its history window, or the cap of its history-length feature)."""
+    served = getattr(model, "events_read", None)
+    return int(served) if served is not None else int(model.config.max_len)
+
+
 def _warm_up(recommender: Any) -> None:
     """One throw-away forward pass, so the first real request does not pay for lazy initialisation."""
     try:
+        if not hasattr(recommender, "recommend"):  # a ServedRanker: one request of one candidate (ids are hashed)
+            if not getattr(recommender, "reads_attributes", False):  # (its attribute reader is bound on first use)
+                recommender.score_candidates([{"user_id": 0, "item_ids": [1], "event_types": ["listen"],
+                                               "timestamps_ms": [0]}], [[1]], now_ms=1000)
+            return
         item = int(recommender.vocab.decode([1])[0])
         recommender.recommend([{"item_ids": [item], "event_types": ["listen"], "timestamps_ms": [0]}], k=1)
     except Exception:  # noqa: BLE001 - a warm-up problem must not block serving; real requests will tell
@@ -647,6 +659,7 @@ class Recommendations:
         self.producer = make_producer(kafka_bootstrap, linger_ms=20, **settings.kafka.client_options())
         self.popular: list[tuple[int, float]] = []
         self._shared_encoders: dict[tuple[int, int], bool] = {}  # (retriever, ranker version) -> same encoder
+        self._attribute_store: Any = None  # the Feast store a ranker's attributes are read from, opened on first use
         self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
@@ -905,11 +918,12 @@ class Recommendations:
                 depth = max(k, self.settings.serve.retrieval_k) if ranker is not None else k
                 if _reads_summaries(loaded):
                     return self._forward_vista(loaded, ranker, hs, [reqs[i].k for i in part], depth, exclude_seen,
-                                               now_ms)
+                                               now_ms, [reqs[i] for i in part])
                 recs, states = loaded.recommender.retrieve(hs, k=depth, exclude_seen=exclude_seen, now_ms=now_ms)
                 if ranker is None:
                     return [_Scored(items[: reqs[i].k], loaded.version) for i, items in zip(part, recs)]
-                return self._rerank(ranker, loaded, hs, recs, states, [reqs[i].k for i in part], now_ms)
+                return self._rerank(ranker, loaded, hs, recs, states, [reqs[i].k for i in part], now_ms,
+                                    [reqs[i] for i in part])
 
             try:
                 scored = [(idx, forward(idx))]
@@ -949,7 +963,8 @@ class Recommendations:
         return sorted(users)
 
     def _forward_vista(self, loaded: LoadedModel, ranker: LoadedModel | None, hs: list[dict[str, Any]],
-                       ks: list[int], depth: int, exclude_seen: bool, now_ms: int) -> list[_Scored]:
+                       ks: list[int], depth: int, exclude_seen: bool, now_ms: int,
+                       asked: list[RecommendationRequest]) -> list[_Scored]:
         """A VISTA model's pass: each user's cached summary (plus the older events it has not seen), or, for a
         user without a usable one, a summary of the online history, marked stale."""
         from models.summaries import serving_states
@@ -960,16 +975,24 @@ class Recommendations:
         if ranker is None:
             scored = [_Scored(items[:k], loaded.version) for items, k in zip(recs, ks)]
         else:
-            scored = self._rerank(ranker, loaded, hs, recs, users, ks, now_ms)
+            scored = self._rerank(ranker, loaded, hs, recs, users, ks, now_ms, asked)
         return [dataclasses.replace(s, summary=m) for s, m in zip(scored, marks)]
 
     def _rerank(self, ranker: LoadedModel, retriever: LoadedModel, histories: list[dict[str, list]],
-                recs: list[list[tuple[int, float]]], states: list, ks: list[int], now_ms: int) -> list[_Scored]:
+                recs: list[list[tuple[int, float]]], states: list, ks: list[int], now_ms: int,
+                asked: list[RecommendationRequest]) -> list[_Scored]:
         """The cascade's second stage for one pass. A ranker that fails leaves the retriever's order (the answer
         says no ranker ranked it, and ``encore_ranker_failures_total`` counts it) rather than failing requests
-        the retriever has answered."""
+        the retriever has answered.
+
+        The ranker gets each history with its request's ``user_id`` and ``context`` (a ranker that reads the user's
+        id or attributes needs them; an ARGUS ranker ignores them), and a ranker that reads user and item
+        attributes reads them online from Feast (``features.attributes.online_attributes``), once per pass."""
         try:
             shared = self._shares_encoder(retriever, ranker)
+            self._bind_ranker_inputs(ranker)
+            histories = [{**h, "user_id": r.user_id, "context": dict(r.context or {})}
+                         for h, r in zip(histories, asked)]
             ranked = rerank(ranker.recommender, histories, recs, k=ks, weights=self.settings.serve.cascade_weights,
                             temperature=retrieval_temperature(retriever.recommender), now_ms=now_ms,
                             states=states if shared else None)
@@ -980,6 +1003,20 @@ class Recommendations:
             return [_Scored(items[:k], retriever.version) for items, k in zip(recs, ks)]
         return [_Scored(r.items, retriever.version, ranker.version if r.ranker_scores is not None else None,
                         r.ranker_scores) for r in ranked]
+
+    def _bind_ranker_inputs(self, ranker: LoadedModel) -> None:
+        """Give a ranker that reads attributes (``ServedRanker.reads_attributes``) the online reader, once."""
+        model = ranker.recommender
+        if getattr(model, "reads_attributes", False) and model.attributes is None:
+            model.bind_attributes(self._online_attributes)
+
+    def _online_attributes(self, user_ids: Any, item_ids: Any) -> Any:
+        """The latest user and item attributes from the Feast online store (the views training read as of t)."""
+        from features.attributes import online_attributes
+
+        if self._attribute_store is None:
+            self._attribute_store = feature_store(self.settings, apply=False)
+        return online_attributes(self._attribute_store, self.settings, user_ids, item_ids)
 
     def _shares_encoder(self, retriever: LoadedModel, ranker: LoadedModel) -> bool:
         """Whether the ranker computes the retriever's user states (its encoder was frozen while its head was

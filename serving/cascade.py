@@ -13,6 +13,10 @@ items it has no evidence on. A ranker trained on served slates has seen few item
 its p alone (weights feedback 1, retrieval 0) extrapolates there; the closed-loop A/B
 (``encore bench cascade-loop``) measured that order losing listening time against retrieval alone.
 
+The ranker is any family's (``models.served_ranker``): an ARGUS ranker (a ``Recommender``: the retriever's
+feedback head, fine-tuned) or a Wukong / DLRM / HSTU ranker (a ``ServedRanker``: its own features of each
+history, computed by the training code; it hashes item ids, so it scores every candidate).
+
 A candidate the ranker does not know (an item newer than the ranker) keeps the retriever's logit alone
 (log p = 0 would flatter it, so it takes just under the lowest log p of its list): it stays in the list but goes below
 items of equal retrieval score that the ranker vouches for. A history the ranker knows nothing of (no item in
@@ -39,7 +43,7 @@ class Ranked:
 
 
 def rerank(
-    ranker: Any,  # a models.recommender.Recommender with a feedback head
+    ranker: Any,  # a models.recommender.Recommender with a feedback head, or a models.served_ranker.ServedRanker
     histories: Sequence[Mapping[str, Any]],
     candidates: Sequence[Sequence[tuple[int, float]]],
     *,

@@ -15,7 +15,13 @@ import torch
 
 from bench.ranking import _parse_args
 from bench.ranking import main as bench_main
-from features.attributes import ATTRIBUTE_FEATURES, attributes_as_of, historical_attributes, write_attributes
+from features.attributes import (
+    ATTRIBUTE_FEATURES,
+    attributes_as_of,
+    historical_attributes,
+    online_attributes,
+    write_attributes,
+)
 from features.datasets import ML100K_GENRES, age_group, load_item_attributes, load_user_attributes
 from features.feature_repo import feature_store
 from infra.settings import EncoreSettings, RankingSettings
@@ -120,6 +126,12 @@ def test_attribute_views_are_registered_and_read_point_in_time_like_the_file_roa
     online = store.get_online_features(["user_attributes:occupation", "item_attributes:genres"],
                                        [{"user_id": 1, "item_id": 10}]).to_dict()
     assert online["occupation"] == ["programmer"] and online["genres"] == [["Action", "Drama"]]
+    # ... through online_attributes, one row per (user, candidate) pair: the as-of-now rows, cleaned alike
+    pairs = pd.DataFrame({"user_id": [1, 1, 2, 3, 2], "item_id": [10, 11, 12, 11, 10], "t_ms": T0_MS + 10**6})
+    served = online_attributes(store, settings, pairs["user_id"].to_numpy(), pairs["item_id"].to_numpy())
+    assert served.astype(str).equals(historical_attributes(store, settings, pairs).astype(str))
+    assert served["occupation"].tolist() == ["programmer", "programmer", "other", None, "other"]
+    assert served["album"].tolist() == [None, "a1", None, "a1", None]
 
 
 # ------------------------------------------------------------------------------------- Wukong and DLRM

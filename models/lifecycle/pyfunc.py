@@ -6,6 +6,10 @@ MLflow stores this file itself; loading it imports ``models.recommender`` and re
 
 Input: one row per user with ``item_ids`` (list of raw item ids, oldest first), optional ``event_types``
 and ``timestamps_ms`` (lists of the same length) and optional ``k``. Output: ``items`` and ``scores`` lists.
+
+A ranker of another family (``models.served_ranker.ServedRanker``: Wukong, DLRM, the HSTU ranker) ranks what it
+is given instead of retrieving: each row also has ``user_id`` and ``candidates`` (raw item ids), optionally
+``now_ms`` (the request time); the output's ``items`` are the candidates, ``scores`` their P(task).
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from mlflow.pyfunc import PythonModel
 
 class EncoreRecommenderModel(PythonModel):
     def load_context(self, context) -> None:  # noqa: ANN001 - MLflow's signature
-        from models.recommender import Recommender
+        from models.served_ranker import load_artifact
 
-        self.recommender = Recommender.load(context.artifacts["recommender"])
+        self.recommender = load_artifact(context.artifacts["recommender"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:  # noqa: ANN001
         return predict_frame(self.recommender, model_input, k=int((params or {}).get("k", 10)))
@@ -37,6 +41,15 @@ def predict_frame(recommender, model_input: pd.DataFrame, k: int = 10) -> pd.Dat
                 "timestamps_ms": [int(t) for t in _as_list(row.get("timestamps_ms"))] or list(range(len(items))),
             }
         )
+    if not hasattr(recommender, "recommend"):  # a ranker of candidates (ServedRanker)
+        rows = model_input.to_dict(orient="records")
+        candidates = [[int(i) for i in _as_list(row.get("candidates"))] for row in rows]
+        for h, row in zip(histories, rows):
+            h["user_id"] = int(row["user_id"])
+        now = int(rows[0]["now_ms"]) if rows and "now_ms" in rows[0] else None
+        probs = recommender.score_candidates(histories, candidates, now_ms=now)
+        return pd.DataFrame({"items": candidates,
+                             "scores": [[float(x) for x in (p if p is not None else [])] for p in probs]})
     if "k" in model_input.columns and len(model_input):
         k = int(model_input["k"].iloc[0])
     results = recommender.recommend(histories, k=k, exclude_seen=True)

@@ -111,7 +111,8 @@ class Registry:
             model_dir = Path(tmp) / "recommender"
             recommender.save(model_dir)
             mlflow.log_artifact(str(model_dir / "config.json"), "config")
-            mlflow.log_artifact(str(model_dir / "vocab.json"), "vocabulary")
+            if (model_dir / "vocab.json").exists():  # a ServedRanker hashes ids: it has no vocabulary
+                mlflow.log_artifact(str(model_dir / "vocab.json"), "vocabulary")
             output_example = predict_frame(recommender, input_example, k=10)
             signature = infer_signature(input_example, output_example, params={"k": 10})
             info = mlflow.pyfunc.log_model(
@@ -304,17 +305,19 @@ class Registry:
         return candidates[0].parent, int(mv.version)
 
     def load(self, *, alias: str | None = None, version: int | None = None,
-             device: str = "cpu") -> tuple[Recommender, int]:
-        """A version (by number, else by alias, else the champion) loaded into memory, and its number.
+             device: str = "cpu") -> tuple[Recommender | Any, int]:
+        """A version (by number, else by alias, else the champion) loaded into memory, and its number: a
+        ``Recommender`` (a retriever, an ARGUS ranker) or, when its config names a ``ranker_family``, a
+        ``models.served_ranker.ServedRanker`` (``load_artifact``, the one loader).
 
         The artifact is downloaded into a temporary directory that is removed once the weights are loaded: the
         service loads a model at start and on every alias move, and the gate re-scores the champion for every
         challenger, so leaving each download behind would fill the disk with copies of the item table."""
-        from models.recommender import Recommender  # the registry itself needs no torch
+        from models.served_ranker import load_artifact  # the registry itself needs no torch
 
         with tempfile.TemporaryDirectory(prefix="encore-model-") as tmp:
             path, found = self.download(Path(tmp), alias=alias, version=version)
-            return Recommender.load(path, device), found
+            return load_artifact(path, device), found
 
 
 def _float(v: str | None) -> float | None:

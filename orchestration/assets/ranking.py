@@ -2,9 +2,10 @@
 
     exposures_topic + ingested_interactions
         └─ ranking_dataset  (snapshot: exposures + interactions; shown items with reactions, split by time)
-             └─ trained_ranker  (the champion retriever's ARGUS feedback head, fine-tuned, in an MLflow run)
-                  └─ ranker_evaluation  (AUC / GAUC / logloss on the later requests: fine-tuned, pre-trained,
-                       │                   popularity)
+             └─ trained_ranker  (the champion retriever's ARGUS feedback head, fine-tuned, in an MLflow run; or,
+                  │              with ``ranking.recipe`` naming a wukong / dlrm / hstu recipe, that model trained)
+                  └─ ranker_evaluation  (AUC / GAUC / logloss on the later requests: the ranker, the head it
+                       │                   started from (ARGUS only), popularity)
                        └─ registered_ranker  (registry.ranker_model_name, alias challenger)  [blocking check:
                             │                  ranker_gate]
                             └─ champion_ranker  (auto: alias champion; manual: awaits a person)
@@ -17,6 +18,15 @@ examples; the pre-trained checkpoint is the registry's champion retriever, named
 
 The gate compares on the held-out later requests: the fine-tuned ranker must beat the head it started from,
 the popularity order, and the current champion ranker re-scored on the same examples.
+
+Other ranking families. ``ranking.recipe`` naming a recipe whose ``model`` is wukong, dlrm or hstu
+(``models/configs/ranking/``) trains that model on the same training examples instead
+(``models.served_ranker.train_served_ranker``: the recipe's sizes and training values, the history-length
+feature capped at ``ingest.history_length``, the snapshot's item counts frozen into the artefact). It is saved
+as a ``ServedRanker`` (``ranker_family`` in its config), registered in the same rankers' registry, gated on
+the same test examples (there is no head it started from: popularity and the champion ranker re-scored,
+whatever the champion's family) and served by the cascade like an ARGUS ranker (``models.served_ranker``).
+Unset, or an ``argus`` recipe, the path above is unchanged.
 """
 
 import hashlib
@@ -140,11 +150,20 @@ def ranking_dataset(context: dg.AssetExecutionContext, encore: EncoreResource, k
     return info
 
 
+def ranker_family(settings) -> str:  # noqa: ANN001 - EncoreSettings
+    """The family ``ranking_job`` trains: the model of ``ranking.recipe`` (wukong, dlrm, hstu, argus); argus
+    without a recipe."""
+    from models.ranking_recipe import resolve_ranking_recipe
+
+    return resolve_ranking_recipe(settings.ranking.recipe).model if settings.ranking.recipe else "argus"
+
+
 @dg.asset(kinds={"pytorch", "mlflow"}, group_name=RANKING)
 def trained_ranker(context: dg.AssetExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
                    ranking_dataset: dict) -> dict:
     """Fine-tune the champion retriever's ARGUS feedback head on the training period's shown items, inside an
-    MLflow run; the pre-trained version is recorded as the ranker's base."""
+    MLflow run; the pre-trained version is recorded as the ranker's base. With ``ranking.recipe`` naming a
+    wukong / dlrm / hstu recipe: that model, trained on the same examples (``_train_family``)."""
     from models.argus_ranker import fine_tune_ranker
     from models.lifecycle import tracking
     from models.lifecycle.registry import Registry
@@ -159,6 +178,8 @@ def trained_ranker(context: dg.AssetExecutionContext, encore: EncoreResource, ml
         raise dg.Failure(f"{shown} served items in the training period (ranking.min_examples = {r.min_examples}): "
                          "serve more traffic before training a ranker")
     uri = mlflow_server.resolve(settings)
+    if ranker_family(settings) != "argus":
+        return _train_family(context, settings, uri, ranking_dataset, train, r.task)
     base, base_version = Registry(uri, settings.registry).load(alias=settings.registry.champion_alias)
     if base.model.feedback_head is None:
         raise dg.Failure(f"champion retriever v{base_version} has no feedback head (a recipe with "
@@ -182,20 +203,61 @@ def trained_ranker(context: dg.AssetExecutionContext, encore: EncoreResource, ml
                                  "wall_s": round(wall_s, 2), "mlflow_run_id": run.info.run_id,
                                  "dir": dg.MetadataValue.path(str(out))})
     return {"dir": str(out), "run_id": run.info.run_id, "base_version": base_version, "task": r.task,
-            "dataset": ranking_dataset}
+            "dataset": ranking_dataset, "family": "argus"}
 
 
-def ranker_report(ranker, base, test, task: str) -> dict:  # noqa: ANN001 - Recommender, Recommender, RankingExamples
-    """AUC, GAUC (per request) and logloss of the task on the test examples: the fine-tuned ranker, the head it
-    started from, and the popularity order (the item's events before the request); plus how many it scored."""
+def _train_family(context: dg.AssetExecutionContext, settings, uri: str, dataset: dict, train,  # noqa: ANN001
+                  task: str) -> dict:
+    """``trained_ranker`` for a wukong / dlrm / hstu recipe: the model trained on ``train`` in an MLflow run,
+    saved as a ``ServedRanker`` (the snapshot's item counts frozen in; the history-length feature capped at the
+    online store's ``ingest.history_length``, what a served history holds)."""
+    from models.lifecycle import tracking
+    from models.lifecycle.tracking import experiment_name, training_run
+    from models.ranking_recipe import resolve_ranking_recipe
+    from models.served_ranker import train_served_ranker
+
+    recipe = resolve_ranking_recipe(settings.ranking.recipe)
+    name = f"ranker-{dataset['snapshot']}-{int(time.time())}"
+    params = {"recipe": settings.ranking.recipe, "family": recipe.model, "task": task, "epochs": recipe.epochs,
+              "lr": recipe.lr, "batch_size": recipe.batch_size, "seed": settings.ranking.seed,
+              "train_examples": len(train), "dataset_snapshot": dataset["snapshot"]}
+    with training_run(uri, experiment_name(settings.mlflow_experiment, tracking.TRAINING), run_name=name,
+                      params=params, tags={"model": f"{recipe.model}-ranker", "dataset_snapshot": dataset["snapshot"],
+                                           "dagster_run_id": context.run.run_id},
+                      artifact_root=settings.mlflow_dir / "artifacts") as run:
+        t0 = time.perf_counter()
+        try:
+            ranker = train_served_ranker(recipe, train, task, seed=settings.ranking.seed,
+                                         max_history=settings.ingest.history_length,
+                                         metadata={"ranking_recipe": settings.ranking.recipe,
+                                                   "recipe": recipe.to_dict()})
+        except ValueError as exc:  # e.g. a recipe with attributes but no attribute was ever written
+            raise dg.Failure(f"ranking.recipe {settings.ranking.recipe}: {exc}") from exc
+        wall_s = time.perf_counter() - t0
+    out = ranker.save(settings.root / "models" / name / "ranker")
+    context.add_output_metadata({"task": task, "family": recipe.model, "recipe": settings.ranking.recipe,
+                                 "train_examples": len(train), "wall_s": round(wall_s, 2),
+                                 "mlflow_run_id": run.info.run_id, "dir": dg.MetadataValue.path(str(out))})
+    return {"dir": str(out), "run_id": run.info.run_id, "base_version": None, "task": task, "dataset": dataset,
+            "family": recipe.model}
+
+
+def ranker_report(ranker, base, test, task: str) -> dict:  # noqa: ANN001 - any ranker, Recommender | None, examples
+    """AUC, GAUC (per request) and logloss of the task on the test examples: the ranker, the head it started
+    from (an ARGUS ranker's ``base``; None for the other families, which start from nothing), and the
+    popularity order (the item's events before the request); plus how many it scored."""
     from models.argus_ranker import encode_requests, score_examples
     from models.ranker import auc, gauc, item_popularity_before
+    from models.served_ranker import ranker_scores
 
     labels = test.examples[task].to_numpy(np.float64)
     groups = test.examples["request_id"].astype(str).to_numpy()
-    # a head fine-tuned on a frozen encoder reads its base's user states: encode the test requests once
-    states = encode_requests(base, test) if base.same_encoder(ranker) else None
-    scores = {"ranker": score_examples(ranker, test, states), "base": score_examples(base, test, states)}
+    if base is None:
+        scores = {"ranker": np.asarray(ranker_scores(ranker, test), np.float64)}
+    else:
+        # a head fine-tuned on a frozen encoder reads its base's user states: encode the test requests once
+        states = encode_requests(base, test) if base.same_encoder(ranker) else None
+        scores = {"ranker": score_examples(ranker, test, states), "base": score_examples(base, test, states)}
     known = np.isfinite(scores["ranker"])  # unknown items / histories: the cascade keeps them unranked
     scores["popularity"] = item_popularity_before(test).astype(np.float64)
     report: dict = {"task": task, "examples": int(len(labels)), "scored": int(known.sum()),
@@ -213,13 +275,17 @@ def ranker_report(ranker, base, test, task: str) -> dict:  # noqa: ANN001 - Reco
 @dg.asset(kinds={"pytorch"}, group_name=RANKING)
 def ranker_evaluation(context: dg.AssetExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
                       trained_ranker: dict) -> dict:
-    """The fine-tuned ranker on the later requests, beside the pre-trained head it started from and popularity."""
+    """The trained ranker on the later requests, beside the pre-trained head it started from (ARGUS) and
+    popularity."""
     from models.lifecycle.registry import Registry
-    from models.recommender import Recommender
+    from models.served_ranker import load_artifact
 
     settings = encore.settings()
-    ranker = Recommender.load(Path(trained_ranker["dir"]))
-    base, _ = Registry(mlflow_server.resolve(settings), settings.registry).load(version=trained_ranker["base_version"])
+    ranker = load_artifact(Path(trained_ranker["dir"]))
+    base = None
+    if trained_ranker.get("base_version") is not None:
+        base, _ = Registry(mlflow_server.resolve(settings), settings.registry).load(
+            version=trained_ranker["base_version"])
     _, test = ranking_split(trained_ranker["dataset"])
     if not len(test):
         raise dg.Failure("no test examples after the cutoff: serve more traffic (or lower ranking.test_share)")
@@ -228,10 +294,11 @@ def ranker_evaluation(context: dg.AssetExecutionContext, encore: EncoreResource,
     path.write_text(json.dumps(report, indent=2))
     rows = ["| scorer | AUC | GAUC | logloss |", "|---|---|---|---|"] + [
         f"| {who} | {report[who]['auc']:.4f} | {report[who]['gauc']:.4f} | {report[who].get('logloss', math.nan):.4f} |"
-        for who in ("ranker", "base", "popularity")]
+        for who in ("ranker", "base", "popularity") if who in report]
     context.add_output_metadata({"task": report["task"], "test_examples": report["examples"],
                                  "scored": report["scored"], "auc": round(report["ranker"]["auc"], 4),
-                                 "base_auc": round(report["base"]["auc"], 4),
+                                 "base_auc": round(report["base"]["auc"], 4) if "base" in report else None,
+                                 "family": trained_ranker.get("family", "argus"),
                                  "metrics": dg.MetadataValue.md("\n".join(rows)),
                                  "report": dg.MetadataValue.path(str(path))})
     return {**trained_ranker, "evaluation": report}
@@ -241,23 +308,25 @@ def ranker_evaluation(context: dg.AssetExecutionContext, encore: EncoreResource,
 def registered_ranker(context: dg.AssetExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
                       ranker_evaluation: dict) -> dict:
     """A new version of the rankers' registered model (``registry.ranker_model_name``), alias challenger, tagged
-    with its task, its base retriever version and its test metrics."""
+    with its family, its task, its base retriever version (ARGUS) and its test metrics."""
     from models.lifecycle.registry import Registry
-    from models.recommender import Recommender
+    from models.served_ranker import ServedRanker, load_artifact
     from orchestration.assets.training import _input_example
 
     settings = encore.settings()
     uri = mlflow_server.resolve(settings)
-    rec = Recommender.load(Path(ranker_evaluation["dir"]))
+    rec = load_artifact(Path(ranker_evaluation["dir"]))
     report = ranker_evaluation["evaluation"]
-    metrics = {f"{who}_{k}": v for who in ("ranker", "base", "popularity") for k, v in report[who].items()}
+    metrics = {f"{who}_{k}": v for who in ("ranker", "base", "popularity") if who in report
+               for k, v in report[who].items()}
     ds = ranker_evaluation["dataset"]
+    family = ranker_evaluation.get("family", "argus")
+    base = {"base_version": str(ranker_evaluation["base_version"])} if ranker_evaluation.get("base_version") else {}
     reg = Registry(uri, settings.registry.for_rankers()).register(
         rec, run_id=ranker_evaluation["run_id"], metrics=metrics,
-        tags={"model": "argus-ranker", "task": ranker_evaluation["task"],
-              "base_version": str(ranker_evaluation["base_version"]), "dataset_snapshot": ds["snapshot"],
-              "dagster_run_id": context.run.run_id},
-        input_example=_input_example(rec),
+        tags={"model": f"{family}-ranker", "task": ranker_evaluation["task"], **base,
+              "dataset_snapshot": ds["snapshot"], "dagster_run_id": context.run.run_id},
+        input_example=_ranker_input_example(rec, ds) if isinstance(rec, ServedRanker) else _input_example(rec),
     )
     context.add_output_metadata({"version": reg.version, "run_id": reg.run_id, "name": reg.name,
                                  "alias": settings.registry.challenger_alias})
@@ -265,8 +334,21 @@ def registered_ranker(context: dg.AssetExecutionContext, encore: EncoreResource,
             "task": ranker_evaluation["task"]}
 
 
+def _ranker_input_example(ranker, dataset: dict) -> pd.DataFrame:  # noqa: ANN001 - a ServedRanker
+    """The pyfunc input example of a ServedRanker: one user of the snapshot, a few of their events, and a few
+    candidates (``models.lifecycle.pyfunc``)."""
+    events = pd.read_parquet(dataset["interactions"], columns=["user_id", "item_id", "event_type", "timestamp_ms"])
+    user = int(events["user_id"].iloc[0])
+    mine = events[events["user_id"] == user].sort_values("timestamp_ms", kind="stable").tail(5)
+    return pd.DataFrame({"user_id": [user], "item_ids": [mine["item_id"].astype(int).tolist()],
+                         "event_types": [mine["event_type"].astype(str).tolist()],
+                         "timestamps_ms": [mine["timestamp_ms"].astype(int).tolist()],
+                         "candidates": [[int(i) for i in events["item_id"].drop_duplicates().head(5)]],
+                         "now_ms": [int(events["timestamp_ms"].max()) + 1]})
+
+
 @dg.asset_check(asset=registered_ranker, blocking=True,
-                description="the fine-tuned ranker beats the head it started from and the popularity order on the "
+                description="the ranker beats the head it started from (ARGUS) and the popularity order on the "
                             "later requests (AUC), and the champion ranker re-scored on the same examples")
 def ranker_gate(context: dg.AssetCheckExecutionContext, encore: EncoreResource, mlflow_server: MLflowResource,
                 registered_ranker: dict) -> dg.AssetCheckResult:
@@ -277,11 +359,11 @@ def ranker_gate(context: dg.AssetCheckExecutionContext, encore: EncoreResource, 
     _, test = ranking_split(registered_ranker["dataset"])
     registry = Registry(mlflow_server.resolve(settings), settings.registry.for_rankers())
 
-    def rescore(champion) -> float:  # noqa: ANN001 - a Recommender
-        from models.argus_ranker import score_examples
+    def rescore(champion) -> float:  # noqa: ANN001 - a Recommender or a ServedRanker, whichever family
         from models.ranker import auc
+        from models.served_ranker import ranker_scores
 
-        s = score_examples(champion, test)
+        s = ranker_scores(champion, test)
         known = np.isfinite(s)
         return auc(test.examples[registered_ranker["task"]].to_numpy()[known], s[known])
 
