@@ -13,6 +13,32 @@ from infra.settings import EncoreSettings
 logging.getLogger("kafka").setLevel(logging.CRITICAL)
 
 
+def simulated_slates(*, users: int, items: int, requests: int, slate: int, seed: int, sessions_per_user: int,
+                     events_per_session: int, t0_ms: int = 1_700_000_000_000):  # -> (interactions, exposures)
+    """A simulated world's organic history until ``t0_ms``, then ``requests`` slates of ``slate`` uniformly drawn
+    items, one a minute, each to a random user who reacts (``MusicWorld.respond``): the served log the ranking
+    tests learn from, as two frames."""
+    import numpy as np
+    import pandas as pd
+
+    from features.simulator import MusicWorld
+    from infra.settings import SimulatorSettings
+
+    world = MusicWorld(SimulatorSettings(users=users, items=items, sessions_per_user=sessions_per_user,
+                                         events_per_session=events_per_session, seed=seed))
+    history = world.history_frame(end_ms=t0_ms)
+    rng = np.random.default_rng(seed)
+    exposures, reactions = [], []
+    for n in range(requests):
+        user = int(rng.integers(users))
+        items_shown = rng.choice(items, size=slate, replace=False).tolist()
+        request, now = f"req-{n}", t0_ms + 60_000 * (n + 1)
+        exposures.append({"request_id": request, "user_id": user, "timestamp_ms": now, "items": items_shown})
+        reactions += [e.model_dump() for e in world.respond(user, items_shown, request_id=request, variant="control",
+                                                            now_ms=now)]
+    return pd.concat([history, pd.DataFrame(reactions)], ignore_index=True), pd.DataFrame(exposures)
+
+
 def small_settings(data_dir: Path, **overrides: object) -> EncoreSettings:
     """A platform small enough for tests on 2 CPU cores."""
     base: dict = {

@@ -10,8 +10,6 @@ import pandas as pd
 import pytest
 import torch
 
-from features.simulator import MusicWorld
-from infra.settings import SimulatorSettings
 from models.ranker import (
     DLRM,
     RankerConfig,
@@ -24,6 +22,7 @@ from models.ranker import (
 )
 from models.ranking_data import RankingExamples, build_ranking_examples
 from models.wukong import FMBlock, LCBlock, Wukong, WukongConfig, WukongLayer
+from tests.conftest import simulated_slates
 
 T0 = 1_700_000_000_000
 B, N, D = 5, 6, 8
@@ -138,22 +137,10 @@ def test_popularity_counts_only_events_strictly_before_t() -> None:
 @pytest.fixture(scope="module")
 def world_examples() -> RankingExamples:
     """80 users, 120 items; 600 requests of 8 random items (+4 sampled negatives each), time-ordered."""
-    users, items = 80, 120
-    world = MusicWorld(SimulatorSettings(users=users, items=items, sessions_per_user=3, events_per_session=10,
-                                         seed=0))
-    history = world.history_frame(end_ms=T0)
-    rng = np.random.default_rng(0)
-    exposures, reactions = [], []
-    for n in range(600):
-        user = int(rng.integers(users))
-        slate = rng.choice(items, size=8, replace=False).tolist()
-        request, now = f"req-{n}", T0 + 60_000 * (n + 1)
-        exposures.append({"request_id": request, "user_id": user, "timestamp_ms": now, "items": slate})
-        reactions += [e.model_dump() for e in world.respond(user, slate, request_id=request, variant="control",
-                                                            now_ms=now)]
-    interactions = pd.concat([history, pd.DataFrame(reactions)], ignore_index=True)
-    return build_ranking_examples(interactions, pd.DataFrame(exposures), window_s=3600, sampled_negatives=4,
-                                  catalogue=np.arange(items), seed=0)
+    interactions, exposures = simulated_slates(users=80, items=120, requests=600, slate=8, seed=0,
+                                               sessions_per_user=3, events_per_session=10, t0_ms=T0)
+    return build_ranking_examples(interactions, exposures, window_s=3600, sampled_negatives=4,
+                                  catalogue=np.arange(120), seed=0)
 
 
 def test_point_in_time_features_match_a_brute_force_count(world_examples: RankingExamples) -> None:

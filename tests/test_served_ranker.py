@@ -10,8 +10,6 @@ import pytest
 import torch
 
 from features.attributes import attributes_as_of
-from features.simulator import MusicWorld
-from infra.settings import SimulatorSettings
 from models.hstu_ranker import HSTURankerConfig
 from models.ranking_data import RankingExamples, build_ranking_examples, candidate_examples, with_attributes
 from models.ranking_recipe import resolve_ranking_recipe
@@ -24,6 +22,7 @@ from models.served_ranker import (
     train_served_ranker,
 )
 from serving.cascade import rerank
+from tests.conftest import simulated_slates
 
 T0 = 1_700_000_000_000
 USERS, ITEMS = 30, 60
@@ -44,19 +43,9 @@ def one_thread():
 @pytest.fixture(scope="module")
 def examples() -> RankingExamples:
     """30 users, 60 items; 120 served slates of 6 with the simulator's reactions (+2 sampled negatives each)."""
-    world = MusicWorld(SimulatorSettings(users=USERS, items=ITEMS, sessions_per_user=2, events_per_session=8, seed=0))
-    history = world.history_frame(end_ms=T0)
-    rng = np.random.default_rng(0)
-    exposures, reactions = [], []
-    for n in range(120):
-        user = int(rng.integers(USERS))
-        slate = rng.choice(ITEMS, size=6, replace=False).tolist()
-        request, now = f"req-{n}", T0 + 60_000 * (n + 1)
-        exposures.append({"request_id": request, "user_id": user, "timestamp_ms": now, "items": slate})
-        reactions += [e.model_dump() for e in world.respond(user, slate, request_id=request, variant="control",
-                                                            now_ms=now)]
-    interactions = pd.concat([history, pd.DataFrame(reactions)], ignore_index=True)
-    return build_ranking_examples(interactions, pd.DataFrame(exposures), window_s=3600, sampled_negatives=2,
+    interactions, exposures = simulated_slates(users=USERS, items=ITEMS, requests=120, slate=6, seed=0,
+                                               sessions_per_user=2, events_per_session=8, t0_ms=T0)
+    return build_ranking_examples(interactions, exposures, window_s=3600, sampled_negatives=2,
                                   catalogue=np.arange(ITEMS), seed=0)
 
 

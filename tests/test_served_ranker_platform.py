@@ -21,7 +21,7 @@ import torch
 from mlflow import MlflowClient
 
 from orchestration.resources import EncoreResource, MLflowResource, encore_resource
-from tests.conftest import small_settings
+from tests.conftest import simulated_slates, small_settings
 
 pytestmark = pytest.mark.integration
 
@@ -31,21 +31,8 @@ USERS, ITEMS = 40, 60
 
 def simulated_log() -> tuple[pd.DataFrame, pd.DataFrame]:
     """(interactions, exposures): the simulator's histories, then 160 served slates of 6 and their reactions."""
-    from features.simulator import MusicWorld
-    from infra.settings import SimulatorSettings
-
-    world = MusicWorld(SimulatorSettings(users=USERS, items=ITEMS, sessions_per_user=2, events_per_session=8, seed=1))
-    history = world.history_frame(end_ms=T0)
-    rng = np.random.default_rng(1)
-    exposures, reactions = [], []
-    for n in range(160):
-        user = int(rng.integers(USERS))
-        slate = rng.choice(ITEMS, size=6, replace=False).tolist()
-        request, now = f"req-{n}", T0 + 60_000 * (n + 1)
-        exposures.append({"request_id": request, "user_id": user, "timestamp_ms": now, "items": slate})
-        reactions += [e.model_dump() for e in world.respond(user, slate, request_id=request, variant="control",
-                                                            now_ms=now)]
-    interactions = pd.concat([history, pd.DataFrame(reactions)], ignore_index=True)
+    interactions, exposures = simulated_slates(users=USERS, items=ITEMS, requests=160, slate=6, seed=1,
+                                               sessions_per_user=2, events_per_session=8, t0_ms=T0)
     interactions["event_id"] = [f"e{i}" for i in range(len(interactions))]
     interactions["event_type"] = interactions["event_type"].map(lambda t: str(getattr(t, "value", t)))
     return interactions, pd.DataFrame(exposures)
