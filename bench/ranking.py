@@ -110,6 +110,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "(scorers MODEL@1, MODEL@2, ...) on the same data per seed, and the JSON's by_size holds "
                          "each size's AUC, its non-embedding parameters, and the paired differences between "
                          "consecutive sizes and between the models at each size (seeds and users resampled)")
+    ap.add_argument("--plot", type=Path, default=None, help="with --sizes: a PNG of AUC against parameters")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (256)")
     ap.add_argument("--lr", type=float, default=None, help="default: the recipe's (3e-3)")
     ap.add_argument("--test-share", type=float, default=None, help="default: the recipe's (0.3)")
@@ -424,12 +425,24 @@ def size_sweep(args: argparse.Namespace, runs: list[dict], *, draws: int, seed: 
         out["models"][model] = {
             "params": [runs[0]["sweep"][n]["params"] for n in names],
             "auc": [_summary([_num(r["metrics"][out["subset"]][n][task]["auc"]) for r in runs])["mean"] for n in names],
+            "auc_per_seed": [[_num(r["metrics"][out["subset"]][n][task]["auc"]) for r in runs] for n in names],
             "step": [diff(names[j + 1], names[j]) for j in range(sizes - 1)],  # size j+2 minus size j+1
         }
     if len(args.models) == 2:
         a, b = args.models
         out[f"{a}_minus_{b}"] = [diff(f"{a}@{j + 1}", f"{b}@{j + 1}") for j in range(sizes)]
     return out
+
+
+def plot_sizes(out: dict, path: Path) -> Path:
+    """The PNG of a ``--sizes`` run (``out``: its JSON): each model's AUC on the primary subset and task against
+    its non-embedding parameters (``models.plots.size_curves``)."""
+    from models.plots import size_curves
+
+    sweep = out["by_size"]
+    return size_curves({m: (v["params"], v["auc_per_seed"]) for m, v in sweep["models"].items()}, path,
+                       metric=f"{sweep['task']} AUC ({sweep['subset']} items)",
+                       title=f"ranker AUC by size ({out['dataset']}, {len(out['seeds'])} seeds)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -482,6 +495,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if len(args.size_list) > 1:
         out["by_size"] = size_sweep(args, runs, draws=args.bootstrap)
+        if args.plot:
+            plot_sizes(out, args.plot)
     if "argus" in args.models:
         from bench.argus_ranking import cascade_summary, differences
 

@@ -80,6 +80,24 @@ def budget_curves(budgets: Sequence[int], sides: Mapping[str, Sequence[Sequence[
     return _save(fig, path)
 
 
+def size_curves(models: Mapping[str, tuple[Sequence[int], Sequence[Sequence[float]]]], path: Path,
+                metric: str = "AUC", title: str = "ranker quality by size") -> Path:
+    """A size sweep: ``metric`` against non-embedding parameters (log scale), one line per model at its mean over
+    seeds and a band from its lowest to its highest seed. ``models[name] = (params per size, per-size seed values)``."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (params, per_size) in models.items():
+        v = np.asarray(per_size, dtype=float)  # [sizes, seeds]
+        (line,) = ax.plot(params, v.mean(axis=1), marker="o", label=f"{name} (mean of {v.shape[1]} seeds)")
+        ax.fill_between(params, v.min(axis=1), v.max(axis=1), color=line.get_color(), alpha=0.15)
+    ax.set_xscale("log")
+    ax.set(xlabel="non-embedding parameters", ylabel=metric, title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def metric_bars(series: dict[str, dict[str, float]], path: Path,
                 keys: Sequence[str] = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")) -> Path:
     """Grouped bars of HR@K / NDCG@K for each named model (challenger, champion, popularity)."""

@@ -31,3 +31,27 @@ def test_ranking_bench_reports_metrics_on_a_tiny_simulator(capsys) -> None:  # n
     assert counts["train"]["examples"] > 0 and counts["test"]["examples"] > 0
     assert counts["test"]["by_source"]["sampled"] > 0 and counts["test"]["by_source"]["shown"] > 0
     assert out["seconds"]["total"] > 0
+
+
+def test_a_size_sweep_trains_every_model_at_every_size_on_the_same_data(capsys, tmp_path) -> None:  # noqa: ANN001
+    import pytest
+
+    torch.set_num_threads(1)
+    sizes = "dim=4,layers=1,fmb_units=2,lcb_units=2,fmb_rank=2,mlp_hidden=8;dim=8,layers=2,mlp_hidden=16"
+    argv = ["--users", "40", "--items", "80", "--requests", "200", "--slate", "6", "--negatives", "1", "--epochs", "1",
+            "--seeds", "0,1", "--sizes", sizes, "--bootstrap", "50", "--plot", str(tmp_path / "sizes.png")]
+    main(argv)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["metrics"]["shown"]) == {"wukong@1", "wukong@2", "dlrm@1", "dlrm@2", "popularity", "random"}
+    sweep = out["by_size"]
+    assert (sweep["task"], sweep["subset"], sweep["sizes"]) == ("engaged", "shown", sizes.split(";"))
+    for model in ("wukong", "dlrm"):
+        m = sweep["models"][model]
+        assert m["params"][0] < m["params"][1]  # the second size is larger
+        assert m["auc"] == [out["metrics"]["shown"][f"{model}@{j}"]["engaged"]["auc"]["mean"] for j in (1, 2)]
+        step = m["step"][0]  # size 2 minus size 1, seeds and users resampled
+        assert step["ci_low"] <= step["ci_high"] and 0.0 <= step["p"] <= 1.0
+        assert step["diff"] == pytest.approx(m["auc"][1] - m["auc"][0], abs=2e-4)
+    assert len(sweep["wukong_minus_dlrm"]) == 2 and (tmp_path / "sizes.png").stat().st_size > 0
+    with pytest.raises(SystemExit):  # a sweep is for Wukong and DLRM, with two sizes or more
+        main(["--sizes", "dim=4", "--seeds", "0"])
