@@ -47,6 +47,12 @@ reranked minus retrieval HR@10 and NDCG@10, each with its 95% interval over seed
 last line also carries, for the first ``--model``, ``auc``, ``gauc`` and ``logloss`` per task (means over
 seeds), and, with ARGUS, ``hr@10`` and ``ndcg@10`` of the reranked top list; ``wall_s`` is the whole run.
 
+Size sweeps (``--sizes``, Wukong and DLRM): every model trains at every size on the same examples of each seed;
+``by_size`` in the JSON holds each size's AUC on the primary subset and task (shown items and ``engaged`` on the
+simulator, ``like`` on MovieLens), its non-embedding parameters, and the differences between consecutive sizes and
+between the models at each size, each with a 95% interval that resamples the seeds and, within each seed, the
+users; ``--plot`` draws AUC against parameters.
+
 Recipes and features: ``--config NAME`` names a ranking recipe (``models/configs/ranking/NAME.yaml``,
 ``models.ranking_recipe``) whose values fill every flag not given (without one: the ranking base, which is the
 flags' values before recipes). ``--attributes`` adds the user and item attributes as of each example's t
@@ -56,6 +62,8 @@ the candidate's token; ``--context`` (ARGUS) adds the request's surface, hour an
 carries the resolved ``recipe``.
 
     python -m bench.ranking --seeds 0,1,2
+    python -m bench.ranking --users 2000 --requests 20000 --seeds 0,1,2 --model wukong --model dlrm \
+        --sizes "dim=8,layers=1,fmb_units=2,lcb_units=2,fmb_rank=2,mlp_hidden=32;dim=64,layers=4,..." --plot sizes.png
     python -m bench.ranking --dataset ml-100k --data-dir ../shared/data/ml-100k --config wukong --attributes
     python -m bench.ranking --dataset ml-1m --data-dir DIR --config argus-ml1m --seeds 0,1,2,3,4
     python -m bench.ranking --dataset ml-100k --data-dir ../shared/data/ml-100k --seeds 0,1,2
