@@ -59,6 +59,7 @@ from features.lifelong import DEFAULT_END_MS, LifelongWorld
 METRICS = ("like_rate", "listening", "hits")
 ARMS = ("control", "treatment")
 _POSITIVE = frozenset({"listen", "like"})
+_EPOCH_LOG = ("loss", "valid_ndcg@10", "valid_hr@10", "epoch_s")  # what a training epoch's progress line shows
 _SUMMARY_CHUNK = 16  # users summarised at once from scratch: the fold pads to the longest history of the chunk
 
 
@@ -99,7 +100,8 @@ def train_arms(world: LifelongWorld, cfg: LoopConfig, log: Callable[[str], None]
         rc = resolve_config(name, seed=cfg.seed, epochs=cfg.epochs, window=cfg.window, recent=cfg.recent)
         t = time.perf_counter()
         log(f"training {arm} ({name}, {rc.model}, max_len {rc.max_len}, {rc.epochs} epochs)")
-        result = train(seqs, rc, progress=False)
+        result = train(seqs, rc, progress=False, on_epoch=lambda e, rec, arm=arm: log(
+            f"{arm} epoch {e}: " + " ".join(f"{k} {rec[k]:.4g}" for k in _EPOCH_LOG if k in rec)))
         assert result is not None  # one process: the result is always returned
         arms[arm] = result.recommender()
         figures[arm] = {"recipe": name, "model": rc.model, "max_len": rc.max_len, "epochs": len(result.history),
