@@ -44,6 +44,9 @@ Ground truth (all drawn from ``LifelongParams.seed``, nothing learnt):
 * **Reactions** do not depend on the item: ``skip`` with ``p_skip`` (played_ratio U(0, 0.3)), else ``like``
   with ``p_like`` (U(0.7, 1)), else ``listen`` (U(0.5, 1)): every like and listen is a positive target of
   ``models/data.py``, so the held-out target follows the same mixture.
+* **Served slates** (``respond``, after the end of the history) get ``MusicWorld``'s reactions instead, which do
+  depend on the item: its true log-probability under the mixture "now", standardised over the catalogue, through
+  ``features.simulator.react`` (see ``respond``): a closed loop's better slates earn more listens and likes.
 
 Oracles (``next_probs``, ``window_probs``, ``oracle_report``), for the held-out last positive event of each user
 (``models.data.leave_one_out``'s test target), ranked against the whole catalogue with the user's earlier items
