@@ -10,8 +10,8 @@ What it does, in order:
 1. builds the world as ``bench.lifelong`` does (``--users``, ``--world KEY=VALUE``, ...), then trains the two
    recipes (``--treatment vista-lifelong``, ``--control hstu-lifelong``) on its history under that bench's protocol
    (``bench.lifelong.resolve_config``: VISTA reads ``--recent`` raw events plus its summary, HSTU ``--window``);
-   or loads them from ``--models DIR`` (``--save DIR`` writes them there, with the world they were trained on,
-   which a later ``--models`` run must match). ``--rounds 0`` trains and saves only.
+   or loads them from ``--models DIR`` (``--save DIR`` writes them there, with the world and the training they
+   belong to, which a later ``--models`` run must match). ``--rounds 0`` trains and saves only.
 2. **paired replay**: every user is served by both arms, ``--rounds`` times. Each round a request at
    ``end + round * --gap-hours``; each arm answers top ``--k`` from *its own copy* of the user's history and the
    world answers (``LifelongWorld.respond``) with the same ``rng_key`` for both arms (common random numbers:
@@ -24,15 +24,17 @@ What it does, in order:
    lengths) and ``hits`` (served items listened to or liked). The per-user treatment - control differences get
    95% bootstrap intervals over users (``bench.compare.bootstrap``).
 3. **split A/B**: the same users randomised 50/50 by the platform's hash assignment
-   (``experiments.assignment.choose_variant``, salt from ``--seed``); each arm's users are read off their own
+   (``experiments.assignment.choose_variant``, salt from ``--loop-seed``); each arm's users are read off their own
    arm's loop (the world does not couple users, so this is what a split test of these arms would observe).
    Relative lifts with Welch/delta-method intervals (``experiments.stats.welch_test``), p-values corrected
    across the three metrics (``experiments.stats.adjust_pvalues``, Benjamini-Hochberg, the readout's
    correction), and the sample-ratio check (``experiments.stats.srm_check``).
 
-Serving does not filter the user's earlier items by default (``--exclude-seen`` does): in this world most of a
-user's true next plays are tracks they have heard before (favourite artists resurfacing, the next track of an
-artist), so a seen filter would leave both arms serving only discoveries.
+The slates leave out the items of the user's history (the arm's copy), as serving does by default
+(``exclude_seen``) and as the offline protocol filters them; ``--keep-seen`` serves them too. The difference
+matters here: most of a lifelong user's true next plays are tracks they have heard (favourite artists resurfacing,
+the next track of an artist), so the filter makes both arms find what the user will like among what they have not
+heard yet, while without it both can re-serve the user's most played tracks.
 
 Progress goes to stderr; the LAST stdout line is one JSON object: ``config``, ``world``, ``training``,
 ``paired``, ``split``, ``wall_s``, ``argv``.
@@ -72,14 +74,15 @@ class LoopConfig:
     world_seed: int = 0
     treatment: str = "vista-lifelong"
     control: str = "hstu-lifelong"
-    seed: int = 0  # training seed of both arms, and the A/B's salt
+    seed: int = 0  # training seed of both arms
+    loop_seed: int = 0  # the reactions' random keys and the split's salt
     epochs: int | None = None
     window: int = 200  # the control's max_len
     recent: int = 50  # the treatment's raw recent events (its max_len)
     rounds: int = 10
     k: int = 10
     gap_hours: float = 24.0
-    exclude_seen: bool = False
+    exclude_seen: bool = True  # serving's default
     draws: int = BOOTSTRAP
 
 
@@ -120,17 +123,20 @@ def save_arms(arms: dict[str, Any], figures: dict, cfg: LoopConfig, path: Path) 
 
 
 def load_arms(cfg: LoopConfig, path: Path) -> tuple[dict[str, Any], dict]:
-    """The arms ``save_arms`` wrote; refuses models trained on another world (their figures would mean nothing)."""
+    """The arms ``save_arms`` wrote; refuses arms of another world or training (the JSON would misname them)."""
     from models.recommender import Recommender
 
     saved = json.loads((path / "arms.json").read_text())
     if saved["world"] != _world_key(cfg):
-        raise SystemExit(f"--models {path} was trained on world {saved['world']}, this run's is {_world_key(cfg)}")
+        raise SystemExit(f"--models {path} holds arms of {saved['world']}, this run asks for {_world_key(cfg)}")
     return {arm: Recommender.load(path / arm) for arm in ARMS}, saved["training"]
 
 
 def _world_key(cfg: LoopConfig) -> dict[str, Any]:
-    return {"size": asdict(cfg.size), "world": dict(sorted(cfg.world.items())), "world_seed": cfg.world_seed}
+    """What the saved arms depend on: the world and how they were trained."""
+    return {"size": asdict(cfg.size), "world": dict(sorted(cfg.world.items())), "world_seed": cfg.world_seed,
+            "control": cfg.control, "treatment": cfg.treatment, "seed": cfg.seed, "epochs": cfg.epochs,
+            "window": cfg.window, "recent": cfg.recent}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,7 +247,7 @@ def run_loop(world: LifelongWorld, loops: dict[str, ArmLoop], cfg: LoopConfig, e
             slates = serve(loop, users, cfg.k, now_ms, cfg.exclude_seen)
             for u, slate in zip(users, slates):
                 # the same key in both arms: common random numbers, so equal slates get equal reactions
-                events = world.respond(u, slate, now_ms=now_ms, rng_key=f"loop-{cfg.seed}-{u}-{r}",
+                events = world.respond(u, slate, now_ms=now_ms, rng_key=f"loop-{cfg.loop_seed}-{u}-{r}",
                                        history=loop.played[u], variant=arm, end_ms=end_ms)
                 play(loop, u, events)
                 for m, v in outcome(events).items():
@@ -273,7 +279,7 @@ def paired_figures(per_user: dict[str, dict[str, np.ndarray]], draws: int, seed:
 
 
 def split_assignment(users: Sequence[int], seed: int) -> dict[int, str]:
-    """User -> arm, 50/50 by the platform's hash assignment (the experiment's salt names the run's seed)."""
+    """User -> arm, 50/50 by the platform's hash assignment (the experiment's salt names the loop's seed)."""
     from experiments.assignment import Experiment, choose_variant
 
     experiment = Experiment.model_validate({
@@ -336,8 +342,8 @@ def run(cfg: LoopConfig, *, models: Path | None = None, save: Path | None = None
         loops = {arm: start_loop(arms[arm], world, end_ms) for arm in ARMS}
         log(f"loops started ({time.perf_counter() - t:.0f} s)")
         per_user = run_loop(world, loops, cfg, end_ms, log)
-        out["paired"] = paired_figures(per_user, cfg.draws, cfg.seed)
-        out["split"] = split_figures(per_user, cfg.seed)
+        out["paired"] = paired_figures(per_user, cfg.draws, cfg.loop_seed)
+        out["split"] = split_figures(per_user, cfg.loop_seed)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -353,14 +359,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="a LifelongParams field, e.g. --world artists=400 (repeatable)")
     ap.add_argument("--treatment", default="vista-lifelong", help="the treatment arm's recipe")
     ap.add_argument("--control", default="hstu-lifelong", help="the control arm's recipe")
-    ap.add_argument("--seed", type=int, default=0, help="training seed of both arms and the A/B's salt")
+    ap.add_argument("--seed", type=int, default=0, help="training seed of both arms")
+    ap.add_argument("--loop-seed", type=int, default=0, help="the reactions' random keys and the A/B's salt")
     ap.add_argument("--epochs", type=int, default=None, help="override both recipes' epochs")
     ap.add_argument("--window", type=int, default=200, help="max_len of the window arm")
     ap.add_argument("--recent", type=int, default=50, help="raw recent events of the lifelong arm")
     ap.add_argument("--rounds", type=int, default=10, help="requests per user per arm (0: train and save only)")
     ap.add_argument("-k", type=int, default=10, help="slate size")
     ap.add_argument("--gap-hours", type=float, default=24.0, help="simulated time between two rounds")
-    ap.add_argument("--exclude-seen", action="store_true", help="filter each user's earlier items from the slates")
+    ap.add_argument("--keep-seen", action="store_true",
+                    help="serve items of the user's history too (default: left out, as serving does)")
     ap.add_argument("--draws", type=int, default=BOOTSTRAP, help="bootstrap draws")
     ap.add_argument("--models", type=Path, default=None, help="load the arms saved by --save instead of training")
     ap.add_argument("--save", type=Path, default=None, help="save the trained arms here")
@@ -375,8 +383,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = WorldSize(users=args.users or base.users, min_events=args.min_events or base.min_events,
                      max_events=args.max_events or base.max_events)
     cfg = LoopConfig(size=size, world=_overrides(args.world), world_seed=args.world_seed, treatment=args.treatment,
-                     control=args.control, seed=args.seed, epochs=args.epochs, window=args.window, recent=args.recent,
-                     rounds=args.rounds, k=args.k, gap_hours=args.gap_hours, exclude_seen=args.exclude_seen,
+                     control=args.control, seed=args.seed, loop_seed=args.loop_seed, epochs=args.epochs, window=args.window, recent=args.recent,
+                     rounds=args.rounds, k=args.k, gap_hours=args.gap_hours, exclude_seen=not args.keep_seen,
                      draws=args.draws)
     out = run(cfg, models=args.models, save=args.save, log=lambda m: print(m, file=sys.stderr, flush=True))
     out["argv"] = list(sys.argv[1:] if argv is None else argv)
