@@ -78,6 +78,12 @@ def resolve_config(name: str, *, seed: int, epochs: int | None, window: int, rec
                        train_windows="all")
 
 
+def make_world(size: WorldSize, world_seed: int = 0, world: dict[str, str] | None = None) -> LifelongWorld:
+    """The bench's world: ``size``, ``world_seed`` and the ``--world`` overrides (text, typed by ``world_params``)."""
+    return LifelongWorld(LifelongParams(seed=world_seed, users=size.users, min_events=size.min_events,
+                                        max_events=size.max_events, **world_params(world or {})))
+
+
 def config_figures(gains: dict[str, np.ndarray], rng: np.random.Generator, draws: int) -> dict[str, Any]:
     """One config's means, their 95% intervals and the per-seed means, from per-target gains [seeds, T]."""
     out: dict[str, Any] = {}
@@ -114,9 +120,8 @@ def run(size: WorldSize, configs: Sequence[str], seeds: Sequence[int], *, epochs
     from models.train import train
 
     t0 = time.perf_counter()
-    params = LifelongParams(seed=world_seed, users=size.users, min_events=size.min_events, max_events=size.max_events,
-                            **world_params(world or {}))
-    world = LifelongWorld(params)
+    world = make_world(size, world_seed, world)
+    params = world.params
     frame = world.history_frame()
     log(f"world: {size.users} users, {len(frame):,} events, {world.num_items} items ({time.perf_counter() - t0:.1f} s)")
     targets = loo_targets(frame)

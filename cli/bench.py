@@ -169,6 +169,16 @@ def bench_cascade_loop(args: tuple[str, ...]) -> None:
     raise SystemExit(run(list(args)))
 
 
+@bench.command("lifelong-loop", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_lifelong_loop(args: tuple[str, ...]) -> None:
+    """Closed-loop A/B on the lifelong world: a VISTA arm against an HSTU arm, each serving every user from its own
+    growing history; a paired replay (common random numbers) and a split A/B (see `python -m bench.lifelong_loop -h`)."""
+    from bench.lifelong_loop import main as run
+
+    run(list(args))
+
+
 @bench.command("lifelong", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_lifelong(args: tuple[str, ...]) -> None:

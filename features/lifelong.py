@@ -44,6 +44,9 @@ Ground truth (all drawn from ``LifelongParams.seed``, nothing learnt):
 * **Reactions** do not depend on the item: ``skip`` with ``p_skip`` (played_ratio U(0, 0.3)), else ``like``
   with ``p_like`` (U(0.7, 1)), else ``listen`` (U(0.5, 1)): every like and listen is a positive target of
   ``models/data.py``, so the held-out target follows the same mixture.
+* **Served slates** (``respond``, after the end of the history) get ``MusicWorld``'s reactions instead, which do
+  depend on the item: its true log-probability under the mixture "now", standardised over the catalogue, through
+  ``features.simulator.react`` (see ``respond``): a closed loop's better slates earn more listens and likes.
 
 Oracles (``next_probs``, ``window_probs``, ``oracle_report``), for the held-out last positive event of each user
 (``models.data.leave_one_out``'s test target), ranked against the whole catalogue with the user's earlier items
@@ -81,11 +84,17 @@ import numpy as np
 import pandas as pd
 
 from features.datasets import EVENT_COLUMNS
-from features.events import MIN_TIMESTAMP_MS
+from features.events import MIN_TIMESTAMP_MS, InteractionEvent
+from features.simulator import REACTION_NAMES, WorldParams, examines_next, react, stable_digest
 
 DAY_MS = 86_400_000
 YEAR_DAYS = 365.25
-_STREAM_CATALOG, _STREAM_USERS, _STREAM_HISTORY = 11, 12, 13  # independent random streams
+_STREAM_CATALOG, _STREAM_USERS, _STREAM_HISTORY, _STREAM_RESPOND = 11, 12, 13, 14  # independent random streams
+DEFAULT_END_MS = 1_767_225_600_000  # 2026-01-01: where ``history_frame`` ends every history unless told
+# Reactions to served slates: MusicWorld's reaction model with its default parameters (features/simulator.py),
+# so that "a like" means the same in both worlds.
+REACTION = WorldParams()
+NOMINAL_TRACK_S = 200.0  # the world has no track lengths: a played slate item takes played_ratio x this (time only)
 _TYPE_NAMES = np.array(["listen", "skip", "like"], dtype=object)
 _LISTEN, _SKIP, _LIKE = 0, 1, 2
 _EVENT_ID = re.compile(r"^life-(\d+)-(\d+)-(\d+)$")
@@ -226,7 +235,7 @@ class LifelongWorld:
 
         ``end_ms`` (default: 2026-01-01) is the end of every user's history; only the placement in time depends
         on it, never which events happen."""
-        end_ms = 1_767_225_600_000 if end_ms is None else int(end_ms)
+        end_ms = DEFAULT_END_MS if end_ms is None else int(end_ms)
         users = list(range(self.num_users)) if users is None else [int(u) for u in users]
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("user", "seq", "item", "type", "ratio", "ts")}
         for u in users:
@@ -274,15 +283,10 @@ class LifelongWorld:
         if not 0 <= seq <= len(h.item):
             raise ValueError(f"seq {seq} outside 0..{len(h.item)}")
         day = h.span_days if seq == len(h.item) else float(h.day[seq])
-        genre = state.genre_segments[np.searchsorted(state.genre_change_days, day, side="right")]
-        intensity = _season_intensity(self.params, state.season_peak_days, np.array([day]), h.span_days)[0]  # (S,)
-        season_items = np.zeros(self.num_items)
-        np.add.at(season_items, state.playlists.ravel(), np.repeat(intensity, state.playlists.shape[1]))
+        genre_mass, season_items, season_total = self._state_at(u, day)
         return _mixture(self.params, self.catalog, prev=int(h.item[seq - 1]) if seq > 0 else -1,
-                        genre_mass=(np.arange(self.params.genres) == genre).astype(np.float64),
-                        fav_weight=state.fav_weight,
-                        season_items=season_items / self.params.playlist_len,
-                        season_total=float(intensity.sum()))
+                        genre_mass=genre_mass, fav_weight=state.fav_weight, season_items=season_items,
+                        season_total=season_total)
 
     def next_log_probs(self, u: int, seq: int | None = None) -> np.ndarray:
         """``log(next_probs(u, seq))``: the full-history oracle's scores."""
@@ -306,6 +310,82 @@ class LifelongWorld:
         return _mixture(self.params, c, prev=int(h.item[seq - 1]) if (seq > 0 and sequential) else -1,
                         genre_mass=genre_mass, fav_weight=fav, season_items=season_items,
                         season_total=self._mean_season_total())
+
+    # ---- reacting to recommendations ---------------------------------------------------------------------
+    def respond(self, u: int, slate: Sequence[int], *, now_ms: int, rng_key: str,
+                history: Sequence[int] | None = None, variant: str | None = None,
+                end_ms: int | None = None) -> list[InteractionEvent]:
+        """How user ``u`` reacts to a served ``slate`` at ``now_ms``, after the end of their history.
+
+        The reaction model is ``MusicWorld.respond``'s (``features.simulator.react`` with its default
+        parameters, and its cascade ``examines_next``): the user examines the slate top-down; each examined item
+        gets one event whose type and played ratio depend on ``z``, the item's true log-probability as the
+        user's next play, standardised over the catalogue (``(log p_i - mean log p) / std log p``). Organic
+        plays of this world sit around z = 1.4-4.3 (median 2.5) and a random item around -0.3, as in
+        MusicWorld, so the same parameters mean the same thing.
+
+        The state is the module docstring's mixture, "now": the user's latents (favourites, playlists,
+        affinity), the season and the current genre at ``now_ms`` (``day = span_days + (now_ms - end_ms) /
+        1 day``, ``end_ms`` the end of the history as placed by ``history_frame``, default ``DEFAULT_END_MS``;
+        the genre keeps its last value after the history ends), and the *previous item*: the last of
+        ``history`` (the items played since the end of the organic history, e.g. a closed loop's earlier
+        responses, oldest first) or else the history's last event. The previous item moves with every item the
+        user examines in this slate too (a skip is a play, as in the organic history). Users do not learn from
+        what they are served: nothing else moves.
+
+        Deterministic given (seed, user, ``rng_key``): the random draws depend on nothing else, so two arms
+        answered with the same key share them (common random numbers); an arm's own ``history`` changes only
+        the state the draws are read against. Returns one event per examined item, ``source="recommended"``,
+        ``request_id=rng_key``, ids ``life-{seed}-{u}-r-{key}-{rank}``; timestamps after ``now_ms``
+        (``NOMINAL_TRACK_S`` per played item: the world has no track lengths). Never mutates the world.
+        """
+        self._check_user(u)
+        items = [int(i) for i in slate]
+        played = [int(i) for i in (history if history is not None else ())]
+        bad = [i for i in items + played if not 0 <= i < self.num_items]
+        if bad:
+            raise ValueError(f"unknown items {bad[:5]}: this world has items 0..{self.num_items - 1}")
+        if len(set(items)) != len(items):
+            raise ValueError(f"the slate lists an item twice: {items}")
+        end_ms = DEFAULT_END_MS if end_ms is None else int(end_ms)
+        if int(now_ms) < end_ms:
+            raise ValueError(f"now_ms {now_ms} is before the end of the history ({end_ms}): respond answers after it")
+        h = self.history(u)
+        day = h.span_days + (int(now_ms) - end_ms) / DAY_MS
+        genre_mass, season_items, season_total = self._state_at(u, day)
+        prev = played[-1] if played else int(h.item[-1])
+        rng = np.random.default_rng([self.params.seed, _STREAM_RESPOND, int(u), stable_digest(str(rng_key))])
+        events: list[InteractionEvent] = []
+        clock_ms = int(now_ms)
+        for rank, item in enumerate(items):
+            probs = _mixture(self.params, self.catalog, prev=prev, genre_mass=genre_mass,
+                             fav_weight=self.user(u).fav_weight, season_items=season_items,
+                             season_total=season_total)  # (I,)
+            log_p = np.log(np.maximum(probs, 1e-30))
+            z = (log_p[item] - log_p.mean()) / (log_p.std() + 1e-9)
+            kind, ratio = react(np.array([z]), rng, REACTION)
+            code, played_ratio = int(kind[0]), float(ratio[0])
+            clock_ms += int(1000 * (NOMINAL_TRACK_S * played_ratio + rng.uniform(1, 4)))
+            events.append(InteractionEvent(
+                event_id=_response_event_id(self.params.seed, int(u), str(rng_key), rank), user_id=int(u),
+                item_id=item, event_type=REACTION_NAMES[code], timestamp_ms=clock_ms,
+                played_ratio=round(played_ratio, 4), source="recommended", request_id=str(rng_key)[:128],
+                variant=variant))
+            prev = item  # the item just played is the previous item of the next choice, as in the history
+            if not examines_next(code, rng):
+                break
+        return events
+
+    def _state_at(self, u: int, day: float) -> tuple[np.ndarray, np.ndarray, float]:
+        """User u's current genre (one-hot (G,)), seasonal item mass (I,) and its total at ``day`` (days since the
+        history start; the genre process is defined on the history's span and holds its last value after it)."""
+        state, h = self.user(u), self.history(u)
+        genre = state.genre_segments[np.searchsorted(state.genre_change_days, day, side="right")]
+        intensity = _season_intensity(self.params, state.season_peak_days, np.array([day]), h.span_days)[0]  # (S,)
+        season_items = np.zeros(self.num_items)
+        np.add.at(season_items, state.playlists.ravel(), np.repeat(intensity, state.playlists.shape[1]))
+        return ((np.arange(self.params.genres) == genre).astype(np.float64), season_items / self.params.playlist_len,
+                float(intensity.sum()))
 
     # ---- internals ----------------------------------------------------------------------------------------
     def _history_span(self, u: int) -> float:
@@ -460,6 +540,13 @@ def _make_history(p: LifelongParams, c: LifelongCatalog, state: LifelongUser, u:
                      np.where(event_type == _LIKE, rng.uniform(0.7, 1.0, n), rng.uniform(0.5, 1.0, n)))
     return UserHistory(item=item.astype(np.int32), event_type=event_type, played_ratio=ratio.astype(np.float32),
                        day=day, span_days=span_days)
+
+
+def _response_event_id(seed: int, u: int, key: str, rank: int) -> str:
+    event_id = f"life-{seed}-{u}-r-{key}-{rank}"
+    if len(event_id) > 128:  # the schema's limit: a long key is hashed, keeping the id stable
+        event_id = f"life-{seed}-{u}-r-{stable_digest(key):08x}-{rank}"
+    return event_id
 
 
 def _grouped_cdf(weights: np.ndarray, group: np.ndarray) -> np.ndarray:

@@ -89,6 +89,7 @@ _STREAM_CATALOG, _STREAM_USERS, _STREAM_HISTORY, _STREAM_RESPOND, _STREAM_QUALIT
 # Event type codes used internally by the vectorised generator (order matters only here).
 _LISTEN, _SKIP, _LIKE, _DISLIKE = 0, 1, 2, 3
 _TYPE_NAMES = np.array(["listen", "skip", "like", "dislike"], dtype=object)
+REACTION_NAMES = _TYPE_NAMES  # event type of each ``react`` code
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,8 @@ class MusicWorld:
         slate = [int(i) for i in items]
         context = [int(i) for i in (self.recent_items(user_id) if recent_items is None else recent_items)]
         self._check_items(slate + context)
-        rng = self._rng(_STREAM_RESPOND, _digest(f"{user_id}\x00{rng_key if rng_key is not None else request_id}"))
+        key = rng_key if rng_key is not None else request_id
+        rng = self._rng(_STREAM_RESPOND, stable_digest(f"{user_id}\x00{key}"))
         base = self._base_now(user_id)
         events: list[InteractionEvent] = []
         clock_ms = int(now_ms)
@@ -289,7 +291,7 @@ class MusicWorld:
             prev = int(context[-1]) if context else -1
             log_p, mean, scale = self._truth.next_log_probs(user_id, base, prev)
             z = (log_p[item] - mean) / scale + self.params.quality_weight * float(self.catalog.quality[item])
-            kind, ratio = _react(np.array([z]), rng, self.params)
+            kind, ratio = react(np.array([z]), rng, self.params)
             kind_code, played = int(kind[0]), float(ratio[0])
             clock_ms += int(1000 * (self.catalog.length_s[item] * played + rng.uniform(1, 4)))
             events.append(
@@ -307,7 +309,7 @@ class MusicWorld:
             )
             # Like the organic generator, the track just played is the context of the next one.
             context.append(item)
-            if rng.random() > (0.9 if kind_code in (_LISTEN, _LIKE) else 0.7):
+            if not examines_next(kind_code, rng):
                 break
         return events
 
@@ -608,7 +610,7 @@ def _generate_block(ids: np.ndarray, settings: SimulatorSettings, truth: _Truth,
             z = (np.log(np.maximum(prob, 1e-30)) - log_mean) / scale
             if params.quality_weight:  # reactions to the chosen track, never the choice itself
                 z = z + params.quality_weight * catalog.quality[choice]
-            kind, ratio = _react(z, rng, params)
+            kind, ratio = react(z, rng, params)
             items[:, s, step], kinds[:, s, step], ratios[:, s, step] = choice, kind, ratio
             prev = choice  # from now on the context row is the track just played
 
@@ -644,8 +646,10 @@ def _sample_rows(weights: np.ndarray, rng: np.random.Generator, block: int = 32)
     return np.minimum(chosen * block + np.minimum(position, block - 1), width - 1), total
 
 
-def _react(z: np.ndarray, rng: np.random.Generator, params: WorldParams) -> tuple[np.ndarray, np.ndarray]:
-    """Reaction to plays with standardised true scores ``z``: (event type codes, played ratios)."""
+def react(z: np.ndarray, rng: np.random.Generator, params: WorldParams) -> tuple[np.ndarray, np.ndarray]:
+    """Reaction to plays with standardised true scores ``z``: (event type codes ``REACTION_NAMES`` indexes,
+    played ratios). Shared by every world that answers slates (``features.lifelong`` too), so that a reaction
+    means the same thing in all of them."""
     n = z.shape[0]
     listened = rng.random(n) < _sigmoid(params.listen_slope * (z - params.listen_mid))
     # Listens are played mostly through, more so when the track fits; skips stop early.
@@ -656,6 +660,16 @@ def _react(z: np.ndarray, rng: np.random.Generator, params: WorldParams) -> tupl
     disliked = ~listened & (rng.random(n) < params.dislike_max * _sigmoid(3.0 * (params.dislike_mid - z)))
     kind = np.where(liked, _LIKE, np.where(disliked, _DISLIKE, np.where(listened, _LISTEN, _SKIP)))
     return kind.astype(np.int64), ratio
+
+
+# The cascade: after a listen or a like the user looks at the next item of a slate more often than after a skip.
+CONTINUE_AFTER_PLAY, CONTINUE_AFTER_SKIP = 0.9, 0.7
+
+
+def examines_next(kind: int, rng: np.random.Generator) -> bool:
+    """Whether the user goes on to the next item of a slate after reacting ``kind`` (a ``react`` code) to this
+    one: one draw from ``rng``."""
+    return bool(rng.random() <= (CONTINUE_AFTER_PLAY if kind in (_LISTEN, _LIKE) else CONTINUE_AFTER_SKIP))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -684,7 +698,7 @@ def _timeline(
 # ---- small helpers -----------------------------------------------------------------------------------------
 
 
-def _digest(text: str) -> int:
+def stable_digest(text: str) -> int:
     """A stable 32-bit integer from text (Python's ``hash`` is salted per process)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big")
 
