@@ -134,7 +134,8 @@ def ranker_summary(result: dg.ExecuteInProcessResult) -> dict:
     out: dict = {"success": result.success}
     try:
         ev = result.output_for_node("ranker_evaluation")["evaluation"]
-        out.update(task=ev["task"], auc=ev["ranker"]["auc"], base_auc=ev["base"]["auc"],
+        out.update(task=ev["task"], auc=ev["ranker"]["auc"],
+                   base_auc=ev["base"]["auc"] if "base" in ev else None,  # ARGUS only: the head it started from
                    popularity_auc=ev["popularity"]["auc"], test_examples=ev["examples"])
         out["version"] = result.output_for_node("registered_ranker")["version"]
     except Exception:  # noqa: BLE001 - a step before these failed: its error is the story
@@ -181,5 +182,6 @@ def format_summary(summary: dict, settings: EncoreSettings) -> str:
 def _ranker_line(r: dict) -> str:
     if "auc" not in r:
         return f"not trained ({r.get('error', 'see the ranking_job run in Dagster')})"
-    return (f"v{r.get('version', '?')}  {r['task']} AUC {r['auc']:.4f} (pre-trained head {r['base_auc']:.4f}, "
-            f"popularity {r['popularity_auc']:.4f}); gate: {r.get('gate', 'not run')}")
+    head = f"pre-trained head {r['base_auc']:.4f}, " if r.get("base_auc") is not None else ""
+    return (f"v{r.get('version', '?')}  {r['task']} AUC {r['auc']:.4f} ({head}popularity {r['popularity_auc']:.4f}); "
+            f"gate: {r.get('gate', 'not run')}")

@@ -171,3 +171,13 @@ def test_the_cascade_reranks_with_a_served_ranker_and_the_pyfunc_scores_candidat
     got = predict_frame(ranker, frame)
     assert got["items"].tolist() == candidates[:2]
     np.testing.assert_allclose(np.concatenate(got["scores"].tolist()), np.concatenate(p[:2]), atol=1e-6)
+
+
+def test_the_run_summary_names_a_ranker_without_a_pre_trained_head() -> None:
+    from cli.run import _ranker_line
+
+    line = _ranker_line({"version": 1, "task": "engaged", "auc": 0.7, "base_auc": None, "popularity_auc": 0.6,
+                         "gate": "passed"})
+    assert line == "v1  engaged AUC 0.7000 (popularity 0.6000); gate: passed"
+    argus = _ranker_line({"version": 2, "task": "engaged", "auc": 0.7, "base_auc": 0.65, "popularity_auc": 0.6})
+    assert "pre-trained head 0.6500, popularity 0.6000" in argus
