@@ -331,8 +331,9 @@ class SideRecommender(Recommender):
         self.side = side.eval()
 
     def save(self, path: str | Path) -> Path:
-        raise NotImplementedError("an ARGUS ranker with side features has no saved form yet (its side table is "
-                                  "not part of the artefact): SideConfig stays off for registered ARGUS rankers")
+        raise NotImplementedError("an ARGUS ranker with side features cannot be saved for serving yet (its side "
+                                  "table is not part of the artefact): SideConfig stays off for registered ARGUS "
+                                  "rankers")
 
     def candidate_vectors(self, examples: RankingExamples, rows: np.ndarray, bags: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
         """e'_j of the examples ``rows``: [len(rows), D]."""
