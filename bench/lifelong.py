@@ -196,12 +196,20 @@ def world_params(pairs: dict[str, str]) -> dict[str, Any]:
     return {k: type(defaults[k])(v) for k, v in pairs.items()}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_world_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags that size and seed the lifelong world, shared by the benches that build one."""
     ap.add_argument("--users", type=int, default=None, help=f"users of the world (default {DEFAULT_SIZE.users})")
     ap.add_argument("--min-events", type=int, default=None, help=f"shortest history (default {DEFAULT_SIZE.min_events})")
     ap.add_argument("--max-events", type=int, default=None, help=f"longest history (default {DEFAULT_SIZE.max_events})")
     ap.add_argument("--smoke", action="store_true", help=f"a tiny world ({asdict(SMOKE_SIZE)}) for the harness's test")
+    ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--world", action="append", default=[], metavar="KEY=VALUE",
+                    help="a LifelongParams field, e.g. --world artists=400 (repeatable): a smaller world for a CPU")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_world_arguments(ap)
     ap.add_argument("--configs", default="hstu", help="comma-separated recipes (models/configs/ names or YAML paths)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds, the same for every config")
     ap.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs")
@@ -210,9 +218,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--baseline", default="hstu", help="the config the others are compared with")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe key for every config, e.g. --set lr=0.002 (repeatable; max_len is the bench's)")
-    ap.add_argument("--world-seed", type=int, default=0)
-    ap.add_argument("--world", action="append", default=[], metavar="KEY=VALUE",
-                    help="a LifelongParams field, e.g. --world artists=300 (repeatable): a smaller world for a CPU")
     args = ap.parse_args(argv)
 
     base = SMOKE_SIZE if args.smoke else DEFAULT_SIZE

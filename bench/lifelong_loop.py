@@ -54,7 +54,8 @@ import numpy as np
 import torch
 
 from bench.compare import BOOTSTRAP, bootstrap
-from bench.lifelong import DEFAULT_SIZE, SMOKE_SIZE, WorldSize, _overrides, make_world, resolve_config
+from bench.lifelong import (DEFAULT_SIZE, SMOKE_SIZE, WorldSize, _overrides, add_world_arguments, make_world,
+                            resolve_config)
 from features.events import EVENT_TYPE_CODES
 from features.lifelong import DEFAULT_END_MS, LifelongWorld
 
@@ -350,13 +351,7 @@ def run(cfg: LoopConfig, *, models: Path | None = None, save: Path | None = None
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--users", type=int, default=None, help=f"users of the world (default {DEFAULT_SIZE.users})")
-    ap.add_argument("--min-events", type=int, default=None, help=f"shortest history (default {DEFAULT_SIZE.min_events})")
-    ap.add_argument("--max-events", type=int, default=None, help=f"longest history (default {DEFAULT_SIZE.max_events})")
-    ap.add_argument("--smoke", action="store_true", help=f"a tiny world ({asdict(SMOKE_SIZE)}) for the harness's test")
-    ap.add_argument("--world-seed", type=int, default=0)
-    ap.add_argument("--world", action="append", default=[], metavar="KEY=VALUE",
-                    help="a LifelongParams field, e.g. --world artists=400 (repeatable)")
+    add_world_arguments(ap)
     ap.add_argument("--treatment", default="vista-lifelong", help="the treatment arm's recipe")
     ap.add_argument("--control", default="hstu-lifelong", help="the control arm's recipe")
     ap.add_argument("--seed", type=int, default=0, help="training seed of both arms")
