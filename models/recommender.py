@@ -402,6 +402,12 @@ class Recommender:
         """The version of this model's summariser (VISTA), None for a model that summarises nothing."""
         return self.metadata.get("summariser_version")
 
+    @property
+    def events_read(self) -> int:
+        """The most events of a user's history the model reads (``max_len``): the service refuses a model that
+        reads more than the online store keeps (``models.served_ranker.ServedRanker`` answers the same)."""
+        return int(self.config.max_len)
+
     def read_order(self, item_ids: np.ndarray, timestamps_ms: np.ndarray) -> np.ndarray:
         """Positions of the events this model reads, in the order it reads them: unknown items (new since
         training) dropped, the rest stably sorted by time. One rule for scoring and for the cached summaries

@@ -314,10 +314,10 @@ class ModelHolder:
         if version == self.refused_version:
             return False  # keep what we have
         recommender, version = self.registry.load(version=version)
-        if _events_read(recommender) > self.max_history:
+        if recommender.events_read > self.max_history:
             self.refused_version = version
             raise ModelDoesNotFit(
-                f"{self.registry.name} version {version} ({self.target}) reads {_events_read(recommender)} events "
+                f"{self.registry.name} version {version} ({self.target}) reads {recommender.events_read} events "
                 f"per user (max_len) but the online store keeps {self.max_history} (ingest.history_length): refused; "
                 "raise ENCORE_INGEST__HISTORY_LENGTH (and re-ingest) or serve a model trained with a shorter max_len")
         _warm_up(recommender)
@@ -325,13 +325,6 @@ class ModelHolder:
         self.swaps += 1
         log.info("serving %s %s = version %d", self.registry.name, self.target, version)
         return True
-
-
-def _events_read(model: Any) -> int:
-    """The most events per user a loaded model reads: a Recommender's ``max_len``, a ServedRanker's
-    ``events_read`` (its history window, or the cap of its history-length feature)."""
-    served = getattr(model, "events_read", None)
-    return int(served) if served is not None else int(model.config.max_len)
 
 
 def _warm_up(recommender: Any) -> None:
@@ -917,13 +910,12 @@ class Recommendations:
                 k = max(reqs[i].k for i in part)
                 depth = max(k, self.settings.serve.retrieval_k) if ranker is not None else k
                 if _reads_summaries(loaded):
-                    return self._forward_vista(loaded, ranker, hs, [reqs[i].k for i in part], depth, exclude_seen,
-                                               now_ms, [reqs[i] for i in part])
+                    return self._forward_vista(loaded, ranker, hs, [reqs[i] for i in part], depth, exclude_seen,
+                                               now_ms)
                 recs, states = loaded.recommender.retrieve(hs, k=depth, exclude_seen=exclude_seen, now_ms=now_ms)
                 if ranker is None:
                     return [_Scored(items[: reqs[i].k], loaded.version) for i, items in zip(part, recs)]
-                return self._rerank(ranker, loaded, hs, recs, states, [reqs[i].k for i in part], now_ms,
-                                    [reqs[i] for i in part])
+                return self._rerank(ranker, loaded, hs, recs, states, [reqs[i] for i in part], now_ms)
 
             try:
                 scored = [(idx, forward(idx))]
@@ -963,8 +955,7 @@ class Recommendations:
         return sorted(users)
 
     def _forward_vista(self, loaded: LoadedModel, ranker: LoadedModel | None, hs: list[dict[str, Any]],
-                       ks: list[int], depth: int, exclude_seen: bool, now_ms: int,
-                       asked: list[RecommendationRequest]) -> list[_Scored]:
+                       asked: list[RecommendationRequest], depth: int, exclude_seen: bool, now_ms: int) -> list[_Scored]:
         """A VISTA model's pass: each user's cached summary (plus the older events it has not seen), or, for a
         user without a usable one, a summary of the online history, marked stale."""
         from models.summaries import serving_states
@@ -973,14 +964,14 @@ class Recommendations:
         states, marks = serving_states(rec, hs, history_length=self.settings.ingest.history_length)
         recs, users = rec.retrieve(hs, k=depth, exclude_seen=exclude_seen, now_ms=now_ms, summaries=states)
         if ranker is None:
-            scored = [_Scored(items[:k], loaded.version) for items, k in zip(recs, ks)]
+            scored = [_Scored(items[: r.k], loaded.version) for items, r in zip(recs, asked)]
         else:
-            scored = self._rerank(ranker, loaded, hs, recs, users, ks, now_ms, asked)
+            scored = self._rerank(ranker, loaded, hs, recs, users, asked, now_ms)
         return [dataclasses.replace(s, summary=m) for s, m in zip(scored, marks)]
 
     def _rerank(self, ranker: LoadedModel, retriever: LoadedModel, histories: list[dict[str, list]],
-                recs: list[list[tuple[int, float]]], states: list, ks: list[int], now_ms: int,
-                asked: list[RecommendationRequest]) -> list[_Scored]:
+                recs: list[list[tuple[int, float]]], states: list, asked: list[RecommendationRequest],
+                now_ms: int) -> list[_Scored]:
         """The cascade's second stage for one pass. A ranker that fails leaves the retriever's order (the answer
         says no ranker ranked it, and ``encore_ranker_failures_total`` counts it) rather than failing requests
         the retriever has answered.
@@ -993,14 +984,15 @@ class Recommendations:
             self._bind_ranker_inputs(ranker)
             histories = [{**h, "user_id": r.user_id, "context": dict(r.context or {})}
                          for h, r in zip(histories, asked)]
-            ranked = rerank(ranker.recommender, histories, recs, k=ks, weights=self.settings.serve.cascade_weights,
+            ranked = rerank(ranker.recommender, histories, recs, k=[r.k for r in asked],
+                            weights=self.settings.serve.cascade_weights,
                             temperature=retrieval_temperature(retriever.recommender), now_ms=now_ms,
                             states=states if shared else None)
         except Exception:  # noqa: BLE001 - see the docstring
             log.exception("ranker version %d failed on %d requests; answering in retrieval order",
                           ranker.version, len(recs))
             self.ranker_failures.inc(len(recs))
-            return [_Scored(items[:k], retriever.version) for items, k in zip(recs, ks)]
+            return [_Scored(items[: r.k], retriever.version) for items, r in zip(recs, asked)]
         return [_Scored(r.items, retriever.version, ranker.version if r.ranker_scores is not None else None,
                         r.ranker_scores) for r in ranked]
 
