@@ -22,7 +22,7 @@ time are the test set; on the simulator the train set also drops the requests of
 seconds before the cutoff (their reactions could land after it). Each ``--model`` is trained with
 ``models.ranker.train_ranker`` (``wukong``, ``dlrm``) or ``models.hstu_ranker.train_hstu_ranker`` (``hstu``: the
 HSTU target-aware ranker over the interleaved item/action history, a request's candidates scored together with
-M-FALCON) and scored with ``evaluate_ranker``.
+M-FALCON) and scored by ``models.ranker.task_metrics`` (the floors as ``evaluate_ranker`` scores them).
 
 Shown only vs all: the sampled negatives carry rank -1, a value no shown item has, and the rank is a model
 feature, so a ranker separates them perfectly and the "all" figures are inflated by easy pairs. The
@@ -318,7 +318,7 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
     """{subset: {scorer: {task: {auc, gauc}}}}, counts and seconds of one seed."""
     from bench.argus_ranking import logloss
     from models.hstu_ranker import HSTURankerConfig, train_hstu_ranker
-    from models.ranker import evaluate_ranker, train_ranker
+    from models.ranker import task_metrics, train_ranker
     from models.ranking_data import build_ranking_examples, ratings_examples
 
     started = time.perf_counter()
@@ -368,15 +368,13 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
             ranker = train_ranker(train, ranker_config(model, size, args.recipe), tasks, epochs=args.epochs,
                                   batch_size=args.batch_size, lr=args.lr, seed=seed)
         train_s[scorer] = round(time.perf_counter() - began, 2)
-        if len(args.size_list) > 1:
-            sweep[scorer] = {"scores": ranker.predict(primary), "params": non_embedding_params(ranker)}
         for name, part in subsets.items():
-            scored = evaluate_ranker(ranker, part, seed=seed)
-            for task, p in zip(tasks, ranker.predict(part).T):
-                scored["model"][task]["logloss"] = logloss(part.examples[task].to_numpy(), p)
-            metrics[name][scorer] = scored["model"]
-            metrics[name].setdefault("popularity", scored["popularity"])
-            metrics[name].setdefault("random", scored["random"])
+            probs = ranker.predict(part)  # [N, tasks], once: the metrics, the log loss and a sweep's scores
+            metrics[name][scorer] = task_metrics(part, probs, tasks)
+            for task, p in zip(tasks, probs.T):
+                metrics[name][scorer][task]["logloss"] = logloss(part.examples[task].to_numpy(), p)
+            if part is primary and len(args.size_list) > 1:
+                sweep[scorer] = {"scores": probs, "params": non_embedding_params(ranker)}
     for name, part in subsets.items():  # the floors, from the data alone
         if "popularity" not in metrics[name]:
             scored = _floors(part, tasks, seed)
@@ -392,7 +390,7 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
 
 
 def _floors(part, tasks, seed: int) -> dict:  # noqa: ANN001
-    """The popularity and random scorers (``evaluate_ranker``'s floors), for a run without Wukong or DLRM."""
+    """The popularity and random scorers (``evaluate_ranker``'s floors), from the data alone."""
     from models.ranker import item_popularity_before, task_metrics
 
     n = len(part)
