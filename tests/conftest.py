@@ -13,6 +13,18 @@ from infra.settings import EncoreSettings
 logging.getLogger("kafka").setLevel(logging.CRITICAL)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (restored after it): two threads beside another busy process spend most
+    of their time waiting. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def simulated_slates(*, users: int, items: int, requests: int, slate: int, seed: int, sessions_per_user: int,
                      events_per_session: int, t0_ms: int = 1_700_000_000_000):  # -> (interactions, exposures)
     """A simulated world's organic history until ``t0_ms``, then ``requests`` slates of ``slate`` uniformly drawn

@@ -22,13 +22,7 @@ DAY_MS = 86_400_000
 TASKS = ("like", "skip")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: two threads beside another busy process spend most of their time waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(seed: int = 0, std: float = 0.2, **kw: object) -> HSTURanker:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from features.attributes import attributes_as_of
 from models.hstu_ranker import HSTURankerConfig
@@ -32,12 +31,7 @@ HSTU = HSTURankerConfig(dim=16, blocks=1, heads=2, attn_dim=8, linear_dim=8, his
                         head_hidden=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
