@@ -66,13 +66,9 @@ def budget_curves(budgets: Sequence[int], sides: Mapping[str, Sequence[Sequence[
     """``metric`` of the weights each model would keep under each training budget (x: epochs), one line per model
     at its mean over seeds and a band from its lowest to its highest seed. ``sides[name][i]``: the per-seed values
     at ``budgets[i]``."""
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, per_budget in sides.items():
-        v = np.asarray(per_budget, dtype=float)  # [budgets, seeds]
-        (line,) = ax.plot(budgets, v.mean(axis=1), marker="o", label=f"{name} (mean of {v.shape[1]} seeds)")
-        ax.fill_between(budgets, v.min(axis=1), v.max(axis=1), color=line.get_color(), alpha=0.15)
+        _seed_band(ax, budgets, per_budget, name)
     ax.set(xlabel="training budget (epochs; the best validation epoch within it kept)", ylabel=f"test {metric}",
            title=f"test {metric} by training budget")
     ax.grid(alpha=0.3)
@@ -84,13 +80,9 @@ def size_curves(models: Mapping[str, tuple[Sequence[int], Sequence[Sequence[floa
                 metric: str = "AUC", title: str = "ranker quality by size") -> Path:
     """A size sweep: ``metric`` against non-embedding parameters (log scale), one line per model at its mean over
     seeds and a band from its lowest to its highest seed. ``models[name] = (params per size, per-size seed values)``."""
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, (params, per_size) in models.items():
-        v = np.asarray(per_size, dtype=float)  # [sizes, seeds]
-        (line,) = ax.plot(params, v.mean(axis=1), marker="o", label=f"{name} (mean of {v.shape[1]} seeds)")
-        ax.fill_between(params, v.min(axis=1), v.max(axis=1), color=line.get_color(), alpha=0.15)
+        _seed_band(ax, params, per_size, name)
     ax.set_xscale("log")
     ax.set(xlabel="non-embedding parameters", ylabel=metric, title=title)
     ax.grid(alpha=0.3, which="both")
@@ -113,6 +105,16 @@ def metric_bars(series: dict[str, dict[str, float]], path: Path,
     ax.set(title="held-out ranking metrics")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _seed_band(ax: Any, x: Sequence[float], per_x: Sequence[Sequence[float]], name: str) -> None:
+    """One line at the mean over seeds of each x's values (``per_x[i]``: the seeds' values at ``x[i]``) and a
+    band from the lowest to the highest seed."""
+    import numpy as np
+
+    v = np.asarray(per_x, dtype=float)  # [len(x), seeds]
+    (line,) = ax.plot(x, v.mean(axis=1), marker="o", label=f"{name} (mean of {v.shape[1]} seeds)")
+    ax.fill_between(x, v.min(axis=1), v.max(axis=1), color=line.get_color(), alpha=0.15)
 
 
 def md_image(path: Path, alt: str = "") -> str:
