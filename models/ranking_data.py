@@ -333,19 +333,23 @@ def served_examples(histories: Sequence[dict], user_ids: Sequence[int], candidat
     first: dict[int, dict] = {}
     for u, h in zip(user_ids, histories):
         first.setdefault(int(u), h)  # one user twice in a batch: its events once, or its history would double
-    parts = []
+    # One frame from concatenated arrays, not a frame per user: pandas' per-frame overhead was 40% of a served
+    # Wukong micro-batch's cost.
+    users, items, types, stamps = [], [], [], []
     for u, h in first.items():
-        items = np.asarray(h.get("item_ids", []), np.int64).reshape(-1)
-        types = list(h.get("event_types") or ["listen"] * len(items))
+        item = np.asarray(h.get("item_ids", []), np.int64).reshape(-1)
+        kind = list(h.get("event_types") or ["listen"] * len(item))
         ts = np.asarray(h.get("timestamps_ms", []), np.int64).reshape(-1)
-        if not len(items) == len(types) == len(ts):
+        if not len(item) == len(kind) == len(ts):
             raise ValueError(f"user {u}: item_ids, event_types and timestamps_ms must have equal lengths")
-        parts.append(pd.DataFrame({"user_id": np.full(len(items), u, np.int64), "item_id": items,
-                                   "event_type": pd.Series(types, dtype=object).astype(str).to_numpy(object),
-                                   "timestamp_ms": ts, "request_id": None}))
-    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
-        {c: pd.Series(dtype=d) for c, d in (("user_id", np.int64), ("item_id", np.int64), ("event_type", object),
-                                             ("timestamp_ms", np.int64), ("request_id", object))})
+        users.append(np.full(len(item), u, np.int64))
+        items.append(item)
+        types += [str(k) for k in kind]
+        stamps.append(ts)
+    empty = np.zeros(0, np.int64)
+    frame = pd.DataFrame({"user_id": np.concatenate(users or [empty]), "item_id": np.concatenate(items or [empty]),
+                          "event_type": np.array(types, dtype=object), "timestamp_ms": np.concatenate(stamps or [empty]),
+                          "request_id": np.full(len(types), None, dtype=object)})
     base = RankingExamples(examples=pd.DataFrame(), events=_events_table(frame), labels=())
     sizes = [len(c) for c in candidates]
     flat = np.fromiter((int(i) for c in candidates for i in c), np.int64, count=int(sum(sizes)))
