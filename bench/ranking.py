@@ -24,6 +24,15 @@ seconds before the cutoff (their reactions could land after it). Each ``--model`
 HSTU target-aware ranker over the interleaved item/action history, a request's candidates scored together with
 M-FALCON) and scored by ``models.ranker.task_metrics`` (the floors as ``evaluate_ranker`` scores them).
 
+Ceiling (simulator): the ``oracle`` scorer is the simulated users' own probability of each label
+(``MusicWorld.slate_probabilities``: the world's reaction model and its top-down cascade, exactly), the best
+any ranker trained on this log could score in expectation. Read a model's AUC between ``popularity`` (the floor)
+and ``oracle``: how much of the room it takes, not just whether it moved.
+
+Epochs: ``--valid-share`` (recipe ``valid_share``) holds out the last share of the training examples by time and
+keeps each Wukong / DLRM model's best epoch by validation AUC (``counts.chosen_epoch`` per scorer), so a size sweep
+compares sizes each at its own best epoch rather than all at one fixed count.
+
 Shown only vs all: the sampled negatives carry rank -1, a value no shown item has, and the rank is a model
 feature, so a ranker separates them perfectly and the "all" figures are inflated by easy pairs. The
 ``shown`` figures (slate items only: the ranker's real job, reordering what retrieval offered) are the
@@ -34,7 +43,7 @@ negatives and the model's initialisation and batch order (the world itself is fi
 MovieLens only the model. Each metric is reported per seed and as mean and sd (sample sd, null for one seed).
 The LAST line printed is one JSON object: ``bench``, ``dataset``, ``models``, ``tasks``, ``seeds``,
 ``metrics`` ({subset: {scorer: {task: {auc|gauc: {mean, sd, per_seed}}}}}, scorers = the models +
-``popularity`` + ``random``), ``counts`` (per seed: train/test examples, positive rates), ``seconds`` and
+``popularity`` + ``random`` (+ ``oracle`` on the simulator)), ``counts`` (per seed: train/test examples, positive rates), ``seconds`` and
 ``argv``. Undefined values (a task with one class) are null.
 
 ARGUS (``--model argus``, MovieLens only; ``bench.argus_ranking`` has the protocol): the ``--config`` recipe
@@ -122,6 +131,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (256)")
     ap.add_argument("--lr", type=float, default=None, help="default: the recipe's (3e-3)")
     ap.add_argument("--test-share", type=float, default=None, help="default: the recipe's (0.3)")
+    ap.add_argument("--valid-share", type=float, default=None,
+                    help="wukong/dlrm: hold out the last share of the training examples by time and keep the epoch "
+                         "with the best validation AUC of the first task (default: the recipe's, 0: all epochs)")
     # simulator
     ap.add_argument("--users", type=int, default=400)
     ap.add_argument("--items", type=int, default=None, help="default: SimulatorSettings'")
@@ -163,6 +175,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # The flags a ranking recipe fills when they are not given: flag name -> recipe key.
 _RECIPE_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "test_share": "test_share",
+                 "valid_share": "valid_share",
                  "pretrain_epochs": "pretrain_epochs", "ft_epochs": "ft_epochs", "ft_lr": "ft_lr",
                  "ft_encoder_lr": "ft_encoder_lr", "ft_batch_size": "ft_batch_size", "ft_valid_share": "ft_valid_share",
                  "retrieve": "retrieve", "attributes": "attributes", "context": "context"}
@@ -347,6 +360,7 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
     train_s: dict[str, float] = {}
     primary = subsets["shown" if "shown" in subsets else "all"]
     sweep: dict[str, dict] = {}  # scorer -> its scores on the primary subset and its size (a --sizes run)
+    chosen: dict[str, int | None] = {}  # scorer -> the epoch validation kept (None: all epochs, no validation)
     argus = None
     for model, j, size in [(m, j, sz) for m in args.models for j, sz in enumerate(args.size_list)]:
         scorer = f"{model}@{j + 1}" if len(args.size_list) > 1 else model
@@ -366,8 +380,9 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
                                        lr=args.lr, seed=seed)
         else:
             ranker = train_ranker(train, ranker_config(model, size, args.recipe), tasks, epochs=args.epochs,
-                                  batch_size=args.batch_size, lr=args.lr, seed=seed)
+                                  batch_size=args.batch_size, lr=args.lr, seed=seed, valid_share=args.valid_share)
         train_s[scorer] = round(time.perf_counter() - began, 2)
+        chosen[scorer] = getattr(ranker, "chosen_epoch", None)
         for name, part in subsets.items():
             probs = ranker.predict(part)  # [N, tasks], once: the metrics, the log loss and a sweep's scores
             metrics[name][scorer] = task_metrics(part, probs, tasks)
@@ -379,7 +394,11 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
         if "popularity" not in metrics[name]:
             scored = _floors(part, tasks, seed)
             metrics[name]["popularity"], metrics[name]["random"] = scored["popularity"], scored["random"]
+        if world is not None:  # and the ceiling: the simulated users' own probabilities
+            metrics[name]["oracle"] = task_metrics(part, oracle_scores(world, part, tasks), tasks)
     counts = _counts(train, test, tasks)
+    if args.valid_share:
+        counts["chosen_epoch"] = chosen
     if argus is not None:
         counts["argus_scorable"] = round(argus["scorable"], 4)
         counts["argus_fine_tune_epochs"] = argus["fine_tune_epochs"]
@@ -396,6 +415,29 @@ def _floors(part, tasks, seed: int) -> dict:  # noqa: ANN001
     n = len(part)
     return {"popularity": task_metrics(part, item_popularity_before(part).astype(np.float64), tasks),
             "random": task_metrics(part, np.random.default_rng(seed).random(n), tasks)}
+
+
+# The world's exact probability behind each simulator task (``MusicWorld.slate_probabilities``'s keys).
+_ORACLE_KEYS = {"engaged": "played", "like": "like", "skip": "skip", "dislike": "dislike", "examined": "examined"}
+
+
+def oracle_scores(world, part, tasks) -> np.ndarray:  # noqa: ANN001 - MusicWorld, RankingExamples
+    """[N, len(tasks)]: each example's exact label probability in the simulated world, the ceiling no ranker
+    trained on the log passes (``MusicWorld.slate_probabilities``). A shown item's slate is rebuilt from its
+    request's rows (every item of a served slate is one example, ``rank`` its position); a sampled negative was
+    never shown, so every label of it is certainly 0."""
+    ex = part.examples
+    out = np.zeros((len(ex), len(tasks)))
+    shown = ex.index[ex["rank"].to_numpy() >= 0]
+    rows = ex.loc[shown, ["request_id", "user_id", "item_id", "rank"]].assign(row=np.flatnonzero(ex["rank"] >= 0))
+    for _, slate in rows.sort_values(["request_id", "rank"]).groupby("request_id", sort=False):
+        ranks = slate["rank"].to_numpy()
+        if not np.array_equal(ranks, np.arange(len(ranks))):
+            raise ValueError(f"request {slate['request_id'].iat[0]}: its shown examples are not one whole slate")
+        probs = world.slate_probabilities(int(slate["user_id"].iat[0]), slate["item_id"].tolist())
+        for k, task in enumerate(tasks):
+            out[slate["row"].to_numpy(), k] = probs[_ORACLE_KEYS[task]]
+    return out
 
 
 def non_embedding_params(ranker) -> int:  # noqa: ANN001 - models.ranker.Ranker
@@ -434,6 +476,9 @@ def size_sweep(args: argparse.Namespace, runs: list[dict], *, draws: int, seed: 
             "auc_per_seed": [[_num(r["metrics"][out["subset"]][n][task]["auc"]) for r in runs] for n in names],
             "step": [diff(names[j + 1], names[j]) for j in range(sizes - 1)],  # size j+2 minus size j+1
         }
+    # The references a size curve is read against: the floor, and on the simulator the ceiling.
+    out["references"] = {name: _summary([_num(r["metrics"][out["subset"]][name][task]["auc"]) for r in runs])["mean"]
+                         for name in ("popularity", "oracle") if name in runs[0]["metrics"][out["subset"]]}
     if len(args.models) == 2:
         a, b = args.models
         out[f"{a}_minus_{b}"] = [diff(f"{a}@{j + 1}", f"{b}@{j + 1}") for j in range(sizes)]
@@ -448,7 +493,8 @@ def plot_sizes(out: dict, path: Path) -> Path:
     sweep = out["by_size"]
     return size_curves({m: (v["params"], v["auc_per_seed"]) for m, v in sweep["models"].items()}, path,
                        metric=f"{sweep['task']} AUC ({sweep['subset']} items)",
-                       title=f"ranker AUC by size ({out['dataset']}, {len(out['seeds'])} seeds)")
+                       title=f"ranker AUC by size ({out['dataset']}, {len(out['seeds'])} seeds)",
+                       references=sweep.get("references"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -475,7 +521,7 @@ def main(argv: list[str] | None = None) -> dict:
     scorers = [m for model in args.models for m in ((model, "argus_pretrained") if model == "argus" else
                                                     [f"{model}@{j + 1}" for j in range(len(args.size_list))]
                                                     if len(args.size_list) > 1 else (model,))]
-    scorers += ["popularity", "random"]
+    scorers += ["popularity", "random"] + (["oracle"] if world is not None else [])
 
     def summary(subset: str, scorer: str, task: str, metric: str) -> dict:
         return _summary([_num(r["metrics"][subset][scorer][task].get(metric, math.nan)) for r in runs])
@@ -517,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": {"total": round(time.perf_counter() - started, 2), "per_seed": [r["seconds"] for r in runs]},
         "wall_s": round(time.perf_counter() - started, 2),
         "recipe": args.recipe.to_dict(),
-        "settings": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "test_share", "threads", "size",
+        "settings": {k: getattr(args, k) for k in ("epochs", "valid_share", "batch_size", "lr", "test_share", "threads", "size",
                                                     "sizes", "attributes")}
         | ({k: getattr(args, k) for k in ("users", "items", "requests", "slate", "negatives", "explore", "spacing_s",
                                           "window_s")} if args.dataset == "simulator" else {})

@@ -313,6 +313,32 @@ class MusicWorld:
                 break
         return events
 
+    def slate_probabilities(self, user_id: int, items: Sequence[int], *,
+                            recent_items: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """The exact probability, per slate position, of each outcome ``respond`` can give this slate, over its
+        randomness: ``examined`` (the user got that far), ``played`` (a listen or like: an engaged event),
+        ``like``, ``skip``, ``dislike`` (each examined and then that reaction). Shape (len(items),) each.
+
+        Exact because the world is first-order: position r is examined only if every position before it was,
+        and then its context is the item at r - 1 (or the last of ``recent_items`` at r = 0). So this is the
+        best possible scorer of a logged slate's labels (the Bayes ranker, for AUC too): the ceiling a ranker
+        trained on the log can approach and not pass."""
+        user_id = int(user_id)
+        self._check_user(user_id)
+        slate = [int(i) for i in items]
+        context = [int(i) for i in (self.recent_items(user_id) if recent_items is None else recent_items)]
+        self._check_items(slate + context)
+        base = self._base_now(user_id)
+        z = np.empty(len(slate))
+        for rank, item in enumerate(slate):
+            prev = slate[rank - 1] if rank else (context[-1] if context else -1)
+            log_p, mean, scale = self._truth.next_log_probs(user_id, base, prev)
+            z[rank] = (log_p[item] - mean) / scale + self.params.quality_weight * float(self.catalog.quality[item])
+        odds = reaction_probabilities(z, self.params)
+        go_on = CONTINUE_AFTER_PLAY * odds["played"] + CONTINUE_AFTER_SKIP * (1 - odds["played"])
+        examined = np.concatenate([[1.0], np.cumprod(go_on[:-1])])[: len(slate)]
+        return {"examined": examined} | {k: examined * odds[k] for k in ("played", "like", "skip", "dislike")}
+
     # ---- internals ---------------------------------------------------------------------------------------
     def _rng(self, stream: int, *extra: int) -> np.random.Generator:
         return np.random.default_rng([self.settings.seed & 0xFFFFFFFF, stream, *extra])
@@ -646,20 +672,38 @@ def _sample_rows(weights: np.ndarray, rng: np.random.Generator, block: int = 32)
     return np.minimum(chosen * block + np.minimum(position, block - 1), width - 1), total
 
 
+def _reaction_odds(z: np.ndarray, params: WorldParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(P(listen), P(like | listen), P(dislike | skip)) of plays with standardised true scores ``z``: the one
+    statement of the reaction model, which ``react`` draws from and ``reaction_probabilities`` reads exactly."""
+    return (_sigmoid(params.listen_slope * (z - params.listen_mid)),
+            params.like_max * _sigmoid(3.0 * (z - params.like_mid)),
+            params.dislike_max * _sigmoid(3.0 * (params.dislike_mid - z)))
+
+
 def react(z: np.ndarray, rng: np.random.Generator, params: WorldParams) -> tuple[np.ndarray, np.ndarray]:
     """Reaction to plays with standardised true scores ``z``: (event type codes ``REACTION_NAMES`` indexes,
     played ratios). Shared by every world that answers slates (``features.lifelong`` too), so that a reaction
     means the same thing in all of them."""
     n = z.shape[0]
-    listened = rng.random(n) < _sigmoid(params.listen_slope * (z - params.listen_mid))
+    p_listen, p_like, p_dislike = _reaction_odds(z, params)
+    listened = rng.random(n) < p_listen
     # Listens are played mostly through, more so when the track fits; skips stop early.
     listen_ratio = np.clip(0.65 + 0.12 * (z - params.listen_mid) + 0.15 * rng.normal(size=n), 0.5, 1.0)
     skip_ratio = rng.uniform(0.02, 0.35, size=n)
     ratio = np.where(listened, listen_ratio, skip_ratio)
-    liked = listened & (rng.random(n) < params.like_max * _sigmoid(3.0 * (z - params.like_mid)))
-    disliked = ~listened & (rng.random(n) < params.dislike_max * _sigmoid(3.0 * (params.dislike_mid - z)))
+    liked = listened & (rng.random(n) < p_like)
+    disliked = ~listened & (rng.random(n) < p_dislike)
     kind = np.where(liked, _LIKE, np.where(disliked, _DISLIKE, np.where(listened, _LISTEN, _SKIP)))
     return kind.astype(np.int64), ratio
+
+
+def reaction_probabilities(z: np.ndarray, params: WorldParams) -> dict[str, np.ndarray]:
+    """The exact probability of each reaction ``react`` draws for plays with standardised true scores ``z``:
+    ``listen`` (a plain listen), ``like``, ``skip`` (a plain skip), ``dislike`` (they sum to 1) and ``played``
+    (listen or like: what ``examines_next`` continues after)."""
+    p_listen, p_like, p_dislike = _reaction_odds(z, params)
+    return {"listen": p_listen * (1 - p_like), "like": p_listen * p_like, "skip": (1 - p_listen) * (1 - p_dislike),
+            "dislike": (1 - p_listen) * p_dislike, "played": p_listen}
 
 
 # The cascade: after a listen or a like the user looks at the next item of a slate more often than after a skip.

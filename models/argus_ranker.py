@@ -81,7 +81,7 @@ from torch import nn
 from features.events import EVENT_TYPE_CODES
 from models.data import jagged_features
 from models.ranker import ITEM_ATTRIBUTES, USER_ATTRIBUTES, attribute_bags, auc, rows_of_bags
-from models.ranking_data import RATED, RankingExamples
+from models.ranking_data import RATED, RankingExamples, validation_rows
 from models.recommender import Recommender, SequentialRecommender
 
 TOKENS_PER_BATCH = 32_768  # events per encoder batch (passes are batched by length: little padding)
@@ -357,17 +357,6 @@ def _labels(examples: RankingExamples, task: str) -> np.ndarray:
     return labels.astype(np.float32)
 
 
-def _validation_rows(examples: RankingExamples, rows: np.ndarray, share: float) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, valid): valid = ``rows`` at or after the time that leaves ``share`` of them later (the last part of
-    the training period); empty when ``share`` is 0 or one side would hold a single class."""
-    if share <= 0 or len(rows) < 2:
-        return rows, rows[:0]
-    t = examples.examples["t_ms"].to_numpy(np.int64)[rows]
-    cut = np.quantile(t, 1.0 - share, method="lower")
-    fit, valid = rows[t < cut], rows[t >= cut]
-    return (fit, valid) if len(fit) and len(valid) else (rows, rows[:0])
-
-
 class _Tuner:
     """One fine-tuning run from the pre-trained weights: the model copy, its optimiser, its epochs."""
 
@@ -497,7 +486,7 @@ def fine_tune_ranker(
     rows = np.flatnonzero(plan.scorable)
     if not len(rows):
         raise ValueError("no example has both a known candidate and a history with a known item")
-    fit, valid = _validation_rows(examples, rows, valid_share)
+    fit, valid = validation_rows(examples, rows, valid_share)
     settings = {"lr": lr, "encoder_lr": encoder_lr, "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed}
     cached = None if tune_encoder else states.states
     side = side if side is not None and side.enabled else None

@@ -77,12 +77,18 @@ def budget_curves(budgets: Sequence[int], sides: Mapping[str, Sequence[Sequence[
 
 
 def size_curves(models: Mapping[str, tuple[Sequence[int], Sequence[Sequence[float]]]], path: Path,
-                metric: str = "AUC", title: str = "ranker quality by size") -> Path:
+                metric: str = "AUC", title: str = "ranker quality by size",
+                references: Mapping[str, float | None] | None = None) -> Path:
     """A size sweep: ``metric`` against non-embedding parameters (log scale), one line per model at its mean over
-    seeds and a band from its lowest to its highest seed. ``models[name] = (params per size, per-size seed values)``."""
+    seeds and a band from its lowest to its highest seed. ``models[name] = (params per size, per-size seed values)``;
+    ``references``: levels drawn as dashed horizontal lines (a floor such as popularity, a ceiling such as an
+    oracle), so the curves read as a share of the room between them."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, (params, per_size) in models.items():
         _seed_band(ax, params, per_size, name)
+    for i, (name, level) in enumerate((references or {}).items()):
+        if level is not None:
+            ax.axhline(level, color=f"C{len(models) + i}", linestyle="--", linewidth=1, label=f"{name} ({level:.3f})")
     ax.set_xscale("log")
     ax.set(xlabel="non-embedding parameters", ylabel=metric, title=title)
     ax.grid(alpha=0.3, which="both")

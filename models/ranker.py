@@ -39,6 +39,7 @@ nothing about the order inside it). Two scorers computed from data alone give th
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from models.ranking_data import RankingExamples, count_before, task_labels
+from models.ranking_data import RankingExamples, count_before, task_labels, validation_rows
 from models.wukong import Wukong, WukongConfig, mlp
 
 SPARSE_KEYS: tuple[str, ...] = ("item_id", "history", "user_id")
@@ -332,6 +333,8 @@ class Ranker(nn.Module):
         self.encoder = FeatureEncoder(cfg)
         self.backbone = build_backbone(cfg, len(self.tasks))
         self.train_losses: list[float] = []  # mean loss of each epoch, filled by train_ranker
+        self.valid_curve: list[float] = []  # validation AUC of each epoch (train_ranker's valid_share > 0)
+        self.chosen_epoch: int | None = None  # the epoch whose weights were kept (None: the last, no validation)
 
     def forward(self, f: RankingFeatures, rows: np.ndarray) -> torch.Tensor:
         return self.backbone(self.encoder(f, rows))  # [B, num_tasks]
@@ -365,22 +368,31 @@ def train_ranker(
     batch_size: int = 256,
     lr: float = 3e-3,
     seed: int = 0,
+    valid_share: float = 0.0,
 ) -> Ranker:
-    """Adam on the multi-task BCE, shuffled mini-batches, deterministic given ``seed``."""
+    """Adam on the multi-task BCE, shuffled mini-batches, deterministic given ``seed``.
+
+    ``valid_share`` > 0: the last share of the examples by time (``validation_rows``, ARGUS fine-tuning's rule)
+    is held out, the model trains on the rest for up to ``epochs`` epochs, and the weights of the epoch with the
+    best validation AUC on the first task are kept (``valid_curve``, ``chosen_epoch``). Why: a ranker with hashed
+    user and item ids memorises its training slates, and a fixed epoch count overfits a larger model sooner
+    than a smaller one, which would make a size sweep measure the epoch count rather than the size."""
     torch.manual_seed(seed)
     ranker = Ranker(cfg, tasks)
     f = ranking_features(examples_train, cfg.history_len, cfg.attribute_buckets if cfg.attributes else None,
                          max_history=cfg.max_history)
     labels = torch.from_numpy(task_labels(examples_train, tasks))
+    fit, valid = validation_rows(examples_train, np.arange(len(f)), valid_share)
     with torch.no_grad():
-        ranker.encoder.dense_mean.copy_(torch.from_numpy(f.dense.mean(0)))
-        ranker.encoder.dense_std.copy_(torch.from_numpy(f.dense.std(0)).clamp_min(1e-3))
+        ranker.encoder.dense_mean.copy_(torch.from_numpy(f.dense[fit].mean(0)))
+        ranker.encoder.dense_std.copy_(torch.from_numpy(f.dense[fit].std(0)).clamp_min(1e-3))
     opt = torch.optim.Adam(ranker.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
-    for _ in range(epochs):
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    for epoch in range(1, epochs + 1):
         ranker.train()
         total, seen = 0.0, 0
-        order = rng.permutation(len(f))
+        order = fit[rng.permutation(len(fit))]
         for begin in range(0, len(order), batch_size):
             rows = order[begin : begin + batch_size]
             loss = ranker.loss(ranker(f, rows), labels[rows])
@@ -389,7 +401,25 @@ def train_ranker(
             opt.step()
             total, seen = total + loss.item() * len(rows), seen + len(rows)
         ranker.train_losses.append(total / max(seen, 1))
+        if len(valid):
+            score = auc(labels[valid, 0].numpy(), _scores(ranker, f, valid)[:, 0])
+            ranker.valid_curve.append(score)
+            score = -math.inf if math.isnan(score) else score  # an undefined AUC (one class) never wins
+            if best is None or score > best[0]:  # the first of equal epochs
+                best = (score, {k: v.detach().clone() for k, v in ranker.state_dict().items()})
+                ranker.chosen_epoch = epoch
+    if best is not None:
+        ranker.load_state_dict(best[1])
     return ranker
+
+
+@torch.no_grad()
+def _scores(ranker: Ranker, f: RankingFeatures, rows: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """[len(rows), num_tasks] probabilities of feature rows ``rows`` (eval mode, then back to train mode)."""
+    ranker.eval()
+    out = [torch.sigmoid(ranker(f, rows[b : b + batch_size])).numpy() for b in range(0, len(rows), batch_size)]
+    ranker.train()
+    return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------------------------------------

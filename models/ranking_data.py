@@ -364,6 +364,17 @@ def attribute_entities(examples: RankingExamples) -> pd.DataFrame:
     return examples.examples[["user_id", "item_id", "t_ms"]].reset_index(drop=True)
 
 
+def validation_rows(examples: RankingExamples, rows: np.ndarray, share: float) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, valid): valid = ``rows`` at or after the time that leaves ``share`` of them later (the last part of
+    the training period); empty when ``share`` is 0 or one side would hold a single class."""
+    if share <= 0 or len(rows) < 2:
+        return rows, rows[:0]
+    t = examples.examples["t_ms"].to_numpy(np.int64)[rows]
+    cut = np.quantile(t, 1.0 - share, method="lower")
+    fit, valid = rows[t < cut], rows[t >= cut]
+    return (fit, valid) if len(fit) and len(valid) else (rows, rows[:0])
+
+
 def task_labels(examples: RankingExamples, tasks: Sequence[str]) -> np.ndarray:
     """[N, len(tasks)] float32 labels of the named tasks; ValueError naming the tasks that are not labels."""
     missing = [t for t in tasks if t not in examples.examples]

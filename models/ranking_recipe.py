@@ -66,6 +66,7 @@ class RankingRecipe:
     batch_size: int
     lr: float
     test_share: float
+    valid_share: float
     # ARGUS: pre-training, then fine-tuning the feedback head
     pretrain: str
     pretrain_epochs: int | None
@@ -90,6 +91,8 @@ class RankingRecipe:
         recipe = cls(**{k: _coerce(k, v, hints[k]) for k, v in data.items()})
         if recipe.model not in RANKER_MODELS:
             raise ValueError(f"ranking recipe model {recipe.model!r}: expected one of {', '.join(RANKER_MODELS)}")
+        if not 0 <= recipe.valid_share < 1:
+            raise ValueError(f"ranking recipe valid_share {recipe.valid_share}: expected in [0, 1)")
         if not 0 < recipe.test_share < 1:
             raise ValueError(f"ranking recipe test_share {recipe.test_share}: expected in (0, 1)")
         if recipe.context and recipe.model != "argus":

@@ -19,7 +19,7 @@ def test_ranking_bench_reports_metrics_on_a_tiny_simulator(capsys) -> None:  # n
     assert out["models"] == ["wukong", "dlrm"] and out["seeds"] == [0] and out["argv"] == argv
     assert set(out["metrics"]) == {"all", "shown"}
     for subset in out["metrics"].values():
-        assert set(subset) == {"wukong", "dlrm", "popularity", "random"}
+        assert set(subset) == {"wukong", "dlrm", "popularity", "random", "oracle"}
         for scorer in subset.values():
             assert set(scorer) == {"engaged", "like", "skip"}
             for task in scorer.values():
@@ -27,6 +27,10 @@ def test_ranking_bench_reports_metrics_on_a_tiny_simulator(capsys) -> None:  # n
                     assert set(task[metric]) == {"mean", "sd", "per_seed"} and len(task[metric]["per_seed"]) == 1
                     assert all(v is None or 0.0 <= v <= 1.0 for v in task[metric]["per_seed"])
                     assert task[metric]["sd"] is None  # one seed
+    # The simulated users' own probabilities are the ceiling: no model or floor scores shown items better.
+    shown = out["metrics"]["shown"]
+    oracle = shown["oracle"]["engaged"]["auc"]["mean"]
+    assert oracle > 0.7 and all(shown[s]["engaged"]["auc"]["mean"] < oracle for s in shown if s != "oracle")
     counts = out["counts"]["per_seed"][0]
     assert counts["train"]["examples"] > 0 and counts["test"]["examples"] > 0
     assert counts["test"]["by_source"]["sampled"] > 0 and counts["test"]["by_source"]["shown"] > 0
@@ -42,7 +46,7 @@ def test_a_size_sweep_trains_every_model_at_every_size_on_the_same_data(capsys, 
             "--seeds", "0,1", "--sizes", sizes, "--bootstrap", "50", "--plot", str(tmp_path / "sizes.png")]
     main(argv)
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(out["metrics"]["shown"]) == {"wukong@1", "wukong@2", "dlrm@1", "dlrm@2", "popularity", "random"}
+    assert set(out["metrics"]["shown"]) == {"wukong@1", "wukong@2", "dlrm@1", "dlrm@2", "popularity", "random", "oracle"}
     sweep = out["by_size"]
     assert (sweep["task"], sweep["subset"], sweep["sizes"]) == ("engaged", "shown", sizes.split(";"))
     for model in ("wukong", "dlrm"):
@@ -52,6 +56,7 @@ def test_a_size_sweep_trains_every_model_at_every_size_on_the_same_data(capsys, 
         step = m["step"][0]  # size 2 minus size 1, seeds and users resampled
         assert step["ci_low"] <= step["ci_high"] and 0.0 <= step["p"] <= 1.0
         assert step["diff"] == pytest.approx(m["auc"][1] - m["auc"][0], abs=2e-4)
+    assert sweep["references"] == {k: out["metrics"]["shown"][k]["engaged"]["auc"]["mean"] for k in ("popularity", "oracle")}
     assert len(sweep["wukong_minus_dlrm"]) == 2 and (tmp_path / "sizes.png").stat().st_size > 0
     with pytest.raises(SystemExit):  # a sweep is for Wukong and DLRM, with two sizes or more
         main(["--sizes", "dim=4", "--seeds", "0"])

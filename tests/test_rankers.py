@@ -187,6 +187,26 @@ def test_dlrm_trains_on_simulator_examples(world_examples: RankingExamples) -> N
     assert 0.0 <= value <= 1.0
 
 
+def test_validation_keeps_the_best_epochs_weights(world_examples: RankingExamples) -> None:
+    """With valid_share, the kept weights are those of the epoch with the best validation AUC: scoring the
+    validation rows again reproduces that epoch's AUC (not the last epoch's), and without it nothing changes."""
+    from models.ranker import auc
+    from models.ranking_data import validation_rows
+
+    ex = world_examples
+    train, _ = ex.split_by_time(int(np.quantile(ex.examples["t_ms"], 0.7)))
+    cfg = RankerConfig(backbone="wukong", dim=8, mlp_hidden=16)
+    ranker = train_ranker(train, cfg, tasks=("engaged",), epochs=4, batch_size=128, seed=0, valid_share=0.2)
+    assert len(ranker.valid_curve) == 4 and ranker.chosen_epoch == int(np.nanargmax(ranker.valid_curve)) + 1
+    _, valid = validation_rows(train, np.arange(len(train)), 0.2)
+    part = type(train)(examples=train.examples.iloc[valid].reset_index(drop=True), events=train.events,
+                       labels=train.labels)
+    kept = auc(part.examples["engaged"].to_numpy(), ranker.predict(part)[:, 0])
+    assert kept == pytest.approx(max(ranker.valid_curve), abs=1e-6)
+    plain = train_ranker(train, cfg, tasks=("engaged",), epochs=2, batch_size=128, seed=0)
+    assert plain.valid_curve == [] and plain.chosen_epoch is None
+
+
 def test_unknown_backbone_and_task_are_rejected(world_examples: RankingExamples) -> None:
     with pytest.raises(ValueError, match="backbone"):
         train_ranker(world_examples, RankerConfig(backbone="mlp"), epochs=1)

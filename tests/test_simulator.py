@@ -233,6 +233,30 @@ def test_respond_is_deterministic_and_attributable(world: MusicWorld) -> None:
     assert any(differs)
 
 
+def test_slate_probabilities_are_what_respond_draws(world: MusicWorld) -> None:
+    """The oracle's probabilities match respond's frequencies over many draws, per position and outcome, and the
+    world with hidden quality changes them: the check can fail."""
+    user, draws = 3, 3000
+    best = np.argsort(-world.true_scores(user, world.recent_items(user)))[:4].tolist()
+    slate = best + [int(i) for i in np.random.default_rng(1).choice(len(world.items), 4, replace=False)]
+    probs = world.slate_probabilities(user, slate)
+    counts = {k: np.zeros(len(slate)) for k in probs}
+    for n in range(draws):
+        for e in world.respond(user, slate, request_id=f"p{n}", variant="v", now_ms=END_MS):
+            r = slate.index(e.item_id)
+            counts["examined"][r] += 1
+            counts["played"][r] += e.is_positive
+            if e.event_type in ("like", "skip", "dislike"):
+                counts[e.event_type][r] += 1
+    for name, p in probs.items():
+        se = np.sqrt(p * (1 - p) / draws) + 1e-3
+        assert np.all(np.abs(counts[name] / draws - p) < 5 * se), (name, counts[name] / draws, p)
+    assert probs["examined"][0] == 1.0 and np.all(np.diff(probs["examined"]) <= 0)
+    assert probs["played"][:4].mean() > 2 * probs["played"][4:].mean()  # the user's best tracks get played
+    other = MusicWorld(world.settings, WorldParams(quality_weight=2.0)).slate_probabilities(user, slate)
+    assert np.abs(other["played"] - probs["played"]).max() > 0.05
+
+
 def test_respond_validates_ids_and_bounds_event_ids(world: MusicWorld) -> None:
     with pytest.raises(ValueError, match="unknown user"):
         world.respond(10_000, [1], request_id="r", variant="v", now_ms=END_MS)
