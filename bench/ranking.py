@@ -43,8 +43,8 @@ negatives and the model's initialisation and batch order (the world itself is fi
 MovieLens only the model. Each metric is reported per seed and as mean and sd (sample sd, null for one seed).
 The LAST line printed is one JSON object: ``bench``, ``dataset``, ``models``, ``tasks``, ``seeds``,
 ``metrics`` ({subset: {scorer: {task: {auc|gauc: {mean, sd, per_seed}}}}}, scorers = the models +
-``popularity`` + ``random`` (+ ``oracle`` on the simulator)), ``counts`` (per seed: train/test examples, positive rates), ``seconds`` and
-``argv``. Undefined values (a task with one class) are null.
+``popularity`` + ``random`` (+ ``oracle`` on the simulator)), ``counts`` (per seed: train/test examples,
+positive rates), ``seconds`` and ``argv``. Undefined values (a task with one class) are null.
 
 ARGUS (``--model argus``, MovieLens only; ``bench.argus_ranking`` has the protocol): the ``--config`` recipe
 (default ``argus-ml100k``) pre-trained on the ratings before the cutoff, its feedback head scored unchanged
@@ -563,8 +563,8 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": {"total": round(time.perf_counter() - started, 2), "per_seed": [r["seconds"] for r in runs]},
         "wall_s": round(time.perf_counter() - started, 2),
         "recipe": args.recipe.to_dict(),
-        "settings": {k: getattr(args, k) for k in ("epochs", "valid_share", "batch_size", "lr", "test_share", "threads", "size",
-                                                    "sizes", "attributes")}
+        "settings": {k: getattr(args, k) for k in ("epochs", "valid_share", "batch_size", "lr", "test_share", "threads",
+                                                    "size", "sizes", "attributes")}
         | ({k: getattr(args, k) for k in ("users", "items", "requests", "slate", "negatives", "explore", "spacing_s",
                                           "window_s")} if args.dataset == "simulator" else {})
         | ({k: getattr(args, k) for k in ("pretrain_epochs", "ft_epochs", "ft_lr", "ft_encoder_lr", "ft_batch_size",
