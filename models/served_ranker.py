@@ -23,6 +23,10 @@ fixed here, once:
   strictly before ``as_of_ms``, the snapshot's end), and serving reads them: a frozen count, which is the
   training feature at the snapshot's end. What it misses: events after training (a new item reads 0, as an
   unseen item does in training). A fresh ranker each ``ranking_job`` run refreshes them.
+  The gate measures what is served: the ranking evaluation and the champion's re-scoring
+  (``ranker_scores``) score test examples with these frozen counts and the serving rank below
+  (``score_as_served``), not with the popularity before each example's t that training reads: a later test
+  request reads the snapshot's counts, as it would once served. Training is unchanged.
 * **the slate rank** (the position feature: the logged slate's position bias). The server has not placed
   the candidates yet; every candidate is scored as if at the top (``SERVING_RANK = 0``: "how would the user
   react if this were shown first", the usual debiasing choice). Not -1: that value marks the sampled
@@ -142,9 +146,17 @@ class ServedRanker:
         return probs[:, self.model.tasks.index(self.task)].astype(np.float32)
 
     def score_examples(self, examples: RankingExamples) -> np.ndarray:
-        """[N] P(task) of ranking examples under the training features (popularity before each t): what
-        evaluation and the gate measure."""
+        """[N] P(task) of ranking examples under the training features (popularity before each t, the logged
+        slate rank): the model as trained, not as served (the gate scores ``score_as_served``)."""
         return self._task_column(self.model.predict(examples))
+
+    def score_as_served(self, examples: RankingExamples) -> np.ndarray:
+        """[N] P(task) of ranking examples as serving scores them (``score_candidates``): the frozen item counts
+        for popularity and every candidate at ``SERVING_RANK``. What evaluation and the gate measure."""
+        from dataclasses import replace
+
+        served = replace(examples, examples=examples.examples.assign(rank=SERVING_RANK))
+        return self.served_probs(served)
 
     def served_probs(self, examples: RankingExamples) -> np.ndarray:
         """[N] P(task) of served examples under the serving features: the frozen item counts for popularity."""
@@ -226,10 +238,11 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Any:
 
 
 def ranker_scores(ranker: Any, examples: RankingExamples) -> np.ndarray:
-    """[N] a loaded ranker's P(its task) on ranking examples, whichever family (NaN: it cannot score one): what
-    the ranking gate re-scores a champion with."""
+    """[N] a loaded ranker's P(its task) on ranking examples, whichever family (NaN: it cannot score one), as
+    serving would score them (``ServedRanker.score_as_served``): what the ranking evaluation measures and the
+    gate re-scores a champion with."""
     if isinstance(ranker, ServedRanker):
-        return ranker.score_examples(examples)
+        return ranker.score_as_served(examples)
     from models.argus_ranker import score_examples
 
     return score_examples(ranker, examples)

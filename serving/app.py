@@ -28,6 +28,9 @@ The online store is the one step a micro-batch shares. Its reads have a deadline
 (``serve.online_read_timeout_s``); a read that fails or runs past it puts the replica in degraded mode
 (``OnlineHistory``): answers come from popularity marked ``"degraded": true`` (exposures too), ``/readyz``
 answers 503, and a probe thread reconnects and leaves degraded mode once the store reads again, no restart.
+A served ranker's user and item attributes are read from the same store with the same deadline: a read that
+fails or runs past it fails that micro-batch's ranker step alone (retrieval order), and one past the deadline
+degrades the replica too (``OnlineHistory.read_attributes`` says why).
 
 A VISTA model (one with a summariser, issue #36) reads each user's cached ``user_summary`` row beside the
 ``user_history`` row, in the same deadline-bounded read of the same micro-batch (only for the users a VISTA
@@ -63,12 +66,13 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -104,6 +108,7 @@ if TYPE_CHECKING:
     from models.lifecycle.registry import Registry
 
 log = logging.getLogger("encore.serving")
+_T = TypeVar("_T")
 
 _HISTORY_FIELDS = ("item_ids", "event_types", "timestamps_ms")
 _SUMMARY_FIELDS = ("state", "summariser_version", "events_summarised", "summarised_until_ms", "summarised_until_item",
@@ -428,13 +433,15 @@ def model_pool(settings: EncoreSettings, tracking_uri: str) -> ModelPool:
 
 
 class HistoryReader:
-    """The users' ``user_history`` rows from the Feast online store, for a batch of users in one read."""
+    """The users' ``user_history`` rows from the Feast online store, for a batch of users in one read; and, for
+    a ranker that reads them, user and item attributes from the same store (``read_attributes``)."""
 
     def __init__(self, settings: EncoreSettings) -> None:
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
 
         self._EntityKey, self._Value = EntityKey, Value
+        self.settings = settings
         self.store = feature_store(settings, apply=False)
         self.view = self.store.get_feature_view("user_history")
         try:  # a registry applied before VISTA has no user_summary: every VISTA answer is then "stale"
@@ -444,12 +451,17 @@ class HistoryReader:
         self.provider = self.store.provider  # the public path (get_online_features) re-plans on every call
 
     def reconnected(self) -> "HistoryReader":
-        """The same store and feature view over a fresh provider: a new SQLite connection or Redis client (no
-        registry read, so it works while the registry is away too)."""
+        """The same store and feature views over a fresh provider: a new SQLite connection or Redis client (no
+        registry read, so it works while the registry is away too). The attribute read's ``get_online_features``
+        uses it as well: the store is copied with the fresh provider in place of its own (Feast's lazily set
+        ``_provider``) and keeps its loaded registry, so the first attribute read after a reconnect does not
+        pay for loading the registry within the read deadline."""
         from feast.infra.provider import get_provider
 
         fresh = copy.copy(self)
         fresh.provider = get_provider(self.store.config)
+        fresh.store = copy.copy(self.store)
+        fresh.store._provider = fresh.provider
         return fresh
 
     def read(self, user_ids: list[int], summary_users: list[int] | None = None) -> dict[int, dict[str, list]]:
@@ -474,6 +486,13 @@ class HistoryReader:
                 out[uid] = {**out[uid], "summary": summary}
         return out
 
+    def read_attributes(self, user_ids: Any, item_ids: Any) -> Any:
+        """The latest user and item attributes of each (user, item) pair (``features.attributes.online_attributes``:
+        the views training read as of t), one row per pair."""
+        from features.attributes import online_attributes
+
+        return online_attributes(self.store, self.settings, user_ids, item_ids)
+
     def read_summaries(self, user_ids: list[int]) -> list[dict[str, Any] | None]:
         """The users' cached ``user_summary`` rows (``_SUMMARY_FIELDS``), None for a user without one."""
         if self.summary_view is None:
@@ -495,8 +514,15 @@ class HistoryReader:
         return {u: {f: list(row[f][i] or []) for f in _HISTORY_FIELDS} for i, u in enumerate(user_ids)}
 
 
+class OnlineStoreUnavailable(RuntimeError):
+    """The online store did not answer within its deadline, or the replica is degraded and no read was tried."""
+
+
 class OnlineHistory:
     """The online store as the service sees it: reads with a deadline, and a degraded mode for outages.
+
+    Every read of the store goes through here, on one read thread, with the deadline: the users' histories
+    (``read``) and a ranker's user and item attributes (``read_attributes``).
 
     A read that fails, or runs past ``serve.online_read_timeout_s``, puts the replica in degraded mode: that
     micro-batch and every one after it is answered from popularity, marked ``degraded``, without trying the
@@ -529,19 +555,47 @@ class OnlineHistory:
     def read(self, user_ids: list[int], summary_users: list[int] | None = None) -> dict[int, dict[str, list]] | None:
         """The users' histories (with the cached summaries of ``summary_users``, for VISTA models: the same
         read, the same deadline), or None when the store cannot be read within the deadline (degraded)."""
+        try:
+            return self._within_deadline(f"a read of {len(user_ids)} users",
+                                         lambda reader: reader.read(user_ids, summary_users))
+        except Exception:  # noqa: BLE001 - any store error degrades; the probe finds when it is back
+            return None
+
+    def read_attributes(self, user_ids: Any, item_ids: Any) -> Any:
+        """A ranker's user and item attributes (``HistoryReader.read_attributes``), within the same deadline.
+        Raises when the store does not answer in time (``OnlineStoreUnavailable``) or the read fails: the
+        ranker step of that micro-batch fails and its answers keep the retriever's order (``_rerank``).
+
+        Past the deadline the replica degrades, as for a history read: both reads share the store and the one
+        read thread, and the read still runs on that thread, so the next micro-batch's history read would
+        queue behind it and miss its deadline too; degrading answers the next batches from popularity at once
+        and lets the probe bring a fresh reader and thread, so a hung store costs one batch the deadline, not
+        every cascade batch. A read that raises does not degrade: the error may be the attribute path's alone
+        (a row it cannot decode) while histories read fine, and a store that is really down fails the next
+        history read, which degrades the replica then."""
+        return self._within_deadline(f"an attribute read of {len(user_ids)} pairs",
+                                     lambda reader: reader.read_attributes(user_ids, item_ids),
+                                     degrade_on_error=False)
+
+    def _within_deadline(self, what: str, read: Callable[[HistoryReader], _T], *,
+                         degrade_on_error: bool = True) -> _T:
+        """``read(reader)`` on the read thread, its answer within the deadline. Past it the replica degrades and
+        this raises ``OnlineStoreUnavailable`` (at once, with no read, while degraded); a read that raises
+        degrades it too when ``degrade_on_error``, and its error is raised."""
         with self._lock:
             pool, reader = self._pool, self._reader
         if self.error is not None or pool is None or reader is None:
-            return None
+            raise OnlineStoreUnavailable(self.error or "the online store is not open")
         try:
-            if summary_users:
-                return pool.submit(reader.read, user_ids, summary_users).result(timeout=self.timeout_s)
-            return pool.submit(reader.read, user_ids).result(timeout=self.timeout_s)
+            return pool.submit(read, reader).result(timeout=self.timeout_s)
         except FutureTimeout:
-            self._degrade(f"a read of {len(user_ids)} users ran past the {self.timeout_s:g} s deadline", pool)
-        except Exception as exc:  # noqa: BLE001 - any store error degrades; the probe finds when it is back
-            self._degrade(f"read failed: {_one_line(exc)}", pool)
-        return None
+            why = f"{what} ran past the {self.timeout_s:g} s deadline"
+            self._degrade(why, pool)
+            raise OnlineStoreUnavailable(why) from None
+        except Exception as exc:
+            if degrade_on_error:
+                self._degrade(f"{what} failed: {_one_line(exc)}", pool)
+            raise
 
     def probe(self) -> bool:
         """Try a fresh reader; put it in force (leave degraded mode) when it reads within the deadline."""
@@ -652,7 +706,6 @@ class Recommendations:
         self.producer = make_producer(kafka_bootstrap, linger_ms=20, **settings.kafka.client_options())
         self.popular: list[tuple[int, float]] = []
         self._shared_encoders: dict[tuple[int, int], bool] = {}  # (retriever, ranker version) -> same encoder
-        self._attribute_store: Any = None  # the Feast store a ranker's attributes are read from, opened on first use
         self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
@@ -978,7 +1031,8 @@ class Recommendations:
 
         The ranker gets each history with its request's ``user_id`` and ``context`` (a ranker that reads the user's
         id or attributes needs them; an ARGUS ranker ignores them), and a ranker that reads user and item
-        attributes reads them online from Feast (``features.attributes.online_attributes``), once per pass."""
+        attributes reads them online from Feast (``features.attributes.online_attributes``), once per pass, within
+        the online store's deadline (``OnlineHistory.read_attributes``)."""
         try:
             shared = self._shares_encoder(retriever, ranker)
             self._bind_ranker_inputs(ranker)
@@ -997,18 +1051,12 @@ class Recommendations:
                         r.ranker_scores) for r in ranked]
 
     def _bind_ranker_inputs(self, ranker: LoadedModel) -> None:
-        """Give a ranker that reads attributes (``ServedRanker.reads_attributes``) the online reader, once."""
+        """Give a ranker that reads attributes (``ServedRanker.reads_attributes``) the online reader, once: the
+        online store's deadline-bounded read (``OnlineHistory.read_attributes``), so a hung store fails that
+        micro-batch's ranker step within the deadline instead of holding the worker."""
         model = ranker.recommender
         if getattr(model, "reads_attributes", False) and model.attributes is None:
-            model.bind_attributes(self._online_attributes)
-
-    def _online_attributes(self, user_ids: Any, item_ids: Any) -> Any:
-        """The latest user and item attributes from the Feast online store (the views training read as of t)."""
-        from features.attributes import online_attributes
-
-        if self._attribute_store is None:
-            self._attribute_store = feature_store(self.settings, apply=False)
-        return online_attributes(self._attribute_store, self.settings, user_ids, item_ids)
+            model.bind_attributes(self.history.read_attributes)
 
     def _shares_encoder(self, retriever: LoadedModel, ranker: LoadedModel) -> bool:
         """Whether the ranker computes the retriever's user states (its encoder was frozen while its head was

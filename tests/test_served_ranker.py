@@ -4,12 +4,15 @@ cascade reranks with them; the registry's pyfunc and the one loader read the art
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from features.attributes import attributes_as_of
 from models.hstu_ranker import HSTURankerConfig
+from models.ranker import item_popularity_before
 from models.ranking_data import RankingExamples, build_ranking_examples, candidate_examples, with_attributes
 from models.ranking_recipe import resolve_ranking_recipe
 from models.served_ranker import (
@@ -53,11 +56,14 @@ def attribute_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
     return users, items
 
 
-def served_request(examples: RankingExamples, seed: int = 1) -> tuple[list[dict], list[list[int]], int]:
-    """Ten users asked about six candidates each at one instant after every event: the histories as the online
-    store holds them (each user's last KEPT events, oldest first, as dicts with the user's id)."""
+def served_request(examples: RankingExamples, seed: int = 1,
+                   at: int | None = None) -> tuple[list[dict], list[list[int]], int]:
+    """Ten users asked about six candidates each at one instant (``at``; default: after every event): the
+    histories as the online store holds them then (each user's last KEPT events, oldest first, as dicts with the
+    user's id)."""
     events = examples.events
-    now = int(events["timestamp_ms"].max()) + 5_000
+    now = int(events["timestamp_ms"].max()) + 5_000 if at is None else at
+    events = events[events["timestamp_ms"] < now]
     rng = np.random.default_rng(seed)
     users = rng.choice(USERS, size=10, replace=False)
     histories = []
@@ -102,6 +108,26 @@ def test_a_saved_ranker_scores_served_histories_as_predict_scores_the_same_examp
     # the frozen counts stand still: an hour later only the time features move, never the item's count
     later = loaded.score_candidates(histories, candidates, now_ms=now + 3_600_000)
     assert len(later) == 10 and all(np.all(np.isfinite(p)) for p in later)
+
+
+@pytest.mark.parametrize("family", ["wukong", "dlrm"])
+def test_the_gate_scores_examples_as_they_are_served_with_the_frozen_item_counts(examples, family):
+    """The ranking evaluation and the gate (``ranker_scores``) used to score test examples with the popularity
+    before each example and its logged rank (the training features), not with the frozen counts the served
+    model reads: the gate measured another model. At an instant in the middle of the log, where the two
+    counts differ, they now give exactly what ``score_candidates`` gives the same requests."""
+    train, _ = examples.split_by_time(T0 + 60_000 * 90)
+    ranker = train_served_ranker(resolve_ranking_recipe(family, **SIZES), train, "engaged", max_history=KEPT)
+    mid = int(examples.events["timestamp_ms"].median())
+    histories, candidates, _ = served_request(examples, seed=4, at=mid)
+    twin = offline_twin(examples, histories, candidates, mid)
+    frozen = ranker.counts.lookup(twin.examples["item_id"].to_numpy())
+    assert (frozen > item_popularity_before(twin)).any()  # the counts the gate used to read are not served
+    served = np.concatenate(ranker.score_candidates(histories, candidates, now_ms=mid))
+    np.testing.assert_allclose(ranker_scores(ranker, twin), served, atol=1e-5)
+    assert not np.allclose(ranker.score_examples(twin), served, atol=1e-5)  # the training features' scores
+    shown = twin.examples.assign(rank=np.arange(len(twin)) % 6)  # a logged rank is not read either
+    np.testing.assert_allclose(ranker_scores(ranker, replace(twin, examples=shown)), served, atol=1e-5)
 
 
 def test_item_counts_are_frozen_before_their_instant_and_unknown_items_count_zero(examples):

@@ -8,8 +8,10 @@ reactions) in its format; everything downstream of it is the real asset graph.""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -157,3 +159,175 @@ def test_ranking_job_with_a_wukong_recipe_registers_a_ranker_the_cascade_serves_
     assert all(a["source"] == "model" and a["ranker_version"] == version and len(a["items"]) == 5 for a in answers)
     assert all(a["scores"] == sorted(a["scores"], reverse=True) for a in answers)
     assert "encore_ranker_failures_total 0.0" in metrics  # the Wukong ranker answered every pass
+
+
+def attribute_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every simulated user's and item's attributes (static: valid since forever)."""
+    users = pd.DataFrame({"user_id": np.arange(USERS), "gender": ["MF"[u % 2] for u in range(USERS)],
+                          "age": [(18, 25, 35)[u % 3] for u in range(USERS)],
+                          "occupation": [f"job{u % 4}" for u in range(USERS)]})
+    items = pd.DataFrame({"item_id": np.arange(ITEMS), "genres": [["Jazz"] if i % 2 else ["Rock", "Pop"]
+                                                                   for i in range(ITEMS)],
+                          "album": [f"a{i % 5}" for i in range(ITEMS)]})
+    return users, items
+
+
+def register_attribute_ranker(settings, uri: str) -> int:  # noqa: ANN001 - EncoreSettings
+    """A small Wukong ranker that reads user and item attributes, trained on the simulated slates, champion of
+    the rankers' registry."""
+    from features.attributes import attributes_as_of
+    from models.lifecycle.registry import Registry
+    from models.lifecycle.tracking import TRAINING, experiment_name, training_run
+    from models.ranking_data import build_ranking_examples, with_attributes
+    from models.ranking_recipe import resolve_ranking_recipe
+    from models.served_ranker import train_served_ranker
+
+    interactions, exposures = simulated_log()
+    users, items = attribute_frames()
+    examples = build_ranking_examples(interactions, exposures, window_s=3600, sampled_negatives=2,
+                                      catalogue=np.arange(ITEMS), seed=0)
+    examples = with_attributes(examples, attributes_as_of(examples.examples[["user_id", "item_id", "t_ms"]],
+                                                          users, items))
+    recipe = resolve_ranking_recipe("wukong", attributes=True, dim=8, item_buckets=128, user_buckets=64,
+                                    history_len=5, mlp_hidden=16, epochs=1)
+    ranker = train_served_ranker(recipe, examples, "engaged", max_history=settings.ingest.history_length)
+    assert ranker.reads_attributes
+    # the pyfunc's input example is scored at registration: with the same attributes, read offline
+    ranker.bind_attributes(lambda u, i: attributes_as_of(pd.DataFrame({"user_id": u, "item_id": i, "t_ms": T0}),
+                                                         users, items))
+    mine = interactions[interactions["user_id"] == 0].sort_values("timestamp_ms", kind="stable").tail(5)
+    example = pd.DataFrame({"user_id": [0], "item_ids": [mine["item_id"].astype(int).tolist()],
+                            "event_types": [mine["event_type"].astype(str).tolist()],
+                            "timestamps_ms": [mine["timestamp_ms"].astype(int).tolist()],
+                            "candidates": [[1, 2, 3]], "now_ms": [int(mine["timestamp_ms"].max()) + 1]})
+    with training_run(uri, experiment_name(settings.mlflow_experiment, TRAINING), run_name="attribute-ranker",
+                      params={}, tags={}, system_metrics=False, artifact_root=settings.mlflow_dir / "artifacts") as run:
+        pass
+    registry = Registry(uri, settings.registry.for_rankers())
+    version = registry.register(ranker, run_id=run.info.run_id, metrics={}, tags={}, input_example=example).version
+    registry.set_alias(settings.registry.champion_alias, version, reason="test")
+    return version
+
+
+@contextmanager
+def _hung_feast_registry(settings):  # noqa: ANN001, ANN202
+    """The Feast registry file replaced by a named pipe nobody writes to: a read of it waits until a writer
+    comes, as a read of a hung registry database would. Only the attribute read waits, and only before its
+    first answer: Feast's ``get_online_features`` re-reads a registry file that changed while it plans a read
+    (it then keeps the plan), and the history read (``HistoryReader``: the provider's ``online_read`` with the
+    view read at start) never reads the registry. (Locking the SQLite online store, as tests/test_serving.py
+    does, stops the history read first: the micro-batch degrades to popularity before its ranker reads
+    anything.) On the way out the file is put back, then every read still waiting on the pipe is released."""
+    path = settings.feast_dir / "registry.db"
+    saved = path.read_bytes()
+    pipe, staged = path.with_name("registry.pipe"), path.with_name("registry.staged")
+    os.mkfifo(pipe)
+    os.link(pipe, staged)
+    os.replace(staged, path)  # the pipe, under the registry's name
+    try:
+        yield
+    finally:
+        staged.write_bytes(saved)
+        os.replace(staged, path)
+        for _ in range(50):
+            try:  # opens only while a reader is waiting on the pipe (else ENXIO)
+                fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                break
+            os.set_blocking(fd, True)
+            try:
+                os.write(fd, saved)
+            except OSError:  # the reader went away
+                pass
+            finally:
+                os.close(fd)
+            time.sleep(0.05)
+        pipe.unlink()
+
+
+def test_a_hung_attribute_read_fails_the_ranker_step_within_the_deadline_and_no_request(tmp_path: Path):
+    """A served ranker's attribute read had no deadline: a store that did not answer held the micro-batch
+    worker, and every request after it, for as long as it hung. Now the read has the online store's deadline:
+    the micro-batch it hangs is answered in retrieval order (no ranker version; the ranker failure counted)
+    within the deadline, the replica degrades (popularity, marked degraded) until the probe reconnects, and
+    once the store answers again the ranker reranks again, without a restart."""
+    import uvicorn
+
+    from experiments.assignment import ranker_key
+    from features.attributes import write_attributes
+    from features.feature_repo import feature_store
+    from infra.services import EmbeddedServices, free_port
+    from serving.app import create_app
+
+    torch.set_num_threads(1)
+    settings = small_settings(tmp_path / "encore", serve={"ranker": "alias:champion", "model_poll_s": 0.5,
+                                                          "torch_threads": 1})
+    settings.mlflow_dir.mkdir(parents=True)
+    uri = f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}"
+    register_retriever(settings, uri)
+    version = register_attribute_ranker(settings, uri)
+    interactions, _ = simulated_log()
+    users = sorted(int(u) for u in interactions["user_id"].unique()[:6])
+    write_histories(settings, interactions, users)
+    user_rows, item_rows = attribute_frames()
+    write_attributes(feature_store(settings), settings, users=user_rows, items=item_rows)
+    deadline = settings.serve.online_read_timeout_s
+
+    with EmbeddedServices(settings, with_mlflow=False) as svc:
+        app = create_app(settings, svc.kafka_bootstrap, uri, experiment=None)
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+                def answer(user: int) -> tuple[int, dict, float]:
+                    t0 = time.monotonic()
+                    r = http.post("/v1/recommendations", json={"user_id": user, "k": 5})
+                    return r.status_code, r.json() if r.status_code == 200 else {}, time.monotonic() - t0
+
+                def reranked(user: int) -> bool:
+                    try:
+                        return answer(user)[1].get("ranker_version") == version
+                    except httpx.TransportError:
+                        return False
+
+                def loaded() -> bool:  # both models loaded (the ranker reads nothing until a request comes)
+                    try:
+                        ready = http.get("/readyz").status_code == 200
+                        return ready and f'{{target="{ranker_key(settings.serve.ranker)}"}} {float(version)}' in \
+                            http.get("/metrics").text
+                    except httpx.TransportError:
+                        return False
+
+                _wait(loaded, 60.0, "the retriever and the attribute ranker loaded")
+                with _hung_feast_registry(settings):
+                    answers, until = [], time.monotonic() + 4.0
+                    while time.monotonic() < until:  # through a few degrade -> probe -> hang cycles
+                        answers += [answer(u) for u in users]
+                    metrics = http.get("/metrics").text
+                _wait(lambda: reranked(users[1]), 30.0, "the ranker back once the store answers")
+        finally:
+            server.should_exit = True
+            thread.join(timeout=20)
+
+    assert all(status == 200 for status, _, _ in answers), answers
+    # a request waits at most the history read's deadline and the attribute read's
+    assert max(took for _, _, took in answers) < 2 * deadline + 2.0, [took for _, _, took in answers]
+    bodies = [body for _, body, _ in answers]
+    assert all(b["ranker_version"] is None for b in bodies)  # no answer claims a ranker that did not rank it
+    unranked = [b for b in bodies if b["source"] == "model"]
+    assert unranked and all(not b["degraded"] and b["model_version"] is not None for b in unranked)
+    assert any(b["degraded"] and b["source"] == "popularity" for b in bodies)  # the timed-out read degraded it
+    failures = next(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("encore_ranker_failures_total "))
+    assert failures >= len(unranked) > 0  # each unranked answer counted
+
+
+def _wait(check, timeout_s: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
