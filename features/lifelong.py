@@ -19,9 +19,10 @@ Ground truth (all drawn from ``LifelongParams.seed``, nothing learnt):
     probability proportional to artist popularity ** 0.5, with weights ``fav_u ~ Dirichlet(favourite_concentration)``
     (flat: each favourite is individually rare, about one play in every ``1 / (p_favourite * fav_u[a])`` events);
   - ``seasons`` *seasonal tastes*: a peak day of the simulated year ``mu_k`` and a playlist of ``playlist_len``
-    tracks of one genre (drawn by popularity, without replacement). The playlist returns every year around its
-    peak with intensity ``s_k(t) = exp(-d(t, mu_k)^2 / (2 season_width_days^2))`` (``d`` the circular distance
-    in days);
+    tracks of one genre (drawn by popularity, without replacement; a genre with fewer tracks fills the slots
+    with all of its tracks, cycling through them in the drawn order, and ``[i in playlist_k]`` below then counts
+    a track once per slot). The playlist returns every year around its peak with intensity
+    ``s_k(t) = exp(-d(t, mu_k)^2 / (2 season_width_days^2))`` (``d`` the circular distance in days);
   - a *current genre* ``g_u(t)``, piecewise constant: it changes at the points of a Poisson process with mean
     gap ``genre_days`` days, each time to a genre drawn from ``affinity_u`` (a slow drift the recent window sees).
 
@@ -467,7 +468,10 @@ def _make_user(p: LifelongParams, c: LifelongCatalog, u: int, span_days: float) 
     for k in range(p.seasons):
         g = rng.choice(p.genres, p=affinity)
         pool = np.flatnonzero(c.genre == g)
-        playlists[k] = pool[_gumbel_top(rng, np.log(c.pop[pool]), min(p.playlist_len, len(pool)))]
+        drawn = pool[_gumbel_top(rng, np.log(c.pop[pool]), min(p.playlist_len, len(pool)))]
+        # a genre with fewer tracks than a playlist (a small catalogue): all of them, the drawn order repeated to
+        # fill the slots, so every track of the genre is on it and its mass stays as even as L slots allow
+        playlists[k] = np.resize(drawn, p.playlist_len)
     # the current genre: a Poisson process of changes over the span, each to a genre drawn from the affinity
     changes = np.sort(rng.uniform(0.0, span_days, size=rng.poisson(span_days / p.genre_days)))
     segments = rng.choice(p.genres, size=len(changes) + 1, p=affinity)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -73,6 +74,50 @@ def test_seasonal_playlists_return_every_year(world: LifelongWorld) -> None:
         on = np.isin(h.item, playlist)
         assert len(np.unique(years[on])) >= 3  # back in (at least) three different years
 
+
+
+def _history_digest(world: LifelongWorld) -> str:
+    """sha256 of every user's playlists and history arrays: changes with any byte the world generates."""
+    h = hashlib.sha256()
+    for u in range(world.num_users):
+        hist, state = world.history(u), world.user(u)
+        for a in (state.playlists, hist.item, hist.event_type, hist.played_ratio, hist.day, np.float64(hist.span_days)):
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def test_worlds_whose_genres_fill_a_playlist_generate_what_they_always_did() -> None:
+    """Digests recorded before small genres were allowed (the playlist fix): the default catalogue, and a small one
+    whose smallest genre (47 tracks) still holds a 30-track playlist, are byte for byte the same worlds."""
+    default = LifelongWorld(LifelongParams(seed=3, users=4, min_events=500, max_events=1500))
+    assert _history_digest(default) == "24768ab5b1650d8a4a7fa36d4a8eaa5f3a83178d732572b7c0788224f1611ac4"
+    small = LifelongWorld(LifelongParams(seed=5, users=4, min_events=500, max_events=1500, artists=240, max_tracks=6,
+                                         min_favourites=10, max_favourites=30))
+    assert _history_digest(small) == "7b79e0a6c085f6768dfc2d338508e1994a967e7eccffd6d06c055509aa813a1c"
+
+
+def test_a_genre_smaller_than_a_playlist_fills_it_with_all_its_tracks() -> None:
+    params = LifelongParams(seed=0, users=20, min_events=300, max_events=600, artists=120, max_tracks=6,
+                            min_favourites=10, max_favourites=30)
+    world = LifelongWorld(params)
+    sizes = np.bincount(world.catalog.genre)
+    assert sizes.min() < params.playlist_len  # the case under test: some genre cannot fill a playlist
+    small_playlists = 0
+    for u in range(params.users):
+        h, state = world.history(u), world.user(u)  # generating it is what used to fail
+        assert state.playlists.shape == (params.seasons, params.playlist_len)
+        for playlist in state.playlists:
+            genres = np.unique(world.catalog.genre[playlist])
+            assert len(genres) == 1  # one genre, as ever
+            pool = np.flatnonzero(world.catalog.genre == genres[0])
+            counts = np.bincount(playlist, minlength=world.num_items)[pool]
+            if len(pool) < params.playlist_len:
+                small_playlists += 1
+                assert counts.min() >= 1 and counts.max() - counts.min() <= 1  # all of the genre, evenly
+            else:
+                assert counts.max() == 1  # without replacement
+        assert world.next_probs(u, len(h.item) // 2).sum() == pytest.approx(1.0)
+    assert small_playlists > 0
 
 def test_oracle_is_the_generator(world: LifelongWorld) -> None:
     """The full oracle's top item is as likely as it says: the oracle is the distribution events are drawn from."""

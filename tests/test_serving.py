@@ -428,7 +428,14 @@ def test_a_request_whose_exposure_fails_fails_alone_in_its_micro_batch(platform)
 
     async def run() -> list:
         tasks = [asyncio.ensure_future(service.submit(RecommendationRequest(user_id=u, k=5))) for u in users]
-        await asyncio.sleep(0)  # every request is queued before the worker starts: one batch
+        # The worker takes everything queued when it wakes, so it is started only once the queue holds all 12
+        # jobs: one batch, whatever the scheduling. Each task queues its job the first time the loop runs it;
+        # the queue's size, not a count of yields, says when they all have, so a busy box cannot split the batch.
+        for _ in range(100):
+            if service.queue.qsize() == len(users):
+                break
+            await asyncio.sleep(0)
+        assert service.queue.qsize() == len(users), "the requests were not all queued"
         threading.Thread(target=service._work, daemon=True).start()  # noqa: SLF001
         return await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -438,7 +445,8 @@ def test_a_request_whose_exposure_fails_fails_alone_in_its_micro_batch(platform)
         service.queue.put(None)
         real.flush(timeout=10)
         real.close(timeout=5)
-    assert service.registry.get_sample_value("encore_batch_size_count") == 1
+    batches = service.registry.get_sample_value("encore_batch_size_count")
+    assert batches == 1, f"{batches} batches for {service.registry.get_sample_value('encore_batch_size_sum')} requests"
     by_user = dict(zip(users, results))
     assert isinstance(by_user.pop(13), RuntimeError)
     assert all(isinstance(r, bytes) for r in by_user.values()), by_user
