@@ -141,14 +141,19 @@ class LifelongParams:
     p_like: float = 0.1
 
     def __post_init__(self) -> None:
+        # Each message names the values given, so a --world override that breaks a bound says which one.
         if not 1 <= self.min_events <= self.max_events:
-            raise ValueError("need 1 <= min_events <= max_events")
+            raise ValueError(f"need 1 <= min_events <= max_events, got {self.min_events}, {self.max_events}")
         if not 0 < self.min_years <= self.max_years:
-            raise ValueError("need 0 < min_years <= max_years")
+            raise ValueError(f"need 0 < min_years <= max_years, got {self.min_years}, {self.max_years}")
         if not 1 <= self.min_tracks <= self.max_tracks or self.artists < self.genres:
-            raise ValueError("need 1 <= min_tracks <= max_tracks and at least one artist per genre")
+            raise ValueError("need 1 <= min_tracks <= max_tracks and at least one artist per genre, got tracks "
+                             f"{self.min_tracks}..{self.max_tracks}, {self.artists} artists, {self.genres} genres")
         if not 1 <= self.min_favourites <= self.max_favourites <= self.artists:
-            raise ValueError("need 1 <= min_favourites <= max_favourites <= artists")
+            raise ValueError("need 1 <= min_favourites <= max_favourites <= artists, got "
+                             f"{self.min_favourites}, {self.max_favourites}, {self.artists}")
+        if self.playlist_len < 1:
+            raise ValueError(f"need playlist_len >= 1, got {self.playlist_len}")
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,13 @@ def test_a_genre_smaller_than_a_playlist_fills_it_with_all_its_tracks() -> None:
         assert world.next_probs(u, len(h.item) // 2).sum() == pytest.approx(1.0)
     assert small_playlists > 0
 
+def test_settings_outside_their_bounds_are_refused_naming_the_values() -> None:
+    with pytest.raises(ValueError, match=r"max_favourites <= artists, got 80, 200, 120"):
+        LifelongParams(artists=120)
+    with pytest.raises(ValueError, match=r"playlist_len >= 1, got 0"):
+        LifelongParams(playlist_len=0)
+
+
 def test_oracle_is_the_generator(world: LifelongWorld) -> None:
     """The full oracle's top item is as likely as it says: the oracle is the distribution events are drawn from."""
     said, hit = [], []
