@@ -36,7 +36,20 @@ fixed here, once:
   served history can hold.
 * **user and item attributes** (``RankerConfig.attributes``): read online from the Feast views that
   training read point-in-time (``features.attributes.online_attributes``: the latest row of each user and
-  item), through a reader the service binds (``bind_attributes``), one read per micro-batch.
+  item), through a reader the service binds (``bind_attributes``), one read per micro-batch. A caller that
+  holds the attributes itself passes them with the request instead (``score_candidates(attributes=...)``):
+  the registry's pyfunc model does, from columns of its input (``request_attributes``; see below).
+
+Attributes in the pyfunc model. The MLflow model (``models.lifecycle.pyfunc``) is loaded without any store:
+``mlflow models predict``, ``mlflow.pyfunc.load_model`` and MLflow's own validation of the input example
+(at registration) build a fresh ranker that no service has bound a reader to. So its input carries the
+attributes as columns, named as the training features (``features.attributes.ATTRIBUTE_FEATURES``): the
+user's ``gender``, ``age``, ``occupation`` one value per row, the items' ``genres`` and ``album`` one value
+per candidate (``ATTRIBUTE_COLUMNS``). The model is then self-contained, as MLflow users expect: its signature
+names every input it reads, and registration scores its input example (the attributes read offline, as of
+the example's time) without a live online store. Binding an offline reader at registration would have
+registered a model that MLflow itself cannot run. Without the columns the bound reader is read (the
+service's path), and a ranker with neither refuses to score.
 * **request context** is an ARGUS feature only (ranking recipes refuse ``context: true`` for the other
   families); these rankers read none.
 
@@ -61,6 +74,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from features.attributes import ITEM_FEATURES, USER_FEATURES
 from models.hstu_ranker import HSTURanker, HSTURankerConfig, train_hstu_ranker
 from models.ranker import Ranker, RankerConfig, train_ranker
 from models.ranking_data import RankingExamples, served_examples, with_attributes
@@ -74,6 +88,9 @@ AUX_TASKS: tuple[str, ...] = ("engaged", "like", "skip")
 
 # (user ids [n], item ids [n]) -> one row per pair with features.attributes.ATTRIBUTE_FEATURES
 AttributeReader = Callable[[np.ndarray, np.ndarray], pd.DataFrame]
+# the pyfunc input's attribute columns (see the module docstring): the user's features one value per row, the
+# items' features one list per row, aligned with its candidates
+ATTRIBUTE_COLUMNS: tuple[str, ...] = USER_FEATURES + ITEM_FEATURES
 
 
 @dataclass
@@ -166,10 +183,13 @@ class ServedRanker:
         return self._task_column(self.model.predict(examples, popularity=self.counts.lookup(items)))
 
     def score_candidates(self, histories: Sequence[Mapping[str, Any]], candidates: Sequence[Sequence[int]], *,
-                         now_ms: int | None = None, states: Sequence[Any] | None = None) -> list[np.ndarray | None]:
+                         now_ms: int | None = None, states: Sequence[Any] | None = None,
+                         attributes: pd.DataFrame | None = None) -> list[np.ndarray | None]:
         """Per history, float32 P(task) of each candidate (aligned with it). Every history dict must carry its
         ``user_id`` (the service adds it); ``now_ms``: the request time (default: just after each history's
-        last event); ``states`` is ignored (``same_encoder`` is False). Hashed ids: every item gets a score."""
+        last event); ``states`` is ignored (``same_encoder`` is False). Hashed ids: every item gets a score.
+        ``attributes``: the requests' own attributes, one row per (request, candidate) in order
+        (``request_attributes``); None: a ranker that reads attributes reads them through the bound reader."""
         if len(candidates) != len(histories):
             raise ValueError(f"{len(histories)} histories but {len(candidates)} candidate lists")
         if not histories:
@@ -180,11 +200,13 @@ class ServedRanker:
         t = [int(now_ms) if now_ms is not None else int(max(h.get("timestamps_ms") or [0])) + 1 for h in histories]
         examples = served_examples(list(histories), [int(u) for u in users], candidates, t, rank=SERVING_RANK)
         if self.reads_attributes:
-            if self.attributes is None:
-                raise ValueError("this ranker reads user and item attributes: bind a reader (bind_attributes)")
-            ex = examples.examples
-            examples = with_attributes(examples, self.attributes(ex["user_id"].to_numpy(np.int64),
-                                                                 ex["item_id"].to_numpy(np.int64)))
+            if attributes is None:
+                if self.attributes is None:
+                    raise ValueError("this ranker reads user and item attributes: pass them with the requests "
+                                     f"(the columns {list(ATTRIBUTE_COLUMNS)}) or bind a reader (bind_attributes)")
+                ex = examples.examples
+                attributes = self.attributes(ex["user_id"].to_numpy(np.int64), ex["item_id"].to_numpy(np.int64))
+            examples = with_attributes(examples, attributes)
         probs = self.served_probs(examples) if len(examples) else np.zeros(0, np.float32)
         return list(np.split(probs, np.cumsum([len(c) for c in candidates])[:-1]))
 
@@ -220,6 +242,44 @@ class ServedRanker:
             as_of = int(z["as_of_ms"][0])
             counts = ItemCounts(z["items"].astype(np.int64), z["counts"].astype(np.int64), None if as_of < 0 else as_of)
         return cls(model.to(device), config["task"], counts, config.get("metadata"))
+
+
+def request_attributes(rows: Sequence[Mapping[str, Any]], candidates: Sequence[Sequence[int]]) -> pd.DataFrame | None:
+    """The attributes requests carry (``ATTRIBUTE_COLUMNS``, the pyfunc input's columns) as
+    ``score_candidates`` takes them: one row per (request, candidate), in order, the request's user values
+    repeated over its candidates. None when the rows carry none of the columns (a bound reader reads them)."""
+    present = [c for c in ATTRIBUTE_COLUMNS if rows and c in rows[0]]
+    if not present:
+        return None
+    if len(present) < len(ATTRIBUTE_COLUMNS):
+        raise ValueError(f"requests carry attribute columns {present} but not "
+                         f"{[c for c in ATTRIBUTE_COLUMNS if c not in present]}: pass all of them or none")
+    frame: dict[str, list] = {c: [] for c in ATTRIBUTE_COLUMNS}
+    for r, (row, items) in enumerate(zip(rows, candidates)):
+        for c in USER_FEATURES:
+            frame[c] += [row[c]] * len(items)
+        for c in ITEM_FEATURES:
+            values = _values(row[c])
+            if len(values) != len(items):
+                raise ValueError(f"request {r}: {len(values)} {c} values for {len(items)} candidates")
+            frame[c] += values
+    return pd.DataFrame(frame)
+
+
+def attribute_columns(attributes: pd.DataFrame) -> dict[str, Any]:
+    """The inverse of ``request_attributes`` for one request: its candidates' attributes (one row each, the
+    same user on every row, e.g. ``features.attributes.historical_attributes``) as the pyfunc input's values."""
+    if attributes.empty:
+        raise ValueError("a request's attributes need at least one candidate row (its user's values)")
+    first = attributes.iloc[0]
+    return {**{c: first[c] for c in USER_FEATURES}, **{c: attributes[c].to_list() for c in ITEM_FEATURES}}
+
+
+def _values(value: Any) -> list:
+    """A list column's value as a list (an absent value, NaN in a frame, as none)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return []
+    return list(value)
 
 
 def is_served_ranker_dir(path: str | Path) -> bool:
@@ -276,5 +336,6 @@ def train_served_ranker(recipe: Any, train: RankingExamples, task: str, *, seed:
     return ServedRanker(model, task, counts, {**dict(metadata or {}), "ranker_train": info})
 
 
-__all__ = ["FAMILIES", "FAMILY_KEY", "SERVING_RANK", "AttributeReader", "ItemCounts", "ServedRanker",
-           "is_served_ranker_dir", "load_artifact", "ranker_scores", "train_served_ranker"]
+__all__ = ["ATTRIBUTE_COLUMNS", "FAMILIES", "FAMILY_KEY", "SERVING_RANK", "AttributeReader", "ItemCounts",
+           "ServedRanker", "attribute_columns", "is_served_ranker_dir", "load_artifact", "ranker_scores",
+           "request_attributes", "train_served_ranker"]

@@ -16,9 +16,11 @@ from models.ranker import item_popularity_before
 from models.ranking_data import RankingExamples, build_ranking_examples, candidate_examples, with_attributes
 from models.ranking_recipe import resolve_ranking_recipe
 from models.served_ranker import (
+    ATTRIBUTE_COLUMNS,
     SERVING_RANK,
     ItemCounts,
     ServedRanker,
+    attribute_columns,
     load_artifact,
     ranker_scores,
     train_served_ranker,
@@ -141,6 +143,8 @@ def test_item_counts_are_frozen_before_their_instant_and_unknown_items_count_zer
 
 
 def test_attributes_are_read_through_the_bound_reader_and_match_training(examples, tmp_path):
+    from models.lifecycle.pyfunc import predict_frame
+
     users, items = attribute_frames()
     train, _ = examples.split_by_time(T0 + 60_000 * 90)
     entity = train.examples[["user_id", "item_id", "t_ms"]]
@@ -162,6 +166,21 @@ def test_attributes_are_read_through_the_bound_reader_and_match_training(example
     twin = offline_twin(examples, histories, candidates, now)
     twin = with_attributes(twin, attributes_as_of(twin.examples[["user_id", "item_id", "t_ms"]], users, items))
     np.testing.assert_allclose(served, loaded.score_examples(twin), atol=1e-5)
+
+    # the pyfunc model (no reader bound: MLflow loads it without a store) reads them from its input's columns
+    unbound = load_artifact(tmp_path / "w")
+    per_request = [twin.examples.iloc[6 * r: 6 * (r + 1)] for r in range(len(histories))]
+    frame = pd.DataFrame({"user_id": [h["user_id"] for h in histories], "item_ids": [h["item_ids"] for h in histories],
+                          "event_types": [h["event_types"] for h in histories],
+                          "timestamps_ms": [h["timestamps_ms"] for h in histories], "candidates": candidates,
+                          "now_ms": now})
+    for name in ATTRIBUTE_COLUMNS:
+        frame[name] = [attribute_columns(rows)[name] for rows in per_request]
+    got = predict_frame(unbound, frame)
+    np.testing.assert_allclose(np.concatenate(got["scores"].tolist()), served, atol=1e-6)
+    assert reads == [60]  # the columns were read, not the reader
+    with pytest.raises(ValueError, match="pass all of them or none"):
+        predict_frame(unbound, frame.drop(columns=["album"]))
 
 
 def test_the_cascade_reranks_with_a_served_ranker_and_the_pyfunc_scores_candidates(examples, tmp_path):

@@ -1,13 +1,17 @@
-"""``ranking.recipe: wukong`` on the platform: the ranking assets train, evaluate, register and gate a Wukong
-ranker, and a real HTTP service (uvicorn, a tansu broker for its exposures, the Feast online store for its
-histories, an sqlite MLflow registry) loads that version from the rankers' registry and reranks with it.
+"""``ranking.recipe: wukong-ml1m`` (Wukong reading user and item attributes) on the platform: the ranking assets
+train, evaluate, register and gate a Wukong ranker, MLflow loads the registered version and scores its input
+example, and a real HTTP service (uvicorn, a tansu broker for its exposures, the Feast online store for its
+histories and attributes, an sqlite MLflow registry) loads that version from the rankers' registry and reranks
+with it.
 
 What stands in: the ``ranking_dataset`` asset, which reads the exposures topic and the offline store, is
 replaced by an asset of the same name that writes a simulated snapshot (served slates and the simulator's
-reactions) in its format; everything downstream of it is the real asset graph."""
+reactions) in its format, with the attributes read as the real asset reads them; everything downstream of it
+is the real asset graph."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -49,12 +53,16 @@ def simulated_ranking_dataset(encore: EncoreResource) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     interactions.to_parquet(out / "interactions.parquet", index=False)
     exposures.to_parquet(out / "exposures.parquet", index=False)
+    from orchestration.assets.ranking import read_attributes
+
     times = np.sort(exposures["timestamp_ms"].to_numpy(np.int64))
-    return {"snapshot": "sim", "exposures": str(out / "exposures.parquet"),
+    info = {"snapshot": "sim", "exposures": str(out / "exposures.parquet"),
             "interactions": str(out / "interactions.parquet"),
             "cutoff_ms": int(times[int(len(times) * (1 - settings.ranking.test_share))]), "window_s": 3600,
             "labels_complete_ms": int(times[-1]), "sampled_negatives": settings.ranking.sampled_negatives,
-            "seed": 0, "attributes": None}
+            "seed": 0}
+    info["attributes"] = read_attributes(settings, info, out)  # the Feast views' rows as of each request
+    return info
 
 
 def register_retriever(settings, uri: str) -> int:  # noqa: ANN001 - EncoreSettings
@@ -98,26 +106,58 @@ def write_histories(settings, interactions: pd.DataFrame, users: list[int]) -> N
     write_online(store, "user_history", "user_id", rows, "event_timestamp")
 
 
-def test_ranking_job_with_a_wukong_recipe_registers_a_ranker_the_cascade_serves_over_http(tmp_path: Path):
+class _Records(logging.Handler):
+    """The records MLflow logs (its ``mlflow`` logger does not propagate to the root, so caplog sees none)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_ranking_job_with_an_attribute_wukong_recipe_registers_a_ranker_mlflow_and_the_cascade_serve(
+        tmp_path: Path):
+    """Registering a ranker that reads attributes used to fail: ``Registry.register`` scores the pyfunc's input
+    example, and the ranker had no attribute reader (only the service binds one). The input example now carries
+    the attributes as columns (read offline as of its time), MLflow validates it without a warning, the
+    registered model loads and scores through ``mlflow.pyfunc`` with no store, and the service reads the
+    attributes online."""
+    import mlflow
     import uvicorn
 
+    from features.attributes import ATTRIBUTE_FEATURES, write_attributes
+    from features.feature_repo import feature_store
     from infra.services import EmbeddedServices, free_port
     from orchestration.assets import ranking as R
     from serving.app import create_app
 
     torch.set_num_threads(1)
-    settings = small_settings(tmp_path / "encore", ranking={"recipe": "wukong", "min_examples": 20,
+    settings = small_settings(tmp_path / "encore", ranking={"recipe": "wukong-ml1m", "min_examples": 20,
                                                             "sampled_negatives": 2},
-                              serve={"ranker": "alias:challenger", "model_poll_s": 0.5, "torch_threads": 1})
+                              # a deadline a cold first Feast read meets on a loaded test machine: deadlines are
+                              # the next test's subject, not this one's
+                              serve={"ranker": "alias:challenger", "model_poll_s": 0.5, "torch_threads": 1,
+                                     "online_read_timeout_s": 5.0})
     settings.mlflow_dir.mkdir(parents=True)
     uri = f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}"
-    result = dg.materialize(
-        [simulated_ranking_dataset, R.trained_ranker, R.ranker_evaluation, R.registered_ranker, R.ranker_gate,
-         R.champion_ranker],
-        resources={"encore": encore_resource(settings), "mlflow_server": MLflowResource(tracking_uri=uri)},
-        raise_on_error=False)
+    user_rows, item_rows = attribute_frames()
+    write_attributes(feature_store(settings), settings, users=user_rows, items=item_rows)  # as entity_attributes
+    records = _Records()
+    logging.getLogger("mlflow").addHandler(records)
+    try:
+        result = dg.materialize(
+            [simulated_ranking_dataset, R.trained_ranker, R.ranker_evaluation, R.registered_ranker, R.ranker_gate,
+             R.champion_ranker],
+            resources={"encore": encore_resource(settings), "mlflow_server": MLflowResource(tracking_uri=uri)},
+            raise_on_error=False)
+    finally:
+        logging.getLogger("mlflow").removeHandler(records)
+    assert result.output_for_node("ranking_dataset")["attributes"] is not None
     trained = result.output_for_node("trained_ranker")
     assert trained["family"] == "wukong" and trained["base_version"] is None
+    assert not [m for m in records.messages if "Failed to validate" in m], records.messages
     report = result.output_for_node("ranker_evaluation")["evaluation"]
     assert "base" not in report and 0.0 <= report["ranker"]["auc"] <= 1.0 and report["scored"] == report["examples"]
     version = result.output_for_node("registered_ranker")["version"]
@@ -128,6 +168,17 @@ def test_ranking_job_with_a_wukong_recipe_registers_a_ranker_the_cascade_serves_
     assert "beats_popularity" in checks and "beats_base" not in checks  # no head it started from
     aliases = {a: str(v) for a, v in client.get_registered_model(settings.registry.ranker_model_name).aliases.items()}
     assert (aliases.get("champion") == str(version)) == (tags["gate.passed"] == "true")  # promoted iff it passed
+
+    # the registered model, loaded by MLflow alone (no reader bound), scores its input example from its columns
+    mlflow.set_tracking_uri(uri)
+    model_uri = f"models:/{settings.registry.ranker_model_name}/{version}"
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    local = mlflow.artifacts.download_artifacts(model_uri)
+    example = mlflow.models.Model.load(local).load_input_example(local)
+    assert set(ATTRIBUTE_FEATURES) <= set(example.columns) and set(ATTRIBUTE_FEATURES) <= set(
+        pyfunc.metadata.get_input_schema().input_names())
+    scores = pyfunc.predict(example)["scores"].iloc[0]
+    assert len(scores) == len(example["candidates"].iloc[0]) and all(0 < s < 1 for s in scores)
 
     register_retriever(settings, uri)
     interactions, _ = simulated_log()
@@ -180,7 +231,7 @@ def register_attribute_ranker(settings, uri: str) -> int:  # noqa: ANN001 - Enco
     from models.lifecycle.tracking import TRAINING, experiment_name, training_run
     from models.ranking_data import build_ranking_examples, with_attributes
     from models.ranking_recipe import resolve_ranking_recipe
-    from models.served_ranker import train_served_ranker
+    from models.served_ranker import attribute_columns, train_served_ranker
 
     interactions, exposures = simulated_log()
     users, items = attribute_frames()
@@ -192,14 +243,15 @@ def register_attribute_ranker(settings, uri: str) -> int:  # noqa: ANN001 - Enco
                                     history_len=5, mlp_hidden=16, epochs=1)
     ranker = train_served_ranker(recipe, examples, "engaged", max_history=settings.ingest.history_length)
     assert ranker.reads_attributes
-    # the pyfunc's input example is scored at registration: with the same attributes, read offline
-    ranker.bind_attributes(lambda u, i: attributes_as_of(pd.DataFrame({"user_id": u, "item_id": i, "t_ms": T0}),
-                                                         users, items))
     mine = interactions[interactions["user_id"] == 0].sort_values("timestamp_ms", kind="stable").tail(5)
+    now_ms = int(mine["timestamp_ms"].max()) + 1
+    # the pyfunc's input example carries the attributes as columns (as ``registered_ranker`` writes it)
+    read = attributes_as_of(pd.DataFrame({"user_id": 0, "item_id": [1, 2, 3], "t_ms": now_ms}), users, items)
     example = pd.DataFrame({"user_id": [0], "item_ids": [mine["item_id"].astype(int).tolist()],
                             "event_types": [mine["event_type"].astype(str).tolist()],
                             "timestamps_ms": [mine["timestamp_ms"].astype(int).tolist()],
-                            "candidates": [[1, 2, 3]], "now_ms": [int(mine["timestamp_ms"].max()) + 1]})
+                            "candidates": [[1, 2, 3]], "now_ms": [now_ms],
+                            **{name: [value] for name, value in attribute_columns(read).items()}})
     with training_run(uri, experiment_name(settings.mlflow_experiment, TRAINING), run_name="attribute-ranker",
                       params={}, tags={}, system_metrics=False, artifact_root=settings.mlflow_dir / "artifacts") as run:
         pass

@@ -9,7 +9,11 @@ and ``timestamps_ms`` (lists of the same length) and optional ``k``. Output: ``i
 
 A ranker of another family (``models.served_ranker.ServedRanker``: Wukong, DLRM, the HSTU ranker) ranks what it
 is given instead of retrieving: each row also has ``user_id`` and ``candidates`` (raw item ids), optionally
-``now_ms`` (the request time); the output's ``items`` are the candidates, ``scores`` their P(task).
+``now_ms`` (the request time); the output's ``items`` are the candidates, ``scores`` their P(task). One that
+reads user and item attributes takes them as columns of its input (``models.served_ranker.ATTRIBUTE_COLUMNS``:
+``gender``, ``age``, ``occupation`` of the row's user; ``genres`` and ``album`` lists aligned with
+``candidates``), so the model runs wherever MLflow loads it, with no online store; the service binds its
+online reader instead (``ServedRanker.bind_attributes``).
 """
 
 from __future__ import annotations
@@ -42,12 +46,15 @@ def predict_frame(recommender, model_input: pd.DataFrame, k: int = 10) -> pd.Dat
             }
         )
     if not hasattr(recommender, "recommend"):  # a ranker of candidates (ServedRanker)
+        from models.served_ranker import request_attributes
+
         rows = model_input.to_dict(orient="records")
         candidates = [[int(i) for i in _as_list(row.get("candidates"))] for row in rows]
         for h, row in zip(histories, rows):
             h["user_id"] = int(row["user_id"])
         now = int(rows[0]["now_ms"]) if rows and "now_ms" in rows[0] else None
-        probs = recommender.score_candidates(histories, candidates, now_ms=now)
+        probs = recommender.score_candidates(histories, candidates, now_ms=now,
+                                             attributes=request_attributes(rows, candidates))
         return pd.DataFrame({"items": candidates,
                              "scores": [[float(x) for x in (p if p is not None else [])] for p in probs]})
     if "k" in model_input.columns and len(model_input):

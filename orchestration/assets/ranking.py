@@ -326,7 +326,8 @@ def registered_ranker(context: dg.AssetExecutionContext, encore: EncoreResource,
         rec, run_id=ranker_evaluation["run_id"], metrics=metrics,
         tags={"model": f"{family}-ranker", "task": ranker_evaluation["task"], **base,
               "dataset_snapshot": ds["snapshot"], "dagster_run_id": context.run.run_id},
-        input_example=_ranker_input_example(rec, ds) if isinstance(rec, ServedRanker) else _input_example(rec),
+        input_example=_ranker_input_example(settings, rec, ds) if isinstance(rec, ServedRanker)
+        else _input_example(rec),
     )
     context.add_output_metadata({"version": reg.version, "run_id": reg.run_id, "name": reg.name,
                                  "alias": settings.registry.challenger_alias})
@@ -334,17 +335,30 @@ def registered_ranker(context: dg.AssetExecutionContext, encore: EncoreResource,
             "task": ranker_evaluation["task"]}
 
 
-def _ranker_input_example(ranker, dataset: dict) -> pd.DataFrame:  # noqa: ANN001 - a ServedRanker
+def _ranker_input_example(settings, ranker, dataset: dict) -> pd.DataFrame:  # noqa: ANN001 - settings, a ServedRanker
     """The pyfunc input example of a ServedRanker: one user of the snapshot, a few of their events, and a few
-    candidates (``models.lifecycle.pyfunc``)."""
+    candidates (``models.lifecycle.pyfunc``). A ranker that reads attributes gets them as columns, read from the
+    offline store as of the example's time (Feast ``get_historical_features``, as training read them): the
+    registered model is scored on its example, by this code and by MLflow's validation, with no online store
+    (``models.served_ranker``: attributes in the pyfunc model)."""
     events = pd.read_parquet(dataset["interactions"], columns=["user_id", "item_id", "event_type", "timestamp_ms"])
     user = int(events["user_id"].iloc[0])
     mine = events[events["user_id"] == user].sort_values("timestamp_ms", kind="stable").tail(5)
-    return pd.DataFrame({"user_id": [user], "item_ids": [mine["item_id"].astype(int).tolist()],
-                         "event_types": [mine["event_type"].astype(str).tolist()],
-                         "timestamps_ms": [mine["timestamp_ms"].astype(int).tolist()],
-                         "candidates": [[int(i) for i in events["item_id"].drop_duplicates().head(5)]],
-                         "now_ms": [int(events["timestamp_ms"].max()) + 1]})
+    candidates = [int(i) for i in events["item_id"].drop_duplicates().head(5)]
+    now_ms = int(events["timestamp_ms"].max()) + 1
+    example = {"user_id": [user], "item_ids": [mine["item_id"].astype(int).tolist()],
+               "event_types": [mine["event_type"].astype(str).tolist()],
+               "timestamps_ms": [mine["timestamp_ms"].astype(int).tolist()], "candidates": [candidates],
+               "now_ms": [now_ms]}
+    if ranker.reads_attributes:
+        from features.attributes import historical_attributes
+        from features.feature_repo import feature_store
+        from models.served_ranker import attribute_columns
+
+        entity = pd.DataFrame({"user_id": user, "item_id": candidates, "t_ms": now_ms})
+        columns = attribute_columns(historical_attributes(feature_store(settings), settings, entity))
+        example.update({name: [value] for name, value in columns.items()})
+    return pd.DataFrame(example)
 
 
 @dg.asset_check(asset=registered_ranker, blocking=True,
