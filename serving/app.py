@@ -449,6 +449,18 @@ class HistoryReader:
         except Exception:  # noqa: BLE001 - Feast raises its own not-found type per registry backend
             self.summary_view = None
         self.provider = self.store.provider  # the public path (get_online_features) re-plans on every call
+        self._warm_attributes()
+
+    def _warm_attributes(self) -> None:
+        """One throw-away attribute read, here rather than in the first cascade batch: Feast's first
+        ``get_online_features`` of the attribute views loads and plans them (~0.4 s measured), past the read
+        deadline (0.25 s by default), so a ranker's first attribute read would time out and degrade the replica
+        right after every start. A registry without attribute views fails here harmlessly (no ranker can
+        read them then either)."""
+        try:
+            self.read_attributes([0], [0])
+        except Exception:  # noqa: BLE001 - warming only; a real read raises (and is handled) where it matters
+            log.debug("attribute read warm-up failed", exc_info=True)
 
     def reconnected(self) -> "HistoryReader":
         """The same store and feature views over a fresh provider: a new SQLite connection or Redis client (no

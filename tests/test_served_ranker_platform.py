@@ -136,10 +136,9 @@ def test_ranking_job_with_an_attribute_wukong_recipe_registers_a_ranker_mlflow_a
     torch.set_num_threads(1)
     settings = small_settings(tmp_path / "encore", ranking={"recipe": "wukong-ml1m", "min_examples": 20,
                                                             "sampled_negatives": 2},
-                              # a deadline a cold first Feast read meets on a loaded test machine: deadlines are
-                              # the next test's subject, not this one's
-                              serve={"ranker": "alias:challenger", "model_poll_s": 0.5, "torch_threads": 1,
-                                     "online_read_timeout_s": 5.0})
+                              # the default read deadline: the service warms the attribute read when it opens the
+                              # store, so the first cascade batch's attribute read meets it (a cold one did not)
+                              serve={"ranker": "alias:challenger", "model_poll_s": 0.5, "torch_threads": 1})
     settings.mlflow_dir.mkdir(parents=True)
     uri = f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}"
     user_rows, item_rows = attribute_frames()
@@ -264,10 +263,9 @@ def register_attribute_ranker(settings, uri: str) -> int:  # noqa: ANN001 - Enco
 @contextmanager
 def _hung_feast_registry(settings):  # noqa: ANN001, ANN202
     """The Feast registry file replaced by a named pipe nobody writes to: a read of it waits until a writer
-    comes, as a read of a hung registry database would. Only the attribute read waits, and only before its
-    first answer: Feast's ``get_online_features`` re-reads a registry file that changed while it plans a read
-    (it then keeps the plan), and the history read (``HistoryReader``: the provider's ``online_read`` with the
-    view read at start) never reads the registry. (Locking the SQLite online store, as tests/test_serving.py
+    comes, as a read of a hung registry database would. Only the attribute read waits, when Feast's
+    ``get_online_features`` next loads the registry (its cache expired: the test sets a short TTL); the history
+    read (``HistoryReader``: the provider's ``online_read`` with the view read at start) never reads the registry. (Locking the SQLite online store, as tests/test_serving.py
     does, stops the history read first: the micro-batch degrades to popularity before its ranker reads
     anything.) On the way out the file is put back, then every read still waiting on the pipe is released."""
     path = settings.feast_dir / "registry.db"
@@ -312,8 +310,11 @@ def test_a_hung_attribute_read_fails_the_ranker_step_within_the_deadline_and_no_
     from serving.app import create_app
 
     torch.set_num_threads(1)
+    # A one-second registry cache: the service warms the attribute read when it opens the store, which plans it
+    # against the registry then; an expired cache makes the next attribute read load the registry again, which
+    # is where the hung registry below holds it.
     settings = small_settings(tmp_path / "encore", serve={"ranker": "alias:champion", "model_poll_s": 0.5,
-                                                          "torch_threads": 1})
+                                                          "torch_threads": 1}, feast={"registry_cache_ttl_s": 1})
     settings.mlflow_dir.mkdir(parents=True)
     uri = f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}"
     register_retriever(settings, uri)
@@ -353,6 +354,7 @@ def test_a_hung_attribute_read_fails_the_ranker_step_within_the_deadline_and_no_
                         return False
 
                 _wait(loaded, 60.0, "the retriever and the attribute ranker loaded")
+                time.sleep(1.5)  # past the registry cache's TTL
                 with _hung_feast_registry(settings):
                     answers, until = [], time.monotonic() + 4.0
                     while time.monotonic() < until:  # through a few degrade -> probe -> hang cycles
