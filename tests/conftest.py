@@ -6,6 +6,8 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from infra.settings import EncoreSettings
@@ -30,9 +32,6 @@ def simulated_slates(*, users: int, items: int, requests: int, slate: int, seed:
     """A simulated world's organic history until ``t0_ms``, then ``requests`` slates of ``slate`` uniformly drawn
     items, one a minute, each to a random user who reacts (``MusicWorld.respond``): the served log the ranking
     tests learn from, as two frames."""
-    import numpy as np
-    import pandas as pd
-
     from features.simulator import MusicWorld
     from infra.settings import SimulatorSettings
 
@@ -84,3 +83,15 @@ def broker(tmp_path: Path):
     settings = small_settings(tmp_path / "encore")
     with EmbeddedServices(settings, with_mlflow=False) as svc:
         yield settings, svc.kafka_bootstrap
+
+
+def attribute_frames(users: int, items: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Static attributes of ``users`` users and ``items`` items (valid since forever), in the frames
+    ``features.attributes`` loads: users' gender, age and occupation, items' genres and album."""
+    user_rows = pd.DataFrame({"user_id": np.arange(users), "gender": ["MF"[u % 2] for u in range(users)],
+                              "age": [(18, 25, 35)[u % 3] for u in range(users)],
+                              "occupation": [f"job{u % 4}" for u in range(users)]})
+    item_rows = pd.DataFrame({"item_id": np.arange(items), "genres": [["Jazz"] if i % 2 else ["Rock", "Pop"]
+                                                                      for i in range(items)],
+                              "album": [f"a{i % 5}" for i in range(items)]})
+    return user_rows, item_rows

@@ -26,7 +26,7 @@ from models.served_ranker import (
     train_served_ranker,
 )
 from serving.cascade import rerank
-from tests.conftest import simulated_slates
+from tests.conftest import attribute_frames, simulated_slates
 
 T0 = 1_700_000_000_000
 USERS, ITEMS = 30, 60
@@ -46,16 +46,6 @@ def examples() -> RankingExamples:
                                                sessions_per_user=2, events_per_session=8, t0_ms=T0)
     return build_ranking_examples(interactions, exposures, window_s=3600, sampled_negatives=2,
                                   catalogue=np.arange(ITEMS), seed=0)
-
-
-def attribute_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
-    users = pd.DataFrame({"user_id": np.arange(USERS), "gender": ["MF"[u % 2] for u in range(USERS)],
-                          "age": [(18, 25, 35)[u % 3] for u in range(USERS)],
-                          "occupation": [f"job{u % 4}" for u in range(USERS)]})
-    items = pd.DataFrame({"item_id": np.arange(ITEMS), "genres": [["Jazz"] if i % 2 else ["Rock", "Pop"]
-                                                                   for i in range(ITEMS)],
-                          "album": [f"a{i % 5}" for i in range(ITEMS)]})
-    return users, items
 
 
 def served_request(examples: RankingExamples, seed: int = 1,
@@ -145,7 +135,7 @@ def test_item_counts_are_frozen_before_their_instant_and_unknown_items_count_zer
 def test_attributes_are_read_through_the_bound_reader_and_match_training(examples, tmp_path):
     from models.lifecycle.pyfunc import predict_frame
 
-    users, items = attribute_frames()
+    users, items = attribute_frames(USERS, ITEMS)
     train, _ = examples.split_by_time(T0 + 60_000 * 90)
     entity = train.examples[["user_id", "item_id", "t_ms"]]
     train = with_attributes(train, attributes_as_of(entity, users, items))

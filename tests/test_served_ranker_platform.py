@@ -27,7 +27,7 @@ import torch
 from mlflow import MlflowClient
 
 from orchestration.resources import EncoreResource, MLflowResource, encore_resource
-from tests.conftest import simulated_slates, small_settings
+from tests.conftest import attribute_frames, simulated_slates, small_settings
 
 pytestmark = pytest.mark.integration
 
@@ -125,13 +125,10 @@ def test_ranking_job_with_an_attribute_wukong_recipe_registers_a_ranker_mlflow_a
     registered model loads and scores through ``mlflow.pyfunc`` with no store, and the service reads the
     attributes online."""
     import mlflow
-    import uvicorn
 
     from features.attributes import ATTRIBUTE_FEATURES, write_attributes
     from features.feature_repo import feature_store
-    from infra.services import EmbeddedServices, free_port
     from orchestration.assets import ranking as R
-    from serving.app import create_app
 
     torch.set_num_threads(1)
     settings = small_settings(tmp_path / "encore", ranking={"recipe": "wukong-ml1m", "min_examples": 20,
@@ -141,7 +138,7 @@ def test_ranking_job_with_an_attribute_wukong_recipe_registers_a_ranker_mlflow_a
                               serve={"ranker": "alias:challenger", "model_poll_s": 0.5, "torch_threads": 1})
     settings.mlflow_dir.mkdir(parents=True)
     uri = f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}"
-    user_rows, item_rows = attribute_frames()
+    user_rows, item_rows = attribute_frames(USERS, ITEMS)
     write_attributes(feature_store(settings), settings, users=user_rows, items=item_rows)  # as entity_attributes
     records = _Records()
     logging.getLogger("mlflow").addHandler(records)
@@ -183,43 +180,22 @@ def test_ranking_job_with_an_attribute_wukong_recipe_registers_a_ranker_mlflow_a
     interactions, _ = simulated_log()
     users = sorted(int(u) for u in interactions["user_id"].unique()[:6])
     write_histories(settings, interactions, users)
-    with EmbeddedServices(settings, with_mlflow=False) as svc:
-        app = create_app(settings, svc.kafka_bootstrap, uri, experiment=None)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20) as http:
-                deadline, body = time.monotonic() + 60, {}
-                while time.monotonic() < deadline:  # until the service has loaded both models
-                    try:
-                        body = http.post("/v1/recommendations", json={"user_id": users[0], "k": 5}).json()
-                    except httpx.TransportError:
-                        body = {}
-                    if body.get("ranker_version") is not None:
-                        break
-                    time.sleep(0.3)
-                answers = [http.post("/v1/recommendations", json={"user_id": u, "k": 5}).json() for u in users]
-                metrics = http.get("/metrics").text
-        finally:
-            server.should_exit = True
-            thread.join(timeout=20)
+    with serving_http(settings, uri, timeout=20) as http:
+        deadline, body = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:  # until the service has loaded both models
+            try:
+                body = http.post("/v1/recommendations", json={"user_id": users[0], "k": 5}).json()
+            except httpx.TransportError:
+                body = {}
+            if body.get("ranker_version") is not None:
+                break
+            time.sleep(0.3)
+        answers = [http.post("/v1/recommendations", json={"user_id": u, "k": 5}).json() for u in users]
+        metrics = http.get("/metrics").text
     assert body.get("ranker_version") == version, body
     assert all(a["source"] == "model" and a["ranker_version"] == version and len(a["items"]) == 5 for a in answers)
     assert all(a["scores"] == sorted(a["scores"], reverse=True) for a in answers)
     assert "encore_ranker_failures_total 0.0" in metrics  # the Wukong ranker answered every pass
-
-
-def attribute_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every simulated user's and item's attributes (static: valid since forever)."""
-    users = pd.DataFrame({"user_id": np.arange(USERS), "gender": ["MF"[u % 2] for u in range(USERS)],
-                          "age": [(18, 25, 35)[u % 3] for u in range(USERS)],
-                          "occupation": [f"job{u % 4}" for u in range(USERS)]})
-    items = pd.DataFrame({"item_id": np.arange(ITEMS), "genres": [["Jazz"] if i % 2 else ["Rock", "Pop"]
-                                                                   for i in range(ITEMS)],
-                          "album": [f"a{i % 5}" for i in range(ITEMS)]})
-    return users, items
 
 
 def register_attribute_ranker(settings, uri: str) -> int:  # noqa: ANN001 - EncoreSettings
@@ -233,7 +209,7 @@ def register_attribute_ranker(settings, uri: str) -> int:  # noqa: ANN001 - Enco
     from models.served_ranker import attribute_columns, train_served_ranker
 
     interactions, exposures = simulated_log()
-    users, items = attribute_frames()
+    users, items = attribute_frames(USERS, ITEMS)
     examples = build_ranking_examples(interactions, exposures, window_s=3600, sampled_negatives=2,
                                       catalogue=np.arange(ITEMS), seed=0)
     examples = with_attributes(examples, attributes_as_of(examples.examples[["user_id", "item_id", "t_ms"]],
@@ -258,6 +234,29 @@ def register_attribute_ranker(settings, uri: str) -> int:  # noqa: ANN001 - Enco
     version = registry.register(ranker, run_id=run.info.run_id, metrics={}, tags={}, input_example=example).version
     registry.set_alias(settings.registry.champion_alias, version, reason="test")
     return version
+
+
+@contextmanager
+def serving_http(settings, uri: str, timeout: float):  # noqa: ANN001, ANN201 - EncoreSettings; yields an httpx.Client
+    """The real service (embedded broker, uvicorn on a free port, the MLflow registry at ``uri``, no experiment)
+    and an HTTP client of it; the server is stopped on the way out."""
+    import uvicorn
+
+    from infra.services import EmbeddedServices, free_port
+    from serving.app import create_app
+
+    with EmbeddedServices(settings, with_mlflow=False) as svc:
+        app = create_app(settings, svc.kafka_bootstrap, uri, experiment=None)
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=timeout) as http:
+                yield http
+        finally:
+            server.should_exit = True
+            thread.join(timeout=20)
 
 
 @contextmanager
@@ -301,13 +300,9 @@ def test_a_hung_attribute_read_fails_the_ranker_step_within_the_deadline_and_no_
     the micro-batch it hangs is answered in retrieval order (no ranker version; the ranker failure counted)
     within the deadline, the replica degrades (popularity, marked degraded) until the probe reconnects, and
     once the store answers again the ranker reranks again, without a restart."""
-    import uvicorn
-
     from experiments.assignment import ranker_key
     from features.attributes import write_attributes
     from features.feature_repo import feature_store
-    from infra.services import EmbeddedServices, free_port
-    from serving.app import create_app
 
     torch.set_num_threads(1)
     # A one-second registry cache: the service warms the attribute read when it opens the store, which plans it
@@ -322,48 +317,38 @@ def test_a_hung_attribute_read_fails_the_ranker_step_within_the_deadline_and_no_
     interactions, _ = simulated_log()
     users = sorted(int(u) for u in interactions["user_id"].unique()[:6])
     write_histories(settings, interactions, users)
-    user_rows, item_rows = attribute_frames()
+    user_rows, item_rows = attribute_frames(USERS, ITEMS)
     write_attributes(feature_store(settings), settings, users=user_rows, items=item_rows)
     deadline = settings.serve.online_read_timeout_s
 
-    with EmbeddedServices(settings, with_mlflow=False) as svc:
-        app = create_app(settings, svc.kafka_bootstrap, uri, experiment=None)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-                def answer(user: int) -> tuple[int, dict, float]:
-                    t0 = time.monotonic()
-                    r = http.post("/v1/recommendations", json={"user_id": user, "k": 5})
-                    return r.status_code, r.json() if r.status_code == 200 else {}, time.monotonic() - t0
+    with serving_http(settings, uri, timeout=10) as http:
+        def answer(user: int) -> tuple[int, dict, float]:
+            t0 = time.monotonic()
+            r = http.post("/v1/recommendations", json={"user_id": user, "k": 5})
+            return r.status_code, r.json() if r.status_code == 200 else {}, time.monotonic() - t0
 
-                def reranked(user: int) -> bool:
-                    try:
-                        return answer(user)[1].get("ranker_version") == version
-                    except httpx.TransportError:
-                        return False
+        def reranked(user: int) -> bool:
+            try:
+                return answer(user)[1].get("ranker_version") == version
+            except httpx.TransportError:
+                return False
 
-                def loaded() -> bool:  # both models loaded (the ranker reads nothing until a request comes)
-                    try:
-                        ready = http.get("/readyz").status_code == 200
-                        return ready and f'{{target="{ranker_key(settings.serve.ranker)}"}} {float(version)}' in \
-                            http.get("/metrics").text
-                    except httpx.TransportError:
-                        return False
+        def loaded() -> bool:  # both models loaded (the ranker reads nothing until a request comes)
+            try:
+                ready = http.get("/readyz").status_code == 200
+                return ready and f'{{target="{ranker_key(settings.serve.ranker)}"}} {float(version)}' in \
+                    http.get("/metrics").text
+            except httpx.TransportError:
+                return False
 
-                _wait(loaded, 60.0, "the retriever and the attribute ranker loaded")
-                time.sleep(1.5)  # past the registry cache's TTL
-                with _hung_feast_registry(settings):
-                    answers, until = [], time.monotonic() + 4.0
-                    while time.monotonic() < until:  # through a few degrade -> probe -> hang cycles
-                        answers += [answer(u) for u in users]
-                    metrics = http.get("/metrics").text
-                _wait(lambda: reranked(users[1]), 30.0, "the ranker back once the store answers")
-        finally:
-            server.should_exit = True
-            thread.join(timeout=20)
+        _wait(loaded, 60.0, "the retriever and the attribute ranker loaded")
+        time.sleep(1.5)  # past the registry cache's TTL
+        with _hung_feast_registry(settings):
+            answers, until = [], time.monotonic() + 4.0
+            while time.monotonic() < until:  # through a few degrade -> probe -> hang cycles
+                answers += [answer(u) for u in users]
+            metrics = http.get("/metrics").text
+        _wait(lambda: reranked(users[1]), 30.0, "the ranker back once the store answers")
 
     assert all(status == 200 for status, _, _ in answers), answers
     # a request waits at most the history read's deadline and the attribute read's
