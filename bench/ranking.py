@@ -29,9 +29,9 @@ Ceiling (simulator): the ``oracle`` scorer is the simulated users' own probabili
 any ranker trained on this log could score in expectation. Read a model's AUC between ``popularity`` (the floor)
 and ``oracle``: how much of the room it takes, not just whether it moved.
 
-Epochs: ``--valid-share`` (recipe ``valid_share``) holds out the last share of the training examples by time and
-keeps each Wukong / DLRM model's best epoch by validation AUC (``counts.chosen_epoch`` per scorer), so a size sweep
-compares sizes each at its own best epoch rather than all at one fixed count.
+Epochs: ``--valid-share`` (recipe ``valid_share``) holds out the last share of the training examples by time
+and keeps each Wukong / DLRM / HSTU ranker's best epoch by validation AUC (``counts.chosen_epoch`` per scorer), so
+a size sweep compares sizes each at its own best epoch rather than all at one fixed count.
 
 Shown only vs all: the sampled negatives carry rank -1, a value no shown item has, and the rank is a model
 feature, so a ranker separates them perfectly and the "all" figures are inflated by easy pairs. The
@@ -132,7 +132,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=None, help="default: the recipe's (3e-3)")
     ap.add_argument("--test-share", type=float, default=None, help="default: the recipe's (0.3)")
     ap.add_argument("--valid-share", type=float, default=None,
-                    help="wukong/dlrm: hold out the last share of the training examples by time and keep the epoch "
+                    help="wukong/dlrm/hstu: hold out the last share of the training examples by time and keep the epoch "
                          "with the best validation AUC of the first task (default: the recipe's, 0: all epochs)")
     # simulator
     ap.add_argument("--users", type=int, default=400)
@@ -377,12 +377,12 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
             if args.history_events is not None:
                 cfg = replace(cfg, history_events=args.history_events)
             ranker = train_hstu_ranker(train, cfg, tasks, epochs=args.epochs, batch_size=args.batch_size,
-                                       lr=args.lr, seed=seed)
+                                       lr=args.lr, seed=seed, valid_share=args.valid_share)
         else:
             ranker = train_ranker(train, ranker_config(model, size, args.recipe), tasks, epochs=args.epochs,
                                   batch_size=args.batch_size, lr=args.lr, seed=seed, valid_share=args.valid_share)
         train_s[scorer] = round(time.perf_counter() - began, 2)
-        chosen[scorer] = getattr(ranker, "chosen_epoch", None)
+        chosen[scorer] = ranker.chosen_epoch
         for name, part in subsets.items():
             probs = ranker.predict(part)  # [N, tasks], once: the metrics, the log loss and a sweep's scores
             metrics[name][scorer] = task_metrics(part, probs, tasks)

@@ -73,7 +73,7 @@ from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from features.events import EVENT_TYPE_CODES
 from models.data import NUM_EVENT_TYPES
 from models.hstu import HSTU, BiasLookup, HSTUConfig, bucketize_time_gap
-from models.ranking_data import RankingExamples, task_labels
+from models.ranking_data import RankingExamples, task_labels, validation_rows
 from models.wukong import mlp
 
 EMBEDDING_KEYS: tuple[str, ...] = ("history_item", "candidate_item", "action", "rank")
@@ -165,6 +165,8 @@ class HSTURanker(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(cfg.dim), mlp([cfg.dim, cfg.head_hidden, len(self.tasks)],
                                                               cfg.dropout))
         self.train_losses: list[float] = []  # mean loss of each epoch, filled by train_hstu_ranker
+        self.valid_curve: list[float] = []  # validation AUC of each epoch (train_hstu_ranker's valid_share > 0)
+        self.chosen_epoch: int | None = None  # the epoch whose weights were kept (None: the last, no validation)
 
     # ------------------------------------------------------------------------------------------ tokens
 
@@ -394,19 +396,29 @@ def train_hstu_ranker(
     batch_size: int = 256,
     lr: float = 3e-3,
     seed: int = 0,
+    valid_share: float = 0.0,
 ) -> HSTURanker:
     """Adam on the mean-over-tasks BCE; shuffled batches of whole requests (about ``batch_size`` examples each),
-    deterministic given ``seed``."""
+    deterministic given ``seed``. ``valid_share`` > 0: the requests of the last share of the examples by time are
+    held out and the epoch with the best validation AUC on the first task is kept (``models.ranker.train_ranker``'s
+    rule; a request's candidates share one time, so a request is wholly in or out)."""
+    from models.ranker import BestEpoch, auc
+
     torch.manual_seed(seed)
     model = HSTURanker(cfg or HSTURankerConfig(), tasks)
     labels = torch.from_numpy(task_labels(examples, tasks))
     groups = RequestGroups.build(examples, model.cfg.history_events)
+    _, valid_rows = validation_rows(examples, np.arange(len(examples)), valid_share)
+    cut = examples.examples["t_ms"].to_numpy(np.int64)[valid_rows].min() if len(valid_rows) else None
+    every = np.arange(groups.num_groups)
+    fit, valid = (every, every[:0]) if cut is None else (every[groups.t_ms < cut], every[groups.t_ms >= cut])
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
-    for _ in range(epochs):
+    best = BestEpoch()
+    for epoch in range(1, epochs + 1):
         model.train()
         total, seen = 0.0, 0
-        for gs in groups.batches(rng.permutation(groups.num_groups), batch_size):
+        for gs in groups.batches(fit[rng.permutation(len(fit))], batch_size):
             b, rows = groups.batch(gs)
             logits = model(b)[b.cand_mask]  # [examples, T]
             loss = F.binary_cross_entropy_with_logits(logits, labels[rows])
@@ -415,7 +427,25 @@ def train_hstu_ranker(
             opt.step()
             total, seen = total + loss.item() * len(rows), seen + len(rows)
         model.train_losses.append(total / max(seen, 1))
+        if len(valid):
+            y, p = _validation_scores(model, groups, valid, labels, batch_size)
+            best.record(model, epoch, auc(y, p))
+    best.restore(model)
     return model
+
+
+@torch.no_grad()
+def _validation_scores(model: HSTURanker, groups: RequestGroups, valid: np.ndarray, labels: torch.Tensor,
+                       batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first-task labels, logits) of the validation requests' candidates, in eval mode (then back to train)."""
+    model.eval()
+    ys, ps = [], []
+    for gs in groups.batches(valid, batch_size):
+        b, rows = groups.batch(gs)
+        ps.append(model(b)[b.cand_mask][:, 0].numpy())
+        ys.append(labels[rows, 0].numpy())
+    model.train()
+    return np.concatenate(ys), np.concatenate(ps)
 
 
 __all__ = ["HSTURanker", "HSTURankerConfig", "HistoryCache", "RequestBatch", "RequestGroups", "event_codes",

@@ -388,7 +388,7 @@ def train_ranker(
         ranker.encoder.dense_std.copy_(torch.from_numpy(f.dense[fit].std(0)).clamp_min(1e-3))
     opt = torch.optim.Adam(ranker.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
-    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    best = BestEpoch()
     for epoch in range(1, epochs + 1):
         ranker.train()
         total, seen = 0.0, 0
@@ -402,15 +402,34 @@ def train_ranker(
             total, seen = total + loss.item() * len(rows), seen + len(rows)
         ranker.train_losses.append(total / max(seen, 1))
         if len(valid):
-            score = auc(labels[valid, 0].numpy(), _scores(ranker, f, valid)[:, 0])
-            ranker.valid_curve.append(score)
-            score = -math.inf if math.isnan(score) else score  # an undefined AUC (one class) never wins
-            if best is None or score > best[0]:  # the first of equal epochs
-                best = (score, {k: v.detach().clone() for k, v in ranker.state_dict().items()})
-                ranker.chosen_epoch = epoch
-    if best is not None:
-        ranker.load_state_dict(best[1])
+            best.record(ranker, epoch, auc(labels[valid, 0].numpy(), _scores(ranker, f, valid)[:, 0]))
+    best.restore(ranker)
     return ranker
+
+
+class BestEpoch:
+    """Keeps the weights of the epoch with the best validation score (the first of equal epochs; an undefined
+    score, NaN, never wins) and puts them back into the model at the end: the rankers' epoch choice
+    (``train_ranker``, ``models.hstu_ranker.train_hstu_ranker``). ``restore`` sets the model's ``valid_curve``
+    (every epoch's score) and ``chosen_epoch`` (None when nothing was recorded: the last epoch's weights stay)."""
+
+    def __init__(self) -> None:
+        self.curve: list[float] = []
+        self.epoch: int | None = None
+        self._score = -math.inf
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def record(self, model: nn.Module, epoch: int, score: float) -> None:
+        self.curve.append(score)
+        if self._state is None or (not math.isnan(score) and score > self._score):
+            self._score = -math.inf if math.isnan(score) else score
+            self._state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.epoch = epoch
+
+    def restore(self, model: nn.Module) -> None:
+        if self._state is not None:
+            model.load_state_dict(self._state)
+        model.valid_curve, model.chosen_epoch = list(self.curve), self.epoch
 
 
 @torch.no_grad()

@@ -321,17 +321,17 @@ def train_served_ranker(recipe: Any, train: RankingExamples, task: str, *, seed:
     if recipe.model not in FAMILIES:
         raise ValueError(f"ranking recipe model {recipe.model!r} is not a served-ranker family {FAMILIES}")
     tasks = tuple(dict.fromkeys((task, *(t for t in AUX_TASKS if t in train.examples))))
-    common = {"epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": recipe.lr, "seed": seed}
+    common = {"epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": recipe.lr, "seed": seed,
+              "valid_share": recipe.valid_share}
     if recipe.model == "hstu":
         model: Ranker | HSTURanker = train_hstu_ranker(train, hstu or HSTURankerConfig(), tasks, **common)
     else:
-        model = train_ranker(train, recipe.ranker_config(max_history=max_history), tasks, **common,
-                             valid_share=recipe.valid_share)
+        model = train_ranker(train, recipe.ranker_config(max_history=max_history), tasks, **common)
     counts = ItemCounts.of_events(train.events, counts_as_of_ms)
     info = {"train_examples": len(train), "epochs": recipe.epochs, "lr": recipe.lr, "batch_size": recipe.batch_size,
             "seed": seed, "train_losses": [round(x, 6) for x in model.train_losses],
-            "valid_share": recipe.valid_share, "valid_auc": [round(x, 6) for x in getattr(model, "valid_curve", [])],
-            "chosen_epoch": getattr(model, "chosen_epoch", None),
+            "valid_share": recipe.valid_share, "valid_auc": [round(x, 6) for x in model.valid_curve],
+            "chosen_epoch": model.chosen_epoch,
             "item_counts_as_of_ms": counts_as_of_ms, "serving_rank": SERVING_RANK}
     return ServedRanker(model, task, counts, {**dict(metadata or {}), "ranker_train": info})
 

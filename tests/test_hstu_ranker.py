@@ -174,6 +174,22 @@ def test_training_learns_a_task_that_needs_the_history(liker_examples) -> None: 
     np.testing.assert_allclose(p[rows], alone.numpy(), atol=1e-5)
 
 
+def test_validation_keeps_the_best_epoch_of_whole_requests(liker_examples) -> None:  # noqa: ANN001
+    """valid_share holds out the last requests whole; the kept weights reproduce the best epoch's validation AUC."""
+    from models.ranking_data import validation_rows
+
+    cfg = HSTURankerConfig(dim=16, blocks=1, heads=2, attn_dim=8, linear_dim=8, history_events=10)
+    model = train_hstu_ranker(liker_examples, cfg, TASKS, epochs=4, batch_size=64, lr=1e-2, seed=0, valid_share=0.25)
+    assert len(model.valid_curve) == 4 and model.chosen_epoch == int(np.nanargmax(model.valid_curve)) + 1
+    _, valid = validation_rows(liker_examples, np.arange(len(liker_examples)), 0.25)
+    held = liker_examples.examples.iloc[valid]
+    assert held["request_id"].nunique() * 6 == len(held)  # whole slates of 6
+    part = type(liker_examples)(examples=held.reset_index(drop=True), events=liker_examples.events,
+                                labels=liker_examples.labels)
+    assert auc(part.examples["like"].to_numpy(), model.predict(part)[:, 0]) == pytest.approx(max(model.valid_curve),
+                                                                                             abs=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- benches
 
 
