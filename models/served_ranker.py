@@ -141,6 +141,14 @@ class ServedRanker:
         return isinstance(self.model, Ranker) and self.model.cfg.attributes
 
     @property
+    def optional_inputs(self) -> tuple[str, ...]:
+        """The pyfunc input columns that may be absent or hold unknown values (None): the attribute columns. The
+        registry logs them as optional columns of any type, because a signature inferred from one example would
+        type ``age`` as a required integer, and MLflow would then refuse a caller whose user's age is unknown,
+        which the ranker itself reads as the unknown value."""
+        return (*USER_FEATURES, *ITEM_FEATURES) if self.reads_attributes else ()
+
+    @property
     def events_read(self) -> int:
         """The most events of a user's history a feature reads (the service refuses a ranker that reads more
         than the online store keeps, as it refuses such a retriever)."""

@@ -175,6 +175,9 @@ def test_ranking_job_with_an_attribute_wukong_recipe_registers_a_ranker_mlflow_a
         pyfunc.metadata.get_input_schema().input_names())
     scores = pyfunc.predict(example)["scores"].iloc[0]
     assert len(scores) == len(example["candidates"].iloc[0]) and all(0 < s < 1 for s in scores)
+    # a caller who knows nothing of the user: the schema takes unknown attributes (the model reads them as unknown)
+    unknown = example.assign(gender=[None], age=[None], occupation=[None])
+    assert len(pyfunc.predict(unknown)["scores"].iloc[0]) == len(scores)
 
     register_retriever(settings, uri)
     interactions, _ = simulated_log()

@@ -27,6 +27,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,6 +116,7 @@ class Registry:
                 mlflow.log_artifact(str(model_dir / "vocab.json"), "vocabulary")
             output_example = predict_frame(recommender, input_example, k=10)
             signature = infer_signature(input_example, output_example, params={"k": 10})
+            signature = _with_optional_inputs(signature, getattr(recommender, "optional_inputs", ()))
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(PYFUNC_CODE),
@@ -340,3 +342,16 @@ def pinned_snapshot_ids(settings: Any) -> set[int]:  # settings: infra.settings.
     except RuntimeError:  # no server, no file: no model was ever registered here
         return set()
     return Registry(uri, settings.registry).pinned_snapshot_ids()
+
+
+def _with_optional_inputs(signature: Any, names: Sequence[str]) -> Any:
+    """``signature`` with the input columns ``names`` made optional and of any type (a ``ServedRanker``'s attribute
+    columns: a caller may leave them out or send unknown values, which the model reads as unknown)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import AnyType
+
+    if not names:
+        return signature
+    columns = [ColSpec(AnyType(), c.name, required=False) if c.name in names else c for c in signature.inputs.inputs]
+    return ModelSignature(inputs=Schema(columns), outputs=signature.outputs, params=signature.params)
