@@ -493,7 +493,7 @@ def plot_sizes(out: dict, path: Path) -> Path:
     sweep = out["by_size"]
     return size_curves({m: (v["params"], v["auc_per_seed"]) for m, v in sweep["models"].items()}, path,
                        metric=f"{sweep['task']} AUC ({sweep['subset']} items)",
-                       title=f"ranker AUC by size ({out['dataset']}, {len(out['seeds'])} seeds)",
+                       title=f"ranker AUC by size ({out['dataset']}, {len(out['seeds'])} seed{'s' * (len(out['seeds']) > 1)})",
                        references=sweep.get("references"))
 
 

@@ -119,7 +119,8 @@ def _seed_band(ax: Any, x: Sequence[float], per_x: Sequence[Sequence[float]], na
     import numpy as np
 
     v = np.asarray(per_x, dtype=float)  # [len(x), seeds]
-    (line,) = ax.plot(x, v.mean(axis=1), marker="o", label=f"{name} (mean of {v.shape[1]} seeds)")
+    label = f"{name} (mean of {v.shape[1]} seeds)" if v.shape[1] > 1 else f"{name} (one seed)"
+    (line,) = ax.plot(x, v.mean(axis=1), marker="o", label=label)
     ax.fill_between(x, v.min(axis=1), v.max(axis=1), color=line.get_color(), alpha=0.15)
 
 
