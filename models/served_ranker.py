@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,7 @@ class ServedRanker:
         registry logs them as optional columns of any type, because a signature inferred from one example would
         type ``age`` as a required integer, and MLflow would then refuse a caller whose user's age is unknown,
         which the ranker itself reads as the unknown value."""
-        return (*USER_FEATURES, *ITEM_FEATURES) if self.reads_attributes else ()
+        return ATTRIBUTE_COLUMNS if self.reads_attributes else ()
 
     @property
     def events_read(self) -> int:
@@ -178,8 +178,6 @@ class ServedRanker:
     def score_as_served(self, examples: RankingExamples) -> np.ndarray:
         """[N] P(task) of ranking examples as serving scores them (``score_candidates``): the frozen item counts
         for popularity and every candidate at ``SERVING_RANK``. What evaluation and the gate measure."""
-        from dataclasses import replace
-
         served = replace(examples, examples=examples.examples.assign(rank=SERVING_RANK))
         return self.served_probs(served)
 
