@@ -132,8 +132,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=None, help="default: the recipe's (3e-3)")
     ap.add_argument("--test-share", type=float, default=None, help="default: the recipe's (0.3)")
     ap.add_argument("--valid-share", type=float, default=None,
-                    help="wukong/dlrm/hstu: hold out the last share of the training examples by time and keep the epoch "
-                         "with the best validation AUC of the first task (default: the recipe's, 0: all epochs)")
+                    help="wukong/dlrm/hstu: hold out the last share of the training examples by time and keep the "
+                         "epoch with the best validation AUC of the first task (default: the recipe's, 0: all epochs)")
     # simulator
     ap.add_argument("--users", type=int, default=400)
     ap.add_argument("--items", type=int, default=None, help="default: SimulatorSettings'")
@@ -490,10 +490,10 @@ def plot_sizes(out: dict, path: Path) -> Path:
     its non-embedding parameters (``models.plots.size_curves``)."""
     from models.plots import size_curves
 
-    sweep = out["by_size"]
+    sweep, seeds = out["by_size"], len(out["seeds"])
     return size_curves({m: (v["params"], v["auc_per_seed"]) for m, v in sweep["models"].items()}, path,
                        metric=f"{sweep['task']} AUC ({sweep['subset']} items)",
-                       title=f"ranker AUC by size ({out['dataset']}, {len(out['seeds'])} seed{'s' * (len(out['seeds']) > 1)})",
+                       title=f"ranker AUC by size ({out['dataset']}, {seeds} seed{'s' * (seeds > 1)})",
                        references=sweep.get("references"))
 
 

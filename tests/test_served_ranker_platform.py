@@ -267,9 +267,10 @@ def _hung_feast_registry(settings):  # noqa: ANN001, ANN202
     """The Feast registry file replaced by a named pipe nobody writes to: a read of it waits until a writer
     comes, as a read of a hung registry database would. Only the attribute read waits, when Feast's
     ``get_online_features`` next loads the registry (its cache expired: the test sets a short TTL); the history
-    read (``HistoryReader``: the provider's ``online_read`` with the view read at start) never reads the registry. (Locking the SQLite online store, as tests/test_serving.py
-    does, stops the history read first: the micro-batch degrades to popularity before its ranker reads
-    anything.) On the way out the file is put back, then every read still waiting on the pipe is released."""
+    read (``HistoryReader``: the provider's ``online_read`` with the view read at start) never reads the
+    registry. (Locking the SQLite online store, as tests/test_serving.py does, stops the history read first: the
+    micro-batch degrades to popularity before its ranker reads anything.) On the way out the file is put back,
+    then every read still waiting on the pipe is released."""
     path = settings.feast_dir / "registry.db"
     saved = path.read_bytes()
     pipe, staged = path.with_name("registry.pipe"), path.with_name("registry.staged")
