@@ -115,6 +115,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "users.dat/movies.dat from --data-dir, the simulator's genres and albums")
     ap.add_argument("--context", action=argparse.BooleanOptionalAction, default=None,
                     help="argus only: the request context in the candidate's token (default: the recipe's)")
+    ap.add_argument("--history", choices=["all", "engaged"], default=None,
+                    help="wukong/dlrm history bag: the last events of any kind, or the engaged ones only "
+                         "(default: the recipe's)")
+    ap.add_argument("--item-vectors", action=argparse.BooleanOptionalAction, default=None,
+                    help="wukong/dlrm: frozen item vectors of a retriever pre-trained on the training period "
+                         "(--vectors-recipe) as two more units (default: the recipe's)")
+    ap.add_argument("--vectors-recipe", default=None,
+                    help="the retrieval recipe pre-trained for --item-vectors (default: the recipe's, hstu)")
     ap.add_argument("--history-events", type=int, default=None,
                     help="hstu only: events of history read (default: HSTURankerConfig's, 50)")
     ap.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
@@ -145,7 +153,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--window-s", type=int, default=3600, help="reaction attribution window")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     # ARGUS
-    ap.add_argument("--pretrain-epochs", type=int, default=None, help="cap on the recipe's epochs (default: the recipe's)")
+    ap.add_argument("--pretrain-epochs", type=int, default=None,
+                    help="cap on the pre-trained recipe's epochs, ARGUS's and --item-vectors' (default: the recipe's)")
     ap.add_argument("--ft-epochs", type=int, default=None, help="most fine-tuning epochs (validation picks the number)")
     ap.add_argument("--ft-lr", type=float, default=None, help="the feedback head's fine-tuning learning rate")
     ap.add_argument("--ft-encoder-lr", type=float, default=None, help="> 0: fine-tune the encoder too, at this rate")
@@ -178,7 +187,8 @@ _RECIPE_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "te
                  "valid_share": "valid_share",
                  "pretrain_epochs": "pretrain_epochs", "ft_epochs": "ft_epochs", "ft_lr": "ft_lr",
                  "ft_encoder_lr": "ft_encoder_lr", "ft_batch_size": "ft_batch_size", "ft_valid_share": "ft_valid_share",
-                 "retrieve": "retrieve", "attributes": "attributes", "context": "context"}
+                 "retrieve": "retrieve", "attributes": "attributes", "context": "context", "history": "history",
+                 "item_vectors": "item_vectors", "vectors_recipe": "vectors_recipe"}
 
 
 def _apply_recipe(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -358,6 +368,9 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
 
     metrics: dict = {name: {} for name in subsets}
     train_s: dict[str, float] = {}
+    vectors = None
+    if args.item_vectors and any(m in ("wukong", "dlrm") for m in args.models):
+        vectors, train_s["item_vectors"] = item_vectors(args, examples, test, seed)
     primary = subsets["shown" if "shown" in subsets else "all"]
     sweep: dict[str, dict] = {}  # scorer -> its scores on the primary subset and its size (a --sizes run)
     chosen: dict[str, int | None] = {}  # scorer -> the epoch validation kept (None: all epochs, no validation)
@@ -380,7 +393,8 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
                                        lr=args.lr, seed=seed, valid_share=args.valid_share)
         else:
             ranker = train_ranker(train, ranker_config(model, size, args.recipe), tasks, epochs=args.epochs,
-                                  batch_size=args.batch_size, lr=args.lr, seed=seed, valid_share=args.valid_share)
+                                  batch_size=args.batch_size, lr=args.lr, seed=seed, valid_share=args.valid_share,
+                                  item_vectors=vectors)
         train_s[scorer] = round(time.perf_counter() - began, 2)
         chosen[scorer] = ranker.chosen_epoch
         for name, part in subsets.items():
@@ -406,6 +420,19 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
             "primary": primary,
             "seconds": {"data": round(data_s, 2), "train": train_s, "total": round(time.perf_counter() - started, 2),
                         **({"argus": argus["seconds"]} if argus else {})}}
+
+
+def item_vectors(args: argparse.Namespace, examples, test, seed: int):  # noqa: ANN001, ANN201
+    """(ItemVectors, seconds): the item table of ``--vectors-recipe`` pre-trained on every event before the test
+    period (organic plays and the training slates' reactions; nothing the test labels come from), as the platform's
+    Wukong reads its champion retriever's."""
+    from bench.argus_ranking import pretrain
+    from models.ranker import ItemVectors
+
+    began = time.perf_counter()
+    retriever = pretrain(examples, int(test.examples["t_ms"].min()), args.vectors_recipe, seed, args.pretrain_epochs)
+    return ItemVectors.of_recommender(retriever, source=f"{args.vectors_recipe} seed {seed}"), \
+        round(time.perf_counter() - began, 2)
 
 
 def _floors(part, tasks, seed: int) -> dict:  # noqa: ANN001
@@ -564,7 +591,8 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": round(time.perf_counter() - started, 2),
         "recipe": args.recipe.to_dict(),
         "settings": {k: getattr(args, k) for k in ("epochs", "valid_share", "batch_size", "lr", "test_share", "threads",
-                                                    "size", "sizes", "attributes")}
+                                                    "size", "sizes", "attributes", "history", "item_vectors")}
+        | ({"vectors_recipe": args.vectors_recipe} if args.item_vectors else {})
         | ({k: getattr(args, k) for k in ("users", "items", "requests", "slate", "negatives", "explore", "spacing_s",
                                           "window_s")} if args.dataset == "simulator" else {})
         | ({k: getattr(args, k) for k in ("pretrain_epochs", "ft_epochs", "ft_lr", "ft_encoder_lr", "ft_batch_size",

@@ -7,12 +7,23 @@ A ranker scores the candidates of one request. Each example (``models.ranking_da
 
     item     = E_item[candidate item]                                   # sparse, one id
     history  = mean_{j in last L items before t} E_item[j]              # the same table, mean-pooled bag
+                                                        # (``cfg.history = "engaged"``: last L engaged items)
     user     = E_user[user_id mod U]                                    # hashed: new users share rows
     dense    = reshape( MLP( standardise(f) ), (m, d) )                 # the "bottom MLP"
     f        = [ log1p(history length), log1p(seconds since the user's last event),
                  log1p(events of the item before t), rank in the slate (-1: sampled) ]
     user attrs = mean_{a in gender, age group, occupation} E_attr[hash(a)]       # ``cfg.attributes`` only
     item attrs = mean_{a in genres, album} E_attr[hash(a)]
+    item vec    = P V[candidate item]                                 # ``cfg.item_vectors`` only: V frozen,
+    history vec = P mean_{j in last L items before t} V[j]            # P [d, p] learned
+
+The vector units (``RankerConfig.item_vectors``) read a frozen table V [items, p] of pre-trained item
+embeddings, a retriever's (``ItemVectors.of_recommender``), through one learned projection P. Why: the id
+tables learn an item only from the slates it was shown in, and that is too little to learn what the items
+*are*. On the simulator, rankers with id tables alone scored exactly what a scorer that knows nothing about the
+user scores (engaged AUC 0.76), while the same world's items as vectors lifted them to 0.82; the retriever has
+read every organic play, so its table carries that structure (journal 2026-12-07, "what the rankers miss").
+An item the table does not know gets the zero vector.
 
 The attribute units (``RankerConfig.attributes``) read the example columns ``models.ranking_data.with_attributes``
 adds: user demographics and item genres as of t (Feast ``get_historical_features`` on platform data, the
@@ -42,7 +53,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -52,11 +63,15 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
+from features.events import POSITIVE_TYPES
 from models.ranking_data import RankingExamples, count_before, task_labels, validation_rows
 from models.wukong import Wukong, WukongConfig, mlp
 
 SPARSE_KEYS: tuple[str, ...] = ("item_id", "history", "user_id")
 ATTRIBUTE_KEYS: tuple[str, ...] = ("user_attributes", "item_attributes")
+VECTOR_UNITS: tuple[str, ...] = ("item_vector", "history_vector")
+ENGAGED_TYPES: tuple[str, ...] = tuple(sorted(str(getattr(t, "value", t)) for t in POSITIVE_TYPES))
+HISTORIES: tuple[str, ...] = ("all", "engaged")
 USER_ATTRIBUTES: tuple[str, ...] = ("gender", "age", "occupation")
 ITEM_ATTRIBUTES: tuple[str, ...] = ("genres", "album")
 DENSE_FEATURES: tuple[str, ...] = ("log_history_length", "log_seconds_since_last", "log_item_popularity", "rank")
@@ -85,6 +100,20 @@ class RankerConfig:
     # online store's last ``ingest.history_length`` events, so the platform's rankers set that cap: training
     # then counts what serving can see (``models.served_ranker``).
     max_history: int | None = None
+    # Frozen pre-trained item vectors as two more units (candidate, history mean), through a learned projection.
+    # ``item_vectors`` asks for them; ``train_ranker`` sets the table's shape from the ``ItemVectors`` it is given
+    # (``vector_items`` rows, ``vector_dim`` wide), so that a saved config rebuilds the table to load into.
+    item_vectors: bool = False
+    # "engaged": the history bag is the user's last L engaged events (listens, likes, ...), not the last L events
+    # of any kind. Why: a logged slate adds every examined item to the history, skips included, so after a few
+    # slates the last L events are mostly what the user was shown and turned down, not what they like.
+    history: str = "all"
+    vector_items: int = 0
+    vector_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.history not in HISTORIES:
+            raise ValueError(f"RankerConfig.history must be one of {HISTORIES}, got {self.history!r}")
 
     @property
     def sparse_keys(self) -> tuple[str, ...]:
@@ -92,7 +121,29 @@ class RankerConfig:
 
     @property
     def num_units(self) -> int:
-        return self.dense_units + len(self.sparse_keys)
+        return self.dense_units + len(self.sparse_keys) + (len(VECTOR_UNITS) if self.item_vectors else 0)
+
+
+@dataclass(frozen=True)
+class ItemVectors:
+    """Pre-trained item embeddings for the vector units: ``vectors[i]`` [p] is item ``ids[i]`` (raw ids, unique)."""
+
+    ids: np.ndarray  # [V] int64
+    vectors: np.ndarray  # [V, p] float32
+    source: str = ""  # where they came from (e.g. "retriever v3"), for the run's record
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 2 or len(self.ids) != len(self.vectors) or not len(self.ids):
+            raise ValueError(f"ItemVectors: {len(self.ids)} ids for vectors of shape {self.vectors.shape}: expected "
+                             "one non-empty [V, p] row per id")
+        if len(np.unique(self.ids)) != len(self.ids):
+            raise ValueError("ItemVectors: ids must be unique")
+
+    @classmethod
+    def of_recommender(cls, recommender, source: str = "") -> ItemVectors:  # noqa: ANN001 - models.recommender.Recommender
+        """A retriever's (normalised) item embeddings, the rows its scores are dot products with."""
+        matrix = recommender.item_matrix[1:].detach().float().numpy()  # row 0 is padding
+        return cls(np.asarray(recommender.vocab.raw_ids, np.int64), matrix.astype(np.float32), source)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,22 +240,37 @@ def item_popularity_before(examples: RankingExamples) -> np.ndarray:
 
 
 def ranking_features(examples: RankingExamples, history_len: int, attribute_buckets: int | None = None, *,
-                     popularity: np.ndarray | None = None, max_history: int | None = None) -> RankingFeatures:
+                     popularity: np.ndarray | None = None, max_history: int | None = None,
+                     engaged_history: bool = False) -> RankingFeatures:
     """Vectorised features of every example (no per-example Python loop); ``attribute_buckets``: also the
     hashed attribute bags (the examples must carry the attribute columns).
 
     ``popularity`` [N]: the item's event count to use instead of ``item_popularity_before`` (a server knows
     only its own users' histories, not every user's events: ``models.served_ranker`` passes counts frozen at
-    training time); ``max_history``: cap of the history-length feature (``RankerConfig.max_history``)."""
+    training time); ``max_history``: cap of the history-length feature (``RankerConfig.max_history``);
+    ``engaged_history``: the history bag holds the last L *engaged* events (``ENGAGED_TYPES``) among the last
+    ``max_history`` events (all, without a cap), not the last L events of any type (``RankerConfig.history``)."""
     ex = examples.examples
     start, end = examples.hist_start, examples.hist_end
     ev_item = examples.events["item_id"].to_numpy(np.int64)
     ev_ts = examples.events["timestamp_ms"].to_numpy(np.int64)
     if not len(ev_item):  # no events at all: every history is empty
         ev_item, ev_ts = np.zeros(1, np.int64), np.zeros(1, np.int64)
-    idx = end[:, None] - history_len + np.arange(history_len)  # [N, L]: the last L positions before end
-    mask = idx >= start[:, None]
-    history = np.where(mask, ev_item[idx.clip(0, len(ev_item) - 1)], 0)
+    if engaged_history:
+        # The last L engaged events: the same gather over the engaged events' positions. cum[e] counts the
+        # engaged events before position e, so an example's engaged history is engaged[cum[start]:cum[end]].
+        # With ``max_history``, only among the last max_history events: all that a served history holds.
+        is_engaged = examples.events["event_type"].astype(str).isin(ENGAGED_TYPES).to_numpy()
+        engaged = np.flatnonzero(is_engaged)
+        cum = np.concatenate([[0], np.cumsum(is_engaged)])
+        first = start if max_history is None else np.maximum(start, end - max_history)
+        j = cum[end][:, None] - history_len + np.arange(history_len)  # [N, L]
+        mask = j >= cum[first][:, None]
+        history = np.where(mask, ev_item[engaged[j.clip(0, max(len(engaged) - 1, 0))]] if len(engaged) else 0, 0)
+    else:
+        idx = end[:, None] - history_len + np.arange(history_len)  # [N, L]: the last L positions before end
+        mask = idx >= start[:, None]
+        history = np.where(mask, ev_item[idx.clip(0, len(ev_item) - 1)], 0)
 
     t = ex["t_ms"].to_numpy(np.int64)
     length = end - start
@@ -230,10 +296,13 @@ def ranking_features(examples: RankingExamples, history_len: int, attribute_buck
 
 
 class FeatureEncoder(nn.Module):
-    """RankingFeatures rows -> units [B, m + 3, d]: dense units first, then item, history, user."""
+    """RankingFeatures rows -> units [B, m + 3 (+ 2) (+ 2), d]: dense units first, then item, history, user (then the
+    attribute units, then the vector units)."""
 
     dense_mean: torch.Tensor
     dense_std: torch.Tensor
+    vector_ids: torch.Tensor
+    vectors: torch.Tensor
 
     def __init__(self, cfg: RankerConfig):
         super().__init__()
@@ -255,6 +324,35 @@ class FeatureEncoder(nn.Module):
         self.register_buffer("dense_mean", torch.zeros(n_dense))
         self.register_buffer("dense_std", torch.ones(n_dense))
         self.bottom = mlp([n_dense, cfg.mlp_hidden, cfg.dense_units * cfg.dim], cfg.dropout)
+        if cfg.item_vectors:
+            if cfg.vector_items < 1 or cfg.vector_dim < 1:
+                raise ValueError("RankerConfig.item_vectors is on but the table's shape is unset: train_ranker sets "
+                                 "it from the ItemVectors it is given")
+            # Frozen (buffers, not parameters): sorted raw ids, and their vectors after a zero row for "unknown".
+            self.register_buffer("vector_ids", torch.zeros(cfg.vector_items, dtype=torch.int64))
+            self.register_buffer("vectors", torch.zeros(cfg.vector_items + 1, cfg.vector_dim))
+            self.project = nn.Linear(cfg.vector_dim, cfg.dim, bias=False)  # P
+
+    @torch.no_grad()
+    def set_vectors(self, item_vectors: ItemVectors) -> None:
+        """Copy the frozen table in (sorted by raw id, so a lookup is one ``searchsorted``)."""
+        order = np.argsort(item_vectors.ids, kind="stable")
+        self.vector_ids.copy_(torch.from_numpy(item_vectors.ids[order]))
+        self.vectors[0].zero_()
+        self.vectors[1:].copy_(torch.from_numpy(item_vectors.vectors[order]))
+
+    def _vector_rows(self, ids: np.ndarray) -> torch.Tensor:
+        """Raw item ids [...] -> rows of ``vectors`` (0: an item the table does not know)."""
+        ids = torch.from_numpy(np.ascontiguousarray(ids, np.int64))
+        pos = torch.searchsorted(self.vector_ids, ids).clamp_max(len(self.vector_ids) - 1)
+        return torch.where(self.vector_ids[pos] == ids, pos + 1, torch.zeros_like(pos))
+
+    def vector_units(self, f: RankingFeatures, rows: np.ndarray) -> torch.Tensor:
+        """[B, 2, d]: P V[candidate] and P mean(V[history]) (an empty history: zeros)."""
+        item = self.vectors[self._vector_rows(f.item[rows])]  # [B, p]
+        mask = torch.from_numpy(f.history_mask[rows]).unsqueeze(-1)  # [B, L, 1]
+        history = (self.vectors[self._vector_rows(f.history[rows])] * mask).sum(1) / mask.sum(1).clamp_min(1)
+        return self.project(torch.stack([item, history], dim=1))  # [B, 2, d]
 
     def sparse(self, f: RankingFeatures, rows: np.ndarray) -> KeyedJaggedTensor:
         """One KJT: a one-id bag per candidate item and per user, a variable bag per history."""
@@ -282,7 +380,8 @@ class FeatureEncoder(nn.Module):
         sparse = torch.stack([pooled[k] for k in self.cfg.sparse_keys], dim=1)  # [B, 3 (+ 2), d]
         dense = (torch.from_numpy(f.dense[rows]) - self.dense_mean) / self.dense_std  # [B, 4]
         dense = self.bottom(dense).view(B, self.cfg.dense_units, d)  # [B, m, d]
-        return torch.cat([dense, sparse], dim=1)  # [B, m + 3 (+ 2), d]
+        units = [dense, sparse] + ([self.vector_units(f, rows)] if self.cfg.item_vectors else [])
+        return torch.cat(units, dim=1)  # [B, m + 3 (+ 2) (+ 2), d]
 
 
 class DLRM(nn.Module):
@@ -353,7 +452,7 @@ class Ranker(nn.Module):
         """[N, num_tasks] probabilities; ``popularity``: see ``ranking_features`` (None: the examples' own)."""
         self.eval()
         f = ranking_features(examples, self.cfg.history_len, self._buckets, popularity=popularity,
-                             max_history=self.cfg.max_history)
+                             max_history=self.cfg.max_history, engaged_history=self.cfg.history == "engaged")
         out = [torch.sigmoid(self(f, np.arange(begin, min(begin + batch_size, len(f))))).numpy()
                for begin in range(0, len(f), batch_size)]
         return np.concatenate(out) if out else np.empty((0, len(self.tasks)), np.float32)
@@ -369,18 +468,29 @@ def train_ranker(
     lr: float = 3e-3,
     seed: int = 0,
     valid_share: float = 0.0,
+    item_vectors: ItemVectors | None = None,
 ) -> Ranker:
     """Adam on the multi-task BCE, shuffled mini-batches, deterministic given ``seed``.
+
+    ``item_vectors``: the frozen table of a config with ``item_vectors`` on (required there, refused elsewhere).
 
     ``valid_share`` > 0: the last share of the examples by time (``validation_rows``, ARGUS fine-tuning's rule)
     is held out, the model trains on the rest for up to ``epochs`` epochs, and the weights of the epoch with the
     best validation AUC on the first task are kept (``valid_curve``, ``chosen_epoch``). Why: a ranker with hashed
     user and item ids memorises its training slates, and a fixed epoch count overfits a larger model sooner
     than a smaller one, which would make a size sweep measure the epoch count rather than the size."""
+    if cfg.item_vectors != (item_vectors is not None):
+        raise ValueError("RankerConfig.item_vectors is on but no ItemVectors were given (a retriever's: "
+                         "ItemVectors.of_recommender)" if cfg.item_vectors else
+                         "ItemVectors were given but RankerConfig.item_vectors is off")
+    if item_vectors is not None:
+        cfg = replace(cfg, vector_items=len(item_vectors.ids), vector_dim=item_vectors.vectors.shape[1])
     torch.manual_seed(seed)
     ranker = Ranker(cfg, tasks)
+    if item_vectors is not None:
+        ranker.encoder.set_vectors(item_vectors)
     f = ranking_features(examples_train, cfg.history_len, cfg.attribute_buckets if cfg.attributes else None,
-                         max_history=cfg.max_history)
+                         max_history=cfg.max_history, engaged_history=cfg.history == "engaged")
     labels = torch.from_numpy(task_labels(examples_train, tasks))
     fit, valid = validation_rows(examples_train, np.arange(len(f)), valid_share)
     with torch.no_grad():

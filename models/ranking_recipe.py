@@ -49,6 +49,9 @@ class RankingRecipe:
     attributes: bool
     context: bool
     attribute_buckets: int
+    history: str
+    item_vectors: bool
+    vectors_recipe: str
     # Wukong / DLRM sizes
     dim: int
     item_buckets: int
@@ -95,6 +98,10 @@ class RankingRecipe:
             raise ValueError(f"ranking recipe valid_share {recipe.valid_share}: expected in [0, 1)")
         if not 0 < recipe.test_share < 1:
             raise ValueError(f"ranking recipe test_share {recipe.test_share}: expected in (0, 1)")
+        if recipe.item_vectors and recipe.model not in ("wukong", "dlrm"):
+            raise ValueError(f"item_vectors are units of Wukong and DLRM, not of {recipe.model}: set it false")
+        if recipe.history not in ("all", "engaged"):
+            raise ValueError(f"ranking recipe history {recipe.history!r}: expected all or engaged")
         if recipe.context and recipe.model != "argus":
             raise ValueError("context tokens are an ARGUS feature (its event tokens): set context false for "
                              f"{recipe.model}")
@@ -109,7 +116,8 @@ class RankingRecipe:
 
         sizes = {k: getattr(self, k) for k in SIZE_KEYS} | size_overrides
         return RankerConfig(backbone=self.model if self.model in ("wukong", "dlrm") else "wukong",
-                            attributes=self.attributes, **sizes)
+                            attributes=self.attributes, history=self.history, item_vectors=self.item_vectors,
+                            **sizes)
 
     def side_config(self):  # noqa: ANN201 - models.argus_ranker.SideConfig
         """The ARGUS candidate token's side features of this recipe."""

@@ -76,7 +76,7 @@ import torch
 
 from features.attributes import ITEM_FEATURES, USER_FEATURES
 from models.hstu_ranker import HSTURanker, HSTURankerConfig, train_hstu_ranker
-from models.ranker import Ranker, RankerConfig, train_ranker
+from models.ranker import ItemVectors, Ranker, RankerConfig, train_ranker
 from models.ranking_data import RankingExamples, served_examples, with_attributes
 
 FORMAT_VERSION = 1
@@ -317,13 +317,15 @@ def ranker_scores(ranker: Any, examples: RankingExamples) -> np.ndarray:
 def train_served_ranker(recipe: Any, train: RankingExamples, task: str, *, seed: int = 0,
                         max_history: int | None = None, counts_as_of_ms: int | None = None,
                         hstu: HSTURankerConfig | None = None,
-                        metadata: Mapping[str, Any] | None = None) -> ServedRanker:
+                        metadata: Mapping[str, Any] | None = None,
+                        item_vectors: ItemVectors | None = None) -> ServedRanker:
     """A ``models.ranking_recipe.RankingRecipe`` of a non-ARGUS family trained on ``train`` (the recipe's sizes
     and training values; the HSTU ranker is sized by ``hstu``, default ``HSTURankerConfig()`` as the bench).
 
     Tasks: ``task`` first (the served one), then ``AUX_TASKS`` the examples label; ``max_history``: the
     history-length cap (the online store's length); ``counts_as_of_ms``: the frozen item counts' instant
-    (None: every event of ``train``'s table, i.e. the snapshot's end)."""
+    (None: every event of ``train``'s table, i.e. the snapshot's end); ``item_vectors``: the frozen item table
+    of a recipe with ``item_vectors`` on (the platform passes its champion retriever's)."""
     if recipe.model not in FAMILIES:
         raise ValueError(f"ranking recipe model {recipe.model!r} is not a served-ranker family {FAMILIES}")
     tasks = tuple(dict.fromkeys((task, *(t for t in AUX_TASKS if t in train.examples))))
@@ -332,13 +334,15 @@ def train_served_ranker(recipe: Any, train: RankingExamples, task: str, *, seed:
     if recipe.model == "hstu":
         model: Ranker | HSTURanker = train_hstu_ranker(train, hstu or HSTURankerConfig(), tasks, **common)
     else:
-        model = train_ranker(train, recipe.ranker_config(max_history=max_history), tasks, **common)
+        model = train_ranker(train, recipe.ranker_config(max_history=max_history), tasks, **common,
+                             item_vectors=item_vectors)
     counts = ItemCounts.of_events(train.events, counts_as_of_ms)
     info = {"train_examples": len(train), "epochs": recipe.epochs, "lr": recipe.lr, "batch_size": recipe.batch_size,
             "seed": seed, "train_losses": [round(x, 6) for x in model.train_losses],
             "valid_share": recipe.valid_share, "valid_auc": [round(x, 6) for x in model.valid_curve],
             "chosen_epoch": model.chosen_epoch,
-            "item_counts_as_of_ms": counts_as_of_ms, "serving_rank": SERVING_RANK}
+            "item_counts_as_of_ms": counts_as_of_ms, "serving_rank": SERVING_RANK,
+            **({"item_vectors": item_vectors.source} if item_vectors is not None else {})}
     return ServedRanker(model, task, counts, {**dict(metadata or {}), "ranker_train": info})
 
 

@@ -212,3 +212,64 @@ def test_unknown_backbone_and_task_are_rejected(world_examples: RankingExamples)
         train_ranker(world_examples, RankerConfig(backbone="mlp"), epochs=1)
     with pytest.raises(ValueError, match="tasks"):
         train_ranker(world_examples, RankerConfig(), tasks=("clicked",), epochs=1)
+
+
+# ------------------------------------------------------------------------------- engaged history, item vectors
+
+
+def test_the_engaged_history_is_the_last_engaged_events_before_t_within_the_served_window(
+        world_examples: RankingExamples) -> None:
+    """``history = "engaged"`` reads the last L listens and likes before t, skipping skips and dislikes; with
+    ``max_history``, only among the last max_history events (what the online store serves): a brute force."""
+    from models.ranker import ENGAGED_TYPES
+
+    ex = world_examples
+    pick = np.random.default_rng(2).choice(len(ex), size=60, replace=False)
+    for cap in (None, 12):
+        f = ranking_features(ex, history_len=5, max_history=cap, engaged_history=True)
+        for i in pick:
+            past = ex.history(int(i))
+            if cap is not None:
+                past = past.tail(cap)
+            tail = past[past["event_type"].astype(str).isin(ENGAGED_TYPES)]["item_id"].to_numpy()[-5:]
+            assert f.history[i][f.history_mask[i]].tolist() == tail.tolist()
+    plain = ranking_features(ex, history_len=5)
+    engaged = ranking_features(ex, history_len=5, engaged_history=True)
+    assert not np.array_equal(plain.history, engaged.history)  # the world's slates do leave skips in histories
+    with pytest.raises(ValueError, match="history"):
+        RankerConfig(history="liked")
+
+
+def _vectors(items: int, dim: int = 6, known: int | None = None):  # noqa: ANN202 - ItemVectors
+    from models.ranker import ItemVectors
+
+    ids = np.arange(items if known is None else known, dtype=np.int64)[::-1].copy()  # any order
+    return ItemVectors(ids, np.random.default_rng(0).normal(size=(len(ids), dim)).astype(np.float32), "test")
+
+
+def test_item_vectors_are_a_frozen_table_read_by_raw_id_with_unknown_items_at_zero(
+        world_examples: RankingExamples) -> None:
+    ex = world_examples
+    vectors = _vectors(120, known=100)  # items 100-119 unknown to the table
+    cfg = RankerConfig(backbone="wukong", dim=8, mlp_hidden=16, item_vectors=True, history="engaged")
+    ranker = train_ranker(ex, cfg, tasks=("engaged",), epochs=1, batch_size=256, item_vectors=vectors)
+    enc = ranker.encoder
+    assert ranker.cfg.vector_items == 100 and ranker.cfg.vector_dim == 6 and ranker.cfg.num_units == cfg.num_units
+    assert "encoder.vectors" not in dict(ranker.named_parameters())  # frozen: a buffer, not trained
+    rows = enc._vector_rows(np.array([5, 99, 100, 119, 10_000]))
+    table = enc.vectors.numpy()
+    np.testing.assert_array_equal(table[rows[:2].numpy()], vectors.vectors[[94, 0]])  # ids 5 and 99 (reversed)
+    assert rows[2:].tolist() == [0, 0, 0] and not table[0].any()
+    f = ranking_features(ex, history_len=cfg.history_len, engaged_history=True)
+    units = enc(f, np.arange(8))
+    assert units.shape == (8, cfg.num_units, 8)
+    with pytest.raises(ValueError, match="no ItemVectors"):
+        train_ranker(ex, cfg, tasks=("engaged",), epochs=1)
+    with pytest.raises(ValueError, match="item_vectors is off"):
+        train_ranker(ex, RankerConfig(), tasks=("engaged",), epochs=1, item_vectors=vectors)
+    from models.ranker import ItemVectors
+
+    with pytest.raises(ValueError, match="unique"):
+        ItemVectors(np.array([1, 1]), np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="one non-empty"):
+        ItemVectors(np.array([1, 2]), np.zeros((3, 3), np.float32))

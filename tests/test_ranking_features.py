@@ -267,6 +267,10 @@ def test_the_ranking_recipes_load_and_their_base_is_todays_behaviour() -> None:
         RankingRecipe.from_dict({**base.to_dict(), "speed": 1})
     with pytest.raises(ValueError, match="ARGUS feature"):
         resolve_ranking_recipe("wukong", context=True)
+    with pytest.raises(ValueError, match="units of Wukong and DLRM"):
+        resolve_ranking_recipe("hstu", item_vectors=True)
+    with pytest.raises(ValueError, match="all or engaged"):
+        resolve_ranking_recipe("wukong", history="liked")
 
 
 def test_the_bench_reads_the_recipe_and_the_flags_override_it() -> None:
@@ -289,6 +293,14 @@ def test_the_bench_ranks_movielens_with_the_attribute_files(tmp_path: Path, caps
                 "--epochs", "1", "--seeds", "0"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["models"] == ["wukong"] and out["recipe"]["attributes"] and out["settings"]["attributes"]
+    assert 0 <= out["auc"]["like"] <= 1
+    # item vectors of a retriever pre-trained on the training period, and the engaged history
+    bench_main(["--dataset", "ml-100k", "--data-dir", str(tmp_path), "--model", "dlrm", "--item-vectors",
+                "--history", "engaged", "--vectors-recipe", "hstu", "--pretrain-epochs", "1", "--epochs", "1",
+                "--seeds", "0"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["settings"]["item_vectors"] and out["settings"]["history"] == "engaged"
+    assert out["settings"]["vectors_recipe"] == "hstu" and out["seconds"]["per_seed"][0]["train"]["item_vectors"] > 0
     assert 0 <= out["auc"]["like"] <= 1
     # ARGUS with context and attributes in the candidate token, the cascade scoring its lists the same way
     bench_main(["--dataset", "ml-100k", "--data-dir", str(tmp_path), "--config", "argus", "--attributes",

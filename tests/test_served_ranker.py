@@ -76,12 +76,25 @@ def offline_twin(examples: RankingExamples, histories: list[dict], candidates: l
     return twin
 
 
-@pytest.mark.parametrize("family", ["wukong", "dlrm", "hstu"])
-def test_a_saved_ranker_scores_served_histories_as_predict_scores_the_same_examples(examples, family, tmp_path):
+@pytest.mark.parametrize("variant", ["wukong", "dlrm", "hstu", "wukong+vectors"])
+def test_a_saved_ranker_scores_served_histories_as_predict_scores_the_same_examples(examples, variant, tmp_path):
+    """``wukong+vectors``: frozen item vectors (some items unknown to them) and the engaged history, which must
+    read the same engaged events from the served window as training read from the offline table."""
+    from models.ranker import ItemVectors
+
     train, _ = examples.split_by_time(T0 + 60_000 * 90)
-    recipe = resolve_ranking_recipe(family, **SIZES)
-    trained = train_served_ranker(recipe, train, "engaged", max_history=KEPT, hstu=HSTU)
+    family = variant.split("+")[0]
+    vectors = None
+    extra: dict = {}
+    if variant.endswith("+vectors"):
+        ids = np.arange(ITEMS - 10, dtype=np.int64)
+        vectors = ItemVectors(ids, np.random.default_rng(3).normal(size=(len(ids), 4)).astype(np.float32), "test")
+        extra = {"item_vectors": True, "history": "engaged"}
+    recipe = resolve_ranking_recipe(family, **SIZES, **extra)
+    trained = train_served_ranker(recipe, train, "engaged", max_history=KEPT, hstu=HSTU, item_vectors=vectors)
     assert trained.model.tasks[0] == "engaged" and trained.family == family
+    if vectors is not None:
+        assert trained.metadata["ranker_train"]["item_vectors"] == "test"
     loaded = load_artifact(trained.save(tmp_path / family))
     assert isinstance(loaded, ServedRanker) and loaded.family == family and loaded.events_read == KEPT
     assert loaded.same_encoder(loaded) is False and loaded.metadata["ranker_family"] == family

@@ -217,10 +217,12 @@ def _train_family(context: dg.AssetExecutionContext, settings, uri: str, dataset
     from models.served_ranker import train_served_ranker
 
     recipe = resolve_ranking_recipe(settings.ranking.recipe)
+    vectors, vectors_version = _champion_item_vectors(settings, uri) if recipe.item_vectors else (None, None)
     name = f"ranker-{dataset['snapshot']}-{int(time.time())}"
     params = {"recipe": settings.ranking.recipe, "family": recipe.model, "task": task, "epochs": recipe.epochs,
               "lr": recipe.lr, "batch_size": recipe.batch_size, "seed": settings.ranking.seed,
-              "train_examples": len(train), "dataset_snapshot": dataset["snapshot"]}
+              "train_examples": len(train), "dataset_snapshot": dataset["snapshot"],
+              **({"item_vectors_version": vectors_version} if vectors is not None else {})}
     with training_run(uri, experiment_name(settings.mlflow_experiment, tracking.TRAINING), run_name=name,
                       params=params, tags={"model": f"{recipe.model}-ranker", "dataset_snapshot": dataset["snapshot"],
                                            "dagster_run_id": context.run.run_id},
@@ -230,16 +232,35 @@ def _train_family(context: dg.AssetExecutionContext, settings, uri: str, dataset
             ranker = train_served_ranker(recipe, train, task, seed=settings.ranking.seed,
                                          max_history=settings.ingest.history_length,
                                          metadata={"ranking_recipe": settings.ranking.recipe,
-                                                   "recipe": recipe.to_dict()})
+                                                   "recipe": recipe.to_dict(),
+                                                   **({"item_vectors_version": vectors_version}
+                                                      if vectors is not None else {})},
+                                         item_vectors=vectors)
         except ValueError as exc:  # e.g. a recipe with attributes but no attribute was ever written
             raise dg.Failure(f"ranking.recipe {settings.ranking.recipe}: {exc}") from exc
         wall_s = time.perf_counter() - t0
     out = ranker.save(settings.root / "models" / name / "ranker")
     context.add_output_metadata({"task": task, "family": recipe.model, "recipe": settings.ranking.recipe,
+                                 **({"item_vectors_version": vectors_version} if vectors is not None else {}),
                                  "train_examples": len(train), "wall_s": round(wall_s, 2),
                                  "mlflow_run_id": run.info.run_id, "dir": dg.MetadataValue.path(str(out))})
     return {"dir": str(out), "run_id": run.info.run_id, "base_version": None, "task": task, "dataset": dataset,
             "family": recipe.model}
+
+
+def _champion_item_vectors(settings, uri: str):  # noqa: ANN001, ANN202 - EncoreSettings -> (ItemVectors, version)
+    """A recipe with ``item_vectors``: the champion retriever's item embeddings, frozen into the ranker, and
+    that retriever's registry version (recorded on the run and the ranker). No champion yet: a clear failure."""
+    from models.lifecycle.registry import Registry
+    from models.ranker import ItemVectors
+
+    alias = settings.registry.champion_alias
+    try:
+        retriever, version = Registry(uri, settings.registry).load(alias=alias)
+    except Exception as exc:  # noqa: BLE001 - the registry's own error says which lookup failed
+        raise dg.Failure(f"ranking.recipe {settings.ranking.recipe} reads item vectors from the @{alias} "
+                         f"retriever, and none could be loaded ({exc}): promote a retriever first") from exc
+    return ItemVectors.of_recommender(retriever, source=f"retriever v{version}"), version
 
 
 def ranker_report(ranker, base, test, task: str) -> dict:  # noqa: ANN001 - any ranker, Recommender | None, examples
