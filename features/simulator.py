@@ -339,6 +339,35 @@ class MusicWorld:
         examined = np.concatenate([[1.0], np.cumprod(go_on[:-1])])[: len(slate)]
         return {"examined": examined} | {k: examined * odds[k] for k in ("played", "like", "skip", "dislike")}
 
+    def played_probabilities(self, user_id: int, prev_items: Sequence[int], *, taste: np.ndarray | None = None,
+                             genre_weights: np.ndarray | None = None) -> np.ndarray:
+        """P(played | examined) of every item right after each of ``prev_items`` (-1: the start of a session):
+        (len(prev_items), items). The reaction model of ``respond`` without the slate around the item: averaged
+        over the items that could sit above a position, it is the best a scorer that sees each candidate alone
+        (a pointwise ranker) can know.
+
+        ``taste`` (d,) and ``genre_weights`` (G,) replace the user's own state ("now") in the explore logits:
+        the probabilities under a guess of the user, such as one read from their recent plays, which says how
+        much of the user a given feature can reveal (``bench.ranking_ceiling``)."""
+        user_id = int(user_id)
+        self._check_user(user_id)
+        prevs = [int(p) for p in prev_items]
+        self._check_items([p for p in prevs if p >= 0])
+        if taste is None and genre_weights is None:
+            base = self._base_now(user_id)
+        else:
+            weights = self.listeners.genre_end[user_id] if genre_weights is None else np.asarray(genre_weights)
+            vector = self.listeners.taste[user_id] if taste is None else np.asarray(taste, np.float32)
+            genre_term = self.params.genre_weight * np.log(weights + 0.02)
+            base = (genre_term[self.catalog.genre] + self.params.taste_weight * (self.catalog.vectors @ vector)
+                    + self.params.popularity_weight * self.catalog.log_popularity).astype(np.float32)
+        quality = self.params.quality_weight * self.catalog.quality
+        out = np.empty((len(prevs), base.shape[0]))
+        for row, prev in enumerate(prevs):
+            log_p, mean, scale = self._truth.next_log_probs(user_id, base, prev)
+            out[row] = reaction_probabilities((log_p - mean) / scale + quality, self.params)["played"]
+        return out
+
     # ---- internals ---------------------------------------------------------------------------------------
     def _rng(self, stream: int, *extra: int) -> np.random.Generator:
         return np.random.default_rng([self.settings.seed & 0xFFFFFFFF, stream, *extra])

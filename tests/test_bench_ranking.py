@@ -60,3 +60,18 @@ def test_a_size_sweep_trains_every_model_at_every_size_on_the_same_data(capsys, 
     assert len(sweep["wukong_minus_dlrm"]) == 2 and (tmp_path / "sizes.png").stat().st_size > 0
     with pytest.raises(SystemExit):  # a sweep is for Wukong and DLRM, with two sizes or more
         main(["--sizes", "dim=4", "--seeds", "0"])
+
+
+def test_the_ceiling_bench_takes_the_oracle_apart(capsys) -> None:  # noqa: ANN001
+    """Every scorer of the ceiling is below the full oracle or level with it, and a guess of the user from the
+    engaged plays knows more than no user at all (a world where the guess is wrong would fail this)."""
+    from bench.ranking_ceiling import main as ceiling
+
+    out = ceiling(["--users", "60", "--items", "120", "--requests", "400", "--seeds", "0", "--contexts", "8"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    auc = out["auc"]
+    assert set(auc) == {"oracle", "pointwise", "pointwise, user unknown", "pointwise, user from engaged plays",
+                        "pointwise, user from all events", "rank only"}
+    assert all(0.5 < v <= auc["oracle"] + 1e-9 for v in auc.values())
+    assert auc["pointwise, user from engaged plays"] > auc["pointwise, user unknown"]
+    assert out["settings"]["contexts"] == 8 and out["wall_s"] > 0

@@ -260,6 +260,27 @@ def test_slate_probabilities_are_what_respond_draws(world: MusicWorld) -> None:
     assert np.abs(other["played"] - probs["played"]).max() > 0.05
 
 
+def test_played_probabilities_are_the_slates_without_the_slate(world: MusicWorld) -> None:
+    """Each row is the probability ``slate_probabilities`` gives an item placed right after that row's item (its
+    played / examined); the user's own state passed as a guess changes nothing, another user's does."""
+    user = 3
+    slate = [5, 17, 2, 40]
+    full = world.slate_probabilities(user, slate)
+    prevs = [world.recent_items(user)[-1], *slate[:-1]]
+    rows = world.played_probabilities(user, prevs)
+    assert rows.shape == (len(prevs), len(world.items))
+    np.testing.assert_allclose(rows[np.arange(len(slate)), slate], full["played"] / full["examined"], rtol=1e-6)
+    own = world.played_probabilities(user, prevs, taste=world.listeners.taste[user],
+                                     genre_weights=world.listeners.genre_end[user])
+    np.testing.assert_allclose(own, rows, rtol=1e-5, atol=1e-7)
+    other = world.played_probabilities(user, prevs, taste=world.listeners.taste[user + 1],
+                                       genre_weights=world.listeners.genre_end[user + 1])
+    assert np.abs(other - rows).max() > 0.05
+    assert world.played_probabilities(user, [-1]).shape == (1, len(world.items))  # a session start
+    with pytest.raises(ValueError, match="unknown items"):
+        world.played_probabilities(user, [10_000])
+
+
 def test_respond_validates_ids_and_bounds_event_ids(world: MusicWorld) -> None:
     with pytest.raises(ValueError, match="unknown user"):
         world.respond(10_000, [1], request_id="r", variant="v", now_ms=END_MS)
