@@ -261,6 +261,11 @@ def test_the_ranking_recipes_load_and_their_base_is_todays_behaviour() -> None:
     assert [n for n, rc in recipes.items() if rc.context] == []
     assert all(recipes[n].attributes for n in ("argus-ml1m", "wukong-ml1m", "dlrm-ml1m"))
     assert not any(recipes[n].attributes for n in ("base", "wukong", "dlrm", "argus"))
+    # Wukong and DLRM read the engaged history and a retriever's item vectors (hstu-ml1m's on ML-1M); the base not
+    for n in ("wukong", "dlrm", "wukong-ml1m", "dlrm-ml1m"):
+        assert recipes[n].item_vectors and recipes[n].history == "engaged", n
+    assert recipes["wukong-ml1m"].vectors_recipe == recipes["dlrm-ml1m"].vectors_recipe == "hstu-ml1m"
+    assert not base.item_vectors and base.history == "all"
     pre = resolve_recipe(recipes["argus-ml1m"].pretrain_recipe())
     assert pre.feedback_weight > 0 and pre.event_types and pre.max_len == 200  # hstu-ml1m plus ARGUS's task
     with pytest.raises(ValueError, match="unknown ranking recipe keys"):

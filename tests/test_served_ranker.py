@@ -31,7 +31,9 @@ from tests.conftest import attribute_frames, simulated_slates
 T0 = 1_700_000_000_000
 USERS, ITEMS = 30, 60
 KEPT = 8  # the online store keeps each user's last KEPT events (ingest.history_length)
-SIZES = {"dim": 8, "item_buckets": 128, "user_buckets": 64, "history_len": 5, "mlp_hidden": 16, "epochs": 1}
+# Small sizes; the shipped Wukong / DLRM recipes' item vectors off (a variant below turns them on with its own table)
+SIZES = {"dim": 8, "item_buckets": 128, "user_buckets": 64, "history_len": 5, "mlp_hidden": 16, "epochs": 1,
+         "item_vectors": False}
 HSTU = HSTURankerConfig(dim=16, blocks=1, heads=2, attn_dim=8, linear_dim=8, history_events=KEPT, item_buckets=128,
                         head_hidden=16)
 
@@ -90,7 +92,7 @@ def test_a_saved_ranker_scores_served_histories_as_predict_scores_the_same_examp
         ids = np.arange(ITEMS - 10, dtype=np.int64)
         vectors = ItemVectors(ids, np.random.default_rng(3).normal(size=(len(ids), 4)).astype(np.float32), "test")
         extra = {"item_vectors": True, "history": "engaged"}
-    recipe = resolve_ranking_recipe(family, **SIZES, **extra)
+    recipe = resolve_ranking_recipe(family, **(SIZES | extra))
     trained = train_served_ranker(recipe, train, "engaged", max_history=KEPT, hstu=HSTU, item_vectors=vectors)
     assert trained.model.tasks[0] == "engaged" and trained.family == family
     if vectors is not None:

@@ -1,4 +1,5 @@
-"""``ranking.recipe: wukong-ml1m`` (Wukong reading user and item attributes) on the platform: the ranking assets
+"""``ranking.recipe: wukong-ml1m`` (Wukong reading user and item attributes, the engaged history and the champion
+retriever's item vectors) on the platform: the ranking assets
 train, evaluate, register and gate a Wukong ranker, MLflow loads the registered version and scores its input
 example, and a real HTTP service (uvicorn, a tansu broker for its exposures, the Feast online store for its
 histories and attributes, an sqlite MLflow registry) loads that version from the rankers' registry and reranks
@@ -140,6 +141,7 @@ def test_ranking_job_with_an_attribute_wukong_recipe_registers_a_ranker_mlflow_a
     uri = f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}"
     user_rows, item_rows = attribute_frames(USERS, ITEMS)
     write_attributes(feature_store(settings), settings, users=user_rows, items=item_rows)  # as entity_attributes
+    retriever = register_retriever(settings, uri)  # the champion whose item vectors the recipe's Wukong reads
     records = _Records()
     logging.getLogger("mlflow").addHandler(records)
     try:
@@ -153,6 +155,7 @@ def test_ranking_job_with_an_attribute_wukong_recipe_registers_a_ranker_mlflow_a
     assert result.output_for_node("ranking_dataset")["attributes"] is not None
     trained = result.output_for_node("trained_ranker")
     assert trained["family"] == "wukong" and trained["base_version"] is None
+    assert MlflowClient(uri).get_run(trained["run_id"]).data.params["item_vectors_version"] == str(retriever)
     assert not [m for m in records.messages if "Failed to validate" in m], records.messages
     report = result.output_for_node("ranker_evaluation")["evaluation"]
     assert "base" not in report and 0.0 <= report["ranker"]["auc"] <= 1.0 and report["scored"] == report["examples"]
@@ -179,7 +182,6 @@ def test_ranking_job_with_an_attribute_wukong_recipe_registers_a_ranker_mlflow_a
     unknown = example.assign(gender=[None], age=[None], occupation=[None])
     assert len(pyfunc.predict(unknown)["scores"].iloc[0]) == len(scores)
 
-    register_retriever(settings, uri)
     interactions, _ = simulated_log()
     users = sorted(int(u) for u in interactions["user_id"].unique()[:6])
     write_histories(settings, interactions, users)
@@ -217,8 +219,8 @@ def register_attribute_ranker(settings, uri: str) -> int:  # noqa: ANN001 - Enco
                                       catalogue=np.arange(ITEMS), seed=0)
     examples = with_attributes(examples, attributes_as_of(examples.examples[["user_id", "item_id", "t_ms"]],
                                                           users, items))
-    recipe = resolve_ranking_recipe("wukong", attributes=True, dim=8, item_buckets=128, user_buckets=64,
-                                    history_len=5, mlp_hidden=16, epochs=1)
+    recipe = resolve_ranking_recipe("wukong", attributes=True, item_vectors=False, dim=8, item_buckets=128,
+                                    user_buckets=64, history_len=5, mlp_hidden=16, epochs=1)
     ranker = train_served_ranker(recipe, examples, "engaged", max_history=settings.ingest.history_length)
     assert ranker.reads_attributes
     mine = interactions[interactions["user_id"] == 0].sort_values("timestamp_ms", kind="stable").tail(5)
