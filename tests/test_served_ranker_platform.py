@@ -376,3 +376,18 @@ def _wait(check, timeout_s: float, what: str) -> None:  # noqa: ANN001
             return
         time.sleep(0.3)
     raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+def test_a_recipe_with_item_vectors_and_no_champion_retriever_fails_saying_so(tmp_path: Path):
+    """The vectors come from the @champion retriever: with none registered the job stops with a Dagster failure
+    that says what to do, not a bare registry error."""
+    from orchestration.assets.ranking import _champion_item_vectors
+
+    settings = small_settings(tmp_path / "encore", ranking={"recipe": "wukong"})
+    settings.mlflow_dir.mkdir(parents=True)
+    with pytest.raises(dg.Failure, match="promote a retriever first"):
+        _champion_item_vectors(settings, f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}")
+    uri = f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}"
+    version = register_retriever(settings, uri)
+    vectors, got = _champion_item_vectors(settings, uri)
+    assert got == version and vectors.vectors.shape == (ITEMS, 16) and vectors.source == f"retriever v{version}"
