@@ -214,6 +214,7 @@ def _apply_recipe(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None
     for flag, key in _RECIPE_FLAGS.items():
         setattr(args, flag, getattr(recipe, key))
     args.pretrain_recipe = recipe.pretrain_recipe()
+    args.vectors_recipe = recipe.vectors_retrieval_recipe()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -431,7 +432,7 @@ def item_vectors(args: argparse.Namespace, examples, test, seed: int):  # noqa: 
 
     began = time.perf_counter()
     retriever = pretrain(examples, int(test.examples["t_ms"].min()), args.vectors_recipe, seed, args.pretrain_epochs)
-    return ItemVectors.of_recommender(retriever, source=f"{args.vectors_recipe} seed {seed}"), \
+    return ItemVectors.of_recommender(retriever, source=f"{Path(args.vectors_recipe).name} seed {seed}"), \
         round(time.perf_counter() - began, 2)
 
 
@@ -592,7 +593,7 @@ def main(argv: list[str] | None = None) -> dict:
         "recipe": args.recipe.to_dict(),
         "settings": {k: getattr(args, k) for k in ("epochs", "valid_share", "batch_size", "lr", "test_share", "threads",
                                                     "size", "sizes", "attributes", "history", "item_vectors")}
-        | ({"vectors_recipe": args.vectors_recipe} if args.item_vectors else {})
+        | ({"vectors_recipe": args.recipe.vectors_recipe} if args.item_vectors else {})
         | ({k: getattr(args, k) for k in ("users", "items", "requests", "slate", "negatives", "explore", "spacing_s",
                                           "window_s")} if args.dataset == "simulator" else {})
         | ({k: getattr(args, k) for k in ("pretrain_epochs", "ft_epochs", "ft_lr", "ft_encoder_lr", "ft_batch_size",

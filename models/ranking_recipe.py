@@ -128,7 +128,16 @@ class RankingRecipe:
     def pretrain_recipe(self) -> str:
         """The pre-training recipe as ``models.recipe.resolve_recipe`` takes it: a retrieval recipe name, or
         the absolute path of a YAML file that sits beside the ranking recipes."""
-        return str(RANKING_DIR / self.pretrain) if Path(self.pretrain).suffix else self.pretrain
+        return _retrieval_recipe(self.pretrain)
+
+    def vectors_retrieval_recipe(self) -> str:
+        """``vectors_recipe`` as ``models.recipe.resolve_recipe`` takes it (as ``pretrain_recipe``)."""
+        return _retrieval_recipe(self.vectors_recipe)
+
+
+def _retrieval_recipe(name: str) -> str:
+    """A retrieval recipe name as is; a ``.yaml`` file name (one beside the ranking recipes) as its absolute path."""
+    return str(RANKING_DIR / name) if Path(name).suffix else name
 
 
 def platform_fine_tune(ranking: Any) -> dict[str, Any]:
