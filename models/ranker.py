@@ -20,10 +20,10 @@ A ranker scores the candidates of one request. Each example (``models.ranking_da
 The vector units (``RankerConfig.item_vectors``) read a frozen table V [items, p] of pre-trained item
 embeddings, a retriever's (``ItemVectors.of_recommender``), through one learned projection P. Why: the id
 tables learn an item only from the slates it was shown in, and that is too little to learn what the items
-*are*. On the simulator, rankers with id tables alone scored exactly what a scorer that knows nothing about the
-user scores (engaged AUC 0.76), while the same world's items as vectors lifted them to 0.82; the retriever has
-read every organic play, so its table carries that structure (journal 2026-12-07, "what the rankers miss").
-An item the table does not know gets the zero vector.
+*are*; the retriever has read every play, so its table carries what the items are. On the simulator, rankers
+with id tables and every event in the history bag scored below a scorer that knows nothing about the user
+(engaged AUC 0.76 against 0.78); a retriever's vectors and the engaged history (``cfg.history``) lifted them to
+0.82 (docs/journal/2026-12-07-what-the-rankers-miss.md). An item the table does not know gets the zero vector.
 
 The attribute units (``RankerConfig.attributes``) read the example columns ``models.ranking_data.with_attributes``
 adds: user demographics and item genres as of t (Feast ``get_historical_features`` on platform data, the
