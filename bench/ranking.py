@@ -119,10 +119,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="wukong/dlrm history bag: the last events of any kind, or the engaged ones only "
                          "(default: the recipe's)")
     ap.add_argument("--item-vectors", action=argparse.BooleanOptionalAction, default=None,
-                    help="wukong/dlrm: frozen item vectors of a retriever pre-trained on the training period "
-                         "(--vectors-recipe) as two more units (default: the recipe's)")
+                    help="wukong/dlrm/hstu: frozen item vectors of a retriever pre-trained on the training period "
+                         "(--vectors-recipe): two more units of Wukong and DLRM, added to the HSTU ranker's item "
+                         "tokens (default: the recipe's)")
     ap.add_argument("--vectors-recipe", default=None,
-                    help="the retrieval recipe pre-trained for --item-vectors (default: the recipe's, hstu)")
+                    help="the retrieval recipe pre-trained for --item-vectors: a name or a .yaml beside the ranking "
+                         "recipes (default: the recipe's, pretrain-vectors.yaml)")
     ap.add_argument("--history-events", type=int, default=None,
                     help="hstu only: events of history read (default: HSTURankerConfig's, 50)")
     ap.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
@@ -370,7 +372,7 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
     metrics: dict = {name: {} for name in subsets}
     train_s: dict[str, float] = {}
     vectors = None
-    if args.item_vectors and any(m in ("wukong", "dlrm") for m in args.models):
+    if args.item_vectors and any(m in ("wukong", "dlrm", "hstu") for m in args.models):
         vectors, train_s["item_vectors"] = item_vectors(args, examples, test, seed)
     primary = subsets["shown" if "shown" in subsets else "all"]
     sweep: dict[str, dict] = {}  # scorer -> its scores on the primary subset and its size (a --sizes run)
@@ -387,11 +389,11 @@ def run_seed(args: argparse.Namespace, seed: int, world=None) -> dict:  # noqa: 
             metrics["all"].update(argus["metrics"])
             continue
         if model == "hstu":
-            cfg = HSTURankerConfig()
+            cfg = replace(HSTURankerConfig(), item_vectors=bool(args.item_vectors))
             if args.history_events is not None:
                 cfg = replace(cfg, history_events=args.history_events)
             ranker = train_hstu_ranker(train, cfg, tasks, epochs=args.epochs, batch_size=args.batch_size,
-                                       lr=args.lr, seed=seed, valid_share=args.valid_share)
+                                       lr=args.lr, seed=seed, valid_share=args.valid_share, item_vectors=vectors)
         else:
             ranker = train_ranker(train, ranker_config(model, size, args.recipe), tasks, epochs=args.epochs,
                                   batch_size=args.batch_size, lr=args.lr, seed=seed, valid_share=args.valid_share,

@@ -13,6 +13,9 @@ candidate one item token placed after the history:
     x(a_j) = sqrt(D) E_action[event type code of j]
     x(Φ_c) = sqrt(D) (E_item[c mod item_buckets] + E_rank[rank + 1])  # rank -1 (not in a slate): row 0
 
+With ``item_vectors`` every item token (history and candidate) also gets ``P V[item]``: a frozen table of a
+retriever's item embeddings through a learned projection, as Wukong's vector units (``models.ranker``).
+
 Why interleave: an action token sits right after its item, so the stack can read "liked *this*" or "skipped
 *this*" at relative offset 1, and a candidate's query can match a history item (the same table) *and* the
 reaction that followed it. This is the paper's ranking setup: the candidate is the target of a "what will the
@@ -73,6 +76,7 @@ from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from features.events import EVENT_TYPE_CODES
 from models.data import NUM_EVENT_TYPES
 from models.hstu import HSTU, BiasLookup, HSTUConfig, bucketize_time_gap
+from models.ranker import FrozenItemVectors, ItemVectors, with_vector_shape
 from models.ranking_data import RankingExamples, task_labels, validation_rows
 from models.wukong import mlp
 
@@ -92,6 +96,11 @@ class HSTURankerConfig:
     head_hidden: int = 64
     dropout: float = 0.0
     num_time_buckets: int = 128
+    # Frozen pre-trained item vectors added to every item token through a learned projection (as Wukong's
+    # ``models.ranker.RankerConfig.item_vectors``); the shape is set by training from the ItemVectors given.
+    item_vectors: bool = False
+    vector_items: int = 0
+    vector_dim: int = 0
 
     @property
     def max_len(self) -> int:
@@ -161,6 +170,9 @@ class HSTURanker(nn.Module):
             ],
             device=torch.device("cpu"),
         )
+        if cfg.item_vectors:
+            self.vectors = FrozenItemVectors(cfg.vector_items, cfg.vector_dim)  # V
+            self.project = nn.Linear(cfg.vector_dim, cfg.dim, bias=False)  # P
         self.hstu = HSTU(cfg.hstu())  # its blocks are the ranker's blocks, whichever path runs them
         self.head = nn.Sequential(nn.LayerNorm(cfg.dim), mlp([cfg.dim, cfg.head_hidden, len(self.tasks)],
                                                               cfg.dropout))
@@ -184,10 +196,14 @@ class HSTURanker(nn.Module):
         scale = math.sqrt(c.dim)
         item = emb["history_item"].values().view(B, E, c.dim)
         action = emb["action"].values().view(B, E, c.dim)
+        cand_item = emb["candidate_item"].values().view(B, M, c.dim)
+        if c.item_vectors:  # + P V[item]: what a retriever learnt of the item, beside what the slates teach
+            item = item + self.project(self.vectors(b.hist_items))
+            cand_item = cand_item + self.project(self.vectors(b.cand_items))
         valid = (torch.arange(E) < b.hist_len[:, None]).to(item.dtype)[..., None]  # [B, E, 1]
         hist = scale * _interleave(item * valid, action * valid)  # [B, 2E, D]
         hist_s = _interleave(b.hist_s, b.hist_s)  # [B, 2E]: both tokens of an event carry its time
-        cand = scale * (emb["candidate_item"].values() + emb["rank"].values()).view(B, M, c.dim)  # [B, M, D]
+        cand = scale * (cand_item + emb["rank"].values().view(B, M, c.dim))  # [B, M, D]
         return hist, hist_s, cand
 
     # ------------------------------------------------------------------------------------------ M-FALCON
@@ -397,15 +413,20 @@ def train_hstu_ranker(
     lr: float = 3e-3,
     seed: int = 0,
     valid_share: float = 0.0,
+    item_vectors: ItemVectors | None = None,
 ) -> HSTURanker:
     """Adam on the mean-over-tasks BCE; shuffled batches of whole requests (about ``batch_size`` examples each),
     deterministic given ``seed``. ``valid_share`` > 0: the requests of the last share of the examples by time are
     held out and the epoch with the best validation AUC on the first task is kept (``models.ranker.train_ranker``'s
-    rule; a request's candidates share one time, so a request is wholly in or out)."""
+    rule; a request's candidates share one time, so a request is wholly in or out). ``item_vectors``: the frozen
+    table of a config with ``item_vectors`` on."""
     from models.ranker import BestEpoch, auc
 
+    cfg = with_vector_shape(cfg or HSTURankerConfig(), item_vectors)
     torch.manual_seed(seed)
-    model = HSTURanker(cfg or HSTURankerConfig(), tasks)
+    model = HSTURanker(cfg, tasks)
+    if item_vectors is not None:
+        model.vectors.fill(item_vectors)
     labels = torch.from_numpy(task_labels(examples, tasks))
     groups = RequestGroups.build(examples, model.cfg.history_events)
     _, valid_rows = validation_rows(examples, np.arange(len(examples)), valid_share)

@@ -146,6 +146,54 @@ class ItemVectors:
         return cls(np.asarray(recommender.vocab.raw_ids, np.int64), matrix.astype(np.float32), source)
 
 
+def with_vector_shape(cfg, item_vectors: ItemVectors | None):  # noqa: ANN001, ANN201 - RankerConfig | HSTURankerConfig
+    """``cfg`` with its frozen table's shape set from ``item_vectors``; refuses vectors a config does not ask for,
+    and a config that asks for vectors without them."""
+    name = type(cfg).__name__
+    if cfg.item_vectors != (item_vectors is not None):
+        raise ValueError(f"{name}.item_vectors is on but no ItemVectors were given (a retriever's: "
+                         "ItemVectors.of_recommender)" if cfg.item_vectors else
+                         f"ItemVectors were given but {name}.item_vectors is off")
+    if item_vectors is None:
+        return cfg
+    return replace(cfg, vector_items=len(item_vectors.ids), vector_dim=item_vectors.vectors.shape[1])
+
+
+class FrozenItemVectors(nn.Module):
+    """``ItemVectors`` inside a model: raw item ids -> their frozen vectors [..., p] (zeros for an item the table
+    does not know). Buffers, not parameters: saved with the model's state, never trained. Built empty at the
+    table's shape (what a saved config records) and filled by ``fill``; Wukong / DLRM (``FeatureEncoder``) and
+    the HSTU ranker read their item vectors through it."""
+
+    ids: torch.Tensor
+    vectors: torch.Tensor
+
+    def __init__(self, items: int, dim: int):
+        super().__init__()
+        if items < 1 or dim < 1:
+            raise ValueError(f"item_vectors is on but the table's shape is unset ({items} x {dim}): training sets "
+                             "it from the ItemVectors it is given")
+        self.register_buffer("ids", torch.zeros(items, dtype=torch.int64))  # sorted raw ids
+        self.register_buffer("vectors", torch.zeros(items + 1, dim))  # row 0: "unknown", zeros
+
+    @torch.no_grad()
+    def fill(self, item_vectors: ItemVectors) -> None:
+        """Copy the table in, sorted by raw id so that a lookup is one ``searchsorted``."""
+        order = np.argsort(item_vectors.ids, kind="stable")
+        self.ids.copy_(torch.from_numpy(item_vectors.ids[order]))
+        self.vectors[0].zero_()
+        self.vectors[1:].copy_(torch.from_numpy(item_vectors.vectors[order]))
+
+    def rows(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Raw item ids [...] -> rows of ``vectors`` (0: an item the table does not know)."""
+        ids = ids if isinstance(ids, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(ids, np.int64))
+        pos = torch.searchsorted(self.ids, ids.contiguous()).clamp_max(len(self.ids) - 1)
+        return torch.where(self.ids[pos] == ids, pos + 1, torch.zeros_like(pos))
+
+    def forward(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return self.vectors[self.rows(ids)]  # [..., p]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Features (numpy, point-in-time, computed once per example set)
 # ----------------------------------------------------------------------------------------------------------
@@ -301,8 +349,6 @@ class FeatureEncoder(nn.Module):
 
     dense_mean: torch.Tensor
     dense_std: torch.Tensor
-    vector_ids: torch.Tensor
-    vectors: torch.Tensor
 
     def __init__(self, cfg: RankerConfig):
         super().__init__()
@@ -325,33 +371,14 @@ class FeatureEncoder(nn.Module):
         self.register_buffer("dense_std", torch.ones(n_dense))
         self.bottom = mlp([n_dense, cfg.mlp_hidden, cfg.dense_units * cfg.dim], cfg.dropout)
         if cfg.item_vectors:
-            if cfg.vector_items < 1 or cfg.vector_dim < 1:
-                raise ValueError("RankerConfig.item_vectors is on but the table's shape is unset: train_ranker sets "
-                                 "it from the ItemVectors it is given")
-            # Frozen (buffers, not parameters): sorted raw ids, and their vectors after a zero row for "unknown".
-            self.register_buffer("vector_ids", torch.zeros(cfg.vector_items, dtype=torch.int64))
-            self.register_buffer("vectors", torch.zeros(cfg.vector_items + 1, cfg.vector_dim))
+            self.vectors = FrozenItemVectors(cfg.vector_items, cfg.vector_dim)  # V
             self.project = nn.Linear(cfg.vector_dim, cfg.dim, bias=False)  # P
-
-    @torch.no_grad()
-    def set_vectors(self, item_vectors: ItemVectors) -> None:
-        """Copy the frozen table in (sorted by raw id, so a lookup is one ``searchsorted``)."""
-        order = np.argsort(item_vectors.ids, kind="stable")
-        self.vector_ids.copy_(torch.from_numpy(item_vectors.ids[order]))
-        self.vectors[0].zero_()
-        self.vectors[1:].copy_(torch.from_numpy(item_vectors.vectors[order]))
-
-    def _vector_rows(self, ids: np.ndarray) -> torch.Tensor:
-        """Raw item ids [...] -> rows of ``vectors`` (0: an item the table does not know)."""
-        ids = torch.from_numpy(np.ascontiguousarray(ids, np.int64))
-        pos = torch.searchsorted(self.vector_ids, ids).clamp_max(len(self.vector_ids) - 1)
-        return torch.where(self.vector_ids[pos] == ids, pos + 1, torch.zeros_like(pos))
 
     def vector_units(self, f: RankingFeatures, rows: np.ndarray) -> torch.Tensor:
         """[B, 2, d]: P V[candidate] and P mean(V[history]) (an empty history: zeros)."""
-        item = self.vectors[self._vector_rows(f.item[rows])]  # [B, p]
+        item = self.vectors(f.item[rows])  # [B, p]
         mask = torch.from_numpy(f.history_mask[rows]).unsqueeze(-1)  # [B, L, 1]
-        history = (self.vectors[self._vector_rows(f.history[rows])] * mask).sum(1) / mask.sum(1).clamp_min(1)
+        history = (self.vectors(f.history[rows]) * mask).sum(1) / mask.sum(1).clamp_min(1)
         return self.project(torch.stack([item, history], dim=1))  # [B, 2, d]
 
     def sparse(self, f: RankingFeatures, rows: np.ndarray) -> KeyedJaggedTensor:
@@ -479,16 +506,11 @@ def train_ranker(
     best validation AUC on the first task are kept (``valid_curve``, ``chosen_epoch``). Why: a ranker with hashed
     user and item ids memorises its training slates, and a fixed epoch count overfits a larger model sooner
     than a smaller one, which would make a size sweep measure the epoch count rather than the size."""
-    if cfg.item_vectors != (item_vectors is not None):
-        raise ValueError("RankerConfig.item_vectors is on but no ItemVectors were given (a retriever's: "
-                         "ItemVectors.of_recommender)" if cfg.item_vectors else
-                         "ItemVectors were given but RankerConfig.item_vectors is off")
-    if item_vectors is not None:
-        cfg = replace(cfg, vector_items=len(item_vectors.ids), vector_dim=item_vectors.vectors.shape[1])
+    cfg = with_vector_shape(cfg, item_vectors)
     torch.manual_seed(seed)
     ranker = Ranker(cfg, tasks)
     if item_vectors is not None:
-        ranker.encoder.set_vectors(item_vectors)
+        ranker.encoder.vectors.fill(item_vectors)
     f = ranking_features(examples_train, cfg.history_len, cfg.attribute_buckets if cfg.attributes else None,
                          max_history=cfg.max_history, engaged_history=cfg.history == "engaged")
     labels = torch.from_numpy(task_labels(examples_train, tasks))

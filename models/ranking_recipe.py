@@ -98,8 +98,9 @@ class RankingRecipe:
             raise ValueError(f"ranking recipe valid_share {recipe.valid_share}: expected in [0, 1)")
         if not 0 < recipe.test_share < 1:
             raise ValueError(f"ranking recipe test_share {recipe.test_share}: expected in (0, 1)")
-        if recipe.item_vectors and recipe.model not in ("wukong", "dlrm"):
-            raise ValueError(f"item_vectors are units of Wukong and DLRM, not of {recipe.model}: set it false")
+        if recipe.item_vectors and recipe.model == "argus":
+            raise ValueError("item_vectors are Wukong's, DLRM's and the HSTU ranker's; ARGUS is the retriever "
+                             "itself: set it false")
         if recipe.history not in ("all", "engaged"):
             raise ValueError(f"ranking recipe history {recipe.history!r}: expected all or engaged")
         if recipe.context and recipe.model != "argus":

@@ -332,7 +332,8 @@ def train_served_ranker(recipe: Any, train: RankingExamples, task: str, *, seed:
     common = {"epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": recipe.lr, "seed": seed,
               "valid_share": recipe.valid_share}
     if recipe.model == "hstu":
-        model: Ranker | HSTURanker = train_hstu_ranker(train, hstu or HSTURankerConfig(), tasks, **common)
+        cfg = replace(hstu or HSTURankerConfig(), item_vectors=recipe.item_vectors)
+        model: Ranker | HSTURanker = train_hstu_ranker(train, cfg, tasks, **common, item_vectors=item_vectors)
     else:
         model = train_ranker(train, recipe.ranker_config(max_history=max_history), tasks, **common,
                              item_vectors=item_vectors)

@@ -255,9 +255,10 @@ def test_item_vectors_are_a_frozen_table_read_by_raw_id_with_unknown_items_at_ze
     ranker = train_ranker(ex, cfg, tasks=("engaged",), epochs=1, batch_size=256, item_vectors=vectors)
     enc = ranker.encoder
     assert ranker.cfg.vector_items == 100 and ranker.cfg.vector_dim == 6 and ranker.cfg.num_units == cfg.num_units
-    assert "encoder.vectors" not in dict(ranker.named_parameters())  # frozen: a buffer, not trained
-    rows = enc._vector_rows(np.array([5, 99, 100, 119, 10_000]))
-    table = enc.vectors.numpy()
+    assert not [n for n, _ in ranker.named_parameters() if n.startswith("encoder.vectors")]  # frozen: buffers
+    assert "encoder.vectors.vectors" in ranker.state_dict()  # saved with the model
+    rows = enc.vectors.rows(np.array([5, 99, 100, 119, 10_000]))
+    table = enc.vectors.vectors.numpy()
     np.testing.assert_array_equal(table[rows[:2].numpy()], vectors.vectors[[94, 0]])  # ids 5 and 99 (reversed)
     assert rows[2:].tolist() == [0, 0, 0] and not table[0].any()
     f = ranking_features(ex, history_len=cfg.history_len, engaged_history=True)

@@ -272,8 +272,8 @@ def test_the_ranking_recipes_load_and_their_base_is_todays_behaviour() -> None:
         RankingRecipe.from_dict({**base.to_dict(), "speed": 1})
     with pytest.raises(ValueError, match="ARGUS feature"):
         resolve_ranking_recipe("wukong", context=True)
-    with pytest.raises(ValueError, match="units of Wukong and DLRM"):
-        resolve_ranking_recipe("hstu", item_vectors=True)
+    with pytest.raises(ValueError, match="ARGUS is the retriever"):
+        resolve_ranking_recipe("argus", item_vectors=True)
     with pytest.raises(ValueError, match="all or engaged"):
         resolve_ranking_recipe("wukong", history="liked")
 
