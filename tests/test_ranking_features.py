@@ -266,6 +266,7 @@ def test_the_ranking_recipes_load_and_their_base_is_todays_behaviour() -> None:
         assert recipes[n].item_vectors and recipes[n].history == "engaged", n
     assert recipes["wukong-ml1m"].vectors_recipe == recipes["dlrm-ml1m"].vectors_recipe == "hstu-ml1m"
     assert not base.item_vectors and base.history == "all"
+    assert recipes["hstu"].item_vectors and recipes["hstu"].history == "all"  # its action tokens mark the skips
     pre = resolve_recipe(recipes["argus-ml1m"].pretrain_recipe())
     assert pre.feedback_weight > 0 and pre.event_types and pre.max_len == 200  # hstu-ml1m plus ARGUS's task
     with pytest.raises(ValueError, match="unknown ranking recipe keys"):

@@ -23,7 +23,7 @@ Other ranking families. ``ranking.recipe`` naming a recipe whose ``model`` is wu
 (``models/configs/ranking/``) trains that model on the same training examples instead
 (``models.served_ranker.train_served_ranker``: the recipe's sizes and training values, the history-length
 feature capped at ``ingest.history_length``, the snapshot's item counts frozen into the artefact; a recipe with
-``item_vectors``, as the shipped wukong and dlrm are, reads the champion retriever's item embeddings, frozen into
+``item_vectors``, as the shipped wukong, dlrm and hstu are, reads the champion retriever's item embeddings, frozen into
 the artefact, and the run records that retriever's version as ``item_vectors_version``). It is saved
 as a ``ServedRanker`` (``ranker_family`` in its config), registered in the same rankers' registry, gated on
 the same test examples (there is no head it started from: popularity and the champion ranker re-scored,
