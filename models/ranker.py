@@ -140,8 +140,9 @@ class ItemVectors:
             raise ValueError("ItemVectors: ids must be unique")
 
     @classmethod
-    def of_recommender(cls, recommender, source: str = "") -> ItemVectors:  # noqa: ANN001 - models.recommender.Recommender
-        """A retriever's (normalised) item embeddings, the rows its scores are dot products with."""
+    def of_recommender(cls, recommender, source: str = "") -> ItemVectors:  # noqa: ANN001 - a Recommender
+        """A retriever's (``models.recommender.Recommender``) normalised item embeddings, the rows its scores are
+        dot products with."""
         matrix = recommender.item_matrix[1:].detach().float().numpy()  # row 0 is padding
         return cls(np.asarray(recommender.vocab.raw_ids, np.int64), matrix.astype(np.float32), source)
 
