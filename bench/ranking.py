@@ -224,14 +224,21 @@ def _apply_recipe(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None
 # ----------------------------------------------------------------------------------------------------------
 
 
+def logging_policy(world, history: pd.DataFrame, explore: float) -> np.ndarray:  # noqa: ANN001 - MusicWorld
+    """[items] the logging policy's chance of drawing each item: the organic ``history``'s popularity, mixed with a
+    uniform share ``explore``."""
+    n_items = world.settings.items
+    pop = np.bincount(history["item_id"].to_numpy(np.int64), minlength=n_items).astype(np.float64)
+    return (1 - explore) * pop / pop.sum() + explore / n_items
+
+
 def simulator_log(world, args: argparse.Namespace, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:  # noqa: ANN001
     """(interactions = organic history + reactions, exposures) of the logging policy, seeded."""
     from experiments.metrics import EXPOSURE_COLUMNS
 
     history = world.history_frame(end_ms=T0_MS)
     n_items = world.settings.items
-    pop = np.bincount(history["item_id"].to_numpy(np.int64), minlength=n_items).astype(np.float64)
-    p = (1 - args.explore) * pop / pop.sum() + args.explore / n_items
+    p = logging_policy(world, history, args.explore)
     rng = np.random.default_rng([seed, 1])
     slate = min(args.slate, n_items)
     exposures, reactions = [], []

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from bench.ranking import T0_MS, _parse_args, _split, _subset, oracle_scores, simulator_log
+from bench.ranking import T0_MS, _parse_args, _split, _subset, logging_policy, oracle_scores, simulator_log
 
 
 def _user_guess(world, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - MusicWorld
@@ -56,12 +56,11 @@ def ceiling_scores(world, part, history: dict[str, dict[int, np.ndarray]], conte
     ranks = ex["rank"].to_numpy()
     reach = np.array([full[ranks == r, 1].mean() for r in range(int(ranks.max()) + 1)])[ranks]  # P(examined) by rank
     n_items = world.settings.items
-    organic = world.history_frame(end_ms=T0_MS)
-    pop = np.bincount(organic["item_id"].to_numpy(np.int64), minlength=n_items).astype(np.float64)
-    logging_p = (1 - explore) * pop / pop.sum() + explore / n_items  # the logging policy (bench.simulator_log)
+    logging_p = logging_policy(world, world.history_frame(end_ms=T0_MS), explore)  # what placed the items above
     rng = np.random.default_rng([seed, 7])
-    guesses = {"pointwise": None, "pointwise, user unknown": "unknown"} | {
-        f"pointwise, user from {name}": name for name in history}
+    # Scorer -> None (the user's true state) or the items each user is guessed from (none: no user at all).
+    guesses: dict[str, dict[int, np.ndarray] | None] = {"pointwise": None, "pointwise, user unknown": {}} | {
+        f"pointwise, user from {name}": bags for name, bags in history.items()}
     out = {name: np.zeros(len(ex)) for name in guesses}
     for user, rows in ex.groupby("user_id").groups.items():
         user = int(user)
@@ -69,14 +68,9 @@ def ceiling_scores(world, part, history: dict[str, dict[int, np.ndarray]], conte
         items = ex.loc[rows, "item_id"].to_numpy(np.int64)
         first = ranks[at] == 0
         prevs = [world.recent_items(user, 1)[-1], *rng.choice(n_items, size=contexts, p=logging_p).tolist()]
-        for name, guess in guesses.items():
-            if guess is None:
-                state = {}
-            elif guess == "unknown":
-                state = dict(zip(("taste", "genre_weights"), _user_guess(world, np.zeros(0, np.int64))))
-            else:
-                seen = history[guess].get(user, np.zeros(0, np.int64))
-                state = dict(zip(("taste", "genre_weights"), _user_guess(world, seen)))
+        for name, bags in guesses.items():
+            state = {} if bags is None else dict(zip(("taste", "genre_weights"),
+                                                     _user_guess(world, bags.get(user, np.zeros(0, np.int64)))))
             played = world.played_probabilities(user, prevs, **state)  # [1 + contexts, items]
             p = np.where(first, played[0, items], played[1:, items].mean(0))
             out[name][at] = p * reach[at]
@@ -85,12 +79,12 @@ def ceiling_scores(world, part, history: dict[str, dict[int, np.ndarray]], conte
 
 def last_items(examples, cutoff_ms: int, n: int, engaged: bool) -> dict[int, np.ndarray]:  # noqa: ANN001
     """User -> their last ``n`` events' items before ``cutoff_ms`` (engaged events only, or every event)."""
-    from models.ranker import ENGAGED_TYPES
+    from features.events import POSITIVE_TYPES
 
     ev = examples.events
     ev = ev[ev["timestamp_ms"].to_numpy(np.int64) < cutoff_ms]
     if engaged:
-        ev = ev[ev["event_type"].astype(str).isin(ENGAGED_TYPES)]
+        ev = ev[ev["event_type"].astype(str).isin(POSITIVE_TYPES)]
     return {int(u): g["item_id"].to_numpy(np.int64)[-n:] for u, g in ev.groupby("user_id", sort=False)}
 
 

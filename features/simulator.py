@@ -355,12 +355,13 @@ class MusicWorld:
         self._check_items([p for p in prevs if p >= 0])
         if taste is None and genre_weights is None:
             base = self._base_now(user_id)
-        else:
-            weights = self.listeners.genre_end[user_id] if genre_weights is None else np.asarray(genre_weights)
-            vector = self.listeners.taste[user_id] if taste is None else np.asarray(taste, np.float32)
-            genre_term = self.params.genre_weight * np.log(weights + 0.02)
-            base = (genre_term[self.catalog.genre] + self.params.taste_weight * (self.catalog.vectors @ vector)
-                    + self.params.popularity_weight * self.catalog.log_popularity).astype(np.float32)
+        else:  # the same explore base, of a one-user Listeners holding the guess ("now" is t = 1: genre_end)
+            own = self.listeners
+            weights = own.genre_end[user_id] if genre_weights is None else np.asarray(genre_weights)
+            vector = own.taste[user_id] if taste is None else np.asarray(taste, np.float32)
+            guess = Listeners(genre_start=weights[None], genre_end=weights[None], taste=vector[None],
+                              favourites=own.favourites[user_id][None])
+            base = _base_scores(np.zeros(1, np.int64), np.ones(1), self.catalog, guess, self.params)[0]
         quality = self.params.quality_weight * self.catalog.quality
         out = np.empty((len(prevs), base.shape[0]))
         for row, prev in enumerate(prevs):

@@ -70,7 +70,6 @@ from models.wukong import Wukong, WukongConfig, mlp
 SPARSE_KEYS: tuple[str, ...] = ("item_id", "history", "user_id")
 ATTRIBUTE_KEYS: tuple[str, ...] = ("user_attributes", "item_attributes")
 VECTOR_UNITS: tuple[str, ...] = ("item_vector", "history_vector")
-ENGAGED_TYPES: tuple[str, ...] = tuple(sorted(str(getattr(t, "value", t)) for t in POSITIVE_TYPES))
 HISTORIES: tuple[str, ...] = ("all", "engaged")
 USER_ATTRIBUTES: tuple[str, ...] = ("gender", "age", "occupation")
 ITEM_ATTRIBUTES: tuple[str, ...] = ("genres", "album")
@@ -100,14 +99,14 @@ class RankerConfig:
     # online store's last ``ingest.history_length`` events, so the platform's rankers set that cap: training
     # then counts what serving can see (``models.served_ranker``).
     max_history: int | None = None
-    # Frozen pre-trained item vectors as two more units (candidate, history mean), through a learned projection.
-    # ``item_vectors`` asks for them; ``train_ranker`` sets the table's shape from the ``ItemVectors`` it is given
-    # (``vector_items`` rows, ``vector_dim`` wide), so that a saved config rebuilds the table to load into.
-    item_vectors: bool = False
     # "engaged": the history bag is the user's last L engaged events (listens, likes, ...), not the last L events
     # of any kind. Why: a logged slate adds every examined item to the history, skips included, so after a few
     # slates the last L events are mostly what the user was shown and turned down, not what they like.
     history: str = "all"
+    # Frozen pre-trained item vectors as two more units (candidate, history mean), through a learned projection.
+    # ``item_vectors`` asks for them; ``train_ranker`` sets the table's shape from the ``ItemVectors`` it is given
+    # (``vector_items`` rows, ``vector_dim`` wide), so that a saved config rebuilds the table to load into.
+    item_vectors: bool = False
     vector_items: int = 0
     vector_dim: int = 0
 
@@ -297,7 +296,8 @@ def ranking_features(examples: RankingExamples, history_len: int, attribute_buck
     ``popularity`` [N]: the item's event count to use instead of ``item_popularity_before`` (a server knows
     only its own users' histories, not every user's events: ``models.served_ranker`` passes counts frozen at
     training time); ``max_history``: cap of the history-length feature (``RankerConfig.max_history``);
-    ``engaged_history``: the history bag holds the last L *engaged* events (``ENGAGED_TYPES``) among the last
+    ``engaged_history``: the history bag holds the last L *engaged* events (``POSITIVE_TYPES``, the ``engaged``
+    label's types) among the last
     ``max_history`` events (all, without a cap), not the last L events of any type (``RankerConfig.history``)."""
     ex = examples.examples
     start, end = examples.hist_start, examples.hist_end
@@ -309,7 +309,7 @@ def ranking_features(examples: RankingExamples, history_len: int, attribute_buck
         # The last L engaged events: the same gather over the engaged events' positions. cum[e] counts the
         # engaged events before position e, so an example's engaged history is engaged[cum[start]:cum[end]].
         # With ``max_history``, only among the last max_history events: all that a served history holds.
-        is_engaged = examples.events["event_type"].astype(str).isin(ENGAGED_TYPES).to_numpy()
+        is_engaged = examples.events["event_type"].astype(str).isin(POSITIVE_TYPES).to_numpy()
         engaged = np.flatnonzero(is_engaged)
         cum = np.concatenate([[0], np.cumsum(is_engaged)])
         first = start if max_history is None else np.maximum(start, end - max_history)
@@ -337,6 +337,15 @@ def ranking_features(examples: RankingExamples, history_len: int, attribute_buck
         history=history.astype(np.int64), history_mask=mask, dense=dense,
         attributes=example_attribute_bags(examples, attribute_buckets) if attribute_buckets else None,
     )
+
+
+def config_features(cfg: RankerConfig, examples: RankingExamples, *,
+                    popularity: np.ndarray | None = None) -> RankingFeatures:
+    """``ranking_features`` as ``cfg`` reads them (history length and kind, attributes, the length cap): the one
+    mapping from a config to its features, for training and for prediction."""
+    return ranking_features(examples, cfg.history_len, cfg.attribute_buckets if cfg.attributes else None,
+                            popularity=popularity, max_history=cfg.max_history,
+                            engaged_history=cfg.history == "engaged")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -466,9 +475,6 @@ class Ranker(nn.Module):
     def forward(self, f: RankingFeatures, rows: np.ndarray) -> torch.Tensor:
         return self.backbone(self.encoder(f, rows))  # [B, num_tasks]
 
-    @property
-    def _buckets(self) -> int | None:
-        return self.cfg.attribute_buckets if self.cfg.attributes else None
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean over tasks and examples of BCE(logit, label); labels [B, num_tasks] in {0, 1}."""
@@ -479,8 +485,7 @@ class Ranker(nn.Module):
                 popularity: np.ndarray | None = None) -> np.ndarray:
         """[N, num_tasks] probabilities; ``popularity``: see ``ranking_features`` (None: the examples' own)."""
         self.eval()
-        f = ranking_features(examples, self.cfg.history_len, self._buckets, popularity=popularity,
-                             max_history=self.cfg.max_history, engaged_history=self.cfg.history == "engaged")
+        f = config_features(self.cfg, examples, popularity=popularity)
         out = [torch.sigmoid(self(f, np.arange(begin, min(begin + batch_size, len(f))))).numpy()
                for begin in range(0, len(f), batch_size)]
         return np.concatenate(out) if out else np.empty((0, len(self.tasks)), np.float32)
@@ -512,8 +517,7 @@ def train_ranker(
     ranker = Ranker(cfg, tasks)
     if item_vectors is not None:
         ranker.encoder.vectors.fill(item_vectors)
-    f = ranking_features(examples_train, cfg.history_len, cfg.attribute_buckets if cfg.attributes else None,
-                         max_history=cfg.max_history, engaged_history=cfg.history == "engaged")
+    f = config_features(cfg, examples_train)
     labels = torch.from_numpy(task_labels(examples_train, tasks))
     fit, valid = validation_rows(examples_train, np.arange(len(f)), valid_share)
     with torch.no_grad():

@@ -221,7 +221,7 @@ def test_the_engaged_history_is_the_last_engaged_events_before_t_within_the_serv
         world_examples: RankingExamples) -> None:
     """``history = "engaged"`` reads the last L listens and likes before t, skipping skips and dislikes; with
     ``max_history``, only among the last max_history events (what the online store serves): a brute force."""
-    from models.ranker import ENGAGED_TYPES
+    from features.events import POSITIVE_TYPES
 
     ex = world_examples
     pick = np.random.default_rng(2).choice(len(ex), size=60, replace=False)
@@ -231,7 +231,7 @@ def test_the_engaged_history_is_the_last_engaged_events_before_t_within_the_serv
             past = ex.history(int(i))
             if cap is not None:
                 past = past.tail(cap)
-            tail = past[past["event_type"].astype(str).isin(ENGAGED_TYPES)]["item_id"].to_numpy()[-5:]
+            tail = past[past["event_type"].astype(str).isin(POSITIVE_TYPES)]["item_id"].to_numpy()[-5:]
             assert f.history[i][f.history_mask[i]].tolist() == tail.tolist()
     plain = ranking_features(ex, history_len=5)
     engaged = ranking_features(ex, history_len=5, engaged_history=True)
