@@ -22,6 +22,9 @@ What it does, in order:
    lead (full oracle - window oracle at ``--window``): how much of what a lifelong model can gain it reaches
    (issue #36's bar: >= 10% relative and >= 90% of the lead).
 
+4. with ``--depths``, ranks each trained lifelong model's test targets again with its summary cut to the latest N
+   older events (``configs.<name>.depths``): how deep into the history its answers come from.
+
 Progress and the oracle report go to stderr; the LAST stdout line is one JSON object: ``world``, ``events``,
 ``oracle``, ``configs`` (per config: ``ndcg@10`` / ``hr@10`` with ``ci``, ``per_seed``, and ``vs_<baseline>``),
 ``skipped``, ``seeds``, ``wall_s``.
@@ -111,13 +114,27 @@ def versus(gains: dict[str, np.ndarray], base: dict[str, np.ndarray], oracle_lea
     return out
 
 
+def depth_figures(by_depth: dict[int, list[np.ndarray]], full: np.ndarray, rng: np.random.Generator,
+                  draws: int) -> dict[str, Any]:
+    """NDCG@10 of a lifelong model whose summary reads only the latest ``depth`` older events, and its paired
+    difference to reading them all (``full``, [seeds, T]): how deep into the history its answers come from."""
+    out: dict[str, Any] = {}
+    for depth, runs in sorted(by_depth.items()):
+        g = np.stack(runs)  # [seeds, T]
+        b = bootstrap(g - full, rng, draws)
+        out[str(depth)] = {"ndcg@10": round(float(g.mean()), 4), "minus_all": round(float((g - full).mean()), 4),
+                           "minus_all_ci": [round(b["ci_low"], 4), round(b["ci_high"], 4)]}
+    return out
+
+
 def run(size: WorldSize, configs: Sequence[str], seeds: Sequence[int], *, epochs: int | None = None,
         window: int = 200, recent: int = 50, baseline: str = "hstu", world_seed: int = 0,
         overrides: dict[str, str] | None = None, world: dict[str, str] | None = None, draws: int = BOOTSTRAP,
-        log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+        depths: Sequence[int] = (), log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """The whole bench (module docstring); returns the JSON object."""
     from models.data import build_sequences
-    from models.train import train
+    from models.evaluate import rank_targets
+    from models.train import make_split, train
 
     t0 = time.perf_counter()
     world = make_world(size, world_seed, world)
@@ -133,6 +150,7 @@ def run(size: WorldSize, configs: Sequence[str], seeds: Sequence[int], *, epochs
 
     skipped: dict[str, str] = {}
     gains: dict[str, dict[str, np.ndarray]] = {}
+    depth_gains: dict[str, dict[int, list[np.ndarray]]] = {}  # lifelong config -> depth -> per seed [T] NDCG@10
     for name in configs:
         try:
             cfgs = [resolve_config(name, seed=s, epochs=epochs, window=window, recent=recent, overrides=overrides)
@@ -152,6 +170,11 @@ def run(size: WorldSize, configs: Sequence[str], seeds: Sequence[int], *, epochs
             per_run.append({m: per_target(m, ranked.rank, len(result.vocab)) for m in METRICS})
             log(f"{name} seed {cfg.seed}: ndcg@10 {per_run[-1]['ndcg@10'].mean():.4f} hr@10 "
                 f"{per_run[-1]['hr@10'].mean():.4f} ({len(result.history)} epochs, {time.perf_counter() - t:.1f} s)")
+            if depths and result.model.summariser is not None:
+                split = make_split(seqs, cfg)
+                for depth in depths:  # the same model, its summary cut to the latest `depth` older events
+                    r = rank_targets(result.model, seqs, split.test, batch_size=cfg.eval_batch_size, older_events=depth)
+                    depth_gains.setdefault(name, {}).setdefault(depth, []).append(per_target("ndcg@10", r.rank, len(result.vocab)))
         gains[name] = {m: np.stack([g[m] for g in per_run]) for m in METRICS}  # [seeds, T]
     if not gains:
         raise SystemExit(f"no config to train: {json.dumps(skipped)}")
@@ -163,6 +186,8 @@ def run(size: WorldSize, configs: Sequence[str], seeds: Sequence[int], *, epochs
         figures[name] = config_figures(g, rng, draws)
         if baseline in gains and name != baseline:
             figures[name][f"vs_{baseline}"] = versus(g, gains[baseline], lead, rng, draws)
+        if name in depth_gains:
+            figures[name]["depths"] = depth_figures(depth_gains[name], g["ndcg@10"], rng, draws)
     return {"world": asdict(params), "events": int(events), "items": int(world.num_items),
             "targets": int(len(targets.user)), "window": window, "recent": recent, "epochs": epochs,
             "overrides": overrides or {},
@@ -218,14 +243,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--baseline", default="hstu", help="the config the others are compared with")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe key for every config, e.g. --set lr=0.002 (repeatable; max_len is the bench's)")
+    ap.add_argument("--depths", default="", help="comma-separated event counts, e.g. 1,200,1000: each lifelong model "
+                    "is ranked again with its summary reading only that many of the latest older events "
+                    "(configs.<name>.depths: how deep into the history its answers come from)")
     args = ap.parse_args(argv)
+    if any(d < 1 for d in _ints(args.depths)):
+        raise SystemExit(f"--depths takes positive event counts, got {args.depths!r}")
 
     base = SMOKE_SIZE if args.smoke else DEFAULT_SIZE
     size = WorldSize(users=args.users or base.users, min_events=args.min_events or base.min_events,
                      max_events=args.max_events or base.max_events)
     out = run(size, [c.strip() for c in args.configs.split(",") if c.strip()], _ints(args.seeds), epochs=args.epochs,
               window=args.window, recent=args.recent, baseline=args.baseline, world_seed=args.world_seed,
-              overrides=_overrides(args.set), world=_overrides(args.world), log=lambda m: print(m, file=sys.stderr, flush=True))
+              overrides=_overrides(args.set), world=_overrides(args.world), depths=_ints(args.depths), log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(out))
     return out
 

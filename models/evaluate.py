@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from models.data import Examples, UserSequences, batch_rows, make_batch
+from models.data import Examples, UserSequences, batch_rows, jagged_positions, make_batch
 from models.recommender import SequentialRecommender
 
 DEFAULT_KS = (1, 10, 50, 200)
@@ -92,8 +92,12 @@ def rank_targets(
     examples: Examples,
     *,
     batch_size: int = 256,
+    older_events: int = 0,
 ) -> RankedTargets:
-    """Rank each example's target against the full catalogue (``examples``: ``Split.valid`` / ``Split.test``)."""
+    """Rank each example's target against the full catalogue (``examples``: ``Split.valid`` / ``Split.test``).
+
+    ``older_events`` (vista): how many of the latest events before each window the summary reads; 0 = all, as
+    evaluation and serving do. A cap measures how deep into the history the model's answers come from."""
     was_training = model.training
     model.eval()
     num_items = model.cfg.num_items
@@ -102,12 +106,19 @@ def rank_targets(
     events, ranks, positive, fb_logits, fb_labels = [], [], [], [], []
     for rows in batch_rows(examples, batch_size, bucket_by_length=True):
         # vista: every event before the window, summarised (0 = no cap: evaluation reads the whole history)
-        older = 0 if model.cfg.reads_older else None
+        older = older_events if model.cfg.reads_older else None
         batch = make_batch(seqs, examples.subset(rows), with_seen=True, older_events=older).to(device)
-        h = model(batch.features, batch.timestamps, batch.query_timestamps, *batch.older_inputs())  # [N, D]
+        if model.cfg.reads_older:  # vista: the summary once, for the blocks and for the token scorer
+            summary = model.summarise_older(*batch.older_inputs())
+            h = model(batch.features, batch.timestamps, batch.query_timestamps, summary=summary)  # [N, D]
+        else:
+            h = model(batch.features, batch.timestamps, batch.query_timestamps)  # [N, D]
         user = h[batch.rank_mask]  # [B, D]: exactly one ranked position per window, in row order
         target = batch.target_ids[batch.rank_mask]  # [B]
         scores = user @ items.T  # [B, V + 1]
+        if model.cfg.reads_older and model.token_scorer is not None:  # each item also attends to the tokens
+            window = jagged_positions(batch.offsets, batch.lengths)[0][batch.rank_mask]  # [B'] windows ranked
+            scores = scores + model.token_scorer(summary, items)[window]
         # Read the target's score before masking the history: a re-consumed target keeps its score while
         # every other already-seen item drops out of the ranking.
         target_score = scores.gather(1, target[:, None])  # [B, 1]

@@ -92,6 +92,8 @@ class TrainConfig:
     hstu_gating: bool
     vista_tokens: int
     vista_train_older: int
+    vista_target_attention: bool
+    vista_recall_weight: float
     # objective
     negatives: int
     temperature: float
@@ -174,6 +176,7 @@ class TrainConfig:
             feedback_head=self.feedback_weight > 0,
             event_types=self.event_types,
             vista_tokens=self.vista_tokens if self.model == "vista" else 0,  # other models summarise nothing
+            vista_target_attention=self.vista_target_attention and self.model == "vista",
         )
 
     def train_older_events(self) -> int | None:
@@ -185,7 +188,7 @@ class TrainConfig:
 CHOICES = {"model": MODELS, "hstu_attention": ATTENTIONS, "targets": ("positive", "all"), "split": ("loo", "temporal"), "train_windows": ("last", "all"),
            "seen_filter": ("history", "window"), "autocast": ("auto", "bf16", "off")}
 AT_LEAST = {"max_len": 2, "dim": 4, "blocks": 1, "heads": 1, "attn_dim": 0, "linear_dim": 0, "ffn_dim": 0,
-            "num_time_buckets": 1, "vista_tokens": 1, "vista_train_older": 0, "negatives": 1, "feedback_weight": 0.0,
+            "num_time_buckets": 1, "vista_tokens": 1, "vista_train_older": 0, "vista_recall_weight": 0.0, "negatives": 1, "feedback_weight": 0.0,
             "batch_size": 1, "weight_decay": 0.0, "epochs": 1, "patience": 0, "eval_every": 1, "log_test_every": 0, "eval_batch_size": 1,
             "lr": 0.0}  # lr 0 is allowed on purpose: weights that never move (a control in tests and studies)
 
@@ -194,6 +197,8 @@ def _violations(cfg: TrainConfig) -> list[tuple[str, str]]:
     out = [(k, f"expected one of {', '.join(v)}") for k, v in CHOICES.items() if getattr(cfg, k) not in v]
     out += [(k, f"expected at least {v}") for k, v in AT_LEAST.items() if getattr(cfg, k) < v]
     out += [("temperature", "expected > 0")] if not cfg.temperature > 0 else []
+    if cfg.vista_recall_weight > 0 and not (cfg.model == "vista" and cfg.vista_target_attention):
+        out.append(("vista_recall_weight", "trains the token scorer: needs model vista with vista_target_attention: true"))
     out += [(k, "expected in [0, 1)") for k in ("dropout", "test_fraction", "valid_fraction")
             if not 0 <= getattr(cfg, k) < 1]
     if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):

@@ -43,7 +43,8 @@ from models.gpt import GPT, GPTConfig
 from models.hstu import HSTU, HSTUConfig
 from models.llama import Llama, LlamaConfig, swiglu_width
 from models.sasrec import SASRec, SASRecConfig
-from models.vista import Summariser, SummariserConfig, Summary, SummaryState, VistaEncoder, summarise_events
+from models.vista import (Summariser, SummariserConfig, Summary, SummaryState, TokenTargetAttention, VistaEncoder,
+                          summarise_events)
 
 FORMAT_VERSION = 1
 # FBGEMM's fused table-batched kernel, which DistributedModelParallel uses for sharded tables, needs a row width
@@ -62,6 +63,8 @@ MODELS = tuple(ENCODERS)
 PUBLISHED_HSTU = {"hstu_rab": True, "hstu_attention": "silu", "hstu_gating": True}
 # A saved model lacking ``vista_tokens`` predates VISTA, so it is not a VISTA model: 0 tokens, nothing summarised.
 BEFORE_VISTA = {"vista_tokens": 0}
+# A saved model lacking ``vista_target_attention`` predates the token scorer: its candidates read no tokens.
+BEFORE_TARGET_ATTENTION = {"vista_target_attention": False}
 
 
 def ann_index(items: np.ndarray, m: int = 32, ef_search: int = 128):  # noqa: ANN201 - a faiss index
@@ -96,6 +99,7 @@ class ModelConfig:
     feedback_head: bool  # ARGUS: P(positive reaction | history, next item)
     event_types: bool  # add the event-type embedding to each history token
     vista_tokens: int  # vista: K summary tokens of the events before the recent max_len (0 for other models)
+    vista_target_attention: bool  # vista: each candidate also attends to the tokens (``TokenTargetAttention``)
 
     def encoder_class(self) -> type[nn.Module]:
         if self.model not in ENCODERS:
@@ -113,7 +117,8 @@ class ModelConfig:
         return self.model == "vista"
 
     def summariser_config(self) -> SummariserConfig:
-        return SummariserConfig(num_items=self.num_items, dim=self.dim, tokens=self.vista_tokens, dropout=self.dropout)
+        return SummariserConfig(num_items=self.num_items, dim=self.dim, tokens=self.vista_tokens, dropout=self.dropout,
+                                mass=self.vista_target_attention)
 
     def hstu_config(self) -> HSTUConfig:
         per_head = self.dim // self.heads
@@ -159,7 +164,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
-        d = {**PUBLISHED_HSTU, **BEFORE_VISTA, **d}  # only these keys may be missing: see their comments
+        d = {**PUBLISHED_HSTU, **BEFORE_VISTA, **BEFORE_TARGET_ATTENTION, **d}  # only these keys may be missing: see their comments
         missing = sorted(known - set(d))
         if missing:  # a model saved by a version of Encore older than one of these keys: retrain it
             raise ValueError(f"saved model config lacks {missing}: it was saved by an older Encore; retrain it")
@@ -236,6 +241,8 @@ class SequentialRecommender(nn.Module):
         self.feedback_head = FeedbackHead(cfg.dim) if cfg.feedback_head else None
         # VISTA's stage 1, created last so that the other families draw their initial weights exactly as before
         self.summariser = Summariser(cfg.summariser_config()) if cfg.reads_older else None
+        # and its target attention, after it for the same reason: None unless vista_target_attention
+        self.token_scorer = TokenTargetAttention(cfg.dim) if cfg.reads_older and cfg.vista_target_attention else None
 
     def forward(
         self,
@@ -272,7 +279,7 @@ class SequentialRecommender(nn.Module):
             h = self.encoder(x, offsets, timestamps, query_timestamps, summary)  # [N, D]
         return _l2(h)
 
-    def summarise_older(self, older: KeyedJaggedTensor | None, older_timestamps: torch.Tensor | None) -> Summary:
+    def summarise_older(self, older: KeyedJaggedTensor | None = None, older_timestamps: torch.Tensor | None = None) -> Summary:
         """VISTA: the summary of each sequence's older events, from scratch (linear in their number)."""
         if older is None or older_timestamps is None:
             raise ValueError("a vista model reads each window's older events: build its batches with "
@@ -445,6 +452,13 @@ class Recommender:
         user's cached ``Summary`` or ``SummaryState``, made by this model's summariser) that summary stands for
         every event before the last ``max_len`` of history r, whose older events are then not read, so the
         cost no longer grows with the history."""
+        rows, users, seen, _ = self._encode(histories, now_ms, summaries)
+        return rows, users, seen
+
+    def _encode(self, histories: Sequence[Mapping[str, Any]], now_ms: int | None,
+                summaries: Sequence[Summary | SummaryState | None] | None):
+        """``user_embeddings`` plus the batch's ``Summary`` (vista; None for other models), which the token
+        scorer reads: -> (rows, users [B', D], seen, summary of the B' rows)."""
         max_len = self.config.max_len
         vista = self.model.summariser is not None
         if summaries is not None and (not vista or len(summaries) != len(histories)):
@@ -466,13 +480,13 @@ class Recommender:
             cut = 0 if cached is not None else max(len(idx) - max_len, 0)  # older events summarised here
             older.append((idx[:cut], codes[:cut], ts_ms[:cut] // 1000))
         if not rows:
-            return [], torch.zeros(0, self.config.dim), []
+            return [], torch.zeros(0, self.config.dim), [], None
         batch = batch_from_histories(items, types, times, queries)
         with torch.inference_mode():
             summary = self._summaries(older, given) if vista else None
             h = self.model(batch.features, batch.timestamps, batch.query_timestamps, summary=summary)  # [N, D]
             users = h[batch.offsets[1:] - 1]  # state after each user's last event: [B', D]
-        return rows, users, seen
+        return rows, users, seen, summary
 
     def _summaries(self, older: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
                    given: list[Summary | SummaryState | None]) -> Summary:
@@ -526,18 +540,21 @@ class Recommender:
         states: list[torch.Tensor | None] = [None] * len(histories)
         for lo in range(0, len(histories), batch_size):
             chunk = histories[lo : lo + batch_size]
-            rows, users, seen = self.user_embeddings(
-                chunk, now_ms, summaries=summaries[lo : lo + batch_size] if summaries is not None else None)
+            rows, users, seen, summary = self._encode(
+                chunk, now_ms, summaries[lo : lo + batch_size] if summaries is not None else None)
             if not rows:
                 continue
             for b, r in enumerate(rows):
                 states[lo + r] = users[b]
-            if self.index is not None:
+            scorer = self.model.token_scorer
+            if self.index is not None and scorer is None:  # the token prior is not in the index: score exactly
                 for b, r in enumerate(rows):
                     out[lo + r] = self._ann_top_k(users[b], seen[b] if exclude_seen else np.zeros(0, np.int64), k)
                 continue
             with torch.inference_mode():
                 scores = users @ self.item_matrix.T  # [B', V + 1]
+                if scorer is not None:  # vista: each item attends to the user's summary tokens too
+                    scores = scores + scorer(summary, self.item_matrix)
                 scores[:, 0] = -math.inf  # padding row
                 if exclude_seen:
                     r = torch.from_numpy(np.repeat(np.arange(len(rows)), [len(s) for s in seen]))

@@ -63,6 +63,7 @@ from models.cpu_memory import retain_freed_memory
 from models.evaluate import RankedTargets, evaluate, rank_targets, split_metrics
 from models.recipe import BASE_RECIPE, TrainConfig, resolve_recipe
 from models.recommender import Recommender, SequentialRecommender, build_model
+from models.vista import Summary
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -179,11 +180,16 @@ def sampled_softmax_loss(
     neg_index: torch.Tensor,  # [M, R] long: row m's negatives are pool[neg_index[m]]
     temperature: float,
     reduction: str = "mean",  # "sum": the distributed trainer divides by the global batch's count itself
+    pos_prior: torch.Tensor | None = None,  # [M] a score added to the cosine (VISTA's token target attention)
+    neg_prior: torch.Tensor | None = None,  # [M, R] the same for each negative
 ) -> torch.Tensor:
     user = user.float() / temperature  # fp32 under autocast too; scale the [M, D] side, not the [M, P] logits
     positive = positive.float()
     pos_logit = (user * positive).sum(-1, keepdim=True)  # [M, 1]
     neg_logit = NegativeLogits.apply(user, pool, neg_index)  # [M, R]
+    if pos_prior is not None and neg_prior is not None:  # in cosine units, so over the temperature too
+        pos_logit = pos_logit + pos_prior.float()[:, None] / temperature
+        neg_logit = neg_logit + neg_prior.float() / temperature
     # An "accidental hit" (negative == positive) is not a negative: drop it from the softmax denominator.
     neg_logit = neg_logit.masked_fill(pool_ids[neg_index] == positive_ids[:, None], -math.inf)
     logits = torch.cat([pos_logit, neg_logit], dim=1)  # [M, 1 + R]; the positive is class 0
@@ -194,19 +200,22 @@ class RecommenderTrain(nn.Module):
     """TorchRec train-module convention (cf. DLRMTrain): ``forward(batch) -> (loss, detached outputs)``."""
 
     def __init__(self, model: SequentialRecommender, negatives: int, temperature: float, feedback_weight: float = 0.0,
-                 negative_pool: int | None = None):
+                 negative_pool: int | None = None, recall_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.negatives = negatives
         self.temperature = temperature
         self.feedback_weight = feedback_weight
+        if recall_weight > 0 and model.token_scorer is None:
+            raise ValueError("vista_recall_weight > 0 trains the token scorer: it needs vista_target_attention: true")
+        self.recall_weight = recall_weight
         # None: the whole catalogue (exact per-position uniform negatives)
         self.negative_pool = negative_pool or model.cfg.num_items
 
     @classmethod
     def from_config(cls, model: SequentialRecommender, cfg: "TrainConfig") -> "RecommenderTrain":
         pool = negative_pool_size(model.cfg.num_items, cfg.negatives, cfg.batch_size, cfg.max_len)
-        return cls(model, cfg.negatives, cfg.temperature, cfg.feedback_weight, pool)
+        return cls(model, cfg.negatives, cfg.temperature, cfg.feedback_weight, pool, cfg.vista_recall_weight)
 
     def draw_negatives(self, num_windows: int, window_len: int, generator: torch.Generator | None = None) -> NegativeDraw:
         return NegativeDraw.draw(self.model.cfg.num_items, self.negatives, num_windows, window_len, self.negative_pool, generator)
@@ -220,7 +229,12 @@ class RecommenderTrain(nn.Module):
         global count, so the terms of all ranks add up to the single-process mean over the whole batch."""
         if not isinstance(negatives, NegativeDraw):
             negatives = self.draw_negatives(batch.batch_size, batch.max_length, negatives)
-        user = self.model(batch.features, batch.timestamps, batch.query_timestamps, *batch.older_inputs())  # [N, D]
+        summary = None
+        if self.model.summariser is not None:  # vista: the summary once, for the blocks and for the token scorer
+            summary = self.model.summarise_older(*batch.older_inputs())
+            user = self.model(batch.features, batch.timestamps, batch.query_timestamps, summary=summary)  # [N, D]
+        else:
+            user = self.model(batch.features, batch.timestamps, batch.query_timestamps)  # [N, D]
         rank = batch.rank_mask  # [N] positions whose next event is a ranked target
         pos_ids = batch.target_ids[rank]  # [M]
         # each ranked position's negatives, addressed by (window in the global batch, position in the window)
@@ -239,10 +253,19 @@ class RecommenderTrain(nn.Module):
         # Sums over counts rather than means: a batch without ranked positions (every target in it is a
         # feedback-only event) then adds 0 to the loss and to the epoch's log, not NaN.
         next_count = global_counts[0].clamp(min=1) if part else max(len(pos_ids), 1)
+        pos_prior = neg_prior = pool_prior = None
+        if self.model.token_scorer is not None:  # the prior is per (window, item): one [B, P] for the pool
+            pos_prior = self.model.token_scorer.pairs(summary, row[rank], pos_e)  # [M]
+            pool_prior = self.model.token_scorer(summary, pool_e)  # [B, P]
+            neg_prior = pool_prior[row[rank][:, None], neg_index]  # [M, R]
         next_loss = sampled_softmax_loss(user[rank], pos_e, pool_e, pos_ids, pool_ids, neg_index, self.temperature,
-                                         reduction="sum") / next_count
+                                         reduction="sum", pos_prior=pos_prior, neg_prior=neg_prior) / next_count
         loss = next_loss
         out = {"next_item_loss": next_loss.detach()}
+        if self.recall_weight > 0:
+            recall_loss = self.recall_loss(batch, summary, pool_prior, pool_ids, pool_e)
+            loss = loss + self.recall_weight * recall_loss
+            out["recall_loss"] = recall_loss.detach()
         # A split batch keeps the feedback term even when this rank has no feedback position (an empty sum, 0):
         # every rank must run the same graph, or DDP waits forever for the head's gradients.
         if use_fb and (len(fb_ids) > 0 or part):
@@ -254,6 +277,30 @@ class RecommenderTrain(nn.Module):
             out["feedback_loss"] = fb_loss.detach()
         out["loss"] = loss.detach()
         return loss, out
+
+
+    RECALL_SAMPLES = 16  # older events recalled per window and step
+
+    def recall_loss(self, batch: Batch, summary: Summary, pool_prior: torch.Tensor, pool_ids: torch.Tensor,
+                    pool_e: torch.Tensor) -> torch.Tensor:
+        """VISTA's reconstruction objective, through the token scorer: events drawn uniformly from each window's
+        older prefix (the events its summary pooled) must score above the negative pool, in a sampled softmax.
+        Why: the next-item targets rarely need the distant past (most are explained by the last few hundred
+        events), so without it the tokens learn little of it; recalling old events makes the prior hold the
+        lifelong distribution of what the user plays, which generalises through the item embeddings to unheard
+        items of the same artists. [S] recalled items, [S, P] negatives from the pool's prior."""
+        older = batch.older.to_dict()["item_id"]
+        lengths, starts = older.lengths(), older.offsets()[:-1]  # [B]
+        windows = torch.nonzero(lengths > 0).squeeze(1)  # [B'] windows with a summary
+        if windows.numel() == 0:
+            return pool_prior.sum() * 0.0
+        draw = (torch.rand(len(windows), self.RECALL_SAMPLES, device=lengths.device) * lengths[windows, None]).long()
+        ids = older.values()[starts[windows, None] + draw].reshape(-1)  # [S]
+        rows = windows.repeat_interleave(self.RECALL_SAMPLES)  # [S]
+        pos = self.model.token_scorer.pairs(summary, rows, self.model.item_embeddings(ids))  # [S]
+        neg = pool_prior[rows].masked_fill(pool_ids[None, :] == ids[:, None], -math.inf)  # [S, P]: no accidental hit
+        logits = torch.cat([pos[:, None], neg], dim=1).float() / self.temperature  # [S, 1 + P]
+        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
 def make_optimizer(model: SequentialRecommender, cfg: TrainConfig) -> torch.optim.Optimizer:

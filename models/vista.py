@@ -40,6 +40,14 @@ recent events up to itself. A user with nothing before the window (n = 0) has no
 then compute what HSTU's would. The output is the user state after each position, scored against every item by
 cosine exactly as ``models.recommender.SequentialRecommender`` does for the other families.
 
+Optional (``vista_target_attention``), ``TokenTargetAttention``: every candidate item also attends to the tokens,
+and the tokens also read each query's log-mass per event (h += w_m (log Z - log(1 + n))):
+
+    score(u, c) = cos(u, e_c) + sum_k softmax_k((W_q e_c) . (W_k t_k) / sqrt(D)) (W_v t_k) . e_c
+
+and (``vista_recall_weight``, models/train.py) a recall loss trains that prior to score events drawn from the
+summarised prefix above the negatives: the issue's reconstruction objective.
+
 What is cached: the *state* (``SummaryState``: P in fp16, log Z in fp32, T, n: ``STATE_BYTES``) is what an
 incremental refresh needs; the *tokens* (``Summary``: K x D fp16 and T) are what the downstream model reads
 and what the online store serves (the issue's ``user_summary`` view). Both are constant in history length;
@@ -89,6 +97,7 @@ class SummariserConfig:
     dim: int  # D of the events, the pooled values and the tokens (= the downstream model's width)
     tokens: int  # K learned queries = K summary tokens
     dropout: float  # on each event's features, in training only
+    mass: bool = False  # tokens also read each query's log-mass per event (recipe key vista_target_attention)
 
 
 @dataclass
@@ -209,6 +218,9 @@ class Summariser(nn.Module):
         self.token_emb = nn.Parameter(torch.randn(k, d) * 0.02)  # E_token: which query a token came from
         self.pooled_proj = nn.Linear(d, d)  # W_p
         self.size_w = nn.Parameter(torch.zeros(d))  # w_n: how long the summarised history is
+        # w_m: how strongly the history matches each query, per event (a soft histogram over K "topics"). P alone is
+        # a weighted *mean*: it says which events a query matched, not how many; target attention needs how many
+        self.mass_w = nn.Parameter(torch.zeros(d)) if cfg.mass else None
         self.mlp = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d))
         self.register_buffer("rates", decay_rates(k), persistent=False)  # [K] float64 lambda_k
 
@@ -267,9 +279,13 @@ class Summariser(nn.Module):
 
     # -- the tokens ---------------------------------------------------------------------------------------
     def tokens(self, state: SummaryState) -> torch.Tensor:
-        """[B, K, D] summary tokens of a state: h = W_p P + E_token + w_n log(1 + n); tokens = h + MLP(LN(h))."""
+        """[B, K, D] summary tokens of a state: h = W_p P + E_token + w_n log(1 + n) [+ w_m (log Z - log(1 + n))];
+        tokens = h + MLP(LN(h))."""
         size = torch.log1p(state.count.to(state.pooled.dtype))[:, None, None]  # [B, 1, 1]
         h = self.pooled_proj(state.pooled) + self.token_emb + size * self.size_w  # [B, K, D]
+        if self.mass_w is not None:  # an empty state's log Z is -inf: its tokens are never read (count 0)
+            mass = torch.nan_to_num(state.log_mass.to(h.dtype)[..., None] - size, neginf=0.0)  # [B, K, 1]
+            h = h + mass * self.mass_w
         return h + self.mlp(h)
 
     def summarise(self, state: SummaryState) -> Summary:
@@ -282,7 +298,10 @@ class Summariser(nn.Module):
     def version(self) -> str:
         """A stable fingerprint of this summariser: sha256 of its config and every weight's bytes, 12 hex
         digits. Summaries made by weights with another version are not this model's summaries."""
-        h = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode())
+        cfg = asdict(self.cfg)
+        if not cfg["mass"]:  # a summariser without the mass feature hashes as it did before the feature existed
+            del cfg["mass"]
+        h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
         for name, t in sorted(self.state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -363,6 +382,43 @@ class VistaEncoder(nn.Module):
         return x
 
 
+class TokenTargetAttention(nn.Module):
+    """The candidate attends to the summary tokens (VISTA's target attention, for every item of a catalogue):
+
+        a_k(c)   = softmax_k( (W_q e_c) . (W_k t_k) / sqrt(D) )      # [K] which tokens the candidate reads
+        score(c) = sum_k a_k(c) (W_v t_k) . e_c                        # a lifelong prior over items
+
+    added to the user state's cosine with e_c (in the same units: e_c is L2-normalised). Why: the user state is
+    one D-dimensional vector, and a cosine with it can only express a D-dimensional family of preferences over
+    items; a lifelong taste (say a hundred favourite artists of a thousand) is not in that family. Each candidate
+    reading its own tokens can express one. The prior depends on the user's summary and the item alone, not on
+    the position in the recent window, so one [B, C] matrix serves every position of a window. W_v starts at 0:
+    an untrained scorer adds nothing."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        nn.init.zeros_(self.value.weight)
+
+    def forward(self, summary: Summary, items: torch.Tensor) -> torch.Tensor:
+        """``summary`` of B users, items [C, D] (L2-normalised) -> [B, C] scores (0 for a user with no summary)."""
+        tokens = summary.tokens.to(items.dtype)  # [B, K, D]
+        logits = torch.einsum("cd,bkd->bck", self.query(items), self.key(tokens)) / math.sqrt(self.dim)  # [B, C, K]
+        per_token = torch.einsum("bkd,cd->bck", self.value(tokens), items)  # [B, C, K]: (W_v t_k) . e_c
+        scores = (logits.softmax(dim=-1) * per_token).sum(-1)  # [B, C]
+        return scores * (summary.count > 0).to(scores.dtype)[:, None]
+
+    def pairs(self, summary: Summary, rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """One item per row: user ``rows[m]`` of ``summary`` against items[m] [M, D] -> [M] scores."""
+        tokens = summary.tokens[rows].to(items.dtype)  # [M, K, D]
+        logits = torch.einsum("md,mkd->mk", self.query(items), self.key(tokens)) / math.sqrt(self.dim)  # [M, K]
+        per_token = torch.einsum("mkd,md->mk", self.value(tokens), items)  # [M, K]
+        return (logits.softmax(dim=-1) * per_token).sum(-1) * (summary.count[rows] > 0).to(items.dtype)
+
+
 def summarise_events(summariser: Summariser, items: list[np.ndarray], event_types: list[np.ndarray],
                      timestamps_s: list[np.ndarray], state: SummaryState | None = None) -> SummaryState:
     """Numpy convenience: fold each user's (dense item ids, event codes, seconds) into ``state`` (empty if None)."""
@@ -372,5 +428,6 @@ def summarise_events(summariser: Summariser, items: list[np.ndarray], event_type
     return summariser.update(state, cat(items), cat(event_types), cat(timestamps_s), offsets_of(lengths))
 
 
-__all__ = ["DECAY_HALF_LIVES_DAYS", "Summariser", "SummariserConfig", "Summary", "SummaryState", "VistaEncoder",
+__all__ = ["DECAY_HALF_LIVES_DAYS", "Summariser", "SummariserConfig", "Summary", "SummaryState", "TokenTargetAttention",
+           "VistaEncoder",
            "decay_rates", "state_bytes", "summarise_events", "time_features"]

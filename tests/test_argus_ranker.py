@@ -30,7 +30,7 @@ def untrained_argus(max_len: int = 12, seed: int = 0) -> Recommender:
     cfg = ModelConfig(model="hstu", num_items=ITEMS, max_len=max_len, dim=16, blocks=1, heads=1, attn_dim=0,
                       linear_dim=0, ffn_dim=0, dropout=0.0, num_time_buckets=16, hstu_rab=True,
                       hstu_attention="silu", hstu_gating=True, feedback_head=True, event_types=True,
-                      vista_tokens=0)
+                      vista_tokens=0, vista_target_attention=False)
     return Recommender(build_model(cfg), ItemVocab.build(np.arange(1, ITEMS + 1)))
 
 

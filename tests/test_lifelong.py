@@ -179,3 +179,19 @@ def test_bench_smoke_prints_json_last(capsys: pytest.CaptureFixture[str]) -> Non
     assert 0.0 <= hstu["ndcg@10"] <= 1.0 and hstu["ndcg@10_ci"][0] <= hstu["ndcg@10"] <= hstu["ndcg@10_ci"][1]
     assert out["oracle"]["targets"] == out["targets"] == out["world"]["users"]
     assert out["wall_s"] > 0
+
+
+def test_bench_depths_cut_the_summary_of_the_same_model(capsys: pytest.CaptureFixture[str]) -> None:
+    """--depths ranks each trained lifelong model again with its summary cut to the latest N older events; a cut
+    deeper than any history reads them all, so it must give the full figure exactly."""
+    from bench.lifelong import main
+
+    main(["--smoke", "--configs", "vista-lifelong,hstu", "--seeds", "0", "--epochs", "1", "--depths", "1,100000"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    depths = out["configs"]["vista-lifelong"]["depths"]
+    assert set(depths) == {"1", "100000"} and "depths" not in out["configs"]["hstu"]
+    assert depths["100000"]["minus_all"] == 0.0 and depths["100000"]["ndcg@10"] == out["configs"]["vista-lifelong"]["ndcg@10"]
+    assert 0.0 <= depths["1"]["ndcg@10"] <= 1.0
+    assert depths["1"]["minus_all_ci"][0] <= depths["1"]["minus_all"] <= depths["1"]["minus_all_ci"][1]
+    with pytest.raises(SystemExit, match="depths"):
+        main(["--smoke", "--depths", "0"])

@@ -185,7 +185,7 @@ def untrained_argus(items: int) -> Recommender:
     cfg = ModelConfig(model="hstu", num_items=items, max_len=12, dim=16, blocks=1, heads=1, attn_dim=0,
                       linear_dim=0, ffn_dim=0, dropout=0.0, num_time_buckets=16, hstu_rab=True,
                       hstu_attention="silu", hstu_gating=True, feedback_head=True, event_types=True,
-                      vista_tokens=0)
+                      vista_tokens=0, vista_target_attention=False)
     return Recommender(build_model(cfg), ItemVocab.build(np.arange(1, items + 1)))
 
 

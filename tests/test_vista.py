@@ -336,3 +336,97 @@ def test_configs_before_vista_load_as_other_models() -> None:
     assert resolve_recipe("vista").train_older_events() == 0
     with pytest.raises(ValueError, match="vista_tokens"):
         resolve_recipe("vista", vista_tokens=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the candidate's target attention to the tokens (vista_target_attention)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_token_target_attention_scores_per_user_and_item() -> None:
+    model = _model(vista_target_attention=True)
+    scorer = model.token_scorer
+    assert scorer is not None and model.summariser.mass_w is not None
+    seqs = build_sequences(_frame(lengths=(30, 40)))
+    batch = make_batch(seqs, leave_one_out(seqs, 12).test, older_events=0)
+    summary = model.summarise_older(batch.older, batch.older_timestamps)
+    items = model.all_item_embeddings()
+    assert torch.count_nonzero(scorer(summary, items)) == 0  # W_v starts at 0: an untrained scorer adds nothing
+    torch.nn.init.normal_(scorer.value.weight)
+    scores = scorer(summary, items)  # [B, V + 1]
+    rows = torch.arange(len(summary.count)).repeat_interleave(V + 1)
+    pairs = scorer.pairs(summary, rows, items.repeat(len(summary.count), 1)).view(-1, V + 1)
+    torch.testing.assert_close(pairs, scores, atol=1e-5, rtol=1e-5)  # one item per row: the same scores
+    # a user with nothing before the window has no tokens: the prior is 0 for every item
+    empty = Summary(summary.tokens, summary.last_time, torch.zeros_like(summary.count))
+    assert torch.count_nonzero(scorer(empty, items)) == 0
+    assert torch.count_nonzero(scores) > 0
+
+
+def test_target_attention_trains_and_serves_as_it_is_evaluated(tmp_path: Path) -> None:
+    """The token prior is part of every score: training's loss, evaluation's ranking and the served top-k, from
+    the whole history or from a cached state, rank alike; a saved model keeps it."""
+    from models.evaluate import rank_targets
+
+    torch.set_num_threads(1)
+    cfg = resolve_recipe("vista", dim=D, heads=2, vista_tokens=K, max_len=8, epochs=3, batch_size=8, lr=0.005,
+                         eval_batch_size=16, dropout=0.0, vista_target_attention=True)
+    frame = _frame(users=24, lengths=(30, 60))
+    # each user's held-out last event: an item they never heard, so serving (which drops heard items) ranks it too
+    rng = np.random.default_rng(5)
+    last = frame.groupby("user_id").tail(1).copy()
+    last["item_id"] = [int(rng.choice(np.setdiff1d(VOCAB.raw_ids, g.item_id))) for _, g in frame.groupby("user_id")]
+    last["timestamp_ms"] += 60_000
+    frame = pd.concat([frame, last], ignore_index=True)
+    result = train(frame, cfg, progress=False, catalogue=VOCAB.raw_ids)
+    model = result.model.eval()
+    assert torch.count_nonzero(model.token_scorer.value.weight) > 0  # gradients reached the scorer
+    rec = Recommender.load(result.recommender().save(tmp_path / "vista-ta"))
+    seqs = build_sequences(frame, vocab=rec.vocab)
+    test = leave_one_out(seqs, cfg.max_len).test
+    ranked = rank_targets(model, seqs, test)
+    checked = 0
+    for w in range(len(test)):
+        user, target_at = int(np.searchsorted(seqs.offsets, test.start[w], side="right") - 1), int(test.rank_at[w])
+        lo = int(seqs.offsets[user])
+        h = _history(rec.vocab.raw_ids[seqs.items[lo:target_at] - 1], seqs.event_types[lo:target_at],
+                     seqs.timestamps[lo:target_at])
+        target = int(rec.vocab.raw_ids[seqs.items[target_at] - 1])
+        now_ms = int(seqs.timestamps[target_at]) * 1000
+        served = [i for i, _ in rec.recommend([h], k=V, now_ms=now_ms)[0]]
+        if target not in set(h["item_ids"].tolist()):  # a re-heard target: evaluation ranks it, serving drops it
+            checked += 1
+            assert served.index(target) == int(ranked.rank[w]), (w, served.index(target), int(ranked.rank[w]))
+        cut = target_at - lo - cfg.max_len
+        if cut > 0:  # a cached state of the older events serves the same list
+            state = rec.summarise([_history(h["item_ids"][:cut], h["event_types"][:cut], h["timestamps_ms"][:cut] // 1000)])
+            assert [i for i, _ in rec.recommend([h], k=V, now_ms=now_ms, summaries=[state])[0]] == served
+    assert checked >= 3
+
+
+def test_configs_before_target_attention_load_without_it() -> None:
+    cfg = vista_config()
+    assert not cfg.vista_target_attention and build_model(cfg).token_scorer is None
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "vista_target_attention"}
+    assert ModelConfig.from_dict(old) == cfg
+    # a summariser without the mass feature keeps the version it had before the feature existed
+    plain = Summariser(SummariserConfig(num_items=V, dim=D, tokens=K, dropout=0.0))
+    with_mass = Summariser(SummariserConfig(num_items=V, dim=D, tokens=K, dropout=0.0, mass=True))
+    with_mass.load_state_dict({**plain.state_dict(), "mass_w": torch.zeros(D)})
+    assert plain.version() != with_mass.version()
+
+
+def test_recall_objective_trains_the_tokens_to_hold_older_events() -> None:
+    """vista_recall_weight: older events, recalled through the token scorer, come to outscore the negatives (the
+    recall loss falls well below its start), and the key is refused without the scorer it trains."""
+    torch.set_num_threads(1)
+    with pytest.raises(ValueError, match="vista_recall_weight"):
+        resolve_recipe("vista", vista_recall_weight=1.0)
+    cfg = resolve_recipe("vista", dim=D, heads=2, vista_tokens=K, max_len=8, epochs=10, batch_size=8, lr=0.01,
+                         eval_batch_size=16, dropout=0.0, vista_target_attention=True, vista_recall_weight=1.0,
+                         train_windows="all", patience=0)
+    result = train(_frame(users=24, lengths=(30, 60)), cfg, progress=False, catalogue=VOCAB.raw_ids)
+    recall = [r["recall_loss"] for r in result.history]
+    # each user cycles through 6 of the 50 items: tokens that hold them recall an older event among ~50 candidates
+    assert recall[-1] < 0.7 * recall[0], recall
