@@ -28,6 +28,7 @@ import torch
 
 from models.data import Examples, UserSequences, batch_rows, jagged_positions, make_batch
 from models.recommender import SequentialRecommender
+from models.vista import Summary
 
 DEFAULT_KS = (1, 10, 50, 200)
 BY_REACTION = ("hr@10", "ndcg@10", "hr@50", "hr@200", "mrr")  # reported per reaction of the target
@@ -118,7 +119,8 @@ def rank_targets(
         scores = user @ items.T  # [B, V + 1]
         if model.cfg.reads_older and model.token_scorer is not None:  # each item also attends to the tokens
             window = jagged_positions(batch.offsets, batch.lengths)[0][batch.rank_mask]  # [B'] windows ranked
-            scores = scores + model.token_scorer(summary, items)[window]
+            ranked = Summary(summary.tokens[window], summary.last_time[window], summary.count[window])
+            scores = scores + model.token_scorer(ranked, items)
         # Read the target's score before masking the history: a re-consumed target keeps its score while
         # every other already-seen item drops out of the ranking.
         target_score = scores.gather(1, target[:, None])  # [B, 1]

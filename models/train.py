@@ -288,7 +288,8 @@ class RecommenderTrain(nn.Module):
         Why: the next-item targets rarely need the distant past (most are explained by the last few hundred
         events), so without it the tokens learn little of it; recalling old events makes the prior hold the
         lifelong distribution of what the user plays, which generalises through the item embeddings to unheard
-        items of the same artists. [S] recalled items, [S, P] negatives from the pool's prior."""
+        items of the same artists. Events of every type are drawn, skips too: the prefix is what the summary
+        pooled (recalling only positive events is untested). [S] recalled items, [S, P] negatives from the pool."""
         older = batch.older.to_dict()["item_id"]
         lengths, starts = older.lengths(), older.offsets()[:-1]  # [B]
         windows = torch.nonzero(lengths > 0).squeeze(1)  # [B'] windows with a summary
@@ -346,8 +347,13 @@ def _config_fingerprint(cfg: TrainConfig) -> str:
     d = {k: v for k, v in asdict(cfg).items()
          if k not in ("checkpoint_dir", "epochs", "patience", "eval_every", "device", "autocast", "eval_batch_size",
                       "retain_cpu_memory", "log_test_every")
-         and not (k.startswith("vista_") and cfg.model != "vista")}  # keys other models ignore: old checkpoints resume
+         and not (k.startswith("vista_") and cfg.model != "vista")  # keys other models ignore: old checkpoints resume
+         and not (k in LATER_VISTA_KEYS and v == LATER_VISTA_KEYS[k])}  # off: a checkpoint from before them resumes
     return json.dumps(d, sort_keys=True, default=list)
+
+
+# VISTA keys added after VISTA's first checkpoints; at these values a run is what it was before they existed
+LATER_VISTA_KEYS = {"vista_target_attention": False, "vista_recall_weight": 0.0}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -403,20 +403,36 @@ class TokenTargetAttention(nn.Module):
         self.value = nn.Linear(dim, dim, bias=False)
         nn.init.zeros_(self.value.weight)
 
+    # [B, C, K] intermediates are built CHUNK_CELLS cells at a time: a whole catalogue at once would need
+    # B x V x K floats (13 GB for 256 users, 200k items, K 64)
+    CHUNK_CELLS = 1 << 24
+
     def forward(self, summary: Summary, items: torch.Tensor) -> torch.Tensor:
-        """``summary`` of B users, items [C, D] (L2-normalised) -> [B, C] scores (0 for a user with no summary)."""
-        tokens = summary.tokens.to(items.dtype)  # [B, K, D]
-        logits = torch.einsum("cd,bkd->bck", self.query(items), self.key(tokens)) / math.sqrt(self.dim)  # [B, C, K]
-        per_token = torch.einsum("bkd,cd->bck", self.value(tokens), items)  # [B, C, K]: (W_v t_k) . e_c
-        scores = (logits.softmax(dim=-1) * per_token).sum(-1)  # [B, C]
-        return scores * (summary.count > 0).to(scores.dtype)[:, None]
+        """``summary`` of B users, items [C, D] (L2-normalised) -> [B, C] scores (0 for a user with no summary).
+        In fp32 under autocast too: the prior joins cosine logits that are divided by a small temperature."""
+        with torch.autocast(items.device.type, enabled=False):
+            tokens = summary.tokens.float()  # [B, K, D]
+            keys, values = self.key(tokens), self.value(tokens)  # [B, K, D] each
+            B, K = keys.shape[:2]
+            step = max(1, self.CHUNK_CELLS // max(B * K, 1))
+            out = []
+            for lo in range(0, len(items), step):
+                chunk = items[lo : lo + step].float()  # [c, D]
+                logits = torch.einsum("cd,bkd->bck", self.query(chunk), keys) / math.sqrt(self.dim)  # [B, c, K]
+                per_token = torch.einsum("bkd,cd->bck", values, chunk)  # [B, c, K]: (W_v t_k) . e_c
+                out.append((logits.softmax(dim=-1) * per_token).sum(-1))  # [B, c]
+            scores = torch.cat(out, dim=1) if out else items.new_zeros(B, 0, dtype=torch.float32)
+            return scores * (summary.count > 0).to(scores.dtype)[:, None]
 
     def pairs(self, summary: Summary, rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """One item per row: user ``rows[m]`` of ``summary`` against items[m] [M, D] -> [M] scores."""
-        tokens = summary.tokens[rows].to(items.dtype)  # [M, K, D]
-        logits = torch.einsum("md,mkd->mk", self.query(items), self.key(tokens)) / math.sqrt(self.dim)  # [M, K]
-        per_token = torch.einsum("mkd,md->mk", self.value(tokens), items)  # [M, K]
-        return (logits.softmax(dim=-1) * per_token).sum(-1) * (summary.count[rows] > 0).to(items.dtype)
+        """One item per row: user ``rows[m]`` of ``summary`` against items[m] [M, D] -> [M] scores (fp32)."""
+        with torch.autocast(items.device.type, enabled=False):
+            tokens = summary.tokens.float()  # [B, K, D]: projected once per user, then gathered per row
+            keys, values = self.key(tokens)[rows], self.value(tokens)[rows]  # [M, K, D]
+            items = items.float()
+            logits = torch.einsum("md,mkd->mk", self.query(items), keys) / math.sqrt(self.dim)  # [M, K]
+            per_token = torch.einsum("mkd,md->mk", values, items)  # [M, K]
+            return (logits.softmax(dim=-1) * per_token).sum(-1) * (summary.count[rows] > 0).to(torch.float32)
 
 
 def summarise_events(summariser: Summariser, items: list[np.ndarray], event_types: list[np.ndarray],

@@ -4,6 +4,7 @@ use of the whole history, training through ``models.train.train``, persistence a
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -358,6 +359,8 @@ def test_token_target_attention_scores_per_user_and_item() -> None:
     rows = torch.arange(len(summary.count)).repeat_interleave(V + 1)
     pairs = scorer.pairs(summary, rows, items.repeat(len(summary.count), 1)).view(-1, V + 1)
     torch.testing.assert_close(pairs, scores, atol=1e-5, rtol=1e-5)  # one item per row: the same scores
+    scorer.CHUNK_CELLS = 7 * K  # a few items per chunk: the catalogue in pieces gives the same scores
+    torch.testing.assert_close(scorer(summary, items), scores, atol=1e-6, rtol=1e-6)
     # a user with nothing before the window has no tokens: the prior is 0 for every item
     empty = Summary(summary.tokens, summary.last_time, torch.zeros_like(summary.count))
     assert torch.count_nonzero(scorer(empty, items)) == 0
@@ -410,8 +413,11 @@ def test_configs_before_target_attention_load_without_it() -> None:
     assert not cfg.vista_target_attention and build_model(cfg).token_scorer is None
     old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "vista_target_attention"}
     assert ModelConfig.from_dict(old) == cfg
-    # a summariser without the mass feature keeps the version it had before the feature existed
+    # a summariser without the mass feature keeps the version it had before the feature existed: this hash is
+    # what the code before it gave for these weights (seed 0), so cached summaries and saved models stay valid
+    torch.manual_seed(0)
     plain = Summariser(SummariserConfig(num_items=V, dim=D, tokens=K, dropout=0.0))
+    assert plain.version() == "9acec2341a23"
     with_mass = Summariser(SummariserConfig(num_items=V, dim=D, tokens=K, dropout=0.0, mass=True))
     with_mass.load_state_dict({**plain.state_dict(), "mass_w": torch.zeros(D)})
     assert plain.version() != with_mass.version()
@@ -430,3 +436,14 @@ def test_recall_objective_trains_the_tokens_to_hold_older_events() -> None:
     recall = [r["recall_loss"] for r in result.history]
     # each user cycles through 6 of the 50 items: tokens that hold them recall an older event among ~50 candidates
     assert recall[-1] < 0.7 * recall[0], recall
+
+
+def test_a_vista_checkpoint_from_before_the_new_keys_still_resumes() -> None:
+    """The resume fingerprint leaves out the target-attention keys while they are off, as a checkpoint written
+    before they existed has them; turned on, they are part of it (such a run is another run)."""
+    from models.train import _config_fingerprint
+
+    off = json.loads(_config_fingerprint(resolve_recipe("vista")))
+    assert "vista_target_attention" not in off and "vista_recall_weight" not in off and "vista_tokens" in off
+    on = json.loads(_config_fingerprint(resolve_recipe("vista", vista_target_attention=True, vista_recall_weight=0.5)))
+    assert on["vista_target_attention"] is True and on["vista_recall_weight"] == 0.5
