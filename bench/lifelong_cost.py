@@ -67,8 +67,11 @@ def online_row_bytes(row: pd.Series) -> int:
     return (len(row["state"]) + len(row["summariser_version"]) + 3 * 8 + len(row["summarised_until_type"]))
 
 
-def vista_recommender(items: int, *, dim: int, tokens: int, max_len: int, seed: int = 0):  # noqa: ANN201
-    """A small VISTA model with its initial weights (a cost benchmark needs no training)."""
+def vista_recommender(items: int, *, dim: int, tokens: int, max_len: int, seed: int = 0,
+                      target_attention: bool = False):  # noqa: ANN201
+    """A small VISTA model with its initial weights (a cost benchmark needs no training). ``target_attention``:
+    every item also attends to the tokens (its prior is computed over the whole catalogue per request, even
+    while its untrained value weights make it 0)."""
     import torch
 
     from models.data import ItemVocab
@@ -76,7 +79,8 @@ def vista_recommender(items: int, *, dim: int, tokens: int, max_len: int, seed: 
     from models.recommender import Recommender, build_model
 
     torch.manual_seed(seed)
-    cfg = resolve_recipe("vista", dim=dim, vista_tokens=tokens, max_len=max_len, blocks=2, heads=1)
+    cfg = resolve_recipe("vista", dim=dim, vista_tokens=tokens, max_len=max_len, blocks=2, heads=1,
+                         vista_target_attention=target_attention)
     vocab = ItemVocab.build(np.arange(1, items + 1))
     return Recommender(build_model(cfg.model_config(len(vocab))), vocab)
 
@@ -96,7 +100,7 @@ def summary_marks(url: str, users: int, n: int = 40) -> dict[str, int]:
 
 def run(*, users: tuple[int, int, int], items: int, dim: int, tokens: int, max_len: int, rate: float,
         duration_s: float, warmup_s: float, rounds: int, ingest_rate: float, data_dir: Path | None = None,
-        log=print) -> dict:  # noqa: ANN001
+        target_attention: bool = False, log=print) -> dict:  # noqa: ANN001
     import torch
 
     torch.set_num_threads(1)  # the summarisation throughput is one thread's
@@ -121,7 +125,7 @@ def run(*, users: tuple[int, int, int], items: int, dim: int, tokens: int, max_l
     events = pd.concat(groups, ignore_index=True)
     log(f"{len(events):,} synthetic events of {first} users in {time.perf_counter() - t_all:.1f} s")
 
-    rec = vista_recommender(items, dim=dim, tokens=tokens, max_len=max_len)
+    rec = vista_recommender(items, dim=dim, tokens=tokens, max_len=max_len, target_attention=target_attention)
     version = rec.summariser_version
     t0 = time.perf_counter()
     table = refresh_summaries(rec, events, None, recent=max_len)
@@ -188,6 +192,7 @@ def run(*, users: tuple[int, int, int], items: int, dim: int, tokens: int, max_l
     p99 = [v["p99_ms"] for v in out_groups.values()]
     return {
         "bench": "lifelong-cost", "summariser_version": version, "dim": dim, "tokens": tokens, "max_len": max_len,
+        "target_attention": target_attention,
         "items": items, "rate": rate, "duration_s": duration_s, "rounds": rounds,
         "groups": out_groups,
         "p99_spread": round((max(p99) - min(p99)) / min(p99), 3) if p99 and min(p99) > 0 else None,
@@ -213,10 +218,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--ingest-rate", type=float, default=30_000.0, help="ingest's measured events/s, to compare")
     p.add_argument("--data-dir", type=Path, default=None, help="a fresh directory for the bench's platform")
+    p.add_argument("--target-attention", action="store_true",
+                   help="a model whose candidates also attend to the tokens (vista_target_attention)")
     a = p.parse_args(argv)
     result = run(users=tuple(a.users), items=a.items, dim=a.dim, tokens=a.tokens, max_len=a.max_len, rate=a.rate,
                  duration_s=a.duration, warmup_s=a.warmup, rounds=a.rounds, ingest_rate=a.ingest_rate,
-                 data_dir=a.data_dir,
+                 data_dir=a.data_dir, target_attention=a.target_attention,
                  log=lambda m: print(m, flush=True))
     print(json.dumps(result), flush=True)
 
