@@ -229,12 +229,9 @@ class RecommenderTrain(nn.Module):
         global count, so the terms of all ranks add up to the single-process mean over the whole batch."""
         if not isinstance(negatives, NegativeDraw):
             negatives = self.draw_negatives(batch.batch_size, batch.max_length, negatives)
-        summary = None
-        if self.model.summariser is not None:  # vista: the summary once, for the blocks and for the token scorer
-            summary = self.model.summarise_older(*batch.older_inputs())
-            user = self.model(batch.features, batch.timestamps, batch.query_timestamps, summary=summary)  # [N, D]
-        else:
-            user = self.model(batch.features, batch.timestamps, batch.query_timestamps)  # [N, D]
+        # vista: the summary once, for the blocks and for the token scorer (other models: None, unread)
+        summary = self.model.summarise_older(*batch.older_inputs()) if self.model.summariser is not None else None
+        user = self.model(batch.features, batch.timestamps, batch.query_timestamps, summary=summary)  # [N, D]
         rank = batch.rank_mask  # [N] positions whose next event is a ranked target
         pos_ids = batch.target_ids[rank]  # [M]
         # each ranked position's negatives, addressed by (window in the global batch, position in the window)
